@@ -1,0 +1,351 @@
+"""Typed configuration: dataclasses loaded from YAML, overridden from the command line.
+
+One config system for every method. A method's config is a dataclass whose fields are
+other dataclasses (``data``, ``model``, ``loss`` ...) plus the shared ``optim``, ``sched``
+and ``train`` sections defined here. YAML files shipped under ``groundkit/configs/<method>/``
+fill it; ``--set a.b=value`` overrides single keys. Unknown keys and wrong types are rejected
+with a message naming the key and listing the valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "OptimConfig",
+    "SchedConfig",
+    "TrainConfig",
+    "ExperimentConfig",
+    "from_dict",
+    "to_dict",
+    "apply_overrides",
+    "load_config",
+    "save_config",
+    "config_dir",
+    "list_configs",
+    "resolve_config_path",
+]
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the typed schema."""
+
+
+# ----------------------------------------------------------------------------- shared sections
+
+
+@dataclass
+class ParamGroup:
+    """Parameters whose name contains ``match`` get their own lr multiplier / weight decay."""
+
+    match: str = ""
+    lr_mult: float = 1.0
+    weight_decay: float | None = None
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer: the ones the four seeds use (Adam, AdamW, RAdam, RMSprop)."""
+
+    name: Literal["adam", "adamw", "radam", "rmsprop", "sgd"] = "adam"
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    momentum: float = 0.0
+    fused: bool = True  # fused kernels on CUDA; ignored on CPU
+    param_groups: list[ParamGroup] = field(default_factory=list)
+
+
+@dataclass
+class SchedConfig:
+    """Learning-rate schedule, stepped per optimisation step or per epoch."""
+
+    name: Literal["constant", "step", "poly", "cosine"] = "constant"
+    interval: Literal["step", "epoch"] = "step"
+    warmup_steps: int = 0  # linear warm-up, counted in optimisation steps
+    step_size: int = 1  # for "step": decay every step_size intervals
+    gamma: float = 0.1  # for "step"
+    power: float = 0.9  # for "poly"
+    min_lr_ratio: float = 0.0  # for "cosine"/"poly": final lr = lr * min_lr_ratio
+
+
+@dataclass
+class TrainConfig:
+    """The shared training loop's knobs."""
+
+    epochs: int = 1
+    max_steps: int = 0  # >0 stops after this many optimisation steps (overrides epochs)
+    batch_size: int = 32  # global batch (split across DDP ranks)
+    eval_batch_size: int = 256
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    compile: bool = False
+    grad_clip: float = 0.0  # max global grad norm; 0 disables
+    eval_every: int = 1  # evaluate every N epochs (0: only at the end)
+    eval_every_steps: int = 0  # >0: also evaluate every N steps
+    val_split: str = "val"
+    best_metric: str = ""  # metric name used for best-checkpoint selection ("" = last)
+    best_mode: Literal["max", "min"] = "max"
+    ckpt_every_steps: int = 0  # >0: also checkpoint every N steps (for resume)
+    log_every: int = 10
+    num_workers: int = 0
+    output_dir: str = "runs/default"
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class ExperimentConfig:
+    """Base class for every method's config: its own sections plus optim/sched/train."""
+
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ----------------------------------------------------------------------------- dict <-> dataclass
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert ``value`` against annotation ``tp``; raise ConfigError naming ``key``."""
+    origin = get_origin(tp)
+    args = get_args(tp)
+    if tp is Any:
+        return value
+    if origin is Union or origin is types.UnionType:
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: expected one of {list(args)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping for section {tp.__name__}, got {value!r}")
+        return from_dict(tp, value, prefix=key + ".")
+    if origin in (list, tuple):
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if origin is tuple:
+            if len(args) == 2 and args[1] is Ellipsis:
+                return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+            if args and len(args) != len(value):
+                raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        (a,) = args or (Any,)
+        return [_coerce(v, a, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        ka, va = args or (Any, Any)
+        return {_coerce(k, ka, key): _coerce(v, va, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected bool (true/false), got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected int, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected float, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected str, got {value!r}")
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or '<root>'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        raise ConfigError(
+            f"unknown key {prefix}{unknown[0]!s}; valid keys"
+            f"{' in ' + prefix.rstrip('.') if prefix else ''}: {', '.join(sorted(fields))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(value, hints[name], prefix + name)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> Any:
+    """Dataclass (nested) -> plain dict/list values, suitable for YAML/JSON."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+def _merge(base: dict, upd: dict) -> dict:
+    out = dict(base)
+    for k, v in upd.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _set_key(d: dict, cls: type, dotted: str, raw: Any) -> None:
+    """Set ``d[a][b]... = raw`` for ``dotted`` = "a.b...", checking each key against ``cls``."""
+    parts = dotted.split(".")
+    cur_cls: Any = cls
+    cur = d
+    for i, p in enumerate(parts):
+        if not dataclasses.is_dataclass(cur_cls):
+            raise ConfigError(f"{'.'.join(parts[:i])} is not a section; cannot set {dotted}")
+        names = {f.name for f in dataclasses.fields(cur_cls)}
+        if p not in names:
+            where = ".".join(parts[:i]) or "<root>"
+            raise ConfigError(f"unknown key {'.'.join(parts[: i + 1])}; valid keys in {where}: {', '.join(sorted(names))}")
+        if i == len(parts) - 1:
+            cur[p] = raw
+        else:
+            nxt = cur.get(p)
+            if not isinstance(nxt, dict):
+                nxt = {}
+                cur[p] = nxt
+            cur = nxt
+            cur_cls = typing.get_type_hints(cur_cls)[p]
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"optim.lr=1e-4"`` -> ("optim.lr", 1e-4), values parsed as YAML scalars/lists."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.sub=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def apply_overrides(cls: type[T], data: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides to a config dict (validated against ``cls``)."""
+    out = _merge({}, data)
+    items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides)
+    for k, v in items:
+        _set_key(out, cls, k, v)
+    return out
+
+
+def config_dir() -> Path:
+    """Folder of the YAML configs shipped with the package."""
+    return Path(__file__).parent / "configs"
+
+
+def list_configs(method: str) -> list[str]:
+    """Names of the shipped configs for ``method``."""
+    d = config_dir() / method
+    return sorted(p.stem for p in d.glob("*.yaml")) if d.is_dir() else []
+
+
+def resolve_config_path(method: str, name_or_path: str | Path) -> Path:
+    """A YAML path, or the name of a config shipped for ``method``."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") and p.is_file():
+        return p
+    shipped = config_dir() / method / f"{p.stem if p.suffix in ('.yaml', '.yml') else name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped
+    raise ConfigError(
+        f"config {str(name_or_path)!r} is neither a YAML file nor a shipped config of {method!r}; "
+        f"shipped: {', '.join(list_configs(method)) or '(none)'}"
+    )
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def load_config(
+    cls: type[T],
+    source: str | Path | dict[str, Any] | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+    method: str | None = None,
+) -> T:
+    """Config of type ``cls`` from a YAML path / shipped name / dict, then ``overrides``.
+
+    A YAML file may hold ``base: <name or path>`` to start from another config
+    (one level of reuse, resolved against the same method's shipped configs).
+    """
+    data: dict[str, Any] = {}
+    if isinstance(source, dict):
+        data = dict(source)
+    elif source is not None:
+        path = resolve_config_path(method, source) if method else Path(source)
+        data = load_yaml(path)
+        if "base" in data:
+            base_src = data.pop("base")
+            base_path = resolve_config_path(method, base_src) if method else Path(path).parent / base_src
+            data = _merge(load_yaml(base_path), data)
+    if overrides:
+        data = apply_overrides(cls, data, overrides)
+    try:
+        return from_dict(cls, data)
+    except ConfigError as e:
+        where = f" (in {source})" if isinstance(source, (str, Path)) else ""
+        raise ConfigError(f"{e}{where}") from None
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the fully resolved config as YAML."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)

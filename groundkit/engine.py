@@ -1,0 +1,482 @@
+"""The one training/evaluation engine shared by every method.
+
+A *method* (``groundkit.methods.<name>``) is a plain object giving the engine:
+
+``name`` (str) and ``config_class`` (an :class:`~groundkit.config.ExperimentConfig` subclass);
+``build_model(cfg) -> nn.Module``;
+``build_dataset(cfg, split) -> dataset`` where a dataset has ``__len__`` and either
+``get_batch(indices: list[int]) -> batch`` (vectorised batch building) or ``__getitem__`` plus an
+optional ``collate(list) -> batch``;
+``training_step(model, batch, step, cfg) -> (loss, logs: dict[str, float])``;
+for evaluation either ``evaluate(model, dataset, cfg, device) -> dict[str, float]`` (the method
+does it all), or ``eval_step(model, batch, cfg) -> dict[str, sequence]`` (one entry per sample)
+plus ``compute_metrics(outputs: dict[str, list], dataset, cfg) -> dict[str, float]``; under DDP
+the engine shards the samples without padding and gathers them, so every sample counts once.
+Optional: ``on_train_start(model, dataset, cfg, device)`` for state that lives beside the model.
+
+The loop (``fit``): deterministic per-epoch sample order from ``(seed, epoch)``; bf16 autocast on
+CUDA; gradient clipping; per-step LR schedule; evaluation every N epochs/steps on the validation
+split with best-by-metric checkpoint selection (never on test); atomic safetensors checkpoints with
+optimizer/scheduler/RNG state so that ``resume=True`` after a kill continues exactly; a stop on a
+non-finite loss that keeps the last good checkpoint; tqdm progress, TensorBoard and JSONL logs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Protocol, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import distributed as dist_utils
+from .checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, load_weights, save_checkpoint
+from .config import ExperimentConfig, save_config, to_dict
+from .optim import build_optimizer, build_scheduler
+from .runlog import RunLogger
+
+__all__ = [
+    "Method",
+    "NonFiniteLossError",
+    "TrainState",
+    "seed_everything",
+    "resolve_device",
+    "epoch_order",
+    "iterate_batches",
+    "move_to_device",
+    "train_one_epoch",
+    "evaluate",
+    "fit",
+    "run_eval",
+    "write_metrics",
+]
+
+
+class Method(Protocol):
+    name: str
+    config_class: type
+
+    def build_model(self, cfg: Any) -> nn.Module: ...
+
+    def build_dataset(self, cfg: Any, split: str) -> Any: ...
+
+    def training_step(self, model: nn.Module, batch: Any, step: int, cfg: Any) -> tuple[torch.Tensor, dict]: ...
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped because the loss became NaN or infinite."""
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # current epoch (0-based)
+    step: int = 0  # optimisation steps done
+    step_in_epoch: int = 0  # steps done within the current epoch
+    best_value: float | None = None
+    best_step: int = -1
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def resolve_device(pref: str = "auto") -> torch.device:
+    """The device for this process (see :func:`groundkit.distributed.init_distributed`)."""
+    return dist_utils.init_distributed(pref)
+
+
+def autocast_context(device: torch.device, precision: str):
+    """bf16 autocast on CUDA (``auto`` or ``bf16``), bf16 on CPU only when asked; else a no-op."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Tensor:
+    """Sample order of one epoch; a pure function of (seed, epoch) so resume reproduces it."""
+    if not shuffle:
+        return torch.arange(n)
+    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
+    return torch.randperm(n, generator=g)
+
+
+def _dataset_batch(dataset: Any, indices: list[int]) -> Any:
+    if hasattr(dataset, "get_batch"):
+        return dataset.get_batch(indices)
+    items = [dataset[i] for i in indices]
+    collate = getattr(dataset, "collate", None)
+    if collate is not None:
+        return collate(items)
+    return torch.utils.data.default_collate(items)
+
+
+def iterate_batches(
+    dataset: Any,
+    order: Sequence[int] | torch.Tensor,
+    batch_size: int,
+    start: int = 0,
+    num_workers: int = 0,
+    drop_last: bool = False,
+) -> Iterator[Any]:
+    """Batches of ``dataset`` following ``order``, skipping the first ``start`` batches.
+
+    Uses the dataset's vectorised ``get_batch`` when it has one; otherwise a DataLoader with
+    ``num_workers`` over the same index batches.
+    """
+    order = torch.as_tensor(order).tolist()
+    chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if drop_last and chunks and len(chunks[-1]) < batch_size:
+        chunks = chunks[:-1]
+    chunks = chunks[start:]
+    if num_workers > 0 and not hasattr(dataset, "get_batch"):
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_sampler=chunks,
+            num_workers=num_workers,
+            collate_fn=getattr(dataset, "collate", None) or torch.utils.data.default_collate,
+            persistent_workers=False,
+        )
+        yield from loader
+        return
+    for idx in chunks:
+        yield _dataset_batch(dataset, idx)
+
+
+def move_to_device(batch: Any, device: torch.device) -> Any:
+    """Recursively move tensors of a batch (dict/list/tuple) to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: move_to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)) and not isinstance(batch, str):
+        moved = [move_to_device(v, device) for v in batch]
+        return type(batch)(moved) if not hasattr(batch, "_fields") else type(batch)(*moved)
+    return batch
+
+
+def _to_numpy(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        x = x.detach()
+        if x.dtype == torch.bfloat16:
+            x = x.float()
+        return x.cpu().numpy()
+    return x
+
+
+def _split_samples(out: dict[str, Any], n: int) -> list[dict[str, Any]]:
+    per: list[dict[str, Any]] = [{} for _ in range(n)]
+    for k, v in out.items():
+        v = _to_numpy(v)
+        if len(v) != n:
+            raise ValueError(f"eval_step output {k!r} has {len(v)} entries for a batch of {n} samples")
+        for i in range(n):
+            per[i][k] = v[i]
+    return per
+
+
+def _stack(values: list[Any]) -> Any:
+    if values and all(isinstance(v, np.ndarray) for v in values) and len({v.shape for v in values}) == 1:
+        return np.stack(values)
+    if values and all(np.isscalar(v) or (isinstance(v, np.ndarray) and v.ndim == 0) for v in values):
+        return np.asarray(values)
+    return values
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(method: Any, model: nn.Module, dataset: Any, cfg: Any, device: torch.device) -> dict[str, float]:
+    """Evaluate ``model`` on ``dataset``; every sample is counted exactly once under DDP."""
+    was_training = model.training
+    model.eval()
+    try:
+        if hasattr(method, "evaluate"):
+            return method.evaluate(model, dataset, cfg, device)
+        n = len(dataset)
+        r, w = dist_utils.rank(), dist_utils.world_size()
+        local = list(range(r, n, w))  # no padding: each sample once
+        records: list[tuple[int, dict]] = []
+        bs = cfg.train.eval_batch_size
+        with autocast_context(device, cfg.train.precision):
+            for start in range(0, len(local), bs):
+                idx = local[start : start + bs]
+                batch = move_to_device(_dataset_batch(dataset, idx), device)
+                out = method.eval_step(model, batch, cfg)
+                records.extend(zip(idx, _split_samples(out, len(idx))))
+        gathered = dist_utils.all_gather_object(records) if dist_utils.is_distributed() else [records]
+        merged = sorted((rec for part in gathered for rec in part), key=lambda t: t[0])
+        if len(merged) != n:
+            raise RuntimeError(f"evaluation gathered {len(merged)} samples, expected {n}")
+        keys = merged[0][1].keys() if merged else []
+        outputs = {k: _stack([rec[1][k] for rec in merged]) for k in keys}
+        return method.compute_metrics(outputs, dataset, cfg)
+    finally:
+        model.train(was_training)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _rank_batches(dataset: Any, order: torch.Tensor, batch_size: int, start: int) -> Iterator[tuple[int, int, Any]]:
+    """(global size, local size, this rank's batch) for each global batch from index ``start`` on.
+
+    Each global batch is split round-robin over the ranks; a final batch smaller than the number
+    of ranks is skipped so that every rank takes part in every step.
+    """
+    world, r = dist_utils.world_size(), dist_utils.rank()
+    order_l = order.tolist()
+    for b in range(start, math.ceil(len(order_l) / batch_size)):
+        g = order_l[b * batch_size : (b + 1) * batch_size]
+        if len(g) < world:
+            continue
+        mine = g[r::world]
+        yield len(g), len(mine), _dataset_batch(dataset, mine)
+
+
+def train_one_epoch(
+    method: Any,
+    model: nn.Module,
+    dataset: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    cfg: Any,
+    state: TrainState,
+    device: torch.device,
+    logger: RunLogger,
+    on_step_end: Any = None,
+) -> bool:
+    """One pass over the training set from ``state.step_in_epoch``; updates ``state`` in place.
+
+    ``on_step_end(state)`` runs after every optimisation step (checkpointing, step evaluation) and
+    may return True to stop (``max_steps`` reached); the function then returns True.
+    Under DDP each rank's loss is rescaled by its share of the global batch, so the averaged
+    gradient equals the single-process gradient of the same global batch for per-sample losses.
+    """
+    tc = cfg.train
+    world = dist_utils.world_size()
+    if tc.batch_size % world:
+        raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by the number of processes ({world})")
+    order = epoch_order(len(dataset), tc.seed, state.epoch, shuffle=True)
+    steps_in_epoch = math.ceil(len(dataset) / tc.batch_size)
+    model.train()
+    bar = logger.progress(total=steps_in_epoch, initial=state.step_in_epoch, desc=f"epoch {state.epoch + 1}/{tc.epochs}")
+    t0, seen, stop = time.perf_counter(), 0, False
+    for n_global, n_local, batch in _rank_batches(dataset, order, tc.batch_size, state.step_in_epoch):
+        batch = move_to_device(batch, device)
+        with autocast_context(device, tc.precision):
+            loss, logs = method.training_step(model, batch, state.step, cfg)
+        if world > 1:
+            loss = loss * (n_local * world / n_global)
+        bad = not bool(torch.isfinite(loss.detach()).all())
+        if dist_utils.all_reduce_flag(bad):
+            bar.close()
+            last = latest_checkpoint(logger.run_dir)
+            raise NonFiniteLossError(
+                f"non-finite loss ({loss.item()}) at step {state.step} (epoch {state.epoch + 1}); "
+                f"training stopped, weights not updated. Last good checkpoint: {last or 'none yet'}"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = None
+        if tc.grad_clip > 0:
+            gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
+        optimizer.step()
+        scheduler.step()
+        state.step += 1
+        state.step_in_epoch += 1
+        seen += n_global
+        if state.step % max(1, tc.log_every) == 0 or state.step_in_epoch == steps_in_epoch:
+            dt = max(time.perf_counter() - t0, 1e-9)
+            rec = {"loss": float(loss.detach()), "lr": optimizer.param_groups[0]["lr"], "samples_per_s": seen / dt}
+            if gnorm is not None:
+                rec["grad_norm"] = gnorm
+            rec.update({k: float(v) for k, v in (logs or {}).items()})
+            logger.log_train(state.step, state.epoch, rec)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", sps=f"{rec['samples_per_s']:.0f}")
+        bar.update(1)
+        if on_step_end is not None and on_step_end(state):
+            stop = True
+            break
+    bar.close()
+    return stop
+
+
+# ----------------------------------------------------------------------------- fit
+
+
+def _improved(value: float, best: float | None, mode: str) -> bool:
+    if best is None:
+        return True
+    return value > best if mode == "max" else value < best
+
+
+def write_metrics(path: str | Path, task: str, split: str, metrics: dict[str, float], cfg: Any) -> None:
+    """``metrics.json``: {"task", "split", "metrics", "config"}, written atomically."""
+    payload = {"task": task, "split": split, "metrics": {k: float(v) for k, v in metrics.items()}, "config": to_dict(cfg)}
+    atomic_write_text(path, json.dumps(payload, indent=1))
+
+
+def fit(method: Any, cfg: Any, resume: bool = False, final_split: str | None = "test") -> dict[str, Any]:
+    """Train ``method`` with config ``cfg``; returns {"best": val metrics, "final": final-split metrics}.
+
+    Checkpoints go to ``<output_dir>/checkpoints/``; the best one by ``train.best_metric`` on the
+    validation split is kept as ``best``. With ``resume`` the newest checkpoint is restored and
+    training continues so that the result equals an uninterrupted run with the same seed.
+    ``final_split`` is evaluated with the best weights at the end (skipped if the method has no
+    such split) and written to ``metrics.json``.
+    """
+    tc = cfg.train
+    device = resolve_device(tc.device)
+    seed_everything(tc.seed)
+    run_dir = Path(tc.output_dir)
+    main = dist_utils.is_main()
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    logger = RunLogger(run_dir, enabled=main, tensorboard=tc.tensorboard, progress=tc.progress)
+
+    train_set = method.build_dataset(cfg, "train")
+    val_set = method.build_dataset(cfg, tc.val_split) if tc.val_split else None
+    model = method.build_model(cfg).to(device)
+    if hasattr(method, "on_train_start"):
+        method.on_train_start(model, train_set, cfg, device)
+    optimizer = build_optimizer(model, cfg.optim)
+    steps_per_epoch = math.ceil(len(train_set) / tc.batch_size)
+    total_steps = tc.max_steps if tc.max_steps > 0 else steps_per_epoch * tc.epochs
+    scheduler = build_scheduler(optimizer, cfg.sched, total_steps, steps_per_epoch)
+
+    state = TrainState()
+    ckpt_root = run_dir / "checkpoints"
+    if resume:
+        last = latest_checkpoint(run_dir)
+        if last is None:
+            logger.info(f"--resume: no checkpoint in {ckpt_root}; starting from scratch")
+        else:
+            meta = load_checkpoint(last, model, optimizer, scheduler, map_location=device)
+            st = meta["train_state"]
+            state = TrainState(**st)
+            logger.info(f"resumed from {last} (epoch {state.epoch + 1}, step {state.step})")
+    train_model: nn.Module = model
+    if dist_utils.is_distributed():
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if tc.compile:
+        train_model = torch.compile(train_model)
+
+    def save(name: str) -> Path:
+        meta = {"train_state": state.__dict__.copy(), "config": to_dict(cfg)}
+        p = save_checkpoint(ckpt_root / name, model, optimizer, scheduler, meta=meta)
+        atomic_write_text(ckpt_root / "latest", name)
+        return p
+
+    def prune(keep: str) -> None:
+        for p in ckpt_root.glob("step-*"):
+            if p.name != keep:
+                shutil.rmtree(p, ignore_errors=True)
+
+    def run_validation() -> None:
+        if val_set is None:
+            return
+        metrics = evaluate(method, model, val_set, cfg, device)
+        logger.log_eval(state.step, state.epoch, tc.val_split, metrics)
+        if main and tc.best_metric:
+            if tc.best_metric not in metrics:
+                raise KeyError(f"train.best_metric={tc.best_metric!r} is not among the metrics: {sorted(metrics)}")
+            v = float(metrics[tc.best_metric])
+            if _improved(v, state.best_value, tc.best_mode):
+                state.best_value, state.best_step = v, state.step
+                save_checkpoint(ckpt_root / "best", model, meta={"train_state": state.__dict__.copy(), "metrics": metrics, "config": to_dict(cfg)})
+                logger.info(f"new best {tc.best_metric}={v:.4f} at step {state.step}")
+
+    def checkpoint_now() -> None:
+        if main:
+            name = f"step-{state.step:08d}"
+            save(name)
+            prune(name)
+        dist_utils.barrier()
+
+    def on_step_end(st: TrainState) -> bool:
+        if tc.eval_every_steps > 0 and st.step % tc.eval_every_steps == 0:
+            run_validation()
+        if tc.ckpt_every_steps > 0 and st.step % tc.ckpt_every_steps == 0:
+            checkpoint_now()
+        return tc.max_steps > 0 and st.step >= tc.max_steps
+
+    t_start = time.perf_counter()
+    n_epochs = tc.epochs if tc.max_steps <= 0 else math.ceil(tc.max_steps / steps_per_epoch)
+    stopped = False
+    while state.epoch < n_epochs and not stopped:
+        stopped = train_one_epoch(method, train_model, train_set, optimizer, scheduler, cfg, state, device, logger, on_step_end)
+        epoch_done = state.step_in_epoch >= steps_per_epoch
+        if epoch_done:
+            if tc.eval_every > 0 and (state.epoch + 1) % tc.eval_every == 0:
+                run_validation()
+            state.epoch += 1
+            state.step_in_epoch = 0
+        checkpoint_now()
+    if tc.eval_every == 0 or (stopped and tc.eval_every_steps == 0):
+        run_validation()
+        checkpoint_now()
+    elapsed = time.perf_counter() - t_start
+    logger.info(f"training done: {state.step} steps in {elapsed:.1f}s")
+
+    result: dict[str, Any] = {"steps": state.step, "train_seconds": elapsed}
+    best_dir = ckpt_root / "best"
+    if main and tc.best_metric and best_dir.is_dir():
+        load_weights(model, best_dir)
+        result["best"] = json.loads((best_dir / "meta.json").read_text()).get("metrics", {})
+    elif main and not best_dir.exists():
+        save_checkpoint(best_dir, model, meta={"train_state": state.__dict__.copy(), "config": to_dict(cfg)})
+    dist_utils.barrier()
+    if dist_utils.is_distributed() and not main:
+        load_weights(model, best_dir) if best_dir.is_dir() else None
+    split = final_split if final_split and _has_split(method, cfg, final_split) else tc.val_split
+    if split:
+        ds = val_set if split == tc.val_split and val_set is not None else method.build_dataset(cfg, split)
+        metrics = evaluate(method, model, ds, cfg, device)
+        logger.log_eval(state.step, state.epoch, split, metrics)
+        result["final"] = metrics
+        result["final_split"] = split
+        if main:
+            write_metrics(run_dir / "metrics.json", method.name, split, metrics, cfg)
+            logger.print_metrics(split, metrics)
+    logger.close()
+    return result
+
+
+def _has_split(method: Any, cfg: Any, split: str) -> bool:
+    has = getattr(method, "has_split", None)
+    return True if has is None else bool(has(cfg, split))
+
+
+def run_eval(method: Any, cfg: Any, checkpoint: str | Path, split: str = "test", output_dir: str | Path | None = None) -> dict[str, float]:
+    """Evaluate a checkpoint (directory or .safetensors) on ``split``; writes metrics.json."""
+    device = resolve_device(cfg.train.device)
+    seed_everything(cfg.train.seed)
+    model = method.build_model(cfg).to(device)
+    load_weights(model, checkpoint)
+    ds = method.build_dataset(cfg, split)
+    metrics = evaluate(method, model, ds, cfg, device)
+    if dist_utils.is_main():
+        out = Path(output_dir or cfg.train.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+        write_metrics(out / "metrics.json", method.name, split, metrics, cfg)
+    return metrics
