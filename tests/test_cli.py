@@ -1,0 +1,46 @@
+import subprocess
+import sys
+
+from groundkit.cli import build_parser, main
+
+
+def _subcommands(parser):
+    import argparse
+
+    for a in parser._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            return dict(a.choices)
+    return {}
+
+
+def test_help_lists_only_working_subcommands():
+    subs = _subcommands(build_parser())
+    assert set(subs) <= {"train", "eval", "predict", "data", "bench", "demo"}
+    for name in subs:  # every listed subcommand has a working --help
+        r = subprocess.run([sys.executable, "-m", "groundkit", name, "--help"], capture_output=True, text=True)
+        assert r.returncode == 0, (name, r.stderr)
+    r = subprocess.run([sys.executable, "-m", "groundkit", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and all(name in r.stdout for name in subs)
+
+
+def test_config_error_is_reported(capsys, monkeypatch):
+    import regression_method as rm
+    from groundkit import cli
+
+    monkeypatch.setitem(cli.METHODS, "regression", "regression_method")
+    code = main(["train", "regression", "--set", "optim.lrr=1", "--output-dir", "/tmp/never"])
+    err = capsys.readouterr().err
+    assert code == 2 and "unknown key optim.lrr" in err and "lr" in err
+    assert rm.METHOD.name == "regression"
+
+
+def test_train_and_eval_via_cli(tmp_path, monkeypatch, capsys):
+    from groundkit import cli
+
+    monkeypatch.setitem(cli.METHODS, "regression", "regression_method")
+    out = tmp_path / "run"
+    assert main(["train", "regression", "--output-dir", str(out), "--set", "train.epochs=2", "train.progress=false",
+                 "train.best_metric=mse", "train.best_mode=min"]) == 0
+    assert (out / "metrics.json").is_file() and any((out / "tb").iterdir())
+    assert main(["eval", "regression", "--restore-path", str(out / "checkpoints" / "best"), "--output-dir", str(tmp_path / "ev")]) == 0
+    assert "test:" in capsys.readouterr().out
