@@ -1,0 +1,468 @@
+"""Evaluation metrics shared by every method: box IoU, phrase-grounding recall, box accuracy and
+text-video retrieval ranks.
+
+All public functions take numpy arrays or torch tensors (CPU or CUDA). Functions returning arrays
+give numpy back for numpy input and tensors for tensor input; scalar metrics are Python floats.
+
+Conventions (chosen to match the official code of the re-implemented methods, see the notes in
+each docstring):
+
+* Boxes are ``x1, y1, x2, y2`` in continuous coordinates, width ``x2 - x1``. The Fast R-CNN
+  convention of older code (width ``x2 - x1 + 1``, or ``+ 0.001`` in the Wang et al. code) is
+  available through ``pixel_offset``.
+* Retrieval ranks follow Collaborative Experts (``model/metric.py``): 0-based, ties broken by
+  *averaging* over the tied positions (McSherry & Najork), so ranks can be ``x.5``; ``R1`` counts
+  ranks equal to 0, ``R5/R10/R50`` count ranks strictly below k.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Sequence, Union
+
+import numpy as np
+import torch
+from torchvision.ops import box_iou as _tv_box_iou
+
+__all__ = [
+    "box_iou",
+    "paired_box_iou",
+    "mean_iou",
+    "accuracy_at_iou",
+    "phrase_recall_at_k",
+    "phrase_first_hit",
+    "PhraseRecallAccumulator",
+    "t2v_metrics",
+    "v2t_metrics",
+    "t2v_ranks",
+    "v2t_ranks",
+    "cols2metrics",
+    "RETRIEVAL_KEYS",
+]
+
+Array = Union[np.ndarray, torch.Tensor]
+
+RETRIEVAL_KEYS = ("R1", "R5", "R10", "R50", "MedR", "MeanR", "geometric_mean_R1-R5-R10")
+
+# Working set per chunk of the similarity matrix in the retrieval metrics (bytes): bounds the extra
+# memory to about twice this, large enough that per-chunk overhead is negligible.
+DEFAULT_CHUNK_BYTES = 64 << 20
+
+
+# ----------------------------------------------------------------------------- helpers
+def _to_tensor(x: Any, name: str) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(x)
+    try:
+        return torch.as_tensor(np.asarray(x))
+    except Exception as e:  # pragma: no cover - message only
+        raise TypeError(f"{name}: expected a numpy array or torch tensor, got {type(x).__name__}") from e
+
+
+def _float(t: torch.Tensor) -> torch.Tensor:
+    """Floating view of ``t``: float dtypes kept, integers/bools promoted to float64 (exact)."""
+    return t if t.is_floating_point() else t.to(torch.float64)
+
+
+def _check_boxes(t: torch.Tensor, name: str, pixel_offset: float) -> None:
+    if t.ndim != 2 or t.shape[-1] != 4:
+        raise ValueError(f"{name}: expected boxes of shape [N, 4] (x1, y1, x2, y2), got {tuple(t.shape)}")
+    if t.numel() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name}: boxes contain NaN or inf")
+    if t.numel():
+        wh = t[:, 2:] - t[:, :2] + pixel_offset
+        if bool((wh < 0).any()):
+            bad = int(torch.nonzero((wh < 0).any(1))[0])
+            raise ValueError(f"{name}: box {bad} has x2 < x1 or y2 < y1: {t[bad].tolist()}")
+
+
+def _out_like(result: torch.Tensor, *inputs: Any) -> Array:
+    """numpy if every input was numpy, else the tensor."""
+    if all(isinstance(i, np.ndarray) for i in inputs):
+        return result.cpu().numpy()
+    return result
+
+
+# ----------------------------------------------------------------------------- boxes
+def box_iou(a: Array, b: Array, pixel_offset: float = 0.0) -> Array:
+    """Pairwise IoU of boxes ``a`` [N, 4] and ``b`` [M, 4] (x1, y1, x2, y2) -> [N, M].
+
+    Continuous-coordinate convention (width = x2 - x1) through ``torchvision.ops.box_iou``.
+    ``pixel_offset`` adds a constant to every width and height (and intersection side), i.e. the
+    Fast R-CNN convention used by older code: ``1.0`` for integer pixel boxes, ``0.001`` for the
+    Wang et al. (CVPR 2021) evaluation. Pairs whose union is empty (two zero-area boxes) get 0.
+    """
+    ta, tb = _float(_to_tensor(a, "a")), _float(_to_tensor(b, "b"))
+    _check_boxes(ta, "a", pixel_offset)
+    _check_boxes(tb, "b", pixel_offset)
+    dtype = torch.promote_types(ta.dtype, tb.dtype)
+    ta, tb = ta.to(dtype), tb.to(device=ta.device, dtype=dtype)
+    if pixel_offset:
+        off = ta.new_tensor([0.0, 0.0, pixel_offset, pixel_offset])
+        ta, tb = ta + off, tb + off
+    iou = _tv_box_iou(ta, tb).nan_to_num_(0.0)
+    return _out_like(iou, a, b)
+
+
+def paired_box_iou(a: Array, b: Array, pixel_offset: float = 0.0) -> Array:
+    """IoU of corresponding boxes ``a[i]`` and ``b[i]`` ([N, 4] each) -> [N] (same convention as
+    :func:`box_iou`; an empty union gives 0)."""
+    ta, tb = _float(_to_tensor(a, "a")), _float(_to_tensor(b, "b"))
+    _check_boxes(ta, "pred_boxes", pixel_offset)
+    _check_boxes(tb, "gt_boxes", pixel_offset)
+    if ta.shape != tb.shape:
+        raise ValueError(f"paired boxes must have the same shape [N, 4], got {tuple(ta.shape)} and {tuple(tb.shape)}")
+    dtype = torch.promote_types(ta.dtype, tb.dtype)
+    ta, tb = ta.to(dtype), tb.to(device=ta.device, dtype=dtype)
+    lt = torch.maximum(ta[:, :2], tb[:, :2])
+    rb = torch.minimum(ta[:, 2:], tb[:, 2:])
+    inter_wh = (rb - lt + pixel_offset).clamp(min=0)
+    inter = inter_wh[:, 0] * inter_wh[:, 1]
+    area_a = (ta[:, 2] - ta[:, 0] + pixel_offset) * (ta[:, 3] - ta[:, 1] + pixel_offset)
+    area_b = (tb[:, 2] - tb[:, 0] + pixel_offset) * (tb[:, 3] - tb[:, 1] + pixel_offset)
+    union = area_a + area_b - inter
+    iou = torch.where(union > 0, inter / union.clamp(min=torch.finfo(dtype).tiny), torch.zeros_like(inter))
+    return _out_like(iou, a, b)
+
+
+def _iou_hit(iou: torch.Tensor, threshold: float, inclusive: bool) -> torch.Tensor:
+    return iou >= threshold if inclusive else iou > threshold
+
+
+def accuracy_at_iou(
+    pred_boxes: Array, gt_boxes: Array, threshold: float = 0.5, inclusive: bool = False, pixel_offset: float = 0.0
+) -> float:
+    """Fraction of paired boxes (``pred_boxes[i]`` vs ``gt_boxes[i]``, [N, 4]) with IoU > ``threshold``.
+
+    ``inclusive=True`` uses ``>=`` (CLIP-VG / TransVG ``Acc@0.5``); the default strict ``>`` is the
+    Co-Grounding convention.
+    """
+    iou = _to_tensor(paired_box_iou(pred_boxes, gt_boxes, pixel_offset), "iou")
+    if iou.numel() == 0:
+        raise ValueError("accuracy_at_iou: no boxes given")
+    return float(_iou_hit(iou, threshold, inclusive).double().mean())
+
+
+def mean_iou(pred_boxes: Array, gt_boxes: Array, pixel_offset: float = 0.0) -> float:
+    """Mean IoU of paired boxes ([N, 4] each)."""
+    iou = _to_tensor(paired_box_iou(pred_boxes, gt_boxes, pixel_offset), "iou")
+    if iou.numel() == 0:
+        raise ValueError("mean_iou: no boxes given")
+    return float(iou.double().mean())
+
+
+# ----------------------------------------------------------------------------- phrase recall
+def phrase_first_hit(
+    scores: Array,
+    proposals: Array,
+    gt_boxes: Array,
+    iou_threshold: float = 0.5,
+    inclusive: bool = False,
+    pixel_offset: float = 0.0,
+) -> torch.Tensor:
+    """For each phrase, the 0-based position in its score ranking of the first proposal that hits
+    its GT box (IoU > ``iou_threshold``, ``>=`` when ``inclusive``); ``inf`` when no proposal hits.
+
+    ``scores`` [P, N] over ``proposals`` [N, 4]; ``gt_boxes`` [P, 4] -> float64 tensor [P].
+    Ties in ``scores`` are broken deterministically by a stable sort: among equal scores the proposal
+    with the lower index ranks first. A phrase is a hit at k iff ``first_hit < k``.
+    """
+    s = _to_tensor(scores, "scores")
+    props = _to_tensor(proposals, "proposals")
+    gt = _to_tensor(gt_boxes, "gt_boxes")
+    if s.ndim != 2:
+        raise ValueError(f"scores: expected [P, N] (phrases x proposals), got {tuple(s.shape)}")
+    P, N = s.shape
+    if props.ndim != 2 or props.shape != (N, 4):
+        raise ValueError(f"proposals: expected [N, 4] with N={N} (scores.shape[1]), got {tuple(props.shape)}")
+    if gt.ndim != 2 or gt.shape != (P, 4):
+        raise ValueError(f"gt_boxes: expected [P, 4] with P={P} (scores.shape[0]), got {tuple(gt.shape)}")
+    if P == 0 or N == 0:
+        return torch.full((P,), math.inf, dtype=torch.float64, device=s.device)
+    if s.is_floating_point() and bool(torch.isnan(s).any()):
+        raise ValueError("scores contain NaN")
+    iou = _to_tensor(box_iou(gt, props, pixel_offset), "iou").to(s.device)  # [P, N]
+    hit = _iou_hit(iou, iou_threshold, inclusive)
+    order = torch.sort(s, dim=1, descending=True, stable=True).indices
+    hit_sorted = hit.gather(1, order)
+    any_hit = hit_sorted.any(1)
+    first = hit_sorted.to(torch.uint8).argmax(1)  # first True (argmax returns the first maximum)
+    return torch.where(any_hit, first.to(torch.float64), math.inf)
+
+
+def phrase_recall_at_k(
+    scores: Array,
+    proposals: Array,
+    gt_boxes: Array,
+    ks: Sequence[int] = (1, 5, 10),
+    iou_threshold: float = 0.5,
+    inclusive: bool = False,
+    pixel_offset: float = 0.0,
+) -> dict[int, int]:
+    """Number of phrases of one image that are hits at each k (Wang et al. 2021 ``eval_model.py``).
+
+    A phrase is a hit at k if any of its top-k scored proposals has IoU > ``iou_threshold`` with its
+    GT box (``>=`` when ``inclusive``). ``scores`` [P, N], ``proposals`` [N, 4], ``gt_boxes`` [P, 4];
+    k > N means all N proposals. Ties: lower proposal index first (see :func:`phrase_first_hit`).
+    Divide by the number of phrases (or use :class:`PhraseRecallAccumulator`) for R@k.
+    """
+    first = phrase_first_hit(scores, proposals, gt_boxes, iou_threshold, inclusive, pixel_offset)
+    return {int(k): int((first < int(k)).sum()) for k in _check_ks(ks)}
+
+
+def _check_ks(ks: Iterable[int]) -> tuple[int, ...]:
+    ks = tuple(int(k) for k in ks)
+    if not ks or any(k < 1 for k in ks):
+        raise ValueError(f"ks must be positive integers, got {ks}")
+    return ks
+
+
+class PhraseRecallAccumulator:
+    """Dataset-level phrase-grounding recall: R@k over all phrases plus the proposal upper bound.
+
+    ``update`` once per image; ``compute`` returns ``{"R@1": frac, ..., "upper_bound": frac,
+    "num_phrases": n}`` where ``upper_bound`` is the fraction of phrases for which *any* proposal
+    hits. Counts are integers, so accumulators from different processes add exactly: ``merge`` one
+    into another, or call ``all_reduce()`` under ``torch.distributed``.
+    """
+
+    def __init__(
+        self, ks: Sequence[int] = (1, 5, 10), iou_threshold: float = 0.5, inclusive: bool = False, pixel_offset: float = 0.0
+    ) -> None:
+        self.ks = _check_ks(ks)
+        self.iou_threshold = float(iou_threshold)
+        self.inclusive = bool(inclusive)
+        self.pixel_offset = float(pixel_offset)
+        self.hits = {k: 0 for k in self.ks}
+        self.upper = 0
+        self.num_phrases = 0
+
+    def update(self, scores: Array, proposals: Array, gt_boxes: Array, mask: Array | None = None) -> None:
+        """Add one image: ``scores`` [P, N], ``proposals`` [N, 4], ``gt_boxes`` [P, 4]; ``mask`` [P]
+        (bool) selects the phrases that count (e.g. those with a GT box)."""
+        first = phrase_first_hit(scores, proposals, gt_boxes, self.iou_threshold, self.inclusive, self.pixel_offset)
+        if mask is not None:
+            m = _to_tensor(mask, "mask").to(first.device)
+            if m.shape != first.shape:
+                raise ValueError(f"mask: expected shape [P]={tuple(first.shape)}, got {tuple(m.shape)}")
+            first = first[m.bool()]
+        self.num_phrases += int(first.numel())
+        for k in self.ks:
+            self.hits[k] += int((first < k).sum())
+        self.upper += int(torch.isfinite(first).sum())
+
+    def merge(self, other: "PhraseRecallAccumulator") -> "PhraseRecallAccumulator":
+        """Add the counts of ``other`` (same settings) into this accumulator; returns self."""
+        if (other.ks, other.iou_threshold, other.inclusive, other.pixel_offset) != (
+            self.ks, self.iou_threshold, self.inclusive, self.pixel_offset
+        ):
+            raise ValueError("cannot merge PhraseRecallAccumulators with different ks/threshold/inclusive/pixel_offset")
+        for k in self.ks:
+            self.hits[k] += other.hits[k]
+        self.upper += other.upper
+        self.num_phrases += other.num_phrases
+        return self
+
+    def state(self) -> dict[str, Any]:
+        return {"hits": dict(self.hits), "upper": self.upper, "num_phrases": self.num_phrases}
+
+    def all_reduce(self) -> "PhraseRecallAccumulator":
+        """Sum the counts of every rank into this accumulator (no-op when not distributed)."""
+        from . import distributed as dist_utils
+
+        states = dist_utils.all_gather_object(self.state())
+        if len(states) > 1:
+            self.hits = {k: sum(s["hits"][k] for s in states) for k in self.ks}
+            self.upper = sum(s["upper"] for s in states)
+            self.num_phrases = sum(s["num_phrases"] for s in states)
+        return self
+
+    def compute(self) -> dict[str, float]:
+        if self.num_phrases == 0:
+            raise ValueError("PhraseRecallAccumulator.compute: no phrases were added")
+        n = self.num_phrases
+        out: dict[str, float] = {f"R@{k}": self.hits[k] / n for k in self.ks}
+        out["upper_bound"] = self.upper / n
+        out["num_phrases"] = n
+        return out
+
+
+# ----------------------------------------------------------------------------- retrieval
+def _check_sims(sims: Any) -> tuple[torch.Tensor, int, int, int]:
+    s = _to_tensor(sims, "sims")
+    if s.ndim != 2:
+        raise ValueError(f"sims: expected a [num_queries, num_videos] matrix, got shape {tuple(s.shape)}")
+    Q, V = s.shape
+    if V == 0 or Q == 0 or Q % V:
+        raise ValueError(
+            f"sims: num_queries ({Q}) must be a positive multiple of num_videos ({V}); queries are ordered "
+            "video-major (num_videos x captions_per_video), pad missing captions and pass query_masks"
+        )
+    return s, Q, V, Q // V
+
+
+def _check_mask(query_masks: Any, Q: int, V: int, C: int, device: torch.device) -> torch.Tensor | None:
+    if query_masks is None:
+        return None
+    m = _to_tensor(query_masks, "query_masks")
+    if m.numel() != Q or (m.ndim == 2 and tuple(m.shape) != (V, C)) or m.ndim > 2:
+        raise ValueError(
+            f"query_masks: expected shape [num_videos, captions_per_video] = [{V}, {C}] (or [{Q}]), got {tuple(m.shape)}"
+        )
+    return m.reshape(-1).to(device=device).bool()
+
+
+def _work_dtype(t: torch.Tensor) -> torch.dtype:
+    # Exact: float16/bfloat16 -> float32 and integers -> float64 are lossless, so every comparison
+    # gives the same answer as the official float64 code on the same values.
+    if t.dtype == torch.float64 or not t.is_floating_point():
+        return torch.float64
+    return torch.float32
+
+
+def _chunk_rows(n_cols: int, itemsize: int, chunk_bytes: int) -> int:
+    return max(1, int(chunk_bytes) // max(1, n_cols * itemsize))
+
+
+def _raise_if_nan(block: torch.Tensor) -> None:
+    # A sum is far cheaper than isnan over the block; only a non-finite sum needs the exact check.
+    if not bool(torch.isfinite(block.sum())) and bool(torch.isnan(block).any()):
+        raise ValueError("sims contains NaN; retrieval ranks are undefined")
+
+
+def t2v_ranks(sims: Array, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> np.ndarray:
+    """Tie-averaged 0-based rank of each query's GT video, for all queries (padded ones included).
+
+    ``rank_i = #{videos scored strictly higher than the GT} + (#{other videos tied with it}) / 2``,
+    i.e. the mean position of the GT score among its ties in the sorted row, exactly as the
+    Collaborative Experts code. Computed in row chunks as ``(V - 1 + sum_j sign(s_ij - s_i,gt)) / 2``
+    (the sign of a float difference is exact), never materialising more than one chunk.
+    """
+    s, Q, V, C = _check_sims(sims)
+    wd = _work_dtype(s)
+    idx = torch.arange(Q, device=s.device)
+    gt = s[idx, idx // C].to(wd)  # [Q]
+    rows = _chunk_rows(V, torch.finfo(wd).bits // 8, chunk_bytes)
+    ranks = torch.empty(Q, dtype=torch.float64, device=s.device)
+    sum_dtype = wd if V < (1 << 24) else torch.float64
+    buf = torch.empty((min(rows, Q), V), dtype=wd, device=s.device)
+    for a in range(0, Q, rows):
+        b = min(Q, a + rows)
+        blk = s[a:b]
+        if blk.dtype != wd:
+            blk = blk.to(wd)
+        _raise_if_nan(blk)
+        out = buf[: b - a]
+        torch.sub(blk, gt[a:b, None], out=out)
+        out.sign_()
+        ranks[a:b] = out.sum(1, dtype=sum_dtype).to(torch.float64)
+    ranks.add_(V - 1).mul_(0.5)
+    return ranks.cpu().numpy()
+
+
+def v2t_ranks(sims: Array, query_masks: Array | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> np.ndarray:
+    """Tie-averaged 0-based rank, for each video, of its best-ranked valid caption among all valid
+    captions (Collaborative Experts ``v2t_metrics``; padded captions never compete, as with the
+    official distance 1e8). Equal to the tie-averaged rank of the video's highest-scoring valid
+    caption, so other captions of the same video count as competitors. -> float64 [num_videos].
+    """
+    s, Q, V, C = _check_sims(sims)
+    valid = _check_mask(query_masks, Q, V, C, s.device)
+    wd = _work_dtype(s)
+    idx = torch.arange(Q, device=s.device)
+    gt = s[idx, idx // C].to(wd)  # [Q]: score of each caption with its own video
+    if valid is not None:
+        gt = gt.masked_fill(~valid, -math.inf)
+        per_video = valid.view(V, C).sum(1)
+        if bool((per_video == 0).any()):
+            bad = int(torch.nonzero(per_video == 0)[0])
+            raise ValueError(f"query_masks: video {bad} has no valid caption; v2t rank is undefined")
+        weights = valid.to(wd)
+        n_valid = int(valid.sum())
+    else:
+        weights = None
+        n_valid = Q
+    best = gt.view(V, C).amax(1)  # [V]
+    rows = _chunk_rows(V, torch.finfo(wd).bits // 8, chunk_bytes)
+    acc = torch.zeros(V, dtype=torch.float64, device=s.device)
+    buf = torch.empty((min(rows, Q), V), dtype=wd, device=s.device)
+    for a in range(0, Q, rows):
+        b = min(Q, a + rows)
+        blk = s[a:b]
+        if blk.dtype != wd:
+            blk = blk.to(wd)
+        _raise_if_nan(blk)
+        out = buf[: b - a]
+        torch.sub(blk, best[None, :], out=out)
+        out.sign_()
+        if weights is None:
+            part = out.sum(0)
+        else:
+            part = torch.mv(out.t(), weights[a:b])
+        acc += part.to(torch.float64)  # chunk sums of +-1 are exact integers (rows < 2**24)
+    acc.add_(n_valid - 1).mul_(0.5)
+    return acc.cpu().numpy()
+
+
+def cols2metrics(cols: Array, num_queries: int | None = None) -> dict[str, float]:
+    """Retrieval summary of 0-based ranks ``cols`` (Collaborative Experts ``cols2metrics``).
+
+    ``R1 = 100 |rank == 0| / N`` (a rank of 0.5 from a tie at the top is not a hit),
+    ``R{5,10,50} = 100 |rank < k| / N``, ``MedR = median + 1``, ``MeanR = mean + 1``,
+    ``geometric_mean_R1-R5-R10`` (0 when any of them is 0).
+    """
+    c = np.asarray(cols.cpu() if isinstance(cols, torch.Tensor) else cols, dtype=np.float64).reshape(-1)
+    n = int(c.size if num_queries is None else num_queries)
+    if n <= 0 or c.size == 0:
+        raise ValueError("cols2metrics: no queries")
+    m: dict[str, float] = {
+        "R1": 100.0 * float(np.sum(c == 0)) / n,
+        "R5": 100.0 * float(np.sum(c < 5)) / n,
+        "R10": 100.0 * float(np.sum(c < 10)) / n,
+        "R50": 100.0 * float(np.sum(c < 50)) / n,
+        "MedR": float(np.median(c)) + 1.0,
+        "MeanR": float(np.mean(c)) + 1.0,
+    }
+    stats = [m["R1"], m["R5"], m["R10"]]
+    m["geometric_mean_R1-R5-R10"] = 0.0 if min(stats) <= 0 else float(np.exp(np.mean(np.log(stats))))
+    return m
+
+
+def t2v_metrics(
+    sims: Array, query_masks: Array | None = None, return_ranks: bool = False, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> dict[str, Any]:
+    """Text-to-video retrieval metrics (Collaborative Experts semantics).
+
+    ``sims`` [num_queries, num_videos], queries video-major (query ``i`` belongs to video
+    ``i // captions_per_video``); ``query_masks`` [num_videos, captions_per_video] removes padded
+    queries. Returns the :data:`RETRIEVAL_KEYS` (R@k in percent) and, with ``return_ranks``,
+    ``"cols"``: the tie-averaged ranks of the kept queries (float64 numpy).
+    Runs on the device of ``sims`` in bounded memory (one chunk of ``chunk_bytes`` at a time).
+    """
+    s, Q, V, C = _check_sims(sims)
+    valid = _check_mask(query_masks, Q, V, C, torch.device("cpu"))
+    cols = t2v_ranks(s, chunk_bytes=chunk_bytes)
+    if valid is not None:
+        cols = cols[valid.numpy()]
+    out: dict[str, Any] = cols2metrics(cols)
+    if return_ranks:
+        out["cols"] = cols
+    return out
+
+
+def v2t_metrics(
+    sims: Array, query_masks: Array | None = None, return_ranks: bool = False, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> dict[str, Any]:
+    """Video-to-text retrieval metrics (Collaborative Experts semantics): for each video the rank of
+    its best-ranked valid caption among all valid captions (see :func:`v2t_ranks`).
+
+    Same inputs as :func:`t2v_metrics` (``sims`` is still [num_queries, num_videos]); metrics are
+    over the ``num_videos`` videos; ``"cols"`` (with ``return_ranks``) has one rank per video.
+    """
+    cols = v2t_ranks(sims, query_masks, chunk_bytes=chunk_bytes)
+    out: dict[str, Any] = cols2metrics(cols)
+    if return_ranks:
+        out["cols"] = cols
+    return out
