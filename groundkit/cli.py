@@ -70,7 +70,7 @@ def get_method(name: str) -> Any:
 
 
 def _add_common_run_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("method", help="method name: " + ", ".join(METHODS))
+    p.add_argument("method", help="method name (" + ", ".join(METHODS) + ") or a config YAML that names its method")
     p.add_argument("config", nargs="?", default=None, help="YAML path or shipped config name (default: the method's default)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys, e.g. optim.lr=1e-4")
     p.add_argument("--output-dir", default=None, help="run directory (train.output_dir)")
@@ -111,9 +111,26 @@ def _split_method_args(method: Any, rest: list[str], mode: str) -> dict[str, Any
     return {k: v for k, v in vars(ns).items() if v is not None}
 
 
+def _method_from_yaml(args: argparse.Namespace) -> None:
+    """``groundkit train CONFIG.yaml``: take the method from the file's ``method:`` key."""
+    from pathlib import Path
+
+    from .config import method_of
+
+    p = Path(args.method)
+    if p.suffix in (".yaml", ".yml") and p.is_file():
+        name = method_of(p)
+        if not name:
+            raise SystemExit(f"{p}: no 'method:' key; use 'groundkit {args.command} METHOD {p}'")
+        if args.config is not None:
+            raise SystemExit(f"give either a method and a config, or one config file; got {args.method} {args.config}")
+        args.method, args.config = name, str(p)
+
+
 def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
     from .engine import fit
 
+    _method_from_yaml(args)
     method = get_method(args.method)
     cfg = _build_cfg(method, args, _split_method_args(method, rest, "train"))
     result = fit(method, cfg, resume=args.resume, final_split=args.final_split or None)
@@ -125,6 +142,7 @@ def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
     from .engine import run_eval
     from .runlog import format_metrics
 
+    _method_from_yaml(args)
     method = get_method(args.method)
     extra = _split_method_args(method, rest, "eval")
     cfg = _build_cfg(method, args, extra)

@@ -32,6 +32,7 @@ __all__ = [
     "config_dir",
     "list_configs",
     "resolve_config_path",
+    "method_of",
 ]
 
 T = TypeVar("T")
@@ -331,10 +332,15 @@ def load_config(
     elif source is not None:
         path = resolve_config_path(method, source) if method else Path(source)
         data = load_yaml(path)
+        named = data.pop("method", None)
+        if named is not None and method is not None and named != method:
+            raise ConfigError(f"{path}: config is for method {named!r}, not {method!r}")
         if "base" in data:
             base_src = data.pop("base")
             base_path = resolve_config_path(method, base_src) if method else Path(path).parent / base_src
-            data = _merge(load_yaml(base_path), data)
+            base_data = load_yaml(base_path)
+            base_data.pop("method", None)
+            data = _merge(base_data, data)
     if overrides:
         data = apply_overrides(cls, data, overrides)
     try:
@@ -344,8 +350,18 @@ def load_config(
         raise ConfigError(f"{e}{where}") from None
 
 
-def save_config(cfg: Any, path: str | Path) -> None:
-    """Write the fully resolved config as YAML."""
+def save_config(cfg: Any, path: str | Path, method: str | None = None) -> None:
+    """Write the fully resolved config as YAML (with ``method:`` first when given, so
+    ``groundkit train <run>/config.yaml`` re-runs it)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
+    data = ({"method": method} if method else {}) | to_dict(cfg)
     with open(path, "w") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+        yaml.safe_dump(data, f, sort_keys=False)
+
+
+def method_of(path: str | Path) -> str | None:
+    """The ``method:`` named at the top of a config YAML, if any."""
+    try:
+        return load_yaml(path).get("method")
+    except (OSError, ConfigError, yaml.YAMLError):
+        return None

@@ -348,7 +348,7 @@ def fit(method: Any, cfg: Any, resume: bool = False, final_split: str | None = "
     main = dist_utils.is_main()
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        save_config(cfg, run_dir / "config.yaml", method=method.name)
     logger = RunLogger(run_dir, enabled=main, tensorboard=tc.tensorboard, progress=tc.progress)
 
     train_set = method.build_dataset(cfg, "train")
@@ -477,6 +477,6 @@ def run_eval(method: Any, cfg: Any, checkpoint: str | Path, split: str = "test",
     if dist_utils.is_main():
         out = Path(output_dir or cfg.train.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+        save_config(cfg, out / "config.yaml", method=method.name)
         write_metrics(out / "metrics.json", method.name, split, metrics, cfg)
     return metrics

@@ -44,3 +44,16 @@ def test_train_and_eval_via_cli(tmp_path, monkeypatch, capsys):
     assert (out / "metrics.json").is_file() and any((out / "tb").iterdir())
     assert main(["eval", "regression", "--restore-path", str(out / "checkpoints" / "best"), "--output-dir", str(tmp_path / "ev")]) == 0
     assert "test:" in capsys.readouterr().out
+
+
+def test_rerun_from_saved_config(tmp_path, monkeypatch):
+    from groundkit import cli
+
+    monkeypatch.setitem(cli.METHODS, "regression", "regression_method")
+    out = tmp_path / "run"
+    assert main(["train", "regression", "--output-dir", str(out), "--set", "train.epochs=1", "train.progress=false"]) == 0
+    text = (out / "config.yaml").read_text()
+    assert text.startswith("method: regression")
+    again = tmp_path / "again"
+    assert main(["train", str(out / "config.yaml"), "--output-dir", str(again)]) == 0
+    assert (again / "metrics.json").is_file()
