@@ -35,6 +35,10 @@ __all__ = [
     "WORLD_DETECTOR_CLASSES",
     "COOCCURRING_PAIRS",
     "CONFUSABLE",
+    "COCO_CLASSES",
+    "TO_COCO",
+    "detector_vocabulary",
+    "detector_class",
     "COLOURS",
     "BACKGROUNDS",
     "RELATION_WORDS",
@@ -209,6 +213,49 @@ CONFUSABLE: dict[str, tuple[str, ...]] = {
     "bottle": ("cup", "vase"), "book": ("sign",), "clock": ("ball",), "lamp": ("bottle",), "sign": ("book", "window"), "bench": ("chair", "sofa"),
 }
 
+# The 80 COCO detector classes (the other detector vocabulary the world can speak) and how the
+# world's categories and the extra detector classes above map onto them (None: COCO has no class).
+COCO_CLASSES: list[str] = [
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light", "fire hydrant",
+    "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra",
+    "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
+    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle", "wine glass", "cup", "fork",
+    "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut",
+    "cake", "chair", "couch", "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote",
+    "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
+    "teddy bear", "hair drier", "toothbrush",
+]
+TO_COCO: dict[str, str | None] = {
+    "dog": "dog", "cat": "cat", "horse": "horse", "rider": "person", "man": "person", "woman": "person", "child": "person",
+    "cup": "cup", "saucer": "bowl", "car": "car", "bicycle": "bicycle", "tree": "potted plant", "flower": "potted plant",
+    "ball": "sports ball", "kite": "kite", "bird": "bird", "boat": "boat", "umbrella": "umbrella", "chair": "chair",
+    "table": "dining table", "bottle": "bottle", "book": "book", "clock": "clock", "lamp": None, "sign": "stop sign",
+    "bench": "bench",
+    # extra detector classes used as confusions
+    "wolf": "dog", "tiger": "cat", "sheep": "sheep", "cow": "cow", "truck": "truck", "bus": "bus", "motorcycle": "motorcycle",
+    "vase": "vase", "bowl": "bowl", "toy": "teddy bear", "window": None, "building": None, "sofa": "couch", "shirt": None,
+    "hat": None, "balloon": None,
+}
+
+
+def detector_vocabulary(vocab: str) -> list[str]:
+    """Detector class names (background excluded) of ``vocab``: "world" (41 classes) or "coco" (80)."""
+    if vocab == "world":
+        return list(DETECTOR_CLASSES)
+    if vocab == "coco":
+        return list(COCO_CLASSES)
+    raise ValueError(f"unknown detector vocabulary {vocab!r}; use 'world' or 'coco'")
+
+
+def detector_class(name: str, vocab: str) -> str | None:
+    """The class a detector of ``vocab`` gives a world category (or an extra class name); None if none."""
+    if vocab == "world":
+        return CATEGORIES[name].detector if name in CATEGORIES else (name if name in DETECTOR_CLASSES else None)
+    if vocab == "coco":
+        return TO_COCO.get(name)
+    raise ValueError(f"unknown detector vocabulary {vocab!r}; use 'world' or 'coco'")
+
+
 RELATION_WORDS: dict[str, tuple[str, ...]] = {
     "left": ("left", "of"), "right": ("right", "of"), "above": ("above",), "below": ("below",),
     "front": ("in", "front", "of"), "behind": ("behind",),
@@ -349,10 +396,12 @@ def enclosing_box(boxes: Iterable[Sequence[float]]) -> Box:
 
 
 def _clip_box(b: Sequence[float], w: int, h: int) -> Box:
+    """Clip to the image and round to whole pixels (boxes are integer-valued floats)."""
     x1, y1, x2, y2 = b
     x1, x2 = max(0.0, min(x1, w - 2.0)), max(0.0, min(x2, w - 1.0))
     y1, y2 = max(0.0, min(y1, h - 2.0)), max(0.0, min(y2, h - 1.0))
-    return (round(x1, 1), round(y1, 1), round(max(x2, x1 + 1.0), 1), round(max(y2, y1 + 1.0), 1))
+    x1, y1, x2, y2 = float(round(x1)), float(round(y1)), float(round(x2)), float(round(y2))
+    return (x1, y1, max(x2, x1 + 2.0), max(y2, y1 + 2.0))
 
 
 def _size_word(cat: Category, area_frac: float) -> str:
