@@ -30,6 +30,7 @@ __all__ = [
     "split_path",
     "make_entry",
     "save_split",
+    "save_list",
     "load_raw",
     "parse_entries",
     "load_split",
@@ -106,6 +107,15 @@ def save_split(entries: list, split_root: str | os.PathLike, dataset: str, split
     """
     path = split_path(split_root, dataset, split)
     parse_entries(entries, dataset, source=str(path))  # refuse to write what cannot be read back
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(list(entries), path)
+    return path
+
+
+def save_list(entries: list, path: str | os.PathLike, dataset: str) -> Path:
+    """Like :func:`save_split` for any file name (e.g. CLIP-VG's ``train_separate/1_<ds>_train_pseudo_template.pth``)."""
+    path = Path(path)
+    parse_entries(entries, dataset, source=str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(list(entries), path)
     return path
