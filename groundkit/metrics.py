@@ -34,6 +34,7 @@ __all__ = [
     "PhraseRecallAccumulator",
     "t2v_metrics",
     "v2t_metrics",
+    "retrieval_metrics",
     "t2v_ranks",
     "v2t_ranks",
     "cols2metrics",
@@ -43,10 +44,6 @@ __all__ = [
 Array = Union[np.ndarray, torch.Tensor]
 
 RETRIEVAL_KEYS = ("R1", "R5", "R10", "R50", "MedR", "MeanR", "geometric_mean_R1-R5-R10")
-
-# Working set per chunk of the similarity matrix in the retrieval metrics (bytes): bounds the extra
-# memory to about twice this, large enough that per-chunk overhead is negligible.
-DEFAULT_CHUNK_BYTES = 64 << 20
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -322,7 +319,10 @@ def _work_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float32
 
 
-def _chunk_rows(n_cols: int, itemsize: int, chunk_bytes: int) -> int:
+def _chunk_rows(n_cols: int, itemsize: int, chunk_bytes: int | None, device: torch.device) -> int:
+    if chunk_bytes is None:
+        # CPU: a chunk that stays in the caches (per thread); GPU: large, few kernel launches.
+        chunk_bytes = (256 << 20) if device.type != "cpu" else (1 << 20) * max(1, torch.get_num_threads())
     return max(1, int(chunk_bytes) // max(1, n_cols * itemsize))
 
 
@@ -332,22 +332,42 @@ def _raise_if_nan(block: torch.Tensor) -> None:
         raise ValueError("sims contains NaN; retrieval ranks are undefined")
 
 
-def t2v_ranks(sims: Array, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> np.ndarray:
-    """Tie-averaged 0-based rank of each query's GT video, for all queries (padded ones included).
+def _retrieval_ranks(
+    sims: Any, query_masks: Any, t2v: bool, v2t: bool, chunk_bytes: int | None
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """One pass over ``sims`` in row chunks giving the tie-averaged t2v ranks (all queries) and/or
+    v2t ranks (one per video).
 
-    ``rank_i = #{videos scored strictly higher than the GT} + (#{other videos tied with it}) / 2``,
-    i.e. the mean position of the GT score among its ties in the sorted row, exactly as the
-    Collaborative Experts code. Computed in row chunks as ``(V - 1 + sum_j sign(s_ij - s_i,gt)) / 2``
-    (the sign of a float difference is exact), never materialising more than one chunk.
+    With ``gt_i`` the score of query ``i`` with its own video, the CE rank (mean position of the GT
+    among its ties in the sorted row) is ``#{higher} + #{tied others} / 2 = (V - 1 + sum_j sign(s_ij
+    - gt_i)) / 2``. The sign of a float difference is exact (IEEE subtraction never rounds a non-zero
+    difference to zero or flips its sign, with denormals enabled), so this equals the official
+    float64 sort-and-search result bit for bit. For v2t, the minimum over a video's captions of their
+    ranks is the rank of its highest-scoring valid caption ``best_j``, so the column counts
+    ``sum_i valid_i sign(s_ij - best_j)`` over the valid captions give all videos in the same pass.
     """
     s, Q, V, C = _check_sims(sims)
+    valid = _check_mask(query_masks, Q, V, C, s.device) if v2t else None
     wd = _work_dtype(s)
     idx = torch.arange(Q, device=s.device)
-    gt = s[idx, idx // C].to(wd)  # [Q]
-    rows = _chunk_rows(V, torch.finfo(wd).bits // 8, chunk_bytes)
-    ranks = torch.empty(Q, dtype=torch.float64, device=s.device)
-    sum_dtype = wd if V < (1 << 24) else torch.float64
-    buf = torch.empty((min(rows, Q), V), dtype=wd, device=s.device)
+    gt = s[idx, idx // C].to(wd)  # [Q]: score of each caption with its own video
+    if v2t:
+        if valid is not None:
+            per_video = valid.view(V, C).sum(1)
+            if bool((per_video == 0).any()):
+                bad = int(torch.nonzero(per_video == 0)[0])
+                raise ValueError(f"query_masks: video {bad} has no valid caption; v2t rank is undefined")
+            best = gt.masked_fill(~valid, -math.inf).view(V, C).amax(1)  # [V]
+            weights = valid.to(wd)
+            n_valid = int(valid.sum())
+        else:
+            best, weights, n_valid = gt.view(V, C).amax(1), None, Q
+        col_acc = torch.zeros(V, dtype=torch.float64, device=s.device)
+    rows = _chunk_rows(V, torch.finfo(wd).bits // 8, chunk_bytes, s.device)
+    rows = min(rows, Q)
+    row_sign = torch.empty(Q, dtype=torch.float64, device=s.device) if t2v else None
+    sum_dtype = wd if V < (1 << 24) else torch.float64  # sums of +-1 stay exact
+    buf = torch.empty((rows, V), dtype=wd, device=s.device)
     for a in range(0, Q, rows):
         b = min(Q, a + rows)
         blk = s[a:b]
@@ -355,55 +375,38 @@ def t2v_ranks(sims: Array, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> np.ndarray
             blk = blk.to(wd)
         _raise_if_nan(blk)
         out = buf[: b - a]
-        torch.sub(blk, gt[a:b, None], out=out)
-        out.sign_()
-        ranks[a:b] = out.sum(1, dtype=sum_dtype).to(torch.float64)
-    ranks.add_(V - 1).mul_(0.5)
-    return ranks.cpu().numpy()
+        if t2v:
+            torch.sub(blk, gt[a:b, None], out=out)
+            out.sign_()
+            row_sign[a:b] = out.sum(1, dtype=sum_dtype)
+        if v2t:
+            torch.sub(blk, best[None, :], out=out)
+            out.sign_()
+            part = out.sum(0) if weights is None else torch.mv(out.t(), weights[a:b])
+            col_acc += part  # chunk sums of +-1 over < 2**24 rows are exact integers
+    t2v_out = v2t_out = None
+    if t2v:
+        t2v_out = row_sign.add_(V - 1).mul_(0.5).cpu().numpy()
+    if v2t:
+        v2t_out = col_acc.add_(n_valid - 1).mul_(0.5).cpu().numpy()
+    return t2v_out, v2t_out
 
 
-def v2t_ranks(sims: Array, query_masks: Array | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> np.ndarray:
+def t2v_ranks(sims: Array, chunk_bytes: int | None = None) -> np.ndarray:
+    """Tie-averaged 0-based rank of each query's GT video, for all queries (padded ones included):
+    ``#{videos scored strictly higher} + #{other videos tied with the GT} / 2``, the mean position of
+    the GT among its ties in the sorted row as in the Collaborative Experts code. -> float64 [Q].
+    Computed in row chunks (``chunk_bytes``; default: cache-sized on CPU, 256 MB on GPU)."""
+    return _retrieval_ranks(sims, None, True, False, chunk_bytes)[0]
+
+
+def v2t_ranks(sims: Array, query_masks: Array | None = None, chunk_bytes: int | None = None) -> np.ndarray:
     """Tie-averaged 0-based rank, for each video, of its best-ranked valid caption among all valid
     captions (Collaborative Experts ``v2t_metrics``; padded captions never compete, as with the
     official distance 1e8). Equal to the tie-averaged rank of the video's highest-scoring valid
     caption, so other captions of the same video count as competitors. -> float64 [num_videos].
     """
-    s, Q, V, C = _check_sims(sims)
-    valid = _check_mask(query_masks, Q, V, C, s.device)
-    wd = _work_dtype(s)
-    idx = torch.arange(Q, device=s.device)
-    gt = s[idx, idx // C].to(wd)  # [Q]: score of each caption with its own video
-    if valid is not None:
-        gt = gt.masked_fill(~valid, -math.inf)
-        per_video = valid.view(V, C).sum(1)
-        if bool((per_video == 0).any()):
-            bad = int(torch.nonzero(per_video == 0)[0])
-            raise ValueError(f"query_masks: video {bad} has no valid caption; v2t rank is undefined")
-        weights = valid.to(wd)
-        n_valid = int(valid.sum())
-    else:
-        weights = None
-        n_valid = Q
-    best = gt.view(V, C).amax(1)  # [V]
-    rows = _chunk_rows(V, torch.finfo(wd).bits // 8, chunk_bytes)
-    acc = torch.zeros(V, dtype=torch.float64, device=s.device)
-    buf = torch.empty((min(rows, Q), V), dtype=wd, device=s.device)
-    for a in range(0, Q, rows):
-        b = min(Q, a + rows)
-        blk = s[a:b]
-        if blk.dtype != wd:
-            blk = blk.to(wd)
-        _raise_if_nan(blk)
-        out = buf[: b - a]
-        torch.sub(blk, best[None, :], out=out)
-        out.sign_()
-        if weights is None:
-            part = out.sum(0)
-        else:
-            part = torch.mv(out.t(), weights[a:b])
-        acc += part.to(torch.float64)  # chunk sums of +-1 are exact integers (rows < 2**24)
-    acc.add_(n_valid - 1).mul_(0.5)
-    return acc.cpu().numpy()
+    return _retrieval_ranks(sims, query_masks, False, True, chunk_bytes)[1]
 
 
 def cols2metrics(cols: Array, num_queries: int | None = None) -> dict[str, float]:
@@ -431,7 +434,7 @@ def cols2metrics(cols: Array, num_queries: int | None = None) -> dict[str, float
 
 
 def t2v_metrics(
-    sims: Array, query_masks: Array | None = None, return_ranks: bool = False, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    sims: Array, query_masks: Array | None = None, return_ranks: bool = False, chunk_bytes: int | None = None
 ) -> dict[str, Any]:
     """Text-to-video retrieval metrics (Collaborative Experts semantics).
 
@@ -441,19 +444,11 @@ def t2v_metrics(
     ``"cols"``: the tie-averaged ranks of the kept queries (float64 numpy).
     Runs on the device of ``sims`` in bounded memory (one chunk of ``chunk_bytes`` at a time).
     """
-    s, Q, V, C = _check_sims(sims)
-    valid = _check_mask(query_masks, Q, V, C, torch.device("cpu"))
-    cols = t2v_ranks(s, chunk_bytes=chunk_bytes)
-    if valid is not None:
-        cols = cols[valid.numpy()]
-    out: dict[str, Any] = cols2metrics(cols)
-    if return_ranks:
-        out["cols"] = cols
-    return out
+    return retrieval_metrics(sims, query_masks, return_ranks, chunk_bytes, directions=("t2v",))["t2v"]
 
 
 def v2t_metrics(
-    sims: Array, query_masks: Array | None = None, return_ranks: bool = False, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    sims: Array, query_masks: Array | None = None, return_ranks: bool = False, chunk_bytes: int | None = None
 ) -> dict[str, Any]:
     """Video-to-text retrieval metrics (Collaborative Experts semantics): for each video the rank of
     its best-ranked valid caption among all valid captions (see :func:`v2t_ranks`).
@@ -461,8 +456,32 @@ def v2t_metrics(
     Same inputs as :func:`t2v_metrics` (``sims`` is still [num_queries, num_videos]); metrics are
     over the ``num_videos`` videos; ``"cols"`` (with ``return_ranks``) has one rank per video.
     """
-    cols = v2t_ranks(sims, query_masks, chunk_bytes=chunk_bytes)
-    out: dict[str, Any] = cols2metrics(cols)
-    if return_ranks:
-        out["cols"] = cols
+    return retrieval_metrics(sims, query_masks, return_ranks, chunk_bytes, directions=("v2t",))["v2t"]
+
+
+def retrieval_metrics(
+    sims: Array,
+    query_masks: Array | None = None,
+    return_ranks: bool = False,
+    chunk_bytes: int | None = None,
+    directions: Sequence[str] = ("t2v", "v2t"),
+) -> dict[str, dict[str, Any]]:
+    """``{"t2v": t2v_metrics(...), "v2t": v2t_metrics(...)}`` computed in a single pass over ``sims``."""
+    unknown = set(directions) - {"t2v", "v2t"}
+    if unknown or not directions:
+        raise ValueError(f"directions must be a non-empty subset of ('t2v', 'v2t'), got {tuple(directions)}")
+    s, Q, V, C = _check_sims(sims)
+    valid = _check_mask(query_masks, Q, V, C, torch.device("cpu"))
+    t2v_cols, v2t_cols = _retrieval_ranks(s, query_masks, "t2v" in directions, "v2t" in directions, chunk_bytes)
+    out: dict[str, dict[str, Any]] = {}
+    if t2v_cols is not None:
+        if valid is not None:
+            t2v_cols = t2v_cols[valid.numpy()]
+        out["t2v"] = cols2metrics(t2v_cols)
+        if return_ranks:
+            out["t2v"]["cols"] = t2v_cols
+    if v2t_cols is not None:
+        out["v2t"] = cols2metrics(v2t_cols)
+        if return_ranks:
+            out["v2t"]["cols"] = v2t_cols
     return out

@@ -12,6 +12,7 @@ from groundkit.metrics import (
     box_iou,
     cols2metrics,
     mean_iou,
+    retrieval_metrics,
     paired_box_iou,
     phrase_first_hit,
     phrase_recall_at_k,
@@ -159,6 +160,20 @@ def test_retrieval_matches_oracle_random(levels, masked):
         assert_metrics_equal(got, oracle_metrics(want_cols, V))
     if levels is not None:
         assert np.any(want_cols % 1 == 0.5)  # the test really had ties
+
+
+def test_retrieval_metrics_single_pass_matches_separate_calls():
+    rng = np.random.default_rng(5)
+    sims = random_sims(rng, 15, 4, levels=2)
+    mask = np.ones((15, 4), dtype=bool)
+    mask[3, 1:] = False
+    both = retrieval_metrics(sims, mask, return_ranks=True, chunk_bytes=4096)
+    for name, fn in (("t2v", t2v_metrics), ("v2t", v2t_metrics)):
+        alone = fn(sims, mask, return_ranks=True)
+        np.testing.assert_array_equal(both[name]["cols"], alone["cols"])
+        assert_metrics_equal(both[name], alone)
+    with pytest.raises(ValueError, match="directions"):
+        retrieval_metrics(sims, directions=("x2y",))
 
 
 def test_retrieval_numpy_torch_float64_agree():
@@ -325,3 +340,17 @@ def test_phrase_accumulator_mask_merge_and_oracle():
         PhraseRecallAccumulator().compute()
     with pytest.raises(ValueError, match="gt_boxes"):
         acc.update(np.zeros((2, 3)), np.zeros((3, 4)), np.zeros((3, 4)))
+
+
+# ----------------------------------------------------------------------------- benchmark smoke test
+def test_bench_metrics_baseline_agrees_small():
+    from groundkit.bench.metrics import check_same, make_inputs, run_baseline, run_groundkit, run_groundkit_fused
+
+    sims, mask = make_inputs(50, 4, seed=1)
+    base = run_baseline(sims, mask)
+    assert np.any(base["t2v_cols"] % 1 == 0.5)  # the synthetic matrix has exact ties
+    assert not mask.all()
+    assert check_same(base, run_groundkit(sims, mask)) == []
+    assert check_same(base, run_groundkit_fused(torch.from_numpy(sims), torch.from_numpy(mask))) == []
+    other = run_groundkit(sims[:, ::-1].copy(), mask)  # a different matrix must be caught
+    assert check_same(base, other)
