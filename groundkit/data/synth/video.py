@@ -33,7 +33,7 @@ from .. import vid_sentence
 from .core import check_knobs, progress_bar, rng_for, write_json
 from .scene import CATEGORIES, CATEGORY_NAMES, Scene, SceneKnobs, SceneObject, box_iou_np, render_scene, sample_scene
 
-__all__ = ["build", "DEFAULTS", "MOTION_WORDS", "SPLITS", "visible_fraction_with", "visible_box"]
+__all__ = ["build", "DEFAULTS", "MOTION_WORDS", "SPLITS", "visibility"]
 
 TASK = "video"
 SPLITS = ("train", "val", "test")
@@ -71,29 +71,20 @@ def _defaults(size: str) -> dict[str, Any]:
     return {**_COMMON, **DEFAULTS[size]}
 
 
-def visible_fraction_with(box: tuple, fronts: list[tuple], grid: int = 24) -> float:
-    """Fraction of ``box`` not covered by any box of ``fronts`` (boxes drawn over it)."""
-    x1, y1, x2, y2 = box
-    gx, gy = np.meshgrid(np.linspace(x1, x2, grid), np.linspace(y1, y2, grid))
-    covered = np.zeros_like(gx, dtype=bool)
-    for fx1, fy1, fx2, fy2 in fronts:
-        covered |= (gx >= fx1) & (gx <= fx2) & (gy >= fy1) & (gy <= fy2)
-    return float(1.0 - covered.mean())
-
-
-def visible_box(box: tuple, fronts: list[tuple], grid: int = 24) -> list[float] | None:
-    """Bounding box of the part of ``box`` not covered by ``fronts`` (None when fully covered)."""
+def visibility(box: tuple, fronts: list[tuple], grid: int = 24) -> tuple[float, list[float] | None]:
+    """Visible fraction of ``box`` under the boxes ``fronts`` drawn over it, and the bounding box of
+    its visible part (None when fully covered), on a ``grid`` x ``grid`` sample of the box."""
     x1, y1, x2, y2 = box
     xs, ys = np.linspace(x1, x2, grid), np.linspace(y1, y2, grid)
-    gx, gy = np.meshgrid(xs, ys)
-    covered = np.zeros_like(gx, dtype=bool)
+    covered = np.zeros((grid, grid), dtype=bool)
     for fx1, fy1, fx2, fy2 in fronts:
-        covered |= (gx >= fx1) & (gx <= fx2) & (gy >= fy1) & (gy <= fy2)
+        covered |= ((ys >= fy1) & (ys <= fy2))[:, None] & ((xs >= fx1) & (xs <= fx2))[None, :]
     free = ~covered
     if not free.any():
-        return None
+        return 0.0, None
     cols, rows = np.nonzero(free.any(0))[0], np.nonzero(free.any(1))[0]
-    return [round(float(xs[cols[0]]), 2), round(float(ys[rows[0]]), 2), round(float(xs[cols[-1]]), 2), round(float(ys[rows[-1]]), 2)]
+    vbox = [round(float(xs[cols[0]]), 2), round(float(ys[rows[0]]), 2), round(float(xs[cols[-1]]), 2), round(float(ys[rows[-1]]), 2)]
+    return float(free.mean()), vbox
 
 
 def _clip(b: tuple, w: int, h: int) -> tuple[float, float, float, float]:
@@ -255,8 +246,7 @@ def _render_frame(plan: dict[str, Any], t: int, k: dict[str, Any], video_seed: l
     for o in scene_t.objects:
         fronts = [boxes[p.id] for p in scene_t.objects if p.id != o.id and (p.depth, p.id) > (o.depth, o.id)]
         fronts += [b[:4] for b in occ]
-        vis[o.id] = visible_fraction_with(_clip(boxes[o.id], W, H), fronts)
-        vbox[o.id] = visible_box(_clip(boxes[o.id], W, H), fronts)
+        vis[o.id], vbox[o.id] = visibility(_clip(boxes[o.id], W, H), fronts)
     return img, {"boxes": boxes, "visible": vis, "visible_box": vbox,
                  "occluders": [b[4] for b in occ if _overlaps(b, boxes[plan["target"]])]}
 
