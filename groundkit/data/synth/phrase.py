@@ -722,3 +722,48 @@ def build(out: Path, size: str = "small", seed: int = 0, progress: bool = True, 
         },
     }
     return info
+
+
+# ----------------------------------------------------------------------------------------------
+# illustrations (docs/images)
+# ----------------------------------------------------------------------------------------------
+
+
+def illustrate(world: str | Path, image_id: str, proposals: bool = False, scale: int = 2):
+    """A PIL image of one generated image read back from its files: the Flickr30K Entities captions
+    and phrase boxes (enclosing box for plurals) or, with ``proposals``, the detector proposals
+    (green whole, orange part, gray clutter, blue group) with the top-1 class of the five best."""
+    from PIL import Image, ImageDraw
+
+    from .. import flickr30k_entities as F
+
+    world = Path(world)
+    root = world / "flickr30k_entities"
+    img = Image.open(root / "flickr30k-images" / f"{image_id}.jpg").convert("RGB")
+    sents = F.read_sentences(root / "Sentences" / f"{image_id}.txt")
+    ann = F.read_annotations(root / "Annotations" / f"{image_id}.xml")
+    captions = [s["sentence"] for s in sents]
+    if not proposals:
+        boxes, seen = [], set()
+        for s in sents:
+            for p in s["phrases"]:
+                bs = ann["boxes"].get(p["phrase_id"])
+                if bs and p["phrase_id"] not in seen:
+                    seen.add(p["phrase_id"])
+                    boxes.append((F.union_box(bs), f"{p['phrase_id']}: {p['phrase']}"))
+        return S.draw_sample(img, boxes, captions, scale=scale)
+    split = next(s for s in SPLITS if image_id in F.read_split(root / f"{s}.txt"))
+    classes = (world / "detector_classes.txt").read_text().split("\n")[:-1]
+    meta = next(json.loads(l) for l in (world / "meta" / "scenes.jsonl").read_text().splitlines() if f'"id": "{image_id}"' in l)
+    with h5py.File(world / f"region_features_{split}.hdf5", "r") as f:
+        a = f[image_id][()]
+    logits, boxes = a[:, -(len(classes) + 4) : -4], a[:, -4:]
+    big = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    d = ImageDraw.Draw(big)
+    colours = {0: (40, 200, 40), 1: (255, 140, 0), 2: (150, 150, 150), 3: (30, 90, 255)}
+    for r in reversed(range(len(boxes))):
+        x1, y1, x2, y2 = (float(v) * scale for v in boxes[r])
+        d.rectangle([x1, y1, x2, y2], outline=colours[meta["proposal_kind"][r]], width=3 if r < 5 else 1)
+        if r < 5:
+            d.text((x1 + 3, y1 + 2), f"{r}:{classes[int(np.argmax(logits[r]))]}", fill=(0, 0, 0))
+    return big
