@@ -442,7 +442,9 @@ class ExpertStore:
         return (off[idx + 1] - off[idx]).astype(np.int64)
 
     def caption_rows(self, text: str, idx: np.ndarray) -> list[np.ndarray]:
-        """Global caption row indices of each video's captions."""
+        """Global caption row indices of each video's captions (none if the store has no such text features)."""
+        if text not in self.meta["text"]:
+            return [np.zeros(0, dtype=np.int64) for _ in idx]
         off = self._load(f"text.{text}.vid_offsets")
         return [np.arange(off[i], off[i + 1]) for i in idx]
 
@@ -612,7 +614,7 @@ class RetrievalEvalSet:
             self.queries = [[[r[caption_index[v]]]] for v, r in zip(self.ids, rows)]
             C = 1
         else:
-            C = num_test_captions
+            C = max(1, min(num_test_captions, max((len(r) for r in rows), default=1)))
             self.queries = [[[x] for x in r[:C]] for r in rows]
         self.captions_per_video = C
         self.query_masks = np.zeros((len(self.ids), C), dtype=bool)

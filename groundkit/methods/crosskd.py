@@ -157,27 +157,29 @@ _STORES: dict[str, ExpertStore] = {}
 
 
 def open_store(cfg: CrossKDConfig, need_teachers: bool | None = None) -> ExpertStore:
-    """The converted store for ``cfg`` (converted on first use, atomically, from the released files)."""
-    root = _root(cfg)
+    """The feature store for ``cfg``: ``data.store`` if it exists, else converted (once, atomically)
+    from the released files under ``data.root`` (or the built-in world) to ``data.store`` / ``<root>.store``."""
     paths = _layout_paths(cfg)
-    store_dir = Path(cfg.data.store).expanduser() if cfg.data.store else root.parent / (root.name + ".store")
-    key = str(store_dir.resolve())
     need_teachers = cfg.loss.distil if need_teachers is None else need_teachers
-    stamp = _source_stamp(root)
-    if key in _STORES:
-        st = _STORES[key]
-    elif (store_dir / "meta.json").is_file():
+    given = Path(cfg.data.store).expanduser() if cfg.data.store else None
+    root = None
+    if given is not None and (given / "meta.json").is_file() and not (cfg.data.root or cfg.data.synth_size):
+        store_dir, stamp = given, None  # a store on its own (e.g. from extract-experts)
+    else:
+        root = _root(cfg)
+        store_dir = given or root.parent / (root.name + ".store")
+        stamp = _source_stamp(root)
+    key = str(store_dir.resolve())
+    st = _STORES.get(key)
+    if st is None and (store_dir / "meta.json").is_file():
         st = ExpertStore(store_dir)
         if stamp and st.meta["info"].get("stamp") != stamp:  # the world was rebuilt: reconvert
-            shutil.rmtree(store_dir, ignore_errors=True)
             st = None
-    else:
-        st = None
-    missing = st is not None and (
+    missing = st is not None and root is not None and (
         any(m not in st.experts for m in paths["experts"]) or cfg.data.text_feat not in st.meta["text"]
         or (need_teachers and any(t not in st.meta["teachers"] for t in paths["teachers"]))
     )
-    if st is None or missing:
+    if root is not None and (st is None or missing):
         tmp = store_dir.parent / f".{store_dir.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         teachers = {k: v for k, v in paths["teachers"].items() if need_teachers or (root / v).is_file()}
@@ -191,17 +193,21 @@ def open_store(cfg: CrossKDConfig, need_teachers: bool | None = None) -> ExpertS
         meta = json.loads((tmp / "meta.json").read_text())
         meta["info"]["stamp"] = stamp
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        old = store_dir.parent / f".{store_dir.name}.old-{os.getpid()}"
         if store_dir.exists():
-            shutil.rmtree(store_dir, ignore_errors=True)
+            os.replace(store_dir, old)
         try:
             os.replace(tmp, store_dir)
         except OSError:  # another process finished first
             shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
         st = ExpertStore(store_dir)
     for m in paths["experts"]:
         st.check_expert(m, cfg.data.expert_dims.get(m))
-    if cfg.data.text_dim and st.meta["text"][cfg.data.text_feat]["dim"] != cfg.data.text_dim:
-        raise FeatureError(f"text features {cfg.data.text_feat!r} have dim {st.meta['text'][cfg.data.text_feat]['dim']}, config says {cfg.data.text_dim}")
+    if cfg.data.text_feat in st.meta["text"]:
+        d = st.meta["text"][cfg.data.text_feat]["dim"]
+        if cfg.data.text_dim and d != cfg.data.text_dim:
+            raise FeatureError(f"text features {cfg.data.text_feat!r} have dim {d}, config says {cfg.data.text_dim}")
     _STORES[key] = st
     return st
 
@@ -210,6 +216,15 @@ def _spec(cfg: CrossKDConfig, store: ExpertStore) -> BatchSpec:
     paths = _layout_paths(cfg)
     return BatchSpec(experts=sorted(paths["experts"]), text=cfg.data.text_feat, max_tokens=dict(cfg.data.max_tokens),
                      teachers=sorted(paths["teachers"]) if cfg.loss.distil else [], fuse_captions=cfg.data.fuse_captions)
+
+
+def _text_dim(cfg: CrossKDConfig, store: ExpertStore) -> int:
+    if cfg.data.text_feat in store.meta["text"]:
+        return int(store.meta["text"][cfg.data.text_feat]["dim"])
+    if cfg.data.text_dim > 0:
+        return cfg.data.text_dim
+    raise FeatureError(f"store {store.root} has no text features {cfg.data.text_feat!r} (has {sorted(store.meta['text'])}); "
+                       "set data.text_dim to build the model without them")
 
 
 # ----------------------------------------------------------------------------- encode + similarity
@@ -260,7 +275,7 @@ class CrossKDMethod:
         clusters = {k: v for k, v in clusters.items() if k == "text" or k in dims}
         return CENet(CENetConfig(
             expert_dims=dims, vlad_clusters=clusters, ghost_clusters=cfg.model.ghost_clusters,
-            text_dim=store.meta["text"][cfg.data.text_feat]["dim"], shared_dim=cfg.model.shared_dim,
+            text_dim=_text_dim(cfg, store), shared_dim=cfg.model.shared_dim,
             num_g_layers=cfg.model.num_g_layers, use_mish=cfg.model.use_mish, use_bn_reason=cfg.model.use_bn_reason,
             include_self=cfg.model.include_self, vlad_use_mask=cfg.model.vlad_use_mask,
         ))

@@ -120,6 +120,11 @@ class CENetConfig:
     vlad_use_mask: bool = False  # reference: the token mask is ignored
 
 
+def _key(m: str) -> str:
+    """Module-safe key of an expert name (released names contain dots, e.g. ``imagenet.senet154.0``)."""
+    return m.replace(".", "__")
+
+
 class CENet(nn.Module):
     """Collaborative Experts with pairwise collaborative gating and a mixture-of-experts text side.
 
@@ -141,13 +146,13 @@ class CENet(nn.Module):
         self.text_pooling = NetVLAD(cfg.text_dim, cfg.vlad_clusters["text"], cfg.ghost_clusters, cfg.vlad_use_mask)
         text_out = self.text_pooling.out_dim
         self.moe_fc = nn.Linear(text_out, len(self.experts))
-        self.text_geu = nn.ModuleDict({m: GatedEmbeddingUnit(text_out, d) for m in self.experts})
+        self.text_geu = nn.ModuleDict({_key(m): GatedEmbeddingUnit(text_out, d) for m in self.experts})
         # video branch
         self.video_pooling = nn.ModuleDict(
-            {m: NetVLAD(cfg.expert_dims[m], cfg.vlad_clusters[m], 0, cfg.vlad_use_mask) for m in self.experts if m in cfg.vlad_clusters}
+            {_key(m): NetVLAD(cfg.expert_dims[m], cfg.vlad_clusters[m], 0, cfg.vlad_use_mask) for m in self.experts if m in cfg.vlad_clusters}
         )
-        in_dims = {m: (self.video_pooling[m].out_dim if m in self.video_pooling else cfg.expert_dims[m]) for m in self.experts}
-        self.reduce_dim = nn.ModuleDict({m: nn.Linear(in_dims[m], d) for m in self.experts})
+        in_dims = {m: (self.video_pooling[_key(m)].out_dim if _key(m) in self.video_pooling else cfg.expert_dims[m]) for m in self.experts}
+        self.reduce_dim = nn.ModuleDict({_key(m): nn.Linear(in_dims[m], d) for m in self.experts})
         act = nn.Mish() if cfg.use_mish else nn.ReLU()
         layers: list[nn.Module] = [nn.Linear(2 * d, d)]
         for _ in range(cfg.num_g_layers - 1):
@@ -155,14 +160,14 @@ class CENet(nn.Module):
                 layers.append(nn.BatchNorm1d(d))
             layers += [act, nn.Linear(d, d)]
         self.g_reason = nn.Sequential(*layers)
-        self.video_geu = nn.ModuleDict({m: GatedEmbeddingUnitReasoning(d) for m in self.experts})
+        self.video_geu = nn.ModuleDict({_key(m): GatedEmbeddingUnitReasoning(d) for m in self.experts})
 
     # ------------------------------------------------------------------ text
     def encode_text(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens [Q, T, text_dim] (mask [Q, T]) -> (embeddings [Q, M, shared_dim], MoE weights [Q, M])."""
         t = self.text_pooling(tokens, mask)
         w = F.softmax(self.moe_fc(t), dim=1)
-        emb = torch.stack([self.text_geu[m](t) for m in self.experts], dim=1)
+        emb = torch.stack([self.text_geu[_key(m)](t) for m in self.experts], dim=1)
         return emb, w
 
     # ------------------------------------------------------------------ video
@@ -180,11 +185,11 @@ class CENet(nn.Module):
             if m not in experts:
                 raise KeyError(f"CENet: expert {m!r} missing from the batch (have {sorted(experts)})")
             x = experts[m]
-            if m in self.video_pooling:
-                x = self.video_pooling[m](x, masks.get(m))
+            if _key(m) in self.video_pooling:
+                x = self.video_pooling[_key(m)](x, masks.get(m))
             elif x.dim() != 2:
                 raise ValueError(f"expert {m!r}: expected a [B, D] vector feature, got shape {tuple(x.shape)}")
-            psi.append(F.normalize(self.reduce_dim[m](x), dim=-1))
+            psi.append(F.normalize(self.reduce_dim[_key(m)](x), dim=-1))
         psi_t = torch.stack(psi, dim=1)  # [B, M, d]
         B, M, d = psi_t.shape
         a = avail.to(psi_t.dtype)
@@ -197,7 +202,7 @@ class CENet(nn.Module):
             pair_mask = pair_mask * (1 - torch.eye(M, device=a.device, dtype=a.dtype))
         g = self.g_reason(pairs.reshape(-1, 2 * d)).reshape(B, M, M, d)
         T = (g * pair_mask.unsqueeze(-1)).sum(2) / (pair_mask.sum(2, keepdim=True) + 1e-11)
-        out = [self.video_geu[m](psi_t[:, i], T[:, i]) for i, m in enumerate(self.experts)]
+        out = [self.video_geu[_key(m)](psi_t[:, i], T[:, i]) for i, m in enumerate(self.experts)]
         return torch.stack(out, dim=1)
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
