@@ -131,6 +131,9 @@ def test_expressions_disambiguate(tiny):
     assert with_distractor / n > 0.8
     assert info["refs_with_same_category_distractor"] > 0.8
     assert set(info["expression_kinds"]) >= {"attribute", "location", "relation"}
+    # floors: knowing the category alone leaves the target ambiguous; chance is lower still
+    tr = info["splits"]["train"]
+    assert tr["chance"] < tr["category_oracle"] < 0.7
 
 
 def _digest(root) -> str:

@@ -393,10 +393,21 @@ def _stats(world: dict[str, Any]) -> dict[str, Any]:
     refs = world["refs"]
     by_split: dict[str, dict[str, int]] = {}
     img_split = {m["image_id"]: m["split"] for m in world["scenes"]}
+    floors: dict[str, tuple[list, list]] = {s: ([], []) for s in _SPLITS}
+    for m in world["scenes"]:
+        objs = m["scene"]["objects"]
+        for sm in m["sentences"]:
+            cat = objs[sm["target"]]["category"]
+            floors[m["split"]][0].append(1.0 / len(objs))
+            floors[m["split"]][1].append(1.0 / sum(o["category"] == cat for o in objs))
     for s in _SPLITS:
         by_split[s] = {"images": sum(1 for v in img_split.values() if v == s),
                        "refs": sum(1 for r in refs if r["split"] == s),
-                       "sentences": sum(len(r["sentences"]) for r in refs if r["split"] == s)}
+                       "sentences": sum(len(r["sentences"]) for r in refs if r["split"] == s),
+                       # expected accuracy of a random object (chance) and of a random object of the
+                       # right category (category oracle); the expression oracle is 1.0 by construction
+                       "chance": round(float(np.mean(floors[s][0])), 4) if floors[s][0] else None,
+                       "category_oracle": round(float(np.mean(floors[s][1])), 4) if floors[s][1] else None}
     kinds: dict[str, int] = {}
     with_distractor = 0
     for m in world["scenes"]:
