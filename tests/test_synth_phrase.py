@@ -126,6 +126,14 @@ def test_glove_and_phrase_to_label(world):
     acc = np.mean([stats[s]["label_map_accuracy"] for s in SPLITS])
     assert 0.5 < acc < 0.95  # informative, and honestly imperfect
     assert PH.lemma("puppies", {"puppy"}) == "puppy" and PH.lemma("women", {"woman"}) == "woman"
+    # the soft matching matrix the hard map was made from
+    with h5py.File(world / "matching_matrix.hdf5", "r") as m:
+        ph = [x.decode() for x in m["phrases"][()]]
+        cl = [x.decode() for x in m["classes"][()]]
+        sc = m["scores"][()]
+    assert cl == classes and sc.shape == (len(ph), len(cl)) and set(ph) == set(p2l)
+    for i, p in enumerate(ph):
+        assert cl[int(np.argmax(sc[i]))] == p2l[p]
 
 
 def _figures(world) -> dict[str, float]:

@@ -9,7 +9,8 @@ Writes, for train/val/test, the Wang et al. (CVPR 2021) HDF5 trio and its side f
   P >= 16, phrases with a box first in each sentence) and ``<image id>_gt`` -> float32 ``[5, P, 4]``
   (one box per phrase, the enclosing box for plurals, zeros = no box).
 * ``glove.hdf5`` (token -> float32[50]), ``phrase_to_label.json`` (phrase -> detector class, made
-  by GloVe similarity of the head noun, as users of the method would; some are wrong),
+  by GloVe similarity of the head noun, as users of the method would; some are wrong) and
+  ``matching_matrix.hdf5`` (``phrases`` [M], ``classes`` [C], ``scores`` [M, C]: those cosines),
   ``detector_classes.txt`` (background first).
 
 and the same images in the Flickr30K Entities layout under ``flickr30k_entities/`` (``Sentences``,
@@ -34,7 +35,7 @@ import numpy as np
 from . import scene as S
 from .core import check_knobs, progress_bar, rng_for, write_json
 
-__all__ = ["build", "DEFAULTS", "SPLIT_SIZES", "ImageRecord", "make_image", "teacher_stats", "phrase_to_label", "lemma"]
+__all__ = ["build", "DEFAULTS", "SPLIT_SIZES", "ImageRecord", "make_image", "teacher_stats", "phrase_to_label", "phrase_matching", "lemma"]
 
 MAX_TOKENS = 10
 MIN_PHRASES = 16  # the official training code needs P >= 16
@@ -400,10 +401,12 @@ def lemma(word: str, known: set[str] | dict[str, Any]) -> str:
     return word
 
 
-def phrase_to_label(phrases: list[str], classes: list[str]) -> dict[str, str]:
-    """Map each phrase to a detector class the usual way: the GloVe vector of the phrase's head noun
-    (its last in-vocabulary word, singularised) against the mean GloVe vector of each class name's
-    words; the class with the highest cosine wins. With 50-d GloVe many matches are wrong."""
+def phrase_matching(phrases: list[str], classes: list[str]) -> tuple[dict[str, str], np.ndarray]:
+    """Soft phrase x class matching and the hard map made from it, the usual way: the GloVe vector of
+    each phrase's head noun (its last in-vocabulary word, singularised) against the mean GloVe vector
+    of each class name's words. Returns ``({phrase: best class}, cosine scores [M, C] float32)``;
+    phrases without an in-vocabulary word get a zero row and no label. With 50-d GloVe many
+    matches are wrong."""
     from .features import load_glove
 
     index, vectors = load_glove()
@@ -413,14 +416,21 @@ def phrase_to_label(phrases: list[str], classes: list[str]) -> dict[str, str]:
         cls_vecs.append(np.mean(vs, 0) if vs else np.zeros(vectors.shape[1], np.float32))
     M = np.stack(cls_vecs).astype(np.float64)
     M = M / np.maximum(np.linalg.norm(M, axis=1, keepdims=True), 1e-8)
+    scores = np.zeros((len(phrases), len(classes)), dtype=np.float32)
     out = {}
-    for p in phrases:
+    for i, p in enumerate(phrases):
         heads = [w for w in p.split() if w in index]
         if not heads:
             continue
         v = vectors[index[lemma(heads[-1], index)]].astype(np.float64)
-        out[p] = classes[int(np.argmax(M @ (v / max(np.linalg.norm(v), 1e-8))))]
-    return out
+        scores[i] = M @ (v / max(np.linalg.norm(v), 1e-8))
+        out[p] = classes[int(np.argmax(scores[i]))]
+    return out, scores
+
+
+def phrase_to_label(phrases: list[str], classes: list[str]) -> dict[str, str]:
+    """The hard phrase -> detector class map of :func:`phrase_matching`."""
+    return phrase_matching(phrases, classes)[0]
 
 
 def teacher_stats(records: list[ImageRecord], p2l: dict[str, str], classes: list[str], iou_thresh: float = 0.5) -> dict[str, float]:
@@ -680,8 +690,12 @@ def build(out: Path, size: str = "small", seed: int = 0, progress: bool = True, 
 
     t0 = time.perf_counter()
     phrases = sorted(all_phrases)
-    p2l = phrase_to_label(phrases, classes)
+    p2l, match = phrase_matching(phrases, classes)
     write_json(out / "phrase_to_label.json", p2l)
+    with h5py.File(out / "matching_matrix.hdf5", "w") as fm:  # the soft matching the hard map came from
+        fm.create_dataset("phrases", data=np.array([p.encode() for p in phrases], dtype=object), dtype=h5py.string_dtype(), track_times=False)
+        fm.create_dataset("classes", data=np.array([c.encode() for c in classes], dtype=object), dtype=h5py.string_dtype(), track_times=False)
+        _h5(fm, "scores", match)
     (out / "detector_classes.txt").write_text("".join(c + "\n" for c in ["__background__"] + classes))
     vocab = sorted({w for p in phrases for w in p.split()} | {w for c in classes for w in c.split()})
     from .features import glove_lookup
@@ -717,6 +731,7 @@ def build(out: Path, size: str = "small", seed: int = 0, progress: bool = True, 
             "phrase_features": {s: f"phrase_features_{s}.hdf5" for s in SPLITS},
             "glove": "glove.hdf5",
             "phrase_to_label": "phrase_to_label.json",
+            "matching_matrix": "matching_matrix.hdf5",
             "detector_classes": "detector_classes.txt",
             "flickr30k_entities": "flickr30k_entities",
         },
