@@ -31,6 +31,8 @@ DATA_COMMANDS: dict[str, str] = {
     "phrase-to-label": "groundkit.data.wang21:register_phrase_to_label",
     "extract-experts": "groundkit.data.experts:register_extract",
     "convert-experts": "groundkit.data.experts:register_convert",
+    "refer-to-transvg": "groundkit.data.refcoco:register_to_transvg",
+    "vid-sentence-to-pth": "groundkit.data.vid_sentence:register_to_video_level",
 }
 BENCH_COMMANDS: dict[str, str] = {
     "metrics": "groundkit.bench.metrics:register",

@@ -140,3 +140,20 @@ def test_transvg_roundtrip_and_errors(tmp_path):
     with pytest.raises(ValueError, match="weights_only=True"):
         transvg.load_split(tmp_path, "unc", "testB")
     assert transvg.load_split(tmp_path, "unc", "testB", allow_pickle=True)[0].box == (1.0, 2.0, 4.0, 6.0)
+
+
+def test_refer_to_transvg_fixture_and_cli(tmp_path):
+    _write_refer_fixture(tmp_path / "refer")
+    counts = refcoco.to_transvg(tmp_path / "refer", tmp_path / "splits")
+    assert counts == {"testA": 2, "testB": 1}
+    a = transvg.load_split(tmp_path / "splits", "unc", "testA")
+    assert [x.phrase for x in a] == ["the lady with the blue shirt", "lady left"]
+    assert a[0].img_file == "COCO_train2014_000000581857.jpg" and a[0].ann == "1719310.pth"
+    assert a[0].box == pytest.approx((103.93, 299.99, 238.15, 477.41))
+    with pytest.raises(ValueError, match="no TransVG key"):
+        refcoco.to_transvg(tmp_path / "refer", tmp_path / "s2", split_by="berkeley")
+    from groundkit.cli import main
+
+    rc = main(["data", "refer-to-transvg", "--data-root", str(tmp_path / "refer"), "--split-root", str(tmp_path / "s3")])
+    assert rc == 0 and (tmp_path / "s3" / "unc" / "unc_testB.pth").is_file()
+    assert main(["data", "refer-to-transvg", "--data-root", str(tmp_path / "nowhere"), "--split-root", str(tmp_path / "s4")]) == 2

@@ -105,6 +105,13 @@ def test_transvg_splits_match_refer(tiny):
     assert len(trainval) == len(data.samples("train")) + len(data.samples("val"))
     fl = transvg.load_split(out / "splits", "flickr", "test")
     assert len(fl) == len(data.samples("testA")) + len(data.samples("testB"))
+    # the refer -> TransVG converter, run on the refer files, gives the same samples as the written lists
+    refcoco.to_transvg(out, out / "converted")
+    for split in ("train", "val", "trainval", "testA", "testB"):
+        conv = transvg.load_split(out / "converted", "unc", split)
+        direct = transvg.load_split(out / "splits", "unc", split)
+        assert [(c.img_file, c.phrase, c.ann) for c in conv] == [(d.img_file, d.phrase, d.ann) for d in direct]
+        assert np.allclose([c.box for c in conv], [d.box for d in direct], atol=0.02)
 
 
 def test_expressions_disambiguate(tiny):

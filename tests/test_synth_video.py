@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from groundkit.data import vid_sentence as vs
@@ -45,6 +46,11 @@ def test_vid_sentence_files_read_back(tiny):
             # continuity: constant-velocity motion, no jumps
             steps = np.abs(np.diff(tr.boxes[:, 0]))
             assert steps.max() <= 3.5 * w / 160 + 1.5
+        # the VID-Sentence -> co-grounding converter reproduces the written index
+        n = vs.to_video_level(out / "ILSVRC", split, out / "conv" / f"{split}.pth", relative_to=out)
+        assert n == len(index)
+        assert torch.load(out / "conv" / f"{split}.pth", weights_only=True) == torch.load(
+            out / "VID" / f"VID_video_level_{split}.pth", weights_only=True)
     with Image.open(tracks[0].image_paths[0]) as im:
         assert im.mode == "RGB" and im.size == (160, 120)
 

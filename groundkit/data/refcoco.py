@@ -19,6 +19,7 @@ import io
 import json
 import os
 import pickle
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,9 @@ __all__ = [
     "save_refs_pickle",
     "save_instances",
     "coco_file_name",
+    "TRANSVG_KEYS",
+    "to_transvg",
+    "register_to_transvg",
 ]
 
 IMAGE_SUBDIR = "images/mscoco/images/train2014"
@@ -220,3 +224,74 @@ def save_instances(instances: dict, path: str | os.PathLike) -> Path:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(instances, f, sort_keys=True, separators=(",", ":"))
     return path
+
+
+# refer dataset/splitBy -> TransVG dataset key
+TRANSVG_KEYS: dict[tuple[str, str], str] = {
+    ("refcoco", "unc"): "unc",
+    ("refcoco+", "unc"): "unc+",
+    ("refcocog", "google"): "gref",
+    ("refcocog", "umd"): "gref_umd",
+}
+
+
+def to_transvg(
+    data_root: str | os.PathLike,
+    split_root: str | os.PathLike,
+    dataset: str = "refcoco",
+    split_by: str = "unc",
+    key: str | None = None,
+) -> dict[str, int]:
+    """Convert refer-API files to TransVG/CLIP-VG ``<split_root>/<key>/<key>_<split>.pth`` lists.
+
+    One 5-tuple ``(image file, "<ann_id>.pth", [x,y,w,h], sentence, [])`` per sentence, one file per
+    refer split plus ``trainval`` (train + val); returns the number of samples per written file.
+    The attribute slot is left empty (the released files carry a parser's output there, unused by
+    training). ``key`` defaults to the usual name of ``(dataset, split_by)`` (``unc``, ``unc+``,
+    ``gref``, ``gref_umd``).
+    """
+    from . import transvg
+
+    key = key or TRANSVG_KEYS.get((dataset, split_by))
+    if key is None:
+        raise ValueError(f"no TransVG key known for dataset={dataset!r} split_by={split_by!r}; pass key=")
+    data = load_refer(data_root, dataset, split_by)
+    per: dict[str, list] = {}
+    for ref in data.refs:
+        img = data.images[ref["image_id"]]["file_name"]
+        x, y, w, h = (float(v) for v in data.anns[ref["ann_id"]]["bbox"])
+        for s in ref["sentences"]:
+            per.setdefault(ref["split"], []).append(
+                transvg.make_entry(key, img, (x, y, x + w, y + h), s["sent"], f"{ref['ann_id']}.pth", [])
+            )
+    if "train" in per and "val" in per:
+        per["trainval"] = per["train"] + per["val"]
+    counts = {}
+    for split, entries in sorted(per.items()):
+        transvg.save_split(entries, split_root, key, split)
+        counts[split] = len(entries)
+    return counts
+
+
+def register_to_transvg(subparsers: Any) -> None:
+    """``groundkit data refer-to-transvg``: refer-API files -> TransVG/CLIP-VG ``.pth`` lists."""
+    p = subparsers.add_parser(
+        "refer-to-transvg",
+        help="convert RefCOCO/+/g refer-API files (refs(*).p + instances.json) to TransVG/CLIP-VG .pth split lists",
+    )
+    p.add_argument("--data-root", required=True, help="refer data folder (holds <dataset>/refs(<split_by>).p)")
+    p.add_argument("--split-root", required=True, help="output folder; files go to <split-root>/<key>/<key>_<split>.pth")
+    p.add_argument("--dataset", default="refcoco", choices=["refcoco", "refcoco+", "refcocog"])
+    p.add_argument("--split-by", default="unc", choices=["unc", "google", "umd"])
+    p.add_argument("--key", default=None, help="TransVG dataset key (default: unc, unc+, gref or gref_umd)")
+
+    def run(args: Any) -> int:
+        try:
+            counts = to_transvg(args.data_root, args.split_root, args.dataset, args.split_by, args.key)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"groundkit data refer-to-transvg: error: {e}", file=sys.stderr)
+            return 2
+        print(json.dumps(counts, sort_keys=True))
+        return 0
+
+    p.set_defaults(func=run)

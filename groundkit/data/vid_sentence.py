@@ -19,8 +19,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,6 +36,8 @@ __all__ = [
     "save_video_level",
     "write_tube_json",
     "TRACK_KEYS",
+    "to_video_level",
+    "register_to_video_level",
 ]
 
 TRACK_KEYS = ("frame", "bbox", "frame_size", "class", "class_index", "occluded", "generated", "name")
@@ -207,3 +211,54 @@ def load_video_level(
             vid.append((p, np.asarray([float(x) for x in box], dtype=np.float64), phrase))
         out.append(vid)
     return out
+
+
+def to_video_level(
+    root: str | os.PathLike,
+    split: str,
+    out_path: str | os.PathLike,
+    relative_to: str | os.PathLike | None = None,
+) -> int:
+    """Write the co-grounding ``VID_video_level_<split>.pth`` index from VID-Sentence files.
+
+    One entry per (described track, caption): the track's frames as ``[img_path, [x1,y1,x2,y2]
+    (int), caption]``. Image paths are absolute, or relative to ``relative_to`` when given (the
+    co-grounding loader uses them verbatim, so relative paths need that working directory).
+    Returns the number of entries. (The official conversion script was never released.)
+    """
+    tracks = load_vid_sentence(root, split)
+    base = Path(relative_to).resolve() if relative_to is not None else None
+    videos = []
+    for tr in tracks:
+        paths = []
+        for p in tr.image_paths:
+            p = p.resolve()
+            paths.append(str(p.relative_to(base)) if base is not None else str(p))
+        boxes = [[int(round(v)) for v in b] for b in tr.boxes.tolist()]
+        for cap in tr.captions:
+            videos.append([[p, b, cap] for p, b in zip(paths, boxes)])
+    save_video_level(videos, out_path)
+    return len(videos)
+
+
+def register_to_video_level(subparsers: Any) -> None:
+    """``groundkit data vid-sentence-to-pth``: VID-Sentence files -> co-grounding video-level index."""
+    p = subparsers.add_parser(
+        "vid-sentence-to-pth",
+        help="convert VID-Sentence (tubeGt + annSamples lists) to the co-grounding VID_video_level_<split>.pth index",
+    )
+    p.add_argument("--root", required=True, help="the ILSVRC folder (holds Annotations/VID/tubeGt and Data/VID)")
+    p.add_argument("--split", required=True, help="train, val or test")
+    p.add_argument("--out", required=True, help="output .pth file, e.g. data/VID/VID_video_level_test.pth")
+    p.add_argument("--relative-to", default=None, help="write image paths relative to this folder (default: absolute)")
+
+    def run(args: Any) -> int:
+        try:
+            n = to_video_level(args.root, args.split, args.out, args.relative_to)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"groundkit data vid-sentence-to-pth: error: {e}", file=sys.stderr)
+            return 2
+        print(f"{args.out}: {n} videos")
+        return 0
+
+    p.set_defaults(func=run)
