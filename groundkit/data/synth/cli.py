@@ -41,5 +41,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     man = load_manifest(out)
     print(out)
-    print(json.dumps({"task": man["task"], "size": man["size"], "seed": man["seed"], "info": man["info"], "build_seconds": man["build"]["seconds"]}, sort_keys=True))
+    info = man.get("info", {})
+    summary = {"task": man["task"], "size": man["size"], "seed": man["seed"], "build_seconds": man["build"]["seconds"]}
+    summary.update({k: info[k] for k in ("images", "videos", "stats") if k in info})
+    print(json.dumps(summary, sort_keys=True))
     return 0
