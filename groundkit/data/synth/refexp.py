@@ -30,7 +30,7 @@ import numpy as np
 
 from .. import refcoco, transvg
 from .core import check_knobs, progress_bar, rng_for, write_json
-from .scene import CATEGORIES, CATEGORY_NAMES, RELATION_WORDS, Scene, SceneKnobs, SceneObject, relation, render_scene
+from .scene import CATEGORIES, CATEGORY_NAMES, RELATION_WORDS, Scene, SceneKnobs, SceneObject, relation, render_scene, sample_scene
 
 __all__ = [
     "build",
@@ -113,18 +113,12 @@ def sample_image(rng: np.random.Generator, k: dict[str, Any], split: str, tries:
                        same_category=k["same_category"], categories=cats)
     scene = None
     for _ in range(tries):
-        scene = _sample_scene(rng, knobs)
+        scene = sample_scene(rng, knobs)
         groups = _dups(scene)
         if any(len(v) > 1 and _in_group(name, split) for name, v in groups.items()):
             return scene
     assert scene is not None
     return scene
-
-
-def _sample_scene(rng: np.random.Generator, knobs: SceneKnobs) -> Scene:
-    from .scene import sample_scene
-
-    return sample_scene(rng, knobs)
 
 
 def _in_group(category: str, split: str) -> bool:
