@@ -263,3 +263,11 @@ def test_bad_knob_values(tmp_path):
     with pytest.raises(ValueError, match="detector"):
         generate("phrase", "tiny", out=tmp_path / "y", progress=False, detector="imagenet")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_every_knob_is_documented():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "benchmark_world.md").read_text()
+    for name in PH.DEFAULTS:
+        assert f"`{name}`" in doc, name
