@@ -231,6 +231,16 @@ def extract_experts(
     ids = [p.stem for p in files]
     if len(set(ids)) != len(ids):
         raise FeatureError("two videos share a file name stem; video ids must be unique")
+    caps = None
+    caps = None
+    if captions is not None:  # check captions before the (slow) extraction
+        cp = Path(captions)
+        if not cp.is_file():
+            raise FeatureError(f"--captions {cp}: file not found")
+        caps = json.loads(cp.read_text())
+        absent = [v for v in ids if v not in caps]
+        if absent:
+            raise FeatureError(f"--captions {cp}: no captions for video {absent[0]!r} ({len(absent)} videos lack captions)")
     fe = FrameExperts(backbones, device=device)
     feats: dict[str, dict[str, np.ndarray | None]] = {}
     for i, (vid, p) in enumerate(zip(ids, files)):
@@ -246,14 +256,7 @@ def extract_experts(
             print(f"[extract-experts] expert {k}: missing for every video; not written", file=sys.stderr)
             continue
         w.add_expert(k, d, int(dim), "fixed", source=f"extract-experts:{k}")
-    if captions is not None:
-        cp = Path(captions)
-        if not cp.is_file():
-            raise FeatureError(f"--captions {cp}: file not found")
-        caps = json.loads(cp.read_text())
-        absent = [v for v in ids if v not in caps]
-        if absent:
-            raise FeatureError(f"--captions {cp}: no captions for video {absent[0]!r} ({len(absent)} videos lack captions)")
+    if caps is not None:
         path = Path(text_model) if text_model else minilm_path()
         enc = TransformersTokenEncoder(path, device=device)
         name = text_name or (path.name if text_model else "all-minilm-l6-v2")
