@@ -100,3 +100,16 @@ def test_byte_identical_for_same_seed(tmp_path):
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
     with pytest.raises(ValueError, match="noise must be in"):
         pseudo.build(tmp_path / "c", "tiny", seed=9, progress=False, noise=1.5)
+
+
+def test_every_knob_is_documented():
+    from pathlib import Path
+
+    from groundkit.data.synth import refexp
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "benchmark_world.md").read_text()
+    sections = {t: doc.split(f"\n## {t}\n", 1)[1].split("\n## ", 1)[0] for t in ("refexp", "pseudo")}
+    for size in pseudo.DEFAULTS:
+        for name in pseudo._defaults(size):
+            where = "refexp" if name in refexp._defaults(size) and name not in pseudo._COMMON else "pseudo"
+            assert f"`{name}`" in sections[where], (name, where)

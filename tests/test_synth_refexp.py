@@ -176,3 +176,13 @@ def test_generate_through_framework(tmp_path):
     assert verify(out) == []
     assert man["info"]["images"] == 6 and man["knobs"]["n_images"] == 6
     assert "refcoco/refs(unc).p" in man["files"] and "splits/unc/unc_testB.pth" in man["files"]
+
+
+def test_every_knob_is_documented():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "benchmark_world.md").read_text()
+    section = doc.split("\n## refexp\n", 1)[1].split("\n## ", 1)[0]
+    for size in refexp.DEFAULTS:
+        for name in refexp._defaults(size):
+            assert f"`{name}`" in section, name

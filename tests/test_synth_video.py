@@ -173,3 +173,13 @@ def test_vid_sentence_reader_on_fixture(tmp_path):
         vs.load_vid_sentence(root, "val")
     with pytest.raises(ValueError, match="bad box"):
         vs.save_video_level([[["a.jpg", [5, 5, 1, 1], "x"]]], tmp_path / "x.pth")
+
+
+def test_every_knob_is_documented():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "benchmark_world.md").read_text()
+    section = doc.split("\n## video\n", 1)[1].split("\n## ", 1)[0]
+    for size in video.DEFAULTS:
+        for name in video._defaults(size):
+            assert f"`{name}`" in section, name
