@@ -18,6 +18,7 @@ each docstring):
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Iterable, Sequence, Union
 
 import numpy as np
@@ -51,7 +52,11 @@ def _to_tensor(x: Any, name: str) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x
     if isinstance(x, np.ndarray):
-        return torch.from_numpy(x)
+        if any(s < 0 for s in x.strides) or not x.dtype.isnative:
+            x = np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("="))  # torch cannot view these
+        with warnings.catch_warnings():  # read-only (e.g. memory-mapped) arrays are only read here
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return torch.from_numpy(x)
     try:
         return torch.as_tensor(np.asarray(x))
     except Exception as e:  # pragma: no cover - message only

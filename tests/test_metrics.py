@@ -195,6 +195,19 @@ def test_retrieval_numpy_torch_float64_agree():
         np.testing.assert_array_equal(d["cols"], e["cols"])
 
 
+def test_retrieval_accepts_reversed_and_read_only_arrays(recwarn):
+    rng = np.random.default_rng(4)
+    sims = random_sims(rng, 10, 3, levels=3)
+    rev = np.ascontiguousarray(sims[::-1])[::-1]  # negative strides, same values
+    ro = sims.copy()
+    ro.flags.writeable = False
+    want = t2v_metrics(sims, return_ranks=True)["cols"]
+    np.testing.assert_array_equal(t2v_metrics(rev, return_ranks=True)["cols"], want)
+    np.testing.assert_array_equal(t2v_metrics(ro, return_ranks=True)["cols"], want)
+    np.testing.assert_array_equal(t2v_metrics(sims.astype(">f4"), return_ranks=True)["cols"], want)
+    assert not [w for w in recwarn if "writable" in str(w.message)]
+
+
 def test_retrieval_bad_inputs():
     with pytest.raises(ValueError, match="multiple"):
         t2v_metrics(np.zeros((7, 3), np.float32))
