@@ -179,3 +179,18 @@ def test_training_gradients_flow_through_both_losses():
     loss.backward()
     assert m.region.fc1.weight.grad.abs().sum() > 0 and m.phrase.lstm.weight_ih_l0.grad.abs().sum() > 0
     assert torch.isfinite(loss)
+
+
+def test_skipping_trailing_padding_is_exact():
+    torch.manual_seed(0)
+    enc = PhraseEncoder(word_dim=4, hidden=6, mlp_hidden=8, out_dim=3)
+    words = torch.randn(3, 10, 4)
+    mask = torch.zeros(3, 10, dtype=torch.bool)
+    mask[0, :3] = True
+    mask[1, [0, 2]] = True
+    h, _ = enc.lstm(words)  # full 10 steps, as the official unrolled LSTM
+    keep = mask.clone()
+    keep[:, 0] = True
+    pooled = h.masked_fill(~keep[..., None], float("-inf")).amax(1)
+    ref = torch.nn.functional.normalize(enc.fc2(torch.relu(enc.fc1(pooled))), dim=-1)
+    assert torch.allclose(enc(words, mask), ref, atol=1e-6)

@@ -274,6 +274,19 @@ class Wang21Dataset:
             self.t["teacher_w"] = self.teacher_w
         self.device = torch.device("cpu")
 
+    @classmethod
+    def from_tensors(cls, cfg: Wang21Config, split: str, tensors: dict[str, torch.Tensor], captions_per_image: int) -> "Wang21Dataset":
+        """A dataset from ready tensors (the keys of ``self.t``), e.g. synthetic features for benchmarks."""
+        self = cls.__new__(cls)
+        self.split, self.cfg, self.S = split, cfg, captions_per_image
+        self.t = dict(tensors)
+        self.image_ids = [str(i) for i in range(self.t["region_feats"].shape[0])]
+        self.n_logits = self.t["region_logits"].shape[-1]
+        self.teacher_w = self.t.get("teacher_w")
+        self.stats = {"images": len(self.image_ids), "pairs": len(self)}
+        self.device = self.t["region_feats"].device
+        return self
+
     @staticmethod
     def _teacher_source(cfg: Wang21Config) -> str | None:
         d, l = cfg.data, cfg.loss
@@ -358,6 +371,10 @@ class Wang21Method:
     config_class = Wang21Config
     default_config = "reference_distill"
 
+    def __init__(self, neighbourhood: Any = distill_neighbourhood) -> None:
+        # the distillation neighbourhood function (the benchmark swaps in the per-phrase loop)
+        self.neighbourhood = neighbourhood
+
     # -- construction
     def build_model(self, cfg: Wang21Config) -> nn.Module:
         mean, std = _norm_stats(cfg.data)
@@ -407,7 +424,7 @@ class Wang21Method:
             neg = S.masked_fill(torch.eye(S.shape[0], dtype=torch.bool, device=S.device), float("-inf")).amax(1)
         logs = {"nce": float(l_nce.detach()), "precision@1": float((pos > neg).float().mean()), "scale": float(m.scale().detach())}
         if lc.distill and "teacher_w" in batch:
-            idx = distill_neighbourhood(own, batch["region_boxes"], rmask, lc.k)
+            idx = self.neighbourhood(own, batch["region_boxes"], rmask, lc.k)
             valid_k = torch.gather(rmask[:, None, :].expand(-1, idx.shape[1], -1), 2, idx)
             t = teacher_scores(batch["region_logits"], batch["teacher_w"], idx)
             y = teacher_targets(t, lc.teacher_form, batch["region_logits"].shape[-1] - 1, lc.teacher_temperature, valid_k)

@@ -66,6 +66,11 @@ class PhraseEncoder(nn.Module):
 
     def forward(self, words: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
         """words [M, T, E], token_mask [M, T] bool -> unit phrase embeddings [M, out_dim]."""
+        # steps after the batch's last unmasked token cannot reach the output (causal LSTM, masked
+        # pool): skip them; the result is identical to running all T steps
+        if words.shape[1] > 1 and words.shape[0] > 0:
+            last = int(torch.nonzero(token_mask.any(0)).max()) + 1 if bool(token_mask.any()) else 1
+            words, token_mask = words[:, :last], token_mask[:, :last]
         h, _ = self.lstm(words)  # [M, T, H]
         keep = token_mask.clone()
         keep[:, 0] = True
