@@ -272,7 +272,9 @@ def test_prepare_flickr30k_union_boxes(tmp_path):
     assert s[0].tolist() == ["a young man", "a brown horse", "the beach", ""]
     assert s[1].tolist() == ["the horse", "two riders", "it", ""]
     # "two riders": union of the two boxes, clipped to the 500-px image width
-    assert phr.gt_boxes[0, 1, 1].tolist() == [5, 5, 500, 300]
+    # (the file's 1-based pixels minus one, as the release's parser)
+    assert phr.gt_boxes[0, 1, 1].tolist() == [4, 4, 499, 299]
+    assert phr.gt_boxes[0, 0, 1].tolist() == [49, 59, 299, 349]
     assert phr.gt_boxes[0, 0, 2].tolist() == [0, 0, 0, 0]
 
 

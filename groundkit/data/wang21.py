@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import re
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -57,8 +56,7 @@ __all__ = [
     "write_phrase_hdf5",
     "glove_text_to_hdf5",
     "detections_to_hdf5",
-    "parse_flickr30k_sentence",
-    "parse_flickr30k_annotation",
+    "tokenize",
     "prepare_flickr30k",
     "phrase_vectors",
     "soft_matching_matrix",
@@ -616,7 +614,6 @@ def read_matching_matrix(path: str | Path) -> tuple[list[str], list[str], np.nda
 # ----------------------------------------------------------------------------- Flickr30K Entities
 
 
-_PHRASE_RE = re.compile(r"\[/EN#(\d+)((?:/[^\s\]]+)*)\s+([^\]]*)\]")
 _TOKEN_RE = re.compile(r"[A-Za-z0-9]+(?:['’][A-Za-z]+)?|[^\sA-Za-z0-9]")
 
 
@@ -624,41 +621,6 @@ def tokenize(text: str, lower: bool = True) -> list[str]:
     """Word tokens (punctuation dropped), lower-cased for GloVe 6B by default."""
     toks = [t for t in _TOKEN_RE.findall(text) if t[0].isalnum()]
     return [t.lower() for t in toks] if lower else toks
-
-
-def parse_flickr30k_sentence(line: str) -> list[dict[str, Any]]:
-    """Phrases of one Sentences/<id>.txt line: [{"entity": id, "types": [...], "text": str}, ...]."""
-    return [
-        {"entity": m.group(1), "types": [t for t in m.group(2).split("/") if t], "text": m.group(3).strip()}
-        for m in _PHRASE_RE.finditer(line)
-    ]
-
-
-def parse_flickr30k_annotation(path: str | Path) -> dict[str, Any]:
-    """Annotations/<id>.xml -> {"width", "height", "boxes": {entity: [[x1, y1, x2, y2], ...]}, "nobox": set}."""
-    try:
-        root = ET.parse(path).getroot()
-    except (ET.ParseError, FileNotFoundError) as e:
-        raise Wang21DataError(f"{path}: cannot read Flickr30K Entities annotation ({e})") from None
-    size = root.find("size")
-    if size is None or size.findtext("width") is None or size.findtext("height") is None:
-        raise Wang21DataError(f"{path}: <size><width>/<height> missing")
-    w, h = float(size.findtext("width")), float(size.findtext("height"))
-    boxes: dict[str, list[list[float]]] = {}
-    nobox: set[str] = set()
-    for obj in root.findall("object"):
-        names = [n.text.strip() for n in obj.findall("name") if n.text]
-        bb = obj.find("bndbox")
-        if bb is None:
-            nobox.update(names)
-            continue
-        try:
-            box = [float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")]
-        except (TypeError, ValueError):
-            raise Wang21DataError(f"{path}: object {names} has an incomplete <bndbox> (expected xmin, ymin, xmax, ymax)") from None
-        for n in names:
-            boxes.setdefault(n, []).append(box)
-    return {"width": w, "height": h, "boxes": boxes, "nobox": nobox}
 
 
 def prepare_flickr30k(
@@ -672,11 +634,13 @@ def prepare_flickr30k(
 ) -> dict[str, int]:
     """Flickr30K Entities (``<root>/Sentences/<id>.txt``, ``<root>/Annotations/<id>.xml``) -> phrase HDF5.
 
+    Read with :mod:`groundkit.data.flickr30k_entities` (boxes 0-based, as the release's own parser).
     Per sentence, phrases with a box come first (the official evaluation assumes it), then boxless
-    ones; the ground truth of a phrase is the union (enclosing box) of all its entity's boxes
-    (the weak-supervision convention), clipped to the image. Boxes outside the image are clipped
-    and counted; entities without boxes get an all-zero row. Returns counts.
+    ones; the ground truth of a phrase is the union (enclosing box) of all its entity's boxes (the
+    weak-supervision convention), clipped to the image (counted). Returns counts.
     """
+    from . import flickr30k_entities as fe
+
     root = Path(root)
     stats = {"images": 0, "sentences": 0, "phrases": 0, "phrases_with_box": 0, "phrases_dropped_over_max": 0,
              "boxes_clipped": 0, "boxes_degenerate": 0, "tokens_truncated": 0}
@@ -685,26 +649,25 @@ def prepare_flickr30k(
         sent_path, ann_path = root / "Sentences" / f"{im}.txt", root / "Annotations" / f"{im}.xml"
         if not sent_path.is_file():
             raise Wang21DataError(f"{sent_path}: sentence file missing for image {im!r}")
-        ann = parse_flickr30k_annotation(ann_path)
-        lines = [ln for ln in sent_path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-        if len(lines) < sentences_per_image:
-            log.warning("%s: %d sentences, expected %d (padded with empty sentences)", sent_path, len(lines), sentences_per_image)
-        lines = lines[:sentences_per_image]
+        if not ann_path.is_file():
+            raise Wang21DataError(f"{ann_path}: annotation file missing for image {im!r}")
+        ann = fe.read_annotations(ann_path)
+        sents = fe.read_sentences(sent_path)
+        if len(sents) < sentences_per_image:
+            log.warning("%s: %d sentences, expected %d (padded with empty sentences)", sent_path, len(sents), sentences_per_image)
+        lim = np.array([ann["width"] - 1, ann["height"] - 1] * 2, dtype=np.float32)
         toks = np.full((sentences_per_image, max_phrases, max_tokens), "", dtype=object)
         gt = np.zeros((sentences_per_image, max_phrases, 4), dtype=np.float32)
-        for s, line in enumerate(lines):
+        for s, (sent, boxes) in enumerate(zip(sents[:sentences_per_image], fe.phrase_boxes(sents[:sentences_per_image], ann))):
             items = []
-            for ph in parse_flickr30k_sentence(line):
-                t = tokenize(ph["text"], lower)
+            for ph, box in zip(sent["phrases"], boxes):
+                t = tokenize(ph["phrase"], lower)
                 if not t:
                     continue
-                bs = ann["boxes"].get(ph["entity"], [])
-                box = None
-                if bs:
-                    b = np.asarray(bs, dtype=np.float32)
-                    box = np.array([b[:, 0].min(), b[:, 1].min(), b[:, 2].max(), b[:, 3].max()], dtype=np.float32)
-                    clipped = np.clip(box, 0, [ann["width"], ann["height"], ann["width"], ann["height"]]).astype(np.float32)
-                    if not np.allclose(clipped, box):
+                if box is not None:
+                    b = np.asarray(box, dtype=np.float32)
+                    clipped = np.clip(b, 0, lim)
+                    if not np.allclose(clipped, b):
                         stats["boxes_clipped"] += 1
                     box = clipped
                     if box[2] <= box[0] or box[3] <= box[1]:

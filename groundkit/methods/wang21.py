@@ -108,7 +108,7 @@ class Wang21LossConfig:
     nce_weight: float = 1.0
     phrase_scale: float = 2.0  # per-phrase factor of the image-sentence score (temperature 0.5)
     distill: bool = True  # distil when a teacher source (phrase_to_label_json / matching matrix) is given
-    k: int = 8  # distillation neighbourhood: top-K regions by IoU with the best region
+    k: int = 8  # distillation neighbourhood: top-K regions by IoU with the best region (<= 0: all proposals, improved)
     ramp_start: float = 0.001  # weight = min(ramp_start + floor(step / ramp_every), ramp_max)
     ramp_every: int = 500
     ramp_max: float = 3.0
@@ -559,16 +559,36 @@ METHOD = Wang21Method()
 # ----------------------------------------------------------------------------- seed sweep
 
 
+# name -> (shipped config, overrides). Distillation variants get the world's phrase_to_label.json;
+# the soft teacher gets the phrase x class matrix built by `groundkit data phrase-to-label`.
 SWEEP_VARIANTS: dict[str, tuple[str, list[str]]] = {
     "NCE (reference)": ("world_reference_nce", []),
     "NCE+Distill (reference)": ("world_reference_distill", []),
-    "improved: both NCE directions": ("world_reference_distill", ["loss.both_directions=true"]),
-    "improved: mask same image": ("world_reference_distill", ["loss.mask_same_image=true"]),
-    "improved: learned temperature": ("world_reference_distill", ["loss.learn_scale=true"]),
-    "improved: soft teacher (matrix)": ("world_reference_distill", ["loss.soft_teacher=true", "loss.teacher_form=prob_centered"]),
-    "improved: log-prob teacher + tempered student": ("world_reference_distill", ["loss.teacher_form=log_prob", "loss.teacher_temperature=0.5", "loss.student_scale=10.0"]),
-    "improved: all": ("world_improved", []),
+    "+ both NCE directions": ("world_reference_distill", ["loss.both_directions=true"]),
+    "+ mask same image": ("world_reference_distill", ["loss.mask_same_image=true"]),
+    "+ learned temperature": ("world_reference_distill", ["loss.learn_scale=true"]),
+    "+ soft teacher (matrix)": ("world_reference_distill", ["loss.soft_teacher=true"]),
+    "+ log-prob teacher, tempered student": ("world_reference_distill", ["loss.teacher_form=log_prob", "loss.teacher_temperature=0.5", "loss.student_scale=10.0"]),
+    "+ log-prob teacher, tempered student, all proposals": ("world_reference_distill", ["loss.teacher_form=log_prob", "loss.teacher_temperature=0.5", "loss.student_scale=10.0", "loss.k=0"]),
+    "improved (all flags)": ("world_improved", []),
 }
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_").lower()
+
+
+def _sweep_job(args: tuple) -> dict[str, Any]:
+    """One (variant, seed) run in a worker process; returns its final (test) metrics."""
+    base, overrides, threads = args
+    import torch as _t
+
+    from ..config import load_config
+    from ..engine import fit
+
+    _t.set_num_threads(threads)
+    cfg = load_config(Wang21Config, base, overrides, method="wang21")
+    return fit(METHOD, cfg)["final"]
 
 
 def run_sweep(
@@ -577,41 +597,64 @@ def run_sweep(
     seeds: Sequence[int] = (0, 1, 2),
     variants: Sequence[str] | None = None,
     overrides: Sequence[str] = (),
+    jobs: int = 1,
+    threads: int = 1,
 ) -> list[dict[str, Any]]:
-    """Train + test every variant of :data:`SWEEP_VARIANTS` on a world directory (files of
-    ``groundkit data synth --task phrase``) over ``seeds``; returns rows and prints the table."""
-    from ..config import load_config
-    from ..engine import fit
+    """Train + test each variant of :data:`SWEEP_VARIANTS` on a world directory (the files of
+    ``groundkit data synth --task phrase``) over ``seeds``, ``jobs`` runs at a time; writes
+    ``<out_dir>/sweep.json`` and ``table.md`` and prints the table (mean ± std over seeds)."""
+    import json
+    from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing as mp
 
-    world = Path(world_dir)
-    data = {
+    import yaml
+
+    world, out = Path(world_dir), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = list(variants or SWEEP_VARIANTS)
+    matrix = out / "matching_matrix.hdf5"
+    if any("soft_teacher=true" in " ".join(SWEEP_VARIANTS[n][1]) or SWEEP_VARIANTS[n][0] == "world_improved" for n in names) and not matrix.is_file():
+        phr = set()
+        for split in ("train", "val", "test"):
+            pf = world / f"phrase_features_{split}.hdf5"
+            with h5py.File(pf, "r") as f:
+                ids = [k for k in f if not k.endswith("_gt")]
+            phr.update(x for x in wdata.read_phrase_hdf5(pf, ids).phrase_strings().reshape(-1).tolist() if x)
+        plist, classes = sorted(phr), wdata.load_class_names(world / "detector_classes.txt")
+        words = {w for p in plist for w in p.split()} | {w for c in classes for w in c.split()}
+        _, sim = wdata.build_phrase_to_label(plist, classes, wdata.load_word_vectors(world / "glove.hdf5", words))
+        wdata.write_matching_matrix(matrix, plist, classes, sim)
+    common = {
         "data.region_feat_path": str(world / "region_features_{split}.hdf5"),
         "data.phrase_feat_path": str(world / "phrase_features_{split}.hdf5"),
         "data.glove_path": str(world / "glove.hdf5"),
         "data.class_names": str(world / "detector_classes.txt"),
+        "data.phrase_to_label_json": str(world / "phrase_to_label.json"),
+        "data.matching_matrix_path": str(matrix),
+        "train.progress": False,
+        "train.tensorboard": False,
     }
-    rows = []
-    for name in variants or list(SWEEP_VARIANTS):
+    tasks = []
+    for name in names:
         base, extra = SWEEP_VARIANTS[name]
-        runs = []
         for seed in seeds:
-            o = dict(data)
-            if "nce" not in base.split("_")[-1]:
-                o["data.phrase_to_label_json"] = str(world / "phrase_to_label.json")
-            if any("soft_teacher=true" in e for e in extra) or base == "world_improved":
-                o["data.matching_matrix_path"] = str(world / "matching_matrix.hdf5")
-            o["train.seed"] = seed
-            o["train.output_dir"] = str(Path(out_dir) / f"{name.replace(' ', '_').replace(':', '').replace('+', 'p').replace('(', '').replace(')', '')}" / f"seed{seed}")
-            o["train.progress"] = False
-            o["train.tensorboard"] = False
+            o = dict(common)
             for e in list(extra) + list(overrides):
                 k, _, v = e.partition("=")
-                o[k] = __import__("yaml").safe_load(v)
-            cfg = load_config(Wang21Config, base, o, method="wang21")
-            res = fit(METHOD, cfg)
-            runs.append(res["final"])
-        rows.append({"variant": name, "runs": runs})
-    print(format_table(rows))
+                o[k] = yaml.safe_load(v)
+            o["train.seed"] = int(seed)
+            o["train.output_dir"] = str(out / _slug(name) / f"seed{seed}")
+            tasks.append((name, (base, o, threads)))
+    if jobs > 1:
+        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as ex:
+            results = list(ex.map(_sweep_job, [t[1] for t in tasks]))
+    else:
+        results = [_sweep_job(t[1]) for t in tasks]
+    rows = [{"variant": n, "runs": [r for (tn, _), r in zip(tasks, results) if tn == n]} for n in names]
+    (out / "sweep.json").write_text(json.dumps({"world": str(world), "seeds": list(seeds), "rows": rows}, indent=1))
+    table = format_table(rows)
+    (out / "table.md").write_text(table + "\n")
+    print(table)
     return rows
 
 

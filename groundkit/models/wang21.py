@@ -187,8 +187,9 @@ def distill_neighbourhood(scores: torch.Tensor, boxes: torch.Tensor, region_mask
 
     scores [B, P, N] (region-phrase scores of the paired image), boxes [B, N, 4], region_mask [B, N]
     -> indices [B, P, K] (the best region itself first: its IoU with itself is 1). Ties in IoU go to
-    the lower region index.
+    the lower region index. ``k <= 0`` (or k > N) takes all N proposals.
     """
+    k = scores.shape[-1] if k <= 0 else min(k, scores.shape[-1])
     s = scores.detach().masked_fill(~region_mask[:, None, :], float("-inf"))
     best = s.argmax(-1)  # [B, P]
     iou = _batched_iou(boxes.float())  # [B, N, N]
@@ -214,6 +215,7 @@ def distill_neighbourhood_loop(scores: torch.Tensor, boxes: torch.Tensor, region
     """Per-phrase Python loop with the same result as :func:`distill_neighbourhood` (the official
     code's structure; kept as the test oracle and the benchmark baseline)."""
     B, P, N = scores.shape
+    k = N if k <= 0 else min(k, N)
     out = torch.empty(B, P, k, dtype=torch.long, device=scores.device)
     for b in range(B):
         valid = region_mask[b]
