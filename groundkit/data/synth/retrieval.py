@@ -221,21 +221,18 @@ def build(out: Path, size: str = "small", seed: int = 0, progress: bool = False,
     def unit(x: np.ndarray) -> np.ndarray:
         return (x / (np.linalg.norm(x, axis=-1, keepdims=True) + 1e-8) * scale).astype(np.float32)
 
+    mention = np.array([[[_mentioned(c, atts[i])[a] for a in ATTRS] for c in raw[vid]] for i, vid in enumerate(ids)], dtype=np.float32)  # [N, C, A]
+    aidx_arr = {a: np.array([x[a] for x in aidx]) for a in ATTRS}
+    attr_pos = {a: j for j, a in enumerate(ATTRS)}
     for name, rel in TEACHER_FILES.items():
         nz = TEACHER_NOISE[name]
-        data = {}
-        for i, vid in enumerate(ids):
-            vemb, temb = {}, {}
-            for e in experts:
-                v = sum(wt * tproj[e][a][aidx[i][a]] for a, wt in EXPERT_ATTRS[e].items())
-                vemb[e] = unit(v + nz * trng.standard_normal(TEACHER_DIM).astype(np.float32))
-                rows = []
-                for c in raw[vid]:
-                    men = _mentioned(c, atts[i])
-                    t = sum((wt * tproj[e][a][aidx[i][a]] if men[a] else 0.0) for a, wt in EXPERT_ATTRS[e].items())
-                    rows.append(unit(t + nz * trng.standard_normal(TEACHER_DIM).astype(np.float32)))
-                temb[e] = np.stack(rows)
-            data[vid] = {"vid_embds": vemb, "text_embds": temb}
+        vemb, temb = {}, {}
+        for e in experts:
+            v = sum(wt * tproj[e][a][aidx_arr[a]] for a, wt in EXPERT_ATTRS[e].items())  # [N, d]
+            t = sum(wt * mention[:, :, attr_pos[a], None] * tproj[e][a][aidx_arr[a]][:, None] for a, wt in EXPERT_ATTRS[e].items())  # [N, C, d]
+            vemb[e] = unit(v + nz * trng.standard_normal(v.shape).astype(np.float32))
+            temb[e] = unit(t + nz * trng.standard_normal(t.shape).astype(np.float32))
+        data = {vid: {"vid_embds": {e: vemb[e][i] for e in experts}, "text_embds": {e: temb[e][i] for e in experts}} for i, vid in enumerate(ids)}
         _dump(out / rel, data)
     for name, sl in (("train", slice(0, n_tr)), ("val", slice(n_tr, n_tr + n_va)), ("test", slice(n_tr + n_va, n))):
         (out / f"{name}_list_full.txt").write_text("\n".join(ids[sl]) + "\n")
