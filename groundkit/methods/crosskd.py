@@ -93,6 +93,7 @@ class CrossKDLoss:
     vid_w: float = 0.0  # the optional video-side term (0 in every released config)
     vid_t: float = 5.0
     detach_target: bool = False  # reference: the caption-caption target is not detached
+    kd_target: Literal["captions", "identity"] = "captions"  # "identity": one-hot targets (InfoNCE), an ablation control
 
 
 def _optim() -> OptimConfig:
@@ -312,7 +313,10 @@ class CrossKDMethod:
             loss = loss + lc.distil_weight * l_tt
             logs["loss_teachtext"] = float(l_tt.detach())
         if lc.caption_kd and lc.cap_w > 0:
-            l_cap = rank_distil_loss(S, out["text_sims"].float(), lc.cap_t, lc.detach_target)
+            C = out["text_sims"].float()
+            if lc.kd_target == "identity":  # control: same loss with one-hot targets, no caption-caption grades
+                C = torch.eye(len(C), device=C.device, dtype=C.dtype) * 1e4 * lc.cap_t
+            l_cap = rank_distil_loss(S, C, lc.cap_t, lc.detach_target)
             loss = loss + lc.cap_w * l_cap
             logs["loss_caption_kd"] = float(l_cap.detach())
         if lc.vid_w > 0:
