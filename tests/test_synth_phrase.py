@@ -271,3 +271,32 @@ def test_every_knob_is_documented():
     doc = (Path(__file__).resolve().parents[1] / "docs" / "benchmark_world.md").read_text()
     for name in PH.DEFAULTS:
         assert f"`{name}`" in doc, name
+
+
+def test_prototype_features_without_pixels(tmp_path):
+    """The large-size path: no rendering of the world's images, features drawn from a small
+    rendered reference set's real features per (category, proposal kind)."""
+    out = generate("phrase", "tiny", seed=1, out=tmp_path / "p", progress=False, n_images=10, features="prototype", images=False, reference_images=12)
+    man = load_manifest(out)
+    assert man["knobs"]["features"] == "prototype" and "reference_features_s" in man["info"]["timings"]
+    assert not (out / "flickr30k_entities" / "flickr30k-images").exists()
+    assert len(list((out / "flickr30k_entities" / "Sentences").iterdir())) == 10
+    meta = {m["id"]: m for m in map(json.loads, (out / "meta" / "scenes.jsonl").read_text().splitlines())}
+    feats, cats = [], []
+    with h5py.File(out / "region_features_train.hdf5", "r") as f:
+        for k in f:
+            a = f[k][()]
+            assert a.shape[1] == FEATURE_DIM + len(S.detector_vocabulary("world")) + 1 + 4 and np.isfinite(a).all()
+            sc = S.Scene.from_dict(meta[k]["scene"])
+            for r, (src, kd) in enumerate(zip(meta[k]["proposal_source"], meta[k]["proposal_kind"])):
+                if src >= 0 and kd == 0:
+                    feats.append(a[r, :FEATURE_DIM])
+                    cats.append(sc.objects[src].category)
+    feats, cats = np.asarray(feats), np.asarray(cats)
+    # same-category whole-object features are closer than different-category ones
+    f = feats / np.linalg.norm(feats, axis=1, keepdims=True)
+    sim = f @ f.T
+    same = cats[:, None] == cats[None, :]
+    np.fill_diagonal(same, False)
+    diff = cats[:, None] != cats[None, :]
+    assert same.any() and sim[same].mean() > sim[diff].mean()

@@ -67,7 +67,7 @@ DEFAULTS: dict[str, Any] = {
     "max_objects": 5,
     "detector": "world",  # "world" (41 classes, Open Images-like names) or "coco" (80)
     "features": "auto",  # "backbone" (render + EfficientNet), "prototype" (no pixels), auto: prototype for large
-    "images": "auto",  # write the JPEGs (auto: not for large)
+    "images": None,  # write the JPEGs: true / false; unset (None): all sizes but large
     "reference_images": 160,
     "backbone_input": [320, 224],
     "width": 320,
@@ -612,7 +612,9 @@ def build(out: Path, size: str = "small", seed: int = 0, progress: bool = True, 
         k["features"] = "prototype" if size == "large" else "backbone"
     if k["features"] not in ("backbone", "prototype"):
         raise ValueError(f"phrase: features must be 'auto', 'backbone' or 'prototype', got {k['features']!r}")
-    write_images = (size != "large") if k["images"] == "auto" else bool(k["images"])
+    if k["images"] not in (None, True, False):
+        raise ValueError(f"phrase: knob images must be true or false, got {k['images']!r}")
+    write_images = (size != "large") if k["images"] is None else bool(k["images"])
     if not 1 <= int(k["n_proposals"]) <= 1000:
         raise ValueError(f"phrase: n_proposals must be in [1, 1000], got {k['n_proposals']}")
     for name in ("cooccurrence", "part_rate", "clutter", "miss_rate", "group_rate", "confusion", "synonym_rate", "plural_rate", "nobox_rate", "same_category"):
