@@ -59,6 +59,13 @@ def test_train_eval_cli_beats_random(world, tmp_path, capsys):
     assert "| test | " in printed and "upper bound" in printed and "random ranking" in printed
     ev = json.loads((tmp_path / "ev" / "metrics.json").read_text())["metrics"]
     assert ev["R@1"] == pytest.approx(met["R@1"]) and ev["R@10"] == pytest.approx(met["R@10"])
+    # predict: rank one test image's proposals for free text with the checkpoint
+    rc = main(["predict", "phrase", "--restore-path", str(out / "checkpoints" / "best"), "--region-feat-path",
+               str(root / "region_features_test.hdf5"), "--image-id", "test0000", "--phrase", "the red puppy", "--top-k", "3"])
+    assert rc == 0
+    pred = json.loads(capsys.readouterr().out)
+    assert pred[0]["tokens"] == ["the", "red", "puppy"] and len(pred[0]["boxes"]) == 3
+    assert pred[0]["scores"] == sorted(pred[0]["scores"], reverse=True)
 
 
 def test_seed_command_without_json_is_nce_and_without_val(world, tmp_path):
