@@ -6,7 +6,7 @@ the full training step (batch building, forward, NCE + distillation, backward, A
 
 * ``vectorised``: this package's dataset ``get_batch`` (tensor gathers, on the GPU when present)
   and the vectorised distillation neighbourhood;
-* ``per-phrase loop``: the official code's structure, measured in the same run: a Python loop over
+* ``per-phrase loop (official)``: the official code's structure, measured in the same run: a Python loop over
   the batch's pairs building numpy arrays (GloVe looked up token by token, region/GT IoU per pair),
   and a Python loop over phrases for the distillation neighbourhood and teacher.
 
@@ -150,7 +150,32 @@ class _Runner:
         self.opt.step()
         return float(loss.detach())
 
+    def data_step(self, idx: np.ndarray) -> float:
+        """Batch building + distillation neighbourhood + teacher only (the parts that were vectorised)."""
+        from ..models.wang21 import distill_neighbourhood, distill_neighbourhood_loop, teacher_scores
+
+        batch = self._loop_batch(idx) if self.loop else self.ds.get_batch(torch.as_tensor(idx))
+        scores = torch.randn(len(idx), 16, 30, device=self.dev)
+        fn = distill_neighbourhood_loop if self.loop else distill_neighbourhood
+        nb = fn(scores, batch["region_boxes"], batch["region_valid"], 8)
+        if self.loop:  # per-phrase teacher lookup, as the official structure
+            probs = batch["region_logits"].float().softmax(-1)
+            cls = batch["teacher_w"].argmax(-1)
+            t = torch.stack([torch.stack([probs[b, nb[b, p], cls[b, p]] for p in range(nb.shape[1])]) for b in range(nb.shape[0])])
+        else:
+            t = teacher_scores(batch["region_logits"], batch["teacher_w"], nb)
+        return float(t.sum())
+
+    def run_data(self, steps: int, batch: int = 32) -> float:
+        last = 0.0
+        for _ in range(steps):
+            last = self.data_step(self.rng.integers(0, self.pool * self.S, batch))
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize()
+        return last
+
     def run(self, steps: int, batch: int = 32) -> float:
+        last = 0.0
         for _ in range(steps):
             idx = self.rng.integers(0, self.pool * self.S, batch)
             last = self.step(idx)
@@ -164,6 +189,7 @@ def register(sub: Any) -> None:
     p.add_argument("--steps", type=int, default=200, help="timed training steps of the vectorised implementation")
     p.add_argument("--loop-steps", type=int, default=100, help="timed training steps of the loop baseline")
     p.add_argument("--pool-images", type=int, default=0, help="distinct images in memory (default: all 29,783 on GPU, 2,000 on CPU)")
+    p.add_argument("--data-steps", type=int, default=200, help="steps of the data-side-only comparison (batch + neighbourhood + teacher)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in the benchmark processes")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
@@ -171,7 +197,7 @@ def register(sub: Any) -> None:
     def run(a: argparse.Namespace) -> int:
         device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
         pool = a.pool_images or (FLICKR_IMAGES if device.startswith("cuda") else 2000)
-        res = _run_cli(a.steps, a.loop_steps, pool, device, a.threads)
+        res = _run_cli(a.steps, a.loop_steps, pool, device, a.threads, a.data_steps)
         print(format_result(res))
         if a.json:
             with open(a.json, "w") as f:
@@ -181,7 +207,7 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
-def _run_cli(steps: int, loop_steps: int, pool: int, device: str, threads: int | None) -> dict[str, Any]:
+def _run_cli(steps: int, loop_steps: int, pool: int, device: str, threads: int | None, data_steps: int = 200) -> dict[str, Any]:
     from .common import measure
 
     vec = measure("vectorised", _steps_target_n, _setup_n, (pool, device, False, 5, steps), device=device, threads=threads)
@@ -192,7 +218,16 @@ def _run_cli(steps: int, loop_steps: int, pool: int, device: str, threads: int |
         res[m.name] = {"steps": n, "seconds": round(m.seconds, 3), "pairs_per_s": round(pps, 1),
                        "epoch_seconds_extrapolated": round(FLICKR_PAIRS / pps, 1), "peak_gb": round(m.peak_gb, 3)}
     res["speedup"] = round(res["vectorised"]["pairs_per_s"] / res["per-phrase loop (official)"]["pairs_per_s"], 2)
+    # the vectorised parts alone: batch building + distillation neighbourhood + teacher
+    dv = measure("data: vectorised", _data_target, _setup_n, (pool, device, False, 0, data_steps), device=device, threads=threads)
+    dl = measure("data: per-phrase loop", _data_target, _setup_n, (pool, device, True, 0, data_steps), device=device, threads=threads)
+    res["data_only"] = {"steps": data_steps, "vectorised_ms_per_step": round(1000 * dv.seconds / data_steps, 2),
+                        "loop_ms_per_step": round(1000 * dl.seconds / data_steps, 2), "speedup": round(dl.seconds / dv.seconds, 1)}
     return res
+
+
+def _data_target(runner: _Runner, steps: int) -> float:
+    return runner.run_data(steps)
 
 
 def _setup_n(pool: int, device: str, loop: bool, warmup: int, steps: int) -> tuple:
@@ -212,4 +247,8 @@ def format_result(res: dict[str, Any]) -> str:
         r = res[name]
         lines.append(f"{name:<28} {r['steps']:>6} {r['seconds']:>9.2f} {r['pairs_per_s']:>9.1f} {r['epoch_seconds_extrapolated']:>18.0f}")
     lines.append(f"speed-up (pairs/s, vectorised / loop): {res['speedup']:.2f}x; epoch = {res['epoch_pairs']:,} pairs")
+    d = res.get("data_only")
+    if d:
+        lines.append(f"batch building + distillation neighbourhood + teacher only ({d['steps']} steps): vectorised {d['vectorised_ms_per_step']:.2f} ms/step, "
+                     f"per-phrase loop {d['loop_ms_per_step']:.2f} ms/step ({d['speedup']:.1f}x)")
     return "\n".join(lines)
