@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
 import sys
 import types
@@ -385,6 +386,7 @@ class ExpertStore:
         self.video_ids: list[str] = self.meta["video_ids"]
         self.index = {v: i for i, v in enumerate(self.video_ids)}
         self._cache: dict[str, np.ndarray] = {}
+        self._files: dict[str, tuple[int, int, np.dtype, int]] = {}
         self._captions: list[list[list[str]]] | None = None
 
     def _load(self, name: str) -> np.ndarray:
@@ -394,6 +396,23 @@ class ExpertStore:
                 raise FeatureError(f"feature store {self.root}: missing array {p.name}")
             self._cache[name] = np.load(p, mmap_mode="r")
         return self._cache[name]
+
+    def _read_rows(self, name: str, start: int, end: int) -> np.ndarray:
+        """Rows [start, end) of a 2-d array read with ``pread`` (not mapped): large token arrays read
+        once during evaluation do not stay resident in this process."""
+        if name not in self._files:
+            p = self.root / f"{name}.npy"
+            if not p.is_file():
+                raise FeatureError(f"feature store {self.root}: missing array {p.name}")
+            with open(p, "rb") as f:
+                version = np.lib.format.read_magic(f)
+                shape, _, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0) else np.lib.format.read_array_header_2_0(f))
+                offset = f.tell()
+            self._files[name] = (os.open(p, os.O_RDONLY), offset, dtype, int(np.prod(shape[1:])))
+        fd, offset, dtype, width = self._files[name]
+        rb = width * dtype.itemsize
+        buf = os.pread(fd, (end - start) * rb, offset + start * rb)
+        return np.frombuffer(buf, dtype=dtype).reshape(end - start, width)
 
     # ---- metadata
     @property
@@ -453,7 +472,6 @@ class ExpertStore:
         then truncated, as the reference's ``fuse_captions``). -> (fp32 [Q, max_tokens, D], mask [Q, max_tokens])."""
         if text not in self.meta["text"]:
             raise FeatureError(f"feature store {self.root}: no text features {text!r}; has {sorted(self.meta['text'])}")
-        data = self._load(f"text.{text}")
         off = self._load(f"text.{text}.cap_offsets")
         D = self.meta["text"][text]["dim"]
         out = np.zeros((len(cap_rows), max_tokens, D), dtype=np.float32)
@@ -465,7 +483,7 @@ class ExpertStore:
                     break
                 s, e = int(off[r]), int(off[r + 1])
                 e = min(e, s + max_tokens - pos)
-                out[q, pos : pos + e - s] = data[s:e]
+                out[q, pos : pos + e - s] = self._read_rows(f"text.{text}", s, e)
                 mask[q, pos : pos + e - s] = True
                 pos += e - s
         return out, mask
