@@ -131,3 +131,19 @@ def test_datasets_batches_and_query_masks(tmp_path):
     assert len(ev.flat_queries()) == 8 and ev.flat_queries()[7] == []
     fused = RetrievalEvalSet(st, IDS, BatchSpec(["app"], "w2v", {"text": 4}, [], fuse_captions=True))
     assert fused.captions_per_video == 1 and fused.text_batch(fused.flat_queries())["text_mask"].sum(1).tolist() == [4, 4, 4, 2]
+
+
+def test_convert_experts_cli(tmp_path, capsys):
+    import json
+
+    from groundkit.cli import main
+
+    make_released(tmp_path)
+    args = ["data", "convert-experts", "--root", str(tmp_path), "--out", str(tmp_path / "st"), "--dataset", "msrvtt",
+            "--expert", f"app={EXPERTS['app']}", "--expert", f"audio={EXPERTS['audio']}", "--text", "w2v=aggregated_text_feats/w2v.pkl",
+            "--teacher", "t=teachers/t.pkl"]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["videos"] == 4 and out["experts"] == {"app": 6, "audio": 3} and out["splits"] == {"train_list_full": 2, "test_list_full": 2}
+    assert main(args[:-2] + ["--expert", "flow=missing.pickle"]) == 2
+    assert "feature file not found" in capsys.readouterr().err
