@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 import numpy as np
@@ -10,6 +9,7 @@ import pytest
 import torch
 
 from groundkit.data import refcoco, transvg
+from groundkit.data.synth.core import tree_digest
 from groundkit.data.synth import pseudo
 from groundkit.data.synth.scene import Scene, box_iou_np
 
@@ -85,13 +85,7 @@ def test_noise_knob_moves_error_rates(tmp_path):
     assert lo["pseudo"]["sources"]["template"]["error_rate_unique_class"] <= 0.05
 
 
-def _digest(root) -> str:
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        if p.is_file():
-            h.update(p.relative_to(root).as_posix().encode())
-            h.update(p.read_bytes())
-    return h.hexdigest()
+_digest = tree_digest
 
 
 def test_byte_identical_for_same_seed(tmp_path):

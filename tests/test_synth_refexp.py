@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 import numpy as np
@@ -10,6 +9,7 @@ import pytest
 from PIL import Image
 
 from groundkit.data import refcoco, transvg
+from groundkit.data.synth.core import tree_digest
 from groundkit.data.synth import refexp
 from groundkit.data.synth.scene import CATEGORIES, COLOURS, RELATION_WORDS, Scene, relation
 
@@ -143,13 +143,7 @@ def test_expressions_disambiguate(tiny):
     assert tr["chance"] < tr["category_oracle"] < 0.7
 
 
-def _digest(root) -> str:
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        if p.is_file():
-            h.update(p.relative_to(root).as_posix().encode())
-            h.update(p.read_bytes())
-    return h.hexdigest()
+_digest = tree_digest
 
 
 def test_byte_identical_for_same_seed(tmp_path):

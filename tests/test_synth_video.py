@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 import numpy as np
@@ -11,6 +10,7 @@ import torch
 from PIL import Image
 
 from groundkit.data import vid_sentence as vs
+from groundkit.data.synth.core import tree_digest
 from groundkit.data.synth import video
 from groundkit.data.synth.scene import CATEGORIES, COLOURS, box_iou_np
 
@@ -136,13 +136,7 @@ def test_pixels_show_the_difficulties(tiny):
     assert np.mean(sharp_blur) < 0.8 * np.mean(sharp_clean)
 
 
-def _digest(root) -> str:
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        if p.is_file():
-            h.update(p.relative_to(root).as_posix().encode())
-            h.update(p.read_bytes())
-    return h.hexdigest()
+_digest = tree_digest
 
 
 def test_byte_identical_for_same_seed(tmp_path):

@@ -43,6 +43,7 @@ __all__ = [
     "check_knobs",
     "write_json",
     "sha256_file",
+    "tree_digest",
     "progress_bar",
 ]
 
@@ -188,6 +189,18 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
             if not b:
                 break
             h.update(b)
+    return h.hexdigest()
+
+
+def tree_digest(root: str | Path) -> str:
+    """One sha256 over every file under ``root`` (relative paths and contents, sorted): equal
+    digests mean byte-identical builds."""
+    root = Path(root)
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            h.update(p.relative_to(root).as_posix().encode())
+            h.update(sha256_file(p).encode())
     return h.hexdigest()
 
 

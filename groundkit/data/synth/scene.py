@@ -374,17 +374,14 @@ class SceneKnobs:
 
 
 def box_iou_np(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU matrix [len(a), len(b)] of x1,y1,x2,y2 boxes (continuous convention, no +1)."""
+    """IoU matrix [len(a), len(b)] of x1,y1,x2,y2 boxes (continuous convention), as float64 numpy.
+
+    A numpy front to :func:`groundkit.metrics.box_iou` for the generators."""
+    from ...metrics import box_iou
+
     a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
     b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    wh = np.clip(rb - lt, 0, None)
-    inter = wh[..., 0] * wh[..., 1]
-    area_a = np.clip(a[:, 2] - a[:, 0], 0, None) * np.clip(a[:, 3] - a[:, 1], 0, None)
-    area_b = np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
+    return np.asarray(box_iou(a, b), dtype=np.float64)
 
 
 def enclosing_box(boxes: Iterable[Sequence[float]]) -> Box:
