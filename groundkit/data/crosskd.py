@@ -25,7 +25,7 @@ import sys
 import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -153,17 +153,19 @@ def read_expert_pickle(
 def read_raw_captions(path: str | Path, video_ids: Sequence[str] | None = None) -> dict[str, list[list[str]]]:
     """``raw-captions.pkl``: {vid: [[token, ...], ...]}; checks the requested ids are present."""
     path = Path(path)
+    return {vid: [list(c) if not isinstance(c, str) else c.split() for c in caps]
+            for vid, caps in _video_entries(path, video_ids, "captions")}
+
+
+def _video_entries(path: Path, video_ids: Sequence[str] | None, what: str) -> Iterator[tuple[str, Any]]:
+    """(video id, value) of a pickle keyed by video id, for ``video_ids`` (default: all), each checked present."""
     data = load_pickle(path)
     if not isinstance(data, dict):
         raise FeatureError(f"{path}: expected a dict keyed by video id")
-    ids = list(data) if video_ids is None else list(video_ids)
-    out = {}
-    for vid in ids:
+    for vid in (list(data) if video_ids is None else list(video_ids)):
         if vid not in data:
-            raise FeatureError(f"{path}: video id {vid!r} has no captions")
-        caps = data[vid]
-        out[vid] = [list(c) if not isinstance(c, str) else c.split() for c in caps]
-    return out
+            raise FeatureError(f"{path}: video id {vid!r} has no {what}")
+        yield vid, data[vid]
 
 
 def read_text_features(
@@ -171,15 +173,8 @@ def read_text_features(
 ) -> dict[str, list[np.ndarray]]:
     """Per-token text features {vid: [float[n_tokens, D] per caption]}; checks ids and dimension."""
     path = Path(path)
-    data = load_pickle(path)
-    if not isinstance(data, dict):
-        raise FeatureError(f"{path}: expected a dict keyed by video id")
-    ids = list(data) if video_ids is None else list(video_ids)
     out = {}
-    for vid in ids:
-        if vid not in data:
-            raise FeatureError(f"{path}: video id {vid!r} has no text features")
-        caps = data[vid]
+    for vid, caps in _video_entries(path, video_ids, "text features"):
         if isinstance(caps, np.ndarray) and caps.ndim == 2:
             caps = [caps]
         arrs = []
