@@ -49,7 +49,6 @@ __all__ = [
     "seed_everything",
     "resolve_device",
     "epoch_order",
-    "iterate_batches",
     "move_to_device",
     "train_one_epoch",
     "evaluate",
@@ -107,11 +106,15 @@ def autocast_context(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return int(seed) * 1_000_003 + int(epoch)
+
+
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Tensor:
     """Sample order of one epoch; a pure function of (seed, epoch) so resume reproduces it."""
     if not shuffle:
         return torch.arange(n)
-    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
+    g = torch.Generator().manual_seed(_epoch_seed(seed, epoch))
     return torch.randperm(n, generator=g)
 
 
@@ -123,38 +126,6 @@ def _dataset_batch(dataset: Any, indices: list[int]) -> Any:
     if collate is not None:
         return collate(items)
     return torch.utils.data.default_collate(items)
-
-
-def iterate_batches(
-    dataset: Any,
-    order: Sequence[int] | torch.Tensor,
-    batch_size: int,
-    start: int = 0,
-    num_workers: int = 0,
-    drop_last: bool = False,
-) -> Iterator[Any]:
-    """Batches of ``dataset`` following ``order``, skipping the first ``start`` batches.
-
-    Uses the dataset's vectorised ``get_batch`` when it has one; otherwise a DataLoader with
-    ``num_workers`` over the same index batches.
-    """
-    order = torch.as_tensor(order).tolist()
-    chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    if drop_last and chunks and len(chunks[-1]) < batch_size:
-        chunks = chunks[:-1]
-    chunks = chunks[start:]
-    if num_workers > 0 and not hasattr(dataset, "get_batch"):
-        loader = torch.utils.data.DataLoader(
-            dataset,
-            batch_sampler=chunks,
-            num_workers=num_workers,
-            collate_fn=getattr(dataset, "collate", None) or torch.utils.data.default_collate,
-            persistent_workers=False,
-        )
-        yield from loader
-        return
-    for idx in chunks:
-        yield _dataset_batch(dataset, idx)
 
 
 def move_to_device(batch: Any, device: torch.device) -> Any:
@@ -233,20 +204,40 @@ def evaluate(method: Any, model: nn.Module, dataset: Any, cfg: Any, device: torc
 # ----------------------------------------------------------------------------- training
 
 
-def _rank_batches(dataset: Any, order: torch.Tensor, batch_size: int, start: int) -> Iterator[tuple[int, int, Any]]:
+def _rank_batches(
+    dataset: Any, order: torch.Tensor, batch_size: int, start: int, num_workers: int = 0, loader_seed: int = 0
+) -> Iterator[tuple[int, int, Any]]:
     """(global size, local size, this rank's batch) for each global batch from index ``start`` on.
 
     Each global batch is split round-robin over the ranks; a final batch smaller than the number
-    of ranks is skipped so that every rank takes part in every step.
+    of ranks is skipped so that every rank takes part in every step. Datasets with a vectorised
+    ``get_batch`` are gathered in this process; others go through a DataLoader with
+    ``num_workers`` over the same index batches, seeded by ``loader_seed`` so that the global RNG
+    (dropout, and what a resumed run restores) is left untouched.
     """
     world, r = dist_utils.world_size(), dist_utils.rank()
     order_l = order.tolist()
+    sizes, chunks = [], []
     for b in range(start, math.ceil(len(order_l) / batch_size)):
         g = order_l[b * batch_size : (b + 1) * batch_size]
         if len(g) < world:
             continue
-        mine = g[r::world]
-        yield len(g), len(mine), _dataset_batch(dataset, mine)
+        sizes.append(len(g))
+        chunks.append(g[r::world])
+    if num_workers > 0 and not hasattr(dataset, "get_batch"):
+        batches: Iterator[Any] = iter(
+            torch.utils.data.DataLoader(
+                dataset,
+                batch_sampler=chunks,
+                num_workers=num_workers,
+                collate_fn=getattr(dataset, "collate", None) or torch.utils.data.default_collate,
+                generator=torch.Generator().manual_seed(loader_seed),
+            )
+        )
+    else:
+        batches = (_dataset_batch(dataset, idx) for idx in chunks)
+    for n_global, idx, batch in zip(sizes, chunks, batches):
+        yield n_global, len(idx), batch
 
 
 def train_one_epoch(
@@ -277,7 +268,9 @@ def train_one_epoch(
     model.train()
     bar = logger.progress(total=steps_in_epoch, initial=state.step_in_epoch, desc=f"epoch {state.epoch + 1}/{tc.epochs}")
     t0, seen, stop = time.perf_counter(), 0, False
-    for n_global, n_local, batch in _rank_batches(dataset, order, tc.batch_size, state.step_in_epoch):
+    for n_global, n_local, batch in _rank_batches(
+        dataset, order, tc.batch_size, state.step_in_epoch, tc.num_workers, loader_seed=_epoch_seed(tc.seed, state.epoch)
+    ):
         batch = move_to_device(batch, device)
         with autocast_context(device, tc.precision):
             loss, logs = method.training_step(model, batch, state.step, cfg)
@@ -445,8 +438,8 @@ def fit(method: Any, cfg: Any, resume: bool = False, final_split: str | None = "
     elif main and not best_dir.exists():
         save_checkpoint(best_dir, model, meta={"train_state": state.__dict__.copy(), "config": to_dict(cfg)})
     dist_utils.barrier()
-    if dist_utils.is_distributed() and not main:
-        load_weights(model, best_dir) if best_dir.is_dir() else None
+    if dist_utils.is_distributed() and not main and best_dir.is_dir():
+        load_weights(model, best_dir)
     split = final_split if final_split and _has_split(method, cfg, final_split) else tc.val_split
     if split:
         ds = val_set if split == tc.val_split and val_set is not None else method.build_dataset(cfg, split)

@@ -92,3 +92,24 @@ def ddp_worker(rank: int, world: int, port: int, cfg_dict: dict, out_dir: str) -
         fit(METHOD, cfg, final_split="test")
     finally:
         distributed.cleanup()
+
+
+class ItemDataset:
+    """The same data served one sample at a time (no ``get_batch``): exercises the DataLoader path."""
+
+    def __init__(self, base: RegDataset):
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"x": self.base.x[i], "y": self.base.y[i], "index": torch.tensor(i)}
+
+
+class ItemRegressionMethod(RegressionMethod):
+    def build_dataset(self, cfg: RegConfig, split: str) -> ItemDataset:
+        return ItemDataset(super().build_dataset(cfg, split))
+
+
+ITEM_METHOD = ItemRegressionMethod()

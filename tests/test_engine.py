@@ -111,3 +111,12 @@ def test_ddp_two_processes_match_single_process(tmp_path):
     ma = json.loads((tmp_path / "one" / "metrics.json").read_text())["metrics"]
     mb = json.loads((tmp_path / "two" / "metrics.json").read_text())["metrics"]
     assert mb["count"] == 33.0 and ma["mse"] == pytest.approx(mb["mse"], abs=1e-5)
+
+
+def test_item_datasets_with_loader_workers_match_vectorised_batches(tmp_path):
+    """A dataset without get_batch, through a DataLoader with workers, trains exactly like get_batch."""
+    fit(rm.METHOD, cfg_for(tmp_path / "vec"), final_split="test")
+    fit(rm.ITEM_METHOD, cfg_for(tmp_path / "items", **{"train.num_workers": 1}), final_split="test")
+    a, b = weights(tmp_path / "vec"), weights(tmp_path / "items")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
