@@ -264,6 +264,8 @@ def train_one_epoch(
     if tc.batch_size % world:
         raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by the number of processes ({world})")
     order = epoch_order(len(dataset), tc.seed, state.epoch, shuffle=True)
+    if hasattr(dataset, "set_epoch"):  # per-epoch random choices inside the dataset (resumable)
+        dataset.set_epoch(state.epoch)
     steps_in_epoch = math.ceil(len(dataset) / tc.batch_size)
     model.train()
     bar = logger.progress(total=steps_in_epoch, initial=state.step_in_epoch, desc=f"epoch {state.epoch + 1}/{tc.epochs}")

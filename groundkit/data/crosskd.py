@@ -576,6 +576,9 @@ def _expert_tensors(store: ExpertStore, spec: BatchSpec, idx: np.ndarray) -> dic
 class RetrievalTrainSet:
     """Training split: one randomly picked caption per video each time it is drawn.
 
+    The pick is a pure function of (seed, epoch, video), set through :meth:`set_epoch` by the
+    engine, so a resumed run draws the same captions as an uninterrupted one.
+
     With ``fuse_captions`` (DiDeMo, ActivityNet) the query is all captions of the video stacked
     and truncated to ``max_tokens["text"]``.
     """
@@ -587,10 +590,18 @@ class RetrievalTrainSet:
         for i, rows in zip(self.idx, self.cap_rows):
             if len(rows) == 0:
                 raise FeatureError(f"video {store.video_ids[i]!r} has no captions in text features {spec.text!r}")
-        self.rng = np.random.default_rng(seed)
+        self.seed, self.epoch = int(seed), 0
 
     def __len__(self) -> int:
         return len(self.idx)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose caption picks :meth:`get_batch` returns (called by the engine)."""
+        self.epoch = int(epoch)
+
+    def _pick(self, i: int) -> int:
+        rows = self.cap_rows[i]
+        return int(rows[np.random.default_rng((self.seed, self.epoch, int(i))).integers(len(rows))])
 
     def get_batch(self, indices: list[int]) -> dict[str, Any]:
         idx = self.idx[np.asarray(indices, dtype=np.int64)]
@@ -598,7 +609,7 @@ class RetrievalTrainSet:
             picks = [self.cap_rows[i] for i in indices]
             pick_rows = np.array([p[0] for p in picks])
         else:
-            pick_rows = np.array([self.cap_rows[i][self.rng.integers(len(self.cap_rows[i]))] for i in indices])
+            pick_rows = np.array([self._pick(int(i)) for i in indices])
             picks = [[r] for r in pick_rows]
         text, tmask = self.store.text_batch(self.spec.text, picks, self.spec.max_tokens["text"])
         batch = _expert_tensors(self.store, self.spec, idx)
