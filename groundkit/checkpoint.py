@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
 
+from .errors import GroundkitError
+
 __all__ = [
     "save_checkpoint",
     "load_checkpoint",
@@ -36,7 +38,7 @@ __all__ = [
 ]
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(GroundkitError, RuntimeError):
     """A checkpoint path that is missing, incomplete or does not match the model."""
 
 

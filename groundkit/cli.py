@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Any, Callable
 
 from . import __version__
 from .config import ConfigError, load_config
+from .errors import GroundkitError
 
 __all__ = ["main", "build_parser", "get_method", "available_methods"]
 
@@ -210,7 +212,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args, rest) if getattr(args, "takes_rest", False) else args.func(args) or 0)
     except ConfigError as e:
+        if os.environ.get("GROUNDKIT_DEBUG"):
+            raise
         print(f"groundkit: config error: {e}", file=sys.stderr)
+        return 2
+    except (GroundkitError, FileNotFoundError) as e:  # bad input or environment: one line, no traceback
+        if os.environ.get("GROUNDKIT_DEBUG"):
+            raise
+        print(f"groundkit: error: {e}", file=sys.stderr)
         return 2
 
 

@@ -18,6 +18,8 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
+from .errors import GroundkitError
+
 __all__ = [
     "ConfigError",
     "OptimConfig",
@@ -38,7 +40,7 @@ __all__ = [
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(GroundkitError, ValueError):
     """A config file or override that does not fit the typed schema."""
 
 

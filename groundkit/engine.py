@@ -39,6 +39,7 @@ from torch import nn
 from . import distributed as dist_utils
 from .checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, load_weights, save_checkpoint
 from .config import ExperimentConfig, save_config, to_dict
+from .errors import GroundkitError
 from .optim import build_optimizer, build_scheduler
 from .runlog import RunLogger
 
@@ -69,7 +70,7 @@ class Method(Protocol):
     def training_step(self, model: nn.Module, batch: Any, step: int, cfg: Any) -> tuple[torch.Tensor, dict]: ...
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(GroundkitError, RuntimeError):
     """Training stopped because the loss became NaN or infinite."""
 
 

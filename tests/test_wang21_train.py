@@ -155,3 +155,13 @@ def test_world_tiny_end_to_end(tmp_path):
     assert rc == 0
     met = json.loads((out / "metrics.json").read_text())["metrics"]
     assert met["random_R@1"] < met["R@1"] <= met["upper_bound"]
+
+
+def test_cli_data_error_is_one_line(world, tmp_path, capsys):
+    """A data error reaches the user as one line naming the file and the setting, without a traceback."""
+    root, p = world
+    rc = main(["train", "wang21", *_args(root, p), "--output-dir", str(tmp_path / "r"), "--set", *SMALL, "data.captions_per_image=3"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("groundkit: error:") and "captions_per_image=3" in err and "phrase_features_train.hdf5" in err
+    assert "Traceback" not in err

@@ -30,6 +30,8 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from ..errors import DataError
+
 __all__ = [
     "FeatureError",
     "load_pickle",
@@ -49,7 +51,7 @@ __all__ = [
 STORE_VERSION = 1
 
 
-class FeatureError(ValueError):
+class FeatureError(DataError):
     """A feature file that is missing, lacks a video, or does not have the expected shape."""
 
 

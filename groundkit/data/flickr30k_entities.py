@@ -13,6 +13,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from ..errors import DataError
+
 __all__ = ["read_sentences", "parse_sentence", "read_annotations", "union_box", "read_split", "phrase_boxes"]
 
 
@@ -25,7 +27,7 @@ def parse_sentence(line: str, where: str = "<string>") -> dict[str, Any]:
         if current is None and token.startswith("[/EN#"):
             parts = token[1:].split("/")  # "", "EN#<id>", type, ...
             if len(parts) < 3 or not parts[1].startswith("EN#"):
-                raise ValueError(f"{where}: malformed phrase tag {token!r} (expected [/EN#<id>/<type> ...)")
+                raise DataError(f"{where}: malformed phrase tag {token!r} (expected [/EN#<id>/<type> ...)")
             current = {"first_word_index": len(words), "phrase_id": parts[1][3:], "phrase_type": parts[2:], "words": []}
             continue
         if current is not None:
@@ -43,7 +45,7 @@ def parse_sentence(line: str, where: str = "<string>") -> dict[str, Any]:
             continue
         words.append(token)
     if current is not None:
-        raise ValueError(f"{where}: phrase [/EN#{current['phrase_id']}/... is not closed with ']'")
+        raise DataError(f"{where}: phrase [/EN#{current['phrase_id']}/... is not closed with ']'")
     return {"sentence": " ".join(words), "phrases": phrases}
 
 
@@ -57,11 +59,11 @@ def read_sentences(path: str | Path) -> list[dict[str, Any]]:
 def _int(el: ET.Element, tag: str, where: str) -> int:
     child = el.find(tag)
     if child is None or child.text is None:
-        raise ValueError(f"{where}: <{el.tag}> has no <{tag}>")
+        raise DataError(f"{where}: <{el.tag}> has no <{tag}>")
     try:
         return int(float(child.text.strip()))
     except ValueError as e:
-        raise ValueError(f"{where}: <{tag}> is {child.text!r}, expected a number") from e
+        raise DataError(f"{where}: <{tag}> is {child.text!r}, expected a number") from e
 
 
 def read_annotations(path: str | Path) -> dict[str, Any]:
@@ -71,17 +73,17 @@ def read_annotations(path: str | Path) -> dict[str, Any]:
     try:
         root = ET.parse(path).getroot()
     except ET.ParseError as e:
-        raise ValueError(f"{path}: not valid XML ({e})") from e
+        raise DataError(f"{path}: not valid XML ({e})") from e
     size = root.find("size")
     if size is None:
-        raise ValueError(f"{path}: no <size> element")
+        raise DataError(f"{path}: no <size> element")
     out: dict[str, Any] = {"boxes": {}, "scene": [], "nobox": []}
     for tag in ("width", "height", "depth"):
         out[tag] = _int(size, tag, str(path))
     for obj in root.findall("object"):
         names = [n.text.strip() for n in obj.findall("name") if n.text]
         if not names:
-            raise ValueError(f"{path}: an <object> without <name>")
+            raise DataError(f"{path}: an <object> without <name>")
         bb = obj.find("bndbox")
         if bb is not None:
             box = [_int(bb, t, str(path)) - 1 for t in ("xmin", "ymin", "xmax", "ymax")]
@@ -102,10 +104,10 @@ def union_box(boxes: Iterable[Sequence[float]]) -> list[float]:
     """The enclosing box of several boxes (the weak-supervision convention for multi-box phrases)."""
     bs = [list(map(float, b)) for b in boxes]
     if not bs:
-        raise ValueError("union_box of no boxes")
+        raise DataError("union_box of no boxes")
     for b in bs:
         if len(b) != 4:
-            raise ValueError(f"union_box: box {b} does not have 4 coordinates")
+            raise DataError(f"union_box: box {b} does not have 4 coordinates")
     return [min(b[0] for b in bs), min(b[1] for b in bs), max(b[2] for b in bs), max(b[3] for b in bs)]
 
 

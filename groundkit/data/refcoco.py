@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import DataError
+
 __all__ = [
     "IMAGE_SUBDIR",
     "RefSample",
@@ -70,19 +72,19 @@ def load_refs_pickle(path: str | os.PathLike) -> list[dict]:
         try:
             refs = _NoGlobalsUnpickler(io.BytesIO(f.read()), encoding="latin1").load()
         except pickle.UnpicklingError as exc:
-            raise ValueError(f"{path}: {exc}") from exc
+            raise DataError(f"{path}: {exc}") from exc
     if not isinstance(refs, list):
-        raise ValueError(f"{path}: expected a pickled list of refs, got {type(refs).__name__}")
+        raise DataError(f"{path}: expected a pickled list of refs, got {type(refs).__name__}")
     for i, ref in enumerate(refs):
         if not isinstance(ref, dict):
-            raise ValueError(f"{path}[{i}]: expected a dict, got {type(ref).__name__}")
+            raise DataError(f"{path}[{i}]: expected a dict, got {type(ref).__name__}")
         missing = [k for k in REF_KEYS if k not in ref]
         if missing:
-            raise ValueError(f"{path}[{i}] (ref_id={ref.get('ref_id')}): missing keys {missing}")
+            raise DataError(f"{path}[{i}] (ref_id={ref.get('ref_id')}): missing keys {missing}")
         for j, s in enumerate(ref["sentences"]):
             miss = [k for k in SENT_KEYS if k not in s]
             if miss:
-                raise ValueError(f"{path}[{i}].sentences[{j}]: missing keys {miss}")
+                raise DataError(f"{path}[{i}].sentences[{j}]: missing keys {miss}")
     return refs
 
 
@@ -156,7 +158,7 @@ class ReferData:
                     )
                 )
         if split is not None and not out and split not in self.splits():
-            raise ValueError(f"split {split!r} not in the refs; available: {self.splits()}")
+            raise DataError(f"split {split!r} not in the refs; available: {self.splits()}")
         return out
 
 
@@ -176,23 +178,23 @@ def load_refer(
         inst = json.load(f)
     for key in ("images", "annotations", "categories"):
         if key not in inst or not isinstance(inst[key], list):
-            raise ValueError(f"{inst_path}: missing list {key!r}")
+            raise DataError(f"{inst_path}: missing list {key!r}")
     images = {int(im["id"]): im for im in inst["images"]}
     anns = {int(a["id"]): a for a in inst["annotations"]}
     cats = {int(c["id"]): c for c in inst["categories"]}
     for a in inst["annotations"]:
         bbox = a.get("bbox")
         if not isinstance(bbox, list) or len(bbox) != 4 or bbox[2] < 0 or bbox[3] < 0:
-            raise ValueError(f"{inst_path}: annotation id={a.get('id')} has bad bbox {bbox!r} (want [x,y,w,h])")
+            raise DataError(f"{inst_path}: annotation id={a.get('id')} has bad bbox {bbox!r} (want [x,y,w,h])")
     for ref in refs:
         if ref["ann_id"] not in anns:
-            raise ValueError(f"ref_id={ref['ref_id']}: ann_id {ref['ann_id']} not in {inst_path}")
+            raise DataError(f"ref_id={ref['ref_id']}: ann_id {ref['ann_id']} not in {inst_path}")
         if ref["image_id"] not in images:
-            raise ValueError(f"ref_id={ref['ref_id']}: image_id {ref['image_id']} not in {inst_path}")
+            raise DataError(f"ref_id={ref['ref_id']}: image_id {ref['image_id']} not in {inst_path}")
         if anns[ref["ann_id"]]["image_id"] != ref["image_id"]:
-            raise ValueError(f"ref_id={ref['ref_id']}: ann {ref['ann_id']} belongs to another image")
+            raise DataError(f"ref_id={ref['ref_id']}: ann {ref['ann_id']} belongs to another image")
         if ref["category_id"] not in cats:
-            raise ValueError(f"ref_id={ref['ref_id']}: category_id {ref['category_id']} not in {inst_path}")
+            raise DataError(f"ref_id={ref['ref_id']}: category_id {ref['category_id']} not in {inst_path}")
     img_dir = Path(image_dir) if image_dir is not None else data_root / IMAGE_SUBDIR
     return ReferData(refs=refs, images=images, anns=anns, cats=cats, image_dir=img_dir)
 
@@ -254,7 +256,7 @@ def to_transvg(
 
     key = key or TRANSVG_KEYS.get((dataset, split_by))
     if key is None:
-        raise ValueError(f"no TransVG key known for dataset={dataset!r} split_by={split_by!r}; pass key=")
+        raise DataError(f"no TransVG key known for dataset={dataset!r} split_by={split_by!r}; pass key=")
     data = load_refer(data_root, dataset, split_by)
     per: dict[str, list] = {}
     for ref in data.refs:

@@ -23,6 +23,8 @@ from typing import Any, Sequence
 
 import torch
 
+from ..errors import DataError
+
 __all__ = [
     "DATASETS",
     "PLACEHOLDER",
@@ -67,7 +69,7 @@ class GroundingSample:
 
 def _check_dataset(dataset: str) -> tuple[str, int, tuple[str, ...]]:
     if dataset not in DATASETS:
-        raise ValueError(f"unknown TransVG dataset key {dataset!r}; expected one of {sorted(DATASETS)}")
+        raise DataError(f"unknown TransVG dataset key {dataset!r}; expected one of {sorted(DATASETS)}")
     return DATASETS[dataset]
 
 
@@ -131,12 +133,12 @@ def load_raw(path: str | os.PathLike, allow_pickle: bool = False) -> list:
     except Exception as exc:  # pickle.UnpicklingError, RuntimeError from the weights-only unpickler
         if allow_pickle:
             raise
-        raise ValueError(
+        raise DataError(
             f"{path}: cannot be read with torch.load(weights_only=True) ({exc}). Files that hold "
             "numpy arrays or other objects need allow_pickle=True; only use it for files you trust."
         ) from exc
     if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a Python list of samples, got {type(data).__name__}")
+        raise DataError(f"{path}: expected a Python list of samples, got {type(data).__name__}")
     return data
 
 
@@ -144,9 +146,9 @@ def _as_box(value: Any, where: str) -> tuple[float, float, float, float]:
     try:
         vals = [float(v) for v in (value.tolist() if hasattr(value, "tolist") else value)]
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"{where}: box must be 4 numbers, got {value!r}") from exc
+        raise DataError(f"{where}: box must be 4 numbers, got {value!r}") from exc
     if len(vals) != 4 or not all(math.isfinite(v) for v in vals):
-        raise ValueError(f"{where}: box must be 4 finite numbers, got {value!r}")
+        raise DataError(f"{where}: box must be 4 finite numbers, got {value!r}")
     return vals[0], vals[1], vals[2], vals[3]
 
 
@@ -163,7 +165,7 @@ def parse_entries(
     for i, item in enumerate(entries):
         where = f"{source}[{i}]"
         if not isinstance(item, (tuple, list)) or len(item) != length:
-            raise ValueError(
+            raise DataError(
                 f"{where}: dataset {dataset!r} expects {length}-tuples "
                 f"({'img_file, bbox, phrase' if length == 3 else 'img_file, ann, bbox, phrase, attributes'}), "
                 f"got {type(item).__name__} of length {len(item) if hasattr(item, '__len__') else '?'}"
@@ -174,13 +176,13 @@ def parse_entries(
         else:
             img_file, ann, bbox, phrase, attributes = item
         if not isinstance(img_file, str) or not isinstance(phrase, str):
-            raise ValueError(f"{where}: img_file and phrase must be strings, got {img_file!r}, {phrase!r}")
+            raise DataError(f"{where}: img_file and phrase must be strings, got {img_file!r}, {phrase!r}")
         a, b, c, d = _as_box(bbox, where)
         if truncate:
             a, b, c, d = (float(int(v)) for v in (a, b, c, d))
         box = (a, b, a + c, b + d) if layout == "xywh" else (a, b, c, d)
         if not (box[2] >= box[0] and box[3] >= box[1]):
-            raise ValueError(f"{where}: box {list(bbox)} ({layout}) has negative width or height")
+            raise DataError(f"{where}: box {list(bbox)} ({layout}) has negative width or height")
         out.append(GroundingSample(img_file, box, phrase, ann, attributes))
     return out
 

@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import DataError
+
 __all__ = [
     "VidTrack",
     "tube_path",
@@ -86,17 +88,17 @@ def load_vid_sentence(root: str | os.PathLike, split: str) -> list[VidTrack]:
     for n, line in enumerate(_read_lines(cap_file)):
         head, sep, caption = line.partition(",")
         if not sep or not head.strip().isdigit():
-            raise ValueError(f"{cap_file}:{n + 1}: expected '<instance index>, <caption>', got {line!r}")
+            raise DataError(f"{cap_file}:{n + 1}: expected '<instance index>, <caption>', got {line!r}")
         idx = int(head)
         if idx >= len(valid):
-            raise ValueError(f"{cap_file}:{n + 1}: instance index {idx} beyond the {len(valid)} valid-list lines")
+            raise DataError(f"{cap_file}:{n + 1}: instance index {idx} beyond the {len(valid)} valid-list lines")
         caps.setdefault(idx, []).append(caption.strip())
     tube_cache: dict[str, dict] = {}
     out: list[VidTrack] = []
     for idx in sorted(caps):
         video, sep, tid = valid[idx].partition(",")
         if not sep:
-            raise ValueError(f"{ann_dir / f'{split}_valid_list.txt'}:{idx + 1}: expected '<video>,<track id>'")
+            raise DataError(f"{ann_dir / f'{split}_valid_list.txt'}:{idx + 1}: expected '<video>,<track id>'")
         video, tid = video.strip(), tid.strip()
         if video not in tube_cache:
             tp = tube_path(root, split, video)
@@ -108,20 +110,20 @@ def load_vid_sentence(root: str | os.PathLike, split: str) -> list[VidTrack]:
         tp = tube_path(root, split, video)
         ann = next((a for a in tube.get("annotations", []) if str(a.get("id")) == tid), None)
         if ann is None:
-            raise ValueError(f"{tp}: no annotation with id {tid!r} (referenced by valid-list line {idx + 1})")
+            raise DataError(f"{tp}: no annotation with id {tid!r} (referenced by valid-list line {idx + 1})")
         track = ann.get("track")
         if not isinstance(track, list) or not track:
-            raise ValueError(f"{tp}: annotation {tid!r} has an empty or missing 'track'")
+            raise DataError(f"{tp}: annotation {tid!r} has an empty or missing 'track'")
         for j, e in enumerate(track):
             miss = [k for k in ("frame", "bbox", "frame_size") if k not in e]
             if miss:
-                raise ValueError(f"{tp}: annotation {tid!r} track[{j}] lacks keys {miss}")
+                raise DataError(f"{tp}: annotation {tid!r} track[{j}] lacks keys {miss}")
             if len(e["bbox"]) != 4:
-                raise ValueError(f"{tp}: annotation {tid!r} track[{j}].bbox must be [x1,y1,x2,y2]")
+                raise DataError(f"{tp}: annotation {tid!r} track[{j}].bbox must be [x1,y1,x2,y2]")
         frames = [int(e["frame"]) for e in track]
         boxes = np.asarray([[float(v) for v in e["bbox"]] for e in track], dtype=np.float64)
         if (boxes[:, 2] < boxes[:, 0]).any() or (boxes[:, 3] < boxes[:, 1]).any():
-            raise ValueError(f"{tp}: annotation {tid!r} has boxes with x2<x1 or y2<y1")
+            raise DataError(f"{tp}: annotation {tid!r} has boxes with x2<x1 or y2<y1")
         h, w = (int(v) for v in track[0]["frame_size"])
         out.append(
             VidTrack(
@@ -146,7 +148,7 @@ def write_tube_json(root: str | os.PathLike, split: str, video: str, annotations
         for e in a["track"]:
             miss = [k for k in TRACK_KEYS if k not in e]
             if miss:
-                raise ValueError(f"track entry of {video}/{a.get('id')} lacks keys {miss}")
+                raise DataError(f"track entry of {video}/{a.get('id')} lacks keys {miss}")
     p = tube_path(root, split, video)
     p.parent.mkdir(parents=True, exist_ok=True)
     with open(p, "w", encoding="utf-8") as f:
@@ -165,19 +167,19 @@ def save_video_level(videos: list[list[list]], path: str | os.PathLike) -> Path:
 
 def _check_video_level(videos: list, where: str) -> None:
     if not isinstance(videos, list):
-        raise ValueError(f"{where}: expected a list of videos, got {type(videos).__name__}")
+        raise DataError(f"{where}: expected a list of videos, got {type(videos).__name__}")
     for v, frames in enumerate(videos):
         if not isinstance(frames, (list, tuple)) or not frames:
-            raise ValueError(f"{where}[{v}]: expected a non-empty list of frames")
+            raise DataError(f"{where}[{v}]: expected a non-empty list of frames")
         for f, item in enumerate(frames):
             if not isinstance(item, (list, tuple)) or len(item) != 3:
-                raise ValueError(f"{where}[{v}][{f}]: expected [img_path, [x1,y1,x2,y2], phrase], got {item!r}")
+                raise DataError(f"{where}[{v}][{f}]: expected [img_path, [x1,y1,x2,y2], phrase], got {item!r}")
             img, box, phrase = item
             if not isinstance(img, str) or not isinstance(phrase, str):
-                raise ValueError(f"{where}[{v}][{f}]: img_path and phrase must be strings")
+                raise DataError(f"{where}[{v}][{f}]: img_path and phrase must be strings")
             vals = list(box.tolist() if hasattr(box, "tolist") else box)
             if len(vals) != 4 or not all(math.isfinite(float(x)) for x in vals) or vals[2] < vals[0] or vals[3] < vals[1]:
-                raise ValueError(f"{where}[{v}][{f}]: bad box {box!r} (want [x1,y1,x2,y2], x2>=x1, y2>=y1)")
+                raise DataError(f"{where}[{v}][{f}]: bad box {box!r} (want [x1,y1,x2,y2], x2>=x1, y2>=y1)")
 
 
 def load_video_level(
@@ -195,7 +197,7 @@ def load_video_level(
     except Exception as exc:
         if allow_pickle:
             raise
-        raise ValueError(
+        raise DataError(
             f"{path}: cannot be read with torch.load(weights_only=True) ({exc}); "
             "pass allow_pickle=True only for files you trust"
         ) from exc

@@ -35,6 +35,8 @@ from typing import Any, Iterable, Sequence
 import h5py
 import numpy as np
 
+from ..errors import DataError
+
 log = logging.getLogger("groundkit.wang21")
 
 __all__ = [
@@ -66,7 +68,7 @@ __all__ = [
 ]
 
 
-class Wang21DataError(ValueError):
+class Wang21DataError(DataError):
     """An input file that does not have the format the method needs (message names file, key, shape)."""
 
 

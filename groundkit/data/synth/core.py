@@ -24,6 +24,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
+from ...errors import GroundkitError
+
 __all__ = [
     "WORLD_VERSION",
     "SIZES",
@@ -62,11 +64,11 @@ TASKS: dict[str, str] = {
 }
 
 
-class TaskUnavailableError(RuntimeError):
+class TaskUnavailableError(GroundkitError, RuntimeError):
     """The task's module is not part of this installation."""
 
 
-class CacheError(RuntimeError):
+class CacheError(GroundkitError, RuntimeError):
     """An output directory exists but cannot be used or replaced safely."""
 
 
