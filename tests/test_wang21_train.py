@@ -165,3 +165,59 @@ def test_cli_data_error_is_one_line(world, tmp_path, capsys):
     assert rc == 2
     assert err.startswith("groundkit: error:") and "captions_per_image=3" in err and "phrase_features_train.hdf5" in err
     assert "Traceback" not in err
+
+
+def _eval_overrides(root, p):
+    return {"data.region_feat_path": str(root / "region_features_{split}.hdf5"), "data.phrase_feat_path": str(root / "phrase_features_{split}.hdf5"),
+            "data.glove_path": p["glove"], "data.region_dim": 16, "data.n_proposals": 0, "data.phrase_to_label_json": p["json"],
+            "data.class_names": p["classes"], "data.captions_per_image": 0, "model.lstm_hidden": 8, "model.mlp_hidden": 8,
+            "model.embed_dim": 8, "train.eval_batch_size": 5}
+
+
+def ddp_eval_worker(rank: int, world: int, port: int, over: dict, out: str) -> None:
+    """One gloo process: evaluate the same (seeded) model on the test split; rank 0 writes the metrics."""
+    import os
+
+    from groundkit import distributed
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    distributed.init_distributed("cpu")
+    try:
+        cfg = load_config(Wang21Config, "reference_distill", over, method="wang21")
+        torch.manual_seed(0)
+        model = METHOD.build_model(cfg)
+        ds = METHOD.build_dataset(cfg, "test")
+        seen: list[int] = []
+        get = ds.get_batch
+        ds.get_batch = lambda idx: (seen.extend(int(i) for i in idx), get(idx))[1]
+        m = METHOD.evaluate(model, ds, cfg, torch.device("cpu"))
+        with open(f"{out}.rank{rank}", "w") as f:
+            json.dump(seen, f)
+        if rank == 0:
+            with open(out, "w") as f:
+                json.dump(m, f)
+    finally:
+        distributed.cleanup()
+
+
+def test_eval_under_ddp_counts_each_pair_once(world, tmp_path):
+    """2 processes split the test pairs (24 pairs in batches of 5: uneven shares) and sum the counts:
+    the same R@k, upper bound and baselines as one process."""
+    import socket
+
+    root, p = world
+    over = _eval_overrides(root, p)
+    cfg = load_config(Wang21Config, "reference_distill", over, method="wang21")
+    torch.manual_seed(0)
+    one = METHOD.evaluate(METHOD.build_model(cfg), METHOD.build_dataset(cfg, "test"), cfg, torch.device("cpu"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(ddp_eval_worker, args=(2, port, over, str(tmp_path / "two.json")), nprocs=2, join=True)
+    two = json.loads((tmp_path / "two.json").read_text())
+    shares = [json.loads((tmp_path / f"two.json.rank{r}").read_text()) for r in (0, 1)]
+    assert sorted(shares[0] + shares[1]) == list(range(24)) and all(shares)  # each pair on exactly one rank
+    assert two["num_phrases"] == one["num_phrases"] and one["num_pairs"] == 24
+    for k in ("R@1", "R@5", "R@10", "upper_bound", "random_R@1", "teacher_R@1", "teacher_coverage"):
+        assert two[k] == pytest.approx(one[k], abs=1e-9), k

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import distributed as dist_utils
 from ..config import ConfigError, ExperimentConfig, OptimConfig, TrainConfig
 from ..data import wang21 as wdata
 from ..metrics import PhraseRecallAccumulator, box_iou
@@ -451,7 +452,8 @@ class Wang21Method:
         n_teacher_eval = 0
         bs = max(1, cfg.train.eval_batch_size)
         n = len(dataset)
-        for start in range(0, n, bs):
+        # under DDP each rank takes every world-th batch; the integer counts are summed below
+        for start in range(dist_utils.rank() * bs, n, dist_utils.world_size() * bs):
             b = dataset.get_batch(torch.arange(start, min(n, start + bs)))
             b = {k: v.to(device) for k, v in b.items()}
             r, q = m(b["region_feats"], b["words"], b["token_mask"])
@@ -479,6 +481,12 @@ class Wang21Method:
                     if tsc is not None and bool((ei & mapped[i]).any()):
                         teacher_acc.update(tsc[i][:, vr], props, gt[i], mask=ei & mapped[i])
                         n_teacher_eval += int((ei & mapped[i]).sum())
+        acc.all_reduce()
+        if ec.baselines:
+            teacher_acc.all_reduce()
+            parts = dist_utils.all_gather_object((rand_hits, n_teacher_eval))
+            rand_hits = {k: sum(p[0][k] for p in parts) for k in ec.ks}
+            n_teacher_eval = sum(p[1] for p in parts)
         out = acc.compute()
         out["num_pairs"] = n
         if ec.baselines:
