@@ -300,3 +300,40 @@ def test_prototype_features_without_pixels(tmp_path):
     np.fill_diagonal(same, False)
     diff = cats[:, None] != cats[None, :]
     assert same.any() and sim[same].mean() > sim[diff].mean()
+
+
+def test_error_breakdown_causes(world):
+    """The world's diagnosis: a score that picks a GT-hitting box is all hits; one that picks clutter
+    is all clutter; a part box of the target is a part error; counts always sum to the phrases."""
+    import torch
+
+    from groundkit.config import load_config
+    from groundkit.methods.wang21 import Wang21Config, Wang21Dataset, error_breakdown, resolve_paths
+    from groundkit.metrics import box_iou
+
+    over = {"data.region_feat_path": str(world / "region_features_{split}.hdf5"), "data.phrase_feat_path": str(world / "phrase_features_{split}.hdf5"),
+            "data.glove_path": str(world / "glove.hdf5")}
+    cfg = load_config(Wang21Config, "world_reference_nce", over, method="wang21")
+    ds = Wang21Dataset(cfg, "test", *resolve_paths(cfg.data, "test"))
+    scenes = {json.loads(x)["id"]: json.loads(x) for x in (world / "meta" / "scenes.jsonl").read_text().splitlines()}
+
+    def by_rule(rule):
+        def fn(b):
+            B, P, N = b["gt_boxes"].shape[0], b["gt_boxes"].shape[1], b["region_boxes"].shape[1]
+            out = torch.zeros(B, P, N)
+            for i in range(B):
+                kind = torch.tensor(scenes[ds.image_ids[int(b["image_index"][i])]]["proposal_kind"])
+                iou = box_iou(b["gt_boxes"][i].float(), b["region_boxes"][i].float())  # [P, N]
+                out[i] = rule(iou, kind)
+            return out
+        return fn
+
+    oracle = error_breakdown(by_rule(lambda iou, kind: iou), ds, world)
+    n = oracle["num_phrases"]
+    assert n > 20 and sum(oracle["counts"].values()) == n
+    hits_possible = oracle["counts"]["hit"]
+    assert hits_possible / n > 0.8  # the best-IoU box hits unless no proposal does (upper bound ~0.9)
+    clutter = error_breakdown(by_rule(lambda iou, kind: (kind == 2).float()[None].expand_as(iou) - 1e-3 * iou), ds, world)
+    assert clutter["counts"]["clutter"] + clutter["counts"]["hit"] == n and clutter["counts"]["clutter"] > 0.9 * n
+    part = error_breakdown(by_rule(lambda iou, kind: (kind == 1).float()[None] * (iou > 0.05).float() + 0.01 * iou), ds, world)
+    assert part["counts"]["part_of_target"] > 0.3 * n, part["counts"]

@@ -18,7 +18,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import h5py
 import numpy as np
@@ -54,6 +54,7 @@ __all__ = [
     "resolve_paths",
     "run_sweep",
     "format_table",
+    "error_breakdown",
 ]
 
 
@@ -684,6 +685,82 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             lines.append(f"| detector teacher alone (mapped phrases, {100 * any_runs[-1].get('teacher_coverage', float('nan')):.0f}%) | {100 * tr[-1]:.2f} | | |")
         lines.append(f"| proposal upper bound | {100 * x['upper_bound']:.2f} | | |")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- diagnosis on the built-in world
+
+ERROR_CAUSES = ("hit", "part_of_target", "loose_box_of_target", "co_occurring_partner", "other_object", "group_box", "clutter")
+
+
+@torch.no_grad()
+def error_breakdown(
+    score_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor], dataset: Wang21Dataset, world_dir: str | Path,
+    k: int = 8, iou_threshold: float = 0.5, batch_size: int = 64,
+) -> dict[str, Any]:
+    """Where the top-1 proposal of each phrase goes, on a split of the built-in phrase world.
+
+    ``score_fn(batch) -> [B, P, N]`` region-phrase scores (e.g. a model's cosines). Uses the world's
+    ``meta/scenes.jsonl`` (which object each proposal was drawn from, and how). Causes: ``hit``
+    (IoU >= threshold with the GT), a miss on the target object (``part_of_target``: a part box;
+    ``loose_box_of_target``: a jittered whole box below the threshold), the target's co-occurring
+    partner, another object, a group box, clutter. Per cause, ``fixable_in_neighbourhood`` counts
+    misses whose K regions around the top-1 (the reference distillation candidates) hold a hit.
+    """
+    import json
+
+    scenes: dict[str, dict] = {}
+    with open(Path(world_dir) / "meta" / "scenes.jsonl") as f:
+        for line in f:
+            r = json.loads(line)
+            scenes[r["id"]] = r
+    counts = {c: 0 for c in ERROR_CAUSES}
+    fixable = {c: 0 for c in ERROR_CAUSES if c != "hit"}
+    n = len(dataset)
+    for start in range(0, n, batch_size):
+        b = dataset.get_batch(torch.arange(start, min(n, start + batch_size)))
+        sim = score_fn(b).float().masked_fill(~b["region_valid"][:, None, :], float("-inf"))
+        nb = distill_neighbourhood(sim, b["region_boxes"], b["region_valid"], k)
+        for i in range(sim.shape[0]):
+            image_id = dataset.image_ids[int(b["image_index"][i])]
+            if image_id not in scenes:
+                raise KeyError(f"{world_dir}/meta/scenes.jsonl: no scene for image {image_id!r} (not a built-in world of this split?)")
+            sc = scenes[image_id]
+            objs = sc["scene"]["objects"]
+            obj_boxes = torch.tensor([o["box"] for o in objs], dtype=torch.float32).reshape(-1, 4)
+            valid = b["region_valid"][i]
+            for p in torch.nonzero(b["eval_valid"][i]).flatten().tolist():
+                gt = b["gt_boxes"][i, p].float()[None]
+                hit = (box_iou(gt, b["region_boxes"][i].float())[0] >= iou_threshold) & valid
+                top = int(sim[i, p].argmax())
+                if bool(hit[top]):
+                    counts["hit"] += 1
+                    continue
+                targets = set((box_iou(gt, obj_boxes)[0] > 0.7).nonzero().flatten().tolist()) if len(objs) else set()
+                src, kind = sc["proposal_source"][top], sc["proposal_kind"][top]
+                if src == -1:
+                    cause = "clutter"
+                elif src == -2:
+                    cause = "group_box"
+                elif src in targets:
+                    cause = "part_of_target" if kind == 1 else "loose_box_of_target"
+                elif objs[src].get("partner_of") in targets or any(objs[t].get("partner_of") == src for t in targets):
+                    cause = "co_occurring_partner"
+                else:
+                    cause = "other_object"
+                counts[cause] += 1
+                if bool(hit[nb[i, p]].any()):
+                    fixable[cause] += 1
+    total = sum(counts.values())
+    return {"num_phrases": total, "counts": counts, "fractions": {c: v / max(total, 1) for c, v in counts.items()},
+            "fixable_in_neighbourhood": fixable, "k": k}
+
+
+def model_scores(model: nn.Module) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+    """``score_fn`` for :func:`error_breakdown`: a wang21 model's region-phrase cosines [B, P, N]."""
+    def fn(b: dict[str, torch.Tensor]) -> torch.Tensor:
+        r, q = model(b["region_feats"], b["words"], b["token_mask"])
+        return torch.einsum("bpd,bnd->bpn", q, r)
+    return fn
 
 
 # ----------------------------------------------------------------------------- predict
