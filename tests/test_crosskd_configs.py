@@ -79,3 +79,13 @@ def test_dimension_mismatch_with_config_is_clear(tmp_path):
                                                     "data.expert_dims": {"scene.densenet161.0": 2208}}, method="crosskd")
     with pytest.raises(FeatureError, match="expected 2208"):
         METHOD.build_model(cfg)
+
+
+def test_msvd_layout_r2p1d_folders():
+    """MSVD: only the Kinetics-finetuned R(2+1)D expert lives in the stride-8 folder (as the reference's
+    MSVD data loader and archive list have it); the plain IG-65M one stays at stride 32."""
+    from groundkit.data.crosskd import DATASET_LAYOUTS
+
+    ex = DATASET_LAYOUTS["msvd"]["experts"]
+    assert "_stride8_" in ex["r2p1d.r2p1d-ig65m-kinetics.0"] and "_stride32_" in ex["r2p1d.r2p1d-ig65m.0"]
+    assert set(ex) == set(DATASET_LAYOUTS["msrvtt"]["experts"]) - {"audio", "speech"}

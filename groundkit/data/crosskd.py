@@ -238,8 +238,9 @@ _TEACHERS = {
     "gpt2-xl-finetuned": "teachers/train-full-ce-refined-text-gpt2-xl-finetuned.pkl",
 }
 
-# Relative paths of the released archives, per data set (from the reference data loaders and
-# ``misc/datasets/<ds>/tar_include_hq.txt``). Configs can override any entry.
+# Relative paths of the released archives (``high-quality/structured-symlinks``), per data set, as
+# the reference data loaders build them and ``misc/datasets/<ds>/tar_include_hq.txt`` lists them
+# (checked for all four data sets). Configs can override any entry.
 DATASET_LAYOUTS: dict[str, dict[str, Any]] = {
     "msrvtt": {
         "experts": _MSRVTT_EXPERTS,
@@ -254,7 +255,9 @@ DATASET_LAYOUTS: dict[str, dict[str, Any]] = {
         "test_caption_index": {"1k-A": "jsfusion_val_caption_idx.pkl"},
     },
     "msvd": {
-        "experts": {k: v.replace("stride32", "stride8") if "r2p1d" in k else v for k, v in _MSRVTT_EXPERTS.items() if k not in ("audio", "speech")},
+        # only the kinetics-finetuned R(2+1)D moved to a stride-8 folder (MSVD_dataset.py custom_paths)
+        "experts": {k: v.replace("stride32", "stride8") if k == "r2p1d.r2p1d-ig65m-kinetics.0" else v
+                    for k, v in _MSRVTT_EXPERTS.items() if k not in ("audio", "speech")},
         "text_feats": {"gpt2-xl-finetune": "aggregated_text_feats/gpt2-xl-finetune.pkl"},
         "raw_captions": "raw-captions.pkl",
         "teachers": _TEACHERS,
