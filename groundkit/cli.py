@@ -211,15 +211,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return int(args.func(args, rest) if getattr(args, "takes_rest", False) else args.func(args) or 0)
-    except ConfigError as e:
-        if os.environ.get("GROUNDKIT_DEBUG"):
-            raise
-        print(f"groundkit: config error: {e}", file=sys.stderr)
-        return 2
     except (GroundkitError, FileNotFoundError) as e:  # bad input or environment: one line, no traceback
         if os.environ.get("GROUNDKIT_DEBUG"):
             raise
-        print(f"groundkit: error: {e}", file=sys.stderr)
+        print(f"groundkit: {'config error' if isinstance(e, ConfigError) else 'error'}: {e}", file=sys.stderr)
         return 2
 
 

@@ -457,8 +457,7 @@ class Wang21Method:
         for start in range(dist_utils.rank() * bs, n, dist_utils.world_size() * bs):
             b = dataset.get_batch(torch.arange(start, min(n, start + bs)))
             b = {k: v.to(device) for k, v in b.items()}
-            r, q = m(b["region_feats"], b["words"], b["token_mask"])
-            sim = torch.einsum("bpd,bnd->bpn", q, r).float().cpu()
+            sim = m.phrase_region_scores(b["region_feats"], b["words"], b["token_mask"]).float().cpu()
             boxes, valid_r, gt, ev = (b[k].cpu() for k in ("region_boxes", "region_valid", "gt_boxes", "eval_valid"))
             tsc = None
             if ec.baselines and "teacher_w" in b:
@@ -727,15 +726,16 @@ def error_breakdown(
             sc = scenes[image_id]
             objs = sc["scene"]["objects"]
             obj_boxes = torch.tensor([o["box"] for o in objs], dtype=torch.float32).reshape(-1, 4)
-            valid = b["region_valid"][i]
+            gt = b["gt_boxes"][i].float()  # [P, 4]
+            hits = (box_iou(gt, b["region_boxes"][i].float()) >= iou_threshold) & b["region_valid"][i]  # [P, N]
+            on_obj = box_iou(gt, obj_boxes) > 0.7 if len(objs) else torch.zeros(len(gt), 0, dtype=torch.bool)  # [P, O]
             for p in torch.nonzero(b["eval_valid"][i]).flatten().tolist():
-                gt = b["gt_boxes"][i, p].float()[None]
-                hit = (box_iou(gt, b["region_boxes"][i].float())[0] >= iou_threshold) & valid
+                hit = hits[p]
                 top = int(sim[i, p].argmax())
                 if bool(hit[top]):
                     counts["hit"] += 1
                     continue
-                targets = set((box_iou(gt, obj_boxes)[0] > 0.7).nonzero().flatten().tolist()) if len(objs) else set()
+                targets = set(on_obj[p].nonzero().flatten().tolist())
                 src, kind = sc["proposal_source"][top], sc["proposal_kind"][top]
                 if src == -1:
                     cause = "clutter"
@@ -757,10 +757,7 @@ def error_breakdown(
 
 def model_scores(model: nn.Module) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
     """``score_fn`` for :func:`error_breakdown`: a wang21 model's region-phrase cosines [B, P, N]."""
-    def fn(b: dict[str, torch.Tensor]) -> torch.Tensor:
-        r, q = model(b["region_feats"], b["words"], b["token_mask"])
-        return torch.einsum("bpd,bnd->bpn", q, r)
-    return fn
+    return lambda b: model.phrase_region_scores(b["region_feats"], b["words"], b["token_mask"])
 
 
 # ----------------------------------------------------------------------------- predict
@@ -804,8 +801,8 @@ def predict_phrases(
             log.warning("phrase %r: no word has a vector in %s; its ranking is meaningless", phrases[i], cfg.data.glove_path)
     valid = torch.from_numpy(reg.valid[0])
     with torch.no_grad():
-        r, q = model(torch.from_numpy(reg.features[0])[None].float(), words[None], mask[None])
-        sim = (q[0] @ r[0].t()).masked_fill(~valid[None], float("-inf"))
+        sim = model.phrase_region_scores(torch.from_numpy(reg.features[0])[None].float(), words[None], mask[None])[0]
+        sim = sim.masked_fill(~valid[None], float("-inf"))
     boxes = reg.boxes[0]
     out = []
     for i, p in enumerate(phrases):

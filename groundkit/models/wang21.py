@@ -142,6 +142,11 @@ class Wang21Model(nn.Module):
         """region_feats [B, N, D], words [B, P, T, E], token_mask [B, P, T] -> (r [B, N, d], q [B, P, d])."""
         return self.region(region_feats), self.encode_phrases(words, token_mask)
 
+    def phrase_region_scores(self, region_feats: torch.Tensor, words: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+        """Cosine of every phrase with every region of its own image: same inputs as forward -> [B, P, N]."""
+        r, q = self(region_feats, words, token_mask)
+        return torch.einsum("bpd,bnd->bpn", q, r)
+
 
 # ----------------------------------------------------------------------------- losses
 
