@@ -337,3 +337,23 @@ def test_error_breakdown_causes(world):
     assert clutter["counts"]["clutter"] + clutter["counts"]["hit"] == n and clutter["counts"]["clutter"] > 0.9 * n
     part = error_breakdown(by_rule(lambda iou, kind: (kind == 1).float()[None] * (iou > 0.05).float() + 0.01 * iou), ds, world)
     assert part["counts"]["part_of_target"] > 0.3 * n, part["counts"]
+
+
+def test_breakdown_of_a_trained_checkpoint(world, tmp_path):
+    """From a run's checkpoint: the causes cover every test phrase and the hits are the run's R@1
+    (up to the tie rule at IoU = 0.5 exactly)."""
+    import torch
+
+    from groundkit.config import load_config
+    from groundkit.engine import fit
+    from groundkit.methods.wang21 import METHOD, Wang21Config, breakdown_of_checkpoint
+
+    torch.set_num_threads(1)
+    over = {"data.region_feat_path": str(world / "region_features_{split}.hdf5"), "data.phrase_feat_path": str(world / "phrase_features_{split}.hdf5"),
+            "data.glove_path": str(world / "glove.hdf5"), "train.max_steps": 3, "train.batch_size": 8, "train.progress": False,
+            "train.tensorboard": False, "train.output_dir": str(tmp_path / "run"), "model.lstm_hidden": 16, "model.mlp_hidden": 32, "model.embed_dim": 16}
+    final = fit(METHOD, load_config(Wang21Config, "world_reference_nce", over, method="wang21"))["final"]
+    r = breakdown_of_checkpoint(tmp_path / "run" / "checkpoints" / "best", world)
+    n = r["num_phrases"]
+    assert n == final["num_phrases"] and sum(r["counts"].values()) == n
+    assert abs(r["fractions"]["hit"] - final["R@1"]) <= 1.0 / n

@@ -55,6 +55,8 @@ __all__ = [
     "run_sweep",
     "format_table",
     "error_breakdown",
+    "breakdown_of_checkpoint",
+    "load_trained",
 ]
 
 
@@ -760,18 +762,22 @@ def model_scores(model: nn.Module) -> Callable[[dict[str, torch.Tensor]], torch.
     return lambda b: model.phrase_region_scores(b["region_feats"], b["words"], b["token_mask"])
 
 
+def breakdown_of_checkpoint(checkpoint: str | Path, world_dir: str | Path, split: str = "test", k: int = 8) -> dict[str, Any]:
+    """:func:`error_breakdown` of a trained checkpoint on a split of the built-in world it was trained
+    on (the region / phrase files named in its config)."""
+    cfg, model = load_trained(checkpoint)
+    paths = resolve_paths(cfg.data, split)
+    if paths is None:
+        raise ConfigError(f"{checkpoint}: its config names no {split} files")
+    return error_breakdown(model_scores(model), Wang21Dataset(cfg, split, *paths), world_dir, k=k)
+
+
 # ----------------------------------------------------------------------------- predict
 
 
-def predict_phrases(
-    checkpoint: str | Path, region_feat_path: str, image_id: str, phrases: Sequence[str], glove_path: str | None = None, top_k: int = 5
-) -> list[dict[str, Any]]:
-    """Rank an image's proposals for free-text phrases with a trained checkpoint (a run's
-    ``checkpoints/best`` directory; its config is read from ``meta.json``).
-
-    Returns, per phrase, ``{"phrase", "tokens", "boxes": [[x1, y1, x2, y2], ...], "scores": [...]}``
-    (the ``top_k`` best proposals, pixel coordinates of the region file).
-    """
+def load_trained(checkpoint: str | Path, glove_path: str | None = None) -> tuple[Wang21Config, nn.Module]:
+    """(config, model in eval mode) of a trained checkpoint directory (e.g. a run's ``checkpoints/best``),
+    the config read from its ``meta.json``; ``glove_path`` replaces the word vectors it names."""
     import json
 
     from ..checkpoint import load_weights
@@ -786,7 +792,20 @@ def predict_phrases(
         cfg.data.glove_path = glove_path
     model = METHOD.build_model(cfg)
     load_weights(model, ck)
-    model.eval()
+    return cfg, model.eval()
+
+
+
+def predict_phrases(
+    checkpoint: str | Path, region_feat_path: str, image_id: str, phrases: Sequence[str], glove_path: str | None = None, top_k: int = 5
+) -> list[dict[str, Any]]:
+    """Rank an image's proposals for free-text phrases with a trained checkpoint (a run's
+    ``checkpoints/best`` directory; its config is read from ``meta.json``).
+
+    Returns, per phrase, ``{"phrase", "tokens", "boxes": [[x1, y1, x2, y2], ...], "scores": [...]}``
+    (the ``top_k`` best proposals, pixel coordinates of the region file).
+    """
+    cfg, model = load_trained(checkpoint, glove_path)
     reg = wdata.read_region_hdf5(region_feat_path, cfg.data.region_dim, image_ids=[image_id])
     toks = [wdata.tokenize(p)[: cfg.data.max_tokens] for p in phrases]
     vecs = wdata.load_word_vectors(cfg.data.glove_path, {t for ts in toks for t in ts})
