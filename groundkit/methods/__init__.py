@@ -1,1 +1,111 @@
-"""Methods: each module exposes ``METHOD`` (see :mod:`groundkit.engine`) and is listed in ``groundkit.cli.METHODS``."""
+"""The one registry of methods, read by the command line, the demo, the benchmarks and the web page.
+
+Each entry names the package that holds the method (``groundkit/methods/<name>/``, exposing
+``METHOD``, a :class:`~groundkit.methods.base.Method`). Packages are imported on first use, so
+``groundkit --help`` stays fast and a method whose optional dependencies are missing only
+disappears from the list.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import GroundkitError
+from .base import Method, Predictor
+
+__all__ = ["METHODS", "Method", "Predictor", "available_methods", "get_method", "load_run", "find_run_files"]
+
+#: method name -> package holding ``METHOD``
+METHODS: dict[str, str] = {
+    "wang21": "groundkit.methods.wang21",
+    "crosskd": "groundkit.methods.crosskd",
+}
+
+
+class UnknownMethodError(GroundkitError, KeyError):
+    """A method name that is not registered or cannot be imported here."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+def _import(name: str) -> Method | None:
+    mod_name = METHODS[name]
+    try:
+        mod = importlib.import_module(mod_name)
+    except ModuleNotFoundError as e:
+        if e.name and (mod_name == e.name or mod_name.startswith(e.name + ".")):
+            return None
+        raise
+    return getattr(mod, "METHOD", None)
+
+
+def available_methods() -> list[str]:
+    """Registered methods that import in this installation."""
+    return [n for n in METHODS if _import(n) is not None]
+
+
+def get_method(name: str) -> Method:
+    """The method registered under ``name``."""
+    if name not in METHODS:
+        raise UnknownMethodError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
+    m = _import(name)
+    if m is None:
+        raise UnknownMethodError(f"method {name!r} is not available in this installation")
+    return m
+
+
+def find_run_files(path: str | Path) -> tuple[Path, Path]:
+    """``(checkpoint directory, run directory)`` for a run directory, a checkpoint directory, or a
+    checkpoint's ``.safetensors`` file. A run directory gives its best checkpoint (else its latest)."""
+    from ..checkpoint import CheckpointError, latest_checkpoint
+
+    p = Path(path).expanduser()
+    if p.is_file():
+        p = p.parent
+    if not p.is_dir():
+        raise CheckpointError(f"{path}: no such run or checkpoint directory")
+    if (p / "checkpoints").is_dir():
+        best = p / "checkpoints" / "best"
+        ck = best if (best / "meta.json").is_file() else latest_checkpoint(p)
+        if ck is None:
+            raise CheckpointError(f"{p}: run directory holds no checkpoint yet")
+        return ck, p
+    if (p / "meta.json").is_file():
+        run = p.parent.parent if p.parent.name == "checkpoints" else p
+        return p, run
+    raise CheckpointError(f"{path}: neither a run directory (with checkpoints/) nor a checkpoint (with meta.json)")
+
+
+def load_run(path: str | Path, device: str | Any = "cpu", overrides: dict[str, Any] | None = None) -> tuple[Method, Any, Any]:
+    """``(method, config, model in eval mode)`` from a run directory or any of its checkpoints.
+
+    The method and the config come from the checkpoint's own metadata (older checkpoints: the run's
+    ``config.yaml``), so a model is always rebuilt the way it was trained; ``overrides``
+    (``{"data.x": value}``) change what the caller wants changed, e.g. the evaluation files.
+    """
+    from ..checkpoint import CheckpointError, load_weights
+    from ..config import apply_overrides, from_dict, load_yaml
+
+    ck, run = find_run_files(path)
+    meta = json.loads((ck / "meta.json").read_text())
+    name = meta.get("method")
+    cfg_dict = meta.get("config")
+    if (name is None or cfg_dict is None) and (run / "config.yaml").is_file():
+        data = load_yaml(run / "config.yaml")
+        name = name or data.pop("method", None)
+        data.pop("method", None)
+        cfg_dict = cfg_dict if cfg_dict is not None else data
+    if not name or cfg_dict is None:
+        raise CheckpointError(f"{ck}: the checkpoint names no method/config and {run}/config.yaml is missing")
+    method = get_method(name)
+    if overrides:
+        cfg_dict = apply_overrides(method.config_class, cfg_dict, overrides)
+    cfg = from_dict(method.config_class, cfg_dict)
+    model = method.build_model(cfg)
+    load_weights(model, ck)
+    model.to(device)
+    return method, cfg, model.eval()

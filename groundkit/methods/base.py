@@ -1,0 +1,137 @@
+"""The declared interface between a method and the rest of groundkit.
+
+A method is a :class:`Method` subclass in ``groundkit/methods/<name>/``; one instance (``METHOD``)
+is registered in :mod:`groundkit.methods`. The engine, the command line, the demo, the benchmarks
+and the web page only ever call the members below; every optional member has a working default,
+so nothing is probed with ``hasattr``.
+
+Required: ``name``, ``config_class``, :meth:`Method.build_model`, :meth:`Method.build_dataset`,
+:meth:`Method.training_step`, and either :meth:`Method.evaluate` or the pair
+:meth:`Method.eval_step` / :meth:`Method.compute_metrics`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..config import ExperimentConfig
+
+__all__ = ["Method", "Predictor"]
+
+
+class Predictor:
+    """One-call inference with a trained model, apart from training code.
+
+    ``kind`` tells a caller (``groundkit predict``, the web page) which call the predictor answers:
+
+    - ``"image_text"``: :meth:`ground` (an image and expressions -> boxes in original pixels);
+    - ``"video_text"``: :meth:`ground_video` (frames and one expression -> a box per frame);
+    - ``"text_video"``: :meth:`search` (a text -> ranked videos of an indexed collection);
+    - ``"regions_text"``: :meth:`ground_regions` (precomputed region features and phrases -> ranked boxes).
+    """
+
+    kind: ClassVar[str] = ""
+    method: ClassVar[str] = ""
+
+    def ground(self, image: Any, texts: list[str]) -> list[dict[str, Any]]:
+        """Per text: ``{"text", "box": [x1, y1, x2, y2], "score"}`` in the image's pixels."""
+        raise NotImplementedError(f"{type(self).__name__} does not ground images")
+
+    def ground_video(self, frames: list[Any], text: str) -> dict[str, Any]:
+        """``{"text", "boxes": [[x1, y1, x2, y2] per frame], "scores": [...]}``."""
+        raise NotImplementedError(f"{type(self).__name__} does not ground videos")
+
+    def search(self, text: str, k: int = 10) -> list[dict[str, Any]]:
+        """The ``k`` best videos for ``text``: ``[{"video", "score", "rank"}]``."""
+        raise NotImplementedError(f"{type(self).__name__} does not search videos")
+
+    def ground_regions(self, regions: Any, phrases: list[str], top_k: int = 5) -> list[dict[str, Any]]:
+        """Per phrase: ``{"phrase", "boxes", "scores"}`` ranked over the given proposals."""
+        raise NotImplementedError(f"{type(self).__name__} does not rank region proposals")
+
+
+class Method:
+    """Base class of every method. Subclasses set the class attributes and override the hooks."""
+
+    #: registry name, also the ``method:`` key of a run's config.yaml
+    name: ClassVar[str] = ""
+    #: the method's typed config (an :class:`~groundkit.config.ExperimentConfig` subclass)
+    config_class: ClassVar[type[ExperimentConfig]] = ExperimentConfig
+    #: shipped config used when the command line names none (a file in the method's ``configs/``)
+    default_config: ClassVar[str] = ""
+    #: one line for ``groundkit --help`` and the web page
+    summary: ClassVar[str] = ""
+    #: extra subcommands: ``{"data" | "bench" | "predict": {command: "module:register_function"}}``;
+    #: ``register_function(subparsers)`` adds one parser and sets ``func``. Imported lazily.
+    commands: ClassVar[dict[str, dict[str, str]]] = {}
+
+    # ------------------------------------------------------------------ construction (required)
+
+    def build_model(self, cfg: Any) -> nn.Module:
+        raise NotImplementedError
+
+    def build_dataset(self, cfg: Any, split: str) -> Any:
+        """A dataset with ``__len__`` and ``get_batch(indices)`` (vectorised) or ``__getitem__``
+        (plus optional ``collate``); optional ``set_epoch(epoch)`` for per-epoch random choices.
+        None when the config names no data for ``split``."""
+        raise NotImplementedError
+
+    def has_split(self, cfg: Any, split: str) -> bool:
+        """Whether ``split`` exists for this config (the engine skips a final split that does not)."""
+        return True
+
+    # ------------------------------------------------------------------ training
+
+    def on_train_start(self, model: nn.Module, dataset: Any, cfg: Any, device: torch.device) -> None:
+        """State that lives beside the model (e.g. features moved to the device, statistics)."""
+
+    def training_step(self, model: nn.Module, batch: Any, step: int, cfg: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        """``(loss, logs)`` for one batch."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self, model: nn.Module, dataset: Any, cfg: Any, device: torch.device) -> dict[str, float]:
+        """Metrics on ``dataset``. The default runs :meth:`eval_step` over the samples (sharded
+        under DDP, every sample once) and hands the gathered outputs to :meth:`compute_metrics`."""
+        from ..engine import evaluate_samples
+
+        return evaluate_samples(self, model, dataset, cfg, device)
+
+    def eval_step(self, model: nn.Module, batch: Any, cfg: Any) -> dict[str, Any]:
+        """Per-sample outputs of one batch: ``{key: tensor or list with one entry per sample}``."""
+        raise NotImplementedError(f"{type(self).__name__} overrides neither evaluate() nor eval_step()")
+
+    def compute_metrics(self, outputs: dict[str, Any], dataset: Any, cfg: Any) -> dict[str, float]:
+        """Metrics from the per-sample outputs of every sample, in dataset order."""
+        raise NotImplementedError(f"{type(self).__name__} overrides neither evaluate() nor compute_metrics()")
+
+    def format_eval(self, metrics: dict[str, float], split: str) -> str:
+        """How ``groundkit eval`` prints the metrics."""
+        from ..runlog import format_metrics
+
+        return f"{split}: {format_metrics(metrics)}"
+
+    # ------------------------------------------------------------------ inference
+
+    def predictor(self, run: str | Path, device: str = "cpu", **options: Any) -> Predictor:
+        """A :class:`Predictor` for a trained run directory or checkpoint."""
+        raise NotImplementedError(f"method {self.name!r} has no predictor")
+
+    # ------------------------------------------------------------------ command line
+
+    def add_cli_args(self, parser: argparse.ArgumentParser, mode: str) -> None:
+        """The method's own flags for ``groundkit train|eval METHOD`` (shown in ``--help``);
+        ``mode`` is ``"train"`` or ``"eval"``. Flags default to None (= not given)."""
+
+    def cli_overrides(self, args: dict[str, Any], mode: str) -> dict[str, Any]:
+        """Config overrides (``{"data.x": value}``) from the method's flags that were given."""
+        return {}
+
+    def __repr__(self) -> str:
+        return f"<method {self.name}>"
