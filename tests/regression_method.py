@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from groundkit.config import ExperimentConfig
+from groundkit.methods.base import Method
 
 
 @dataclass
@@ -39,7 +40,7 @@ class RegDataset:
         return {"x": self.x[i], "y": self.y[i], "index": i}
 
 
-class RegressionMethod:
+class RegressionMethod(Method):
     name = "regression"
     config_class = RegConfig
 

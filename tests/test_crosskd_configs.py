@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from groundkit.config import load_config
-from groundkit.data.crosskd import DATASET_LAYOUTS, FeatureError
+from groundkit.formats.collaborative_experts import DATASET_LAYOUTS, FeatureError
 from groundkit.engine import evaluate
 from groundkit.methods.crosskd import METHOD, CrossKDConfig
 
@@ -84,7 +84,7 @@ def test_dimension_mismatch_with_config_is_clear(tmp_path):
 def test_msvd_layout_r2p1d_folders():
     """MSVD: only the Kinetics-finetuned R(2+1)D expert lives in the stride-8 folder (as the reference's
     MSVD data loader and archive list have it); the plain IG-65M one stays at stride 32."""
-    from groundkit.data.crosskd import DATASET_LAYOUTS
+    from groundkit.formats.collaborative_experts import DATASET_LAYOUTS
 
     ex = DATASET_LAYOUTS["msvd"]["experts"]
     assert "_stride8_" in ex["r2p1d.r2p1d-ig65m-kinetics.0"] and "_stride32_" in ex["r2p1d.r2p1d-ig65m.0"]

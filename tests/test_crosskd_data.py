@@ -8,13 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from groundkit.data.crosskd import (
-    BatchSpec,
-    ExpertStore,
+from groundkit.methods.crosskd.data import BatchSpec, RetrievalEvalSet, RetrievalTrainSet
+from groundkit.methods.crosskd.store import ExpertStore, convert_released
+from groundkit.formats.collaborative_experts import (
     FeatureError,
-    RetrievalEvalSet,
-    RetrievalTrainSet,
-    convert_released,
     read_expert_pickle,
     read_raw_captions,
     read_split_list,

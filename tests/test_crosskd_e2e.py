@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from groundkit.cli import main
-from groundkit.data.synth.retrieval import build
+from groundkit.world.retrieval import build
 
 TINY_SET = ["train.epochs=20", "train.batch_size=16", "train.eval_every=10", "train.tensorboard=false", "train.progress=false",
             "optim.name=adam", "optim.lr=0.01", "model.shared_dim=64", "sched.step_size=10"]
@@ -56,7 +55,7 @@ def test_eval_cli_prints_t2v_v2t(trained, capsys, tmp_path):
 
 def test_retriever_exact_and_sensible(trained):
     from groundkit.methods.crosskd import similarity_matrix
-    from groundkit.retrieval import Retriever
+    from groundkit.methods.crosskd.predict import Retriever
 
     world, run = trained
     r = Retriever.from_checkpoint(run / "checkpoints" / "best", split="test")

@@ -11,8 +11,9 @@ import pytest
 av = pytest.importorskip("av")
 
 from groundkit.cli import main  # noqa: E402
-from groundkit.data.crosskd import ExpertStore, FeatureError  # noqa: E402
-from groundkit.data.experts import extract_experts, read_frames  # noqa: E402
+from groundkit.formats.collaborative_experts import FeatureError  # noqa: E402
+from groundkit.methods.crosskd.store import ExpertStore  # noqa: E402
+from groundkit.methods.crosskd.extract import extract_experts, read_frames  # noqa: E402
 
 
 def write_video(path: Path, frames: np.ndarray, fps: int = 8) -> None:

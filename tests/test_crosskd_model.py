@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from groundkit.models.cenet import (
+from groundkit.methods.crosskd.model import (
     CENet,
     CENetConfig,
     NetVLAD,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from groundkit.data import refcoco, transvg
+from groundkit.formats import refcoco, transvg
 
 
 def _write_refer_fixture(root):

@@ -16,8 +16,8 @@ import torch
 
 from groundkit.config import load_config
 from groundkit.engine import fit
-from groundkit.cli import get_method
-from groundkit.data.synth import generate
+from groundkit.methods import get_method
+from groundkit.world import generate, resolve_world
 
 EXPECTED = Path(__file__).parent / "data" / "regression_metrics.json"
 
@@ -47,7 +47,7 @@ def _run(name: str, out: Path) -> dict[str, float]:
         o.update(_world_overrides(Path(generate("phrase", size="small", seed=0, progress=False))))
     o.update(extra)
     cfg = load_config(method.config_class, base, o, method=method_name)
-    return {k: float(v) for k, v in fit(method, cfg)["final"].items()}
+    return {k: float(v) for k, v in fit(method, resolve_world(method, cfg))["final"].items()}
 
 
 @pytest.mark.parametrize("name", list(RUNS))

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from groundkit.data.synth import core
-from groundkit.data.synth import scene as S
+from groundkit.world import core
+from groundkit.world import scene as S
 
 
 class _Dummy:
@@ -118,7 +118,7 @@ def test_bad_arguments():
 
 
 def test_missing_task_module_is_unavailable(monkeypatch):
-    monkeypatch.setitem(core.TASKS, "ghost", "groundkit.data.synth._no_such_task:build")
+    monkeypatch.setitem(core.TASKS, "ghost", "groundkit.world._no_such_task:build")
     with pytest.raises(core.TaskUnavailableError, match="ghost"):
         core.get_builder("ghost")
     assert "ghost" not in core.available_tasks()
@@ -151,7 +151,7 @@ def test_rng_for_is_stable_and_independent():
 def test_cli_runs_dummy(tmp_path, dummy, capsys):
     import argparse
 
-    from groundkit.data.synth import cli
+    from groundkit.world import cli
 
     parser = argparse.ArgumentParser(prog="groundkit data")
     cli.register(parser.add_subparsers())
@@ -167,9 +167,9 @@ def test_cli_runs_dummy(tmp_path, dummy, capsys):
     assert core.load_manifest(tmp_path / "c")["requested_knobs"] == {"n_images": 8}
     rc = main(["data", "synth", "--task", "phrase", "--size", "tiny", "--out", str(tmp_path / "c"), "--set", "bad", "--quiet"])
     assert rc == 2
-    from groundkit.cli import DATA_COMMANDS
+    from groundkit.cli import CORE_COMMANDS
 
-    assert DATA_COMMANDS["synth"] == "groundkit.data.synth.cli:register"
+    assert CORE_COMMANDS["data"]["synth"] == "groundkit.world.cli:register"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -178,7 +178,7 @@ def test_cli_runs_dummy(tmp_path, dummy, capsys):
 
 
 def test_vocabulary_is_in_glove_and_detector_names_differ():
-    from groundkit.data.synth.features import load_glove
+    from groundkit.text import glove_package as load_glove
 
     index, vectors = load_glove()
     assert vectors.shape[1] == 50

@@ -8,11 +8,12 @@ import h5py
 import numpy as np
 import pytest
 
-from groundkit.data import flickr30k_entities as F
-from groundkit.data.synth import generate, load_manifest, verify
-from groundkit.data.synth import phrase as PH
-from groundkit.data.synth import scene as S
-from groundkit.data.synth.features import FEATURE_DIM
+from groundkit.formats import flickr30k_entities as F
+from groundkit.world import generate, load_manifest, verify
+from groundkit.world import phrase as PH
+from groundkit.text import singular
+from groundkit.world import scene as S
+from groundkit.backbones import FEATURE_DIM
 
 SPLITS = ("train", "val", "test")
 
@@ -125,7 +126,7 @@ def test_glove_and_phrase_to_label(world):
     stats = load_manifest(world)["info"]["stats"]
     acc = np.mean([stats[s]["label_map_accuracy"] for s in SPLITS])
     assert 0.5 < acc < 0.95  # informative, and honestly imperfect
-    assert PH.lemma("puppies", {"puppy"}) == "puppy" and PH.lemma("women", {"woman"}) == "woman"
+    assert singular("puppies", {"puppy"}) == "puppy" and singular("women", {"woman"}) == "woman"
     # the soft matching matrix the hard map was made from
     with h5py.File(world / "matching_matrix.hdf5", "r") as m:
         ph = [x.decode() for x in m["phrases"][()]]
@@ -308,7 +309,8 @@ def test_error_breakdown_causes(world):
     import torch
 
     from groundkit.config import load_config
-    from groundkit.methods.wang21 import Wang21Config, Wang21Dataset, error_breakdown, resolve_paths
+    from groundkit.methods.wang21 import Wang21Config, Wang21Dataset, resolve_paths
+    from groundkit.methods.wang21.experiments import error_breakdown
     from groundkit.metrics import box_iou
 
     over = {"data.region_feat_path": str(world / "region_features_{split}.hdf5"), "data.phrase_feat_path": str(world / "phrase_features_{split}.hdf5"),
@@ -346,7 +348,8 @@ def test_breakdown_of_a_trained_checkpoint(world, tmp_path):
 
     from groundkit.config import load_config
     from groundkit.engine import fit
-    from groundkit.methods.wang21 import METHOD, Wang21Config, breakdown_of_checkpoint
+    from groundkit.methods.wang21 import METHOD, Wang21Config
+    from groundkit.methods.wang21.experiments import breakdown_of_checkpoint
 
     torch.set_num_threads(1)
     over = {"data.region_feat_path": str(world / "region_features_{split}.hdf5"), "data.phrase_feat_path": str(world / "phrase_features_{split}.hdf5"),

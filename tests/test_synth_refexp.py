@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from groundkit.data import refcoco, transvg
-from groundkit.data.synth.core import tree_digest
-from groundkit.data.synth import refexp
-from groundkit.data.synth.scene import CATEGORIES, COLOURS, RELATION_WORDS, Scene, relation
+from groundkit.formats import refcoco, transvg
+from groundkit.world.core import tree_digest
+from groundkit.world import refexp
+from groundkit.world.scene import CATEGORIES, COLOURS, Scene, relation
 
 WORD2CAT = {w: name for name, c in CATEGORIES.items() for w in c.words}
 SIZE2WORD = {w: s for s, ws in refexp.SIZE_WORDS.items() for w in ws}
@@ -163,7 +163,7 @@ def test_bad_knobs(tmp_path):
 
 
 def test_generate_through_framework(tmp_path):
-    from groundkit.data.synth import generate, load_manifest, verify
+    from groundkit.world import generate, load_manifest, verify
 
     out = generate("refexp", "tiny", 0, tmp_path / "w", progress=False, n_images=6)
     man = load_manifest(out)

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from groundkit.data.crosskd import read_expert_pickle, read_raw_captions, read_split_list, read_teacher_pickle, read_text_features
-from groundkit.data.synth.retrieval import EXPERT_FILES, TEACHER_FILES, TEXT_FILE, build
+from groundkit.formats.collaborative_experts import read_expert_pickle, read_raw_captions, read_split_list, read_teacher_pickle, read_text_features
+from groundkit.world.retrieval import EXPERT_FILES, TEACHER_FILES, TEXT_FILE, build
 
 
 def _digest(root: Path) -> dict[str, str]:

@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from groundkit.data import vid_sentence as vs
-from groundkit.data.synth.core import tree_digest
-from groundkit.data.synth import video
-from groundkit.data.synth.scene import CATEGORIES, COLOURS, box_iou_np
+from groundkit.formats import vid_sentence as vs
+from groundkit.world.core import tree_digest
+from groundkit.world import video
+from groundkit.world.scene import CATEGORIES, COLOURS, box_iou_np
 
 WORD2CAT = {w: name for name, c in CATEGORIES.items() for w in c.words}
 

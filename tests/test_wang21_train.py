@@ -91,9 +91,9 @@ def test_paths_templates_and_eval_override():
     assert resolve_paths(cfg.data, "test") == ("T.h5", "TP.h5")
     cfg.data.eval_region_feat_path, cfg.data.eval_phrase_feat_path = "E.h5", "EP.h5"
     assert resolve_paths(cfg.data, "test") == ("E.h5", "EP.h5") and resolve_paths(cfg.data, "train") == ("r_train.h5", "p_train.h5")
-    o = METHOD.cli_overrides({"wang21_cli_mode": "train", "region_feat_path": "a.h5", "phrase_feat_path": "b.h5"})
+    o = METHOD.cli_overrides({"region_feat_path": "a.h5", "phrase_feat_path": "b.h5"}, "train")
     assert o["train.val_split"] == "" and o["data.region_feat_path"] == "a.h5"
-    o = METHOD.cli_overrides({"wang21_cli_mode": "eval", "region_feat_path": "a.h5", "phrase_feat_path": "b.h5"})
+    o = METHOD.cli_overrides({"region_feat_path": "a.h5", "phrase_feat_path": "b.h5"}, "eval")
     assert o == {"data.eval_region_feat_path": "a.h5", "data.eval_phrase_feat_path": "b.h5"}
 
 
@@ -137,8 +137,8 @@ def test_world_tiny_end_to_end(tmp_path):
     config trains through the CLI to above the random ranking."""
     import numpy as np
 
-    from groundkit.data import wang21 as w
-    from groundkit.data.synth import generate
+    from groundkit.formats import wang21_hdf5 as w
+    from groundkit.world import generate
 
     world = generate("phrase", size="tiny", seed=0, out=tmp_path / "world")
     fe = world / "flickr30k_entities"

@@ -46,8 +46,8 @@ class Predictor:
         """``{"text", "boxes": [[x1, y1, x2, y2] per frame], "scores": [...]}``."""
         raise NotImplementedError(f"{type(self).__name__} does not ground videos")
 
-    def search(self, text: str, k: int = 10) -> list[dict[str, Any]]:
-        """The ``k`` best videos for ``text``: ``[{"video", "score", "rank"}]``."""
+    def search(self, text: str, k: int = 10) -> list[tuple[str, float]]:
+        """The ``k`` best videos for ``text``: ``[(video id, score)]``, best first."""
         raise NotImplementedError(f"{type(self).__name__} does not search videos")
 
     def ground_regions(self, regions: Any, phrases: list[str], top_k: int = 5) -> list[dict[str, Any]]:
@@ -66,6 +66,9 @@ class Method:
     default_config: ClassVar[str] = ""
     #: one line for ``groundkit --help`` and the web page
     summary: ClassVar[str] = ""
+    #: the built-in world task this method trains on when its config sets ``data.synth_size``
+    #: (see :func:`groundkit.world.resolve_world`); "" if none
+    world_task: ClassVar[str] = ""
     #: extra subcommands: ``{"data" | "bench" | "predict": {command: "module:register_function"}}``;
     #: ``register_function(subparsers)`` adds one parser and sets ``func``. Imported lazily.
     commands: ClassVar[dict[str, dict[str, str]]] = {}

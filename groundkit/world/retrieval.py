@@ -193,11 +193,11 @@ def build(out: Path, size: str = "small", seed: int = 0, progress: bool = False,
         _dump(out / rel, feats[e])
     del feats
     # captions and GloVe token features
-    from .features import glove_lookup
+    from ..text import GLOVE_PACKAGE, load_word_vectors
 
     vocab = sorted({w for d in SYN.values() for syns in d.values() for s in syns for w in [s]} | {
         "a", "is", "in", "on", "near", "the", "there", "keeps", "video", "of", "someone", "films", "that", "outside", "quickly", "slowly", "today"})
-    glove = glove_lookup(vocab)
+    glove = load_word_vectors(GLOVE_PACKAGE, vocab)
     lacking = [w for w in vocab if w not in glove]
     if lacking:
         raise RuntimeError(f"GloVe lacks words of the retrieval vocabulary: {lacking}")

@@ -29,9 +29,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .. import vid_sentence
+from ..formats import vid_sentence
 from .core import check_knobs, progress_bar, rng_for, write_json
-from .scene import CATEGORIES, CATEGORY_NAMES, Scene, SceneKnobs, SceneObject, box_iou_np, render_scene, sample_scene
+from .scene import CATEGORY_NAMES, SceneKnobs, SceneObject, box_iou_np, render_scene, sample_scene
 
 __all__ = ["build", "DEFAULTS", "MOTION_WORDS", "SPLITS", "visibility"]
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import refcoco, transvg
+from ..formats import refcoco, transvg
 from .core import check_knobs, progress_bar, rng_for, write_json
 from .scene import CATEGORIES, CATEGORY_NAMES, RELATION_WORDS, Scene, SceneKnobs, SceneObject, relation, render_scene, sample_scene
 

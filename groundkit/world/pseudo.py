@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import refcoco, transvg
+from ..formats import refcoco, transvg
 from . import refexp
 from .core import check_knobs, rng_for, write_json
 from .scene import CATEGORIES, CONFUSABLE, RELATION_WORDS, Scene, SceneObject, box_iou_np, relation

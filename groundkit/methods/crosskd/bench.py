@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .common import Measurement, measure, print_table
+from ...bench.common import Measurement, measure, print_table
 
 MSRVTT_VIDEOS, MSRVTT_CAPTIONS = 2990, 20
 EXPERT_DIMS = {"audio": 128, "imagenet.resnext101_32x48d.0": 2048, "imagenet.senet154.0": 2048, "r2p1d.r2p1d-ig65m-kinetics.0": 512,
@@ -45,7 +45,7 @@ MAX_TOKENS = {"text": 37, "audio": 29, "speech": 32}
 
 
 def _model(text_dim: int, clusters: int, shared: int, seed: int = 0) -> torch.nn.Module:
-    from ..models.cenet import CENet, CENetConfig
+    from .model import CENet, CENetConfig
 
     torch.manual_seed(seed)
     m = CENet(CENetConfig(expert_dims=dict(EXPERT_DIMS), vlad_clusters={"text": clusters, "audio": 8, "speech": 19}, ghost_clusters=1,
@@ -75,7 +75,8 @@ def _features(videos: int, captions: int, text_dim: int, seed: int) -> tuple[lis
 
 
 def setup_groundkit(videos: int, captions: int, text_dim: int, clusters: int, shared: int, seed: int, workdir: str) -> tuple:
-    from ..data.crosskd import BatchSpec, ExpertStore, RetrievalEvalSet, StoreWriter
+    from .data import BatchSpec, RetrievalEvalSet
+    from .store import ExpertStore, StoreWriter
 
     ids, experts, text = _features(videos, captions, text_dim, seed)
     w = StoreWriter(Path(workdir) / f"store-{videos}", ids)
@@ -92,8 +93,8 @@ def setup_groundkit(videos: int, captions: int, text_dim: int, clusters: int, sh
 
 
 def run_groundkit(model: torch.nn.Module, ds: Any, device: str = "cpu") -> dict[str, Any]:
-    from ..methods.crosskd import similarity_matrix
-    from ..metrics import t2v_metrics, v2t_metrics
+    from .method import similarity_matrix
+    from ...metrics import t2v_metrics, v2t_metrics
 
     dev = torch.device(device)
     model = model.to(dev)
@@ -115,7 +116,7 @@ def setup_baseline(videos: int, captions: int, text_dim: int, clusters: int, sha
 
 def run_baseline(model: torch.nn.Module, ids: list[str], experts: dict, text: dict, captions: int) -> dict[str, Any]:
     """The reference's evaluation path (see the module docstring)."""
-    from .metrics import run_baseline as baseline_metrics
+    from ...bench.metrics import run_baseline as baseline_metrics
 
     t0 = time.perf_counter()
     V, T, D = len(ids), MAX_TOKENS["text"], next(iter(text.values()))[0].shape[-1]
@@ -175,10 +176,12 @@ def baseline_full_size_gb(videos: int, captions: int, text_dim: int) -> float:
 
 
 def setup_train(batch: int, steps: int) -> tuple:
-    from ..config import load_config
-    from ..methods.crosskd import METHOD, CrossKDConfig
+    from ...config import load_config
+    from ...world import resolve_world
+    from .config import CrossKDConfig
+    from .method import METHOD
 
-    cfg = load_config(CrossKDConfig, "synth_cecap", {"data.synth_size": "small"}, method="crosskd")
+    cfg = resolve_world(METHOD, load_config(CrossKDConfig, "synth_cecap", {"data.synth_size": "small"}, method="crosskd"))
     torch.manual_seed(0)
     model = METHOD.build_model(cfg)
     ds = METHOD.build_dataset(cfg, "train")
@@ -186,7 +189,7 @@ def setup_train(batch: int, steps: int) -> tuple:
 
 
 def run_train(model: torch.nn.Module, ds: Any, cfg: Any, batch: int, steps: int) -> dict[str, float]:
-    from ..methods.crosskd import METHOD
+    from .method import METHOD
 
     opt = torch.optim.RAdam(model.parameters(), lr=1e-3)
     model.train()

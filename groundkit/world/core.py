@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
-from ...errors import GroundkitError
+from ..errors import GroundkitError
 
 __all__ = [
     "WORLD_VERSION",
@@ -56,11 +56,11 @@ _MARKER = ".groundkit_synth"
 
 # task name -> "module:function"; the module is imported only when the task is used.
 TASKS: dict[str, str] = {
-    "phrase": "groundkit.data.synth.phrase:build",
-    "refexp": "groundkit.data.synth.refexp:build",
-    "video": "groundkit.data.synth.video:build",
-    "pseudo": "groundkit.data.synth.pseudo:build",
-    "retrieval": "groundkit.data.synth.retrieval:build",
+    "phrase": "groundkit.world.phrase:build",
+    "refexp": "groundkit.world.refexp:build",
+    "video": "groundkit.world.video:build",
+    "pseudo": "groundkit.world.pseudo:build",
+    "retrieval": "groundkit.world.retrieval:build",
 }
 
 
@@ -343,7 +343,7 @@ def generate(
         for rel in _list_files(tmp):
             p = tmp / rel
             files[rel] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-        from ... import __version__
+        from .. import __version__
 
         man = {
             "task": task,

@@ -5,7 +5,7 @@ each with a category, attributes (colour, pattern, size word), a pixel box and a
 nearer the viewer, drawn later). :func:`sample_scene` draws one from a seeded
 ``numpy.random.Generator``; :func:`render_scene` paints it as a real RGB image with PIL (composite
 shapes with textures, so an ImageNet backbone sees category differences); :func:`relations` lists
-the spatial relations between objects. Every task of :mod:`groundkit.data.synth` builds on these.
+the spatial relations between objects. Every task of :mod:`groundkit.world` builds on these.
 
 Vocabulary: a category has CAPTION words (synonyms / hypernyms / paraphrases, all in GloVe 6B) and
 one DETECTOR class name that may differ from them or be shared with another category ("rider" and
@@ -23,6 +23,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from ..text import COCO_CLASSES
 
 __all__ = [
     "Category",
@@ -215,16 +217,6 @@ CONFUSABLE: dict[str, tuple[str, ...]] = {
 
 # The 80 COCO detector classes (the other detector vocabulary the world can speak) and how the
 # world's categories and the extra detector classes above map onto them (None: COCO has no class).
-COCO_CLASSES: list[str] = [
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light", "fire hydrant",
-    "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra",
-    "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
-    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle", "wine glass", "cup", "fork",
-    "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut",
-    "cake", "chair", "couch", "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote",
-    "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
-    "teddy bear", "hair drier", "toothbrush",
-]
 TO_COCO: dict[str, str | None] = {
     "dog": "dog", "cat": "cat", "horse": "horse", "rider": "person", "man": "person", "woman": "person", "child": "person",
     "cup": "cup", "saucer": "bowl", "car": "car", "bicycle": "bicycle", "tree": "potted plant", "flower": "potted plant",
@@ -377,7 +369,7 @@ def box_iou_np(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """IoU matrix [len(a), len(b)] of x1,y1,x2,y2 boxes (continuous convention), as float64 numpy.
 
     A numpy front to :func:`groundkit.metrics.box_iou` for the generators."""
-    from ...metrics import box_iou
+    from ..metrics import box_iou
 
     a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
     b = np.asarray(b, dtype=np.float64).reshape(-1, 4)

@@ -30,7 +30,7 @@ FLICKR_IMAGES = 29_783
 
 
 def _cfg(k: int = 8):
-    from ..methods.wang21 import Wang21Config
+    from . import Wang21Config
 
     cfg = Wang21Config()
     cfg.data.norm_preset = ""
@@ -72,7 +72,7 @@ class _Runner:
     """Model, optimizer and a batch source; ``run(steps)`` does full training steps."""
 
     def __init__(self, pool: int, device: str, loop: bool, seed: int = 0):
-        from ..methods.wang21 import METHOD, Wang21Dataset
+        from . import METHOD, Wang21Dataset
 
         torch.manual_seed(seed)
         self.dev = torch.device(device)
@@ -134,8 +134,8 @@ class _Runner:
         return out
 
     def step(self, idx: np.ndarray) -> float:
-        from ..methods.wang21 import METHOD, Wang21Method
-        from ..models.wang21 import distill_neighbourhood_loop
+        from . import METHOD, Wang21Method
+        from .model import distill_neighbourhood_loop
 
         LOOP_METHOD = Wang21Method(neighbourhood=distill_neighbourhood_loop)  # per-phrase loop, the official structure
         if self.loop:
@@ -151,7 +151,7 @@ class _Runner:
 
     def data_step(self, idx: np.ndarray) -> float:
         """Batch building + distillation neighbourhood + teacher only (the parts that were vectorised)."""
-        from ..models.wang21 import distill_neighbourhood, distill_neighbourhood_loop, teacher_scores
+        from .model import distill_neighbourhood, distill_neighbourhood_loop, teacher_scores
 
         batch = self._loop_batch(idx) if self.loop else self.ds.get_batch(torch.as_tensor(idx))
         scores = torch.randn(len(idx), 16, 30, device=self.dev)
@@ -207,7 +207,7 @@ def register(sub: Any) -> None:
 
 
 def _run_cli(steps: int, loop_steps: int, pool: int, device: str, threads: int | None, data_steps: int = 200) -> dict[str, Any]:
-    from .common import measure
+    from ...bench.common import measure
 
     vec = measure("vectorised", _steps_target_n, _setup_n, (pool, device, False, 5, steps), device=device, threads=threads)
     base = measure("per-phrase loop (official)", _steps_target_n, _setup_n, (pool, device, True, 5, loop_steps), device=device, threads=threads)
