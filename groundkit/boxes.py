@@ -15,7 +15,7 @@ Conventions:
 from __future__ import annotations
 
 import warnings
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,8 +46,8 @@ __all__ = [
     "paired_generalized_box_iou",
 ]
 
-Array = Union[np.ndarray, torch.Tensor]
-Size = Union[float, int, Array]
+Array = np.ndarray | torch.Tensor
+Size = float | int | Array
 
 BOX_FORMATS = ("xyxy", "xywh", "cxcywh")
 

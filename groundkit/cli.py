@@ -12,13 +12,17 @@ import argparse
 import importlib
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from . import __version__
 from .config import ConfigError, load_config, method_of, parse_override
+from .demo import add_demo_args
+from .engine import fit, run_eval
 from .errors import GroundkitError
 from .methods import METHODS, Method, available_methods, get_method
+from .world import resolve_world
 
 __all__ = ["main", "build_parser"]
 
@@ -51,10 +55,20 @@ def command_table(group: str) -> dict[str, str]:
 
 
 def _add_common_run_args(p: argparse.ArgumentParser, method: Method) -> None:
-    p.add_argument("config", nargs="?", default=None,
-                   help=f"YAML path or shipped config name (default: {method.default_config or 'the defaults'})")
-    p.add_argument("--set", action="append", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="override config keys, e.g. --set optim.lr=1e-4 train.epochs=3 (repeatable; later wins)")
+    p.add_argument(
+        "config",
+        nargs="?",
+        default=None,
+        help=f"YAML path or shipped config name (default: {method.default_config or 'the defaults'})",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override config keys, e.g. --set optim.lr=1e-4 train.epochs=3 (repeatable; later wins)",
+    )
     p.add_argument("--output-dir", default=None, help="run directory (train.output_dir)")
     p.add_argument("--seed", type=int, default=None, help="train.seed")
     p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N")
@@ -75,8 +89,20 @@ def _overrides(method: Method, args: argparse.Namespace, mode: str) -> dict[str,
     return overrides
 
 
-_RESERVED = {"command", "method", "config", "set", "output_dir", "seed", "device", "resume", "final_split",
-             "restore_path", "split", "func"}
+_RESERVED = {
+    "command",
+    "method",
+    "config",
+    "set",
+    "output_dir",
+    "seed",
+    "device",
+    "resume",
+    "final_split",
+    "restore_path",
+    "split",
+    "func",
+}
 
 
 def _fix_set_swallowing(args: argparse.Namespace) -> None:
@@ -97,9 +123,6 @@ def _build_cfg(method: Method, args: argparse.Namespace, mode: str) -> Any:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .engine import fit
-    from .world import resolve_world
-
     method = get_method(args.method)
     cfg = resolve_world(method, _build_cfg(method, args, "train"), progress=True)
     result = fit(method, cfg, resume=args.resume, final_split=args.final_split or None)
@@ -108,9 +131,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .engine import run_eval
-    from .world import resolve_world
-
     method = get_method(args.method)
     cfg = resolve_world(method, _build_cfg(method, args, "eval"))
     metrics = run_eval(method, cfg, args.restore_path, split=args.split, output_dir=args.output_dir)
@@ -128,7 +148,9 @@ def _add_run_commands(sub: Any, methods: list[str]) -> None:
         p = s_train.add_parser(name, help=m.summary, description=m.summary)
         _add_common_run_args(p, m)
         p.add_argument("--resume", action="store_true", help="continue from the run directory's newest checkpoint")
-        p.add_argument("--final-split", default="test", help="split evaluated with the best weights at the end ('' to skip)")
+        p.add_argument(
+            "--final-split", default="test", help="split evaluated with the best weights at the end ('' to skip)"
+        )
         m.add_cli_args(p.add_argument_group(f"{name} options"), "train")
         p.set_defaults(func=cmd_train)
         p = s_eval.add_parser(name, help=m.summary, description=m.summary)
@@ -153,7 +175,9 @@ def _add_group(sub: Any, name: str, help_: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="groundkit", description="Grounding language in images and video; text-video retrieval.")
+    parser = argparse.ArgumentParser(
+        prog="groundkit", description="Grounding language in images and video; text-video retrieval."
+    )
     parser.add_argument("--version", action="version", version=f"groundkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     methods = available_methods()
@@ -162,7 +186,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_group(sub, "predict", "run a trained model on new inputs")
     _add_group(sub, "data", "generate, convert and prepare data")
     _add_group(sub, "bench", "speed and memory benchmarks")
-    from .demo import add_demo_args
 
     p = sub.add_parser("demo", help="build the built-in benchmark world and run the methods end to end")
     add_demo_args(p)

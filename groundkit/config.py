@@ -253,7 +253,9 @@ def _set_key(d: dict, cls: type, dotted: str, raw: Any) -> None:
         names = {f.name for f in dataclasses.fields(cur_cls)}
         if p not in names:
             where = ".".join(parts[:i]) or "<root>"
-            raise ConfigError(f"unknown key {'.'.join(parts[: i + 1])}; valid keys in {where}: {', '.join(sorted(names))}")
+            raise ConfigError(
+                f"unknown key {'.'.join(parts[: i + 1])}; valid keys in {where}: {', '.join(sorted(names))}"
+            )
         if i == len(parts) - 1:
             cur[p] = raw
         else:

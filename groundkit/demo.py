@@ -12,11 +12,15 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .methods import available_methods
+from .methods.wang21.experiments import format_table as wang21_table
+from .methods.wang21.experiments import sweep_specs
 from .runs import RunResult, format_table, run_many, seed_specs, summarize, write_summary
+from .world import generate
 
 __all__ = ["add_demo_args", "run_demo", "DEMOS"]
 
@@ -33,10 +37,6 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
 
 
 def _wang21(args: argparse.Namespace, seeds: list[int], out: Path) -> tuple[list[RunResult], str]:
-    from .methods.wang21.experiments import format_table as wang21_table
-    from .methods.wang21.experiments import sweep_specs
-    from .world import generate
-
     world = generate("phrase", size=args.size, seed=args.world_seed)
     variants = ["NCE (reference)", "NCE+Distill (reference)", "+ log-prob teacher, tempered student"]
     extra = {"train.epochs": args.epochs} if args.epochs else {}
@@ -45,12 +45,17 @@ def _wang21(args: argparse.Namespace, seeds: list[int], out: Path) -> tuple[list
 
 
 def _crosskd(args: argparse.Namespace, seeds: list[int], out: Path) -> tuple[list[RunResult], str]:
-    variants = [("CE+", "synth_ce"), ("CE+ + caption KD (reference)", "synth_cecap"),
-                ("CE+ + caption KD (detached, tau 0.1)", "synth_cecap_detach")]
+    variants = [
+        ("CE+", "synth_ce"),
+        ("CE+ + caption KD (reference)", "synth_cecap"),
+        ("CE+ + caption KD (detached, tau 0.1)", "synth_cecap_detach"),
+    ]
     o: dict[str, Any] = {"data.synth_size": args.size, "data.synth_seed": args.world_seed}
     if args.epochs:
         o["train.epochs"] = args.epochs
-    specs = [s for label, name in variants for s in seed_specs(label, "crosskd", name, seeds, out / "crosskd", overrides=o)]
+    specs = [
+        s for label, name in variants for s in seed_specs(label, "crosskd", name, seeds, out / "crosskd", overrides=o)
+    ]
     results = run_many(specs, jobs=args.jobs)
     keys = ["t2v_R1", "t2v_R5", "t2v_R10", "t2v_MedR"]
     table = format_table(summarize(results, keys), keys, header="crosskd (text-to-video, test)")
@@ -78,7 +83,9 @@ def run_demo(args: argparse.Namespace) -> int:
     if unknown:
         raise SystemExit(f"--methods: unknown {unknown}; demo runs: {', '.join(DEMOS)}")
     results: dict[str, Any] = {"size": args.size, "seeds": seeds, "world_seed": args.world_seed, "methods": {}}
-    print(f"groundkit demo: built-in benchmark world, size {args.size}, training seeds {seeds}, output {out}", flush=True)
+    print(
+        f"groundkit demo: built-in benchmark world, size {args.size}, training seeds {seeds}, output {out}", flush=True
+    )
     for m in wanted:
         if m not in have:
             print(f"[{m}] not available in this installation; skipped", flush=True)

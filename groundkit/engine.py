@@ -15,18 +15,27 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import random
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from . import distributed as dist_utils
-from .checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, load_weights, save_checkpoint
+from .checkpoint import (
+    atomic_write_text,
+    find_run_files,
+    latest_checkpoint,
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+)
 from .config import save_config, to_dict
 from .errors import GroundkitError
 from .optim import build_optimizer, build_scheduler
@@ -69,8 +78,6 @@ class TrainState:
 
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (all devices)."""
-    import random
-
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
@@ -153,7 +160,9 @@ def _stack(values: list[Any]) -> Any:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def _sample_outputs(method: Any, model: nn.Module, dataset: Any, cfg: Any, device: torch.device) -> list[tuple[int, dict]]:
+def _sample_outputs(
+    method: Any, model: nn.Module, dataset: Any, cfg: Any, device: torch.device
+) -> list[tuple[int, dict]]:
     """``(index, per-sample eval_step outputs)`` of every sample, this rank's share gathered from all ranks."""
     n = len(dataset)
     r, w = dist_utils.rank(), dist_utils.world_size()
@@ -195,7 +204,9 @@ def evaluate(method: Any, model: nn.Module, dataset: Any, cfg: Any, device: torc
 
 
 @torch.no_grad()
-def predict(method: Any, model: nn.Module, dataset: Any, cfg: Any, device: torch.device | str = "cpu") -> list[dict[str, Any]]:
+def predict(
+    method: Any, model: nn.Module, dataset: Any, cfg: Any, device: torch.device | str = "cpu"
+) -> list[dict[str, Any]]:
     """Per-sample ``eval_step`` outputs (numpy values) of every sample of ``dataset``, in order."""
     device = torch.device(device)
     was_training = model.training
@@ -314,10 +325,17 @@ def train_one_epoch(
         dataset.set_epoch(state.epoch)
     steps_in_epoch = math.ceil(len(dataset) / tc.batch_size)
     model.train()
-    bar = logger.progress(total=steps_in_epoch, initial=state.step_in_epoch, desc=f"epoch {state.epoch + 1}/{tc.epochs}")
+    bar = logger.progress(
+        total=steps_in_epoch, initial=state.step_in_epoch, desc=f"epoch {state.epoch + 1}/{tc.epochs}"
+    )
     t0, seen, stop = time.perf_counter(), 0, False
     for n_global, n_local, batch in _rank_batches(
-        dataset, order, tc.batch_size, state.step_in_epoch, tc.num_workers, loader_seed=_epoch_seed(tc.seed, state.epoch)
+        dataset,
+        order,
+        tc.batch_size,
+        state.step_in_epoch,
+        tc.num_workers,
+        loader_seed=_epoch_seed(tc.seed, state.epoch),
     ):
         batch = move_to_device(batch, device)
         with autocast_context(device, tc.precision):
@@ -369,7 +387,12 @@ def _improved(value: float, best: float | None, mode: str) -> bool:
 
 def write_metrics(path: str | Path, task: str, split: str, metrics: dict[str, float], cfg: Any) -> None:
     """``metrics.json``: {"task", "split", "metrics", "config"}, written atomically."""
-    payload = {"task": task, "split": split, "metrics": {k: float(v) for k, v in metrics.items()}, "config": to_dict(cfg)}
+    payload = {
+        "task": task,
+        "split": split,
+        "metrics": {k: float(v) for k, v in metrics.items()},
+        "config": to_dict(cfg),
+    }
     atomic_write_text(path, json.dumps(payload, indent=1))
 
 
@@ -398,8 +421,6 @@ def fit(method: Any, cfg: Any, resume: bool = False, final_split: str | None = "
     val_set = method.build_dataset(cfg, tc.val_split) if tc.val_split else None
     model = method.build_model(cfg)
     if tc.init_from and not resume:
-        from .methods import find_run_files
-
         load_weights(model, find_run_files(tc.init_from)[0] if Path(tc.init_from).is_dir() else tc.init_from)
         logger.info(f"weights initialised from {tc.init_from}")
     model = model.to(device)
@@ -450,7 +471,16 @@ def fit(method: Any, cfg: Any, resume: bool = False, final_split: str | None = "
             v = float(metrics[tc.best_metric])
             if _improved(v, state.best_value, tc.best_mode):
                 state.best_value, state.best_step = v, state.step
-                save_checkpoint(ckpt_root / "best", model, meta={"method": method.name, "train_state": state.__dict__.copy(), "metrics": metrics, "config": to_dict(cfg)})
+                save_checkpoint(
+                    ckpt_root / "best",
+                    model,
+                    meta={
+                        "method": method.name,
+                        "train_state": state.__dict__.copy(),
+                        "metrics": metrics,
+                        "config": to_dict(cfg),
+                    },
+                )
                 logger.info(f"new best {tc.best_metric}={v:.4f} at step {state.step}")
 
     def checkpoint_now() -> None:
@@ -471,7 +501,9 @@ def fit(method: Any, cfg: Any, resume: bool = False, final_split: str | None = "
     n_epochs = tc.epochs if tc.max_steps <= 0 else math.ceil(tc.max_steps / steps_per_epoch)
     stopped = False
     while state.epoch < n_epochs and not stopped:
-        stopped = train_one_epoch(method, train_model, train_set, optimizer, scheduler, cfg, state, device, logger, on_step_end)
+        stopped = train_one_epoch(
+            method, train_model, train_set, optimizer, scheduler, cfg, state, device, logger, on_step_end
+        )
         epoch_done = state.step_in_epoch >= steps_per_epoch
         if epoch_done:
             if tc.eval_every > 0 and (state.epoch + 1) % tc.eval_every == 0:
@@ -491,7 +523,9 @@ def fit(method: Any, cfg: Any, resume: bool = False, final_split: str | None = "
         load_weights(model, best_dir)
         result["best"] = json.loads((best_dir / "meta.json").read_text()).get("metrics", {})
     elif main and not best_dir.exists():
-        save_checkpoint(best_dir, model, meta={"method": method.name, "train_state": state.__dict__.copy(), "config": to_dict(cfg)})
+        save_checkpoint(
+            best_dir, model, meta={"method": method.name, "train_state": state.__dict__.copy(), "config": to_dict(cfg)}
+        )
     dist_utils.barrier()
     if dist_utils.is_distributed() and not main and best_dir.is_dir():
         load_weights(model, best_dir)
@@ -509,7 +543,9 @@ def fit(method: Any, cfg: Any, resume: bool = False, final_split: str | None = "
     return result
 
 
-def run_eval(method: Any, cfg: Any, checkpoint: str | Path, split: str = "test", output_dir: str | Path | None = None) -> dict[str, float]:
+def run_eval(
+    method: Any, cfg: Any, checkpoint: str | Path, split: str = "test", output_dir: str | Path | None = None
+) -> dict[str, float]:
     """Evaluate a checkpoint (directory or .safetensors) on ``split``; writes metrics.json."""
     device = resolve_device(cfg.train.device)
     seed_everything(cfg.train.seed)

@@ -18,10 +18,13 @@ each docstring):
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
+
+from . import distributed as dist_utils
 
 # Box IoU lives in groundkit.boxes (shared with the box transforms) and is re-exported here under the same names.
 from .boxes import Array, _to_tensor, box_iou, paired_box_iou
@@ -148,7 +151,11 @@ class PhraseRecallAccumulator:
     """
 
     def __init__(
-        self, ks: Sequence[int] = (1, 5, 10), iou_threshold: float = 0.5, inclusive: bool = False, pixel_offset: float = 0.0
+        self,
+        ks: Sequence[int] = (1, 5, 10),
+        iou_threshold: float = 0.5,
+        inclusive: bool = False,
+        pixel_offset: float = 0.0,
     ) -> None:
         self.ks = _check_ks(ks)
         self.iou_threshold = float(iou_threshold)
@@ -172,10 +179,13 @@ class PhraseRecallAccumulator:
             self.hits[k] += int((first < k).sum())
         self.upper += int(torch.isfinite(first).sum())
 
-    def merge(self, other: "PhraseRecallAccumulator") -> "PhraseRecallAccumulator":
+    def merge(self, other: PhraseRecallAccumulator) -> PhraseRecallAccumulator:
         """Add the counts of ``other`` (same settings) into this accumulator; returns self."""
         if (other.ks, other.iou_threshold, other.inclusive, other.pixel_offset) != (
-            self.ks, self.iou_threshold, self.inclusive, self.pixel_offset
+            self.ks,
+            self.iou_threshold,
+            self.inclusive,
+            self.pixel_offset,
         ):
             raise ValueError("cannot merge PhraseRecallAccumulators with different ks/threshold/inclusive/pixel_offset")
         for k in self.ks:
@@ -187,10 +197,8 @@ class PhraseRecallAccumulator:
     def state(self) -> dict[str, Any]:
         return {"hits": dict(self.hits), "upper": self.upper, "num_phrases": self.num_phrases}
 
-    def all_reduce(self) -> "PhraseRecallAccumulator":
+    def all_reduce(self) -> PhraseRecallAccumulator:
         """Sum the counts of every rank into this accumulator (no-op when not distributed)."""
-        from . import distributed as dist_utils
-
         states = dist_utils.all_gather_object(self.state())
         if len(states) > 1:
             self.hits = {k: sum(s["hits"][k] for s in states) for k in self.ks}
@@ -257,7 +265,9 @@ def _chunk_rows(n_cols: int, itemsize: int, chunk_bytes: int | None, device: tor
 def _raise_if_nan(block: torch.Tensor) -> None:
     # A sum is far cheaper than isnan over the block; only a non-finite sum needs the exact check.
     if not bool(torch.isfinite(block.sum())) and bool(torch.isnan(block).any()):
-        raise ValueError("sims contains NaN (padded rows included: fill them with any finite value); ranks are undefined")
+        raise ValueError(
+            "sims contains NaN (padded rows included: fill them with any finite value); ranks are undefined"
+        )
 
 
 def _retrieval_ranks(

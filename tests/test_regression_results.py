@@ -23,8 +23,16 @@ EXPECTED = Path(__file__).parent / "data" / "regression_metrics.json"
 
 RUNS: dict[str, tuple[str, str, dict]] = {
     "wang21_reference_distill": ("wang21", "world_reference_distill", {"train.epochs": 2}),
-    "wang21_logprob_teacher": ("wang21", "world_reference_distill", {
-        "train.epochs": 2, "loss.teacher_form": "log_prob", "loss.teacher_temperature": 0.5, "loss.student_scale": 10.0}),
+    "wang21_logprob_teacher": (
+        "wang21",
+        "world_reference_distill",
+        {
+            "train.epochs": 2,
+            "loss.teacher_form": "log_prob",
+            "loss.teacher_temperature": 0.5,
+            "loss.student_scale": 10.0,
+        },
+    ),
     "crosskd_caption_kd": ("crosskd", "synth_cecap_detach", {"train.epochs": 30, "data.synth_size": "small"}),
 }
 

@@ -5,15 +5,23 @@ import json
 import math
 
 import pytest
-
 import regression_method as rm
+
 from groundkit import runs
 from groundkit.checkpoint import latest_checkpoint
-from groundkit.runs import RunResult, RunSpec, RunsFailedError, format_table, run_many, run_one, seed_specs, summarize
+from groundkit.runs import RunResult, RunsFailedError, RunSpec, format_table, run_many, run_one, seed_specs, summarize
 
 BASE = {
-    "train": {"epochs": 3, "batch_size": 16, "seed": 0, "ckpt_every_steps": 2, "best_metric": "mse", "best_mode": "min",
-              "tensorboard": False, "log_every": 1},
+    "train": {
+        "epochs": 3,
+        "batch_size": 16,
+        "seed": 0,
+        "ckpt_every_steps": 2,
+        "best_metric": "mse",
+        "best_mode": "min",
+        "tensorboard": False,
+        "log_every": 1,
+    },
     "optim": {"name": "adamw", "lr": 0.02, "weight_decay": 0.01},
     "sched": {"name": "cosine", "warmup_steps": 3},
 }
@@ -137,13 +145,24 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
 def _res(label, seed, mse, status="done"):
     if status == "failed":
         return RunResult(label=label, seed=seed, output_dir=f"/x/{label}/{seed}", status=status, error="boom")
-    return RunResult(label=label, seed=seed, output_dir=f"/x/{label}/{seed}", status=status,
-                     metrics={"mse": mse, "acc": 0.5}, best={"mse": mse / 2})
+    return RunResult(
+        label=label,
+        seed=seed,
+        output_dir=f"/x/{label}/{seed}",
+        status=status,
+        metrics={"mse": mse, "acc": 0.5},
+        best={"mse": mse / 2},
+    )
 
 
 def test_summarize_and_format_table_on_known_numbers(tmp_path):
-    results = [_res("A", 0, 0.10), _res("B", 0, 0.40), _res("A", 1, 0.20), _res("A", 2, 0.30),
-               _res("B", 1, None, status="failed")]
+    results = [
+        _res("A", 0, 0.10),
+        _res("B", 0, 0.40),
+        _res("A", 1, 0.20),
+        _res("A", 2, 0.30),
+        _res("B", 1, None, status="failed"),
+    ]
     rows = summarize(results, ["mse", "acc", "missing"], scale=100)
     a, b = rows
     assert [a["label"], b["label"]] == ["A", "B"] and (a["n"], b["n"], b["failed"]) == (3, 1, 1)

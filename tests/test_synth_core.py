@@ -159,13 +159,31 @@ def test_cli_runs_dummy(tmp_path, dummy, capsys):
     def main(argv):
         return parser.parse_args(argv[1:]).func(parser.parse_args(argv[1:]))
 
-    rc = main(["data", "synth", "--task", "phrase", "--size", "tiny", "--seed", "2", "--out", str(tmp_path / "c"), "--set", "n_images=8", "--quiet"])
+    rc = main(
+        [
+            "data",
+            "synth",
+            "--task",
+            "phrase",
+            "--size",
+            "tiny",
+            "--seed",
+            "2",
+            "--out",
+            str(tmp_path / "c"),
+            "--set",
+            "n_images=8",
+            "--quiet",
+        ]
+    )
     assert rc == 0
     lines = capsys.readouterr().out.strip().split("\n")
     assert lines[0] == str(tmp_path / "c")
     assert json.loads(lines[1])["seed"] == 2
     assert core.load_manifest(tmp_path / "c")["requested_knobs"] == {"n_images": 8}
-    rc = main(["data", "synth", "--task", "phrase", "--size", "tiny", "--out", str(tmp_path / "c"), "--set", "bad", "--quiet"])
+    rc = main(
+        ["data", "synth", "--task", "phrase", "--size", "tiny", "--out", str(tmp_path / "c"), "--set", "bad", "--quiet"]
+    )
     assert rc == 2
     from groundkit.cli import CORE_COMMANDS
 
@@ -249,7 +267,9 @@ def test_render_is_deterministic_and_draws_objects():
     im2 = S.render_scene(sc, core.rng_for(0, "px", 0))
     assert im1.size == (sc.width, sc.height) and im1.mode == "RGB"
     assert np.array_equal(np.asarray(im1), np.asarray(im2))
-    empty = S.render_scene(S.Scene(sc.width, sc.height, sc.background, sc.horizon, []), core.rng_for(0, "px", 0), noise=0)
+    empty = S.render_scene(
+        S.Scene(sc.width, sc.height, sc.background, sc.horizon, []), core.rng_for(0, "px", 0), noise=0
+    )
     full = np.asarray(S.render_scene(sc, core.rng_for(0, "px", 0), noise=0), dtype=np.int32)
     diff = np.abs(full - np.asarray(empty, dtype=np.int32)).sum(-1) > 30
     for o in sc.objects:  # every object changed pixels inside its box

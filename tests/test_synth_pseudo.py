@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from groundkit.formats import refcoco, transvg
-from groundkit.world.core import tree_digest
 from groundkit.world import pseudo
+from groundkit.world.core import tree_digest
 from groundkit.world.scene import Scene, box_iou_np
 
 

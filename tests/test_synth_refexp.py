@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from groundkit.formats import refcoco, transvg
-from groundkit.world.core import tree_digest
 from groundkit.world import refexp
+from groundkit.world.core import tree_digest
 from groundkit.world.scene import CATEGORIES, COLOURS, Scene, relation
 
 WORD2CAT = {w: name for name, c in CATEGORIES.items() for w in c.words}
@@ -43,9 +43,9 @@ def oracle_resolve(sentence: str, scene: Scene) -> list[int]:
     rel = None
     for j, t in enumerate(toks):
         if t in ("left", "right") and j + 1 < len(toks) and toks[j + 1] == "of":
-            rel, lm_toks = t, toks[j + 2:]
+            rel, lm_toks = t, toks[j + 2 :]
         elif t in ("above", "below", "behind") or (t == "front" and j + 1 < len(toks) and toks[j + 1] == "of"):
-            rel, lm_toks = REL_HEADS[t], toks[j + 1:]
+            rel, lm_toks = REL_HEADS[t], toks[j + 1 :]
     if rel is not None:
         lcat, lattrs, _ = _parse_np(lm_toks)
         lms = [o for o in scene.objects if o.category == lcat and all(getattr(o, k) == v for k, v in lattrs.items())]
@@ -56,7 +56,7 @@ def oracle_resolve(sentence: str, scene: Scene) -> list[int]:
     if locs and cands:
         axis, ext = refexp.LOCATION_WORDS[locs[0]]
         idx = 0 if axis == "x" else 1
-        key = (lambda o: o.center[idx])
+        key = lambda o: o.center[idx]
         best = min(cands, key=key) if ext == "min" else max(cands, key=key)
         return [best.id]
     return [o.id for o in cands]

@@ -256,19 +256,21 @@ def test_normalize():
 
 # ----------------------------------------------------------------------------- pipelines, determinism, clips
 def train_pipeline(size=64):
-    return T.Compose([
-        T.RandomSelect(
-            T.RandomResize([size, size - 16]),
-            T.Compose([T.RandomResize([48, 56], side="short"), T.RandomSizeCrop(32, 60), T.RandomResize([size])]),
-            p=0.5,
-            first_if_words=T.DIRECTION_WORDS,
-        ),
-        T.RandomHorizontalFlip(),
-        T.ColorJitter(0.4, 0.4, 0.4, p=0.8),
-        T.RandomHSV(0.5, 0.5),
-        T.Normalize(),
-        T.Letterbox(size, fill=0.0, resize=False, random_offset=True),
-    ])
+    return T.Compose(
+        [
+            T.RandomSelect(
+                T.RandomResize([size, size - 16]),
+                T.Compose([T.RandomResize([48, 56], side="short"), T.RandomSizeCrop(32, 60), T.RandomResize([size])]),
+                p=0.5,
+                first_if_words=T.DIRECTION_WORDS,
+            ),
+            T.RandomHorizontalFlip(),
+            T.ColorJitter(0.4, 0.4, 0.4, p=0.8),
+            T.RandomHSV(0.5, 0.5),
+            T.Normalize(),
+            T.Letterbox(size, fill=0.0, resize=False, random_offset=True),
+        ]
+    )
 
 
 def test_determinism_for_a_fixed_generator():
@@ -289,10 +291,12 @@ def test_clip_variant_applies_one_geometry_to_all_frames():
     t, w, h = 4, 70, 50
     base = coord_image(w, h)
     frames = torch.stack([base + torch.tensor([0.0, 0.0, float(i)])[:, None, None] for i in range(t)])
-    boxes = torch.tensor([[[10.0, 10.0, 30.0, 30.0]], [[20.0, 12.0, 40.0, 35.0]],
-                          [[30.0, 15.0, 52.0, 40.0]], [[10.0, 10.0, 30.0, 30.0]]])
-    pipe = T.Compose([T.RandomResize([60, 80]), T.RandomSizeCrop(30, 60), T.RandomHorizontalFlip(p=1.0),
-                      T.Letterbox(96, fill=-1.0)])
+    boxes = torch.tensor(
+        [[[10.0, 10.0, 30.0, 30.0]], [[20.0, 12.0, 40.0, 35.0]], [[30.0, 15.0, 52.0, 40.0]], [[10.0, 10.0, 30.0, 30.0]]]
+    )
+    pipe = T.Compose(
+        [T.RandomResize([60, 80]), T.RandomSizeCrop(30, 60), T.RandomHorizontalFlip(p=1.0), T.Letterbox(96, fill=-1.0)]
+    )
     for seed in range(5):
         out = T.apply_to_clip(pipe, frames, boxes, "the left car", gen(seed))
         assert out["frames"].shape == (t, 3, 96, 96) and out["boxes"].shape == (t, 1, 4)

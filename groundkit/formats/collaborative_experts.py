@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import math
 import pickle
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -88,9 +89,13 @@ def read_split_list(path: str | Path, strip_suffix: bool = False) -> list[str]:
 def _as_array(x: Any, path: Path, vid: str, expect_dim: int | None) -> np.ndarray:
     a = np.asarray(x, dtype=np.float32)
     if a.ndim == 0 or a.shape[-1] == 0:
-        raise FeatureError(f"{path}: video {vid!r} has a feature of shape {a.shape}; expected [..., {expect_dim or 'D'}]")
+        raise FeatureError(
+            f"{path}: video {vid!r} has a feature of shape {a.shape}; expected [..., {expect_dim or 'D'}]"
+        )
     if expect_dim is not None and a.shape[-1] != expect_dim:
-        raise FeatureError(f"{path}: video {vid!r} has feature dim {a.shape[-1]}, expected {expect_dim} (config/other videos)")
+        raise FeatureError(
+            f"{path}: video {vid!r} has feature dim {a.shape[-1]}, expected {expect_dim} (config/other videos)"
+        )
     return a
 
 
@@ -141,8 +146,10 @@ def read_expert_pickle(
 def read_raw_captions(path: str | Path, video_ids: Sequence[str] | None = None) -> dict[str, list[list[str]]]:
     """``raw-captions.pkl``: {vid: [[token, ...], ...]}; checks the requested ids are present."""
     path = Path(path)
-    return {vid: [list(c) if not isinstance(c, str) else c.split() for c in caps]
-            for vid, caps in _video_entries(path, video_ids, "captions")}
+    return {
+        vid: [list(c) if not isinstance(c, str) else c.split() for c in caps]
+        for vid, caps in _video_entries(path, video_ids, "captions")
+    }
 
 
 def _video_entries(path: Path, video_ids: Sequence[str] | None, what: str) -> Iterator[tuple[str, Any]]:
@@ -150,7 +157,7 @@ def _video_entries(path: Path, video_ids: Sequence[str] | None, what: str) -> It
     data = load_pickle(path)
     if not isinstance(data, dict):
         raise FeatureError(f"{path}: expected a dict keyed by video id")
-    for vid in (list(data) if video_ids is None else list(video_ids)):
+    for vid in list(data) if video_ids is None else list(video_ids):
         if vid not in data:
             raise FeatureError(f"{path}: video id {vid!r} has no {what}")
         yield vid, data[vid]
@@ -197,9 +204,13 @@ def read_teacher_pickle(
             experts = sorted(rec["vid_embds"])
         try:
             v = np.stack([np.asarray(rec["vid_embds"][m], dtype=np.float32).reshape(-1) for m in experts])
-            t = np.stack([np.asarray(rec["text_embds"][m], dtype=np.float32).reshape(-1, v.shape[-1]) for m in experts], axis=1)
+            t = np.stack(
+                [np.asarray(rec["text_embds"][m], dtype=np.float32).reshape(-1, v.shape[-1]) for m in experts], axis=1
+            )
         except KeyError as e:
-            raise FeatureError(f"{path}: video {vid!r} lacks teacher expert {e.args[0]!r} (expected {list(experts)})") from None
+            raise FeatureError(
+                f"{path}: video {vid!r} lacks teacher expert {e.args[0]!r} (expected {list(experts)})"
+            ) from None
         if dim is not None and v.shape[-1] != dim:
             raise FeatureError(f"{path}: video {vid!r} has teacher dim {v.shape[-1]}, expected {dim}")
         dim = v.shape[-1]
@@ -230,28 +241,42 @@ _TEACHERS = {
 DATASET_LAYOUTS: dict[str, dict[str, Any]] = {
     "msrvtt": {
         "experts": _MSRVTT_EXPERTS,
-        "text_feats": {"gpt2-xl-finetune": "aggregated_text_feats/gpt2-xl-finetune.pkl", "w2v": "aggregated_text_feats/w2v.pkl", "gpt2-xl": "aggregated_text_feats/gpt2-xl.pkl"},
+        "text_feats": {
+            "gpt2-xl-finetune": "aggregated_text_feats/gpt2-xl-finetune.pkl",
+            "w2v": "aggregated_text_feats/w2v.pkl",
+            "gpt2-xl": "aggregated_text_feats/gpt2-xl.pkl",
+        },
         "raw_captions": "raw-captions.pkl",
         "teachers": _TEACHERS,
         "splits": {
             "full": {"train": "train_list_full.txt", "val": "val_list_full.txt", "test": "test_list_full.txt"},
-            "1k-A": {"train": "train_list_jsfusion.txt", "val": "val_list_jsfusion.txt", "test": "val_list_jsfusion.txt"},
+            "1k-A": {
+                "train": "train_list_jsfusion.txt",
+                "val": "val_list_jsfusion.txt",
+                "test": "val_list_jsfusion.txt",
+            },
             "1k-B": {"train": "train_list_miech.txt", "val": "test_list_miech.txt", "test": "test_list_miech.txt"},
         },
         "test_caption_index": {"1k-A": "jsfusion_val_caption_idx.pkl"},
     },
     "msvd": {
         # only the kinetics-finetuned R(2+1)D moved to a stride-8 folder (MSVD_dataset.py custom_paths)
-        "experts": {k: v.replace("stride32", "stride8") if k == "r2p1d.r2p1d-ig65m-kinetics.0" else v
-                    for k, v in _MSRVTT_EXPERTS.items() if k not in ("audio", "speech")},
+        "experts": {
+            k: v.replace("stride32", "stride8") if k == "r2p1d.r2p1d-ig65m-kinetics.0" else v
+            for k, v in _MSRVTT_EXPERTS.items()
+            if k not in ("audio", "speech")
+        },
         "text_feats": {"gpt2-xl-finetune": "aggregated_text_feats/gpt2-xl-finetune.pkl"},
         "raw_captions": "raw-captions.pkl",
         "teachers": _TEACHERS,
         "splits": {"official": {"train": "train_list.txt", "val": "val_list.txt", "test": "test_list.txt"}},
     },
     "didemo": {
-        "experts": {**{k: v for k, v in _MSRVTT_EXPERTS.items() if k not in ("audio", "speech")},
-                    "audio": "aggregated_audio_feats/vggish-audio-raw.pickle", "speech": "aggregated_speech_feats/stt_w2v.pickle"},
+        "experts": {
+            **{k: v for k, v in _MSRVTT_EXPERTS.items() if k not in ("audio", "speech")},
+            "audio": "aggregated_audio_feats/vggish-audio-raw.pickle",
+            "speech": "aggregated_speech_feats/stt_w2v.pickle",
+        },
         "text_feats": {"gpt2-xl-finetune": "aggregated_text_feats/gpt2-xl-finetune.pkl"},
         "raw_captions": "raw-captions.pkl",
         "teachers": _TEACHERS,
@@ -259,8 +284,11 @@ DATASET_LAYOUTS: dict[str, dict[str, Any]] = {
         "strip_suffix": True,
     },
     "activity-net": {
-        "experts": {**{k: v for k, v in _MSRVTT_EXPERTS.items() if k not in ("audio", "speech")},
-                    "audio": "aggregated_audio/vggish-audio-raw.pickle", "speech": "aggregated_speech/goog_w2v-speech-raw.pickle"},
+        "experts": {
+            **{k: v for k, v in _MSRVTT_EXPERTS.items() if k not in ("audio", "speech")},
+            "audio": "aggregated_audio/vggish-audio-raw.pickle",
+            "speech": "aggregated_speech/goog_w2v-speech-raw.pickle",
+        },
         "text_feats": {"gpt2-xl-finetune": "aggregated_text_feats/gpt2-xl-finetune.pkl"},
         "raw_captions": "raw-captions-train-val_1.pkl",
         "teachers": _TEACHERS,
@@ -268,5 +296,3 @@ DATASET_LAYOUTS: dict[str, dict[str, Any]] = {
         "splits": {"val1": {"train": "train_list.txt", "val": "val_1_list.txt", "test": "val_1_list.txt"}},
     },
 }
-
-

@@ -10,8 +10,9 @@ release's parser does), and box-less objects flagged ``<nobndbox>`` / ``<scene>`
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from ..errors import DataError
 
@@ -37,10 +38,14 @@ def parse_sentence(line: str, where: str = "<string>") -> dict[str, Any]:
                 current["words"].append(word)
                 words.append(word)
             if closing:
-                phrases.append({
-                    "first_word_index": current["first_word_index"], "phrase": " ".join(current["words"]),
-                    "phrase_id": current["phrase_id"], "phrase_type": current["phrase_type"],
-                })
+                phrases.append(
+                    {
+                        "first_word_index": current["first_word_index"],
+                        "phrase": " ".join(current["words"]),
+                        "phrase_id": current["phrase_id"],
+                        "phrase_type": current["phrase_type"],
+                    }
+                )
                 current = None
             continue
         words.append(token)
@@ -125,4 +130,4 @@ def phrase_boxes(sentences: list[dict[str, Any]], annotations: dict[str, Any]) -
 
 def read_split(path: str | Path) -> list[str]:
     """Image ids of ``train.txt`` / ``val.txt`` / ``test.txt``."""
-    return [l.strip() for l in Path(path).read_text(encoding="utf-8").split("\n") if l.strip()]
+    return [ln.strip() for ln in Path(path).read_text(encoding="utf-8").split("\n") if ln.strip()]

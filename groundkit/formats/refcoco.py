@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
+from . import transvg
 
 __all__ = [
     "IMAGE_SUBDIR",
@@ -252,8 +253,6 @@ def to_transvg(
     training). ``key`` defaults to the usual name of ``(dataset, split_by)`` (``unc``, ``unc+``,
     ``gref``, ``gref_umd``).
     """
-    from . import transvg
-
     key = key or TRANSVG_KEYS.get((dataset, split_by))
     if key is None:
         raise DataError(f"no TransVG key known for dataset={dataset!r} split_by={split_by!r}; pass key=")
@@ -282,7 +281,9 @@ def register_to_transvg(subparsers: Any) -> None:
         help="convert RefCOCO/+/g refer-API files (refs(*).p + instances.json) to TransVG/CLIP-VG .pth split lists",
     )
     p.add_argument("--data-root", required=True, help="refer data folder (holds <dataset>/refs(<split_by>).p)")
-    p.add_argument("--split-root", required=True, help="output folder; files go to <split-root>/<key>/<key>_<split>.pth")
+    p.add_argument(
+        "--split-root", required=True, help="output folder; files go to <split-root>/<key>/<key>_<split>.pth"
+    )
     p.add_argument("--dataset", default="refcoco", choices=["refcoco", "refcoco+", "refcocog"])
     p.add_argument("--split-by", default="unc", choices=["unc", "google", "umd"])
     p.add_argument("--key", default=None, help="TransVG dataset key (default: unc, unc+, gref or gref_umd)")

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -152,9 +153,7 @@ def _as_box(value: Any, where: str) -> tuple[float, float, float, float]:
     return vals[0], vals[1], vals[2], vals[3]
 
 
-def parse_entries(
-    entries: list, dataset: str, source: str = "<list>", truncate: bool = False
-) -> list[GroundingSample]:
+def parse_entries(entries: list, dataset: str, source: str = "<list>", truncate: bool = False) -> list[GroundingSample]:
     """Check each tuple against ``dataset``'s layout and convert boxes to float ``x1y1x2y2``.
 
     ``truncate=True`` reproduces the official loader's ``np.array(bbox, dtype=int)`` before the

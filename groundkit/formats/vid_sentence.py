@@ -178,7 +178,12 @@ def _check_video_level(videos: list, where: str) -> None:
             if not isinstance(img, str) or not isinstance(phrase, str):
                 raise DataError(f"{where}[{v}][{f}]: img_path and phrase must be strings")
             vals = list(box.tolist() if hasattr(box, "tolist") else box)
-            if len(vals) != 4 or not all(math.isfinite(float(x)) for x in vals) or vals[2] < vals[0] or vals[3] < vals[1]:
+            if (
+                len(vals) != 4
+                or not all(math.isfinite(float(x)) for x in vals)
+                or vals[2] < vals[0]
+                or vals[3] < vals[1]
+            ):
                 raise DataError(f"{where}[{v}][{f}]: bad box {box!r} (want [x1,y1,x2,y2], x2>=x1, y2>=y1)")
 
 

@@ -23,15 +23,17 @@ import json
 import logging
 import os
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import h5py
 import numpy as np
 
 from ..errors import DataError
 from ..text import COCO_CLASSES, tokenize
+from . import flickr30k_entities as fe
 
 log = logging.getLogger("groundkit.wang21")
 
@@ -131,12 +133,14 @@ def read_region_hdf5(
                     f"{path}: key {k!r} has shape {a.shape}; expected [N, {expect}] "
                     f"(= region_dim {region_dim} + {n_logits} logits incl. background + 4 box)"
                 )
-            rows = np.asarray(a[: n], dtype=np.float32)
+            rows = np.asarray(a[:n], dtype=np.float32)
             m = rows.shape[0]
             if not np.isfinite(rows).all():
                 bad = np.argwhere(~np.isfinite(rows))[0]
                 part = "feature" if bad[1] < region_dim else "logit" if bad[1] < region_dim + n_logits else "box"
-                raise Wang21DataError(f"{path}: key {k!r} has a non-finite {part} value at row {bad[0]}, column {bad[1]}")
+                raise Wang21DataError(
+                    f"{path}: key {k!r} has a non-finite {part} value at row {bad[0]}, column {bad[1]}"
+                )
             b = rows[:, -4:]
             if m and ((b[:, 2] < b[:, 0]) | (b[:, 3] < b[:, 1]) | (b < -1.0).any(1)).any():
                 r = int(np.argwhere((b[:, 2] < b[:, 0]) | (b[:, 3] < b[:, 1]) | (b < -1.0).any(1))[0, 0])
@@ -188,7 +192,9 @@ def _decode(a: np.ndarray) -> np.ndarray:
     if a.dtype.kind == "S":
         return np.char.decode(a, "utf-8")
     if a.dtype.kind == "O":
-        return np.vectorize(lambda x: x.decode("utf-8") if isinstance(x, bytes) else str(x), otypes=[object])(a).astype(str)
+        return np.vectorize(lambda x: x.decode("utf-8") if isinstance(x, bytes) else str(x), otypes=[object])(a).astype(
+            str
+        )
     if a.dtype.kind == "U":
         return a
     raise Wang21DataError(f"dtype {a.dtype} is not a string type")
@@ -209,7 +215,9 @@ def read_phrase_hdf5(
     with h5py.File(path, "r") as f:
         for k in image_ids:
             if k not in f:
-                raise Wang21DataError(f"{path}: key {k!r} missing (expected tokens [S, P, T] for the image of the region file)")
+                raise Wang21DataError(
+                    f"{path}: key {k!r} missing (expected tokens [S, P, T] for the image of the region file)"
+                )
             if f"{k}_gt" not in f:
                 raise Wang21DataError(f"{path}: key {k + '_gt'!r} missing (expected ground-truth boxes [S, P, 4])")
             a, g = f[k], f[f"{k}_gt"]
@@ -221,19 +229,25 @@ def read_phrase_hdf5(
                 raise Wang21DataError(f"{path}: key {k!r} has dtype {a.dtype}; expected strings [S, P, T]") from None
             gt = np.asarray(g[()], dtype=np.float32)
             if gt.shape != t.shape[:2] + (4,):
-                raise Wang21DataError(f"{path}: key {k + '_gt'!r} has shape {gt.shape}; expected {t.shape[:2] + (4,)} ([S, P, 4])")
+                raise Wang21DataError(
+                    f"{path}: key {k + '_gt'!r} has shape {gt.shape}; expected {t.shape[:2] + (4,)} ([S, P, 4])"
+                )
             if not np.isfinite(gt).all():
                 raise Wang21DataError(f"{path}: key {k + '_gt'!r} has non-finite values")
             bad = (gt[..., 3] > 0) & ((gt[..., 2] < gt[..., 0]) | (gt[..., 3] < gt[..., 1]) | (gt < -1).any(-1))
             if bad.any():
                 s, p = map(int, np.argwhere(bad)[0])
-                raise Wang21DataError(f"{path}: key {k + '_gt'!r}[{s}, {p}] = {gt[s, p].tolist()}; expected x1 <= x2, y1 <= y2, pixels >= 0")
+                raise Wang21DataError(
+                    f"{path}: key {k + '_gt'!r}[{s}, {p}] = {gt[s, p].tolist()}; expected x1 <= x2, y1 <= y2, pixels >= 0"
+                )
             toks_l.append(t)
             gts_l.append(gt)
     S = {t.shape[0] for t in toks_l}
     T = {t.shape[2] for t in toks_l}
     if len(S) > 1 or len(T) > 1:
-        raise Wang21DataError(f"{path}: images differ in sentences per image {sorted(S)} or tokens per phrase {sorted(T)}; expected one [S, *, T]")
+        raise Wang21DataError(
+            f"{path}: images differ in sentences per image {sorted(S)} or tokens per phrase {sorted(T)}; expected one [S, *, T]"
+        )
     s, t_len = S.pop(), T.pop()
     P = max(t.shape[1] for t in toks_l)
     if max_phrases > 0:
@@ -288,7 +302,9 @@ def load_class_names(source: str | Path) -> list[str]:
     if s.lower() == "coco":
         return list(COCO_CLASSES)
     if not os.path.isfile(s):
-        raise Wang21DataError(f"{s}: detector class name file not found (expected one name per line, a label-map pbtxt, or 'coco')")
+        raise Wang21DataError(
+            f"{s}: detector class name file not found (expected one name per line, a label-map pbtxt, or 'coco')"
+        )
     text = Path(s).read_text(encoding="utf-8")
     names = re.findall(r'display_name:\s*"([^"]*)"', text)
     if not names:
@@ -324,7 +340,9 @@ def read_phrase_to_label(path: str | Path, class_names: Sequence[str]) -> dict[s
             raise Wang21DataError(f"{path}: key {p!r} maps to {lab!r}; expected a class name string")
         c = index.get(lab.lower())
         if c is None:
-            raise Wang21DataError(f"{path}: key {p!r} maps to {lab!r}, which is not a detector class ({len(class_names)} known, e.g. {class_names[:5]})")
+            raise Wang21DataError(
+                f"{path}: key {p!r} maps to {lab!r}, which is not a detector class ({len(class_names)} known, e.g. {class_names[:5]})"
+            )
         out[p] = c
     return out
 
@@ -335,8 +353,12 @@ def write_matching_matrix(path: str | Path, phrases: Sequence[str], classes: Seq
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     strings = h5py.string_dtype()
     with h5py.File(path, "w") as f:
-        f.create_dataset("phrases", data=np.array([p.encode() for p in phrases], dtype=object), dtype=strings, track_times=False)
-        f.create_dataset("classes", data=np.array([c.encode() for c in classes], dtype=object), dtype=strings, track_times=False)
+        f.create_dataset(
+            "phrases", data=np.array([p.encode() for p in phrases], dtype=object), dtype=strings, track_times=False
+        )
+        f.create_dataset(
+            "classes", data=np.array([c.encode() for c in classes], dtype=object), dtype=strings, track_times=False
+        )
         f.create_dataset("scores", data=np.asarray(scores, dtype=np.float32), track_times=False)
 
 
@@ -359,7 +381,9 @@ def read_matching_matrix(path: str | Path) -> tuple[list[str], list[str], np.nda
 # ----------------------------------------------------------------------------- converters
 
 
-def glove_text_to_hdf5(text_path: str | Path, out_path: str | Path, vocab: Iterable[str] | None = None) -> dict[str, int]:
+def glove_text_to_hdf5(
+    text_path: str | Path, out_path: str | Path, vocab: Iterable[str] | None = None
+) -> dict[str, int]:
     """Convert a GloVe text file (``word v1 ... vE`` per line) to the official HDF5 (one dataset per word).
 
     Words that cannot be HDF5 names (containing "/" or equal to ".") are skipped and counted;
@@ -407,11 +431,17 @@ def prepare_flickr30k(
     ones; the ground truth of a phrase is the union (enclosing box) of all its entity's boxes (the
     weak-supervision convention), clipped to the image (counted). Returns counts.
     """
-    from . import flickr30k_entities as fe
-
     root = Path(root)
-    stats = {"images": 0, "sentences": 0, "phrases": 0, "phrases_with_box": 0, "phrases_dropped_over_max": 0,
-             "boxes_clipped": 0, "boxes_degenerate": 0, "tokens_truncated": 0}
+    stats = {
+        "images": 0,
+        "sentences": 0,
+        "phrases": 0,
+        "phrases_with_box": 0,
+        "phrases_dropped_over_max": 0,
+        "boxes_clipped": 0,
+        "boxes_degenerate": 0,
+        "tokens_truncated": 0,
+    }
     tokens_out, gt_out = {}, {}
     for im in image_ids:
         sent_path, ann_path = root / "Sentences" / f"{im}.txt", root / "Annotations" / f"{im}.xml"
@@ -422,11 +452,18 @@ def prepare_flickr30k(
         ann = fe.read_annotations(ann_path)
         sents = fe.read_sentences(sent_path)
         if len(sents) < sentences_per_image:
-            log.warning("%s: %d sentences, expected %d (padded with empty sentences)", sent_path, len(sents), sentences_per_image)
+            log.warning(
+                "%s: %d sentences, expected %d (padded with empty sentences)",
+                sent_path,
+                len(sents),
+                sentences_per_image,
+            )
         lim = np.array([ann["width"] - 1, ann["height"] - 1] * 2, dtype=np.float32)
         toks = np.full((sentences_per_image, max_phrases, max_tokens), "", dtype=object)
         gt = np.zeros((sentences_per_image, max_phrases, 4), dtype=np.float32)
-        for s, (sent, boxes) in enumerate(zip(sents[:sentences_per_image], fe.phrase_boxes(sents[:sentences_per_image], ann))):
+        for s, (sent, boxes) in enumerate(
+            zip(sents[:sentences_per_image], fe.phrase_boxes(sents[:sentences_per_image], ann))
+        ):
             items = []
             for ph, box in zip(sent["phrases"], boxes):
                 t = tokenize(ph["phrase"], lower)
@@ -497,7 +534,9 @@ def detections_to_hdf5(
         d = np.load(fp)
         for k in ("boxes", "features"):
             if k not in d:
-                raise Wang21DataError(f"{fp}: key {k!r} missing (expected boxes [N, 4], logits or scores [N, C], features [N, D])")
+                raise Wang21DataError(
+                    f"{fp}: key {k!r} missing (expected boxes [N, 4], logits or scores [N, C], features [N, D])"
+                )
         lk = "logits" if "logits" in d else "scores" if "scores" in d else None
         if lk is None:
             raise Wang21DataError(f"{fp}: key 'logits' (or 'scores') missing (expected [N, C] class logits)")
@@ -531,7 +570,9 @@ def detections_to_hdf5(
         if width is None:
             width = row.shape[1]
         elif row.shape[1] != width:
-            raise Wang21DataError(f"{fp}: rows have {row.shape[1]} columns; the first file had {width} (same D and C needed)")
+            raise Wang21DataError(
+                f"{fp}: rows have {row.shape[1]} columns; the first file had {width} (same D and C needed)"
+            )
         rows_out[fp.stem] = row
         stats["images"] += 1
         stats["rows"] += row.shape[0]
@@ -542,5 +583,3 @@ def detections_to_hdf5(
 
 
 # ----------------------------------------------------------------------------- CLI registrars
-
-

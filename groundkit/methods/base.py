@@ -20,6 +20,8 @@ import torch
 from torch import nn
 
 from ..config import ExperimentConfig
+from ..engine import evaluate_samples
+from ..runlog import format_metrics
 
 __all__ = ["Method", "Predictor"]
 
@@ -102,8 +104,6 @@ class Method:
     def evaluate(self, model: nn.Module, dataset: Any, cfg: Any, device: torch.device) -> dict[str, float]:
         """Metrics on ``dataset``. The default runs :meth:`eval_step` over the samples (sharded
         under DDP, every sample once) and hands the gathered outputs to :meth:`compute_metrics`."""
-        from ..engine import evaluate_samples
-
         return evaluate_samples(self, model, dataset, cfg, device)
 
     def eval_step(self, model: nn.Module, batch: Any, cfg: Any) -> dict[str, Any]:
@@ -116,8 +116,6 @@ class Method:
 
     def format_eval(self, metrics: dict[str, float], split: str) -> str:
         """How ``groundkit eval`` prints the metrics."""
-        from ..runlog import format_metrics
-
         return f"{split}: {format_metrics(metrics)}"
 
     # ------------------------------------------------------------------ inference

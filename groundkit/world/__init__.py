@@ -7,6 +7,9 @@ Flickr30K Entities), ``refexp`` (RefCOCO / TransVG), ``video`` (VID-Sentence), `
 :mod:`groundkit.world.scene`. See docs/benchmark_world.md.
 """
 
+from pathlib import Path
+
+from ..config import ConfigError
 from .core import (
     MANIFEST,
     SIZES,
@@ -47,9 +50,6 @@ def resolve_world(method: object, cfg: object, progress: bool = False) -> object
     call this before training. A ``data.root`` that is not the world's folder, given together with
     ``data.synth_size``, is an error instead of being silently ignored. Returns ``cfg``.
     """
-    from pathlib import Path
-
-    from ..config import ConfigError
 
     data = getattr(cfg, "data", None)
     size = getattr(data, "synth_size", "")

@@ -20,10 +20,22 @@ def register(subparsers: Any) -> None:
         "a verified cached build is reused, a corrupt one is rebuilt.",
     )
     p.add_argument("--task", required=True, choices=list(TASKS), help="which data set to write")
-    p.add_argument("--size", default="small", choices=list(SIZES), help="tiny (tests), small (CPU demo), medium, large (GPU benchmarks)")
+    p.add_argument(
+        "--size",
+        default="small",
+        choices=list(SIZES),
+        help="tiny (tests), small (CPU demo), medium, large (GPU benchmarks)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output directory (default: $GROUNDKIT_DATA or the user cache)")
-    p.add_argument("--set", dest="knobs", action="append", default=[], metavar="KNOB=VALUE", help="task knob, repeatable (see docs/benchmark_world.md)")
+    p.add_argument(
+        "--set",
+        dest="knobs",
+        action="append",
+        default=[],
+        metavar="KNOB=VALUE",
+        help="task knob, repeatable (see docs/benchmark_world.md)",
+    )
     p.add_argument("--force", action="store_true", help="rebuild even if a valid build exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -35,7 +47,9 @@ def run(args: argparse.Namespace) -> int:
         for item in args.knobs:
             k, v = parse_knob(item)
             knobs[k] = v
-        out = generate(args.task, size=args.size, seed=args.seed, out=args.out, progress=not args.quiet, force=args.force, **knobs)
+        out = generate(
+            args.task, size=args.size, seed=args.seed, out=args.out, progress=not args.quiet, force=args.force, **knobs
+        )
     except (ValueError, CacheError, TaskUnavailableError) as e:
         print(f"groundkit data synth: error: {e}", file=sys.stderr)
         return 2

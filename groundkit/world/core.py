@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
 import json
 import os
 import platform
@@ -19,11 +20,15 @@ import shutil
 import sys
 import time
 import zlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
+import yaml
+from tqdm import tqdm
 
+from .. import __version__
 from ..errors import GroundkitError
 
 __all__ = [
@@ -105,7 +110,9 @@ def get_builder(task: str) -> Callable[..., dict]:
         mod = importlib.import_module(mod_name)
     except ModuleNotFoundError as e:
         if e.name and (mod_name == e.name or mod_name.startswith(e.name + ".")):
-            raise TaskUnavailableError(f"task {task!r} is not available in this installation (module {mod_name} not found)") from e
+            raise TaskUnavailableError(
+                f"task {task!r} is not available in this installation (module {mod_name} not found)"
+            ) from e
         raise
     fn = getattr(mod, attr, None)
     if fn is None:
@@ -115,8 +122,6 @@ def get_builder(task: str) -> Callable[..., dict]:
 
 def available_tasks() -> list[str]:
     """Tasks whose module is installed (found without importing it)."""
-    import importlib.util
-
     out = []
     for t, spec in TASKS.items():
         try:
@@ -145,8 +150,6 @@ def rng_for(seed: int, *keys: str | int) -> np.random.Generator:
 
 def parse_knob(item: str) -> tuple[str, Any]:
     """``"name=value"`` -> (name, value) with value read as YAML (numbers, booleans, lists)."""
-    import yaml
-
     if "=" not in item:
         raise ValueError(f"knob {item!r} must look like name=value")
     k, _, v = item.partition("=")
@@ -168,7 +171,13 @@ def check_knobs(task: str, given: Mapping[str, Any], defaults: Mapping[str, Any]
     out = dict(defaults)
     for k, v in given.items():
         d = defaults[k]
-        if d is not None and not isinstance(d, bool) and isinstance(d, (int, float)) and isinstance(v, (int, float)) and not isinstance(v, bool):
+        if (
+            d is not None
+            and not isinstance(d, bool)
+            and isinstance(d, (int, float))
+            and isinstance(v, (int, float))
+            and not isinstance(v, bool)
+        ):
             if isinstance(d, int) and not float(v).is_integer():
                 raise ValueError(f"task {task!r}: knob {k} expects an integer, got {v!r}")
             v = type(d)(v)
@@ -210,7 +219,6 @@ def progress_bar(it: Iterable, total: int | None = None, desc: str = "", enabled
     """tqdm over ``it`` when ``enabled`` (written to stderr), else ``it`` itself."""
     if not enabled:
         return iter(it)
-    from tqdm import tqdm
 
     return iter(tqdm(it, total=total, desc=desc, leave=False, dynamic_ncols=True))
 
@@ -343,7 +351,6 @@ def generate(
         for rel in _list_files(tmp):
             p = tmp / rel
             files[rel] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-        from .. import __version__
 
         man = {
             "task": task,

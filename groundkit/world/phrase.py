@@ -25,19 +25,32 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
+from PIL import Image, ImageDraw
 
-from . import scene as S
+from ..backbones import FEATURE_DIM, region_features
+from ..formats import flickr30k_entities as F
 from ..formats.wang21_hdf5 import write_matching_matrix
-from ..text import glove_vectors, load_word_vectors, match_phrases, GLOVE_PACKAGE
+from ..text import GLOVE_PACKAGE, glove_vectors, load_word_vectors, match_phrases
+from . import scene as S
 from .core import check_knobs, progress_bar, rng_for, write_json
 
-__all__ = ["build", "DEFAULTS", "SPLIT_SIZES", "ImageRecord", "make_image", "teacher_stats", "phrase_to_label", "phrase_matching"]
+__all__ = [
+    "build",
+    "DEFAULTS",
+    "SPLIT_SIZES",
+    "ImageRecord",
+    "make_image",
+    "teacher_stats",
+    "phrase_to_label",
+    "phrase_matching",
+]
 
 MAX_TOKENS = 10
 MIN_PHRASES = 16  # the official training code needs P >= 16
@@ -139,7 +152,9 @@ class ImageRecord:
 # ----------------------------------------------------------------------------------------------
 
 
-def _captions(scene: S.Scene, rng: np.random.Generator, k: dict[str, Any]) -> tuple[list[Entity], list[list[tuple[list[str], int | None]]]]:
+def _captions(
+    scene: S.Scene, rng: np.random.Generator, k: dict[str, Any]
+) -> tuple[list[Entity], list[list[tuple[list[str], int | None]]]]:
     entities: list[Entity] = []
     for o in scene.objects:
         entities.append(Entity(len(entities) + 1, [o.id], o.cat.phrase_type, "box"))
@@ -162,7 +177,11 @@ def _captions(scene: S.Scene, rng: np.random.Generator, k: dict[str, Any]) -> tu
     def group_np(c: str) -> list[str]:
         ids = groups[c]
         cat = S.CATEGORIES[c]
-        noun = cat.plurals[0] if (len(cat.words) == 1 or rng.random() >= k["synonym_rate"]) else str(rng.choice(cat.plurals[1:]))
+        noun = (
+            cat.plurals[0]
+            if (len(cat.words) == 1 or rng.random() >= k["synonym_rate"])
+            else str(rng.choice(cat.plurals[1:]))
+        )
         det = str(rng.choice([S.count_word(len(ids)), S.count_word(len(ids)), "the", "some"]))
         cols = {scene.objects[i].colour for i in ids}
         toks = [det] + ([next(iter(cols))] if len(cols) == 1 and rng.random() < 0.5 else []) + [noun]
@@ -257,7 +276,9 @@ def _part(rng: np.random.Generator, box: tuple, w: int, h: int) -> list[float]:
     return list(S._clip_box((px, py, px + fw * bw, py + fh * bh), w, h))
 
 
-def _proposals(scene: S.Scene, rng: np.random.Generator, k: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _proposals(
+    scene: S.Scene, rng: np.random.Generator, k: dict[str, Any]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     w, h = scene.width, scene.height
     n = int(k["n_proposals"])
     objs = scene.objects
@@ -296,7 +317,11 @@ def _proposals(scene: S.Scene, rng: np.random.Generator, k: dict[str, Any]) -> t
         boxes.append(list(S._clip_box((x1, y1, x1 + bw, y1 + bh), w, h)))
         source.append(-1)
         kind.append(2)
-    return np.asarray(boxes[:n], dtype=np.float32), np.asarray(source[:n], dtype=np.int64), np.asarray(kind[:n], dtype=np.int64)
+    return (
+        np.asarray(boxes[:n], dtype=np.float32),
+        np.asarray(source[:n], dtype=np.int64),
+        np.asarray(kind[:n], dtype=np.int64),
+    )
 
 
 def _detector(
@@ -365,8 +390,12 @@ def _sort_by_confidence(boxes, source, kind, logits):
 def make_image(index: int, image_id: str, split: str, seed: int, k: dict[str, Any], classes: list[str]) -> ImageRecord:
     """Scene, captions, proposals and detector output of one image (deterministic in seed, index)."""
     knobs = S.SceneKnobs(
-        width=k["width"], height=k["height"], min_objects=k["min_objects"], max_objects=k["max_objects"],
-        cooccurrence=k["cooccurrence"], same_category=k["same_category"],
+        width=k["width"],
+        height=k["height"],
+        min_objects=k["min_objects"],
+        max_objects=k["max_objects"],
+        cooccurrence=k["cooccurrence"],
+        same_category=k["same_category"],
     )
     scene = S.sample_scene(rng_for(seed, "phrase", "scene", index), knobs)
     entities, sentences = _captions(scene, rng_for(seed, "phrase", "captions", index), k)
@@ -393,7 +422,9 @@ def phrase_to_label(phrases: list[str], classes: list[str]) -> dict[str, str]:
     return phrase_matching(phrases, classes)[0]
 
 
-def teacher_stats(records: list[ImageRecord], p2l: dict[str, str], classes: list[str], iou_thresh: float = 0.5) -> dict[str, float]:
+def teacher_stats(
+    records: list[ImageRecord], p2l: dict[str, str], classes: list[str], iou_thresh: float = 0.5
+) -> dict[str, float]:
     """R@1 of the detector teacher, of a category oracle and of chance, and the proposal upper bound.
 
     Over phrases with a box; a hit is IoU > ``iou_thresh`` with the (enclosing) GT box. Teacher:
@@ -477,8 +508,15 @@ def _sentence_markup(rec: ImageRecord, sent: list[tuple[list[str], int | None]])
 
 def _annotation_xml(rec: ImageRecord) -> str:
     sc = rec.scene
-    lines = ["<annotation>", f"\t<filename>{rec.id}.jpg</filename>", "\t<size>", f"\t\t<width>{sc.width}</width>",
-             f"\t\t<height>{sc.height}</height>", "\t\t<depth>3</depth>", "\t</size>"]
+    lines = [
+        "<annotation>",
+        f"\t<filename>{rec.id}.jpg</filename>",
+        "\t<size>",
+        f"\t\t<width>{sc.width}</width>",
+        f"\t\t<height>{sc.height}</height>",
+        "\t\t<depth>3</depth>",
+        "\t</size>",
+    ]
     used = {e for sent in rec.sentences for _, e in sent if e is not None}
     # one <object> per object box, named by every entity (single or plural) that refers to it
     for o in sc.objects:
@@ -488,10 +526,24 @@ def _annotation_xml(rec: ImageRecord) -> str:
         x1, y1, x2, y2 = (int(round(v)) + 1 for v in o.box)  # 1-based pixels, as the release
         lines.append("\t<object>")
         lines += [f"\t\t<name>{n}</name>" for n in names]
-        lines += ["\t\t<bndbox>", f"\t\t\t<xmin>{x1}</xmin>", f"\t\t\t<ymin>{y1}</ymin>", f"\t\t\t<xmax>{x2}</xmax>", f"\t\t\t<ymax>{y2}</ymax>", "\t\t</bndbox>", "\t</object>"]
+        lines += [
+            "\t\t<bndbox>",
+            f"\t\t\t<xmin>{x1}</xmin>",
+            f"\t\t\t<ymin>{y1}</ymin>",
+            f"\t\t\t<xmax>{x2}</xmax>",
+            f"\t\t\t<ymax>{y2}</ymax>",
+            "\t\t</bndbox>",
+            "\t</object>",
+        ]
     for e in rec.entities:
         if e.kind != "box" and e.id in used:
-            lines += ["\t<object>", f"\t\t<name>{e.id}</name>", f"\t\t<scene>{int(e.kind == 'scene')}</scene>", f"\t\t<nobndbox>{int(e.kind == 'nobox')}</nobndbox>", "\t</object>"]
+            lines += [
+                "\t<object>",
+                f"\t\t<name>{e.id}</name>",
+                f"\t\t<scene>{int(e.kind == 'scene')}</scene>",
+                f"\t\t<nobndbox>{int(e.kind == 'nobox')}</nobndbox>",
+                "\t</object>",
+            ]
     lines.append("</annotation>")
     return "\n".join(lines) + "\n"
 
@@ -509,10 +561,10 @@ def _render(rec: ImageRecord, seed: int, index: int):
     return S.render_scene(rec.scene, rng_for(seed, "phrase", "render", index))
 
 
-def _reference_pool(seed: int, k: dict[str, Any], classes: list[str], progress: bool) -> dict[tuple[str, int], np.ndarray]:
+def _reference_pool(
+    seed: int, k: dict[str, Any], classes: list[str], progress: bool
+) -> dict[tuple[str, int], np.ndarray]:
     """Real backbone features of a rendered reference set, pooled by (category, proposal kind)."""
-    from ..backbones import region_features
-
     recs, ims = [], []
     for i in range(int(k["reference_images"])):
         rec = make_image(10_000_000 + i, f"ref{i}", "ref", seed, k, classes)
@@ -520,8 +572,12 @@ def _reference_pool(seed: int, k: dict[str, Any], classes: list[str], progress: 
         ims.append(_render(rec, seed, 10_000_000 + i))
     feats = []
     bs = 32
-    for s in progress_bar(range(0, len(recs), bs), total=math.ceil(len(recs) / bs), desc="reference features", enabled=progress):
-        feats += region_features(ims[s : s + bs], [r.boxes for r in recs[s : s + bs]], input_size=tuple(k["backbone_input"]))
+    for s in progress_bar(
+        range(0, len(recs), bs), total=math.ceil(len(recs) / bs), desc="reference features", enabled=progress
+    ):
+        feats += region_features(
+            ims[s : s + bs], [r.boxes for r in recs[s : s + bs]], input_size=tuple(k["backbone_input"])
+        )
     pool: dict[tuple[str, int], list[np.ndarray]] = {}
     for rec, f in zip(recs, feats):
         for r in range(len(rec.boxes)):
@@ -531,7 +587,9 @@ def _reference_pool(seed: int, k: dict[str, Any], classes: list[str], progress: 
     return {key: np.stack(v) for key, v in pool.items()}
 
 
-def _prototype_features(rec: ImageRecord, pool: dict[tuple[str, int], np.ndarray], rng: np.random.Generator, std: np.ndarray) -> np.ndarray:
+def _prototype_features(
+    rec: ImageRecord, pool: dict[tuple[str, int], np.ndarray], rng: np.random.Generator, std: np.ndarray
+) -> np.ndarray:
     out = np.empty((len(rec.boxes), std.shape[0]), dtype=np.float32)
     clutter = pool[("", 2)]
     for r in range(len(rec.boxes)):
@@ -565,8 +623,6 @@ def _split_sizes(size: str, n_images: int) -> tuple[int, int, int]:
 
 def build(out: Path, size: str = "small", seed: int = 0, progress: bool = True, **knobs: Any) -> dict[str, Any]:
     """Write the phrase task under ``out``; returns counts, knobs and teacher/oracle figures."""
-    import time
-
     k = check_knobs("phrase", knobs, DEFAULTS)
     if k["features"] == "auto":
         k["features"] = "prototype" if size == "large" else "backbone"
@@ -577,7 +633,18 @@ def build(out: Path, size: str = "small", seed: int = 0, progress: bool = True, 
     write_images = (size != "large") if k["images"] is None else bool(k["images"])
     if not 1 <= int(k["n_proposals"]) <= 1000:
         raise ValueError(f"phrase: n_proposals must be in [1, 1000], got {k['n_proposals']}")
-    for name in ("cooccurrence", "part_rate", "clutter", "miss_rate", "group_rate", "confusion", "synonym_rate", "plural_rate", "nobox_rate", "same_category"):
+    for name in (
+        "cooccurrence",
+        "part_rate",
+        "clutter",
+        "miss_rate",
+        "group_rate",
+        "confusion",
+        "synonym_rate",
+        "plural_rate",
+        "nobox_rate",
+        "same_category",
+    ):
         if not 0.0 <= float(k[name]) <= 1.0:
             raise ValueError(f"phrase: knob {name} must be in [0, 1], got {k[name]}")
     classes = S.detector_vocabulary(k["detector"])
@@ -599,8 +666,6 @@ def build(out: Path, size: str = "small", seed: int = 0, progress: bool = True, 
         std = allf.std(0).astype(np.float32)
         timings["reference_features_s"] = round(time.perf_counter() - t0, 2)
 
-    from ..backbones import FEATURE_DIM, region_features
-
     records: dict[str, list[ImageRecord]] = {s: [] for s in SPLITS}
     all_phrases: set[str] = set()
     scenes_meta = []
@@ -610,9 +675,14 @@ def build(out: Path, size: str = "small", seed: int = 0, progress: bool = True, 
         ids = [str(1_000_000 + index + i) for i in range(count)]
         (flickr / f"{split}.txt").write_text("".join(i + "\n" for i in ids))
         P = MIN_PHRASES
-        with h5py.File(out / f"region_features_{split}.hdf5", "w") as fr, h5py.File(out / f"phrase_features_{split}.hdf5", "w") as fp:
+        with (
+            h5py.File(out / f"region_features_{split}.hdf5", "w") as fr,
+            h5py.File(out / f"phrase_features_{split}.hdf5", "w") as fp,
+        ):
             bs = 32
-            for s in progress_bar(range(0, count, bs), total=math.ceil(count / bs), desc=f"phrase {split}", enabled=progress):
+            for s in progress_bar(
+                range(0, count, bs), total=math.ceil(count / bs), desc=f"phrase {split}", enabled=progress
+            ):
                 t0 = time.perf_counter()
                 chunk = [make_image(index + j, ids[j], split, seed, k, classes) for j in range(s, min(s + bs, count))]
                 need_px = write_images or k["features"] == "backbone"
@@ -621,27 +691,39 @@ def build(out: Path, size: str = "small", seed: int = 0, progress: bool = True, 
                 if k["features"] == "backbone":
                     feats = region_features(ims, [r.boxes for r in chunk], input_size=tuple(k["backbone_input"]))
                 else:
-                    feats = [_prototype_features(r, pool, rng_for(seed, "phrase", "proto", index + s + j), std) for j, r in enumerate(chunk)]
+                    feats = [
+                        _prototype_features(r, pool, rng_for(seed, "phrase", "proto", index + s + j), std)
+                        for j, r in enumerate(chunk)
+                    ]
                 t2 = time.perf_counter()
                 for j, rec in enumerate(chunk):
                     f = feats[j]
                     if f.shape != (len(rec.boxes), FEATURE_DIM):
-                        raise RuntimeError(f"features of image {rec.id}: shape {f.shape}, expected {(len(rec.boxes), FEATURE_DIM)}")
+                        raise RuntimeError(
+                            f"features of image {rec.id}: shape {f.shape}, expected {(len(rec.boxes), FEATURE_DIM)}"
+                        )
                     _h5(fr, rec.id, np.concatenate([f, rec.logits, rec.boxes], axis=1).astype(np.float32))
                     toks, gt = _phrase_arrays(rec, max(P, max(len(x) for x in rec.phrases())))
                     _h5(fp, rec.id, toks)
                     _h5(fp, rec.id + "_gt", gt)
                     for sent in rec.phrases():
                         all_phrases.update(" ".join(t[:MAX_TOKENS]) for t, _ in sent)
-                    (flickr / "Sentences" / f"{rec.id}.txt").write_text("".join(_sentence_markup(rec, sn) + "\n" for sn in rec.sentences))
+                    (flickr / "Sentences" / f"{rec.id}.txt").write_text(
+                        "".join(_sentence_markup(rec, sn) + "\n" for sn in rec.sentences)
+                    )
                     (flickr / "Annotations" / f"{rec.id}.xml").write_text(_annotation_xml(rec))
                     if write_images:
                         ims[j].save(flickr / "flickr30k-images" / f"{rec.id}.jpg", quality=int(k["jpeg_quality"]))
-                    scenes_meta.append({
-                        "id": rec.id, "split": split, "scene": rec.scene.to_dict(),
-                        "proposal_source": rec.source.tolist(), "proposal_kind": rec.kind.tolist(),
-                        "confused": {str(a): b for a, b in sorted(rec.confused.items())},
-                    })
+                    scenes_meta.append(
+                        {
+                            "id": rec.id,
+                            "split": split,
+                            "scene": rec.scene.to_dict(),
+                            "proposal_source": rec.source.tolist(),
+                            "proposal_kind": rec.kind.tolist(),
+                            "confused": {str(a): b for a, b in sorted(rec.confused.items())},
+                        }
+                    )
                 records[split].extend(chunk)
                 t3 = time.perf_counter()
                 t_gen += t1 - t0
@@ -706,9 +788,6 @@ def illustrate(world: str | Path, image_id: str, proposals: bool = False, scale:
     """A PIL image of one generated image read back from its files: the Flickr30K Entities captions
     and phrase boxes (enclosing box for plurals) or, with ``proposals``, the detector proposals
     (green whole, orange part, gray clutter, blue group) with the top-1 class of the five best."""
-    from PIL import Image, ImageDraw
-
-    from ..formats import flickr30k_entities as F
 
     world = Path(world)
     root = world / "flickr30k_entities"
@@ -727,7 +806,11 @@ def illustrate(world: str | Path, image_id: str, proposals: bool = False, scale:
         return S.draw_sample(img, boxes, captions, scale=scale)
     split = next(s for s in SPLITS if image_id in F.read_split(root / f"{s}.txt"))
     classes = (world / "detector_classes.txt").read_text().split("\n")[:-1]
-    meta = next(json.loads(l) for l in (world / "meta" / "scenes.jsonl").read_text().splitlines() if f'"id": "{image_id}"' in l)
+    meta = next(
+        json.loads(ln)
+        for ln in (world / "meta" / "scenes.jsonl").read_text().splitlines()
+        if f'"id": "{image_id}"' in ln
+    )
     with h5py.File(world / f"region_features_{split}.hdf5", "r") as f:
         a = f[image_id][()]
     logits, boxes = a[:, -(len(classes) + 4) : -4], a[:, -4:]

@@ -28,6 +28,7 @@ Labels are 5-tuples ``(img_file, 'useless placeholder', [x,y,w,h], text, 'useles
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -86,8 +87,11 @@ def resolve(query: dict[str, Any], scene: Scene) -> list[int]:
     ``query``: ``{"category", "colour" (or None), "location" (left/right/middle or None),
     "relation" (a key of RELATION_WORDS or None), "landmark" (a category or None)}``.
     """
-    cands = [o for o in scene.objects if o.category == query["category"]
-             and (query.get("colour") is None or o.colour == query["colour"])]
+    cands = [
+        o
+        for o in scene.objects
+        if o.category == query["category"] and (query.get("colour") is None or o.colour == query["colour"])
+    ]
     loc = query.get("location")
     if loc is not None and cands:
         xs = sorted(cands, key=lambda o: (o.center[0], o.id))
@@ -146,7 +150,12 @@ def _detect(scenes: list[Scene], k: dict[str, Any], seed: int) -> list[list[dict
             x1, y1, x2, y2 = o.box
             w, h = x2 - x1, y2 - y1
             j = 0.04
-            box = [x1 + rng.normal(0, j) * w, y1 + rng.normal(0, j) * h, x2 + rng.normal(0, j) * w, y2 + rng.normal(0, j) * h]
+            box = [
+                x1 + rng.normal(0, j) * w,
+                y1 + rng.normal(0, j) * h,
+                x2 + rng.normal(0, j) * w,
+                y2 + rng.normal(0, j) * h,
+            ]
             category, colour = o.category, o.colour
             if err == "box":  # a box that misses the object (shifted by most of its size)
                 dx = float(rng.choice([-1, 1])) * rng.uniform(0.6, 0.9) * w
@@ -161,10 +170,26 @@ def _detect(scenes: list[Scene], k: dict[str, Any], seed: int) -> list[list[dict
             by1 = min(max(box[1], 0.0), scene.height - 2.0)
             bx2 = min(max(box[2], bx1 + 1.0), scene.width - 1.0)
             by2 = min(max(box[3], by1 + 1.0), scene.height - 1.0)
-            score = float(np.clip(0.55 + 0.4 * math.sqrt(o.area / (scene.width * scene.height) / 0.1) - 0.1 * (err is not None)
-                                  + rng.normal(0, 0.03), 0.05, 0.99))
-            dets.append({"gt": o.id, "category": category, "colour": colour, "box": [round(v, 2) for v in (bx1, by1, bx2, by2)],
-                         "score": round(score, 4), "error": err})
+            score = float(
+                np.clip(
+                    0.55
+                    + 0.4 * math.sqrt(o.area / (scene.width * scene.height) / 0.1)
+                    - 0.1 * (err is not None)
+                    + rng.normal(0, 0.03),
+                    0.05,
+                    0.99,
+                )
+            )
+            dets.append(
+                {
+                    "gt": o.id,
+                    "category": category,
+                    "colour": colour,
+                    "box": [round(v, 2) for v in (bx1, by1, bx2, by2)],
+                    "score": round(score, 4),
+                    "error": err,
+                }
+            )
         out.append(dets)
     return out
 
@@ -190,28 +215,58 @@ def _template_labels(scene: Scene, dets: list[dict], k: dict[str, Any], rng: np.
     out = []
     for d in top:
         q = {"category": d["category"], "colour": None, "location": None, "relation": None, "landmark": None}
-        out.append({"template": "attr_noun", "query": {**q, "colour": d["colour"]}, "det": d,
-                    "text": f"{d['colour']} {_noun(d['category'], rng)}"})
-        same = sorted([e for e in seen if e["category"] == d["category"]], key=lambda e: ((e["box"][0] + e["box"][2]) / 2, e["gt"]))
+        out.append(
+            {
+                "template": "attr_noun",
+                "query": {**q, "colour": d["colour"]},
+                "det": d,
+                "text": f"{d['colour']} {_noun(d['category'], rng)}",
+            }
+        )
+        same = sorted(
+            [e for e in seen if e["category"] == d["category"]],
+            key=lambda e: ((e["box"][0] + e["box"][2]) / 2, e["gt"]),
+        )
         if len(same) >= 2:
             cx = [(e["box"][0] + e["box"][2]) / 2 for e in same]
             if cx[-1] - cx[0] > k["spread"] * scene.width:
-                loc = "left" if same[0] is d else "right" if same[-1] is d else ("middle" if len(same) == 3 and same[1] is d else None)
+                loc = (
+                    "left"
+                    if same[0] is d
+                    else "right"
+                    if same[-1] is d
+                    else ("middle" if len(same) == 3 and same[1] is d else None)
+                )
                 if loc is not None:
                     word = "in the middle" if loc == "middle" else f"on the {loc}"
-                    out.append({"template": "noun_location", "query": {**q, "location": loc}, "det": d,
-                                "text": f"{_noun(d['category'], rng)} {word}"})
-                    out.append({"template": "attr_noun_location", "query": {**q, "colour": d["colour"], "location": loc}, "det": d,
-                                "text": f"{d['colour']} {_noun(d['category'], rng)} {word}"})
+                    out.append(
+                        {
+                            "template": "noun_location",
+                            "query": {**q, "location": loc},
+                            "det": d,
+                            "text": f"{_noun(d['category'], rng)} {word}",
+                        }
+                    )
+                    out.append(
+                        {
+                            "template": "attr_noun_location",
+                            "query": {**q, "colour": d["colour"], "location": loc},
+                            "det": d,
+                            "text": f"{d['colour']} {_noun(d['category'], rng)} {word}",
+                        }
+                    )
     return out
 
 
 def _flip(rel: str) -> str:
-    return {"left": "right", "right": "left", "above": "below", "below": "above", "front": "behind", "behind": "front"}[rel]
+    return {"left": "right", "right": "left", "above": "below", "below": "above", "front": "behind", "behind": "front"}[
+        rel
+    ]
 
 
-def _relation_labels(scene: Scene, dets: list[dict], conds: dict, mean_w: float, k: dict[str, Any],
-                     rng: np.random.Generator) -> list[dict]:
+def _relation_labels(
+    scene: Scene, dets: list[dict], conds: dict, mean_w: float, k: dict[str, Any], rng: np.random.Generator
+) -> list[dict]:
     seen = [d for d in dets if d["error"] != "miss"]
     out = []
     for s in seen:
@@ -224,9 +279,21 @@ def _relation_labels(scene: Scene, dets: list[dict], conds: dict, mean_w: float,
                 w = _weight(c, k) * (2.0 if c["n_same"] >= 3 else 1.0)
                 flipped = rng.random() < min(0.95, k["noise"] * k["relation_flip"] * w / mean_w)
                 r = _flip(rel) if flipped else rel
-                out.append({"template": "subject_predicate_object", "det": s, "predicate_flipped": flipped,
-                            "query": {"category": s["category"], "colour": None, "location": None, "relation": r, "landmark": o["category"]},
-                            "text": f"{_noun(s['category'], rng)} {' '.join(RELATION_WORDS[r])} {_noun(o['category'], rng)}"})
+                out.append(
+                    {
+                        "template": "subject_predicate_object",
+                        "det": s,
+                        "predicate_flipped": flipped,
+                        "query": {
+                            "category": s["category"],
+                            "colour": None,
+                            "location": None,
+                            "relation": r,
+                            "landmark": o["category"],
+                        },
+                        "text": f"{_noun(s['category'], rng)} {' '.join(RELATION_WORDS[r])} {_noun(o['category'], rng)}",
+                    }
+                )
     return out
 
 
@@ -262,8 +329,14 @@ def _judge(label: dict, scene: Scene) -> dict[str, Any]:
     best = int(np.argmax(ious))
     text_ok = len(ids) == 1
     box_ok = text_ok and float(ious[ids[0]]) >= 0.5
-    return {"correct": bool(text_ok and box_ok), "text_unique": text_ok, "box_matches_referent": bool(box_ok),
-            "referents": ids, "box_best_gt": best, "box_best_iou": round(float(ious[best]), 4)}
+    return {
+        "correct": bool(text_ok and box_ok),
+        "text_unique": text_ok,
+        "box_matches_referent": bool(box_ok),
+        "referents": ids,
+        "box_best_gt": best,
+        "box_best_iou": round(float(ious[best]), 4),
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,8 +346,6 @@ def _judge(label: dict, scene: Scene) -> dict[str, Any]:
 
 def load_label_flags(out: str | Path) -> dict[str, list[dict[str, Any]]]:
     """The analysis flags of a pseudo build, per source, in the order of the ``.pth`` files."""
-    import json
-
     path = Path(out) / "analysis" / "pseudo_labels.json"
     if not path.is_file():
         raise FileNotFoundError(f"pseudo-label analysis file not found: {path}")
@@ -300,9 +371,23 @@ def build(out: Path, size: str, seed: int, progress: bool = False, **knobs: Any)
         image_id = m["image_id"]
         img = refcoco.coco_file_name(image_id)
         ann_of = m["ann_ids"]
-        det_json.append({"image_id": image_id, "file_name": img,
-                         "detections": [{"box": d["box"], "class": CATEGORIES[d["category"]].detector, "category": d["category"],
-                                         "attribute": d["colour"], "score": d["score"]} for d in ds if d["error"] != "miss"]})
+        det_json.append(
+            {
+                "image_id": image_id,
+                "file_name": img,
+                "detections": [
+                    {
+                        "box": d["box"],
+                        "class": CATEGORIES[d["category"]].detector,
+                        "category": d["category"],
+                        "attribute": d["colour"],
+                        "score": d["score"],
+                    }
+                    for d in ds
+                    if d["error"] != "miss"
+                ],
+            }
+        )
         for source in SOURCES:
             rng = rng_for(seed, TASK, source, image_id)
             if source == "template":
@@ -319,12 +404,21 @@ def build(out: Path, size: str, seed: int, progress: bool = False, **knobs: Any)
                 entries[source].append(transvg.make_entry("unc", img, (x1, y1, x2, y2), lab["text"]))
                 c = conds[lab["det"]["gt"]]
                 j = _judge(lab, scene)
-                flags[source].append({
-                    "image_id": image_id, "text": lab["text"], "template": lab["template"], **j,
-                    "referent_ann_ids": [ann_of[i] for i in j["referents"]], "box_best_ann_id": ann_of[j["box_best_gt"]],
-                    "detection_error": lab["det"]["error"], "predicate_flipped": lab.get("predicate_flipped", False),
-                    "small": c["small"], "crowded": c["crowded"], "n_same_class": c["n_same"],
-                })
+                flags[source].append(
+                    {
+                        "image_id": image_id,
+                        "text": lab["text"],
+                        "template": lab["template"],
+                        **j,
+                        "referent_ann_ids": [ann_of[i] for i in j["referents"]],
+                        "box_best_ann_id": ann_of[j["box_best_gt"]],
+                        "detection_error": lab["det"]["error"],
+                        "predicate_flipped": lab.get("predicate_flipped", False),
+                        "small": c["small"],
+                        "crowded": c["crowded"],
+                        "n_same_class": c["n_same"],
+                    }
+                )
     root = out / "splits" / "unc"
     (root / "train_separate").mkdir(parents=True, exist_ok=True)
     for s in SOURCES:
@@ -333,20 +427,35 @@ def build(out: Path, size: str, seed: int, progress: bool = False, **knobs: Any)
     (out / "pseudo").mkdir(exist_ok=True)
     write_json(out / "pseudo" / "detections_train.json", {"version": 1, "images": det_json})
     (out / "analysis").mkdir(exist_ok=True)
-    write_json(out / "analysis" / "pseudo_labels.json", {"version": 1, "files": {s: f"splits/unc/train_separate/{_FILES[s]}.pth" for s in SOURCES},
-                                                         "sources": flags})
+    write_json(
+        out / "analysis" / "pseudo_labels.json",
+        {"version": 1, "files": {s: f"splits/unc/train_separate/{_FILES[s]}.pth" for s in SOURCES}, "sources": flags},
+    )
     all_dets = [d for ds in dets for d in ds]
     stats = refexp._stats(world)
     per_source = {}
     for s in SOURCES:
         f = flags[s]
         err = lambda sel: round(1.0 - float(np.mean([x["correct"] for x in sel])), 4) if sel else None  # noqa: E731
-        per_source[s] = {"labels": len(f), "error_rate": err(f),
-                         "error_rate_small": err([x for x in f if x["small"]]), "error_rate_not_small": err([x for x in f if not x["small"]]),
-                         "error_rate_crowded": err([x for x in f if x["crowded"]]), "error_rate_not_crowded": err([x for x in f if not x["crowded"]]),
-                         "error_rate_3plus_same_class": err([x for x in f if x["n_same_class"] >= 3]),
-                         "error_rate_unique_class": err([x for x in f if x["n_same_class"] == 1])}
-    return {**stats, "pseudo": {"train_images": len(train), "detections": len(all_dets),
-                                "detection_error_rate": round(float(np.mean([d["error"] is not None for d in all_dets])), 4) if all_dets else None,
-                                "sources": per_source},
-            "knobs": k}
+        per_source[s] = {
+            "labels": len(f),
+            "error_rate": err(f),
+            "error_rate_small": err([x for x in f if x["small"]]),
+            "error_rate_not_small": err([x for x in f if not x["small"]]),
+            "error_rate_crowded": err([x for x in f if x["crowded"]]),
+            "error_rate_not_crowded": err([x for x in f if not x["crowded"]]),
+            "error_rate_3plus_same_class": err([x for x in f if x["n_same_class"] >= 3]),
+            "error_rate_unique_class": err([x for x in f if x["n_same_class"] == 1]),
+        }
+    return {
+        **stats,
+        "pseudo": {
+            "train_images": len(train),
+            "detections": len(all_dets),
+            "detection_error_rate": round(float(np.mean([d["error"] is not None for d in all_dets])), 4)
+            if all_dets
+            else None,
+            "sources": per_source,
+        },
+        "knobs": k,
+    }

@@ -30,7 +30,17 @@ import numpy as np
 
 from ..formats import refcoco, transvg
 from .core import check_knobs, progress_bar, rng_for, write_json
-from .scene import CATEGORIES, CATEGORY_NAMES, RELATION_WORDS, Scene, SceneKnobs, SceneObject, relation, render_scene, sample_scene
+from .scene import (
+    CATEGORIES,
+    CATEGORY_NAMES,
+    RELATION_WORDS,
+    Scene,
+    SceneKnobs,
+    SceneObject,
+    relation,
+    render_scene,
+    sample_scene,
+)
 
 __all__ = [
     "build",
@@ -48,8 +58,14 @@ PEOPLE: tuple[str, ...] = tuple(n for n, c in CATEGORIES.items() if c.phrase_typ
 SIZE_WORDS: dict[str, tuple[str, ...]] = {"small": ("small", "little"), "large": ("big", "large")}
 # location word -> (axis, extreme): the target is the extreme one of its category along the axis
 LOCATION_WORDS: dict[str, tuple[str, str]] = {
-    "left": ("x", "min"), "leftmost": ("x", "min"), "right": ("x", "max"), "rightmost": ("x", "max"),
-    "top": ("y", "min"), "upper": ("y", "min"), "bottom": ("y", "max"), "lower": ("y", "max"),
+    "left": ("x", "min"),
+    "leftmost": ("x", "min"),
+    "right": ("x", "max"),
+    "rightmost": ("x", "max"),
+    "top": ("y", "min"),
+    "upper": ("y", "min"),
+    "bottom": ("y", "max"),
+    "lower": ("y", "max"),
 }
 _LOC_TEMPLATES = {
     "left": ("{np} on the left", "left {np}", "leftmost {np}"),
@@ -109,8 +125,14 @@ def sample_image(rng: np.random.Generator, k: dict[str, Any], split: str, tries:
     if split == "testA":
         others = [c for c in CATEGORY_NAMES if c not in PEOPLE]
         cats = PEOPLE + tuple(str(c) for c in rng.choice(others, size=4, replace=False))
-    knobs = SceneKnobs(width=k["width"], height=k["height"], min_objects=k["min_objects"], max_objects=k["max_objects"],
-                       same_category=k["same_category"], categories=cats)
+    knobs = SceneKnobs(
+        width=k["width"],
+        height=k["height"],
+        min_objects=k["min_objects"],
+        max_objects=k["max_objects"],
+        same_category=k["same_category"],
+        categories=cats,
+    )
     scene = None
     for _ in range(tries):
         scene = sample_scene(rng, knobs)
@@ -208,7 +230,9 @@ def expression_candidates(scene: Scene, target: SceneObject, min_gap: float = 0.
     return out
 
 
-def _render_text(scene: Scene, target: SceneObject, prog: dict[str, Any], rng: np.random.Generator, k: dict[str, Any]) -> str:
+def _render_text(
+    scene: Scene, target: SceneObject, prog: dict[str, Any], rng: np.random.Generator, k: dict[str, Any]
+) -> str:
     noun = _noun(target, rng, k["synonym_rate"])
     attrs = tuple(prog["attrs"])
     if prog["kind"] in ("location", "relation") and rng.random() < k["extra_attribute_rate"]:
@@ -245,7 +269,16 @@ def _r_attributes(target: SceneObject, prog: dict[str, Any], text: str) -> list[
         lm = [toks[-1]]
     used = set([noun] + colour + size + loc + rel + pattern + lm + ["the", "to", "on", "at"])
     other = [t for t in toks if t not in used]
-    return [("r1", [noun]), ("r2", colour), ("r3", size), ("r4", loc), ("r5", rel), ("r6", pattern), ("r7", lm), ("r8", other)]
+    return [
+        ("r1", [noun]),
+        ("r2", colour),
+        ("r3", size),
+        ("r4", loc),
+        ("r5", rel),
+        ("r6", pattern),
+        ("r7", lm),
+        ("r8", other),
+    ]
 
 
 def _choose_targets(scene: Scene, split: str, rng: np.random.Generator, k: dict[str, Any]) -> list[SceneObject]:
@@ -268,7 +301,9 @@ def _choose_targets(scene: Scene, split: str, rng: np.random.Generator, k: dict[
 
 def _split_of(n: int, fractions: list[float], seed: int) -> list[str]:
     if len(fractions) != 4 or any(f < 0 for f in fractions) or not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
-        raise ValueError(f"split_fractions must be 4 non-negative numbers (train, val, testA, testB) summing to 1, got {fractions}")
+        raise ValueError(
+            f"split_fractions must be 4 non-negative numbers (train, val, testA, testB) summing to 1, got {fractions}"
+        )
     counts = [int(round(f * n)) for f in fractions[1:]]
     train = n - sum(counts)
     labels = ["train"] * train + ["val"] * counts[0] + ["testA"] * counts[1] + ["testB"] * counts[2]
@@ -312,17 +347,35 @@ def write_world(
         if k["write_images"]:
             img = render_scene(scene, rng, noise=k["render_noise"])
             img.save(img_dir / fname, format="JPEG", quality=k["jpeg_quality"])
-        images.append({"id": image_id, "file_name": fname, "height": scene.height, "width": scene.width,
-                       "license": 0, "coco_url": "", "flickr_url": "", "date_captured": ""})
+        images.append(
+            {
+                "id": image_id,
+                "file_name": fname,
+                "height": scene.height,
+                "width": scene.width,
+                "license": 0,
+                "coco_url": "",
+                "flickr_url": "",
+                "date_captured": "",
+            }
+        )
         obj_ann: dict[int, int] = {}
         for o in scene.objects:
             ann_id += 1
             obj_ann[o.id] = ann_id
             x1, y1, x2, y2 = o.box
             w, h = round(x2 - x1, 2), round(y2 - y1, 2)
-            anns.append({"id": ann_id, "image_id": image_id, "category_id": cat_ids[o.category],
-                         "bbox": [round(x1, 2), round(y1, 2), w, h], "area": round(w * h, 2), "iscrowd": 0,
-                         "segmentation": [[x1, y1, x2, y1, x2, y2, x1, y2]]})
+            anns.append(
+                {
+                    "id": ann_id,
+                    "image_id": image_id,
+                    "category_id": cat_ids[o.category],
+                    "bbox": [round(x1, 2), round(y1, 2), w, h],
+                    "area": round(w * h, 2),
+                    "iscrowd": 0,
+                    "segmentation": [[x1, y1, x2, y1, x2, y2, x1, y2]],
+                }
+            )
         sent_meta = []
         for t in _choose_targets(scene, split, rng, k):
             cands = expression_candidates(scene, t)
@@ -341,18 +394,45 @@ def write_world(
                 seen.add(text)
                 raw = text[0].upper() + text[1:] if rng.random() < 0.3 else text
                 sentences.append({"tokens": text.split(), "raw": raw, "sent_id": sent_id, "sent": text})
-                sent_meta.append({"sent_id": sent_id, "ref_id": ref_id, "target": t.id, "program": prog,
-                                  "r_attrs": _r_attributes(t, prog, text)})
+                sent_meta.append(
+                    {
+                        "sent_id": sent_id,
+                        "ref_id": ref_id,
+                        "target": t.id,
+                        "program": prog,
+                        "r_attrs": _r_attributes(t, prog, text),
+                    }
+                )
                 sent_id += 1
-            refs.append({"sent_ids": [s["sent_id"] for s in sentences],
-                         "file_name": f"COCO_train2014_{image_id:012d}_{obj_ann[t.id]}.jpg",
-                         "ann_id": obj_ann[t.id], "ref_id": ref_id, "image_id": image_id, "split": split,
-                         "sentences": sentences, "category_id": cat_ids[t.category]})
+            refs.append(
+                {
+                    "sent_ids": [s["sent_id"] for s in sentences],
+                    "file_name": f"COCO_train2014_{image_id:012d}_{obj_ann[t.id]}.jpg",
+                    "ann_id": obj_ann[t.id],
+                    "ref_id": ref_id,
+                    "image_id": image_id,
+                    "split": split,
+                    "sentences": sentences,
+                    "category_id": cat_ids[t.category],
+                }
+            )
             ref_id += 1
-        scenes_meta.append({"image_id": image_id, "split": split, "scene": scene.to_dict(),
-                            "ann_ids": [obj_ann[o.id] for o in scene.objects], "sentences": sent_meta})
-    instances = {"images": images, "annotations": anns,
-                 "categories": [{"id": cat_ids[n], "name": n, "supercategory": CATEGORIES[n].phrase_type} for n in CATEGORY_NAMES]}
+        scenes_meta.append(
+            {
+                "image_id": image_id,
+                "split": split,
+                "scene": scene.to_dict(),
+                "ann_ids": [obj_ann[o.id] for o in scene.objects],
+                "sentences": sent_meta,
+            }
+        )
+    instances = {
+        "images": images,
+        "annotations": anns,
+        "categories": [
+            {"id": cat_ids[n], "name": n, "supercategory": CATEGORIES[n].phrase_type} for n in CATEGORY_NAMES
+        ],
+    }
     refcoco.save_refs_pickle(refs, refcoco.refs_path(out, "refcoco", "unc"))
     refcoco.save_instances(instances, out / "refcoco" / "instances.json")
     (out / "meta").mkdir(exist_ok=True)
@@ -372,7 +452,9 @@ def _write_transvg(out: Path, refs: list[dict], anns: list[dict], scenes_meta: l
         img = refcoco.coco_file_name(ref["image_id"])
         for s in ref["sentences"]:
             attrs = [(slot, list(words)) for slot, words in r_by_sent[s["sent_id"]]]
-            per[ref["split"]].append(transvg.make_entry("unc", img, (x, y, x + w, y + h), s["sent"], f"{ref['ann_id']}.pth", attrs))
+            per[ref["split"]].append(
+                transvg.make_entry("unc", img, (x, y, x + w, y + h), s["sent"], f"{ref['ann_id']}.pth", attrs)
+            )
             per_f[ref["split"]].append(transvg.make_entry("flickr", img, (x, y, x + w, y + h), s["sent"]))
     root = out / "splits"
     for s in _SPLITS:
@@ -395,13 +477,15 @@ def _stats(world: dict[str, Any]) -> dict[str, Any]:
             floors[m["split"]][0].append(1.0 / len(objs))
             floors[m["split"]][1].append(1.0 / sum(o["category"] == cat for o in objs))
     for s in _SPLITS:
-        by_split[s] = {"images": sum(1 for v in img_split.values() if v == s),
-                       "refs": sum(1 for r in refs if r["split"] == s),
-                       "sentences": sum(len(r["sentences"]) for r in refs if r["split"] == s),
-                       # expected accuracy of a random object (chance) and of a random object of the
-                       # right category (category oracle); the expression oracle is 1.0 by construction
-                       "chance": round(float(np.mean(floors[s][0])), 4) if floors[s][0] else None,
-                       "category_oracle": round(float(np.mean(floors[s][1])), 4) if floors[s][1] else None}
+        by_split[s] = {
+            "images": sum(1 for v in img_split.values() if v == s),
+            "refs": sum(1 for r in refs if r["split"] == s),
+            "sentences": sum(len(r["sentences"]) for r in refs if r["split"] == s),
+            # expected accuracy of a random object (chance) and of a random object of the
+            # right category (category oracle); the expression oracle is 1.0 by construction
+            "chance": round(float(np.mean(floors[s][0])), 4) if floors[s][0] else None,
+            "category_oracle": round(float(np.mean(floors[s][1])), 4) if floors[s][1] else None,
+        }
     kinds: dict[str, int] = {}
     with_distractor = 0
     for m in world["scenes"]:
@@ -411,9 +495,15 @@ def _stats(world: dict[str, Any]) -> dict[str, Any]:
         for r in {s["target"] for s in m["sentences"]}:
             with_distractor += cats.count(m["scene"]["objects"][r]["category"]) > 1
     n_refs = len(refs)
-    return {"images": len(world["images"]), "objects": len(world["anns"]), "refs": n_refs,
-            "sentences": sum(len(r["sentences"]) for r in refs), "splits": by_split, "expression_kinds": kinds,
-            "refs_with_same_category_distractor": round(with_distractor / max(n_refs, 1), 4)}
+    return {
+        "images": len(world["images"]),
+        "objects": len(world["anns"]),
+        "refs": n_refs,
+        "sentences": sum(len(r["sentences"]) for r in refs),
+        "splits": by_split,
+        "expression_kinds": kinds,
+        "refs_with_same_category_distractor": round(with_distractor / max(n_refs, 1), 4),
+    }
 
 
 def build(out: Path, size: str, seed: int, progress: bool = False, **knobs: Any) -> dict[str, Any]:

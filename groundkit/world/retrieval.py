@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from ..text import GLOVE_PACKAGE, load_word_vectors
 from .core import check_knobs, progress_bar, rng_for
 
 __all__ = ["build", "EXPERT_FILES", "TEXT_FILE", "TEACHER_FILES", "DEFAULTS"]
@@ -39,27 +40,70 @@ __all__ = ["build", "EXPERT_FILES", "TEXT_FILE", "TEACHER_FILES", "DEFAULTS"]
 PROTOCOL = 4
 
 OBJECTS = {
-    "dog": ["dog", "puppy", "hound"], "cat": ["cat", "kitten"], "horse": ["horse", "pony"], "man": ["man", "guy", "gentleman"],
-    "woman": ["woman", "lady"], "child": ["child", "kid", "boy"], "bird": ["bird", "parrot"], "car": ["car", "automobile", "vehicle"],
-    "bicycle": ["bicycle", "bike"], "boat": ["boat", "ship"], "robot": ["robot", "android", "machine"], "ball": ["ball", "sphere"],
-    "cow": ["cow", "cattle"], "sheep": ["sheep", "lamb"], "truck": ["truck", "lorry"], "bear": ["bear"], "rabbit": ["rabbit", "bunny"],
-    "duck": ["duck"], "train": ["train", "locomotive"], "monkey": ["monkey", "ape"],
+    "dog": ["dog", "puppy", "hound"],
+    "cat": ["cat", "kitten"],
+    "horse": ["horse", "pony"],
+    "man": ["man", "guy", "gentleman"],
+    "woman": ["woman", "lady"],
+    "child": ["child", "kid", "boy"],
+    "bird": ["bird", "parrot"],
+    "car": ["car", "automobile", "vehicle"],
+    "bicycle": ["bicycle", "bike"],
+    "boat": ["boat", "ship"],
+    "robot": ["robot", "android", "machine"],
+    "ball": ["ball", "sphere"],
+    "cow": ["cow", "cattle"],
+    "sheep": ["sheep", "lamb"],
+    "truck": ["truck", "lorry"],
+    "bear": ["bear"],
+    "rabbit": ["rabbit", "bunny"],
+    "duck": ["duck"],
+    "train": ["train", "locomotive"],
+    "monkey": ["monkey", "ape"],
 }
 COLOURS = {
-    "red": ["red", "crimson"], "blue": ["blue", "navy"], "green": ["green"], "yellow": ["yellow", "golden"], "black": ["black", "dark"],
-    "white": ["white", "pale"], "brown": ["brown"], "orange": ["orange"], "pink": ["pink"], "grey": ["grey", "gray"],
+    "red": ["red", "crimson"],
+    "blue": ["blue", "navy"],
+    "green": ["green"],
+    "yellow": ["yellow", "golden"],
+    "black": ["black", "dark"],
+    "white": ["white", "pale"],
+    "brown": ["brown"],
+    "orange": ["orange"],
+    "pink": ["pink"],
+    "grey": ["grey", "gray"],
 }
 ACTIONS = {
-    "running": ["running", "sprinting", "jogging"], "jumping": ["jumping", "leaping", "hopping"], "spinning": ["spinning", "rotating", "twirling"],
-    "sliding": ["sliding", "gliding"], "falling": ["falling", "tumbling"], "swimming": ["swimming", "paddling"], "dancing": ["dancing"],
-    "rolling": ["rolling"], "waiting": ["waiting", "resting", "sitting"], "turning": ["turning"], "climbing": ["climbing"],
-    "flying": ["flying", "soaring"], "walking": ["walking", "strolling"], "shaking": ["shaking", "trembling"], "bouncing": ["bouncing"],
+    "running": ["running", "sprinting", "jogging"],
+    "jumping": ["jumping", "leaping", "hopping"],
+    "spinning": ["spinning", "rotating", "twirling"],
+    "sliding": ["sliding", "gliding"],
+    "falling": ["falling", "tumbling"],
+    "swimming": ["swimming", "paddling"],
+    "dancing": ["dancing"],
+    "rolling": ["rolling"],
+    "waiting": ["waiting", "resting", "sitting"],
+    "turning": ["turning"],
+    "climbing": ["climbing"],
+    "flying": ["flying", "soaring"],
+    "walking": ["walking", "strolling"],
+    "shaking": ["shaking", "trembling"],
+    "bouncing": ["bouncing"],
     "floating": ["floating", "drifting"],
 }
 SCENES = {
-    "beach": ["beach", "shore", "coast"], "forest": ["forest", "woods"], "kitchen": ["kitchen"], "street": ["street", "road"],
-    "park": ["park", "garden"], "desert": ["desert"], "snow": ["snow"], "field": ["field", "meadow"], "river": ["river", "stream"],
-    "city": ["city", "town"], "stadium": ["stadium", "arena"], "room": ["room", "bedroom"],
+    "beach": ["beach", "shore", "coast"],
+    "forest": ["forest", "woods"],
+    "kitchen": ["kitchen"],
+    "street": ["street", "road"],
+    "park": ["park", "garden"],
+    "desert": ["desert"],
+    "snow": ["snow"],
+    "field": ["field", "meadow"],
+    "river": ["river", "stream"],
+    "city": ["city", "town"],
+    "stadium": ["stadium", "arena"],
+    "room": ["room", "bedroom"],
 }
 ATTRS = {"object": list(OBJECTS), "colour": list(COLOURS), "action": list(ACTIONS), "scene": list(SCENES)}
 SYN = {"object": OBJECTS, "colour": COLOURS, "action": ACTIONS, "scene": SCENES}
@@ -136,9 +180,13 @@ def _caption(rng: np.random.Generator, att: dict[str, str], k: dict[str, Any]) -
     elif t == 3:
         toks = ["video", "of", "a", *colour, obj, act] + ([prep, "a", w("scene")] if scene else [])
     elif t == 4:
-        toks = ["someone", "films", "a", *colour, obj, "that", "is", act] + (["outside", "the", w("scene")] if scene else [])
+        toks = ["someone", "films", "a", *colour, obj, "that", "is", act] + (
+            ["outside", "the", w("scene")] if scene else []
+        )
     else:
-        toks = ["the", *colour, obj, act, ["quickly", "slowly", "today"][rng.integers(3)]] + ([prep, "the", w("scene")] if scene else [])
+        toks = ["the", *colour, obj, act, ["quickly", "slowly", "today"][rng.integers(3)]] + (
+            [prep, "the", w("scene")] if scene else []
+        )
     return toks
 
 
@@ -193,10 +241,29 @@ def build(out: Path, size: str = "small", seed: int = 0, progress: bool = False,
         _dump(out / rel, feats[e])
     del feats
     # captions and GloVe token features
-    from ..text import GLOVE_PACKAGE, load_word_vectors
 
-    vocab = sorted({w for d in SYN.values() for syns in d.values() for s in syns for w in [s]} | {
-        "a", "is", "in", "on", "near", "the", "there", "keeps", "video", "of", "someone", "films", "that", "outside", "quickly", "slowly", "today"})
+    vocab = sorted(
+        {w for d in SYN.values() for syns in d.values() for s in syns for w in [s]}
+        | {
+            "a",
+            "is",
+            "in",
+            "on",
+            "near",
+            "the",
+            "there",
+            "keeps",
+            "video",
+            "of",
+            "someone",
+            "films",
+            "that",
+            "outside",
+            "quickly",
+            "slowly",
+            "today",
+        }
+    )
     glove = load_word_vectors(GLOVE_PACKAGE, vocab)
     lacking = [w for w in vocab if w not in glove]
     if lacking:
@@ -215,13 +282,18 @@ def build(out: Path, size: str = "small", seed: int = 0, progress: bool = False,
     # the text side only knows the attributes the caption mentions.
     trng = rng_for(seed, "retrieval", "teachers")
     experts = sorted(EXPERT_FILES)
-    tproj = {e: {a: trng.standard_normal((len(ATTRS[a]), TEACHER_DIM)).astype(np.float32) for a in EXPERT_ATTRS[e]} for e in experts}
+    tproj = {
+        e: {a: trng.standard_normal((len(ATTRS[a]), TEACHER_DIM)).astype(np.float32) for a in EXPERT_ATTRS[e]}
+        for e in experts
+    }
     scale = 1.0 / np.sqrt(len(experts))  # sum over experts of unit-norm products stays in [-1, 1]
 
     def unit(x: np.ndarray) -> np.ndarray:
         return (x / (np.linalg.norm(x, axis=-1, keepdims=True) + 1e-8) * scale).astype(np.float32)
 
-    mention = np.array([[[_mentioned(c, atts[i])[a] for a in ATTRS] for c in raw[vid]] for i, vid in enumerate(ids)], dtype=np.float32)  # [N, C, A]
+    mention = np.array(
+        [[[_mentioned(c, atts[i])[a] for a in ATTRS] for c in raw[vid]] for i, vid in enumerate(ids)], dtype=np.float32
+    )  # [N, C, A]
     aidx_arr = {a: np.array([x[a] for x in aidx]) for a in ATTRS}
     attr_pos = {a: j for j, a in enumerate(ATTRS)}
     for name, rel in TEACHER_FILES.items():
@@ -229,15 +301,25 @@ def build(out: Path, size: str = "small", seed: int = 0, progress: bool = False,
         vemb, temb = {}, {}
         for e in experts:
             v = sum(wt * tproj[e][a][aidx_arr[a]] for a, wt in EXPERT_ATTRS[e].items())  # [N, d]
-            t = sum(wt * mention[:, :, attr_pos[a], None] * tproj[e][a][aidx_arr[a]][:, None] for a, wt in EXPERT_ATTRS[e].items())  # [N, C, d]
+            t = sum(
+                wt * mention[:, :, attr_pos[a], None] * tproj[e][a][aidx_arr[a]][:, None]
+                for a, wt in EXPERT_ATTRS[e].items()
+            )  # [N, C, d]
             vemb[e] = unit(v + nz * trng.standard_normal(v.shape).astype(np.float32))
             temb[e] = unit(t + nz * trng.standard_normal(t.shape).astype(np.float32))
-        data = {vid: {"vid_embds": {e: vemb[e][i] for e in experts}, "text_embds": {e: temb[e][i] for e in experts}} for i, vid in enumerate(ids)}
+        data = {
+            vid: {"vid_embds": {e: vemb[e][i] for e in experts}, "text_embds": {e: temb[e][i] for e in experts}}
+            for i, vid in enumerate(ids)
+        }
         _dump(out / rel, data)
     for name, sl in (("train", slice(0, n_tr)), ("val", slice(n_tr, n_tr + n_va)), ("test", slice(n_tr + n_va, n))):
         (out / f"{name}_list_full.txt").write_text("\n".join(ids[sl]) + "\n")
     (out / "attributes.json").write_text(json.dumps({vid: atts[i] for i, vid in enumerate(ids)}, indent=0))
-    clusters = sum(1 for i in range(1, n) if atts[i]["object"] == atts[i - 1]["object"] and atts[i]["scene"] == atts[i - 1]["scene"])
+    clusters = sum(
+        1
+        for i in range(1, n)
+        if atts[i]["object"] == atts[i - 1]["object"] and atts[i]["scene"] == atts[i - 1]["scene"]
+    )
     return {
         "knobs": k,
         "videos": n,

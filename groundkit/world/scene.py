@@ -18,12 +18,14 @@ rate ``SceneKnobs.cooccurrence``.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from ..metrics import box_iou
 from ..text import COCO_CLASSES
 
 __all__ = [
@@ -122,85 +124,518 @@ class Category:
 
 
 def _cat(name, words, plurals, detector, palette, patterns, aspect, area, zone, ptype, prims) -> Category:
-    return Category(name, tuple(words), tuple(plurals), detector, tuple(palette), tuple(patterns), aspect, area, zone, ptype, tuple(prims))
+    return Category(
+        name,
+        tuple(words),
+        tuple(plurals),
+        detector,
+        tuple(palette),
+        tuple(patterns),
+        aspect,
+        area,
+        zone,
+        ptype,
+        tuple(prims),
+    )
 
 
 _PERSON_HEAD = ("ellipse", 0.3, 0.0, 0.7, 0.22, "skin")
-CATEGORIES: dict[str, Category] = {c.name: c for c in [
-    _cat("dog", ["dog", "puppy", "hound"], ["dogs", "puppies", "hounds"], "dog", ["brown", "black", "white", "gray"], ["plain", "spotted"], 1.4, (0.03, 0.09), "ground", "animals",
-         [("ellipse", 0.08, 0.35, 0.82, 0.78, "main"), ("ellipse", 0.6, 0.08, 1.0, 0.5, "main"), ("tri", 0.62, 0.0, 0.76, 0.2, "dark"),
-          ("rect", 0.18, 0.65, 0.28, 1.0, "dark"), ("rect", 0.6, 0.65, 0.7, 1.0, "dark"), ("rect", 0.0, 0.35, 0.14, 0.45, "dark"),
-          ("ellipse", 0.86, 0.22, 0.94, 0.3, "black")]),
-    _cat("cat", ["cat", "kitten", "kitty"], ["cats", "kittens", "kitties"], "cat", ["orange", "gray", "black", "white"], ["plain", "striped"], 1.1, (0.025, 0.07), "ground", "animals",
-         [("ellipse", 0.05, 0.45, 0.75, 0.95, "main"), ("ellipse", 0.5, 0.12, 0.95, 0.55, "main"), ("tri", 0.52, 0.0, 0.66, 0.22, "main"),
-          ("tri", 0.8, 0.0, 0.94, 0.22, "main"), ("ellipse", 0.6, 0.28, 0.67, 0.35, "green"), ("ellipse", 0.78, 0.28, 0.85, 0.35, "green"),
-          ("line", 0.0, 0.2, 0.08, 0.7, "main")]),
-    _cat("horse", ["horse", "pony", "stallion"], ["horses", "ponies", "stallions"], "horse", ["brown", "black", "white"], ["plain", "spotted"], 1.3, (0.06, 0.16), "ground", "animals",
-         [("ellipse", 0.1, 0.3, 0.8, 0.65, "main"), ("trap", 0.68, 0.05, 0.88, 0.45, "main"), ("ellipse", 0.74, 0.0, 1.0, 0.18, "main"),
-          ("rect", 0.15, 0.55, 0.22, 1.0, "dark"), ("rect", 0.3, 0.55, 0.37, 1.0, "dark"), ("rect", 0.58, 0.55, 0.65, 1.0, "dark"),
-          ("rect", 0.7, 0.55, 0.77, 1.0, "dark"), ("rect", 0.0, 0.32, 0.12, 0.6, "black")]),
-    _cat("rider", ["rider", "jockey", "horseman"], ["riders", "jockeys", "horsemen"], "person", ["red", "blue", "green", "yellow"], ["plain", "striped"], 0.55, (0.02, 0.05), "ground", "people",
-         [_PERSON_HEAD, ("ellipse", 0.25, -0.05, 0.75, 0.08, "black"), ("trap", 0.15, 0.2, 0.85, 0.65, "main"), ("rect", 0.2, 0.6, 0.4, 1.0, "dark"),
-          ("rect", 0.6, 0.6, 0.8, 1.0, "dark")]),
-    _cat("man", ["man", "guy", "gentleman"], ["men", "guys", "gentlemen"], "man", ["blue", "red", "green", "black", "white"], ["plain", "striped", "checked"], 0.42, (0.03, 0.08), "ground", "people",
-         [_PERSON_HEAD, ("rect", 0.12, 0.22, 0.88, 0.58, "main"), ("rect", 0.18, 0.56, 0.46, 1.0, "dark"), ("rect", 0.54, 0.56, 0.82, 1.0, "dark")]),
-    _cat("woman", ["woman", "lady", "girl"], ["women", "ladies", "girls"], "woman", ["red", "pink", "purple", "yellow", "white"], ["plain", "dotted", "striped"], 0.45, (0.03, 0.08), "ground", "people",
-         [_PERSON_HEAD, ("ellipse", 0.22, 0.0, 0.78, 0.35, "brown"), ("ellipse", 0.3, 0.03, 0.7, 0.22, "skin"), ("trap", 0.05, 0.22, 0.95, 0.85, "main"),
-          ("rect", 0.3, 0.84, 0.42, 1.0, "skin"), ("rect", 0.58, 0.84, 0.7, 1.0, "skin")]),
-    _cat("child", ["child", "kid", "boy"], ["children", "kids", "boys"], "person", ["yellow", "green", "orange", "blue"], ["plain", "striped"], 0.5, (0.012, 0.03), "ground", "people",
-         [("ellipse", 0.22, 0.0, 0.78, 0.34, "skin"), ("rect", 0.15, 0.32, 0.85, 0.68, "main"), ("rect", 0.22, 0.66, 0.45, 1.0, "blue"), ("rect", 0.55, 0.66, 0.78, 1.0, "blue")]),
-    _cat("cup", ["cup", "mug"], ["cups", "mugs"], "mug", ["white", "red", "blue", "yellow"], ["plain", "dotted"], 1.1, (0.01, 0.025), "ground", "other",
-         [("itrap", 0.05, 0.05, 0.8, 1.0, "main"), ("ring", 0.68, 0.25, 1.0, 0.7, "main"), ("ellipse", 0.05, 0.0, 0.8, 0.12, "dark")]),
-    _cat("saucer", ["saucer", "dish"], ["saucers", "dishes"], "plate", ["white", "blue"], ["plain", "striped"], 3.2, (0.008, 0.02), "ground", "other",
-         [("ellipse", 0.0, 0.0, 1.0, 1.0, "main"), ("ellipse", 0.2, 0.2, 0.8, 0.7, "light")]),
-    _cat("car", ["car", "automobile", "sedan"], ["cars", "automobiles", "sedans"], "car", ["red", "blue", "black", "white", "yellow"], ["plain"], 2.0, (0.05, 0.12), "ground", "vehicles",
-         [("rrect", 0.0, 0.4, 1.0, 0.82, "main"), ("rrect", 0.2, 0.05, 0.75, 0.48, "main"), ("rect", 0.27, 0.12, 0.46, 0.4, "light"),
-          ("rect", 0.5, 0.12, 0.69, 0.4, "light"), ("ellipse", 0.1, 0.64, 0.3, 1.0, "black"), ("ellipse", 0.7, 0.64, 0.9, 1.0, "black")]),
-    _cat("bicycle", ["bicycle", "bike", "cycle"], ["bicycles", "bikes", "cycles"], "bicycle", ["red", "blue", "black", "green"], ["plain"], 1.6, (0.025, 0.06), "ground", "vehicles",
-         [("ring", 0.0, 0.4, 0.42, 1.0, "black"), ("ring", 0.58, 0.4, 1.0, 1.0, "black"), ("line", 0.21, 0.7, 0.5, 0.3, "main"),
-          ("line", 0.5, 0.3, 0.79, 0.7, "main"), ("line", 0.21, 0.7, 0.79, 0.7, "main"), ("line", 0.45, 0.1, 0.5, 0.3, "main"), ("rect", 0.35, 0.05, 0.58, 0.14, "black")]),
-    _cat("tree", ["tree", "oak", "pine"], ["trees", "oaks", "pines"], "tree", ["green", "orange", "yellow"], ["plain", "spotted"], 0.7, (0.06, 0.15), "ground", "other",
-         [("rect", 0.42, 0.55, 0.58, 1.0, "brown"), ("ellipse", 0.0, 0.0, 1.0, 0.7, "main")]),
-    _cat("flower", ["flower", "rose", "blossom"], ["flowers", "roses", "blossoms"], "flower", ["red", "pink", "purple", "yellow", "white"], ["plain"], 0.6, (0.008, 0.02), "ground", "other",
-         [("rect", 0.46, 0.45, 0.54, 1.0, "green"), ("ellipse", 0.55, 0.6, 0.9, 0.75, "green"), ("ellipse", 0.0, 0.0, 0.55, 0.4, "main"), ("ellipse", 0.45, 0.0, 1.0, 0.4, "main"),
-          ("ellipse", 0.2, 0.15, 0.8, 0.55, "main"), ("ellipse", 0.35, 0.12, 0.65, 0.36, "yellow")]),
-    _cat("ball", ["ball", "football"], ["balls", "footballs"], "football", ["red", "blue", "yellow", "white", "orange"], ["plain", "striped", "dotted", "checked"], 1.0, (0.006, 0.018), "ground", "other",
-         [("ellipse", 0.0, 0.0, 1.0, 1.0, "main")]),
-    _cat("kite", ["kite"], ["kites"], "kite", ["red", "yellow", "blue", "green"], ["plain", "striped", "checked"], 0.75, (0.01, 0.03), "sky", "other",
-         [("diamond", 0.0, 0.0, 1.0, 0.7, "main"), ("line", 0.5, 0.7, 0.4, 1.0, "black"), ("line", 0.5, 0.0, 0.5, 0.7, "dark")]),
-    _cat("bird", ["bird", "sparrow", "pigeon"], ["birds", "sparrows", "pigeons"], "bird", ["blue", "red", "black", "yellow", "brown"], ["plain"], 1.3, (0.006, 0.02), "sky", "animals",
-         [("ellipse", 0.1, 0.3, 0.75, 0.85, "main"), ("ellipse", 0.55, 0.1, 0.9, 0.5, "main"), ("tri", 0.25, 0.05, 0.55, 0.55, "dark"),
-          ("itri", 0.85, 0.25, 1.0, 0.38, "orange"), ("ellipse", 0.7, 0.22, 0.76, 0.3, "black"), ("tri", 0.0, 0.45, 0.2, 0.75, "dark")]),
-    _cat("boat", ["boat", "ship", "canoe"], ["boats", "ships", "canoes"], "boat", ["red", "blue", "white"], ["plain", "striped"], 1.2, (0.03, 0.08), "ground", "vehicles",
-         [("itrap", 0.0, 0.65, 1.0, 1.0, "main"), ("rect", 0.47, 0.0, 0.52, 0.68, "brown"), ("tri", 0.52, 0.05, 0.95, 0.62, "white"), ("tri", 0.1, 0.15, 0.47, 0.62, "light")]),
-    _cat("umbrella", ["umbrella", "parasol"], ["umbrellas", "parasols"], "umbrella", ["red", "blue", "black", "yellow", "purple"], ["plain", "striped", "dotted"], 1.2, (0.02, 0.05), "ground", "other",
-         [("pie", 0.0, 0.0, 1.0, 0.9, "main"), ("line", 0.5, 0.45, 0.5, 1.0, "black"), ("line", 0.5, 1.0, 0.62, 0.93, "black")]),
-    _cat("chair", ["chair", "seat", "stool"], ["chairs", "seats", "stools"], "chair", ["brown", "black", "red"], ["plain", "checked"], 0.8, (0.015, 0.04), "ground", "other",
-         [("rect", 0.1, 0.0, 0.3, 0.6, "main"), ("rect", 0.1, 0.5, 0.95, 0.62, "main"), ("rect", 0.12, 0.6, 0.2, 1.0, "dark"), ("rect", 0.85, 0.6, 0.93, 1.0, "dark")]),
-    _cat("table", ["table", "desk"], ["tables", "desks"], "table", ["brown", "white", "black"], ["plain", "checked"], 1.8, (0.03, 0.08), "ground", "other",
-         [("rect", 0.0, 0.0, 1.0, 0.18, "main"), ("rect", 0.06, 0.15, 0.14, 1.0, "dark"), ("rect", 0.86, 0.15, 0.94, 1.0, "dark")]),
-    _cat("bottle", ["bottle", "flask"], ["bottles", "flasks"], "bottle", ["green", "brown", "blue", "white"], ["plain"], 0.36, (0.006, 0.018), "ground", "other",
-         [("rect", 0.35, 0.0, 0.65, 0.3, "main"), ("rrect", 0.05, 0.25, 0.95, 1.0, "main"), ("rect", 0.05, 0.5, 0.95, 0.75, "white")]),
-    _cat("book", ["book", "novel"], ["books", "novels"], "book", ["red", "blue", "green", "yellow"], ["plain"], 0.75, (0.008, 0.02), "ground", "other",
-         [("rect", 0.0, 0.0, 1.0, 1.0, "main"), ("rect", 0.0, 0.0, 0.12, 1.0, "dark"), ("rect", 0.9, 0.03, 1.0, 0.97, "white"), ("rect", 0.3, 0.2, 0.8, 0.3, "light")]),
-    _cat("clock", ["clock"], ["clocks"], "clock", ["black", "red", "blue"], ["plain"], 1.0, (0.008, 0.02), "ground", "other",
-         [("ellipse", 0.0, 0.0, 1.0, 1.0, "main"), ("ellipse", 0.1, 0.1, 0.9, 0.9, "white"), ("line", 0.5, 0.5, 0.5, 0.18, "black"), ("line", 0.5, 0.5, 0.75, 0.55, "black")]),
-    _cat("lamp", ["lamp", "lantern"], ["lamps", "lanterns"], "lamp", ["yellow", "white", "red"], ["plain", "striped"], 0.6, (0.008, 0.025), "ground", "other",
-         [("trap", 0.05, 0.0, 0.95, 0.4, "main"), ("rect", 0.45, 0.38, 0.55, 0.9, "gray"), ("rect", 0.2, 0.88, 0.8, 1.0, "dark")]),
-    _cat("sign", ["sign", "placard"], ["signs", "placards"], "billboard", ["red", "green", "blue", "yellow"], ["plain", "striped"], 0.9, (0.015, 0.04), "ground", "other",
-         [("rect", 0.0, 0.0, 1.0, 0.6, "main"), ("rect", 0.1, 0.2, 0.9, 0.3, "white"), ("rect", 0.44, 0.58, 0.56, 1.0, "gray")]),
-    _cat("bench", ["bench"], ["benches"], "bench", ["brown", "green", "gray"], ["plain"], 2.2, (0.02, 0.05), "ground", "other",
-         [("rect", 0.0, 0.0, 1.0, 0.2, "main"), ("rect", 0.0, 0.28, 1.0, 0.48, "main"), ("rect", 0.0, 0.5, 1.0, 0.62, "main"),
-          ("rect", 0.06, 0.6, 0.12, 1.0, "black"), ("rect", 0.88, 0.6, 0.94, 1.0, "black")]),
-]}
+CATEGORIES: dict[str, Category] = {
+    c.name: c
+    for c in [
+        _cat(
+            "dog",
+            ["dog", "puppy", "hound"],
+            ["dogs", "puppies", "hounds"],
+            "dog",
+            ["brown", "black", "white", "gray"],
+            ["plain", "spotted"],
+            1.4,
+            (0.03, 0.09),
+            "ground",
+            "animals",
+            [
+                ("ellipse", 0.08, 0.35, 0.82, 0.78, "main"),
+                ("ellipse", 0.6, 0.08, 1.0, 0.5, "main"),
+                ("tri", 0.62, 0.0, 0.76, 0.2, "dark"),
+                ("rect", 0.18, 0.65, 0.28, 1.0, "dark"),
+                ("rect", 0.6, 0.65, 0.7, 1.0, "dark"),
+                ("rect", 0.0, 0.35, 0.14, 0.45, "dark"),
+                ("ellipse", 0.86, 0.22, 0.94, 0.3, "black"),
+            ],
+        ),
+        _cat(
+            "cat",
+            ["cat", "kitten", "kitty"],
+            ["cats", "kittens", "kitties"],
+            "cat",
+            ["orange", "gray", "black", "white"],
+            ["plain", "striped"],
+            1.1,
+            (0.025, 0.07),
+            "ground",
+            "animals",
+            [
+                ("ellipse", 0.05, 0.45, 0.75, 0.95, "main"),
+                ("ellipse", 0.5, 0.12, 0.95, 0.55, "main"),
+                ("tri", 0.52, 0.0, 0.66, 0.22, "main"),
+                ("tri", 0.8, 0.0, 0.94, 0.22, "main"),
+                ("ellipse", 0.6, 0.28, 0.67, 0.35, "green"),
+                ("ellipse", 0.78, 0.28, 0.85, 0.35, "green"),
+                ("line", 0.0, 0.2, 0.08, 0.7, "main"),
+            ],
+        ),
+        _cat(
+            "horse",
+            ["horse", "pony", "stallion"],
+            ["horses", "ponies", "stallions"],
+            "horse",
+            ["brown", "black", "white"],
+            ["plain", "spotted"],
+            1.3,
+            (0.06, 0.16),
+            "ground",
+            "animals",
+            [
+                ("ellipse", 0.1, 0.3, 0.8, 0.65, "main"),
+                ("trap", 0.68, 0.05, 0.88, 0.45, "main"),
+                ("ellipse", 0.74, 0.0, 1.0, 0.18, "main"),
+                ("rect", 0.15, 0.55, 0.22, 1.0, "dark"),
+                ("rect", 0.3, 0.55, 0.37, 1.0, "dark"),
+                ("rect", 0.58, 0.55, 0.65, 1.0, "dark"),
+                ("rect", 0.7, 0.55, 0.77, 1.0, "dark"),
+                ("rect", 0.0, 0.32, 0.12, 0.6, "black"),
+            ],
+        ),
+        _cat(
+            "rider",
+            ["rider", "jockey", "horseman"],
+            ["riders", "jockeys", "horsemen"],
+            "person",
+            ["red", "blue", "green", "yellow"],
+            ["plain", "striped"],
+            0.55,
+            (0.02, 0.05),
+            "ground",
+            "people",
+            [
+                _PERSON_HEAD,
+                ("ellipse", 0.25, -0.05, 0.75, 0.08, "black"),
+                ("trap", 0.15, 0.2, 0.85, 0.65, "main"),
+                ("rect", 0.2, 0.6, 0.4, 1.0, "dark"),
+                ("rect", 0.6, 0.6, 0.8, 1.0, "dark"),
+            ],
+        ),
+        _cat(
+            "man",
+            ["man", "guy", "gentleman"],
+            ["men", "guys", "gentlemen"],
+            "man",
+            ["blue", "red", "green", "black", "white"],
+            ["plain", "striped", "checked"],
+            0.42,
+            (0.03, 0.08),
+            "ground",
+            "people",
+            [
+                _PERSON_HEAD,
+                ("rect", 0.12, 0.22, 0.88, 0.58, "main"),
+                ("rect", 0.18, 0.56, 0.46, 1.0, "dark"),
+                ("rect", 0.54, 0.56, 0.82, 1.0, "dark"),
+            ],
+        ),
+        _cat(
+            "woman",
+            ["woman", "lady", "girl"],
+            ["women", "ladies", "girls"],
+            "woman",
+            ["red", "pink", "purple", "yellow", "white"],
+            ["plain", "dotted", "striped"],
+            0.45,
+            (0.03, 0.08),
+            "ground",
+            "people",
+            [
+                _PERSON_HEAD,
+                ("ellipse", 0.22, 0.0, 0.78, 0.35, "brown"),
+                ("ellipse", 0.3, 0.03, 0.7, 0.22, "skin"),
+                ("trap", 0.05, 0.22, 0.95, 0.85, "main"),
+                ("rect", 0.3, 0.84, 0.42, 1.0, "skin"),
+                ("rect", 0.58, 0.84, 0.7, 1.0, "skin"),
+            ],
+        ),
+        _cat(
+            "child",
+            ["child", "kid", "boy"],
+            ["children", "kids", "boys"],
+            "person",
+            ["yellow", "green", "orange", "blue"],
+            ["plain", "striped"],
+            0.5,
+            (0.012, 0.03),
+            "ground",
+            "people",
+            [
+                ("ellipse", 0.22, 0.0, 0.78, 0.34, "skin"),
+                ("rect", 0.15, 0.32, 0.85, 0.68, "main"),
+                ("rect", 0.22, 0.66, 0.45, 1.0, "blue"),
+                ("rect", 0.55, 0.66, 0.78, 1.0, "blue"),
+            ],
+        ),
+        _cat(
+            "cup",
+            ["cup", "mug"],
+            ["cups", "mugs"],
+            "mug",
+            ["white", "red", "blue", "yellow"],
+            ["plain", "dotted"],
+            1.1,
+            (0.01, 0.025),
+            "ground",
+            "other",
+            [
+                ("itrap", 0.05, 0.05, 0.8, 1.0, "main"),
+                ("ring", 0.68, 0.25, 1.0, 0.7, "main"),
+                ("ellipse", 0.05, 0.0, 0.8, 0.12, "dark"),
+            ],
+        ),
+        _cat(
+            "saucer",
+            ["saucer", "dish"],
+            ["saucers", "dishes"],
+            "plate",
+            ["white", "blue"],
+            ["plain", "striped"],
+            3.2,
+            (0.008, 0.02),
+            "ground",
+            "other",
+            [("ellipse", 0.0, 0.0, 1.0, 1.0, "main"), ("ellipse", 0.2, 0.2, 0.8, 0.7, "light")],
+        ),
+        _cat(
+            "car",
+            ["car", "automobile", "sedan"],
+            ["cars", "automobiles", "sedans"],
+            "car",
+            ["red", "blue", "black", "white", "yellow"],
+            ["plain"],
+            2.0,
+            (0.05, 0.12),
+            "ground",
+            "vehicles",
+            [
+                ("rrect", 0.0, 0.4, 1.0, 0.82, "main"),
+                ("rrect", 0.2, 0.05, 0.75, 0.48, "main"),
+                ("rect", 0.27, 0.12, 0.46, 0.4, "light"),
+                ("rect", 0.5, 0.12, 0.69, 0.4, "light"),
+                ("ellipse", 0.1, 0.64, 0.3, 1.0, "black"),
+                ("ellipse", 0.7, 0.64, 0.9, 1.0, "black"),
+            ],
+        ),
+        _cat(
+            "bicycle",
+            ["bicycle", "bike", "cycle"],
+            ["bicycles", "bikes", "cycles"],
+            "bicycle",
+            ["red", "blue", "black", "green"],
+            ["plain"],
+            1.6,
+            (0.025, 0.06),
+            "ground",
+            "vehicles",
+            [
+                ("ring", 0.0, 0.4, 0.42, 1.0, "black"),
+                ("ring", 0.58, 0.4, 1.0, 1.0, "black"),
+                ("line", 0.21, 0.7, 0.5, 0.3, "main"),
+                ("line", 0.5, 0.3, 0.79, 0.7, "main"),
+                ("line", 0.21, 0.7, 0.79, 0.7, "main"),
+                ("line", 0.45, 0.1, 0.5, 0.3, "main"),
+                ("rect", 0.35, 0.05, 0.58, 0.14, "black"),
+            ],
+        ),
+        _cat(
+            "tree",
+            ["tree", "oak", "pine"],
+            ["trees", "oaks", "pines"],
+            "tree",
+            ["green", "orange", "yellow"],
+            ["plain", "spotted"],
+            0.7,
+            (0.06, 0.15),
+            "ground",
+            "other",
+            [("rect", 0.42, 0.55, 0.58, 1.0, "brown"), ("ellipse", 0.0, 0.0, 1.0, 0.7, "main")],
+        ),
+        _cat(
+            "flower",
+            ["flower", "rose", "blossom"],
+            ["flowers", "roses", "blossoms"],
+            "flower",
+            ["red", "pink", "purple", "yellow", "white"],
+            ["plain"],
+            0.6,
+            (0.008, 0.02),
+            "ground",
+            "other",
+            [
+                ("rect", 0.46, 0.45, 0.54, 1.0, "green"),
+                ("ellipse", 0.55, 0.6, 0.9, 0.75, "green"),
+                ("ellipse", 0.0, 0.0, 0.55, 0.4, "main"),
+                ("ellipse", 0.45, 0.0, 1.0, 0.4, "main"),
+                ("ellipse", 0.2, 0.15, 0.8, 0.55, "main"),
+                ("ellipse", 0.35, 0.12, 0.65, 0.36, "yellow"),
+            ],
+        ),
+        _cat(
+            "ball",
+            ["ball", "football"],
+            ["balls", "footballs"],
+            "football",
+            ["red", "blue", "yellow", "white", "orange"],
+            ["plain", "striped", "dotted", "checked"],
+            1.0,
+            (0.006, 0.018),
+            "ground",
+            "other",
+            [("ellipse", 0.0, 0.0, 1.0, 1.0, "main")],
+        ),
+        _cat(
+            "kite",
+            ["kite"],
+            ["kites"],
+            "kite",
+            ["red", "yellow", "blue", "green"],
+            ["plain", "striped", "checked"],
+            0.75,
+            (0.01, 0.03),
+            "sky",
+            "other",
+            [
+                ("diamond", 0.0, 0.0, 1.0, 0.7, "main"),
+                ("line", 0.5, 0.7, 0.4, 1.0, "black"),
+                ("line", 0.5, 0.0, 0.5, 0.7, "dark"),
+            ],
+        ),
+        _cat(
+            "bird",
+            ["bird", "sparrow", "pigeon"],
+            ["birds", "sparrows", "pigeons"],
+            "bird",
+            ["blue", "red", "black", "yellow", "brown"],
+            ["plain"],
+            1.3,
+            (0.006, 0.02),
+            "sky",
+            "animals",
+            [
+                ("ellipse", 0.1, 0.3, 0.75, 0.85, "main"),
+                ("ellipse", 0.55, 0.1, 0.9, 0.5, "main"),
+                ("tri", 0.25, 0.05, 0.55, 0.55, "dark"),
+                ("itri", 0.85, 0.25, 1.0, 0.38, "orange"),
+                ("ellipse", 0.7, 0.22, 0.76, 0.3, "black"),
+                ("tri", 0.0, 0.45, 0.2, 0.75, "dark"),
+            ],
+        ),
+        _cat(
+            "boat",
+            ["boat", "ship", "canoe"],
+            ["boats", "ships", "canoes"],
+            "boat",
+            ["red", "blue", "white"],
+            ["plain", "striped"],
+            1.2,
+            (0.03, 0.08),
+            "ground",
+            "vehicles",
+            [
+                ("itrap", 0.0, 0.65, 1.0, 1.0, "main"),
+                ("rect", 0.47, 0.0, 0.52, 0.68, "brown"),
+                ("tri", 0.52, 0.05, 0.95, 0.62, "white"),
+                ("tri", 0.1, 0.15, 0.47, 0.62, "light"),
+            ],
+        ),
+        _cat(
+            "umbrella",
+            ["umbrella", "parasol"],
+            ["umbrellas", "parasols"],
+            "umbrella",
+            ["red", "blue", "black", "yellow", "purple"],
+            ["plain", "striped", "dotted"],
+            1.2,
+            (0.02, 0.05),
+            "ground",
+            "other",
+            [
+                ("pie", 0.0, 0.0, 1.0, 0.9, "main"),
+                ("line", 0.5, 0.45, 0.5, 1.0, "black"),
+                ("line", 0.5, 1.0, 0.62, 0.93, "black"),
+            ],
+        ),
+        _cat(
+            "chair",
+            ["chair", "seat", "stool"],
+            ["chairs", "seats", "stools"],
+            "chair",
+            ["brown", "black", "red"],
+            ["plain", "checked"],
+            0.8,
+            (0.015, 0.04),
+            "ground",
+            "other",
+            [
+                ("rect", 0.1, 0.0, 0.3, 0.6, "main"),
+                ("rect", 0.1, 0.5, 0.95, 0.62, "main"),
+                ("rect", 0.12, 0.6, 0.2, 1.0, "dark"),
+                ("rect", 0.85, 0.6, 0.93, 1.0, "dark"),
+            ],
+        ),
+        _cat(
+            "table",
+            ["table", "desk"],
+            ["tables", "desks"],
+            "table",
+            ["brown", "white", "black"],
+            ["plain", "checked"],
+            1.8,
+            (0.03, 0.08),
+            "ground",
+            "other",
+            [
+                ("rect", 0.0, 0.0, 1.0, 0.18, "main"),
+                ("rect", 0.06, 0.15, 0.14, 1.0, "dark"),
+                ("rect", 0.86, 0.15, 0.94, 1.0, "dark"),
+            ],
+        ),
+        _cat(
+            "bottle",
+            ["bottle", "flask"],
+            ["bottles", "flasks"],
+            "bottle",
+            ["green", "brown", "blue", "white"],
+            ["plain"],
+            0.36,
+            (0.006, 0.018),
+            "ground",
+            "other",
+            [
+                ("rect", 0.35, 0.0, 0.65, 0.3, "main"),
+                ("rrect", 0.05, 0.25, 0.95, 1.0, "main"),
+                ("rect", 0.05, 0.5, 0.95, 0.75, "white"),
+            ],
+        ),
+        _cat(
+            "book",
+            ["book", "novel"],
+            ["books", "novels"],
+            "book",
+            ["red", "blue", "green", "yellow"],
+            ["plain"],
+            0.75,
+            (0.008, 0.02),
+            "ground",
+            "other",
+            [
+                ("rect", 0.0, 0.0, 1.0, 1.0, "main"),
+                ("rect", 0.0, 0.0, 0.12, 1.0, "dark"),
+                ("rect", 0.9, 0.03, 1.0, 0.97, "white"),
+                ("rect", 0.3, 0.2, 0.8, 0.3, "light"),
+            ],
+        ),
+        _cat(
+            "clock",
+            ["clock"],
+            ["clocks"],
+            "clock",
+            ["black", "red", "blue"],
+            ["plain"],
+            1.0,
+            (0.008, 0.02),
+            "ground",
+            "other",
+            [
+                ("ellipse", 0.0, 0.0, 1.0, 1.0, "main"),
+                ("ellipse", 0.1, 0.1, 0.9, 0.9, "white"),
+                ("line", 0.5, 0.5, 0.5, 0.18, "black"),
+                ("line", 0.5, 0.5, 0.75, 0.55, "black"),
+            ],
+        ),
+        _cat(
+            "lamp",
+            ["lamp", "lantern"],
+            ["lamps", "lanterns"],
+            "lamp",
+            ["yellow", "white", "red"],
+            ["plain", "striped"],
+            0.6,
+            (0.008, 0.025),
+            "ground",
+            "other",
+            [
+                ("trap", 0.05, 0.0, 0.95, 0.4, "main"),
+                ("rect", 0.45, 0.38, 0.55, 0.9, "gray"),
+                ("rect", 0.2, 0.88, 0.8, 1.0, "dark"),
+            ],
+        ),
+        _cat(
+            "sign",
+            ["sign", "placard"],
+            ["signs", "placards"],
+            "billboard",
+            ["red", "green", "blue", "yellow"],
+            ["plain", "striped"],
+            0.9,
+            (0.015, 0.04),
+            "ground",
+            "other",
+            [
+                ("rect", 0.0, 0.0, 1.0, 0.6, "main"),
+                ("rect", 0.1, 0.2, 0.9, 0.3, "white"),
+                ("rect", 0.44, 0.58, 0.56, 1.0, "gray"),
+            ],
+        ),
+        _cat(
+            "bench",
+            ["bench"],
+            ["benches"],
+            "bench",
+            ["brown", "green", "gray"],
+            ["plain"],
+            2.2,
+            (0.02, 0.05),
+            "ground",
+            "other",
+            [
+                ("rect", 0.0, 0.0, 1.0, 0.2, "main"),
+                ("rect", 0.0, 0.28, 1.0, 0.48, "main"),
+                ("rect", 0.0, 0.5, 1.0, 0.62, "main"),
+                ("rect", 0.06, 0.6, 0.12, 1.0, "black"),
+                ("rect", 0.88, 0.6, 0.94, 1.0, "black"),
+            ],
+        ),
+    ]
+}
 CATEGORY_NAMES: list[str] = list(CATEGORIES)
 
 # Detector vocabulary (background excluded, column 0 of the logits is background): the world's
 # detector names first, then classes the detector knows but the world never shows.
 WORLD_DETECTOR_CLASSES: list[str] = list(dict.fromkeys(c.detector for c in CATEGORIES.values()))
 DETECTOR_CLASSES: list[str] = WORLD_DETECTOR_CLASSES + [
-    "wolf", "tiger", "sheep", "cow", "truck", "bus", "motorcycle", "vase", "bowl", "toy",
-    "window", "building", "sofa", "shirt", "hat", "balloon",
+    "wolf",
+    "tiger",
+    "sheep",
+    "cow",
+    "truck",
+    "bus",
+    "motorcycle",
+    "vase",
+    "bowl",
+    "toy",
+    "window",
+    "building",
+    "sofa",
+    "shirt",
+    "hat",
+    "balloon",
 ]
 
 # (partner placed with anchor, anchor): e.g. a rider sits on a horse.
@@ -208,25 +643,80 @@ COOCCURRING_PAIRS: list[tuple[str, str]] = [("rider", "horse"), ("cup", "saucer"
 
 # categories the detector confuses (by category name; the confusion goes to the other's detector class)
 CONFUSABLE: dict[str, tuple[str, ...]] = {
-    "dog": ("cat", "horse"), "cat": ("dog",), "horse": ("dog", "cow"), "rider": ("man", "woman"), "man": ("woman", "rider"),
-    "woman": ("man",), "child": ("woman", "man"), "cup": ("bottle", "vase"), "saucer": ("bowl", "clock"), "car": ("truck", "boat"),
-    "bicycle": ("motorcycle",), "tree": ("flower",), "flower": ("tree",), "ball": ("clock", "balloon"), "kite": ("umbrella", "bird"),
-    "bird": ("kite",), "boat": ("car",), "umbrella": ("kite", "lamp"), "chair": ("bench", "table"), "table": ("bench", "chair"),
-    "bottle": ("cup", "vase"), "book": ("sign",), "clock": ("ball",), "lamp": ("bottle",), "sign": ("book", "window"), "bench": ("chair", "sofa"),
+    "dog": ("cat", "horse"),
+    "cat": ("dog",),
+    "horse": ("dog", "cow"),
+    "rider": ("man", "woman"),
+    "man": ("woman", "rider"),
+    "woman": ("man",),
+    "child": ("woman", "man"),
+    "cup": ("bottle", "vase"),
+    "saucer": ("bowl", "clock"),
+    "car": ("truck", "boat"),
+    "bicycle": ("motorcycle",),
+    "tree": ("flower",),
+    "flower": ("tree",),
+    "ball": ("clock", "balloon"),
+    "kite": ("umbrella", "bird"),
+    "bird": ("kite",),
+    "boat": ("car",),
+    "umbrella": ("kite", "lamp"),
+    "chair": ("bench", "table"),
+    "table": ("bench", "chair"),
+    "bottle": ("cup", "vase"),
+    "book": ("sign",),
+    "clock": ("ball",),
+    "lamp": ("bottle",),
+    "sign": ("book", "window"),
+    "bench": ("chair", "sofa"),
 }
 
 # The 80 COCO detector classes (the other detector vocabulary the world can speak) and how the
 # world's categories and the extra detector classes above map onto them (None: COCO has no class).
 TO_COCO: dict[str, str | None] = {
-    "dog": "dog", "cat": "cat", "horse": "horse", "rider": "person", "man": "person", "woman": "person", "child": "person",
-    "cup": "cup", "saucer": "bowl", "car": "car", "bicycle": "bicycle", "tree": "potted plant", "flower": "potted plant",
-    "ball": "sports ball", "kite": "kite", "bird": "bird", "boat": "boat", "umbrella": "umbrella", "chair": "chair",
-    "table": "dining table", "bottle": "bottle", "book": "book", "clock": "clock", "lamp": None, "sign": "stop sign",
+    "dog": "dog",
+    "cat": "cat",
+    "horse": "horse",
+    "rider": "person",
+    "man": "person",
+    "woman": "person",
+    "child": "person",
+    "cup": "cup",
+    "saucer": "bowl",
+    "car": "car",
+    "bicycle": "bicycle",
+    "tree": "potted plant",
+    "flower": "potted plant",
+    "ball": "sports ball",
+    "kite": "kite",
+    "bird": "bird",
+    "boat": "boat",
+    "umbrella": "umbrella",
+    "chair": "chair",
+    "table": "dining table",
+    "bottle": "bottle",
+    "book": "book",
+    "clock": "clock",
+    "lamp": None,
+    "sign": "stop sign",
     "bench": "bench",
     # extra detector classes used as confusions
-    "wolf": "dog", "tiger": "cat", "sheep": "sheep", "cow": "cow", "truck": "truck", "bus": "bus", "motorcycle": "motorcycle",
-    "vase": "vase", "bowl": "bowl", "toy": "teddy bear", "window": None, "building": None, "sofa": "couch", "shirt": None,
-    "hat": None, "balloon": None,
+    "wolf": "dog",
+    "tiger": "cat",
+    "sheep": "sheep",
+    "cow": "cow",
+    "truck": "truck",
+    "bus": "bus",
+    "motorcycle": "motorcycle",
+    "vase": "vase",
+    "bowl": "bowl",
+    "toy": "teddy bear",
+    "window": None,
+    "building": None,
+    "sofa": "couch",
+    "shirt": None,
+    "hat": None,
+    "balloon": None,
 }
 
 
@@ -249,8 +739,12 @@ def detector_class(name: str, vocab: str) -> str | None:
 
 
 RELATION_WORDS: dict[str, tuple[str, ...]] = {
-    "left": ("left", "of"), "right": ("right", "of"), "above": ("above",), "below": ("below",),
-    "front": ("in", "front", "of"), "behind": ("behind",),
+    "left": ("left", "of"),
+    "right": ("right", "of"),
+    "above": ("above",),
+    "below": ("below",),
+    "front": ("in", "front", "of"),
+    "behind": ("behind",),
 }
 
 _COUNT_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
@@ -315,14 +809,14 @@ class Scene:
         return asdict(self)
 
     @staticmethod
-    def from_dict(d: dict[str, Any]) -> "Scene":
+    def from_dict(d: dict[str, Any]) -> Scene:
         objs = [SceneObject(**{**o, "box": tuple(o["box"])}) for o in d["objects"]]
         return Scene(d["width"], d["height"], d["background"], d["horizon"], objs)
 
     def by_category(self, category: str) -> list[SceneObject]:
         return [o for o in self.objects if o.category == category]
 
-    def moved(self, shifts: dict[int, tuple[float, float]]) -> "Scene":
+    def moved(self, shifts: dict[int, tuple[float, float]]) -> Scene:
         """A copy with objects translated by ``{id: (dx, dy)}`` (for video frames)."""
         objs = []
         for o in self.objects:
@@ -353,7 +847,7 @@ class SceneKnobs:
     categories: tuple[str, ...] | None = None
 
     @staticmethod
-    def from_any(k: "SceneKnobs | dict[str, Any] | None") -> "SceneKnobs":
+    def from_any(k: SceneKnobs | dict[str, Any] | None) -> SceneKnobs:
         if k is None:
             return SceneKnobs()
         if isinstance(k, SceneKnobs):
@@ -369,8 +863,6 @@ def box_iou_np(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """IoU matrix [len(a), len(b)] of x1,y1,x2,y2 boxes (continuous convention), as float64 numpy.
 
     A numpy front to :func:`groundkit.metrics.box_iou` for the generators."""
-    from ..metrics import box_iou
-
     a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
     b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
     return np.asarray(box_iou(a, b), dtype=np.float64)
@@ -452,13 +944,21 @@ def sample_scene(rng: np.random.Generator, knobs: SceneKnobs | dict[str, Any] | 
     n_target = int(rng.integers(k.min_objects, k.max_objects + 1))
     objects: list[SceneObject] = []
 
-    def add(cat_name: str, box: Box, frac: float, partner_of: int | None = None, colour: str | None = None) -> SceneObject:
+    def add(
+        cat_name: str, box: Box, frac: float, partner_of: int | None = None, colour: str | None = None
+    ) -> SceneObject:
         cat = CATEGORIES[cat_name]
         x1, y1, x2, y2 = box
         depth = y2 / h + (0.01 if partner_of is not None else 0.0)
         o = SceneObject(
-            id=len(objects), category=cat_name, colour=colour or str(rng.choice(cat.palette)), pattern=str(rng.choice(cat.patterns)),
-            box=box, depth=round(depth, 4), size=_size_word(cat, frac), partner_of=partner_of,
+            id=len(objects),
+            category=cat_name,
+            colour=colour or str(rng.choice(cat.palette)),
+            pattern=str(rng.choice(cat.patterns)),
+            box=box,
+            depth=round(depth, 4),
+            size=_size_word(cat, frac),
+            partner_of=partner_of,
         )
         objects.append(o)
         return o
@@ -600,7 +1100,9 @@ def _role_colour(role: str, main: tuple[int, int, int], skin: tuple[int, int, in
     return COLOURS[role]
 
 
-def _draw_prim(d: ImageDraw.ImageDraw, kind: str, x1: float, y1: float, x2: float, y2: float, fill: Any, bw: float, bh: float) -> None:
+def _draw_prim(
+    d: ImageDraw.ImageDraw, kind: str, x1: float, y1: float, x2: float, y2: float, fill: Any, bw: float, bh: float
+) -> None:
     X1, Y1, X2, Y2 = x1 * bw, y1 * bh, x2 * bw, y2 * bh
     lw = max(1, int(round(min(bw, bh) * 0.07)))
     if kind == "ellipse":
@@ -631,7 +1133,9 @@ def _draw_prim(d: ImageDraw.ImageDraw, kind: str, x1: float, y1: float, x2: floa
         raise ValueError(f"unknown primitive {kind!r}")
 
 
-def _pattern_layer(pattern: str, colour: tuple[int, int, int], bw: int, bh: int, rng: np.random.Generator) -> Image.Image:
+def _pattern_layer(
+    pattern: str, colour: tuple[int, int, int], bw: int, bh: int, rng: np.random.Generator
+) -> Image.Image:
     img = Image.new("RGB", (bw, bh), colour)
     if pattern == "plain":
         return img
@@ -717,7 +1221,16 @@ def draw_sample(
     scale: int = 2,
 ) -> Image.Image:
     """An illustration: ``image`` enlarged, each (box, label) drawn, captions printed below."""
-    palette = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60)]
+    palette = [
+        (230, 25, 75),
+        (60, 180, 75),
+        (0, 130, 200),
+        (245, 130, 48),
+        (145, 30, 180),
+        (70, 240, 240),
+        (240, 50, 230),
+        (210, 245, 60),
+    ]
     big = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
     font = ImageFont.load_default()
     line_h = 14

@@ -83,7 +83,12 @@ def visibility(box: tuple, fronts: list[tuple], grid: int = 24) -> tuple[float, 
     if not free.any():
         return 0.0, None
     cols, rows = np.nonzero(free.any(0))[0], np.nonzero(free.any(1))[0]
-    vbox = [round(float(xs[cols[0]]), 2), round(float(ys[rows[0]]), 2), round(float(xs[cols[-1]]), 2), round(float(ys[rows[-1]]), 2)]
+    vbox = [
+        round(float(xs[cols[0]]), 2),
+        round(float(ys[rows[0]]), 2),
+        round(float(xs[cols[-1]]), 2),
+        round(float(ys[rows[-1]]), 2),
+    ]
     return float(free.mean()), vbox
 
 
@@ -95,8 +100,17 @@ def _clip(b: tuple, w: int, h: int) -> tuple[float, float, float, float]:
 def _plan_video(rng: np.random.Generator, k: dict[str, Any]) -> dict[str, Any]:
     """Sample objects, the target, its distractor, velocities and the difficulty events of one video."""
     W, H, T = k["width"], k["height"], k["n_frames"]
-    scene = sample_scene(rng, SceneKnobs(width=W, height=H, min_objects=k["min_objects"], max_objects=k["max_objects"],
-                                         cooccurrence=0.0, same_category=0.3))
+    scene = sample_scene(
+        rng,
+        SceneKnobs(
+            width=W,
+            height=H,
+            min_objects=k["min_objects"],
+            max_objects=k["max_objects"],
+            cooccurrence=0.0,
+            same_category=0.3,
+        ),
+    )
     objs = [o for o in scene.objects if o.cat.zone == "ground"] or scene.objects
     target = objs[int(rng.integers(len(objs)))]
     same = [o for o in scene.objects if o.category == target.category and o.id != target.id]
@@ -120,9 +134,15 @@ def _plan_video(rng: np.random.Generator, k: dict[str, Any]) -> dict[str, Any]:
             dy = float(rng.choice([-1.0, 1.0])) * rng.uniform(0.55, 0.8) * (ty2 - ty1)
             if ty1 + dy < 0 or ty2 + dy > k["height"] - 1:
                 dy = -dy
-            d = SceneObject(id=len(scene.objects), category=target.category, colour=colour, pattern=pattern,
-                            box=(tx1, ty1 + dy, tx2, ty2 + dy), depth=round(target.depth + 0.001 * (1 if dy > 0 else -1), 4),
-                            size=target.size)
+            d = SceneObject(
+                id=len(scene.objects),
+                category=target.category,
+                colour=colour,
+                pattern=pattern,
+                box=(tx1, ty1 + dy, tx2, ty2 + dy),
+                depth=round(target.depth + 0.001 * (1 if dy > 0 else -1), 4),
+                size=target.size,
+            )
             scene.objects.append(d)
         same = [d] + [o for o in same if o.id != d.id]
     # every other same-category object gets another colour, so that at most the first distractor
@@ -184,11 +204,26 @@ def _plan_video(rng: np.random.Generator, k: dict[str, Any]) -> dict[str, Any]:
         # an occluder that stays over the target for several consecutive frames
         length = int(rng.integers(3, min(5, T - 1) + 1))
         f0 = int(rng.integers(0, T - length + 1))
-        events.append({"kind": "sustained", "frame": f0, "length": length, "cover": float(rng.uniform(0.7, 1.0)),
-                       "side": str(rng.choice(["left", "right"]))})
+        events.append(
+            {
+                "kind": "sustained",
+                "frame": f0,
+                "length": length,
+                "cover": float(rng.uniform(0.7, 1.0)),
+                "side": str(rng.choice(["left", "right"])),
+            }
+        )
     blur = [bool(rng.random() < k["blur_rate"]) for _ in range(T)]
-    return {"scene": scene, "target": target.id, "distractor": same[0].id if same else None, "identical": identical,
-            "dirs": dirs, "vel": vel, "events": events, "blur": blur}
+    return {
+        "scene": scene,
+        "target": target.id,
+        "distractor": same[0].id if same else None,
+        "identical": identical,
+        "dirs": dirs,
+        "vel": vel,
+        "events": events,
+        "blur": blur,
+    }
 
 
 def _frame_boxes(plan: dict[str, Any], t: int) -> dict[int, tuple[float, float, float, float]]:
@@ -238,7 +273,9 @@ def _render_frame(plan: dict[str, Any], t: int, k: dict[str, Any], video_seed: l
     if plan["blur"][t]:
         img = _motion_blur(img, int(frng.integers(5, 10)))
     if k["render_noise"] > 0:
-        arr = np.asarray(img, dtype=np.float32) + frng.normal(0, k["render_noise"], (img.height, img.width, 3)).astype(np.float32)
+        arr = np.asarray(img, dtype=np.float32) + frng.normal(0, k["render_noise"], (img.height, img.width, 3)).astype(
+            np.float32
+        )
         img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
     W, H = img.width, img.height
     # visible fraction of every object: objects drawn over it and occluders
@@ -247,8 +284,12 @@ def _render_frame(plan: dict[str, Any], t: int, k: dict[str, Any], video_seed: l
         fronts = [boxes[p.id] for p in scene_t.objects if p.id != o.id and (p.depth, p.id) > (o.depth, o.id)]
         fronts += [b[:4] for b in occ]
         vis[o.id], vbox[o.id] = visibility(_clip(boxes[o.id], W, H), fronts)
-    return img, {"boxes": boxes, "visible": vis, "visible_box": vbox,
-                 "occluders": [b[4] for b in occ if _overlaps(b, boxes[plan["target"]])]}
+    return img, {
+        "boxes": boxes,
+        "visible": vis,
+        "visible_box": vbox,
+        "occluders": [b[4] for b in occ if _overlaps(b, boxes[plan["target"]])],
+    }
 
 
 def _overlaps(a: tuple, b: tuple) -> bool:
@@ -274,7 +315,11 @@ def _caption(plan: dict[str, Any], oid: int, other: int | None, rng: np.random.G
         need_colour = any(plan["dirs"][o.id] == motion for o in same)  # a differently coloured one moves alike
         np_ = _noun_phrase(obj, rng, with_colour=need_colour or rng.random() < 0.5)
     elif same and not looks_same:
-        kind = "attribute+motion" if rng.random() < 0.5 and all(plan["dirs"][o.id] != motion for o in same) else "attribute"
+        kind = (
+            "attribute+motion"
+            if rng.random() < 0.5 and all(plan["dirs"][o.id] != motion for o in same)
+            else "attribute"
+        )
         np_ = _noun_phrase(obj, rng, with_colour=True)
     else:
         kind = "category+motion" if rng.random() < 0.5 else "category"
@@ -282,7 +327,12 @@ def _caption(plan: dict[str, Any], oid: int, other: int | None, rng: np.random.G
     text = f"the {np_}"
     if kind.endswith("motion"):
         text += " " + str(rng.choice(MOTION_WORDS[motion]))
-    return text, {"kind": kind, "motion": motion, "same_category": [o.id for o in same], "looks_same": [o.id for o in looks_same]}
+    return text, {
+        "kind": kind,
+        "motion": motion,
+        "same_category": [o.id for o in same],
+        "looks_same": [o.id for o in looks_same],
+    }
 
 
 def _write_split(out: Path, split: str, n_videos: int, seed: int, k: dict[str, Any], progress: bool) -> dict[str, Any]:
@@ -309,9 +359,18 @@ def _write_split(out: Path, split: str, n_videos: int, seed: int, k: dict[str, A
             track = []
             for t, info in enumerate(frames):
                 x1, y1, x2, y2 = _clip(info["boxes"][o.id], W, H)
-                track.append({"frame": t + 1, "bbox": [int(round(x1)), int(round(y1)), int(round(x2)), int(round(y2))],
-                              "frame_size": [H, W], "class": o.category, "class_index": CATEGORY_NAMES.index(o.category) + 1,
-                              "occluded": int(info["visible"][o.id] < 0.5), "generated": 0, "name": o.cat.detector})
+                track.append(
+                    {
+                        "frame": t + 1,
+                        "bbox": [int(round(x1)), int(round(y1)), int(round(x2)), int(round(y2))],
+                        "frame_size": [H, W],
+                        "class": o.category,
+                        "class_index": CATEGORY_NAMES.index(o.category) + 1,
+                        "occluded": int(info["visible"][o.id] < 0.5),
+                        "generated": 0,
+                        "name": o.cat.detector,
+                    }
+                )
             anns.append({"id": str(o.id), "track": track})
         vid_sentence.write_tube_json(root, split, video, anns)
         described = [plan["target"]]
@@ -324,23 +383,45 @@ def _write_split(out: Path, split: str, n_videos: int, seed: int, k: dict[str, A
             valid_lines.append(f"{video},{oid}")
             cap_lines.append(f"{idx}, {text}")
             tube = anns[oid]["track"]
-            video_level.append([[f"ILSVRC/Data/VID/{split}/{video}/{t:06d}.JPEG", e["bbox"], text] for t, e in enumerate(tube)])
-            metas.append({
-                "objects": [{"id": o.id, "category": o.category, "colour": o.colour, "motion": plan["dirs"][o.id]}
-                            for o in plan["scene"].objects],
-                "index": idx, "video": video, "track_id": str(oid), "caption": text, "program": prog,
-                "primary": oid == plan["target"], "distractor_track": None if other is None else str(other),
-                "identical_distractor": plan["identical"],
-                "events": plan["events"] if oid == plan["target"] else [],
-                "frames": [{"visible": round(f["visible"][oid], 4), "visible_box": f["visible_box"][oid],
+            video_level.append(
+                [[f"ILSVRC/Data/VID/{split}/{video}/{t:06d}.JPEG", e["bbox"], text] for t, e in enumerate(tube)]
+            )
+            metas.append(
+                {
+                    "objects": [
+                        {"id": o.id, "category": o.category, "colour": o.colour, "motion": plan["dirs"][o.id]}
+                        for o in plan["scene"].objects
+                    ],
+                    "index": idx,
+                    "video": video,
+                    "track_id": str(oid),
+                    "caption": text,
+                    "program": prog,
+                    "primary": oid == plan["target"],
+                    "distractor_track": None if other is None else str(other),
+                    "identical_distractor": plan["identical"],
+                    "events": plan["events"] if oid == plan["target"] else [],
+                    "frames": [
+                        {
+                            "visible": round(f["visible"][oid], 4),
+                            "visible_box": f["visible_box"][oid],
                             "distractor_visible": None if other is None else round(f["visible"][other], 4),
                             "distractor_visible_box": None if other is None else f["visible_box"][other],
                             "blur": plan["blur"][t],
                             "occluder": f["occluders"] if oid == plan["target"] else [],
-                            "iou_with_distractor": (round(float(box_iou_np(np.array([f["boxes"][oid]]), np.array([f["boxes"][other]]))[0, 0]), 4)
-                                                    if other is not None else 0.0)}
-                           for t, f in enumerate(frames)],
-            })
+                            "iou_with_distractor": (
+                                round(
+                                    float(box_iou_np(np.array([f["boxes"][oid]]), np.array([f["boxes"][other]]))[0, 0]),
+                                    4,
+                                )
+                                if other is not None
+                                else 0.0
+                            ),
+                        }
+                        for t, f in enumerate(frames)
+                    ],
+                }
+            )
     ann_dir = root / "Data" / "VID" / "annSamples"
     ann_dir.mkdir(parents=True, exist_ok=True)
     (ann_dir / f"{split}_valid_list.txt").write_text("".join(ln + "\n" for ln in valid_lines), encoding="utf-8")
@@ -371,6 +452,8 @@ def build(out: Path, size: str, seed: int, progress: bool = False, **knobs: Any)
         "splits": counts,
         "frames_occluded": round(sum(f["visible"] < 0.5 for f in frames) / max(len(frames), 1), 4),
         "frames_blurred": round(sum(f["blur"] for f in frames) / max(len(frames), 1), 4),
-        "tracks_with_same_category_distractor": round(sum(bool(m["program"]["same_category"]) for m in tracks) / max(len(tracks), 1), 4),
+        "tracks_with_same_category_distractor": round(
+            sum(bool(m["program"]["same_category"]) for m in tracks) / max(len(tracks), 1), 4
+        ),
         "knobs": {**k, "speed": list(k["speed"])},
     }

@@ -10,5 +10,14 @@ from .config import CrossKDConfig, CrossKDData, CrossKDLoss, CrossKDModel
 from .data import open_store
 from .method import METHOD, CrossKDMethod, encode_all, similarity_matrix
 
-__all__ = ["METHOD", "CrossKDMethod", "CrossKDConfig", "CrossKDData", "CrossKDModel", "CrossKDLoss", "open_store",
-           "encode_all", "similarity_matrix"]
+__all__ = [
+    "METHOD",
+    "CrossKDMethod",
+    "CrossKDConfig",
+    "CrossKDData",
+    "CrossKDModel",
+    "CrossKDLoss",
+    "open_store",
+    "encode_all",
+    "similarity_matrix",
+]

@@ -37,19 +37,40 @@ import numpy as np
 import torch
 
 from ...bench.common import Measurement, measure, print_table
+from ...bench.metrics import run_baseline as baseline_metrics
+from ...config import load_config
+from ...metrics import t2v_metrics, v2t_metrics
+from ...world import resolve_world
+from .config import CrossKDConfig
+from .data import BatchSpec, RetrievalEvalSet
+from .method import METHOD, similarity_matrix
+from .model import CENet, CENetConfig
+from .store import ExpertStore, StoreWriter
 
 MSRVTT_VIDEOS, MSRVTT_CAPTIONS = 2990, 20
-EXPERT_DIMS = {"audio": 128, "imagenet.resnext101_32x48d.0": 2048, "imagenet.senet154.0": 2048, "r2p1d.r2p1d-ig65m-kinetics.0": 512,
-               "r2p1d.r2p1d-ig65m.0": 512, "scene.densenet161.0": 2208, "speech": 300}
+EXPERT_DIMS = {
+    "audio": 128,
+    "imagenet.resnext101_32x48d.0": 2048,
+    "imagenet.senet154.0": 2048,
+    "r2p1d.r2p1d-ig65m-kinetics.0": 512,
+    "r2p1d.r2p1d-ig65m.0": 512,
+    "scene.densenet161.0": 2208,
+    "speech": 300,
+}
 MAX_TOKENS = {"text": 37, "audio": 29, "speech": 32}
 
 
 def _model(text_dim: int, clusters: int, shared: int, seed: int = 0) -> torch.nn.Module:
-    from .model import CENet, CENetConfig
-
     torch.manual_seed(seed)
-    m = CENet(CENetConfig(expert_dims=dict(EXPERT_DIMS), vlad_clusters={"text": clusters, "audio": 8, "speech": 19}, ghost_clusters=1,
-                          text_dim=text_dim, shared_dim=shared))
+    m = CENet(
+        CENetConfig(
+            expert_dims=dict(EXPERT_DIMS),
+            vlad_clusters={"text": clusters, "audio": 8, "speech": 19},
+            ghost_clusters=1,
+            text_dim=text_dim,
+            shared_dim=shared,
+        )
+    )
     return m.eval()
 
 
@@ -62,22 +83,30 @@ def _features(videos: int, captions: int, text_dim: int, seed: int) -> tuple[lis
         e = {}
         for v in ids:
             if m in ("audio", "speech"):
-                e[v] = float("nan") if rng.random() < 0.1 else rng.standard_normal((int(rng.integers(2, 40)), d), dtype=np.float32)
+                e[v] = (
+                    float("nan")
+                    if rng.random() < 0.1
+                    else rng.standard_normal((int(rng.integers(2, 40)), d), dtype=np.float32)
+                )
             else:
                 e[v] = rng.standard_normal(d, dtype=np.float32)
         experts[m] = e
-    text = {v: [rng.standard_normal((int(rng.integers(6, 20)), text_dim), dtype=np.float32) for _ in range(captions - (1 if i < 6 else 0))]
-            for i, v in enumerate(ids)}
+    text = {
+        v: [
+            rng.standard_normal((int(rng.integers(6, 20)), text_dim), dtype=np.float32)
+            for _ in range(captions - (1 if i < 6 else 0))
+        ]
+        for i, v in enumerate(ids)
+    }
     return ids, experts, text
 
 
 # ----------------------------------------------------------------------------- groundkit path
 
 
-def setup_groundkit(videos: int, captions: int, text_dim: int, clusters: int, shared: int, seed: int, workdir: str) -> tuple:
-    from .data import BatchSpec, RetrievalEvalSet
-    from .store import ExpertStore, StoreWriter
-
+def setup_groundkit(
+    videos: int, captions: int, text_dim: int, clusters: int, shared: int, seed: int, workdir: str
+) -> tuple:
     ids, experts, text = _features(videos, captions, text_dim, seed)
     w = StoreWriter(Path(workdir) / f"store-{videos}", ids)
     for m, e in experts.items():
@@ -93,9 +122,6 @@ def setup_groundkit(videos: int, captions: int, text_dim: int, clusters: int, sh
 
 
 def run_groundkit(model: torch.nn.Module, ds: Any, device: str = "cpu") -> dict[str, Any]:
-    from .method import similarity_matrix
-    from ...metrics import t2v_metrics, v2t_metrics
-
     dev = torch.device(device)
     model = model.to(dev)
     t0 = time.perf_counter()
@@ -116,8 +142,6 @@ def setup_baseline(videos: int, captions: int, text_dim: int, clusters: int, sha
 
 def run_baseline(model: torch.nn.Module, ids: list[str], experts: dict, text: dict, captions: int) -> dict[str, Any]:
     """The reference's evaluation path (see the module docstring)."""
-    from ...bench.metrics import run_baseline as baseline_metrics
-
     t0 = time.perf_counter()
     V, T, D = len(ids), MAX_TOKENS["text"], next(iter(text.values()))[0].shape[-1]
     text_retrieval = np.zeros((V, captions, T, D))  # float64, as the reference
@@ -176,12 +200,9 @@ def baseline_full_size_gb(videos: int, captions: int, text_dim: int) -> float:
 
 
 def setup_train(batch: int, steps: int) -> tuple:
-    from ...config import load_config
-    from ...world import resolve_world
-    from .config import CrossKDConfig
-    from .method import METHOD
-
-    cfg = resolve_world(METHOD, load_config(CrossKDConfig, "synth_cecap", {"data.synth_size": "small"}, method="crosskd"))
+    cfg = resolve_world(
+        METHOD, load_config(CrossKDConfig, "synth_cecap", {"data.synth_size": "small"}, method="crosskd")
+    )
     torch.manual_seed(0)
     model = METHOD.build_model(cfg)
     ds = METHOD.build_dataset(cfg, "train")
@@ -189,8 +210,6 @@ def setup_train(batch: int, steps: int) -> tuple:
 
 
 def run_train(model: torch.nn.Module, ds: Any, cfg: Any, batch: int, steps: int) -> dict[str, float]:
-    from .method import METHOD
-
     opt = torch.optim.RAdam(model.parameters(), lr=1e-3)
     model.train()
     n = 0
@@ -211,30 +230,69 @@ def run_train(model: torch.nn.Module, ds: Any, cfg: Any, batch: int, steps: int)
 def run(args: argparse.Namespace) -> int:
     clusters, shared = (28, 768) if args.full_model else (args.text_clusters, args.shared_dim)
     rows: list[Measurement] = []
-    out: dict[str, Any] = {"videos": args.videos, "captions": args.captions, "text_dim": args.text_dim, "text_clusters": clusters,
-                           "shared_dim": shared, "cuda": torch.cuda.is_available(), "threads": args.threads}
-    tr = measure("train (synth_cecap, small world)", run_train, setup_train, (args.batch_size, args.train_steps), threads=args.threads)
+    out: dict[str, Any] = {
+        "videos": args.videos,
+        "captions": args.captions,
+        "text_dim": args.text_dim,
+        "text_clusters": clusters,
+        "shared_dim": shared,
+        "cuda": torch.cuda.is_available(),
+        "threads": args.threads,
+    }
+    tr = measure(
+        "train (synth_cecap, small world)",
+        run_train,
+        setup_train,
+        (args.batch_size, args.train_steps),
+        threads=args.threads,
+    )
     out["train_samples_per_s"] = tr.result["samples_per_s"]
-    print(f"training: {tr.result['samples_per_s']:.1f} samples/s (CENet synth_cecap, batch {args.batch_size}, {args.train_steps} steps, CPU threads {args.threads})")
+    print(
+        f"training: {tr.result['samples_per_s']:.1f} samples/s (CENet synth_cecap, batch {args.batch_size}, "
+        f"{args.train_steps} steps, CPU threads {args.threads})"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         bv = args.baseline_videos
         if not args.skip_baseline:
-            base = measure(f"reference approach @{bv}", run_baseline, setup_baseline, (bv, args.captions, args.text_dim, clusters, shared, args.seed),
-                           threads=args.threads)
-            small = measure(f"groundkit @{bv}", _run_gk_dev, setup_groundkit, (bv, args.captions, args.text_dim, clusters, shared, args.seed, tmp),
-                            threads=args.threads)
-            diff = abs(base.result["t2v"]["R1"] - small.result["t2v"]["R1"]) + abs(base.result["v2t"]["R1"] - small.result["v2t"]["R1"])
+            base = measure(
+                f"reference approach @{bv}",
+                run_baseline,
+                setup_baseline,
+                (bv, args.captions, args.text_dim, clusters, shared, args.seed),
+                threads=args.threads,
+            )
+            small = measure(
+                f"groundkit @{bv}",
+                _run_gk_dev,
+                setup_groundkit,
+                (bv, args.captions, args.text_dim, clusters, shared, args.seed, tmp),
+                threads=args.threads,
+            )
+            diff = abs(base.result["t2v"]["R1"] - small.result["t2v"]["R1"]) + abs(
+                base.result["v2t"]["R1"] - small.result["v2t"]["R1"]
+            )
             rows += [base, small]
             out["baseline"] = base.to_dict() | {"t2v": base.result["t2v"], "v2t": base.result["v2t"]}
             out["groundkit_same_size"] = small.to_dict() | {"t2v": small.result["t2v"], "v2t": small.result["v2t"]}
             out["same_size_speedup"] = base.seconds / small.seconds
             out["same_size_R1_abs_diff"] = diff
-        full = measure(f"groundkit @{args.videos}", _run_gk_dev, setup_groundkit,
-                       (args.videos, args.captions, args.text_dim, clusters, shared, args.seed, tmp), threads=args.threads)
+        full = measure(
+            f"groundkit @{args.videos}",
+            _run_gk_dev,
+            setup_groundkit,
+            (args.videos, args.captions, args.text_dim, clusters, shared, args.seed, tmp),
+            threads=args.threads,
+        )
         rows.append(full)
-        out["groundkit_full"] = full.to_dict() | {"sims_s": full.result["sims_s"], "metrics_s": full.result["metrics_s"]}
-    print_table(rows, baseline=None if args.skip_baseline else rows[0].name,
-                title=f"full evaluation (encode + similarity + t2v/v2t metrics), {args.captions} captions per video")
+        out["groundkit_full"] = full.to_dict() | {
+            "sims_s": full.result["sims_s"],
+            "metrics_s": full.result["metrics_s"],
+        }
+    print_table(
+        rows,
+        baseline=None if args.skip_baseline else rows[0].name,
+        title=f"full evaluation (encode + similarity + t2v/v2t metrics), {args.captions} captions per video",
+    )
     est = baseline_full_size_gb(args.videos, args.captions, args.text_dim)
     out["baseline_full_size_gb_arrays"] = est
     print(f"reference approach at {args.videos} videos: its arrays alone need {est:.1f} GB (arithmetic, not run)")
@@ -245,10 +303,15 @@ def run(args: argparse.Namespace) -> int:
         est_s = base.result["sims_s"] * r + base.result["metrics_s"] * r * r
         out["baseline_full_size_s_estimate"] = est_s
         out["full_size_speedup_estimate"] = est_s / full.seconds
-        print(f"same-size speed-up (measured, {args.baseline_videos} videos): {out['same_size_speedup']:.1f}x; "
-              f"R@1 agreement |diff| = {diff:.2e}")
-        print(f"estimated reference time at {args.videos} videos: {est_s:.0f} s (linear data/encode x{r:.0f}, quadratic metrics x{r * r:.0f}) "
-              f"-> estimated speed-up {out['full_size_speedup_estimate']:.1f}x")
+        print(
+            f"same-size speed-up (measured, {args.baseline_videos} videos): {out['same_size_speedup']:.1f}x; "
+            f"R@1 agreement |diff| = {diff:.2e}"
+        )
+        print(
+            f"estimated reference time at {args.videos} videos: {est_s:.0f} s "
+            f"(linear data/encode x{r:.0f}, quadratic metrics x{r * r:.0f}) "
+            f"-> estimated speed-up {out['full_size_speedup_estimate']:.1f}x"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1, default=float))
     return 0
@@ -260,15 +323,26 @@ def _run_gk_dev(model: torch.nn.Module, ds: Any) -> dict[str, Any]:
 
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser("crosskd", help="CENet training samples/s and full MSR-VTT-size evaluation time/memory vs the reference approach",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "crosskd",
+        help="CENet training samples/s and full MSR-VTT-size evaluation time/memory vs the reference approach",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--videos", type=int, default=MSRVTT_VIDEOS)
     p.add_argument("--captions", type=int, default=MSRVTT_CAPTIONS)
-    p.add_argument("--baseline-videos", type=int, default=300, help="size at which the reference approach is run (it needs 28 GB at 2990)")
+    p.add_argument(
+        "--baseline-videos",
+        type=int,
+        default=300,
+        help="size at which the reference approach is run (it needs 28 GB at 2990)",
+    )
     p.add_argument("--text-dim", type=int, default=1600)
     p.add_argument("--text-clusters", type=int, default=4)
     p.add_argument("--shared-dim", type=int, default=256)
-    p.add_argument("--full-model", action="store_true", help="28 text clusters, 768-d shared space (the reference's MSR-VTT model)")
+    p.add_argument(
+        "--full-model", action="store_true", help="28 text clusters, 768-d shared space (the reference's MSR-VTT model)"
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--train-steps", type=int, default=20)
     p.add_argument("--threads", type=int, default=2)

@@ -57,7 +57,9 @@ class CrossKDLoss:
     vid_w: float = 0.0  # the optional video-side term (0 in every released config)
     vid_t: float = 5.0
     detach_target: bool = False  # reference: the caption-caption target is not detached
-    kd_target: Literal["captions", "identity"] = "captions"  # "identity": one-hot targets (InfoNCE), an ablation control
+    kd_target: Literal["captions", "identity"] = (
+        "captions"  # "identity": one-hot targets (InfoNCE), an ablation control
+    )
 
 
 def _optim() -> OptimConfig:
@@ -69,8 +71,15 @@ def _sched() -> SchedConfig:
 
 
 def _train() -> TrainConfig:
-    return TrainConfig(epochs=100, batch_size=64, eval_batch_size=256, best_metric="t2v_geometric_mean_R1-R5-R10", best_mode="max",
-                       output_dir="runs/crosskd", log_every=20)
+    return TrainConfig(
+        epochs=100,
+        batch_size=64,
+        eval_batch_size=256,
+        best_metric="t2v_geometric_mean_R1-R5-R10",
+        best_mode="max",
+        output_dir="runs/crosskd",
+        log_every=20,
+    )
 
 
 @dataclass
@@ -81,5 +90,3 @@ class CrossKDConfig(ExperimentConfig):
     optim: OptimConfig = field(default_factory=_optim)
     sched: SchedConfig = field(default_factory=_sched)
     train: TrainConfig = field(default_factory=_train)
-
-

@@ -8,9 +8,10 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,7 +20,16 @@ from ...formats.collaborative_experts import DATASET_LAYOUTS, FeatureError
 from .config import CrossKDConfig
 from .store import ExpertStore, convert_released
 
-__all__ = ["BatchSpec", "RetrievalTrainSet", "RetrievalEvalSet", "open_store", "register_store", "layout_paths", "batch_spec", "text_dim"]
+__all__ = [
+    "BatchSpec",
+    "RetrievalTrainSet",
+    "RetrievalEvalSet",
+    "open_store",
+    "register_store",
+    "layout_paths",
+    "batch_spec",
+    "text_dim",
+]
 
 
 # ----------------------------------------------------------------------------- data sets
@@ -87,7 +97,9 @@ class RetrievalTrainSet:
             picks = [[r] for r in pick_rows]
         text, tmask = self.store.text_batch(self.spec.text, picks, self.spec.max_tokens["text"])
         batch = _expert_tensors(self.store, self.spec, idx)
-        batch.update({"text": torch.from_numpy(text), "text_mask": torch.from_numpy(tmask), "index": torch.as_tensor(idx)})
+        batch.update(
+            {"text": torch.from_numpy(text), "text_mask": torch.from_numpy(tmask), "index": torch.as_tensor(idx)}
+        )
         if self.spec.teachers:
             tv, tt = zip(*(self.store.teacher_batch(t, idx, pick_rows) for t in self.spec.teachers))
             batch["teacher_video"] = torch.from_numpy(np.stack(tv))  # [K, B, M, d]
@@ -99,8 +111,14 @@ class RetrievalEvalSet:
     """Evaluation split: all videos, ``num_test_captions`` queries per video (padded + masked), or one
     fused paragraph per video. Queries are video-major, as the metric expects."""
 
-    def __init__(self, store: ExpertStore, ids: Sequence[str], spec: BatchSpec, num_test_captions: int = 20,
-                 caption_index: dict[str, int] | None = None):
+    def __init__(
+        self,
+        store: ExpertStore,
+        ids: Sequence[str],
+        spec: BatchSpec,
+        num_test_captions: int = 20,
+        caption_index: dict[str, int] | None = None,
+    ):
         self.store, self.spec = store, spec
         self.ids = list(ids)
         self.idx = store.indices(ids)
@@ -161,10 +179,18 @@ def layout_paths(cfg: CrossKDConfig) -> dict[str, Any]:
     text = d.text_path or lay["text_feats"].get(d.text_feat, f"aggregated_text_feats/{d.text_feat}.pkl")
     teachers = dict(d.teachers) if d.teachers else dict(lay["teachers"])
     if d.split_set not in lay["splits"]:
-        raise FeatureError(f"data.split_set {d.split_set!r} unknown for {d.dataset}; choose from {sorted(lay['splits'])}")
-    return {"experts": experts, "text": {d.text_feat: text}, "teachers": teachers, "splits": lay["splits"][d.split_set],
-            "raw_captions": lay["raw_captions"], "strip_suffix": lay.get("strip_suffix", False),
-            "caption_index": lay.get("test_caption_index", {}).get(d.split_set)}
+        raise FeatureError(
+            f"data.split_set {d.split_set!r} unknown for {d.dataset}; choose from {sorted(lay['splits'])}"
+        )
+    return {
+        "experts": experts,
+        "text": {d.text_feat: text},
+        "teachers": teachers,
+        "splits": lay["splits"][d.split_set],
+        "raw_captions": lay["raw_captions"],
+        "strip_suffix": lay.get("strip_suffix", False),
+        "caption_index": lay.get("test_caption_index", {}).get(d.split_set),
+    }
 
 
 def _source_stamp(root: Path) -> str:
@@ -194,9 +220,14 @@ def open_store(cfg: CrossKDConfig, need_teachers: bool | None = None) -> ExpertS
         st = ExpertStore(store_dir)
         if stamp and st.meta["info"].get("stamp") != stamp:  # the world was rebuilt: reconvert
             st = None
-    missing = st is not None and root is not None and (
-        any(m not in st.experts for m in paths["experts"]) or cfg.data.text_feat not in st.meta["text"]
-        or (need_teachers and any(t not in st.meta["teachers"] for t in paths["teachers"]))
+    missing = (
+        st is not None
+        and root is not None
+        and (
+            any(m not in st.experts for m in paths["experts"])
+            or cfg.data.text_feat not in st.meta["text"]
+            or (need_teachers and any(t not in st.meta["teachers"] for t in paths["teachers"]))
+        )
     )
     if root is not None and (st is None or missing):
         tmp = store_dir.parent / f".{store_dir.name}.tmp-{os.getpid()}"
@@ -207,8 +238,19 @@ def open_store(cfg: CrossKDConfig, need_teachers: bool | None = None) -> ExpertS
             for rel in fam.values():
                 if (root / rel).is_file() or rel in paths["splits"].values():
                     split_files[Path(rel).stem] = rel
-        convert_released(root, tmp, paths["experts"], paths["text"], split_files, paths["raw_captions"], teachers,
-                         cfg.data.expert_dims, cfg.data.text_dim or None, paths["strip_suffix"], cfg.data.missing_ids)
+        convert_released(
+            root,
+            tmp,
+            paths["experts"],
+            paths["text"],
+            split_files,
+            paths["raw_captions"],
+            teachers,
+            cfg.data.expert_dims,
+            cfg.data.text_dim or None,
+            paths["strip_suffix"],
+            cfg.data.missing_ids,
+        )
         meta = json.loads((tmp / "meta.json").read_text())
         meta["info"]["stamp"] = stamp
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -233,8 +275,13 @@ def open_store(cfg: CrossKDConfig, need_teachers: bool | None = None) -> ExpertS
 
 def batch_spec(cfg: CrossKDConfig, store: ExpertStore) -> BatchSpec:
     paths = layout_paths(cfg)
-    return BatchSpec(experts=sorted(paths["experts"]), text=cfg.data.text_feat, max_tokens=dict(cfg.data.max_tokens),
-                     teachers=sorted(paths["teachers"]) if cfg.loss.distil else [], fuse_captions=cfg.data.fuse_captions)
+    return BatchSpec(
+        experts=sorted(paths["experts"]),
+        text=cfg.data.text_feat,
+        max_tokens=dict(cfg.data.max_tokens),
+        teachers=sorted(paths["teachers"]) if cfg.loss.distil else [],
+        fuse_captions=cfg.data.fuse_captions,
+    )
 
 
 def text_dim(cfg: CrossKDConfig, store: ExpertStore) -> int:
@@ -242,12 +289,12 @@ def text_dim(cfg: CrossKDConfig, store: ExpertStore) -> int:
         return int(store.meta["text"][cfg.data.text_feat]["dim"])
     if cfg.data.text_dim > 0:
         return cfg.data.text_dim
-    raise FeatureError(f"store {store.root} has no text features {cfg.data.text_feat!r} (has {sorted(store.meta['text'])}); "
-                       "set data.text_dim to build the model without them")
+    raise FeatureError(
+        f"store {store.root} has no text features {cfg.data.text_feat!r} (has {sorted(store.meta['text'])}); "
+        "set data.text_dim to build the model without them"
+    )
 
 
 def register_store(store: ExpertStore) -> None:
     """Make ``open_store`` return ``store`` for configs whose ``data.store`` is its directory."""
     _STORES[str(Path(store.root).resolve())] = store
-
-

@@ -24,14 +24,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
+from ...backbones import load_backbone, minilm_path
 from ...formats.collaborative_experts import DATASET_LAYOUTS, FeatureError, read_split_list
-from ...backbones import minilm_path
 from ...text import glove_package, tokenize
 from .store import ExpertStore, StoreWriter, convert_released
 
@@ -62,7 +64,7 @@ def read_frames(path: str | Path, num_frames: int = 16, size: int = 224) -> np.n
     Decodes with PyAV (``pip install av``); a video shorter than ``num_frames`` gives all its frames.
     """
     try:
-        import av
+        import av  # noqa: PLC0415 (heavy, loaded on first use)
     except ImportError as e:  # pragma: no cover - depends on the installation
         raise ImportError("extract-experts needs PyAV to decode video: pip install 'av>=10'") from e
     path = Path(path)
@@ -79,7 +81,6 @@ def read_frames(path: str | Path, num_frames: int = 16, size: int = 224) -> np.n
     if not frames:
         raise FeatureError(f"{path}: no video frames decoded")
     pick = np.unique(np.linspace(0, len(frames) - 1, num=min(num_frames, len(frames))).round().astype(int))
-    from PIL import Image
 
     return np.stack([np.asarray(frames[i].convert("RGB").resize((size, size), Image.BILINEAR)) for i in pick])
 
@@ -91,8 +92,6 @@ class FrameExperts:
     """Per-frame backbone -> the appearance / motion / scene experts (+ TorchScript backbones)."""
 
     def __init__(self, backbones: dict[str, str] | None = None, device: str = "cpu", batch_size: int = 32):
-        from ...backbones import load_backbone
-
         self.device = torch.device(device)
         self.effnet = load_backbone().to(self.device)
         self.extra = {}
@@ -149,7 +148,7 @@ class TransformersTokenEncoder:
     """Last-layer hidden state per token of any ``transformers`` model on local disk (``AutoModel``)."""
 
     def __init__(self, path: str | Path, device: str = "cpu", max_length: int = 128):
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel, AutoTokenizer  # noqa: PLC0415 (heavy, loaded on first use)
 
         p = Path(path)
         if not p.exists():
@@ -228,7 +227,9 @@ def extract_experts(
         caps = json.loads(cp.read_text())
         absent = [v for v in ids if v not in caps]
         if absent:
-            raise FeatureError(f"--captions {cp}: no captions for video {absent[0]!r} ({len(absent)} videos lack captions)")
+            raise FeatureError(
+                f"--captions {cp}: no captions for video {absent[0]!r} ({len(absent)} videos lack captions)"
+            )
     fe = FrameExperts(backbones, device=device)
     feats: dict[str, dict[str, np.ndarray | None]] = {}
     for i, (vid, p) in enumerate(zip(ids, files)):
@@ -272,41 +273,88 @@ def _pairs(items: Iterable[str], flag: str) -> dict[str, str]:
 
 
 def register_extract(subparsers: Any) -> None:
-    p = subparsers.add_parser("extract-experts", help="extract CE expert features (+ caption token features) from your videos into a store")
+    p = subparsers.add_parser(
+        "extract-experts", help="extract CE expert features (+ caption token features) from your videos into a store"
+    )
     p.add_argument("--videos", required=True, help="a video file or a directory searched recursively")
     p.add_argument("--out", required=True, help="store directory to write")
     p.add_argument("--captions", default=None, help="JSON {video_id: [caption, ...]} (video id = file stem)")
-    p.add_argument("--text-model", default=None, help="local transformers model for token features (default: offline all-MiniLM-L6-v2)")
+    p.add_argument(
+        "--text-model",
+        default=None,
+        help="local transformers model for token features (default: offline all-MiniLM-L6-v2)",
+    )
     p.add_argument("--text-name", default="", help="name of the text features in the store")
     p.add_argument("--num-frames", type=int, default=16)
     p.add_argument("--size", type=int, default=224)
-    p.add_argument("--backbone", action="append", default=[], metavar="NAME=PATH", help="extra TorchScript image backbone")
-    p.add_argument("--split", action="append", default=[], metavar="NAME=LIST", help="split list to record in the store")
+    p.add_argument(
+        "--backbone", action="append", default=[], metavar="NAME=PATH", help="extra TorchScript image backbone"
+    )
+    p.add_argument(
+        "--split", action="append", default=[], metavar="NAME=LIST", help="split list to record in the store"
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--quiet", action="store_true")
 
     def run(a: argparse.Namespace) -> int:
         try:
-            st = extract_experts(a.videos, a.out, a.captions, a.text_model, a.text_name, a.num_frames, a.size,
-                                 _pairs(a.backbone, "--backbone"), _pairs(a.split, "--split"), a.device, not a.quiet)
+            st = extract_experts(
+                a.videos,
+                a.out,
+                a.captions,
+                a.text_model,
+                a.text_name,
+                a.num_frames,
+                a.size,
+                _pairs(a.backbone, "--backbone"),
+                _pairs(a.split, "--split"),
+                a.device,
+                not a.quiet,
+            )
         except (FeatureError, ImportError) as e:
             print(f"groundkit data extract-experts: error: {e}", file=sys.stderr)
             return 2
-        print(json.dumps({"store": str(st.root), "videos": len(st.video_ids), "experts": {k: v["dim"] for k, v in st.experts.items()},
-                          "text": {k: v["dim"] for k, v in st.meta["text"].items()}}))
+        print(
+            json.dumps(
+                {
+                    "store": str(st.root),
+                    "videos": len(st.video_ids),
+                    "experts": {k: v["dim"] for k, v in st.experts.items()},
+                    "text": {k: v["dim"] for k, v in st.meta["text"].items()},
+                }
+            )
+        )
         return 0
 
     p.set_defaults(func=run)
 
 
 def register_convert(subparsers: Any) -> None:
-    p = subparsers.add_parser("convert-experts", help="convert released CE/TeachText feature pickles into a memory-mapped store")
-    p.add_argument("--root", required=True, help="released feature directory (e.g. MSRVTT/high-quality/structured-symlinks)")
+    p = subparsers.add_parser(
+        "convert-experts", help="convert released CE/TeachText feature pickles into a memory-mapped store"
+    )
+    p.add_argument(
+        "--root", required=True, help="released feature directory (e.g. MSRVTT/high-quality/structured-symlinks)"
+    )
     p.add_argument("--out", required=True, help="store directory to write")
     p.add_argument("--dataset", default="msrvtt", choices=sorted(DATASET_LAYOUTS))
-    p.add_argument("--expert", action="append", default=[], metavar="NAME=RELPATH", help="expert pickles (default: the layout's)")
-    p.add_argument("--text", action="append", default=[], metavar="NAME=RELPATH", help="text feature pickles (default: the layout's that exist)")
-    p.add_argument("--teacher", action="append", default=[], metavar="NAME=RELPATH", help="TeachText teachers (default: the layout's that exist)")
+    p.add_argument(
+        "--expert", action="append", default=[], metavar="NAME=RELPATH", help="expert pickles (default: the layout's)"
+    )
+    p.add_argument(
+        "--text",
+        action="append",
+        default=[],
+        metavar="NAME=RELPATH",
+        help="text feature pickles (default: the layout's that exist)",
+    )
+    p.add_argument(
+        "--teacher",
+        action="append",
+        default=[],
+        metavar="NAME=RELPATH",
+        help="TeachText teachers (default: the layout's that exist)",
+    )
     p.add_argument("--missing-ids", default="error", choices=["error", "nan"])
 
     def run(a: argparse.Namespace) -> int:
@@ -315,18 +363,38 @@ def register_convert(subparsers: Any) -> None:
         experts = _pairs(a.expert, "--expert") or dict(lay["experts"])
         text = _pairs(a.text, "--text") or {k: v for k, v in lay["text_feats"].items() if (root / v).is_file()}
         teachers = _pairs(a.teacher, "--teacher") or {k: v for k, v in lay["teachers"].items() if (root / v).is_file()}
-        splits = {Path(rel).stem: rel for fam in lay["splits"].values() for rel in fam.values() if (root / rel).is_file()}
+        splits = {
+            Path(rel).stem: rel for fam in lay["splits"].values() for rel in fam.values() if (root / rel).is_file()
+        }
         if not splits:
             print(f"groundkit data convert-experts: error: no split lists of {a.dataset} under {root}", file=sys.stderr)
             return 2
         try:
-            st = convert_released(root, a.out, experts, text, splits, lay["raw_captions"], teachers,
-                                  strip_suffix=lay.get("strip_suffix", False), missing_ids=a.missing_ids, progress=True)
+            st = convert_released(
+                root,
+                a.out,
+                experts,
+                text,
+                splits,
+                lay["raw_captions"],
+                teachers,
+                strip_suffix=lay.get("strip_suffix", False),
+                missing_ids=a.missing_ids,
+                progress=True,
+            )
         except FeatureError as e:
             print(f"groundkit data convert-experts: error: {e}", file=sys.stderr)
             return 2
-        print(json.dumps({"store": str(st.root), "videos": len(st.video_ids), "experts": {k: v["dim"] for k, v in st.experts.items()},
-                          "splits": {k: len(v) for k, v in st.meta["splits"].items()}}))
+        print(
+            json.dumps(
+                {
+                    "store": str(st.root),
+                    "videos": len(st.video_ids),
+                    "experts": {k: v["dim"] for k, v in st.experts.items()},
+                    "splits": {k: len(v) for k, v in st.meta["splits"].items()},
+                }
+            )
+        )
         return 0
 
     p.set_defaults(func=run)

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 import torch
 
 from ...formats.collaborative_experts import FeatureError, load_pickle
@@ -24,9 +23,10 @@ from .data import RetrievalEvalSet, RetrievalTrainSet, _root, batch_spec, layout
 from .model import (
     CENet,
     CENetConfig,
+    encode_all,
     max_margin_ranking_loss,
-    moe_similarity,
     rank_distil_loss,
+    similarity_matrix,
     teacher_similarity,
     teachtext_loss,
 )
@@ -37,32 +37,6 @@ __all__ = ["CrossKDMethod", "METHOD", "encode_all", "similarity_matrix", "seed_s
 # ----------------------------------------------------------------------------- encode + similarity
 
 
-@torch.no_grad()
-def encode_all(model: CENet, ds: RetrievalEvalSet, device: torch.device, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """(video embeddings [V, M, d], availability [V, M]) of every video of ``ds``."""
-    embs, avails = [], []
-    for s in range(0, len(ds), batch_size):
-        b = ds.video_batch(s, min(len(ds), s + batch_size))
-        b = {k: ({kk: vv.to(device) for kk, vv in v.items()} if isinstance(v, dict) else v.to(device)) for k, v in b.items()}
-        embs.append(model.encode_video(b["experts"], b["avail"], b["expert_masks"]).float())
-        avails.append(b["avail"])
-    return torch.cat(embs), torch.cat(avails)
-
-
-@torch.no_grad()
-def similarity_matrix(model: CENet, ds: RetrievalEvalSet, device: torch.device, batch_size: int = 256) -> torch.Tensor:
-    """[num_videos * captions_per_video, num_videos] float32 sims, queries video-major; captions are
-    encoded ``batch_size`` at a time and never all held at once."""
-    v, a = encode_all(model, ds, device, batch_size)
-    groups = ds.flat_queries()
-    sims = torch.empty(len(groups), len(ds), dtype=torch.float32, device=device)
-    for s in range(0, len(groups), batch_size):
-        tb = ds.text_batch(groups[s : s + batch_size])
-        t, w = model.encode_text(tb["text"].to(device), tb["text_mask"].to(device))
-        sims[s : s + len(t)] = moe_similarity(t.float(), w.float(), v, a)
-    return sims
-
-
 # ----------------------------------------------------------------------------- the method
 
 
@@ -70,7 +44,9 @@ class CrossKDMethod(Method):
     name = "crosskd"
     config_class = CrossKDConfig
     default_config = "synth_cecap"
-    summary = "text-video retrieval: Collaborative Experts with cross-modal caption distillation (Tran et al., ACCV 2022)"
+    summary = (
+        "text-video retrieval: Collaborative Experts with cross-modal caption distillation (Tran et al., ACCV 2022)"
+    )
     world_task = "retrieval"
     commands = {
         "data": {
@@ -84,7 +60,7 @@ class CrossKDMethod(Method):
     def predictor(self, run: str | Path, device: str = "cpu", **options: Any) -> Any:
         """A :class:`~groundkit.methods.crosskd.predict.Retriever` over the run's test videos
         (``store=``, ``split=`` choose another collection)."""
-        from .predict import Retriever
+        from .predict import Retriever  # noqa: PLC0415 (predict imports this module)
 
         return Retriever.from_checkpoint(run, device=device, **options)
 
@@ -97,12 +73,20 @@ class CrossKDMethod(Method):
             if store.experts[m]["kind"] == "ragged" and m not in clusters:
                 raise FeatureError(f"expert {m!r} is variable-length: give it NetVLAD clusters in model.vlad_clusters")
         clusters = {k: v for k, v in clusters.items() if k == "text" or k in dims}
-        return CENet(CENetConfig(
-            expert_dims=dims, vlad_clusters=clusters, ghost_clusters=cfg.model.ghost_clusters,
-            text_dim=text_dim(cfg, store), shared_dim=cfg.model.shared_dim,
-            num_g_layers=cfg.model.num_g_layers, use_mish=cfg.model.use_mish, use_bn_reason=cfg.model.use_bn_reason,
-            include_self=cfg.model.include_self, vlad_use_mask=cfg.model.vlad_use_mask,
-        ))
+        return CENet(
+            CENetConfig(
+                expert_dims=dims,
+                vlad_clusters=clusters,
+                ghost_clusters=cfg.model.ghost_clusters,
+                text_dim=text_dim(cfg, store),
+                shared_dim=cfg.model.shared_dim,
+                num_g_layers=cfg.model.num_g_layers,
+                use_mish=cfg.model.use_mish,
+                use_bn_reason=cfg.model.use_bn_reason,
+                include_self=cfg.model.include_self,
+                vlad_use_mask=cfg.model.vlad_use_mask,
+            )
+        )
 
     def has_split(self, cfg: CrossKDConfig, split: str) -> bool:
         return split in ("train", "val", "test")
@@ -122,7 +106,9 @@ class CrossKDMethod(Method):
             cap_idx = load_pickle(root / paths["caption_index"])
         return RetrievalEvalSet(store, ids, spec, cfg.data.num_test_captions, cap_idx)
 
-    def training_step(self, model: torch.nn.Module, batch: dict, step: int, cfg: CrossKDConfig) -> tuple[torch.Tensor, dict]:
+    def training_step(
+        self, model: torch.nn.Module, batch: dict, step: int, cfg: CrossKDConfig
+    ) -> tuple[torch.Tensor, dict]:
         if batch["text"].shape[0] < 2:  # no negatives (and BatchNorm needs two samples): skip the step
             return sum(p.sum() * 0.0 for p in model.parameters()), {}
         out = model(batch)
@@ -149,7 +135,9 @@ class CrossKDMethod(Method):
         return loss, logs
 
     @torch.no_grad()
-    def evaluate(self, model: torch.nn.Module, dataset: RetrievalEvalSet, cfg: CrossKDConfig, device: torch.device) -> dict[str, float]:
+    def evaluate(
+        self, model: torch.nn.Module, dataset: RetrievalEvalSet, cfg: CrossKDConfig, device: torch.device
+    ) -> dict[str, float]:
         model = getattr(model, "module", model)
         sims = similarity_matrix(model, dataset, device, cfg.train.eval_batch_size)
         qm = dataset.query_masks
@@ -178,8 +166,20 @@ METHOD = CrossKDMethod()
 # ----------------------------------------------------------------------------- several seeds
 
 
-def seed_summary(run_dirs: list[str | Path], keys: tuple[str, ...] = ("t2v_R1", "t2v_R5", "t2v_R10", "t2v_R50", "t2v_MedR", "t2v_MeanR",
-                                                                          "v2t_R1", "v2t_R5", "v2t_R10")) -> dict[str, tuple[float, float, int]]:
+def seed_summary(
+    run_dirs: list[str | Path],
+    keys: tuple[str, ...] = (
+        "t2v_R1",
+        "t2v_R5",
+        "t2v_R10",
+        "t2v_R50",
+        "t2v_MedR",
+        "t2v_MeanR",
+        "v2t_R1",
+        "v2t_R5",
+        "v2t_R10",
+    ),
+) -> dict[str, tuple[float, float, int]]:
     """Mean and sample standard deviation over runs (their ``metrics.json``), as the CE/TeachText tables report."""
     rows = []
     for d in run_dirs:

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "encode_all",
+    "similarity_matrix",
     "NetVLAD",
     "ContextGating",
     "GatedEmbeddingUnit",
@@ -55,7 +58,7 @@ class NetVLAD(nn.Module):
         B, N, D = x.shape
         if D != self.dim:
             raise ValueError(f"NetVLAD expects feature dim {self.dim}, got input of shape {tuple(x.shape)}")
-        a = self.bn((x.reshape(-1, D) @ self.centroids))
+        a = self.bn(x.reshape(-1, D) @ self.centroids)
         a = F.softmax(a, dim=1)[:, : self.clusters].reshape(B, N, self.clusters)
         if self.use_mask and mask is not None:
             a = a * mask.to(a.dtype).unsqueeze(-1)
@@ -149,9 +152,16 @@ class CENet(nn.Module):
         self.text_geu = nn.ModuleDict({_key(m): GatedEmbeddingUnit(text_out, d) for m in self.experts})
         # video branch
         self.video_pooling = nn.ModuleDict(
-            {_key(m): NetVLAD(cfg.expert_dims[m], cfg.vlad_clusters[m], 0, cfg.vlad_use_mask) for m in self.experts if m in cfg.vlad_clusters}
+            {
+                _key(m): NetVLAD(cfg.expert_dims[m], cfg.vlad_clusters[m], 0, cfg.vlad_use_mask)
+                for m in self.experts
+                if m in cfg.vlad_clusters
+            }
         )
-        in_dims = {m: (self.video_pooling[_key(m)].out_dim if _key(m) in self.video_pooling else cfg.expert_dims[m]) for m in self.experts}
+        in_dims = {
+            m: (self.video_pooling[_key(m)].out_dim if _key(m) in self.video_pooling else cfg.expert_dims[m])
+            for m in self.experts
+        }
         self.reduce_dim = nn.ModuleDict({_key(m): nn.Linear(in_dims[m], d) for m in self.experts})
         act = nn.Mish() if cfg.use_mish else nn.ReLU()
         layers: list[nn.Module] = [nn.Linear(2 * d, d)]
@@ -281,7 +291,9 @@ def teachtext_loss(sims: torch.Tensor, teacher_sims: torch.Tensor) -> torch.Tens
     return F.smooth_l1_loss(sims, teacher_sims.to(sims.dtype), reduction="mean", beta=1.0)
 
 
-def rank_distil_loss(student: torch.Tensor, target: torch.Tensor, temperature: float, detach_target: bool = False) -> torch.Tensor:
+def rank_distil_loss(
+    student: torch.Tensor, target: torch.Tensor, temperature: float, detach_target: bool = False
+) -> torch.Tensor:
     """CrossKD ``KD_tau(X, Y) = (1/B) sum_i KL(softmax(Y_i/tau) || softmax(X_i/tau))``.
 
     student X [B, N] (caption-video sims), target Y [B, N] (caption-caption sims). The reference
@@ -290,4 +302,38 @@ def rank_distil_loss(student: torch.Tensor, target: torch.Tensor, temperature: f
     """
     if detach_target:
         target = target.detach()
-    return F.kl_div(F.log_softmax(student / temperature, dim=1), F.softmax(target / temperature, dim=1), reduction="batchmean")
+    return F.kl_div(
+        F.log_softmax(student / temperature, dim=1), F.softmax(target / temperature, dim=1), reduction="batchmean"
+    )
+
+
+# ----------------------------------------------------------------------------- whole-split encoding
+
+
+@torch.no_grad()
+def encode_all(model: CENet, ds: Any, device: torch.device, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """(video embeddings [V, M, d], availability [V, M]) of every video of ``ds``."""
+    embs, avails = [], []
+    for s in range(0, len(ds), batch_size):
+        b = ds.video_batch(s, min(len(ds), s + batch_size))
+        b = {
+            k: ({kk: vv.to(device) for kk, vv in v.items()} if isinstance(v, dict) else v.to(device))
+            for k, v in b.items()
+        }
+        embs.append(model.encode_video(b["experts"], b["avail"], b["expert_masks"]).float())
+        avails.append(b["avail"])
+    return torch.cat(embs), torch.cat(avails)
+
+
+@torch.no_grad()
+def similarity_matrix(model: CENet, ds: Any, device: torch.device, batch_size: int = 256) -> torch.Tensor:
+    """[num_videos * captions_per_video, num_videos] float32 sims, queries video-major; captions are
+    encoded ``batch_size`` at a time and never all held at once."""
+    v, a = encode_all(model, ds, device, batch_size)
+    groups = ds.flat_queries()
+    sims = torch.empty(len(groups), len(ds), dtype=torch.float32, device=device)
+    for s in range(0, len(groups), batch_size):
+        tb = ds.text_batch(groups[s : s + batch_size])
+        t, w = model.encode_text(tb["text"].to(device), tb["text_mask"].to(device))
+        sims[s : s + len(t)] = moe_similarity(t.float(), w.float(), v, a)
+    return sims

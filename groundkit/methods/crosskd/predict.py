@@ -16,18 +16,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from ...formats.collaborative_experts import FeatureError
+from .. import find_run_files, load_run
 from ..base import Predictor
 from .data import RetrievalEvalSet, batch_spec, layout_paths, open_store, register_store
 from .extract import text_encoder_for_store
-from .method import encode_all
-from .model import moe_similarity
+from .model import encode_all, moe_similarity
 from .store import ExpertStore
 
 __all__ = ["Retriever", "register_predict"]
@@ -39,8 +40,17 @@ class Retriever(Predictor):
     kind = "text_video"
     method = "crosskd"
 
-    def __init__(self, model: torch.nn.Module, cfg: Any, store: Any, split: str | None = "test", device: str | torch.device = "cpu",
-                 text_encoder: Any = None, index: str = "auto", batch_size: int = 256):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cfg: Any,
+        store: Any,
+        split: str | None = "test",
+        device: str | torch.device = "cpu",
+        text_encoder: Any = None,
+        index: str = "auto",
+        batch_size: int = 256,
+    ):
         self.model = model.eval().to(device)
         self.cfg, self.store, self.device = cfg, store, torch.device(device)
         self.batch_size = batch_size
@@ -58,12 +68,17 @@ class Retriever(Predictor):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_checkpoint(cls, path: str | Path, store: Any = None, split: str | None = "test", device: str = "cpu",
-                        text_encoder: Any = None, index: str = "auto") -> "Retriever":
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        store: Any = None,
+        split: str | None = "test",
+        device: str = "cpu",
+        text_encoder: Any = None,
+        index: str = "auto",
+    ) -> Retriever:
         """Rebuild the model from a checkpoint directory (or run directory) and index ``split`` of ``store``
         (an :class:`~groundkit.methods.crosskd.store.ExpertStore`, a store path, or None for the training config's)."""
-        from .. import find_run_files, load_run
-
         if store is not None and not isinstance(store, ExpertStore):
             store = ExpertStore(store)
         overrides = {}
@@ -73,14 +88,15 @@ class Retriever(Predictor):
         try:
             _, cfg, model = load_run(path, overrides=overrides)
         except FeatureError as e:
-            raise FeatureError(f"{find_run_files(path)[0]}: cannot rebuild the model from the run's features ({e}); "
-                               "pass --store") from None
+            raise FeatureError(
+                f"{find_run_files(path)[0]}: cannot rebuild the model from the run's features ({e}); pass --store"
+            ) from None
         if store is None:
             store = open_store(cfg, need_teachers=False)
         return cls(model, cfg, store, split=split, device=device, text_encoder=text_encoder, index=index)
 
     def _build_index(self) -> None:
-        import faiss
+        import faiss  # noqa: PLC0415 (heavy, loaded on first use)
 
         a = self.avail.bool().cpu().numpy()
         V, M, d = self.video_emb.shape
@@ -124,7 +140,9 @@ class Retriever(Predictor):
         t, w = self.model.encode_text(torch.from_numpy(x).to(self.device), torch.from_numpy(m).to(self.device))
         return t.float(), w.float()
 
-    def search(self, query: str | Sequence[str], k: int = 10) -> list[tuple[str, float]] | list[list[tuple[str, float]]]:
+    def search(
+        self, query: str | Sequence[str], k: int = 10
+    ) -> list[tuple[str, float]] | list[list[tuple[str, float]]]:
         """Top-``k`` (video_id, score) for a query (or a list of lists for several queries)."""
         single = isinstance(query, str)
         queries = [query] if single else list(query)
@@ -146,7 +164,10 @@ class Retriever(Predictor):
             best_s = np.concatenate([best_s, s], 1)
             best_i = np.concatenate([best_i, np.where(i >= 0, rows[np.clip(i, 0, None)], -1)], 1)
         order = np.argsort(-best_s, axis=1, kind="stable")[:, :k]
-        return [[(self.video_ids[best_i[q, j]], float(best_s[q, j])) for j in order[q] if best_i[q, j] >= 0] for q in range(Q)]
+        return [
+            [(self.video_ids[best_i[q, j]], float(best_s[q, j])) for j in order[q] if best_i[q, j] >= 0]
+            for q in range(Q)
+        ]
 
     # ------------------------------------------------------------------ video -> text
     @torch.no_grad()
@@ -173,7 +194,11 @@ class Retriever(Predictor):
         t, w = self._caption_embeddings()
         scores = []
         for s in range(0, len(t), 8192):
-            scores.append(moe_similarity(t[s : s + 8192].float(), w[s : s + 8192], self.video_emb[j : j + 1], self.avail[j : j + 1])[:, 0])
+            scores.append(
+                moe_similarity(
+                    t[s : s + 8192].float(), w[s : s + 8192], self.video_emb[j : j + 1], self.avail[j : j + 1]
+                )[:, 0]
+            )
         sc = torch.cat(scores)
         top = torch.topk(sc, min(k, len(sc))).indices.tolist()
         out = []
@@ -192,7 +217,9 @@ class Retriever(Predictor):
 
 def register_predict(subparsers: Any) -> None:
     p = subparsers.add_parser("retrieval", help="text-to-video (or video-to-text) search with a trained CENet")
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory (e.g. <run>/checkpoints/best) or run directory")
+    p.add_argument(
+        "--checkpoint", required=True, help="checkpoint directory (e.g. <run>/checkpoints/best) or run directory"
+    )
     p.add_argument("--query", action="append", default=[], help="text query (repeatable)")
     p.add_argument("--video-id", action="append", default=[], help="video id for video-to-text search (repeatable)")
     p.add_argument("--store", default=None, help="feature store to search (default: the training config's)")

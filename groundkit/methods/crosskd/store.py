@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -44,12 +45,22 @@ class StoreWriter:
         self.index = {v: i for i, v in enumerate(self.video_ids)}
         if len(self.index) != len(self.video_ids):
             raise FeatureError("duplicate video ids given to the store writer")
-        self.meta: dict[str, Any] = {"version": STORE_VERSION, "video_ids": self.video_ids, "experts": {}, "text": {}, "teachers": {}, "splits": {}, "info": {}}
+        self.meta: dict[str, Any] = {
+            "version": STORE_VERSION,
+            "video_ids": self.video_ids,
+            "experts": {},
+            "text": {},
+            "teachers": {},
+            "splits": {},
+            "info": {},
+        }
 
     def _save(self, name: str, arr: np.ndarray) -> None:
         np.save(self.root / f"{name}.npy", arr, allow_pickle=False)
 
-    def add_expert(self, name: str, feats: dict[str, np.ndarray | None], dim: int, kind: str = "auto", source: str = "") -> None:
+    def add_expert(
+        self, name: str, feats: dict[str, np.ndarray | None], dim: int, kind: str = "auto", source: str = ""
+    ) -> None:
         """feats {vid: [D] | [N, D] | None (missing)} for every store video."""
         n = len(self.video_ids)
         avail = np.zeros(n, dtype=bool)
@@ -67,7 +78,9 @@ class StoreWriter:
                     avail[i] = True
             self._save(f"expert.{name}", arr)
         else:
-            lens = np.array([0 if feats[v] is None else (1 if feats[v].ndim == 1 else len(feats[v])) for v in self.video_ids])
+            lens = np.array(
+                [0 if feats[v] is None else (1 if feats[v].ndim == 1 else len(feats[v])) for v in self.video_ids]
+            )
             offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
             arr = np.zeros((int(offsets[-1]), dim), dtype=np.float16)
             for i, vid in enumerate(self.video_ids):
@@ -97,7 +110,9 @@ class StoreWriter:
         self._save(f"text.{name}.vid_offsets", vid_off)
         self.meta["text"][name] = {"dim": int(dim), "encoder": encoder or {}}
 
-    def add_teacher(self, name: str, data: dict[str, tuple[np.ndarray, np.ndarray]], experts: list[str], dim: int) -> None:
+    def add_teacher(
+        self, name: str, data: dict[str, tuple[np.ndarray, np.ndarray]], experts: list[str], dim: int
+    ) -> None:
         """TeachText teacher embeddings: video [N, M, d] and text (ragged over captions) [total_caps, M, d]."""
         vids = np.stack([data[v][0] for v in self.video_ids]).astype(np.float16)
         caps = [data[v][1] for v in self.video_ids]
@@ -128,7 +143,9 @@ class ExpertStore:
         self.root = Path(root)
         meta_path = self.root / "meta.json"
         if not meta_path.is_file():
-            raise FeatureError(f"{self.root} is not a feature store (no meta.json); build one with `groundkit data convert-experts` or `extract-experts`")
+            raise FeatureError(
+                f"{self.root} is not a feature store (no meta.json); build one with `groundkit data convert-experts` or `extract-experts`"
+            )
         self.meta = json.loads(meta_path.read_text())
         self.video_ids: list[str] = self.meta["video_ids"]
         self.index = {v: i for i, v in enumerate(self.video_ids)}
@@ -153,7 +170,11 @@ class ExpertStore:
                 raise FeatureError(f"feature store {self.root}: missing array {p.name}")
             with open(p, "rb") as f:
                 version = np.lib.format.read_magic(f)
-                shape, _, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0) else np.lib.format.read_array_header_2_0(f))
+                shape, _, dtype = (
+                    np.lib.format.read_array_header_1_0(f)
+                    if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0(f)
+                )
                 offset = f.tell()
             self._files[name] = (os.open(p, os.O_RDONLY), offset, dtype, int(np.prod(shape[1:])))
         fd, offset, dtype, width = self._files[name]
@@ -186,7 +207,9 @@ class ExpertStore:
         return info
 
     # ---- arrays
-    def expert_batch(self, name: str, idx: np.ndarray, max_len: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    def expert_batch(
+        self, name: str, idx: np.ndarray, max_len: int = 0
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """(features fp32 [B, D] or [B, max_len, D] zero-padded/truncated, avail [B] bool, mask [B, max_len] or None)."""
         info = self.check_expert(name)
         avail = np.asarray(self._load(f"expert.{name}.avail")[idx])
@@ -214,7 +237,9 @@ class ExpertStore:
         off = self._load(f"text.{text}.vid_offsets")
         return [np.arange(off[i], off[i + 1]) for i in idx]
 
-    def text_batch(self, text: str, cap_rows: Sequence[Sequence[int]], max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    def text_batch(
+        self, text: str, cap_rows: Sequence[Sequence[int]], max_tokens: int
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Token features for queries; each query is one or more captions (fused: tokens stacked
         then truncated, as the reference's ``fuse_captions``). -> (fp32 [Q, max_tokens, D], mask [Q, max_tokens])."""
         if text not in self.meta["text"]:
@@ -298,5 +323,3 @@ def convert_released(
         w.add_split(name, lst)
     w.close(source=str(root))
     return ExpertStore(store)
-
-

@@ -9,5 +9,14 @@ from .config import Wang21Config, Wang21DataConfig, Wang21EvalConfig, Wang21Loss
 from .data import Wang21Dataset, resolve_paths
 from .method import METHOD, Wang21Method
 
-__all__ = ["METHOD", "Wang21Method", "Wang21Config", "Wang21DataConfig", "Wang21ModelConfig", "Wang21LossConfig",
-           "Wang21EvalConfig", "Wang21Dataset", "resolve_paths"]
+__all__ = [
+    "METHOD",
+    "Wang21Method",
+    "Wang21Config",
+    "Wang21DataConfig",
+    "Wang21ModelConfig",
+    "Wang21LossConfig",
+    "Wang21EvalConfig",
+    "Wang21Dataset",
+    "resolve_paths",
+]

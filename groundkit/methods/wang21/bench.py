@@ -25,13 +25,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from ...bench.common import measure
+from ...boxes import box_iou
+from . import METHOD, Wang21Config, Wang21Dataset, Wang21Method
+from .model import distill_neighbourhood, distill_neighbourhood_loop, teacher_scores
+
 FLICKR_PAIRS = 148_915
 FLICKR_IMAGES = 29_783
 
 
 def _cfg(k: int = 8):
-    from . import Wang21Config
-
     cfg = Wang21Config()
     cfg.data.norm_preset = ""
     cfg.data.max_phrases = 16
@@ -40,8 +43,18 @@ def _cfg(k: int = 8):
     return cfg
 
 
-def synth_tensors(n_images: int, n_props: int = 30, dim: int = 2048, n_logits: int = 546, S: int = 5, P: int = 16, T: int = 10,
-                  E: int = 300, vocab: int = 5000, seed: int = 0) -> dict[str, torch.Tensor]:
+def synth_tensors(
+    n_images: int,
+    n_props: int = 30,
+    dim: int = 2048,
+    n_logits: int = 546,
+    S: int = 5,
+    P: int = 16,
+    T: int = 10,
+    E: int = 300,
+    vocab: int = 5000,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
     """Random tensors with the dataset's layout (see ``Wang21Dataset.t``)."""
     g = torch.Generator().manual_seed(seed)
     xy = torch.rand(n_images, n_props, 2, generator=g) * 400
@@ -72,8 +85,6 @@ class _Runner:
     """Model, optimizer and a batch source; ``run(steps)`` does full training steps."""
 
     def __init__(self, pool: int, device: str, loop: bool, seed: int = 0):
-        from . import METHOD, Wang21Dataset
-
         torch.manual_seed(seed)
         self.dev = torch.device(device)
         self.cfg = _cfg()
@@ -97,8 +108,6 @@ class _Runner:
             self.ds = Wang21Dataset.from_tensors(self.cfg, "train", t, 5).to(self.dev)
 
     def _loop_batch(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
-        from ..metrics import box_iou
-
         D, L = 2048, 546
         rf, rl, rb, words, tmask, gtb, align, tw = [], [], [], [], [], [], [], []
         for ind in idx:
@@ -123,8 +132,13 @@ class _Runner:
             align.append(box_iou(self.gt[im, s], row[:, -4:]) > 0.5)  # official alignment_gt per pair
             tw.append(self.tw[self.phrase_ids[im, s]])
         b = {
-            "region_feats": np.stack(rf), "region_logits": np.stack(rl), "region_boxes": np.stack(rb), "words": np.stack(words),
-            "token_mask": np.stack(tmask), "gt_boxes": np.stack(gtb), "teacher_w": np.stack(tw),
+            "region_feats": np.stack(rf),
+            "region_logits": np.stack(rl),
+            "region_boxes": np.stack(rb),
+            "words": np.stack(words),
+            "token_mask": np.stack(tmask),
+            "gt_boxes": np.stack(gtb),
+            "teacher_w": np.stack(tw),
         }
         out = {k: torch.from_numpy(v).to(self.dev) for k, v in b.items()}
         B = len(idx)
@@ -134,9 +148,6 @@ class _Runner:
         return out
 
     def step(self, idx: np.ndarray) -> float:
-        from . import METHOD, Wang21Method
-        from .model import distill_neighbourhood_loop
-
         LOOP_METHOD = Wang21Method(neighbourhood=distill_neighbourhood_loop)  # per-phrase loop, the official structure
         if self.loop:
             batch = self._loop_batch(idx)
@@ -151,8 +162,6 @@ class _Runner:
 
     def data_step(self, idx: np.ndarray) -> float:
         """Batch building + distillation neighbourhood + teacher only (the parts that were vectorised)."""
-        from .model import distill_neighbourhood, distill_neighbourhood_loop, teacher_scores
-
         batch = self._loop_batch(idx) if self.loop else self.ds.get_batch(torch.as_tensor(idx))
         scores = torch.randn(len(idx), 16, 30, device=self.dev)
         fn = distill_neighbourhood_loop if self.loop else distill_neighbourhood
@@ -160,7 +169,9 @@ class _Runner:
         if self.loop:  # per-phrase teacher lookup, as the official structure
             probs = batch["region_logits"].float().softmax(-1)
             cls = batch["teacher_w"].argmax(-1)
-            t = torch.stack([torch.stack([probs[b, nb[b, p], cls[b, p]] for p in range(nb.shape[1])]) for b in range(nb.shape[0])])
+            t = torch.stack(
+                [torch.stack([probs[b, nb[b, p], cls[b, p]] for p in range(nb.shape[1])]) for b in range(nb.shape[0])]
+            )
         else:
             t = teacher_scores(batch["region_logits"], batch["teacher_w"], nb)
         return float(t.sum())
@@ -184,11 +195,23 @@ class _Runner:
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("wang21", help="training-step throughput on a Flickr30K-sized problem (vectorised vs per-phrase loop)")
+    p = sub.add_parser(
+        "wang21", help="training-step throughput on a Flickr30K-sized problem (vectorised vs per-phrase loop)"
+    )
     p.add_argument("--steps", type=int, default=200, help="timed training steps of the vectorised implementation")
     p.add_argument("--loop-steps", type=int, default=100, help="timed training steps of the loop baseline")
-    p.add_argument("--pool-images", type=int, default=0, help="distinct images in memory (default: all 29,783 on GPU, 2,000 on CPU)")
-    p.add_argument("--data-steps", type=int, default=200, help="steps of the data-side-only comparison (batch + neighbourhood + teacher)")
+    p.add_argument(
+        "--pool-images",
+        type=int,
+        default=0,
+        help="distinct images in memory (default: all 29,783 on GPU, 2,000 on CPU)",
+    )
+    p.add_argument(
+        "--data-steps",
+        type=int,
+        default=200,
+        help="steps of the data-side-only comparison (batch + neighbourhood + teacher)",
+    )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in the benchmark processes")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
@@ -206,22 +229,55 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
-def _run_cli(steps: int, loop_steps: int, pool: int, device: str, threads: int | None, data_steps: int = 200) -> dict[str, Any]:
-    from ...bench.common import measure
-
-    vec = measure("vectorised", _steps_target_n, _setup_n, (pool, device, False, 5, steps), device=device, threads=threads)
-    base = measure("per-phrase loop (official)", _steps_target_n, _setup_n, (pool, device, True, 5, loop_steps), device=device, threads=threads)
-    res: dict[str, Any] = {"device": device, "threads": threads, "pool_images": pool, "batch": 32, "epoch_pairs": FLICKR_PAIRS}
+def _run_cli(
+    steps: int, loop_steps: int, pool: int, device: str, threads: int | None, data_steps: int = 200
+) -> dict[str, Any]:
+    vec = measure(
+        "vectorised", _steps_target_n, _setup_n, (pool, device, False, 5, steps), device=device, threads=threads
+    )
+    base = measure(
+        "per-phrase loop (official)",
+        _steps_target_n,
+        _setup_n,
+        (pool, device, True, 5, loop_steps),
+        device=device,
+        threads=threads,
+    )
+    res: dict[str, Any] = {
+        "device": device,
+        "threads": threads,
+        "pool_images": pool,
+        "batch": 32,
+        "epoch_pairs": FLICKR_PAIRS,
+    }
     for m, n in ((vec, steps), (base, loop_steps)):
         pps = n * 32 / m.seconds
-        res[m.name] = {"steps": n, "seconds": round(m.seconds, 3), "pairs_per_s": round(pps, 1),
-                       "epoch_seconds_extrapolated": round(FLICKR_PAIRS / pps, 1), "peak_gb": round(m.peak_gb, 3)}
+        res[m.name] = {
+            "steps": n,
+            "seconds": round(m.seconds, 3),
+            "pairs_per_s": round(pps, 1),
+            "epoch_seconds_extrapolated": round(FLICKR_PAIRS / pps, 1),
+            "peak_gb": round(m.peak_gb, 3),
+        }
     res["speedup"] = round(res["vectorised"]["pairs_per_s"] / res["per-phrase loop (official)"]["pairs_per_s"], 2)
     # the vectorised parts alone: batch building + distillation neighbourhood + teacher
-    dv = measure("data: vectorised", _data_target, _setup_n, (pool, device, False, 0, data_steps), device=device, threads=threads)
-    dl = measure("data: per-phrase loop", _data_target, _setup_n, (pool, device, True, 0, data_steps), device=device, threads=threads)
-    res["data_only"] = {"steps": data_steps, "vectorised_ms_per_step": round(1000 * dv.seconds / data_steps, 2),
-                        "loop_ms_per_step": round(1000 * dl.seconds / data_steps, 2), "speedup": round(dl.seconds / dv.seconds, 1)}
+    dv = measure(
+        "data: vectorised", _data_target, _setup_n, (pool, device, False, 0, data_steps), device=device, threads=threads
+    )
+    dl = measure(
+        "data: per-phrase loop",
+        _data_target,
+        _setup_n,
+        (pool, device, True, 0, data_steps),
+        device=device,
+        threads=threads,
+    )
+    res["data_only"] = {
+        "steps": data_steps,
+        "vectorised_ms_per_step": round(1000 * dv.seconds / data_steps, 2),
+        "loop_ms_per_step": round(1000 * dl.seconds / data_steps, 2),
+        "speedup": round(dl.seconds / dv.seconds, 1),
+    }
     return res
 
 
@@ -240,14 +296,21 @@ def _steps_target_n(runner: _Runner, steps: int) -> float:
 
 
 def format_result(res: dict[str, Any]) -> str:
-    lines = [f"wang21 training step, batch 32, device {res['device']}, {res['pool_images']} distinct images in memory",
-             f"{'implementation':<28} {'steps':>6} {'seconds':>9} {'pairs/s':>9} {'s/epoch (extrap.)':>18}"]
+    lines = [
+        f"wang21 training step, batch 32, device {res['device']}, {res['pool_images']} distinct images in memory",
+        f"{'implementation':<28} {'steps':>6} {'seconds':>9} {'pairs/s':>9} {'s/epoch (extrap.)':>18}",
+    ]
     for name in ("vectorised", "per-phrase loop (official)"):
         r = res[name]
-        lines.append(f"{name:<28} {r['steps']:>6} {r['seconds']:>9.2f} {r['pairs_per_s']:>9.1f} {r['epoch_seconds_extrapolated']:>18.0f}")
+        lines.append(
+            f"{name:<28} {r['steps']:>6} {r['seconds']:>9.2f} {r['pairs_per_s']:>9.1f} {r['epoch_seconds_extrapolated']:>18.0f}"
+        )
     lines.append(f"speed-up (pairs/s, vectorised / loop): {res['speedup']:.2f}x; epoch = {res['epoch_pairs']:,} pairs")
     d = res.get("data_only")
     if d:
-        lines.append(f"batch building + distillation neighbourhood + teacher only ({d['steps']} steps): vectorised {d['vectorised_ms_per_step']:.2f} ms/step, "
-                     f"per-phrase loop {d['loop_ms_per_step']:.2f} ms/step ({d['speedup']:.1f}x)")
+        lines.append(
+            f"batch building + distillation neighbourhood + teacher only ({d['steps']} steps): "
+            f"vectorised {d['vectorised_ms_per_step']:.2f} ms/step, "
+            f"per-phrase loop {d['loop_ms_per_step']:.2f} ms/step ({d['speedup']:.1f}x)"
+        )
     return "\n".join(lines)

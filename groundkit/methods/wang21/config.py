@@ -39,7 +39,9 @@ class Wang21DataConfig:
     region_dim: int = 2048  # res 2048, vgg 4096, irv2 1536
     detector_labels: str = "oidv2"  # documentation of the logit space; the logit count is read from the file
     captions_per_image: int = 5  # official: 5 if 'flickr' in the phrase path (and not 'merge'), else 1; 0 = all stored
-    norm_preset: str = "flickr-res-oidv2"  # key of REGION_NORM_PRESETS, "compute" (from training features) or "" (region_mean/std)
+    norm_preset: str = (
+        "flickr-res-oidv2"  # key of REGION_NORM_PRESETS, "compute" (from training features) or "" (region_mean/std)
+    )
     region_mean: float = 0.0
     region_std: float = 1.0
     n_proposals: int = 30  # official default for VG features; 0 = the first image's row count
@@ -98,7 +100,7 @@ class Wang21Config(ExperimentConfig):
     eval: Wang21EvalConfig = field(default_factory=Wang21EvalConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(name="adam", lr=1e-4))
     train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(epochs=6, batch_size=32, eval_batch_size=128, best_metric="R@1", output_dir="runs/wang21")
+        default_factory=lambda: TrainConfig(
+            epochs=6, batch_size=32, eval_batch_size=128, best_metric="R@1", output_dir="runs/wang21"
+        )
     )
-
-

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import h5py
 import numpy as np
@@ -30,7 +30,10 @@ def resolve_paths(d: Wang21DataConfig, split: str) -> tuple[str, str] | None:
         if not d.eval_phrase_feat_path:
             raise ConfigError("data.eval_region_feat_path is set but data.eval_phrase_feat_path is not")
         return d.eval_region_feat_path, d.eval_phrase_feat_path
-    own = {"val": (d.val_region_feat_path, d.val_phrase_feat_path), "test": (d.test_region_feat_path, d.test_phrase_feat_path)}.get(split)
+    own = {
+        "val": (d.val_region_feat_path, d.val_phrase_feat_path),
+        "test": (d.test_region_feat_path, d.test_phrase_feat_path),
+    }.get(split)
     if own and own[0]:
         if not own[1]:
             raise ConfigError(f"data.{split}_region_feat_path is set but data.{split}_phrase_feat_path is not")
@@ -63,7 +66,9 @@ def norm_stats(d: Wang21DataConfig) -> tuple[float, float]:
     if d.norm_preset in ("", "compute"):
         return d.region_mean, d.region_std
     if d.norm_preset not in REGION_NORM_PRESETS:
-        raise ConfigError(f"data.norm_preset={d.norm_preset!r}; expected one of {sorted(REGION_NORM_PRESETS)}, 'compute' or ''")
+        raise ConfigError(
+            f"data.norm_preset={d.norm_preset!r}; expected one of {sorted(REGION_NORM_PRESETS)}, 'compute' or ''"
+        )
     return REGION_NORM_PRESETS[d.norm_preset]
 
 
@@ -97,26 +102,48 @@ class Wang21Dataset:
         known = [w for w in vocab if w in vecs]
         for w in known:
             if vecs[w].shape[0] != wd:
-                raise wfmt.Wang21DataError(f"{d.glove_path}: key {w!r} has {vecs[w].shape[0]} values; expected [{wd}] (data.word_dim)")
+                raise wfmt.Wang21DataError(
+                    f"{d.glove_path}: key {w!r} has {vecs[w].shape[0]} values; expected [{wd}] (data.word_dim)"
+                )
         table = np.zeros((len(known) + 1, wd), dtype=np.float32)
         index = {w: i + 1 for i, w in enumerate(known)}
         for w, i in index.items():
             table[i] = vecs[w]
-        ids = np.vectorize(lambda w: index.get(w, 0), otypes=[np.int64])(toks) if toks.size else np.zeros(toks.shape, np.int64)
+        ids = (
+            np.vectorize(lambda w: index.get(w, 0), otypes=[np.int64])(toks)
+            if toks.size
+            else np.zeros(toks.shape, np.int64)
+        )
         ids = np.where(tmask, ids, 0)
         in_vocab = tmask & (ids > 0)
         n_oov = int((tmask & (ids == 0)).sum())
-        self.stats = {"images": len(self.image_ids), "pairs": len(self.image_ids) * S, "tokens": int(tmask.sum()), "tokens_without_vector": n_oov,
-                      "vocab": len(vocab), "vocab_without_vector": len(vocab) - len(known)}
+        self.stats = {
+            "images": len(self.image_ids),
+            "pairs": len(self.image_ids) * S,
+            "tokens": int(tmask.sum()),
+            "tokens_without_vector": n_oov,
+            "vocab": len(vocab),
+            "vocab_without_vector": len(vocab) - len(known),
+        }
         exists = phr.phrase_exists[:, :S]
         train_valid = exists & in_vocab.any(-1)  # official: >= 1 in-vocabulary token
         self.stats["phrases"] = int(exists.sum())
         self.stats["phrases_without_any_vector"] = int((exists & ~in_vocab.any(-1)).sum())
         if n_oov:
-            log.warning("%s: %d of %d tokens (%d distinct words) have no vector in %s (zero vector, excluded from max-pool, as the official code)",
-                        phrase_path, n_oov, self.stats["tokens"], self.stats["vocab_without_vector"], d.glove_path)
+            log.warning(
+                "%s: %d of %d tokens (%d distinct words) have no vector in %s (zero vector, excluded from max-pool, as the official code)",
+                phrase_path,
+                n_oov,
+                self.stats["tokens"],
+                self.stats["vocab_without_vector"],
+                d.glove_path,
+            )
         if self.stats["phrases_without_any_vector"]:
-            log.warning("%s: %d phrases have no word with a vector (skipped in training)", phrase_path, self.stats["phrases_without_any_vector"])
+            log.warning(
+                "%s: %d phrases have no word with a vector (skipped in training)",
+                phrase_path,
+                self.stats["phrases_without_any_vector"],
+            )
         # teacher weights per distinct phrase string
         strings = phr.phrase_strings()[:, :S]
         uniq, inv = np.unique(strings.reshape(-1), return_inverse=True)
@@ -128,8 +155,14 @@ class Wang21Dataset:
             w[uniq == ""] = 0
             self.teacher_w = torch.from_numpy(w)
             self.stats.update({f"teacher_{k}": v for k, v in tstats.items()})
-            log.info("%s: teacher covers %d of %d distinct phrases (%d class ids beyond the %d logits skipped)",
-                     phrase_path, tstats["mapped"], tstats["phrases"], tstats["class_out_of_range"], self.n_logits)
+            log.info(
+                "%s: teacher covers %d of %d distinct phrases (%d class ids beyond the %d logits skipped)",
+                phrase_path,
+                tstats["mapped"],
+                tstats["phrases"],
+                tstats["class_out_of_range"],
+                self.n_logits,
+            )
         T = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
         self.t: dict[str, torch.Tensor] = {
             "region_feats": T(reg.features),
@@ -149,7 +182,9 @@ class Wang21Dataset:
         self.device = torch.device("cpu")
 
     @classmethod
-    def from_tensors(cls, cfg: Wang21Config, split: str, tensors: dict[str, torch.Tensor], captions_per_image: int) -> "Wang21Dataset":
+    def from_tensors(
+        cls, cfg: Wang21Config, split: str, tensors: dict[str, torch.Tensor], captions_per_image: int
+    ) -> Wang21Dataset:
         """A dataset from ready tensors (the keys of ``self.t``), e.g. synthetic features for benchmarks."""
         self = cls.__new__(cls)
         self.split, self.cfg, self.S = split, cfg, captions_per_image
@@ -163,23 +198,34 @@ class Wang21Dataset:
 
     @staticmethod
     def _teacher_source(cfg: Wang21Config) -> str | None:
-        d, l = cfg.data, cfg.loss
-        if l.soft_teacher:
+        d, lc = cfg.data, cfg.loss
+        if lc.soft_teacher:
             if not d.matching_matrix_path:
-                raise ConfigError("loss.soft_teacher=true needs data.matching_matrix_path (groundkit data phrase-to-label --matrix-out)")
+                raise ConfigError(
+                    "loss.soft_teacher=true needs data.matching_matrix_path (groundkit data phrase-to-label --matrix-out)"
+                )
             return "matrix"
         return "json" if d.phrase_to_label_json else None
 
     def _teacher_weights(self, cfg: Wang21Config, strings: list[str], source: str) -> tuple[np.ndarray, dict]:
-        d, l = cfg.data, cfg.loss
+        d, lc = cfg.data, cfg.loss
         if not d.class_names:
-            raise ConfigError("data.class_names (detector class names: a file, a label-map pbtxt or 'coco') is needed to read the phrase -> class map")
+            raise ConfigError(
+                "data.class_names (detector class names: a file, a label-map pbtxt or 'coco') is needed to read the phrase -> class map"
+            )
         names = wfmt.load_class_names(d.class_names)
         if source == "json":
-            return phrase_class_weights(strings, self.n_logits, hard_map=wfmt.read_phrase_to_label(d.phrase_to_label_json, names))
+            return phrase_class_weights(
+                strings, self.n_logits, hard_map=wfmt.read_phrase_to_label(d.phrase_to_label_json, names)
+            )
         return phrase_class_weights(
-            strings, self.n_logits, matrix=wfmt.read_matching_matrix(d.matching_matrix_path), class_names=names,
-            threshold=l.match_threshold, temperature=l.match_temperature, top_k=l.match_top_k,
+            strings,
+            self.n_logits,
+            matrix=wfmt.read_matching_matrix(d.matching_matrix_path),
+            class_names=names,
+            threshold=lc.match_threshold,
+            temperature=lc.match_temperature,
+            top_k=lc.match_top_k,
         )
 
     def __len__(self) -> int:
@@ -188,7 +234,7 @@ class Wang21Dataset:
     def nbytes(self) -> int:
         return sum(v.numel() * v.element_size() for v in self.t.values())
 
-    def to(self, device: torch.device | str) -> "Wang21Dataset":
+    def to(self, device: torch.device | str) -> Wang21Dataset:
         device = torch.device(device)
         self.t = {k: v.to(device) for k, v in self.t.items()}
         self.device = device
@@ -202,7 +248,12 @@ class Wang21Dataset:
         if pol == "auto" and device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
             if self.nbytes() > 0.5 * free:
-                log.info("%s features (%.1f GB) stay on the CPU (GPU free: %.1f GB)", self.split, self.nbytes() / 1e9, free / 1e9)
+                log.info(
+                    "%s features (%.1f GB) stay on the CPU (GPU free: %.1f GB)",
+                    self.split,
+                    self.nbytes() / 1e9,
+                    free / 1e9,
+                )
                 return
         self.to(device)
 
@@ -233,7 +284,7 @@ class Wang21Dataset:
             for k in ("words", "token_mask", "train_valid", "eval_valid", "gt_boxes", "teacher_w"):
                 if k in batch:
                     v = batch[k]
-                    batch[k] = torch.gather(v, 1, keep.view(*keep.shape, *([1] * (v.ndim - 2))).expand(-1, -1, *v.shape[2:]))
+                    batch[k] = torch.gather(
+                        v, 1, keep.view(*keep.shape, *([1] * (v.ndim - 2))).expand(-1, -1, *v.shape[2:])
+                    )
         return batch
-
-

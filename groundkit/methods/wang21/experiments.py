@@ -3,20 +3,31 @@ error breakdown by cause (reads the world's scene records; never imports the wor
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from ...boxes import box_iou
-from ...config import ConfigError
-from ...config import parse_override
-from ...runs import RunResult, RunSpec, format_table as runs_table, run_many, seed_specs, summarize, write_summary
+from ...config import ConfigError, parse_override
+from ...runs import RunResult, RunSpec, run_many, seed_specs, summarize, write_summary
+from ...runs import format_table as runs_table
+from .. import load_run
 from .data import Wang21Dataset, resolve_paths
 from .model import distill_neighbourhood
 
-__all__ = ["SWEEP_VARIANTS", "sweep_specs", "run_sweep", "format_table", "error_breakdown", "model_scores", "breakdown_of_checkpoint"]
+__all__ = [
+    "SWEEP_VARIANTS",
+    "sweep_specs",
+    "run_sweep",
+    "format_table",
+    "error_breakdown",
+    "model_scores",
+    "breakdown_of_checkpoint",
+]
 
 
 # ----------------------------------------------------------------------------- seed sweep
@@ -31,13 +42,19 @@ SWEEP_VARIANTS: dict[str, tuple[str, list[str]]] = {
     "+ mask same image": ("world_reference_distill", ["loss.mask_same_image=true"]),
     "+ learned temperature": ("world_reference_distill", ["loss.learn_scale=true"]),
     "+ soft teacher (matrix)": ("world_reference_distill", ["loss.soft_teacher=true"]),
-    "+ log-prob teacher, tempered student": ("world_reference_distill", ["loss.teacher_form=log_prob", "loss.teacher_temperature=0.5", "loss.student_scale=10.0"]),
+    "+ log-prob teacher, tempered student": (
+        "world_reference_distill",
+        ["loss.teacher_form=log_prob", "loss.teacher_temperature=0.5", "loss.student_scale=10.0"],
+    ),
     "improved (all flags)": ("world_improved", []),
 }
 
 
 def sweep_specs(
-    world_dir: str | Path, out_dir: str | Path, seeds: Sequence[int] = (0, 1, 2), variants: Sequence[str] | None = None,
+    world_dir: str | Path,
+    out_dir: str | Path,
+    seeds: Sequence[int] = (0, 1, 2),
+    variants: Sequence[str] | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> list[RunSpec]:
     """:class:`~groundkit.runs.RunSpec` of each variant of :data:`SWEEP_VARIANTS` x seed on a built-in phrase
@@ -106,13 +123,25 @@ def format_table(results: Sequence[RunResult]) -> str:
 
 # ----------------------------------------------------------------------------- diagnosis on the built-in world
 
-ERROR_CAUSES = ("hit", "part_of_target", "loose_box_of_target", "co_occurring_partner", "other_object", "group_box", "clutter")
+ERROR_CAUSES = (
+    "hit",
+    "part_of_target",
+    "loose_box_of_target",
+    "co_occurring_partner",
+    "other_object",
+    "group_box",
+    "clutter",
+)
 
 
 @torch.no_grad()
 def error_breakdown(
-    score_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor], dataset: Wang21Dataset, world_dir: str | Path,
-    k: int = 8, iou_threshold: float = 0.5, batch_size: int = 64,
+    score_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+    dataset: Wang21Dataset,
+    world_dir: str | Path,
+    k: int = 8,
+    iou_threshold: float = 0.5,
+    batch_size: int = 64,
 ) -> dict[str, Any]:
     """Where the top-1 proposal of each phrase goes, on a split of the built-in phrase world.
 
@@ -123,8 +152,6 @@ def error_breakdown(
     partner, another object, a group box, clutter. Per cause, ``fixable_in_neighbourhood`` counts
     misses whose K regions around the top-1 (the reference distillation candidates) hold a hit.
     """
-    import json
-
     scenes: dict[str, dict] = {}
     with open(Path(world_dir) / "meta" / "scenes.jsonl") as f:
         for line in f:
@@ -140,7 +167,9 @@ def error_breakdown(
         for i in range(sim.shape[0]):
             image_id = dataset.image_ids[int(b["image_index"][i])]
             if image_id not in scenes:
-                raise KeyError(f"{world_dir}/meta/scenes.jsonl: no scene for image {image_id!r} (not a built-in world of this split?)")
+                raise KeyError(
+                    f"{world_dir}/meta/scenes.jsonl: no scene for image {image_id!r} (not a built-in world of this split?)"
+                )
             sc = scenes[image_id]
             objs = sc["scene"]["objects"]
             obj_boxes = torch.tensor([o["box"] for o in objs], dtype=torch.float32).reshape(-1, 4)
@@ -169,8 +198,13 @@ def error_breakdown(
                 if bool(hit[nb[i, p]].any()):
                     fixable[cause] += 1
     total = sum(counts.values())
-    return {"num_phrases": total, "counts": counts, "fractions": {c: v / max(total, 1) for c, v in counts.items()},
-            "fixable_in_neighbourhood": fixable, "k": k}
+    return {
+        "num_phrases": total,
+        "counts": counts,
+        "fractions": {c: v / max(total, 1) for c, v in counts.items()},
+        "fixable_in_neighbourhood": fixable,
+        "k": k,
+    }
 
 
 def model_scores(model: nn.Module) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
@@ -178,15 +212,13 @@ def model_scores(model: nn.Module) -> Callable[[dict[str, torch.Tensor]], torch.
     return lambda b: model.phrase_region_scores(b["region_feats"], b["words"], b["token_mask"])
 
 
-def breakdown_of_checkpoint(checkpoint: str | Path, world_dir: str | Path, split: str = "test", k: int = 8) -> dict[str, Any]:
+def breakdown_of_checkpoint(
+    checkpoint: str | Path, world_dir: str | Path, split: str = "test", k: int = 8
+) -> dict[str, Any]:
     """:func:`error_breakdown` of a trained checkpoint on a split of the built-in world it was trained
     on (the region / phrase files named in its config)."""
-    from .. import load_run
-
     _, cfg, model = load_run(checkpoint)
     paths = resolve_paths(cfg.data, split)
     if paths is None:
         raise ConfigError(f"{checkpoint}: its config names no {split} files")
     return error_breakdown(model_scores(model), Wang21Dataset(cfg, split, *paths), world_dir, k=k)
-
-

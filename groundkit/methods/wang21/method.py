@@ -36,6 +36,7 @@ from .model import (
     teacher_scores,
     teacher_targets,
 )
+from .predict import Wang21Predictor
 
 log = logging.getLogger("groundkit.wang21")
 
@@ -69,10 +70,17 @@ class Wang21Method(Method):
     def build_model(self, cfg: Wang21Config) -> nn.Module:
         mean, std = norm_stats(cfg.data)
         return Wang21Model(
-            word_dim(cfg.data), cfg.data.region_dim, cfg.model.lstm_hidden, cfg.model.mlp_hidden, cfg.model.embed_dim,
-            phrase_scale=cfg.loss.phrase_scale, learn_scale=cfg.loss.learn_scale,
-            distill_scale=cfg.loss.student_scale, learn_distill_scale=cfg.loss.learn_student_scale,
-            region_mean=mean, region_std=std,
+            word_dim(cfg.data),
+            cfg.data.region_dim,
+            cfg.model.lstm_hidden,
+            cfg.model.mlp_hidden,
+            cfg.model.embed_dim,
+            phrase_scale=cfg.loss.phrase_scale,
+            learn_scale=cfg.loss.learn_scale,
+            distill_scale=cfg.loss.student_scale,
+            learn_distill_scale=cfg.loss.learn_student_scale,
+            region_mean=mean,
+            region_std=std,
         )
 
     def has_split(self, cfg: Wang21Config, split: str) -> bool:
@@ -83,7 +91,9 @@ class Wang21Method(Method):
         paths = resolve_paths(cfg.data, split)
         if paths is None:
             if split == "train":
-                raise ConfigError("no training files: set data.region_feat_path and data.phrase_feat_path (--region-feat-path/--phrase-feat-path)")
+                raise ConfigError(
+                    "no training files: set data.region_feat_path and data.phrase_feat_path (--region-feat-path/--phrase-feat-path)"
+                )
             return None
         ds = Wang21Dataset(cfg, split, *paths)
         log.info("wang21 %s: %s", split, ds.stats)
@@ -96,12 +106,18 @@ class Wang21Method(Method):
             x = f[v].double()
             model.region.mean.fill_(float(x.mean()))
             model.region.std.fill_(float(x.std().clamp(min=1e-6)))
-            log.info("region feature normalisation from the training split: mean %.5f std %.5f", float(model.region.mean), float(model.region.std))
+            log.info(
+                "region feature normalisation from the training split: mean %.5f std %.5f",
+                float(model.region.mean),
+                float(model.region.std),
+            )
         if cfg.loss.distill and dataset.teacher_w is None and (cfg.data.phrase_to_label_json or cfg.loss.soft_teacher):
             raise ConfigError("distillation requested but no teacher weights were built")
 
     # -- training
-    def training_step(self, model: nn.Module, batch: dict[str, torch.Tensor], step: int, cfg: Wang21Config) -> tuple[torch.Tensor, dict]:
+    def training_step(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], step: int, cfg: Wang21Config
+    ) -> tuple[torch.Tensor, dict]:
         m = model.module if hasattr(model, "module") else model
         lc = cfg.loss
         r, q = model(batch["region_feats"], batch["words"], batch["token_mask"])
@@ -112,12 +128,18 @@ class Wang21Method(Method):
         with torch.no_grad():
             pos = S.diagonal()
             neg = S.masked_fill(torch.eye(S.shape[0], dtype=torch.bool, device=S.device), float("-inf")).amax(1)
-        logs = {"nce": float(l_nce.detach()), "precision@1": float((pos > neg).float().mean()), "scale": float(m.scale().detach())}
+        logs = {
+            "nce": float(l_nce.detach()),
+            "precision@1": float((pos > neg).float().mean()),
+            "scale": float(m.scale().detach()),
+        }
         if lc.distill and "teacher_w" in batch:
             idx = self.neighbourhood(own, batch["region_boxes"], rmask, lc.k)
             valid_k = torch.gather(rmask[:, None, :].expand(-1, idx.shape[1], -1), 2, idx)
             t = teacher_scores(batch["region_logits"], batch["teacher_w"], idx)
-            y = teacher_targets(t, lc.teacher_form, batch["region_logits"].shape[-1] - 1, lc.teacher_temperature, valid_k)
+            y = teacher_targets(
+                t, lc.teacher_form, batch["region_logits"].shape[-1] - 1, lc.teacher_temperature, valid_k
+            )
             dmask = pmask & (batch["teacher_w"].sum(-1) > 0)
             l_dis = distill_loss(own, idx, y, dmask, m.distill_scale(), valid_k)
             w = ramp_weight(step, lc.ramp_start, lc.ramp_every, lc.ramp_max)
@@ -127,7 +149,9 @@ class Wang21Method(Method):
 
     # -- evaluation
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, dataset: Wang21Dataset | None, cfg: Wang21Config, device: torch.device) -> dict[str, float]:
+    def evaluate(
+        self, model: nn.Module, dataset: Wang21Dataset | None, cfg: Wang21Config, device: torch.device
+    ) -> dict[str, float]:
         """R@k over all (image, sentence) pairs (phrases with a GT box), the proposal upper bound, and
         (``eval.baselines``) the expected R@k of a random ranking and the teacher's own R@k."""
         if dataset is None:
@@ -189,13 +213,18 @@ class Wang21Method(Method):
     # -- CLI
     def add_cli_args(self, parser: Any, mode: str) -> None:
         """Flags of the official scripts (dashes or underscores)."""
+
         def add(name: str, help_: str) -> None:
-            parser.add_argument(f"--{name}", f"--{name.replace('-', '_')}", dest=name.replace("-", "_"), default=None, help=help_)
+            parser.add_argument(
+                f"--{name}", f"--{name.replace('-', '_')}", dest=name.replace("-", "_"), default=None, help=help_
+            )
 
         add("region-feat-path", "region HDF5 (train: training file or a {split} template; eval: the file to evaluate)")
         add("phrase-feat-path", "phrase HDF5 (same rules as --region-feat-path)")
         add("glove-path", f"GloVe HDF5 or {GLOVE_PACKAGE!r}")
-        add("phrase-to-label-json", "phrase -> detector class JSON (train: enables NCE+Distill; eval: teacher baseline)")
+        add(
+            "phrase-to-label-json", "phrase -> detector class JSON (train: enables NCE+Distill; eval: teacher baseline)"
+        )
         add("matching-matrix", "phrase x class matrix HDF5 (soft teacher)")
         add("class-names", "detector class names: file, label-map pbtxt or 'coco'")
         if mode == "train":
@@ -206,8 +235,12 @@ class Wang21Method(Method):
 
     def cli_overrides(self, args: dict[str, Any], mode: str) -> dict[str, Any]:
         o: dict[str, Any] = {}
-        simple = {"glove_path": "data.glove_path", "phrase_to_label_json": "data.phrase_to_label_json",
-                  "matching_matrix": "data.matching_matrix_path", "class_names": "data.class_names"}
+        simple = {
+            "glove_path": "data.glove_path",
+            "phrase_to_label_json": "data.phrase_to_label_json",
+            "matching_matrix": "data.matching_matrix_path",
+            "class_names": "data.class_names",
+        }
         for k, key in simple.items():
             if args.get(k):
                 o[key] = args[k]
@@ -233,8 +266,6 @@ class Wang21Method(Method):
 
     def predictor(self, run: str | Path, device: str = "cpu", **options: Any) -> Predictor:
         """A :class:`~groundkit.methods.wang21.predict.Wang21Predictor` (``glove_path=`` replaces the run's word vectors)."""
-        from .predict import Wang21Predictor
-
         return Wang21Predictor(run, device=device, **options)
 
     def format_eval(self, metrics: dict[str, float], split: str) -> str:
@@ -244,15 +275,16 @@ class Wang21Method(Method):
         ks = [k for k in (1, 5, 10) if f"R@{k}" in metrics]
         head = "| split | " + " | ".join(f"R@{k}" for k in ks) + " | upper bound |"
         rows = [head, "|" + "---|" * (len(ks) + 2)]
-        rows.append(f"| {split} | " + " | ".join(f"{metrics[f'R@{k}']:.4f}" for k in ks) + f" | {metrics['upper_bound']:.4f} |")
+        rows.append(
+            f"| {split} | " + " | ".join(f"{metrics[f'R@{k}']:.4f}" for k in ks) + f" | {metrics['upper_bound']:.4f} |"
+        )
         if f"random_R@{ks[0]}" in metrics:
             rows.append("| random ranking | " + " | ".join(f"{metrics[f'random_R@{k}']:.4f}" for k in ks) + " | |")
         extra = f"{int(metrics.get('num_phrases', 0))} phrases with a box in {int(metrics.get('num_pairs', 0))} (image, sentence) pairs"
         if "teacher_R@1" in metrics:
-            extra += f"; detector teacher alone R@1 {metrics['teacher_R@1']:.4f} on the {metrics['teacher_coverage']:.1%} of phrases it maps"
+            cov = metrics["teacher_coverage"]
+            extra += f"; detector teacher alone R@1 {metrics['teacher_R@1']:.4f} on the {cov:.1%} of phrases it maps"
         return "\n".join(rows) + "\n" + extra
 
 
 METHOD = Wang21Method()
-
-

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import box_iou
 
+from ...boxes import batched_box_iou
+
 __all__ = [
     "PhraseEncoder",
     "RegionEncoder",
@@ -138,11 +140,15 @@ class Wang21Model(nn.Module):
         q = self.phrase(words.reshape(-1, *words.shape[-2:]).float(), token_mask.reshape(-1, token_mask.shape[-1]))
         return q.reshape(*lead, -1)
 
-    def forward(self, region_feats: torch.Tensor, words: torch.Tensor, token_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, region_feats: torch.Tensor, words: torch.Tensor, token_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """region_feats [B, N, D], words [B, P, T, E], token_mask [B, P, T] -> (r [B, N, d], q [B, P, d])."""
         return self.region(region_feats), self.encode_phrases(words, token_mask)
 
-    def phrase_region_scores(self, region_feats: torch.Tensor, words: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+    def phrase_region_scores(
+        self, region_feats: torch.Tensor, words: torch.Tensor, token_mask: torch.Tensor
+    ) -> torch.Tensor:
         """Cosine of every phrase with every region of its own image: same inputs as forward -> [B, P, N]."""
         r, q = self(region_feats, words, token_mask)
         return torch.einsum("bpd,bnd->bpn", q, r)
@@ -152,7 +158,11 @@ class Wang21Model(nn.Module):
 
 
 def image_sentence_scores(
-    r: torch.Tensor, q: torch.Tensor, phrase_mask: torch.Tensor, region_mask: torch.Tensor, scale: torch.Tensor | float = 2.0
+    r: torch.Tensor,
+    q: torch.Tensor,
+    phrase_mask: torch.Tensor,
+    region_mask: torch.Tensor,
+    scale: torch.Tensor | float = 2.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sentence i vs image j: ``S[i, j] = sum_p scale * max_n <r_jn, q_ip>`` over valid phrases.
 
@@ -168,7 +178,10 @@ def image_sentence_scores(
 
 
 def nce_loss(
-    S: torch.Tensor, image_index: torch.Tensor | None = None, both_directions: bool = False, mask_same_image: bool = False
+    S: torch.Tensor,
+    image_index: torch.Tensor | None = None,
+    both_directions: bool = False,
+    mask_same_image: bool = False,
 ) -> torch.Tensor:
     """InfoNCE over the batch's images (official: one direction, sentence -> its image among B).
 
@@ -187,7 +200,9 @@ def nce_loss(
     return loss
 
 
-def distill_neighbourhood(scores: torch.Tensor, boxes: torch.Tensor, region_mask: torch.Tensor, k: int = 8) -> torch.Tensor:
+def distill_neighbourhood(
+    scores: torch.Tensor, boxes: torch.Tensor, region_mask: torch.Tensor, k: int = 8
+) -> torch.Tensor:
     """The K regions most overlapping the best-scoring region, per phrase (vectorised).
 
     scores [B, P, N] (region-phrase scores of the paired image), boxes [B, N, 4], region_mask [B, N]
@@ -197,7 +212,8 @@ def distill_neighbourhood(scores: torch.Tensor, boxes: torch.Tensor, region_mask
     k = scores.shape[-1] if k <= 0 else min(k, scores.shape[-1])
     s = scores.detach().masked_fill(~region_mask[:, None, :], float("-inf"))
     best = s.argmax(-1)  # [B, P]
-    iou = _batched_iou(boxes.float())  # [B, N, N]
+    b = boxes.float()
+    iou = batched_box_iou(b, b)  # [B, N, N]
     iou_best = torch.gather(iou, 1, best.unsqueeze(-1).expand(-1, -1, iou.shape[-1]))  # [B, P, N]
     iou_best = iou_best.masked_fill(~region_mask[:, None, :], -1.0)
     # stable descending sort: equal IoU -> lower index first (deterministic, like the loop reference)
@@ -205,18 +221,9 @@ def distill_neighbourhood(scores: torch.Tensor, boxes: torch.Tensor, region_mask
     return order[..., :k]
 
 
-def _batched_iou(boxes: torch.Tensor) -> torch.Tensor:
-    """IoU of every pair of boxes within each image: [B, N, 4] -> [B, N, N] (continuous convention)."""
-    area = (boxes[..., 2] - boxes[..., 0]).clamp(min=0) * (boxes[..., 3] - boxes[..., 1]).clamp(min=0)
-    lt = torch.maximum(boxes[:, :, None, :2], boxes[:, None, :, :2])
-    rb = torch.minimum(boxes[:, :, None, 2:], boxes[:, None, :, 2:])
-    wh = (rb - lt).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]
-    union = area[:, :, None] + area[:, None, :] - inter
-    return torch.where(union > 0, inter / union.clamp(min=1e-12), torch.zeros_like(inter))
-
-
-def distill_neighbourhood_loop(scores: torch.Tensor, boxes: torch.Tensor, region_mask: torch.Tensor, k: int = 8) -> torch.Tensor:
+def distill_neighbourhood_loop(
+    scores: torch.Tensor, boxes: torch.Tensor, region_mask: torch.Tensor, k: int = 8
+) -> torch.Tensor:
     """Per-phrase Python loop with the same result as :func:`distill_neighbourhood` (the official
     code's structure; kept as the test oracle and the benchmark baseline)."""
     B, P, N = scores.shape
@@ -249,7 +256,9 @@ def teacher_scores(det_logits: torch.Tensor, class_weights: torch.Tensor, idx: t
     return torch.gather(per_region, 2, idx)
 
 
-def teacher_targets(t: torch.Tensor, form: str, n_classes: int, temperature: float = 1.0, valid: torch.Tensor | None = None) -> torch.Tensor:
+def teacher_targets(
+    t: torch.Tensor, form: str, n_classes: int, temperature: float = 1.0, valid: torch.Tensor | None = None
+) -> torch.Tensor:
     """Teacher distribution over the K regions from class probabilities ``t`` [..., K].
 
     Official (``form="auto"``): ``softmax(t - mean t)`` for the 545 Open Images v2 classes,
@@ -284,8 +293,12 @@ def teacher_targets(t: torch.Tensor, form: str, n_classes: int, temperature: flo
 
 
 def distill_loss(
-    student_scores: torch.Tensor, idx: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
-    scale: torch.Tensor | float = 1.0, valid: torch.Tensor | None = None,
+    student_scores: torch.Tensor,
+    idx: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor,
+    scale: torch.Tensor | float = 1.0,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Cross-entropy between the teacher target and ``softmax(scale * cosine)`` over the K regions.
 

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from ...formats import wang21_hdf5 as wfmt
 from ...text import load_word_vectors, tokenize
+from .. import load_run
 from ..base import Predictor
 from .data import word_dim
 
@@ -29,8 +32,6 @@ class Wang21Predictor(Predictor):
     method = "wang21"
 
     def __init__(self, run: str | Path, device: str = "cpu", glove_path: str | None = None):
-        from .. import load_run
-
         overrides = {"data.glove_path": glove_path} if glove_path else None
         _, self.cfg, self.model = load_run(run, device=device, overrides=overrides)
         self.device = torch.device(device)
@@ -50,7 +51,9 @@ class Wang21Predictor(Predictor):
                 if t in vecs:
                     words[i, j], mask[i, j] = torch.from_numpy(vecs[t]), True
             if not mask[i].any():
-                log.warning("phrase %r: no word has a vector in %s; its ranking is meaningless", phrases[i], cfg.data.glove_path)
+                log.warning(
+                    "phrase %r: no word has a vector in %s; its ranking is meaningless", phrases[i], cfg.data.glove_path
+                )
         v = torch.from_numpy(valid.astype(bool))
         with torch.no_grad():
             x = torch.from_numpy(feats)[None].float().to(self.device)
@@ -64,7 +67,12 @@ class Wang21Predictor(Predictor):
 
 
 def predict_phrases(
-    checkpoint: str | Path, region_feat_path: str, image_id: str, phrases: Sequence[str], glove_path: str | None = None, top_k: int = 5
+    checkpoint: str | Path,
+    region_feat_path: str,
+    image_id: str,
+    phrases: Sequence[str],
+    glove_path: str | None = None,
+    top_k: int = 5,
 ) -> list[dict[str, Any]]:
     """Rank an image's proposals for free-text phrases with a trained checkpoint (a run's
     ``checkpoints/best`` directory; its config is read from ``meta.json``).
@@ -87,11 +95,8 @@ def register_predict(sub: Any) -> None:
     p.add_argument("--top-k", type=int, default=5)
 
     def run(a: Any) -> int:
-        import json
-
         res = predict_phrases(a.restore_path, a.region_feat_path, a.image_id, a.phrase, a.glove_path, a.top_k)
         print(json.dumps(res, indent=1))
         return 0
 
     p.set_defaults(func=run)
-

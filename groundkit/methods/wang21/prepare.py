@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -53,10 +54,6 @@ REGION_NORM_PRESETS: dict[str, tuple[float, float]] = {
     "referit-vgg-oidv2": (0.1454045, 0.068037**0.5),
 }
 FEATURE_DIMS: dict[str, int] = {"res": 2048, "vgg": 4096, "irv2": 1536}
-# number of detector classes (without background) of each label space the official code knew
-DETECTOR_CLASS_COUNTS: dict[str, int] = {"oidv2": 545, "coco": 80, "pascal": 20}
-
-
 
 
 def official_settings_from_paths(region_feat_path: str, phrase_feat_path: str) -> dict[str, Any]:
@@ -71,8 +68,16 @@ def official_settings_from_paths(region_feat_path: str, phrase_feat_path: str) -
     ratio = 5 if ("flickr" in phrase_feat_path and "merge" not in phrase_feat_path) else 1
     key = f"{ds}-{arch}-{det}"
     mean, std = REGION_NORM_PRESETS.get(key, (None, None))
-    return {"dataset": ds, "feature_type": arch, "region_dim": FEATURE_DIMS[arch], "detector_labels": det,
-            "captions_per_image": ratio, "norm_preset": key, "region_mean": mean, "region_std": std}
+    return {
+        "dataset": ds,
+        "feature_type": arch,
+        "region_dim": FEATURE_DIMS[arch],
+        "detector_labels": det,
+        "captions_per_image": ratio,
+        "norm_preset": key,
+        "region_mean": mean,
+        "region_std": std,
+    }
 
 
 def phrase_class_weights(
@@ -140,7 +145,9 @@ def _print(stats: dict[str, Any]) -> None:
 
 
 def register_prepare_flickr30k(sub: Any) -> None:
-    p = sub.add_parser("prepare-flickr30k", help="Flickr30K Entities Sentences + Annotations -> phrase HDF5 (union GT boxes)")
+    p = sub.add_parser(
+        "prepare-flickr30k", help="Flickr30K Entities Sentences + Annotations -> phrase HDF5 (union GT boxes)"
+    )
     p.add_argument("--root", required=True, help="folder with Sentences/ and Annotations/")
     p.add_argument("--image-list", required=True, help="text file of image ids (e.g. test.txt of the official split)")
     p.add_argument("--out", required=True, help="output phrase HDF5")
@@ -151,7 +158,9 @@ def register_prepare_flickr30k(sub: Any) -> None:
 
     def run(a: argparse.Namespace) -> int:
         ids = [ln.strip() for ln in Path(a.image_list).read_text().splitlines() if ln.strip()]
-        _print(prepare_flickr30k(a.root, ids, a.out, a.max_phrases, a.max_tokens, a.sentences_per_image, not a.keep_case))
+        _print(
+            prepare_flickr30k(a.root, ids, a.out, a.max_phrases, a.max_tokens, a.sentences_per_image, not a.keep_case)
+        )
         return 0
 
     p.set_defaults(func=run)
@@ -173,11 +182,15 @@ def register_glove_to_hdf5(sub: Any) -> None:
 
 def register_detections_to_hdf5(sub: Any) -> None:
     p = sub.add_parser("detections-to-hdf5", help="per-image detector outputs (.npz) -> region HDF5")
-    p.add_argument("--det-dir", required=True, help="folder of <image id>.npz with boxes, logits|scores, features[, image_size]")
+    p.add_argument(
+        "--det-dir", required=True, help="folder of <image id>.npz with boxes, logits|scores, features[, image_size]"
+    )
     p.add_argument("--out", required=True)
     p.add_argument("--n-proposals", type=int, default=30)
     p.add_argument("--add-background", action="store_true", help="the detector has no background column: prepend one")
-    p.add_argument("--scores-are-probs", action="store_true", help="class scores are probabilities (stored as log-probabilities)")
+    p.add_argument(
+        "--scores-are-probs", action="store_true", help="class scores are probabilities (stored as log-probabilities)"
+    )
 
     def run(a: argparse.Namespace) -> int:
         _print(detections_to_hdf5(a.det_dir, a.out, a.n_proposals, a.add_background, a.scores_are_probs))
@@ -187,7 +200,9 @@ def register_detections_to_hdf5(sub: Any) -> None:
 
 
 def register_phrase_to_label(sub: Any) -> None:
-    p = sub.add_parser("phrase-to-label", help="phrase -> detector class map (and phrase x class matrix) by word-vector similarity")
+    p = sub.add_parser(
+        "phrase-to-label", help="phrase -> detector class map (and phrase x class matrix) by word-vector similarity"
+    )
     p.add_argument("--phrase-feat-path", nargs="+", required=True, help="phrase HDF5 file(s) whose phrases to map")
     p.add_argument("--classes", required=True, help="detector class names: text file, label-map pbtxt, or 'coco'")
     p.add_argument("--glove-path", required=True, help=f"GloVe HDF5 or {GLOVE_PACKAGE!r}")
@@ -206,7 +221,14 @@ def register_phrase_to_label(sub: Any) -> None:
         Path(a.out).write_text(json.dumps(mapping, indent=0, sort_keys=True))
         if a.matrix_out:
             write_matching_matrix(a.matrix_out, plist, classes, sim)
-        _print({"phrases": len(plist), "mapped": len(mapping), "unmapped": len(plist) - len(mapping), "classes": len(classes)})
+        _print(
+            {
+                "phrases": len(plist),
+                "mapped": len(mapping),
+                "unmapped": len(plist) - len(mapping),
+                "classes": len(classes),
+            }
+        )
         return 0
 
     p.set_defaults(func=run)
