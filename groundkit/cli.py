@@ -36,6 +36,8 @@ CORE_COMMANDS: dict[str, dict[str, str]] = {
     "bench": {"metrics": "groundkit.bench.metrics:register"},
     "predict": {},
 }
+# top-level commands outside the groups
+TOP_COMMANDS: dict[str, str] = {"summarize": "groundkit.runs:register_summarize"}
 
 
 def _load(spec: str) -> Callable[..., Any]:
@@ -186,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_group(sub, "predict", "run a trained model on new inputs")
     _add_group(sub, "data", "generate, convert and prepare data")
     _add_group(sub, "bench", "speed and memory benchmarks")
+    for spec in TOP_COMMANDS.values():
+        _load(spec)(sub)
 
     p = sub.add_parser("demo", help="build the built-in benchmark world and run the methods end to end")
     add_demo_args(p)

@@ -732,3 +732,49 @@ def write_summary(
     }
     atomic_write_text(path, json.dumps(payload, indent=1, default=str))
     return payload
+
+
+def results_from_dirs(run_dirs: Sequence[str | Path], label: str | None = None) -> list[RunResult]:
+    """:class:`RunResult` of finished run directories (their ``metrics.json`` and ``config.yaml``), for
+    runs trained by hand (``groundkit train`` once per seed). ``label`` defaults to each run's config name
+    without its seed, so runs of one variant group together."""
+    out = []
+    for d in run_dirs:
+        p = Path(d) / "metrics.json"
+        rec = _read_json(p)
+        if rec is None or "metrics" not in rec:
+            raise GroundkitError(f"{p}: no metrics.json with 'metrics' (run not finished?)")
+        cfg = rec.get("config", {})
+        seed = int(cfg.get("train", {}).get("seed", 0))
+        name = label or re.sub(r"[_-]?s(eed)?\d+$", "", Path(d).resolve().name) or Path(d).name
+        out.append(
+            RunResult(
+                label=name,
+                seed=seed,
+                output_dir=str(d),
+                status="reused",
+                metrics=dict(rec["metrics"]),
+                final_split=rec.get("split"),
+                method=str(rec.get("task", "")),
+            )
+        )
+    return out
+
+
+def register_summarize(subparsers: Any) -> None:
+    """``groundkit summarize RUN_DIR ...``: mean ± std over finished runs, one row per variant."""
+    p = subparsers.add_parser(
+        "summarize", help="mean ± std (ddof=1) of finished runs' metrics.json, one row per variant"
+    )
+    p.add_argument("runs", nargs="+", help="run directories (a variant's seeds share a name up to _s<seed> / -seed<k>)")
+    p.add_argument("--keys", nargs="+", default=None, help="metrics to show (default: every metric of the first run)")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply values (100 for fractions -> percent)")
+    p.add_argument("--label", default=None, help="one label for all the runs")
+
+    def run(a: Any) -> int:
+        results = results_from_dirs(a.runs, a.label)
+        keys = a.keys or [k for k in results[0].metrics if not k.startswith("num_")]
+        print(format_table(summarize(results, keys, a.scale), keys))
+        return 0
+
+    p.set_defaults(func=run)

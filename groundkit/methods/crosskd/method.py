@@ -7,12 +7,9 @@ evaluation (t2v / v2t R@1/5/10/50, MdR, MnR with the CE tie rule).
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from ...formats.collaborative_experts import FeatureError, load_pickle
@@ -31,7 +28,7 @@ from .model import (
     teachtext_loss,
 )
 
-__all__ = ["CrossKDMethod", "METHOD", "encode_all", "similarity_matrix", "seed_summary"]
+__all__ = ["CrossKDMethod", "METHOD", "encode_all", "similarity_matrix"]
 
 
 # ----------------------------------------------------------------------------- encode + similarity
@@ -161,50 +158,3 @@ class CrossKDMethod(Method):
 
 
 METHOD = CrossKDMethod()
-
-
-# ----------------------------------------------------------------------------- several seeds
-
-
-def seed_summary(
-    run_dirs: list[str | Path],
-    keys: tuple[str, ...] = (
-        "t2v_R1",
-        "t2v_R5",
-        "t2v_R10",
-        "t2v_R50",
-        "t2v_MedR",
-        "t2v_MeanR",
-        "v2t_R1",
-        "v2t_R5",
-        "v2t_R10",
-    ),
-) -> dict[str, tuple[float, float, int]]:
-    """Mean and sample standard deviation over runs (their ``metrics.json``), as the CE/TeachText tables report."""
-    rows = []
-    for d in run_dirs:
-        p = Path(d) / "metrics.json"
-        if not p.is_file():
-            raise FileNotFoundError(f"{p}: no metrics.json (run not finished?)")
-        rows.append(json.loads(p.read_text())["metrics"])
-    out = {}
-    for k in keys:
-        v = np.array([r[k] for r in rows], dtype=np.float64)
-        out[k] = (float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0, len(v))
-    return out
-
-
-def _main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m groundkit.methods.crosskd", description="summaries of CrossKD runs")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("summarize", help="mean (std) over seeds of the runs' metrics.json")
-    s.add_argument("runs", nargs="+")
-    a = p.parse_args(argv)
-    summ = seed_summary(a.runs)
-    n = next(iter(summ.values()))[2]
-    print(f"{n} runs: " + "  ".join(f"{k} {m:.2f} ({sd:.2f})" for k, (m, sd, _) in summ.items()))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(_main())
