@@ -149,20 +149,32 @@ class CENetConfig:
 def _batch_norm_per_group(x: torch.Tensor, bn: nn.BatchNorm1d) -> torch.Tensor:
     """Training-mode BatchNorm of ``x`` [B, G, d] with separate batch statistics for each of the G
     groups, as G separate calls of ``bn`` on [B, d] would give, including G running-statistics
-    updates in group order. One fused kernel: the G groups are G * d channels of one batch."""
+    updates in group order. One fused kernel: the G groups are G * d channels of one batch (its
+    momentum-1 running buffers receive the groups' batch means and unbiased variances), then the G
+    exponential-average updates are folded into one: ``r <- (1-f)^G r + sum_g f (1-f)^(G-1-g) s_g``."""
     B, G, d = x.shape
     w = bn.weight.repeat(G) if bn.weight is not None else None
     b = bn.bias.repeat(G) if bn.bias is not None else None
-    y = F.batch_norm(x.reshape(B, G * d), None, None, w, b, True, 0.0, bn.eps)
-    if bn.track_running_stats and bn.running_mean is not None:
+    track = bn.track_running_stats and bn.running_mean is not None
+    mean = x.new_zeros(G * d) if track else None
+    var = x.new_ones(G * d) if track else None
+    y = F.batch_norm(x.reshape(B, G * d), mean, var, w, b, True, 1.0, bn.eps)
+    if track:
         with torch.no_grad():
-            xd = x.detach()
-            mean, var = xd.mean(0), xd.var(0, unbiased=True)  # [G, d]; running_var uses the unbiased estimate
-            for g in range(G):  # the official order of the per-pair calls
-                bn.num_batches_tracked.add_(1)
-                f = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
-                bn.running_mean.mul_(1 - f).add_(mean[g], alpha=f)
-                bn.running_var.mul_(1 - f).add_(var[g], alpha=f)
+            mean, var = mean.view(G, d), var.view(G, d)
+            if bn.momentum is None:  # cumulative average: one update at a time
+                for g in range(G):
+                    bn.num_batches_tracked.add_(1)
+                    f = 1.0 / float(bn.num_batches_tracked)
+                    bn.running_mean.mul_(1 - f).add_(mean[g], alpha=f)
+                    bn.running_var.mul_(1 - f).add_(var[g], alpha=f)
+            else:
+                f = bn.momentum
+                c = f * (1 - f) ** torch.arange(G - 1, -1, -1, dtype=torch.float64)
+                c = c.to(device=x.device, dtype=mean.dtype)
+                bn.running_mean.mul_((1 - f) ** G).add_(c @ mean)
+                bn.running_var.mul_((1 - f) ** G).add_(c @ var)
+                bn.num_batches_tracked.add_(G)
     return y.reshape(B, G, d)
 
 
@@ -249,16 +261,30 @@ class CENet(nn.Module):
         """Expert n paired with expert m, in the official order (all n, or n != m without include_self)."""
         return [[n for n in range(M) if self.cfg.include_self or n != m] for m in range(M)]
 
-    def _pair_mlp(self, h: torch.Tensor) -> torch.Tensor:
-        """Layers after the first of the pair MLP g on h [B, G, d] (G expert pairs of B rows each)."""
+    def _pair_mlp_average(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``T = sum_k mask_k g_k / (sum_k mask_k + 1e-11)`` for h [B, P, K, d], the first layer's output of
+        P x K expert pairs (P gated experts, K partners each), mask [B, P, K] -> T [B, P, d].
+
+        The layers after the first run on every pair's rows, except the last Linear: it commutes with
+        the weighted average (``sum_k w_k (W z_k + b) = W sum_k w_k z_k + b sum_k w_k``), so it runs
+        once per expert instead of once per pair.
+        """
         per_pair = self.training and self.cfg.pair_bn == "per_pair"
-        B, G, d = h.shape
-        for layer in list(self.g_reason)[1:]:
-            if isinstance(layer, nn.BatchNorm1d):
-                h = _batch_norm_per_group(h, layer) if per_pair else layer(h.reshape(B * G, d)).reshape(B, G, d)
+        B, P, K, d = h.shape
+        layers = list(self.g_reason)[1:]
+        last = layers.pop() if layers and isinstance(layers[-1], nn.Linear) else None
+        x = h.reshape(B, P * K, d)
+        for layer in layers:
+            if isinstance(layer, nn.BatchNorm1d):  # per pair: P * K groups of B rows, in the official call order
+                x = _batch_norm_per_group(x, layer) if per_pair else layer(x.reshape(-1, d)).reshape(B, P * K, d)
             else:
-                h = layer(h)
-        return h
+                x = layer(x)
+        w = mask / (mask.sum(2, keepdim=True) + 1e-11)  # [B, P, K]
+        z = torch.matmul(w.unsqueeze(2), x.reshape(B, P, K, -1)).squeeze(2)  # [B, P, d]
+        if last is None:
+            return z
+        T = F.linear(z, last.weight)
+        return T + last.bias * w.sum(2, keepdim=True) if last.bias is not None else T
 
     def collaborative_gating(self, psi: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """Pairwise collaborative gating: psi [B, M, d] (reduced, unit-norm expert embeddings), a [B, M]
@@ -269,7 +295,7 @@ class CENet(nn.Module):
         ``x_n`` = the gated ``v_n`` for n < m under ``gating="sequential"`` (the official code), the
         ungated ``psi_n`` under ``"parallel"`` (the paper). The first layer of g is applied to the two
         halves separately, ``W [x_m; x_n] + b = W_1 x_m + W_2 x_n + b``, so each embedding is projected
-        once instead of once per pair.
+        once instead of once per pair; the last layer after the average (see :meth:`_pair_mlp_average`).
         """
         B, M, d = psi.shape
         first = self.g_reason[0]
@@ -279,19 +305,15 @@ class CENet(nn.Module):
         partners = self._partners(M)
         geus = [self.video_geu[_key(m)] for m in self.experts]
         if self.cfg.gating == "parallel":
-            K = len(partners[0])
             n_idx = torch.tensor(partners, device=psi.device)  # [M, K]
-            g = self._pair_mlp((p1.unsqueeze(2) + p2[:, n_idx]).reshape(B, M * K, d)).reshape(B, M, K, d)
-            mask = a.unsqueeze(2) * a[:, n_idx]  # [B, M, K]
-            T = (g * mask.unsqueeze(-1)).sum(2) / (mask.sum(2, keepdim=True) + 1e-11)
+            T = self._pair_mlp_average(p1.unsqueeze(2) + p2[:, n_idx], a.unsqueeze(2) * a[:, n_idx])
             return torch.stack([geus[m](psi[:, m], T[:, m]) for m in range(M)], dim=1)
         halves = list(p2.unbind(1))  # x_n half of each expert, replaced by the gated one once it exists
         out = []
         for m in range(M):
             part = partners[m]
-            g = self._pair_mlp(p1[:, m : m + 1] + torch.stack([halves[n] for n in part], dim=1))  # [B, K, d]
-            mask = a[:, m : m + 1] * a[:, part]  # [B, K]
-            T = (g * mask.unsqueeze(-1)).sum(1) / (mask.sum(1, keepdim=True) + 1e-11)
+            h = p1[:, m : m + 1] + torch.stack([halves[n] for n in part], dim=1)  # [B, K, d]
+            T = self._pair_mlp_average(h.unsqueeze(1), (a[:, m : m + 1] * a[:, part]).unsqueeze(1))[:, 0]
             v = geus[m](psi[:, m], T)
             out.append(v)
             if m + 1 < M:
