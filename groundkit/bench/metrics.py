@@ -244,7 +244,16 @@ def run(args: argparse.Namespace) -> int:
     for r in rows:
         res = r.result
         split = f"t2v {res['t2v_s']:.3f} s, v2t {res['v2t_s']:.3f} s" if res["v2t_s"] else f"both {res['t2v_s']:.3f} s"
-        print(f"  {r.name}: {split} (last repeat); all repeats {[round(t, 3) for t in r.times]} s")
+        print(
+            f"  {r.name}: {split} (last repeat); all repeats {[round(t, 3) for t in r.times]} s wall, "
+            f"{[round(t, 3) for t in r.cpu_times]} s CPU"
+        )
+    if base is not None:
+        cb = min(base.cpu_times)
+        print(
+            "  CPU-time speed-ups (fastest repeats): "
+            + ", ".join(f"{r.name} {cb / min(r.cpu_times):.1f}x" for r in rows[1:])
+        )
     res = ours.result
     for d in ("t2v", "v2t"):
         m = res[d]
