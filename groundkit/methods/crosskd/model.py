@@ -156,8 +156,8 @@ def _batch_norm_per_group(x: torch.Tensor, bn: nn.BatchNorm1d) -> torch.Tensor:
     w = bn.weight.repeat(G) if bn.weight is not None else None
     b = bn.bias.repeat(G) if bn.bias is not None else None
     track = bn.track_running_stats and bn.running_mean is not None
-    mean = x.new_zeros(G * d) if track else None
-    var = x.new_ones(G * d) if track else None
+    mean = bn.running_mean.new_zeros(G * d) if track else None  # the dtype of the running statistics
+    var = bn.running_var.new_ones(G * d) if track else None
     y = F.batch_norm(x.reshape(B, G * d), mean, var, w, b, True, 1.0, bn.eps)
     if track:
         with torch.no_grad():
