@@ -146,36 +146,70 @@ class CENetConfig:
             raise ValueError(f"CENetConfig.pair_bn must be 'per_pair' or 'pooled', got {self.pair_bn!r}")
 
 
-def _batch_norm_per_group(x: torch.Tensor, bn: nn.BatchNorm1d) -> torch.Tensor:
-    """Training-mode BatchNorm of ``x`` [B, G, d] with separate batch statistics for each of the G
-    groups, as G separate calls of ``bn`` on [B, d] would give, including G running-statistics
-    updates in group order. One fused kernel: the G groups are G * d channels of one batch (its
-    momentum-1 running buffers receive the groups' batch means and unbiased variances), then the G
-    exponential-average updates are folded into one: ``r <- (1-f)^G r + sum_g f (1-f)^(G-1-g) s_g``."""
-    B, G, d = x.shape
-    w = bn.weight.repeat(G) if bn.weight is not None else None
-    b = bn.bias.repeat(G) if bn.bias is not None else None
-    track = bn.track_running_stats and bn.running_mean is not None
-    mean = bn.running_mean.new_zeros(G * d) if track else None  # the dtype of the running statistics
-    var = bn.running_var.new_ones(G * d) if track else None
-    y = F.batch_norm(x.reshape(B, G * d), mean, var, w, b, True, 1.0, bn.eps)
-    if track:
-        with torch.no_grad():
-            mean, var = mean.view(G, d), var.view(G, d)
+class _PerPairNorm:
+    """Training-mode BatchNorm with separate batch statistics for each group of rows, over one forward.
+
+    ``norm(x, bn)`` normalises x [B, G, d] as G separate calls of ``bn`` on [B, d] would: one fused
+    kernel, the G groups being G * d channels of one batch, whose momentum-1 running buffers receive
+    the groups' batch means and unbiased variances. The running-statistics updates of all calls are
+    collected and applied by :meth:`commit` in call order, folded into one update per layer:
+    ``r <- (1-f)^N r + sum_k f (1-f)^(N-1-k) s_k`` for N exponential-average updates. The repeated
+    affine parameters are built once per layer and group count.
+    """
+
+    def __init__(self) -> None:
+        self.affine: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+        self.stats: list[tuple[nn.BatchNorm1d, torch.Tensor, torch.Tensor]] = []
+
+    def __call__(self, x: torch.Tensor, bn: nn.BatchNorm1d) -> torch.Tensor:
+        B, G, d = x.shape
+        key = (id(bn), G)
+        if key not in self.affine:
+            self.affine[key] = (
+                bn.weight.repeat(G) if bn.weight is not None else None,
+                bn.bias.repeat(G) if bn.bias is not None else None,
+            )
+        w, b = self.affine[key]
+        if not (bn.track_running_stats and bn.running_mean is not None):
+            return F.batch_norm(x.reshape(B, G * d), None, None, w, b, True, 0.0, bn.eps).reshape(B, G, d)
+        mean = bn.running_mean.new_zeros(G * d)  # the dtype of the running statistics
+        var = bn.running_var.new_ones(G * d)
+        y = F.batch_norm(x.reshape(B, G * d), mean, var, w, b, True, 1.0, bn.eps)
+        self.stats.append((bn, mean.view(G, d), var.view(G, d)))
+        return y.reshape(B, G, d)
+
+    @torch.no_grad()
+    def commit(self) -> None:
+        layers: dict[int, tuple[nn.BatchNorm1d, list[torch.Tensor], list[torch.Tensor]]] = {}
+        for bn, mean, var in self.stats:
+            layers.setdefault(id(bn), (bn, [], []))[1].append(mean)
+            layers[id(bn)][2].append(var)
+        for bn, means, vars_ in layers.values():
+            mean, var = torch.cat(means), torch.cat(vars_)  # [N, d], call order
+            N = len(mean)
             if bn.momentum is None:  # cumulative average: one update at a time
-                for g in range(G):
+                for g in range(N):
                     bn.num_batches_tracked.add_(1)
                     f = 1.0 / float(bn.num_batches_tracked)
                     bn.running_mean.mul_(1 - f).add_(mean[g], alpha=f)
                     bn.running_var.mul_(1 - f).add_(var[g], alpha=f)
-            else:
-                f = bn.momentum
-                c = f * (1 - f) ** torch.arange(G - 1, -1, -1, dtype=torch.float64)
-                c = c.to(device=x.device, dtype=mean.dtype)
-                bn.running_mean.mul_((1 - f) ** G).add_(c @ mean)
-                bn.running_var.mul_((1 - f) ** G).add_(c @ var)
-                bn.num_batches_tracked.add_(G)
-    return y.reshape(B, G, d)
+                continue
+            f = bn.momentum
+            c = (f * (1 - f) ** torch.arange(N - 1, -1, -1, dtype=torch.float64)).to(mean.device, mean.dtype)
+            bn.running_mean.mul_((1 - f) ** N).add_(c @ mean)
+            bn.running_var.mul_((1 - f) ** N).add_(c @ var)
+            bn.num_batches_tracked.add_(N)
+        self.stats.clear()
+
+
+def _batch_norm_per_group(x: torch.Tensor, bn: nn.BatchNorm1d) -> torch.Tensor:
+    """Training-mode BatchNorm of ``x`` [B, G, d] with separate batch statistics for each of the G
+    groups, as G separate calls of ``bn`` on [B, d] would give, including G running-statistics
+    updates in group order (see :class:`_PerPairNorm`)."""
+    norm = _PerPairNorm()
+    y = norm(x, bn)
+    norm.commit()
+    return y
 
 
 def _key(m: str) -> str:
@@ -261,25 +295,24 @@ class CENet(nn.Module):
         """Expert n paired with expert m, in the official order (all n, or n != m without include_self)."""
         return [[n for n in range(M) if self.cfg.include_self or n != m] for m in range(M)]
 
-    def _pair_mlp_average(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """``T = sum_k mask_k g_k / (sum_k mask_k + 1e-11)`` for h [B, P, K, d], the first layer's output of
-        P x K expert pairs (P gated experts, K partners each), mask [B, P, K] -> T [B, P, d].
+    def _pair_mlp_average(self, h: torch.Tensor, w: torch.Tensor, norm: _PerPairNorm | None) -> torch.Tensor:
+        """``T = sum_k w_k g_k`` for h [B, P, K, d], the first layer's output of P x K expert pairs (P
+        gated experts, K partners each), and averaging weights w [B, P, K] -> T [B, P, d]. ``norm``:
+        per-pair BatchNorm statistics (None: pooled, or evaluation).
 
         The layers after the first run on every pair's rows, except the last Linear: it commutes with
         the weighted average (``sum_k w_k (W z_k + b) = W sum_k w_k z_k + b sum_k w_k``), so it runs
         once per expert instead of once per pair.
         """
-        per_pair = self.training and self.cfg.pair_bn == "per_pair"
         B, P, K, d = h.shape
         layers = list(self.g_reason)[1:]
         last = layers.pop() if layers and isinstance(layers[-1], nn.Linear) else None
         x = h.reshape(B, P * K, d)
         for layer in layers:
             if isinstance(layer, nn.BatchNorm1d):  # per pair: P * K groups of B rows, in the official call order
-                x = _batch_norm_per_group(x, layer) if per_pair else layer(x.reshape(-1, d)).reshape(B, P * K, d)
+                x = norm(x, layer) if norm is not None else layer(x.reshape(-1, d)).reshape(B, P * K, d)
             else:
                 x = layer(x)
-        w = mask / (mask.sum(2, keepdim=True) + 1e-11)  # [B, P, K]
         z = torch.matmul(w.unsqueeze(2), x.reshape(B, P, K, -1)).squeeze(2)  # [B, P, d]
         if last is None:
             return z
@@ -303,21 +336,25 @@ class CENet(nn.Module):
         p1 = F.linear(psi, w1, first.bias)  # [B, M, d]: the x_m half of every pair, with the bias
         p2 = F.linear(psi, w2)  # [B, M, d]: the x_n half, from ungated embeddings
         partners = self._partners(M)
+        n_idx = torch.tensor(partners, device=psi.device)  # [M, K]
+        mask = a.unsqueeze(2) * a[:, n_idx]  # [B, M, K]: a_m a_n
+        w = mask / (mask.sum(2, keepdim=True) + 1e-11)
+        norm = _PerPairNorm() if self.training and self.cfg.pair_bn == "per_pair" else None
         geus = [self.video_geu[_key(m)] for m in self.experts]
         if self.cfg.gating == "parallel":
-            n_idx = torch.tensor(partners, device=psi.device)  # [M, K]
-            T = self._pair_mlp_average(p1.unsqueeze(2) + p2[:, n_idx], a.unsqueeze(2) * a[:, n_idx])
-            return torch.stack([geus[m](psi[:, m], T[:, m]) for m in range(M)], dim=1)
-        halves = list(p2.unbind(1))  # x_n half of each expert, replaced by the gated one once it exists
-        out = []
-        for m in range(M):
-            part = partners[m]
-            h = p1[:, m : m + 1] + torch.stack([halves[n] for n in part], dim=1)  # [B, K, d]
-            T = self._pair_mlp_average(h.unsqueeze(1), (a[:, m : m + 1] * a[:, part]).unsqueeze(1))[:, 0]
-            v = geus[m](psi[:, m], T)
-            out.append(v)
-            if m + 1 < M:
-                halves[m] = F.linear(v, w2)
+            T = self._pair_mlp_average(p1.unsqueeze(2) + p2[:, n_idx], w, norm)
+            out = [geus[m](psi[:, m], T[:, m]) for m in range(M)]
+        else:
+            halves = list(p2.unbind(1))  # x_n half of each expert, replaced by the gated one once it exists
+            out = []
+            for m in range(M):
+                h = p1[:, m : m + 1] + torch.stack([halves[n] for n in partners[m]], dim=1)  # [B, K, d]
+                T = self._pair_mlp_average(h.unsqueeze(1), w[:, m : m + 1], norm)[:, 0]
+                out.append(geus[m](psi[:, m], T))
+                if m + 1 < M:
+                    halves[m] = F.linear(out[m], w2)
+        if norm is not None:
+            norm.commit()
         return torch.stack(out, dim=1)
 
     def forward(self, batch: dict, text_sims: bool = False, video_sims: bool = False) -> dict[str, torch.Tensor | None]:
