@@ -268,45 +268,55 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def setup_train(impl: str, batch: int, steps: int, warmup: int, clusters: int, shared: int, device: str) -> tuple:
-    """Model, optimizer and batches of one implementation, after ``warmup`` untimed steps (RAdam's
-    first steps are not rectified)."""
+def setup_train(batch: int, steps: int, warmup: int, clusters: int, shared: int, device: str) -> tuple:
+    """Models, optimizers and batches of the three implementations (same initial weights), each
+    after ``warmup`` untimed steps (RAdam's first steps are not rectified)."""
     dev = torch.device(device)
-    model = _train_model(impl, clusters, shared).to(dev).train()
     batches, teachers = _train_batches(batch, 4, shared)
     batches = [_to(b, dev) for b in batches]
     teachers = [([t.to(dev) for t in tt], [v.to(dev) for v in tv]) for tt, tv in teachers]
     cfg = CrossKDConfig()  # MSR-VTT cecap loss settings; RAdam lr 1e-3, wd 1e-5, decoupled
-    if impl == "official":
-        opt = OfficialLikeRAdam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    else:
-        opt = build_optimizer(model, cfg.optim)
-    state = (impl, model, opt, batches, teachers, cfg, dev)
-    _train_steps(*state, warmup)
-    return (*state, steps)
-
-
-def _train_steps(
-    impl: str, model: CENet, opt: Any, batches: list, teachers: list, cfg: Any, dev: Any, steps: int
-) -> None:
-    for s in range(steps):
-        b = batches[s % len(batches)]
+    states = {}
+    for impl in TRAIN_IMPLS:
+        model = _train_model(impl, clusters, shared).to(dev).train()
         if impl == "official":
-            official_like_step(model, opt, b, cfg.loss.margin, cfg.loss.cap_t, teachers)
-            continue
-        loss, _ = METHOD.training_step(model, b, s, cfg)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+            opt = OfficialLikeRAdam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+        else:
+            opt = build_optimizer(model, cfg.optim)
+        states[impl] = [model, opt, 0]
+        for _ in range(warmup):
+            _train_step(impl, states[impl], batches, teachers, cfg)
+    return states, batches, teachers, cfg, dev, steps
 
 
-def run_train(impl: str, model: CENet, opt: Any, batches: list, teachers: list, cfg: Any, dev: Any, steps: int) -> dict:
-    _sync(dev)
-    t0 = time.perf_counter()
-    _train_steps(impl, model, opt, batches, teachers, cfg, dev, steps)
-    _sync(dev)
-    dt = time.perf_counter() - t0
-    return {"samples_per_s": steps * len(batches[0]["text"]) / dt, "step_ms": 1000 * dt / steps}
+def _train_step(impl: str, state: list, batches: list, teachers: list, cfg: Any) -> None:
+    model, opt, s = state
+    b = batches[s % len(batches)]
+    state[2] += 1
+    if impl == "official":
+        official_like_step(model, opt, b, cfg.loss.margin, cfg.loss.cap_t, teachers)
+        return
+    loss, _ = METHOD.training_step(model, b, s, cfg)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def run_train(states: dict, batches: list, teachers: list, cfg: Any, dev: Any, steps: int) -> dict[str, Any]:
+    """``steps`` rounds, each one timed step of every implementation, in an order that rotates from
+    round to round, so that a change of the machine's load hits all of them alike. -> per
+    implementation the wall and CPU seconds of each step."""
+    impls = list(states)
+    out: dict[str, dict[str, list[float]]] = {k: {"wall": [], "cpu": []} for k in impls}
+    for r in range(steps):
+        for impl in impls[r % len(impls) :] + impls[: r % len(impls)]:
+            _sync(dev)
+            t0, c0 = time.perf_counter(), time.process_time()
+            _train_step(impl, states[impl], batches, teachers, cfg)
+            _sync(dev)
+            out[impl]["wall"].append(time.perf_counter() - t0)
+            out[impl]["cpu"].append(time.process_time() - c0)
+    return out
 
 
 def setup_agreement(batch: int, clusters: int, shared: int) -> tuple:
@@ -347,7 +357,8 @@ def _train_section(args: argparse.Namespace, out: dict[str, Any]) -> None:
         f"training step: CENet with the MSR-VTT CE+ shapes (7 experts, {W2V_DIM}-d word2vec tokens x "
         f"{MAX_TOKENS['text']}, {clusters} text clusters, {shared}-d shared space, {n_params:,} parameters), "
         f"batch {args.batch_size}, caption distillation, RAdam; device {dev}, threads {args.threads}; "
-        f"{args.train_repeats} repeats of {args.train_steps} steps after {args.train_warmup} warm-up steps",
+        f"{args.train_steps} rounds of one step of each implementation (rotating order) after "
+        f"{args.train_warmup} warm-up steps",
         flush=True,
     )
     agree = measure(
@@ -357,35 +368,31 @@ def _train_section(args: argparse.Namespace, out: dict[str, Any]) -> None:
         f"official-like forward vs reference mode (training mode, same weights and batch): max |dS| {agree['S']:.1e}, "
         f"|dC| {agree['C']:.1e}, pair-MLP running stats {agree['running_stats']:.1e}"
     )
-    rows: dict[str, Measurement] = {}
-    for impl, label in TRAIN_IMPLS.items():
-        rows[impl] = measure(
-            label,
-            run_train,
-            setup_train,
-            (impl, args.batch_size, args.train_steps, args.train_warmup, clusters, shared, dev),
-            repeats=args.train_repeats,
-            device=dev,
-            threads=args.threads,
-        )
-    n = args.train_steps * args.batch_size
-    sps = {k: n / np.array(r.times) for k, r in rows.items()}
-    cpu = {k: 1000 * np.array(r.cpu_times) / args.train_steps for k, r in rows.items()}  # CPU ms per step
-    med = {k: float(np.median(v)) for k, v in sps.items()}
+    m = measure(
+        "train",
+        run_train,
+        setup_train,
+        (args.batch_size, args.train_steps, args.train_warmup, clusters, shared, dev),
+        device=dev,
+        threads=args.threads,
+    )
+    res = m.result
+    wall = {k: np.array(v["wall"]) for k, v in res.items()}
+    cpu = {k: 1000 * np.array(v["cpu"]) for k, v in res.items()}
+    med = {k: args.batch_size / float(np.median(v)) for k, v in wall.items()}  # samples/s of the median step
     cmed = {k: float(np.median(v)) for k, v in cpu.items()}
     print(
-        f"{'implementation':<58} {'samples/s':>9} {'median':>7} {'x official':>10} {'CPU ms/step':>11} "
-        f"{'x official':>10} {'peak GB':>7}"
+        f"{'implementation':<58} {'samples/s':>9} {'ms/step':>8} {'x official':>10} {'CPU ms/step':>11} {'x official':>10}"
     )
-    for k, r in rows.items():
+    for k, label in TRAIN_IMPLS.items():
         print(
-            f"{r.name:<58} {sps[k].max():>9.1f} {med[k]:>7.1f} {med[k] / med['official']:>9.2f}x {cmed[k]:>11.0f} "
-            f"{cmed['official'] / cmed[k]:>9.2f}x {r.peak_gb:>7.3f}"
+            f"{label:<58} {med[k]:>9.1f} {1000 * float(np.median(wall[k])):>8.0f} {med[k] / med['official']:>9.2f}x "
+            f"{cmed[k]:>11.0f} {cmed['official'] / cmed[k]:>9.2f}x"
         )
     print(
-        f"samples/s: best and median of {args.train_repeats} repeats (wall time); CPU ms/step: median process CPU time "
-        f"(all threads). Fast path / reference mode: {med['fast'] / med['reference']:.2f}x (wall), "
-        f"{cmed['reference'] / cmed['fast']:.2f}x (CPU)"
+        f"medians over {args.train_steps} steps (samples/s = batch / median wall time of a step; CPU: process CPU time, "
+        f"all threads). Fast path / reference mode: {med['fast'] / med['reference']:.2f}x (wall), "
+        f"{cmed['reference'] / cmed['fast']:.2f}x (CPU). Peak memory growth of the three together: {m.peak_gb:.2f} GB"
     )
     out["train"] = {
         "device": dev,
@@ -394,15 +401,15 @@ def _train_section(args: argparse.Namespace, out: dict[str, Any]) -> None:
         "agreement": agree,
         "fast_over_reference": med["fast"] / med["reference"],
         "fast_over_reference_cpu": cmed["reference"] / cmed["fast"],
+        "peak_gb_all": m.peak_gb,
         **{
-            k: r.to_dict()
-            | {
-                "samples_per_s": sps[k].tolist(),
+            k: {
+                "step_s": wall[k].tolist(),
+                "cpu_ms": cpu[k].tolist(),
                 "median_samples_per_s": med[k],
-                "cpu_ms_per_step": cpu[k].tolist(),
                 "median_cpu_ms_per_step": cmed[k],
             }
-            for k, r in rows.items()
+            for k in TRAIN_IMPLS
         },
     }
 
@@ -524,8 +531,7 @@ def register(subparsers: Any) -> None:
         "--full-model", action="store_true", help="28 text clusters, 768-d shared space (the reference's MSR-VTT model)"
     )
     p.add_argument("--batch-size", type=int, default=64, help="training batch (the MSR-VTT configs' 64)")
-    p.add_argument("--train-steps", type=int, default=8, help="timed training steps per repeat")
-    p.add_argument("--train-repeats", type=int, default=3, help="repeats per implementation (best and median shown)")
+    p.add_argument("--train-steps", type=int, default=15, help="timed rounds (one step of each implementation)")
     p.add_argument("--train-warmup", type=int, default=6, help="untimed steps first (RAdam rectifies from step 6)")
     p.add_argument("--train-text-clusters", type=int, default=28)
     p.add_argument("--train-shared-dim", type=int, default=768)
