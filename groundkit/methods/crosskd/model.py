@@ -336,7 +336,7 @@ class CENet(nn.Module):
         p1 = F.linear(psi, w1, first.bias)  # [B, M, d]: the x_m half of every pair, with the bias
         p2 = F.linear(psi, w2)  # [B, M, d]: the x_n half, from ungated embeddings
         partners = self._partners(M)
-        n_idx = torch.tensor(partners, device=psi.device)  # [M, K]
+        n_idx = torch.tensor(partners, dtype=torch.long, device=psi.device)  # [M, K]
         mask = a.unsqueeze(2) * a[:, n_idx]  # [B, M, K]: a_m a_n
         w = mask / (mask.sum(2, keepdim=True) + 1e-11)
         norm = _PerPairNorm() if self.training and self.cfg.pair_bn == "per_pair" else None
