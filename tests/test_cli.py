@@ -16,7 +16,7 @@ def _subcommands(parser):
 def test_help_lists_only_working_subcommands():
     subs = _subcommands(build_parser())
     assert set(subs) <= {"train", "eval", "predict", "data", "bench", "demo"}
-    for name, sub in subs.items():  # every listed subcommand, and each of its own subcommands, has a working --help
+    for sub in subs.values():  # every listed subcommand, and each of its own subcommands, has a working --help
         assert sub.format_help()
         for inner in _subcommands(sub).values():
             assert inner.format_help()
@@ -26,6 +26,7 @@ def test_help_lists_only_working_subcommands():
 
 def test_config_error_is_reported(capsys, monkeypatch):
     import regression_method as rm
+
     from groundkit import cli
 
     monkeypatch.setitem(cli.METHODS, "regression", "regression_method")
@@ -40,10 +41,36 @@ def test_train_and_eval_via_cli(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setitem(cli.METHODS, "regression", "regression_method")
     out = tmp_path / "run"
-    assert main(["train", "regression", "--output-dir", str(out), "--set", "train.epochs=2", "train.progress=false",
-                 "train.best_metric=mse", "train.best_mode=min"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "regression",
+                "--output-dir",
+                str(out),
+                "--set",
+                "train.epochs=2",
+                "train.progress=false",
+                "train.best_metric=mse",
+                "train.best_mode=min",
+            ]
+        )
+        == 0
+    )
     assert (out / "metrics.json").is_file() and any((out / "tb").iterdir())
-    assert main(["eval", "regression", "--restore-path", str(out / "checkpoints" / "best"), "--output-dir", str(tmp_path / "ev")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "regression",
+                "--restore-path",
+                str(out / "checkpoints" / "best"),
+                "--output-dir",
+                str(tmp_path / "ev"),
+            ]
+        )
+        == 0
+    )
     assert "test:" in capsys.readouterr().out
 
 
@@ -52,7 +79,9 @@ def test_rerun_from_saved_config(tmp_path, monkeypatch):
 
     monkeypatch.setitem(cli.METHODS, "regression", "regression_method")
     out = tmp_path / "run"
-    assert main(["train", "regression", "--output-dir", str(out), "--set", "train.epochs=1", "train.progress=false"]) == 0
+    assert (
+        main(["train", "regression", "--output-dir", str(out), "--set", "train.epochs=1", "train.progress=false"]) == 0
+    )
     text = (out / "config.yaml").read_text()
     assert text.startswith("method: regression")
     again = tmp_path / "again"
