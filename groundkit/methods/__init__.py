@@ -24,6 +24,7 @@ __all__ = ["METHODS", "Method", "Predictor", "available_methods", "get_method", 
 METHODS: dict[str, str] = {
     "wang21": "groundkit.methods.wang21",
     "crosskd": "groundkit.methods.crosskd",
+    "clipvg": "groundkit.methods.clipvg",
 }
 
 

@@ -18,8 +18,17 @@ from typing import Literal
 
 from ...config import ExperimentConfig, OptimConfig, SchedConfig, TrainConfig
 
-__all__ = ["ClipVGData", "ClipVGModel", "ClipVGLoss", "ClipVGEval", "ClipVGConfig", "scaled_lr",
-           "OFFICIAL_LR", "OFFICIAL_BATCH", "DIRECTION_WORDS"]
+__all__ = [
+    "ClipVGData",
+    "ClipVGModel",
+    "ClipVGLoss",
+    "ClipVGEval",
+    "ClipVGConfig",
+    "scaled_lr",
+    "OFFICIAL_LR",
+    "OFFICIAL_BATCH",
+    "DIRECTION_WORDS",
+]
 
 OFFICIAL_LR = 2.5e-4
 OFFICIAL_BATCH = 384
@@ -101,8 +110,16 @@ def _sched() -> SchedConfig:
 
 
 def _train() -> TrainConfig:
-    return TrainConfig(epochs=110, batch_size=64, eval_batch_size=128, seed=13, best_metric="acc",
-                       best_mode="max", output_dir="runs/clipvg", log_every=20)
+    return TrainConfig(
+        epochs=110,
+        batch_size=64,
+        eval_batch_size=128,
+        seed=13,
+        best_metric="acc",
+        best_mode="max",
+        output_dir="runs/clipvg",
+        log_every=20,
+    )
 
 
 @dataclass

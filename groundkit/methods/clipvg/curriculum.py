@@ -35,15 +35,19 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
-from ...config import ConfigError, from_dict, load_yaml, to_dict
-from ...data import transvg
+from ...config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from ...formats import transvg
+from ...runs import RunSpec, run_many
+from .. import load_run
 from . import pseudo
+from .data import GroundingSet
 
 __all__ = [
     "SearchConfig",
@@ -58,6 +62,7 @@ __all__ = [
     "run_msa",
     "load_curriculum_config",
     "register_curriculum",
+    "EngineBackend",
 ]
 
 
@@ -101,8 +106,6 @@ class CurriculumConfig:
 
 def load_curriculum_config(source: str | Path | dict[str, Any], overrides: Sequence[str] = ()) -> CurriculumConfig:
     """A :class:`CurriculumConfig` from a YAML file or dict, then ``key=value`` overrides."""
-    from ...config import apply_overrides
-
     data = dict(source) if isinstance(source, dict) else load_yaml(source)
     if overrides:
         data = apply_overrides(CurriculumConfig, data, list(overrides))
@@ -239,7 +242,9 @@ class Curriculum:
         self.out = Path(cfg.out)
         (self.out / "selections").mkdir(parents=True, exist_ok=True)
         self.echo = echo or (lambda s: print(s, file=sys.stderr, flush=True))
-        self.config_tag = json.dumps({"config": cfg.config, "set": cfg.set, "seed": cfg.seed}, sort_keys=True, default=str)
+        self.config_tag = json.dumps(
+            {"config": cfg.config, "set": cfg.set, "seed": cfg.seed}, sort_keys=True, default=str
+        )
         self.entries: dict[str, list] = {}
         self.trained = 0
         self.reused = 0
@@ -276,7 +281,7 @@ class Curriculum:
                 seen[name] = len(jobs)
                 jobs.append(TrainJob(name, path, label))
         results = self.backend.train(jobs)
-        for job, res in zip(jobs, results):
+        for res in results:
             if res.get("reused"):
                 self.reused += 1
             else:
@@ -298,8 +303,16 @@ class Curriculum:
         r = self.backend.score(run_dir, path)
         rel = "SR" if source == measurer else "CR"
         files = pseudo.save_histogram(r, stem, title=f"{source} scored by the {measurer} measurer ({rel})")
-        self.log({"event": "reliability", "source": source, "measurer": measurer, "n": len(r),
-                  "mean": files.summary["mean"], "files": str(stem)})
+        self.log(
+            {
+                "event": "reliability",
+                "source": source,
+                "measurer": measurer,
+                "n": len(r),
+                "mean": files.summary["mean"],
+                "files": str(stem),
+            }
+        )
         return r
 
     def progress(self, msg: str) -> None:
@@ -321,12 +334,22 @@ class Curriculum:
             sel = base + [entries[i] for i in idx]
             res = self.train([(f"{what} h={h:.2f}", sel)])[0]
             v = self.value(res)
-            rec = {"threshold": h, "kept": len(idx), "of": len(entries), "train_size": len(sel), "val": v,
-                   "test": res.get("test", {}), "run": res["run"], "reused": bool(res.get("reused"))}
+            rec = {
+                "threshold": h,
+                "kept": len(idx),
+                "of": len(entries),
+                "train_size": len(sel),
+                "val": v,
+                "test": res.get("test", {}),
+                "run": res["run"],
+                "reused": bool(res.get("reused")),
+            }
             records[h] = rec
             self.log({"event": "threshold", "what": what, **rec})
-            self.progress(f"{what} h={h:.2f}: keeps {len(idx)}/{len(entries)} ({100 * len(idx) / len(entries):.1f}%)"
-                          f" -> val {self.cfg.metric} {v:.4f} ({res['run']}{', reused' if res.get('reused') else ''})")
+            self.progress(
+                f"{what} h={h:.2f}: keeps {len(idx)}/{len(entries)} ({100 * len(idx) / len(entries):.1f}%)"
+                f" -> val {self.cfg.metric} {v:.4f} ({res['run']}{', reused' if res.get('reused') else ''})"
+            )
             return v
 
         result = search_threshold(f, self.cfg.search)
@@ -350,20 +373,33 @@ def run_ssa(cfg: CurriculumConfig, backend: Backend, echo: Callable[[str], None]
     cur.log({"event": "start", "config": to_dict(cfg)})
     full = cur.train([("all labels", entries)])[0]
     v_all = cur.value(full)
-    cur.progress(f"all {len(entries)} labels -> val {cfg.metric} {v_all:.4f} (measurer {full['run']}"
-                 f"{', reused' if full.get('reused') else ''})")
+    cur.progress(
+        f"all {len(entries)} labels -> val {cfg.metric} {v_all:.4f} (measurer {full['run']}"
+        f"{', reused' if full.get('reused') else ''})"
+    )
     cur.log({"event": "all", "val": v_all, "test": full.get("test", {}), "run": full["run"], "n": len(entries)})
     r = cur.reliability("source", cfg.source, "source", full["run_dir"])
     result, records = cur.search("source", [], entries, r)
     rec = records[result.best]
-    cur.progress(f"chosen h*={result.best:.2f}: keeps {rec['kept']}/{len(entries)}, val {cfg.metric} "
-                 f"{result.value:.4f} vs {v_all:.4f} with all labels ({result.reason}, "
-                 f"{len(result.history)} thresholds tried)")
-    final = rec if result.value > v_all else {"threshold": None, "run": full["run"], "val": v_all,
-                                                "test": full.get("test", {}), "kept": len(entries)}
-    return cur.finish({"all": {"val": v_all, "test": full.get("test", {}), "run": full["run"]},
-                       "threshold": result.best, "search": {"history": result.history, "reason": result.reason},
-                       "final": final, "reliability": str(cur.out / "reliability" / "source_by_source")})
+    cur.progress(
+        f"chosen h*={result.best:.2f}: keeps {rec['kept']}/{len(entries)}, val {cfg.metric} "
+        f"{result.value:.4f} vs {v_all:.4f} with all labels ({result.reason}, "
+        f"{len(result.history)} thresholds tried)"
+    )
+    final = (
+        rec
+        if result.value > v_all
+        else {"threshold": None, "run": full["run"], "val": v_all, "test": full.get("test", {}), "kept": len(entries)}
+    )
+    return cur.finish(
+        {
+            "all": {"val": v_all, "test": full.get("test", {}), "run": full["run"]},
+            "threshold": result.best,
+            "search": {"history": result.history, "reason": result.reason},
+            "final": final,
+            "reliability": str(cur.out / "reliability" / "source_by_source"),
+        }
+    )
 
 
 def run_msa(cfg: CurriculumConfig, backend: Backend, echo: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -378,18 +414,22 @@ def run_msa(cfg: CurriculumConfig, backend: Backend, echo: Callable[[str], None]
     allres = cur.train([("all sources merged", merged)] + [(f"measurer {n}", src[n]) for n in src])
     v_merged = cur.value(allres[0])
     measurers = {n: res for n, res in zip(src, allres[1:])}
-    cur.progress(f"all sources merged ({len(merged)} labels) -> val {cfg.metric} {v_merged:.4f}; measurers: "
-                 + ", ".join(f"{n} {cur.value(r):.4f}" for n, r in measurers.items()))
+    cur.progress(
+        f"all sources merged ({len(merged)} labels) -> val {cfg.metric} {v_merged:.4f}; measurers: "
+        + ", ".join(f"{n} {cur.value(r):.4f}" for n, r in measurers.items())
+    )
     cur.log({"event": "all", "val": v_merged, "test": allres[0].get("test", {}), "run": allres[0]["run"]})
     for n, res in measurers.items():
-        cur.log({"event": "measurer", "source": n, "val": cur.value(res), "test": res.get("test", {}),
-                 "run": res["run"]})
+        cur.log(
+            {"event": "measurer", "source": n, "val": cur.value(res), "test": res.get("test", {}), "run": res["run"]}
+        )
     rel: dict[tuple[str, str], np.ndarray] = {}
 
     def r_of(source: str, measurer: str) -> np.ndarray:
         if (source, measurer) not in rel:
-            rel[(source, measurer)] = cur.reliability(source, cfg.sources[source], measurer,
-                                                      measurers[measurer]["run_dir"])
+            rel[(source, measurer)] = cur.reliability(
+                source, cfg.sources[source], measurer, measurers[measurer]["run_dir"]
+            )
         return rel[(source, measurer)]
 
     selected: list = []
@@ -403,52 +443,150 @@ def run_msa(cfg: CurriculumConfig, backend: Backend, echo: Callable[[str], None]
         if not remaining:
             break
         # 1. source selection at h0 with the same-source measurer
-        cands = [(f"step {k} + {n} (SR, h0={m.h0})", selected + [src[n][i] for i in pseudo.select(src[n], r_of(n, n), m.h0)])
-                 for n in remaining]
+        cands = [
+            (f"step {k} + {n} (SR, h0={m.h0})", selected + [src[n][i] for i in pseudo.select(src[n], r_of(n, n), m.h0)])
+            for n in remaining
+        ]
         res = cur.train(cands)
         vals = {n: cur.value(r) for n, r in zip(remaining, res)}
         for n, r in zip(remaining, res):
             cur.log({"event": "source_candidate", "step": k, "source": n, "val": vals[n], "run": r["run"]})
         pick = max(remaining, key=lambda n: vals[n])
-        cur.progress(f"step {k} source selection at h0={m.h0}: " + ", ".join(f"{n} {v:.4f}" for n, v in vals.items())
-                     + f" -> {pick}")
+        cur.progress(
+            f"step {k} source selection at h0={m.h0}: "
+            + ", ".join(f"{n} {v:.4f}" for n, v in vals.items())
+            + f" -> {pick}"
+        )
         # 2. measurer selection (SR vs CR) at h0
         meas_vals = {pick: vals[pick]}
         if m.measurer_selection and len(src) > 1:
             others = [j for j in src if j != pick]
-            res = cur.train([(f"step {k} {pick} by {j} (CR, h0={m.h0})",
-                              selected + [src[pick][i] for i in pseudo.select(src[pick], r_of(pick, j), m.h0)])
-                             for j in others])
+            res = cur.train(
+                [
+                    (
+                        f"step {k} {pick} by {j} (CR, h0={m.h0})",
+                        selected + [src[pick][i] for i in pseudo.select(src[pick], r_of(pick, j), m.h0)],
+                    )
+                    for j in others
+                ]
+            )
             for j, r in zip(others, res):
                 meas_vals[j] = cur.value(r)
-                cur.log({"event": "measurer_candidate", "step": k, "source": pick, "measurer": j,
-                         "relation": "CR", "val": meas_vals[j], "run": r["run"]})
+                cur.log(
+                    {
+                        "event": "measurer_candidate",
+                        "step": k,
+                        "source": pick,
+                        "measurer": j,
+                        "relation": "CR",
+                        "val": meas_vals[j],
+                        "run": r["run"],
+                    }
+                )
         meas = max(meas_vals, key=lambda j: (meas_vals[j], j == pick))
-        cur.progress(f"step {k} measurer for {pick}: " + ", ".join(
-            f"{j} ({'SR' if j == pick else 'CR'}) {v:.4f}" for j, v in meas_vals.items()) + f" -> {meas}")
+        cur.progress(
+            f"step {k} measurer for {pick}: "
+            + ", ".join(f"{j} ({'SR' if j == pick else 'CR'}) {v:.4f}" for j, v in meas_vals.items())
+            + f" -> {meas}"
+        )
         # 3. threshold for (source, measurer) on top of the selection so far
         r = r_of(pick, meas)
         result, records = cur.search(f"step {k} {pick} by {meas}", selected, src[pick], r)
         rec = records[result.best]
         gain = result.value - best_so_far
-        cur.log({"event": "step", "step": k, "source": pick, "measurer": meas, "threshold": result.best,
-                 "val": result.value, "gain": gain if math.isfinite(gain) else None, "record": rec})
+        cur.log(
+            {
+                "event": "step",
+                "step": k,
+                "source": pick,
+                "measurer": meas,
+                "threshold": result.best,
+                "val": result.value,
+                "gain": gain if math.isfinite(gain) else None,
+                "record": rec,
+            }
+        )
         if math.isfinite(best_so_far) and gain <= m.min_gain:
-            stop_reason = (f"step {k} ({pick}) reached val {cfg.metric} {result.value:.4f}, not above "
-                           f"{best_so_far:.4f} + min_gain {m.min_gain}")
+            stop_reason = (
+                f"step {k} ({pick}) reached val {cfg.metric} {result.value:.4f}, not above "
+                f"{best_so_far:.4f} + min_gain {m.min_gain}"
+            )
             cur.progress(f"stop: {stop_reason}")
             break
         idx = pseudo.select(src[pick], r, result.best)
         selected = selected + [src[pick][i] for i in idx]
-        used.append({"source": pick, "measurer": meas, "threshold": result.best, "kept": len(idx),
-                     "of": len(src[pick]), "val": result.value, "run": rec["run"]})
+        used.append(
+            {
+                "source": pick,
+                "measurer": meas,
+                "threshold": result.best,
+                "kept": len(idx),
+                "of": len(src[pick]),
+                "val": result.value,
+                "run": rec["run"],
+            }
+        )
         best_so_far, best_rec = result.value, rec
-        cur.progress(f"step {k} adds {pick} (measurer {meas}, h*={result.best:.2f}, {len(idx)}/{len(src[pick])} labels)"
-                     f" -> val {cfg.metric} {result.value:.4f}, {len(selected)} labels selected")
-    return cur.finish({"all_merged": {"val": v_merged, "test": allres[0].get("test", {}), "run": allres[0]["run"]},
-                       "measurers": {n: {"val": cur.value(r), "test": r.get("test", {}), "run": r["run"]}
-                                     for n, r in measurers.items()},
-                       "steps": used, "stop": stop_reason, "final": best_rec, "selected": len(selected)})
+        cur.progress(
+            f"step {k} adds {pick} (measurer {meas}, h*={result.best:.2f}, {len(idx)}/{len(src[pick])} labels)"
+            f" -> val {cfg.metric} {result.value:.4f}, {len(selected)} labels selected"
+        )
+    return cur.finish(
+        {
+            "all_merged": {"val": v_merged, "test": allres[0].get("test", {}), "run": allres[0]["run"]},
+            "measurers": {
+                n: {"val": cur.value(r), "test": r.get("test", {}), "run": r["run"]} for n, r in measurers.items()
+            },
+            "steps": used,
+            "stop": stop_reason,
+            "final": best_rec,
+            "selected": len(selected),
+        }
+    )
+
+
+# ============================================================================ the engine backend
+
+
+class EngineBackend:
+    """Trains curriculum runs with :func:`groundkit.runs.run_many` (finished runs are reused, killed
+    ones resumed) and scores reliabilities with a run's best checkpoint."""
+
+    def __init__(self, cfg: Any, device: str = "cpu"):
+        self.cfg, self.device = cfg, device
+
+    def train(self, jobs: list[Any]) -> list[dict[str, Any]]:
+        c = self.cfg
+        specs = [
+            RunSpec(
+                method="clipvg",
+                config=c.config or "offline",
+                overrides={**c.set, "data.train_file": j.train_file},
+                output_dir=str(Path(c.out) / "runs" / j.name),
+                seed=c.seed,
+                label=j.label,
+                tags={"train_file": j.train_file},
+            )
+            for j in jobs
+        ]
+        results = run_many(specs, jobs=c.jobs, progress=False)
+        return [
+            {
+                "val": r.best,
+                "test": r.metrics,
+                "run_dir": r.output_dir,
+                "reused": r.status == "reused",
+                "seconds": r.seconds,
+            }
+            for r in results
+        ]
+
+    def score(self, run_dir: str, pth_file: str) -> np.ndarray:
+        method, cfg, model = load_run(run_dir, device=self.device)
+        entries = transvg.load_raw(pth_file)
+        samples = transvg.parse_entries(entries, cfg.data.dataset, pth_file, truncate=cfg.data.truncate_boxes)
+        ds = GroundingSet(samples, cfg.data, augment=False, name=Path(pth_file).name)
+        return method.sample_ious(model, ds, cfg, self.device)
 
 
 # ============================================================================ command line
@@ -465,8 +603,6 @@ def register_curriculum(sub: Any) -> None:
 
 
 def _cli(args: Any) -> int:
-    from .method import EngineBackend
-
     overrides = list(args.set) + ([f"out={args.out}"] if args.out else [])
     cfg = load_curriculum_config(args.config, overrides)
     backend = EngineBackend(cfg)

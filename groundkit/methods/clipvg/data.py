@@ -31,8 +31,8 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 from ...boxes import xyxy_to_cxcywh
-from ...data import transvg
 from ...errors import DataError
+from ...formats import transvg
 from ...transforms import (
     DIRECTION_WORDS,
     ColorJitter,
@@ -83,8 +83,9 @@ def prepare_text(phrase: str, d: ClipVGData) -> str:
 def build_train_transform(d: ClipVGData) -> Compose:
     """The official training augmentation (see the module docstring)."""
     scales = [s for s in d.aug_scales if s <= d.imsize] or [d.imsize]
-    crop = Compose([RandomResize(d.aug_crop_resize, side="short"), RandomSizeCrop(*d.aug_crop_size),
-                    RandomResize(scales)])
+    crop = Compose(
+        [RandomResize(d.aug_crop_resize, side="short"), RandomSizeCrop(*d.aug_crop_size), RandomResize(scales)]
+    )
     steps: list[Any] = [RandomSelect(RandomResize(scales), crop, p=d.aug_crop_prob, first_if_words=DIRECTION_WORDS)]
     if d.color_jitter > 0 and d.color_jitter_prob > 0:
         cj = d.color_jitter
@@ -106,8 +107,14 @@ class GroundingSet:
     :meth:`set_epoch`). After :meth:`attach_cache`, items are indices into cached encoder outputs.
     """
 
-    def __init__(self, samples: list[transvg.GroundingSample], d: ClipVGData, augment: bool = False,
-                 seed: int = 0, name: str = ""):
+    def __init__(
+        self,
+        samples: list[transvg.GroundingSample],
+        d: ClipVGData,
+        augment: bool = False,
+        seed: int = 0,
+        name: str = "",
+    ):
         if not samples:
             raise DataError(f"{name or 'dataset'}: no samples")
         self.samples, self.d, self.augment, self.seed, self.name = samples, d, augment, int(seed), name
@@ -147,8 +154,14 @@ class GroundingSet:
             image, info = letterbox(img, self.d.imsize, fill=0.0)
             canvas_box, mask = info.to_letterbox(box), info.padding_mask()
         target = xyxy_to_cxcywh(torch.as_tensor(canvas_box, dtype=torch.float32)[0] / self.d.imsize)
-        return {"image": _to_unit_tensor(image), "image_mask": mask, "text": self.texts[i], "box": target,
-                "index": i, "letterbox": info}
+        return {
+            "image": _to_unit_tensor(image),
+            "image_mask": mask,
+            "text": self.texts[i],
+            "box": target,
+            "index": i,
+            "letterbox": info,
+        }
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         if self.cache is not None:
@@ -159,10 +172,13 @@ class GroundingSet:
         idx = torch.tensor([it["index"] for it in items])
         if self.cache is not None:
             return self.cached_batch(idx)
-        return {"image": torch.stack([it["image"] for it in items]),
-                "image_mask": torch.stack([it["image_mask"] for it in items]),
-                "texts": [it["text"] for it in items], "box": torch.stack([it["box"] for it in items]),
-                "index": idx}
+        return {
+            "image": torch.stack([it["image"] for it in items]),
+            "image_mask": torch.stack([it["image_mask"] for it in items]),
+            "texts": [it["text"] for it in items],
+            "box": torch.stack([it["box"] for it in items]),
+            "index": idx,
+        }
 
     # ---------------------------------------------------------------- cached encoder outputs
 
@@ -190,7 +206,7 @@ class GroundingSet:
         if missing:
             first = {s.img_file: i for i, s in reversed(list(enumerate(self.samples)))}
             for k in range(0, len(missing), batch_size):
-                chunk = missing[k:k + batch_size]
+                chunk = missing[k : k + batch_size]
                 items = [self.raw_item(first[f]) for f in chunk]
                 imgs = torch.stack([it["image"] for it in items]).to(device)
                 masks = torch.stack([it["image_mask"] for it in items]).to(device)
@@ -206,7 +222,7 @@ class GroundingSet:
         todo = [t for t in uniq if t not in txt_store]
         if todo:
             for k in range(0, len(todo), 256):
-                chunk = todo[k:k + 256]
+                chunk = todo[k : k + 256]
                 ids, mask = enc.tokenize(chunk, model.max_query_len)
                 feats = enc.encode_text(ids.to(device), mask.to(device)).to(torch.float16).cpu()
                 for t, ft, m in zip(chunk, feats, mask):
@@ -239,9 +255,14 @@ class GroundingSet:
         c = self.cache
         assert c is not None
         im, tx = c["img_of"][idx], c["txt_of"][idx]
-        return {"image_feats": c["image_feats"][im], "image_mask": c["image_mask"][im],
-                "text_feats": c["text_feats"][tx], "text_mask": c["text_mask"][tx], "box": c["box"][idx],
-                "index": idx}
+        return {
+            "image_feats": c["image_feats"][im],
+            "image_mask": c["image_mask"][im],
+            "text_feats": c["text_feats"][tx],
+            "text_mask": c["text_mask"][tx],
+            "box": c["box"][idx],
+            "index": idx,
+        }
 
     def detach_cache(self) -> None:
         self.cache = None

