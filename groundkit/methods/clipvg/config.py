@@ -79,6 +79,7 @@ class ClipVGModel:
     pretrained: bool = True  # effnet_minilm: the packaged weights (False: random, tests)
     text_model: str = ""  # effnet_minilm: a local Hugging Face folder instead of the packaged MiniLM
     grid: int = 7  # effnet_minilm: image tokens are 1 + grid**2
+    effnet_stages: list[str] = field(default_factory=lambda: ["s8", "s16", "s32", "head"])  # concatenated levels
     d_model: int = 512
     nhead: int = 8
     num_layers: int = 6

@@ -52,6 +52,7 @@ def build_clipvg(cfg: ClipVGConfig) -> ClipVG:
         grid=m.grid,
         pretrained=m.pretrained,
         text_model=m.text_model,
+        stages=m.effnet_stages,
     )
     return ClipVG(
         enc,

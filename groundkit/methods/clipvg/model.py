@@ -229,9 +229,16 @@ class EfficientMiniLMEncoders(FrozenEncoders):
     ``pretrained=False`` gives random weights (tests without the packages' files).
     """
 
-    _STAGE_ENDS = (4, 10, 15)  # blocks ending the stride 8 / 16 / 32 stages of Lite0
+    #: stage name -> (block index ending it, channels); "head" is the 1280-d final convolution
+    STAGES: dict[str, tuple[int, int]] = {"s8": (4, 40), "s16": (10, 112), "s32": (15, 320), "head": (-1, 1280)}
 
-    def __init__(self, grid: int = 7, pretrained: bool = True, text_model: str = ""):
+    def __init__(
+        self,
+        grid: int = 7,
+        pretrained: bool = True,
+        text_model: str = "",
+        stages: Sequence[str] = ("s8", "s16", "s32", "head"),
+    ):
         super().__init__()
         from efficientnet_lite_pytorch import EfficientNet  # noqa: PLC0415 (heavy, loaded on first use)
         from transformers import AutoConfig, AutoModel, AutoTokenizer  # noqa: PLC0415 (heavy, loaded on first use)
@@ -247,8 +254,12 @@ class EfficientMiniLMEncoders(FrozenEncoders):
             self.text_model = AutoModel.from_config(AutoConfig.from_pretrained(path))
         self.hf_tokenizer = AutoTokenizer.from_pretrained(path)
         self.requires_grad_(False)
+        bad = [st for st in stages if st not in self.STAGES]
+        if bad or not stages:
+            raise EncoderError(f"unknown EfficientNet stages {bad or stages}; choose from {list(self.STAGES)}")
+        self.stages = tuple(stages)
         self.grid, self.pretrained, self.text_path = int(grid), pretrained, str(path)
-        self.image_dim = 40 + 112 + 320 + 1280
+        self.image_dim = sum(self.STAGES[st][1] for st in self.stages)
         self.text_dim = int(self.text_model.config.hidden_size)
         self.mean, self.std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
         self.eval()
@@ -272,12 +283,16 @@ class EfficientMiniLMEncoders(FrozenEncoders):
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         m = self.cnn
         x = m._swish(m._bn0(m._conv_stem(images)))
-        feats = []
-        for i, block in enumerate(m._blocks):
+        ends = {self.STAGES[st][0]: st for st in self.stages}
+        last = max(self.STAGES[st][0] if st != "head" else len(m._blocks) for st in self.stages)
+        by_name = {}
+        for i, block in enumerate(m._blocks[: min(last + 1, len(m._blocks))]):
             x = block(x)
-            if i in self._STAGE_ENDS:
-                feats.append(x)
-        feats.append(m._swish(m._bn1(m._conv_head(x))))
+            if i in ends:
+                by_name[ends[i]] = x
+        if "head" in self.stages:
+            by_name["head"] = m._swish(m._bn1(m._conv_head(x)))
+        feats = [by_name[st] for st in self.stages]
         g = self.grid
         maps = [
             F.adaptive_avg_pool2d(f, g)
@@ -294,7 +309,7 @@ class EfficientMiniLMEncoders(FrozenEncoders):
 
     def fingerprint(self) -> str:
         w = "pretrained" if self.pretrained else f"random:{torch.initial_seed()}"
-        return f"effnet-lite0+minilm:{w}:{self.text_path}:grid={self.grid}"
+        return f"effnet-lite0+minilm:{w}:{self.text_path}:grid={self.grid}:stages={','.join(self.stages)}"
 
 
 def build_encoders(
@@ -308,6 +323,7 @@ def build_encoders(
     grid: int = 7,
     pretrained: bool = True,
     text_model: str = "",
+    stages: Sequence[str] = ("s8", "s16", "s32", "head"),
 ) -> FrozenEncoders:
     """``kind``: ``"clip"`` (open_clip) or ``"effnet_minilm"`` (the offline pair)."""
     if kind == "clip":
@@ -315,7 +331,7 @@ def build_encoders(
     if kind == "effnet_minilm":
         if trainable_pos_embed:
             raise EncoderError("trainable_pos_embed is a CLIP quirk; the EfficientNet pair has no positional embedding")
-        return EfficientMiniLMEncoders(grid=grid, pretrained=pretrained, text_model=text_model)
+        return EfficientMiniLMEncoders(grid=grid, pretrained=pretrained, text_model=text_model, stages=stages)
     raise EncoderError(f"unknown encoder kind {kind!r}; expected 'clip' or 'effnet_minilm'")
 
 
