@@ -19,8 +19,14 @@ def tiny_data(tmp_path):
     rows = [("a.jpg", [10, 10, 30, 30], "The RED box on the left"), ("b.jpg", [10, 70, 30, 90], "green thing")]
     for split in ("train", "val", "testA", "testB"):
         transvg.save_split([transvg.make_entry("unc", f, b, t) for f, b, t in rows], tmp_path / "splits", "unc", split)
-    return ClipVGData(split_root=str(tmp_path / "splits"), image_root=str(images), imsize=64, max_query_len=8,
-                      supervision="full", cache_dir=str(tmp_path / "cache"))
+    return ClipVGData(
+        split_root=str(tmp_path / "splits"),
+        image_root=str(images),
+        imsize=64,
+        max_query_len=8,
+        supervision="full",
+        cache_dir=str(tmp_path / "cache"),
+    )
 
 
 def test_letterbox_target_and_mask(tiny_data):
@@ -45,8 +51,14 @@ def test_test_split_is_testa_plus_testb_and_train_follows_supervision(tiny_data)
 
 def test_cached_batches_equal_raw_batches(tiny_data):
     torch.manual_seed(0)
-    model = ClipVG(build_encoders("effnet_minilm", grid=2, pretrained=False), max_query_len=8, d_model=16,
-                   nhead=2, num_layers=1, dim_ff=16).eval()
+    model = ClipVG(
+        build_encoders("effnet_minilm", grid=2, pretrained=False),
+        max_query_len=8,
+        d_model=16,
+        nhead=2,
+        num_layers=1,
+        dim_ff=16,
+    ).eval()
     raw = GroundingSet(load_samples(tiny_data, "val"), tiny_data)
     rb = raw.collate([raw[i] for i in range(2)])
     cached = GroundingSet(load_samples(tiny_data, "val"), tiny_data)

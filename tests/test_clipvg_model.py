@@ -94,3 +94,22 @@ def test_open_clip_encoders_multi_level_random_weights():
     quirk = build_encoders("clip", clip_name="ViT-B-32", trainable_pos_embed=True)
     assert quirk.image_features_trainable
     assert [n for n, p in quirk.named_parameters() if p.requires_grad] == ["visual.positional_embedding"]
+
+
+def test_checkpoints_leave_out_frozen_packaged_encoders(tmp_path, offline_model):
+    from groundkit.checkpoint import load_weights, save_checkpoint
+
+    m = offline_model
+    m.encoders.from_source = True  # as with the packaged weights
+    try:
+        keys = m.state_dict().keys()
+        assert keys and not any(k.startswith("encoders.") for k in keys)
+        save_checkpoint(tmp_path / "ck", m)
+        torch.manual_seed(5)
+        other = ClipVG(m.encoders, max_query_len=12, d_model=32, nhead=4, num_layers=2, dim_ff=64).eval()
+        load_weights(other, tmp_path / "ck")
+        b = batch_for(m)
+        torch.testing.assert_close(other(b).boxes, m(b).boxes)
+    finally:
+        m.encoders.from_source = False
+    assert any(k.startswith("encoders.") for k in m.state_dict())  # random encoders are stored

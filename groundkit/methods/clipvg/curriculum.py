@@ -100,6 +100,7 @@ class CurriculumConfig:
     metric: str = "acc"  # validation metric that is maximised
     seed: int = 0  # train.seed of every run
     jobs: int = 1  # runs trained in parallel
+    threads: int = 1  # torch threads per run (more threads than free cores makes a shared CPU crawl)
     search: SearchConfig = field(default_factory=SearchConfig)
     msa: MSAConfig = field(default_factory=MSAConfig)
 
@@ -569,7 +570,7 @@ class EngineBackend:
             )
             for j in jobs
         ]
-        results = run_many(specs, jobs=c.jobs, progress=False)
+        results = run_many(specs, jobs=c.jobs, threads=c.threads, progress=False)
         return [
             {
                 "val": r.best,

@@ -107,6 +107,9 @@ class FrozenEncoders(nn.Module):
         """Identifies the encoders' outputs (name, weights, levels, grid) for feature caches."""
         raise NotImplementedError
 
+    #: True when the weights come from a file or package (a checkpoint then need not store them)
+    from_source: bool = False
+
     @property
     def image_features_trainable(self) -> bool:
         """True when a trainable parameter changes the image features (no caching then)."""
@@ -162,6 +165,7 @@ class OpenClipEncoders(FrozenEncoders):
         if image_size % patch:
             raise EncoderError(f"{name}: image size {image_size} is not a multiple of the patch size {patch}")
         self.name, self.checkpoint, self.levels = name, checkpoint, tuple(int(i) for i in levels)
+        self.from_source = bool(checkpoint)
         self.visual = visual
         tower = model.text if hasattr(model, "text") else model  # CustomTextCLIP or CLIP
         self.token_embedding = tower.token_embedding
@@ -259,6 +263,7 @@ class EfficientMiniLMEncoders(FrozenEncoders):
             raise EncoderError(f"unknown EfficientNet stages {bad or stages}; choose from {list(self.STAGES)}")
         self.stages = tuple(stages)
         self.grid, self.pretrained, self.text_path = int(grid), pretrained, str(path)
+        self.from_source = bool(pretrained)
         self.image_dim = sum(self.STAGES[st][1] for st in self.stages)
         self.text_dim = int(self.text_model.config.hidden_size)
         self.mean, self.std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
@@ -505,6 +510,33 @@ class ClipVG(nn.Module):
         else:
             img, txt = self.encode(batch["image"], image_mask, batch["text_ids"], batch["text_mask"])
         return ClipVGOutput(self.fuse(img, self.image_token_mask(image_mask), txt, batch["text_mask"]))
+
+    # ---------------------------------------------------------------- checkpoints without the frozen encoders
+
+    def _frozen(self, key: str) -> bool:
+        """Encoder weights that are rebuilt from their source (package or user file) and never train."""
+        if not key.startswith("encoders.") or not self.encoders.from_source:
+            return False
+        return key[len("encoders.") :] not in self._trainable_encoder_keys()
+
+    def _trainable_encoder_keys(self) -> set[str]:
+        return {n for n, p in self.encoders.named_parameters() if p.requires_grad}
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """The trainable part (and any trainable encoder parameter): frozen encoder weights that come
+        from a package or a file are rebuilt from it, so checkpoints stay small (MBs, not 100s of MBs)."""
+        sd = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", "")
+        for k in [k for k in sd if self._frozen(k[len(prefix) :])]:
+            del sd[k]
+        return sd
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        res = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [k for k in res.missing_keys if not self._frozen(k)]
+        if strict and (missing or res.unexpected_keys):
+            raise RuntimeError(f"missing keys {missing[:5]}, unexpected keys {res.unexpected_keys[:5]}")
+        return type(res)(missing, res.unexpected_keys)
 
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
