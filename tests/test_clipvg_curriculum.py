@@ -130,3 +130,20 @@ def test_msa_stops_when_a_step_does_not_improve(tmp_path):
     cfg = CurriculumConfig(sources=srcs, out=str(tmp_path / "msa"), msa=MSAConfig(measurer_selection=False))
     res = run_msa(cfg, backend, echo=lambda s: None)
     assert [s["source"] for s in res["steps"]] == ["template"] and "not above" in res["stop"]
+
+
+def test_curriculum_command_line_and_yaml(tmp_path):
+    import argparse
+
+    from groundkit.methods.clipvg.curriculum import load_curriculum_config, register_curriculum
+
+    (tmp_path / "t.pth").write_bytes(b"")
+    (tmp_path / "c.yaml").write_text("config: world_cpu\nsource: t.pth\nout: o\nsearch: {max_evals: 3}\n")
+    parser = argparse.ArgumentParser()
+    register_curriculum(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["curriculum", "ssa", str(tmp_path / "c.yaml"), "--set", "jobs=2"])
+    assert args.kind == "ssa" and callable(args.func)
+    cfg = load_curriculum_config(args.config, args.set)
+    assert cfg.jobs == 2 and cfg.search.max_evals == 3 and cfg.source == str(tmp_path / "t.pth")
+    with pytest.raises(Exception, match="unknown key"):
+        load_curriculum_config(args.config, ["search.budget=3"])

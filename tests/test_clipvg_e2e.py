@@ -77,7 +77,7 @@ def random_box_acc(method, cfg, split, draws=20):
 
 
 def test_tiny_training_beats_random_and_predicts_a_photo(world, tmp_path):
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     method, cfg = config(world, tmp_path, **{"train.val_split": "train"})
     res = fit(method, cfg, final_split="train")
     acc = res["final"]["acc"]
@@ -101,7 +101,7 @@ def test_tiny_training_beats_random_and_predicts_a_photo(world, tmp_path):
 
 
 def test_curriculum_resumes_after_a_kill_without_retraining(world, tmp_path):
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     method, cfg = config(world, tmp_path, **{"train.max_steps": 4})
     over = {k: v for k, v in json.loads(json.dumps(TINY)).items()}
     cur = CurriculumConfig(

@@ -94,6 +94,7 @@ class CurriculumConfig:
     config: str = ""  # the clipvg training config every run uses (YAML path or shipped name)
     set: dict[str, Any] = field(default_factory=dict)  # overrides for every run, e.g. {"train.epochs": 20}
     out: str = "runs/curriculum"
+    runs_dir: str = ""  # where the trainings go ("" = <out>/runs); curricula sharing it share their runs
     source: str = ""  # SSA: the pseudo-label .pth list
     sources: dict[str, str] = field(default_factory=dict)  # MSA: name -> .pth list (in this order)
     dataset: str = "unc"  # layout of the lists
@@ -563,7 +564,7 @@ class EngineBackend:
                 method="clipvg",
                 config=c.config or "offline",
                 overrides={**c.set, "data.train_file": j.train_file},
-                output_dir=str(Path(c.out) / "runs" / j.name),
+                output_dir=str(Path(c.runs_dir or Path(c.out) / "runs") / j.name),
                 seed=c.seed,
                 label=j.label,
                 tags={"train_file": j.train_file},

@@ -55,10 +55,20 @@ def random_box_accuracy(cfg: Any, split: str = "test", draws: int = 100, seed: i
     return float(np.mean(hits))
 
 
-def _curricula(world: Path, out: Path, base: str, sets: dict[str, Any], seed: int, jobs: int) -> dict[str, Any]:
+def _curricula(
+    world: Path, out: Path, base: str, sets: dict[str, Any], seed: int, jobs: int, metric: str = "acc"
+) -> dict[str, Any]:
     sep = world / "splits" / "unc" / "train_separate"
     files = {s: str(sep / f"{i + 1}_unc_train_pseudo_{s}.pth") for i, s in enumerate(SOURCES)}
-    common = dict(config=base, set=sets, seed=seed, jobs=jobs, search=SearchConfig(max_evals=4))
+    common = dict(
+        config=base,
+        set=sets,
+        seed=seed,
+        jobs=jobs,
+        metric=metric,
+        search=SearchConfig(max_evals=4),
+        runs_dir=str(out / "ssa" / "runs"),
+    )
     ssa_cfg = CurriculumConfig(out=str(out / "ssa"), source=files["template"], **common)
     ssa = run_ssa(ssa_cfg, EngineBackend(ssa_cfg))
     msa_cfg = CurriculumConfig(out=str(out / "msa"), sources=files, msa=MSAConfig(h0=0.5), **common)
@@ -81,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="world_cpu")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    p.add_argument("--metric", default="acc", help="validation metric the curricula maximise (acc or miou)")
     a = p.parse_args(argv)
     out = Path(a.out)
     world = generate("pseudo", size=a.size, seed=a.world_seed, progress=False)
@@ -89,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         "data.cache_dir": str(out / "feature_cache"),
         **dict(parse_override(s) for s in a.set),
     }
-    cur = _curricula(world, out, a.config, sets, a.curriculum_seed, a.jobs)
+    cur = _curricula(world, out, a.config, sets, a.curriculum_seed, a.jobs, a.metric)
     ssa_file = _selection(out / "ssa", cur["ssa"]["final"]["run"])
     msa_final = cur["msa"]["final"] or {}
     variants = {
