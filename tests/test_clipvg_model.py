@@ -83,15 +83,15 @@ def test_loss_on_hand_checked_boxes():
 
 
 def test_open_clip_encoders_multi_level_random_weights():
-    enc = build_encoders("clip", clip_name="ViT-B-32", levels=(0, 3, 7, 11), image_size=224)
+    enc = build_encoders("clip", clip_name="ViT-S-32", levels=(0, 3, 7, 11), image_size=224)
     ids, mask = enc.tokenize(["a dog on the left"], 16)
     assert ids.shape == (1, 16) and int(mask.sum()) == 7  # start, 5 words, end
     with torch.no_grad():
         img = enc.encode_image(torch.zeros(1, 3, 224, 224))
         txt = enc.encode_text(ids, mask)
-    assert enc.grid == 7 and img.shape == (1, 50, 4 * 768) and txt.shape == (1, 16, 512)
+    assert enc.grid == 7 and img.shape == (1, 50, 4 * 384) and txt.shape == (1, 16, 384)
     assert not enc.image_features_trainable
-    quirk = build_encoders("clip", clip_name="ViT-B-32", trainable_pos_embed=True)
+    quirk = build_encoders("clip", clip_name="ViT-S-32", trainable_pos_embed=True)
     assert quirk.image_features_trainable
     assert [n for n, p in quirk.named_parameters() if p.requires_grad] == ["visual.positional_embedding"]
 

@@ -242,7 +242,9 @@ class Curriculum:
     def __init__(self, cfg: CurriculumConfig, backend: Backend, kind: str, echo: Callable[[str], None] | None = None):
         self.cfg, self.backend, self.kind = cfg, backend, kind
         self.out = Path(cfg.out)
-        (self.out / "selections").mkdir(parents=True, exist_ok=True)
+        # selections live beside the runs that train on them, so curricula sharing runs share both
+        self.selections = Path(cfg.runs_dir).parent / "selections" if cfg.runs_dir else self.out / "selections"
+        self.selections.mkdir(parents=True, exist_ok=True)
         self.echo = echo or (lambda s: print(s, file=sys.stderr, flush=True))
         self.config_tag = json.dumps(
             {"config": cfg.config, "set": cfg.set, "seed": cfg.seed}, sort_keys=True, default=str
@@ -267,7 +269,7 @@ class Curriculum:
     def selection_file(self, entries: list) -> tuple[str, str]:
         """``(run name, path)`` of the list ``entries``, written once (atomically)."""
         key = _digest(entries, self.config_tag)
-        path = self.out / "selections" / f"{key}.pth"
+        path = self.selections / f"{key}.pth"
         if not path.is_file():
             tmp = path.with_suffix(f".tmp-{os.getpid()}")
             transvg.save_list(entries, tmp, self.cfg.dataset)

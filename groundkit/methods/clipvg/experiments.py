@@ -78,7 +78,7 @@ def _curricula(
 
 
 def _selection(cur_out: Path, run: str) -> str:
-    return str(cur_out / "selections" / f"{run.removeprefix('run-')}.pth")
+    return str(cur_out / "selections" / f"{run.removeprefix('run-')}.pth")  # the shared selections folder
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         "template, all labels": {"data.train_file": cur["files"]["template"]},
         "template, SSA": {"data.train_file": ssa_file},
         "3 sources merged, all labels": {"data.train_file": str(world / "splits/unc/unc_train_pseudo.pth")},
-        "3 sources, MSA": {"data.train_file": _selection(out / "msa", msa_final["run"])} if msa_final else None,
+        "3 sources, MSA": {"data.train_file": _selection(out / "ssa", msa_final["run"])} if msa_final else None,
         "full supervision": {"data.supervision": "full"},
     }
     specs = []
