@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -232,8 +231,7 @@ def register_predict(subparsers: Any) -> None:
 
 def _run_predict(args: argparse.Namespace) -> int:
     if not args.query and not args.video_id:
-        print("groundkit predict retrieval: give --query and/or --video-id", file=sys.stderr)
-        return 2
+        raise FeatureError("predict retrieval: give --query and/or --video-id")
     r = Retriever.from_checkpoint(args.checkpoint, store=args.store, split=args.split or None, device=args.device)
     out: dict[str, Any] = {"t2v": {}, "v2t": {}}
     for q in args.query:
