@@ -37,7 +37,10 @@ CORE_COMMANDS: dict[str, dict[str, str]] = {
     "predict": {},
 }
 # top-level commands outside the groups
-TOP_COMMANDS: dict[str, str] = {"summarize": "groundkit.runs:register_summarize"}
+TOP_COMMANDS: dict[str, str] = {
+    "summarize": "groundkit.runs:register_summarize",
+    "serve": "groundkit.serve.cli:register",
+}
 
 
 def _load(spec: str) -> Callable[..., Any]:

@@ -18,7 +18,16 @@ from ..config import apply_overrides, from_dict, load_yaml
 from ..errors import GroundkitError
 from .base import Method, Predictor
 
-__all__ = ["METHODS", "Method", "Predictor", "available_methods", "get_method", "load_run", "find_run_files"]
+__all__ = [
+    "METHODS",
+    "Method",
+    "Predictor",
+    "available_methods",
+    "get_method",
+    "load_run",
+    "method_of_run",
+    "find_run_files",
+]
 
 #: method name -> package holding ``METHOD``
 METHODS: dict[str, str] = {
@@ -60,15 +69,8 @@ def get_method(name: str) -> Method:
     return m
 
 
-def load_run(
-    path: str | Path, device: str | Any = "cpu", overrides: dict[str, Any] | None = None
-) -> tuple[Method, Any, Any]:
-    """``(method, config, model in eval mode)`` from a run directory or any of its checkpoints.
-
-    The method and the config come from the checkpoint's own metadata (older checkpoints: the run's
-    ``config.yaml``), so a model is always rebuilt the way it was trained; ``overrides``
-    (``{"data.x": value}``) change what the caller wants changed, e.g. the evaluation files.
-    """
+def _run_meta(path: str | Path) -> tuple[Path, str, dict[str, Any]]:
+    """``(checkpoint directory, method name, config dict)`` of a run directory or checkpoint."""
     ck, run = find_run_files(path)
     meta = json.loads((ck / "meta.json").read_text())
     name = meta.get("method")
@@ -80,6 +82,25 @@ def load_run(
         cfg_dict = cfg_dict if cfg_dict is not None else data
     if not name or cfg_dict is None:
         raise CheckpointError(f"{ck}: the checkpoint names no method/config and {run}/config.yaml is missing")
+    return ck, name, cfg_dict
+
+
+def method_of_run(path: str | Path) -> Method:
+    """The registered method that trained a run directory or checkpoint (read from its metadata,
+    without building the model)."""
+    return get_method(_run_meta(path)[1])
+
+
+def load_run(
+    path: str | Path, device: str | Any = "cpu", overrides: dict[str, Any] | None = None
+) -> tuple[Method, Any, Any]:
+    """``(method, config, model in eval mode)`` from a run directory or any of its checkpoints.
+
+    The method and the config come from the checkpoint's own metadata (older checkpoints: the run's
+    ``config.yaml``), so a model is always rebuilt the way it was trained; ``overrides``
+    (``{"data.x": value}``) change what the caller wants changed, e.g. the evaluation files.
+    """
+    ck, name, cfg_dict = _run_meta(path)
     method = get_method(name)
     if overrides:
         cfg_dict = apply_overrides(method.config_class, cfg_dict, overrides)

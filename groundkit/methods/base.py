@@ -56,6 +56,11 @@ class Predictor:
         """Per phrase: ``{"phrase", "boxes", "scores"}`` ranked over the given proposals."""
         raise NotImplementedError(f"{type(self).__name__} does not rank region proposals")
 
+    def video_files(self) -> str | None:
+        """A ``text_video`` predictor's folder of the indexed videos' files (``<id>.mp4`` ...) or frames
+        (``<id>/*.jpg``), when it knows one; the web page shows frames from it. None: unknown."""
+        return None
+
 
 class Method:
     """Base class of every method. Subclasses set the class attributes and override the hooks."""

@@ -116,6 +116,13 @@ class Retriever(Predictor):
             idx.add(np.ascontiguousarray(x[rows]))
             self.patterns.append((key.astype(bool), rows, idx))
 
+    def video_files(self) -> str | None:
+        """The folder the store's features were extracted from (``groundkit data extract-experts
+        --videos``), if it is on this machine; a converted release names its archive folder, which
+        holds no videos (the page then says there are no frames)."""
+        src = self.store.meta.get("info", {}).get("source")
+        return str(src) if src and Path(src).is_dir() else None
+
     # ------------------------------------------------------------------ text side
     @property
     def text_encoder(self) -> Any:
