@@ -34,7 +34,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
-from .images import InputError, Limits, decode_upload, draw_boxes, encode_png
+from .images import InputError, Limits, decode_upload, draw_boxes, encode_png, size_text
 from .pages import SCRIPT, STYLE, frame_url, render_page
 from .table import ServedRun
 
@@ -85,8 +85,7 @@ class BodyLimit:
                 return
 
     async def _refuse(self, scope: Scope, send: Send) -> None:
-        mb = self.max_bytes / (1024 * 1024)
-        msg = f"the request is larger than {mb:.1f} MB (the upload limit plus the form around it)"
+        msg = f"the request is larger than {size_text(self.max_bytes)} (the upload limit plus the form around it)"
         await _send_error(scope, send, 413, msg)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -25,6 +25,7 @@ __all__ = [
     "decode_upload",
     "draw_boxes",
     "encode_png",
+    "size_text",
     "image_file_thumbnail",
     "thumbnail_jpeg",
     "video_thumbnails",
@@ -58,8 +59,9 @@ class Limits:
     display_side: int = 800  # the drawn image's longer side (boxes are reported in original pixels)
 
 
-def _mb(n: int) -> str:
-    return f"{n / (1024 * 1024):.1f} MB"
+def size_text(n: float) -> str:
+    """A byte count for a message: KB under 1 MB, else MB with one decimal."""
+    return f"{n / 1024:.0f} KB" if n < 1024 * 1024 else f"{n / (1024 * 1024):.1f} MB"
 
 
 def decode_upload(data: bytes, limits: Limits) -> Image.Image:
@@ -68,7 +70,7 @@ def decode_upload(data: bytes, limits: Limits) -> Image.Image:
     if not data:
         raise InputError(400, "the uploaded file is empty: choose an image file")
     if len(data) > limits.max_upload_bytes:
-        raise InputError(413, f"the upload is {_mb(len(data))}; the limit is {_mb(limits.max_upload_bytes)}")
+        raise InputError(413, f"the image file is larger than the {size_text(limits.max_upload_bytes)} limit")
     kinds = ", ".join(ALLOWED_FORMATS.values())
     with warnings.catch_warnings():
         # PIL warns (then raises) on huge images; both become the 400 below
