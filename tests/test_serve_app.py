@@ -248,6 +248,10 @@ def test_security_headers_hosts_and_no_docs(runs, monkeypatch):
         assert r.headers["x-content-type-options"] == "nosniff"
         for path in ("/docs", "/redoc", "/openapi.json"):  # FastAPI's pages load assets from a CDN: off
             assert c.get(path).status_code == 404
-        assert c.get("/", headers={"host": "evil.example"}).status_code == 400  # DNS rebinding
-        assert c.get("/healthz", headers={"host": "localhost:8000"}).status_code == 200
+        r = c.get("/", headers={"host": "evil.example"})  # DNS rebinding
+        assert r.status_code == 400 and "this server answers only to 127.0.0.1, ::1, localhost" in r.text
+        for host in ("localhost:8000", "[::1]:8000", "127.0.0.1", "LOCALHOST"):
+            assert c.get("/healthz", headers={"host": host}).status_code == 200, host
+        for host in ("127.0.0.1.evil.example", "[::2]:80", "", "evil:8000"):
+            assert c.get("/healthz", headers={"host": host}).status_code == 400, host
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost") and not is_loopback("0.0.0.0")

@@ -30,7 +30,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
@@ -38,7 +37,7 @@ from .images import InputError, Limits, decode_upload, draw_boxes, encode_png, s
 from .pages import SCRIPT, STYLE, frame_url, render_page
 from .table import ServedRun
 
-__all__ = ["create_app", "BodyLimit"]
+__all__ = ["create_app", "BodyLimit", "HostCheck", "host_name"]
 
 log = logging.getLogger("groundkit.serve")
 
@@ -132,6 +131,31 @@ class BodyLimit:
             if not started:
                 await self._drain(receive, seen)
                 await self._refuse(scope, send)
+
+
+def host_name(header: str) -> str:
+    """The host of a Host header, without its port: ``[::1]:8000`` -> ``::1``, ``localhost:80`` -> ``localhost``."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1 : header.find("]")] if "]" in header else ""
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+class HostCheck:
+    """ASGI middleware: a request whose Host header names none of ``allowed`` is answered 400 (against
+    DNS rebinding: a page of another site resolving its own name to 127.0.0.1)."""
+
+    def __init__(self, app: ASGIApp, allowed: Sequence[str]):
+        self.app = app
+        self.allowed = {host_name(h) if h.startswith("[") else h.lower() for h in allowed}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            host = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
+            if host_name(host) not in self.allowed:
+                await _send_error(scope, send, 400, f"this server answers only to {', '.join(sorted(self.allowed))}")
+                return
+        await self.app(scope, receive, send)
 
 
 async def _send_error(scope: Scope, send: Send, status: int, message: str) -> None:
@@ -262,7 +286,7 @@ def create_app(
 ) -> FastAPI:
     """The application for ``runs`` (already loaded). ``allowed_hosts``: Host header names accepted
     (None: any; ``groundkit serve`` on a loopback address passes the loopback names, so a web page on
-    another site cannot reach the server through DNS rebinding)."""
+    another site cannot reach the server through DNS rebinding: :class:`HostCheck`)."""
     limits = limits or Limits()
     state = _State(runs, limits)
     app = FastAPI(title="groundkit", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
@@ -431,6 +455,6 @@ def create_app(
 
     # outermost first: the body limit (and security headers) wraps the host check
     if allowed_hosts is not None:
-        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
+        app.add_middleware(HostCheck, allowed=list(allowed_hosts))
     app.add_middleware(BodyLimit, max_bytes=limits.max_upload_bytes + FORM_OVERHEAD)
     return app

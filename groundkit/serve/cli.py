@@ -17,7 +17,7 @@ NO_RUN = (
     "give at least one --run RUN_DIR (a trained run directory or checkpoint), e.g. "
     "`groundkit serve --run runs/crosskd/synth_cecap`; train one with `groundkit train METHOD` or `groundkit demo`"
 )
-LOOPBACK_NAMES = ["127.0.0.1", "localhost", "::1", "[::1]"]
+LOOPBACK_NAMES = ["127.0.0.1", "localhost", "::1"]
 
 
 def register(sub: Any) -> None:
