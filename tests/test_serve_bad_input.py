@@ -161,6 +161,8 @@ def test_search_parameter_checks(client):
         (0, "k must be from 1 to 50; got 0"),
         (51, "k must be from 1 to 50; got 51"),
         ("ten", "k must be a whole number from 1 to 50"),
+        (2.5, "k must be a whole number from 1 to 50"),
+        (True, "k must be a whole number from 1 to 50"),
     ]:
         r = client.post("/api/search", json={"run": "tv", "text": "a dog", "k": k})
         assert (r.status_code, error_of(r)) == (400, message)

@@ -22,6 +22,7 @@ import base64
 import logging
 import math
 from collections.abc import Sequence
+from html import escape
 from typing import Any
 
 import anyio
@@ -172,8 +173,6 @@ async def _send_error(scope: Scope, send: Send, status: int, message: str) -> No
 
 
 def _error_html(status: int, message: str) -> str:
-    from html import escape  # noqa: PLC0415
-
     return (
         f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>groundkit: error {status}</title>'
         f'<link rel="stylesheet" href="/style.css"></head><body><header><h1>groundkit</h1></header><main>'
@@ -226,6 +225,8 @@ class _State:
     def k(self, value: Any) -> int:
         if value is None or value == "":
             return 10
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            value = "not a whole number"
         try:
             k = int(value)
         except (TypeError, ValueError):
