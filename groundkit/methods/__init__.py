@@ -22,6 +22,7 @@ __all__ = ["METHODS", "Method", "Predictor", "available_methods", "get_method", 
 METHODS: dict[str, str] = {
     "wang21": "groundkit.methods.wang21",
     "crosskd": "groundkit.methods.crosskd",
+    "cogrounding": "groundkit.methods.cogrounding",
 }
 
 

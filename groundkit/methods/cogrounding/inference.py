@@ -52,23 +52,26 @@ def _collect(model: CoGroundingNet, out: dict, top_k: int) -> dict[str, torch.Te
 
 
 @torch.no_grad()
-def ground_video(model: CoGroundingNet, frames: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, window: int = 5,
-                 batch: int = 64, top_k: int = 0) -> dict[str, torch.Tensor]:
+def ground_video(model: CoGroundingNet, frames: torch.Tensor | None, ids: torch.Tensor, mask: torch.Tensor, window: int = 5,
+                 batch: int = 64, top_k: int = 0, backbone_feats: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Ground one expression in every frame of one video, each frame's features computed once.
 
     ``frames [T,3,S,S]`` in [0,1], ``ids``/``mask`` ``[L]``. Returns ``box [T,4]`` (letterbox pixels),
     ``score [T]`` and with ``top_k`` the candidates ``cand_box [T,k,4]``, ``cand_score [T,k]``,
-    ``cand_feat [T,k,D]`` for :func:`temporal_rescore`.
+    ``cand_feat [T,k,D]`` for :func:`temporal_rescore`. ``backbone_feats`` (per scale ``[T,C,G,G]``)
+    replace ``frames`` when the backbone maps are already known.
     """
-    T = frames.shape[0]
-    v_parts = [model.encode_frames(frames[s:s + batch]) for s in range(0, T, batch)]
+    src = frames if frames is not None else backbone_feats[0]
+    T, dev = src.shape[0], src.device
+    v_parts = [model.encode_frames(frames[s:s + batch]) if frames is not None else
+               model.encode_frames(backbone_feats=[f[s:s + batch] for f in backbone_feats]) for s in range(0, T, batch)]
     v = [torch.cat([p[k] for p in v_parts]) for k in range(len(v_parts[0]))]
     text = model.encode_text(ids.view(1, -1), mask.view(1, -1))
-    win = window_indices(T, window, frames.device)
+    win = window_indices(T, window, dev)
     neigh = _neighbours(win) if window > 1 else None
     parts = []
     for s in range(0, T, batch):
-        centre = torch.arange(s, min(T, s + batch), device=frames.device)
+        centre = torch.arange(s, min(T, s + batch), device=dev)
         parts.append(_collect(model, _head(model, v, centre, None if neigh is None else neigh[centre], text), top_k))
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
