@@ -17,7 +17,7 @@ from groundkit.errors import DataError
 from groundkit.methods import get_method
 from groundkit.methods.cogrounding.predict import CoGroundingPredictor, register
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)
 
 WORLD_IMAGE_YAML = "groundkit/methods/cogrounding/configs/world_image.yaml"
 
@@ -37,7 +37,7 @@ def run(world, tmp_path_factory):
     root = Path(__file__).resolve().parents[1]
     out = tmp_path_factory.mktemp("cog_run")
     cfg = load_config(method.config_class, root / WORLD_IMAGE_YAML, {
-        "data.data_root": str(world), "data.image_size": 96, "data.val_split": "train", "model.dim": 32,
+        "data.data_root": str(world), "data.image_size": 96, "data.val_split": "train", "model.dim": 64,
         "model.vocab_size": 2000, "train.epochs": 25, "train.batch_size": 16, "train.output_dir": str(out),
         "train.eval_every": 25, "optim.lr": 0.003, "data.flip": False})
     res = fit(method, cfg, final_split=None)
