@@ -27,6 +27,7 @@ from safetensors.torch import load_model, save_model
 from .errors import GroundkitError
 
 __all__ = [
+    "find_run_files",
     "save_checkpoint",
     "load_checkpoint",
     "load_weights",
@@ -147,7 +148,7 @@ def load_weights(model: torch.nn.Module, path: str | Path, strict: bool = True) 
     """Load model weights from a checkpoint directory or a ``.safetensors`` file."""
     p = _weights_file(path)
     try:
-        missing, unexpected = load_model(_unwrap(model), str(p), strict=strict)
+        load_model(_unwrap(model), str(p), strict=strict)
     except RuntimeError as e:
         raise CheckpointError(f"{p}: weights do not match the model built from the config: {e}") from None
 
@@ -186,3 +187,23 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
         return None
     p = Path(run_dir) / "checkpoints" / pointer.read_text().strip()
     return p if (p / "model.safetensors").is_file() and (p / "meta.json").is_file() else None
+
+
+def find_run_files(path: str | Path) -> tuple[Path, Path]:
+    """``(checkpoint directory, run directory)`` for a run directory, a checkpoint directory, or a
+    checkpoint's ``.safetensors`` file. A run directory gives its best checkpoint (else its latest)."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        p = p.parent
+    if not p.is_dir():
+        raise CheckpointError(f"{path}: no such run or checkpoint directory")
+    if (p / "checkpoints").is_dir():
+        best = p / "checkpoints" / "best"
+        ck = best if (best / "meta.json").is_file() else latest_checkpoint(p)
+        if ck is None:
+            raise CheckpointError(f"{p}: run directory holds no checkpoint yet")
+        return ck, p
+    if (p / "meta.json").is_file():
+        run = p.parent.parent if p.parent.name == "checkpoints" else p
+        return p, run
+    raise CheckpointError(f"{path}: neither a run directory (with checkpoints/) nor a checkpoint (with meta.json)")

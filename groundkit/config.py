@@ -2,7 +2,7 @@
 
 One config system for every method. A method's config is a dataclass whose fields are
 other dataclasses (``data``, ``model``, ``loss`` ...) plus the shared ``optim``, ``sched``
-and ``train`` sections defined here. YAML files shipped under ``groundkit/configs/<method>/``
+and ``train`` sections defined here. YAML files shipped under ``groundkit/methods/<method>/configs/``
 fill it; ``--set a.b=value`` overrides single keys. Unknown keys and wrong types are rejected
 with a message naming the key and listing the valid ones.
 """
@@ -104,6 +104,8 @@ class TrainConfig:
     ckpt_every_steps: int = 0  # >0: also checkpoint every N steps (for resume)
     log_every: int = 10
     num_workers: int = 0
+    init_from: str = ""  # start from these weights (a run directory, checkpoint directory or .safetensors)
+    subset: str = ""  # train only on these samples of the training split (JSON list or one index per line)
     output_dir: str = "runs/default"
     tensorboard: bool = True
     progress: bool = True
@@ -251,7 +253,9 @@ def _set_key(d: dict, cls: type, dotted: str, raw: Any) -> None:
         names = {f.name for f in dataclasses.fields(cur_cls)}
         if p not in names:
             where = ".".join(parts[:i]) or "<root>"
-            raise ConfigError(f"unknown key {'.'.join(parts[: i + 1])}; valid keys in {where}: {', '.join(sorted(names))}")
+            raise ConfigError(
+                f"unknown key {'.'.join(parts[: i + 1])}; valid keys in {where}: {', '.join(sorted(names))}"
+            )
         if i == len(parts) - 1:
             cur[p] = raw
         else:
@@ -284,14 +288,14 @@ def apply_overrides(cls: type[T], data: dict[str, Any], overrides: list[str] | d
     return out
 
 
-def config_dir() -> Path:
-    """Folder of the YAML configs shipped with the package."""
-    return Path(__file__).parent / "configs"
+def config_dir(method: str) -> Path:
+    """Folder of the YAML configs shipped with ``method`` (``groundkit/methods/<method>/configs``)."""
+    return Path(__file__).parent / "methods" / method / "configs"
 
 
 def list_configs(method: str) -> list[str]:
     """Names of the shipped configs for ``method``."""
-    d = config_dir() / method
+    d = config_dir(method)
     return sorted(p.stem for p in d.glob("*.yaml")) if d.is_dir() else []
 
 
@@ -300,7 +304,7 @@ def resolve_config_path(method: str, name_or_path: str | Path) -> Path:
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") and p.is_file():
         return p
-    shipped = config_dir() / method / f"{p.stem if p.suffix in ('.yaml', '.yml') else name_or_path}.yaml"
+    shipped = config_dir(method) / f"{p.stem if p.suffix in ('.yaml', '.yml') else name_or_path}.yaml"
     if shipped.is_file():
         return shipped
     raise ConfigError(

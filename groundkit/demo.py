@@ -1,8 +1,10 @@
 """``groundkit demo``: build the built-in benchmark world and run the methods end to end.
 
-For each available method it generates (or reuses, checksum-verified) the world's data set, trains
-the reference configuration, the paper's distillation and groundkit's improved mode, evaluates on
-the test split, and prints one table per method. Results go to ``<out>/demo_results.{json,md}``.
+For each method with a demo it generates (or reuses, checksum-verified) the world's data set,
+trains the reference configuration, the paper's distillation and groundkit's improved mode through
+:mod:`groundkit.runs` (finished runs are reused, so a killed demo restarts where it stopped),
+evaluates on the test split, and prints one table per method. Results go to
+``<out>/demo_results.{json,md}``.
 """
 
 from __future__ import annotations
@@ -10,105 +12,92 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from .methods import available_methods
+from .methods.wang21.experiments import format_table as wang21_table
+from .methods.wang21.experiments import sweep_specs
+from .runs import RunResult, format_table, run_many, seed_specs, summarize, write_summary
+from .world import generate
 
-__all__ = ["add_demo_args", "run_demo"]
+__all__ = ["add_demo_args", "run_demo", "DEMOS"]
 
 
 def add_demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", default="small", choices=["tiny", "small", "medium"], help="world size (default: small)")
     p.add_argument("--seeds", default="0", help="comma-separated training seeds (mean ± std over them)")
     p.add_argument("--world-seed", type=int, default=0, help="seed of the generated world")
-    p.add_argument("--methods", default="wang21,crosskd", help="comma-separated methods to run")
+    p.add_argument("--methods", default=",".join(DEMOS), help="comma-separated methods to run")
     p.add_argument("--out", default="runs/demo", help="output directory")
     p.add_argument("--epochs", type=int, default=0, help="override the configs' epoch counts (0: keep)")
+    p.add_argument("--jobs", type=int, default=2, help="trainings run at a time")
+    p.set_defaults(func=run_demo)
 
 
-def _mean_std(vals: list[float]) -> str:
-    a = np.asarray(vals, dtype=float)
-    return f"{a.mean():.2f} ± {a.std(ddof=1):.2f}" if len(a) > 1 else f"{a.mean():.2f}"
-
-
-def _wang21(args: argparse.Namespace, seeds: list[int], out: Path) -> dict[str, Any]:
-    from .data.synth import generate
-    from .methods import wang21
-
+def _wang21(args: argparse.Namespace, seeds: list[int], out: Path) -> tuple[list[RunResult], str]:
     world = generate("phrase", size=args.size, seed=args.world_seed)
     variants = ["NCE (reference)", "NCE+Distill (reference)", "+ log-prob teacher, tempered student"]
-    extra = [f"train.epochs={args.epochs}"] if args.epochs else []
-    rows = wang21.run_sweep(world, out_dir=out / "wang21", seeds=seeds, variants=variants, overrides=extra, jobs=2, threads=1)
-    table = ["| wang21 (phrase grounding, test) | R@1 | R@5 | R@10 |", "|---|---|---|---|"]
-    for r in rows:
-        table.append(f"| {r['variant']} | " + " | ".join(_mean_std([100 * x[f"R@{k}"] for x in r["runs"]]) for k in (1, 5, 10)) + " |")
-    first = rows[0]["runs"][0]
-    table.append("| random ranking | " + " | ".join(f"{100 * first.get(f'random_R@{k}', float('nan')):.2f}" for k in (1, 5, 10)) + " |")
-    table.append(f"| proposal upper bound | {100 * first['upper_bound']:.2f} | | |")
-    return {"world": str(world), "rows": rows, "table": "\n".join(table)}
+    extra = {"train.epochs": args.epochs} if args.epochs else {}
+    results = run_many(sweep_specs(world, out / "wang21", seeds, variants, extra), jobs=args.jobs)
+    return results, wang21_table(results).replace("| variant |", "| wang21 (phrase grounding, test) |", 1)
 
 
-def _crosskd(args: argparse.Namespace, seeds: list[int], out: Path) -> dict[str, Any]:
-    from .config import load_config
-    from .engine import fit
-    from .methods.crosskd import METHOD
-
-    variants = [("CE+", "synth_ce"), ("CE+ + caption KD (reference)", "synth_cecap"), ("CE+ + caption KD (detached, tau 0.1)", "synth_cecap_detach")]
-    rows = []
-    for label, name in variants:
-        runs = []
-        for seed in seeds:
-            o: dict[str, Any] = {
-                "data.synth_size": args.size,
-                "data.synth_seed": args.world_seed,
-                "train.seed": seed,
-                "train.output_dir": str(out / "crosskd" / name / f"seed{seed}"),
-                "train.progress": False,
-                "train.tensorboard": False,
-            }
-            if args.epochs:
-                o["train.epochs"] = args.epochs
-            cfg = load_config(METHOD.config_class, name, o, method="crosskd")
-            runs.append(fit(METHOD, cfg)["final"])
-        rows.append({"variant": label, "runs": runs})
-    keys = ["R1", "R5", "R10", "MedR"]
-    table = ["| crosskd (text-to-video, test) | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-    for r in rows:
-        table.append(f"| {r['variant']} | " + " | ".join(_mean_std([x[f"t2v_{k}"] for x in r["runs"]]) for k in keys) + " |")
-    n_videos = rows[0]["runs"][0].get("num_videos")
+def _crosskd(args: argparse.Namespace, seeds: list[int], out: Path) -> tuple[list[RunResult], str]:
+    variants = [
+        ("CE+", "synth_ce"),
+        ("CE+ + caption KD (reference)", "synth_cecap"),
+        ("CE+ + caption KD (detached, tau 0.1)", "synth_cecap_detach"),
+    ]
+    o: dict[str, Any] = {"data.synth_size": args.size, "data.synth_seed": args.world_seed}
+    if args.epochs:
+        o["train.epochs"] = args.epochs
+    specs = [
+        s for label, name in variants for s in seed_specs(label, "crosskd", name, seeds, out / "crosskd", overrides=o)
+    ]
+    results = run_many(specs, jobs=args.jobs)
+    keys = ["t2v_R1", "t2v_R5", "t2v_R10", "t2v_MedR"]
+    table = format_table(summarize(results, keys), keys, header="crosskd (text-to-video, test)")
+    done = [r for r in results if r.ok]
+    n_videos = done[0].metrics.get("num_videos") if done else None
     if n_videos:
-        table.append(f"| chance | {100 / n_videos:.2f} | {500 / n_videos:.2f} | {1000 / n_videos:.2f} | {(n_videos + 1) / 2:.1f} |")
-    return {"rows": rows, "table": "\n".join(table)}
+        table += f"\n| chance | {100 / n_videos:.2f} | {500 / n_videos:.2f} | {1000 / n_videos:.2f} | {(n_videos + 1) / 2:.1f} | |"
+    return results, table
 
 
-RUNNERS = {"wang21": _wang21, "crosskd": _crosskd}
+#: method name -> the demo of its ablation table
+DEMOS: dict[str, Callable[[argparse.Namespace, list[int], Path], tuple[list[RunResult], str]]] = {
+    "wang21": _wang21,
+    "crosskd": _crosskd,
+}
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from .cli import available_methods
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
     have = set(available_methods())
     wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in wanted if m not in RUNNERS]
+    unknown = [m for m in wanted if m not in DEMOS]
     if unknown:
-        raise SystemExit(f"--methods: unknown {unknown}; demo runs: {', '.join(RUNNERS)}")
+        raise SystemExit(f"--methods: unknown {unknown}; demo runs: {', '.join(DEMOS)}")
     results: dict[str, Any] = {"size": args.size, "seeds": seeds, "world_seed": args.world_seed, "methods": {}}
-    print(f"groundkit demo: built-in benchmark world, size {args.size}, training seeds {seeds}", flush=True)
+    print(
+        f"groundkit demo: built-in benchmark world, size {args.size}, training seeds {seeds}, output {out}", flush=True
+    )
     for m in wanted:
         if m not in have:
             print(f"[{m}] not available in this installation; skipped", flush=True)
             continue
         t0 = time.perf_counter()
         print(f"[{m}] building the world and training ...", flush=True)
-        res = RUNNERS[m](args, seeds, out)
-        res["seconds"] = round(time.perf_counter() - t0, 1)
-        results["methods"][m] = res
-        print(f"\n{res['table']}\n({m}: {res['seconds']:.0f} s)\n", flush=True)
-    (out / "demo_results.json").write_text(json.dumps(results, indent=1, default=float))
+        runs, table = DEMOS[m](args, seeds, out)
+        seconds = round(time.perf_counter() - t0, 1)
+        results["methods"][m] = {"table": table, "seconds": seconds, "runs": [r.__dict__ for r in runs]}
+        write_summary(out / m / "summary.json", runs, sorted({k for r in runs if r.ok for k in r.metrics}))
+        print(f"\n{table}\n({m}: {seconds:.0f} s)\n", flush=True)
+    (out / "demo_results.json").write_text(json.dumps(results, indent=1, default=str))
     md = [f"# groundkit demo (world size {args.size}, seeds {seeds})", ""]
     md += [results["methods"][m]["table"] + "\n" for m in results["methods"]]
     (out / "demo_results.md").write_text("\n".join(md))

@@ -1,24 +1,13 @@
 """The one training/evaluation engine shared by every method.
 
-A *method* (``groundkit.methods.<name>``) is a plain object giving the engine:
-
-``name`` (str) and ``config_class`` (an :class:`~groundkit.config.ExperimentConfig` subclass);
-``build_model(cfg) -> nn.Module``;
-``build_dataset(cfg, split) -> dataset`` where a dataset has ``__len__`` and either
-``get_batch(indices: list[int]) -> batch`` (vectorised batch building) or ``__getitem__`` plus an
-optional ``collate(list) -> batch``;
-``training_step(model, batch, step, cfg) -> (loss, logs: dict[str, float])``;
-for evaluation either ``evaluate(model, dataset, cfg, device) -> dict[str, float]`` (the method
-does it all), or ``eval_step(model, batch, cfg) -> dict[str, sequence]`` (one entry per sample)
-plus ``compute_metrics(outputs: dict[str, list], dataset, cfg) -> dict[str, float]``; under DDP
-the engine shards the samples without padding and gathers them, so every sample counts once.
-Optional: ``on_train_start(model, dataset, cfg, device)`` for state that lives beside the model.
-
-The loop (``fit``): deterministic per-epoch sample order from ``(seed, epoch)``; bf16 autocast on
+A *method* is a :class:`groundkit.methods.base.Method` (its docstring lists what the engine calls).
+The loop (:func:`fit`): deterministic per-epoch sample order from ``(seed, epoch)``; bf16 autocast on
 CUDA; gradient clipping; per-step LR schedule; evaluation every N epochs/steps on the validation
 split with best-by-metric checkpoint selection (never on test); atomic safetensors checkpoints with
 optimizer/scheduler/RNG state so that ``resume=True`` after a kill continues exactly; a stop on a
 non-finite loss that keeps the last good checkpoint; tqdm progress, TensorBoard and JSONL logs.
+``train.init_from`` starts from given weights and ``train.subset`` trains on listed samples of the
+training split (what a self-paced curriculum needs); :func:`predict` returns per-sample outputs.
 """
 
 from __future__ import annotations
@@ -26,25 +15,37 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import random
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from . import distributed as dist_utils
-from .checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, load_weights, save_checkpoint
-from .config import ExperimentConfig, save_config, to_dict
+from .checkpoint import (
+    atomic_write_text,
+    find_run_files,
+    latest_checkpoint,
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+)
+from .config import save_config, to_dict
 from .errors import GroundkitError
 from .optim import build_optimizer, build_scheduler
 from .runlog import RunLogger
 
 __all__ = [
-    "Method",
+    "evaluate_samples",
+    "predict",
+    "Subset",
+    "load_subset",
     "NonFiniteLossError",
     "TrainState",
     "seed_everything",
@@ -57,17 +58,6 @@ __all__ = [
     "run_eval",
     "write_metrics",
 ]
-
-
-class Method(Protocol):
-    name: str
-    config_class: type
-
-    def build_model(self, cfg: Any) -> nn.Module: ...
-
-    def build_dataset(self, cfg: Any, split: str) -> Any: ...
-
-    def training_step(self, model: nn.Module, batch: Any, step: int, cfg: Any) -> tuple[torch.Tensor, dict]: ...
 
 
 class NonFiniteLossError(GroundkitError, RuntimeError):
@@ -88,8 +78,6 @@ class TrainState:
 
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (all devices)."""
-    import random
-
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
@@ -172,34 +160,102 @@ def _stack(values: list[Any]) -> Any:
 # ----------------------------------------------------------------------------- evaluation
 
 
+def _sample_outputs(
+    method: Any, model: nn.Module, dataset: Any, cfg: Any, device: torch.device
+) -> list[tuple[int, dict]]:
+    """``(index, per-sample eval_step outputs)`` of every sample, this rank's share gathered from all ranks."""
+    n = len(dataset)
+    r, w = dist_utils.rank(), dist_utils.world_size()
+    local = list(range(r, n, w))  # no padding: each sample once
+    records: list[tuple[int, dict]] = []
+    bs = cfg.train.eval_batch_size
+    with autocast_context(device, cfg.train.precision):
+        for start in range(0, len(local), bs):
+            idx = local[start : start + bs]
+            batch = move_to_device(_dataset_batch(dataset, idx), device)
+            out = method.eval_step(model, batch, cfg)
+            records.extend(zip(idx, _split_samples(out, len(idx))))
+    gathered = dist_utils.all_gather_object(records) if dist_utils.is_distributed() else [records]
+    merged = sorted((rec for part in gathered for rec in part), key=lambda t: t[0])
+    if len(merged) != n:
+        raise RuntimeError(f"evaluation gathered {len(merged)} samples, expected {n}")
+    return merged
+
+
+@torch.no_grad()
+def evaluate_samples(method: Any, model: nn.Module, dataset: Any, cfg: Any, device: torch.device) -> dict[str, float]:
+    """The default :meth:`Method.evaluate`: ``eval_step`` over every sample (each exactly once under
+    DDP), outputs stacked in dataset order, then ``compute_metrics``."""
+    merged = _sample_outputs(method, model, dataset, cfg, device)
+    keys = merged[0][1].keys() if merged else []
+    outputs = {k: _stack([rec[1][k] for rec in merged]) for k in keys}
+    return method.compute_metrics(outputs, dataset, cfg)
+
+
 @torch.no_grad()
 def evaluate(method: Any, model: nn.Module, dataset: Any, cfg: Any, device: torch.device) -> dict[str, float]:
-    """Evaluate ``model`` on ``dataset``; every sample is counted exactly once under DDP."""
+    """Evaluate ``model`` on ``dataset`` in eval mode; every sample is counted exactly once under DDP."""
     was_training = model.training
     model.eval()
     try:
-        if hasattr(method, "evaluate"):
-            return method.evaluate(model, dataset, cfg, device)
-        n = len(dataset)
-        r, w = dist_utils.rank(), dist_utils.world_size()
-        local = list(range(r, n, w))  # no padding: each sample once
-        records: list[tuple[int, dict]] = []
-        bs = cfg.train.eval_batch_size
-        with autocast_context(device, cfg.train.precision):
-            for start in range(0, len(local), bs):
-                idx = local[start : start + bs]
-                batch = move_to_device(_dataset_batch(dataset, idx), device)
-                out = method.eval_step(model, batch, cfg)
-                records.extend(zip(idx, _split_samples(out, len(idx))))
-        gathered = dist_utils.all_gather_object(records) if dist_utils.is_distributed() else [records]
-        merged = sorted((rec for part in gathered for rec in part), key=lambda t: t[0])
-        if len(merged) != n:
-            raise RuntimeError(f"evaluation gathered {len(merged)} samples, expected {n}")
-        keys = merged[0][1].keys() if merged else []
-        outputs = {k: _stack([rec[1][k] for rec in merged]) for k in keys}
-        return method.compute_metrics(outputs, dataset, cfg)
+        return method.evaluate(model, dataset, cfg, device)
     finally:
         model.train(was_training)
+
+
+@torch.no_grad()
+def predict(
+    method: Any, model: nn.Module, dataset: Any, cfg: Any, device: torch.device | str = "cpu"
+) -> list[dict[str, Any]]:
+    """Per-sample ``eval_step`` outputs (numpy values) of every sample of ``dataset``, in order."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    try:
+        return [rec for _, rec in _sample_outputs(method, model, dataset, cfg, device)]
+    finally:
+        model.train(was_training)
+
+
+class Subset:
+    """The samples ``indices`` of ``dataset``, keeping its vectorised ``get_batch`` / ``collate`` /
+    ``set_epoch`` (a curriculum trains on the reliable part of a split)."""
+
+    def __init__(self, dataset: Any, indices: Any):
+        self.dataset = dataset
+        self.indices = [int(i) for i in indices]
+        n = len(dataset)
+        bad = [i for i in self.indices if not 0 <= i < n]
+        if bad:
+            raise GroundkitError(f"subset index {bad[0]} is outside the split's {n} samples")
+        if hasattr(dataset, "get_batch"):
+            self.get_batch = lambda idx: dataset.get_batch([self.indices[i] for i in idx])
+        if hasattr(dataset, "collate"):
+            self.collate = dataset.collate
+        if hasattr(dataset, "set_epoch"):
+            self.set_epoch = dataset.set_epoch
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.dataset[self.indices[i]]
+
+
+def load_subset(path: str | Path) -> list[int]:
+    """Sample indices from a file: a JSON list, or one integer per line."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise GroundkitError(f"train.subset={str(path)!r}: cannot read ({e.strerror})") from None
+    try:
+        vals = json.loads(text) if text.lstrip().startswith("[") else [int(x) for x in text.split()]
+    except ValueError as e:
+        raise GroundkitError(f"{p}: expected a JSON list of sample indices or one integer per line ({e})") from None
+    if not vals:
+        raise GroundkitError(f"{p}: the subset is empty")
+    return [int(v) for v in vals]
 
 
 # ----------------------------------------------------------------------------- training
@@ -269,10 +325,17 @@ def train_one_epoch(
         dataset.set_epoch(state.epoch)
     steps_in_epoch = math.ceil(len(dataset) / tc.batch_size)
     model.train()
-    bar = logger.progress(total=steps_in_epoch, initial=state.step_in_epoch, desc=f"epoch {state.epoch + 1}/{tc.epochs}")
+    bar = logger.progress(
+        total=steps_in_epoch, initial=state.step_in_epoch, desc=f"epoch {state.epoch + 1}/{tc.epochs}"
+    )
     t0, seen, stop = time.perf_counter(), 0, False
     for n_global, n_local, batch in _rank_batches(
-        dataset, order, tc.batch_size, state.step_in_epoch, tc.num_workers, loader_seed=_epoch_seed(tc.seed, state.epoch)
+        dataset,
+        order,
+        tc.batch_size,
+        state.step_in_epoch,
+        tc.num_workers,
+        loader_seed=_epoch_seed(tc.seed, state.epoch),
     ):
         batch = move_to_device(batch, device)
         with autocast_context(device, tc.precision):
@@ -324,7 +387,12 @@ def _improved(value: float, best: float | None, mode: str) -> bool:
 
 def write_metrics(path: str | Path, task: str, split: str, metrics: dict[str, float], cfg: Any) -> None:
     """``metrics.json``: {"task", "split", "metrics", "config"}, written atomically."""
-    payload = {"task": task, "split": split, "metrics": {k: float(v) for k, v in metrics.items()}, "config": to_dict(cfg)}
+    payload = {
+        "task": task,
+        "split": split,
+        "metrics": {k: float(v) for k, v in metrics.items()},
+        "config": to_dict(cfg),
+    }
     atomic_write_text(path, json.dumps(payload, indent=1))
 
 
@@ -348,10 +416,15 @@ def fit(method: Any, cfg: Any, resume: bool = False, final_split: str | None = "
     logger = RunLogger(run_dir, enabled=main, tensorboard=tc.tensorboard, progress=tc.progress)
 
     train_set = method.build_dataset(cfg, "train")
+    if tc.subset:
+        train_set = Subset(train_set, load_subset(tc.subset))
     val_set = method.build_dataset(cfg, tc.val_split) if tc.val_split else None
-    model = method.build_model(cfg).to(device)
-    if hasattr(method, "on_train_start"):
-        method.on_train_start(model, train_set, cfg, device)
+    model = method.build_model(cfg)
+    if tc.init_from and not resume:
+        load_weights(model, find_run_files(tc.init_from)[0] if Path(tc.init_from).is_dir() else tc.init_from)
+        logger.info(f"weights initialised from {tc.init_from}")
+    model = model.to(device)
+    method.on_train_start(model, train_set.dataset if isinstance(train_set, Subset) else train_set, cfg, device)
     optimizer = build_optimizer(model, cfg.optim)
     steps_per_epoch = math.ceil(len(train_set) / tc.batch_size)
     total_steps = tc.max_steps if tc.max_steps > 0 else steps_per_epoch * tc.epochs
@@ -377,7 +450,7 @@ def fit(method: Any, cfg: Any, resume: bool = False, final_split: str | None = "
         train_model = torch.compile(train_model)
 
     def save(name: str) -> Path:
-        meta = {"train_state": state.__dict__.copy(), "config": to_dict(cfg)}
+        meta = {"method": method.name, "train_state": state.__dict__.copy(), "config": to_dict(cfg)}
         p = save_checkpoint(ckpt_root / name, model, optimizer, scheduler, meta=meta)
         atomic_write_text(ckpt_root / "latest", name)
         return p
@@ -398,7 +471,16 @@ def fit(method: Any, cfg: Any, resume: bool = False, final_split: str | None = "
             v = float(metrics[tc.best_metric])
             if _improved(v, state.best_value, tc.best_mode):
                 state.best_value, state.best_step = v, state.step
-                save_checkpoint(ckpt_root / "best", model, meta={"train_state": state.__dict__.copy(), "metrics": metrics, "config": to_dict(cfg)})
+                save_checkpoint(
+                    ckpt_root / "best",
+                    model,
+                    meta={
+                        "method": method.name,
+                        "train_state": state.__dict__.copy(),
+                        "metrics": metrics,
+                        "config": to_dict(cfg),
+                    },
+                )
                 logger.info(f"new best {tc.best_metric}={v:.4f} at step {state.step}")
 
     def checkpoint_now() -> None:
@@ -419,7 +501,9 @@ def fit(method: Any, cfg: Any, resume: bool = False, final_split: str | None = "
     n_epochs = tc.epochs if tc.max_steps <= 0 else math.ceil(tc.max_steps / steps_per_epoch)
     stopped = False
     while state.epoch < n_epochs and not stopped:
-        stopped = train_one_epoch(method, train_model, train_set, optimizer, scheduler, cfg, state, device, logger, on_step_end)
+        stopped = train_one_epoch(
+            method, train_model, train_set, optimizer, scheduler, cfg, state, device, logger, on_step_end
+        )
         epoch_done = state.step_in_epoch >= steps_per_epoch
         if epoch_done:
             if tc.eval_every > 0 and (state.epoch + 1) % tc.eval_every == 0:
@@ -439,11 +523,13 @@ def fit(method: Any, cfg: Any, resume: bool = False, final_split: str | None = "
         load_weights(model, best_dir)
         result["best"] = json.loads((best_dir / "meta.json").read_text()).get("metrics", {})
     elif main and not best_dir.exists():
-        save_checkpoint(best_dir, model, meta={"train_state": state.__dict__.copy(), "config": to_dict(cfg)})
+        save_checkpoint(
+            best_dir, model, meta={"method": method.name, "train_state": state.__dict__.copy(), "config": to_dict(cfg)}
+        )
     dist_utils.barrier()
     if dist_utils.is_distributed() and not main and best_dir.is_dir():
         load_weights(model, best_dir)
-    split = final_split if final_split and _has_split(method, cfg, final_split) else tc.val_split
+    split = final_split if final_split and method.has_split(cfg, final_split) else tc.val_split
     if split:
         ds = val_set if split == tc.val_split and val_set is not None else method.build_dataset(cfg, split)
         metrics = evaluate(method, model, ds, cfg, device)
@@ -457,12 +543,9 @@ def fit(method: Any, cfg: Any, resume: bool = False, final_split: str | None = "
     return result
 
 
-def _has_split(method: Any, cfg: Any, split: str) -> bool:
-    has = getattr(method, "has_split", None)
-    return True if has is None else bool(has(cfg, split))
-
-
-def run_eval(method: Any, cfg: Any, checkpoint: str | Path, split: str = "test", output_dir: str | Path | None = None) -> dict[str, float]:
+def run_eval(
+    method: Any, cfg: Any, checkpoint: str | Path, split: str = "test", output_dir: str | Path | None = None
+) -> dict[str, float]:
     """Evaluate a checkpoint (directory or .safetensors) on ``split``; writes metrics.json."""
     device = resolve_device(cfg.train.device)
     seed_everything(cfg.train.seed)

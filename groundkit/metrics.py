@@ -18,12 +18,16 @@ each docstring):
 from __future__ import annotations
 
 import math
-import warnings
-from typing import Any, Iterable, Sequence, Union
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
-from torchvision.ops import box_iou as _tv_box_iou
+
+from . import distributed as dist_utils
+
+# Box IoU lives in groundkit.boxes (shared with the box transforms) and is re-exported here under the same names.
+from .boxes import Array, _to_tensor, box_iou, paired_box_iou
 
 __all__ = [
     "box_iou",
@@ -42,91 +46,7 @@ __all__ = [
     "RETRIEVAL_KEYS",
 ]
 
-Array = Union[np.ndarray, torch.Tensor]
-
 RETRIEVAL_KEYS = ("R1", "R5", "R10", "R50", "MedR", "MeanR", "geometric_mean_R1-R5-R10")
-
-
-# ----------------------------------------------------------------------------- helpers
-def _to_tensor(x: Any, name: str) -> torch.Tensor:
-    if isinstance(x, torch.Tensor):
-        return x
-    if isinstance(x, np.ndarray):
-        if any(s < 0 for s in x.strides) or not x.dtype.isnative:
-            x = np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("="))  # torch cannot view these
-        with warnings.catch_warnings():  # read-only (e.g. memory-mapped) arrays are only read here
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            return torch.from_numpy(x)
-    try:
-        return torch.as_tensor(np.asarray(x))
-    except Exception as e:  # pragma: no cover - message only
-        raise TypeError(f"{name}: expected a numpy array or torch tensor, got {type(x).__name__}") from e
-
-
-def _float(t: torch.Tensor) -> torch.Tensor:
-    """Floating view of ``t``: float dtypes kept, integers/bools promoted to float64 (exact)."""
-    return t if t.is_floating_point() else t.to(torch.float64)
-
-
-def _check_boxes(t: torch.Tensor, name: str, pixel_offset: float) -> None:
-    if t.ndim != 2 or t.shape[-1] != 4:
-        raise ValueError(f"{name}: expected boxes of shape [N, 4] (x1, y1, x2, y2), got {tuple(t.shape)}")
-    if t.numel() and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name}: boxes contain NaN or inf")
-    if t.numel():
-        wh = t[:, 2:] - t[:, :2] + pixel_offset
-        if bool((wh < 0).any()):
-            bad = int(torch.nonzero((wh < 0).any(1))[0])
-            raise ValueError(f"{name}: box {bad} has x2 < x1 or y2 < y1: {t[bad].tolist()}")
-
-
-def _out_like(result: torch.Tensor, *inputs: Any) -> Array:
-    """numpy if every input was numpy, else the tensor."""
-    if all(isinstance(i, np.ndarray) for i in inputs):
-        return result.cpu().numpy()
-    return result
-
-
-# ----------------------------------------------------------------------------- boxes
-def box_iou(a: Array, b: Array, pixel_offset: float = 0.0) -> Array:
-    """Pairwise IoU of boxes ``a`` [N, 4] and ``b`` [M, 4] (x1, y1, x2, y2) -> [N, M].
-
-    Continuous-coordinate convention (width = x2 - x1) through ``torchvision.ops.box_iou``.
-    ``pixel_offset`` adds a constant to every width and height (and intersection side), i.e. the
-    Fast R-CNN convention used by older code: ``1.0`` for integer pixel boxes, ``0.001`` for the
-    Wang et al. (CVPR 2021) evaluation. Pairs whose union is empty (two zero-area boxes) get 0.
-    """
-    ta, tb = _float(_to_tensor(a, "a")), _float(_to_tensor(b, "b"))
-    _check_boxes(ta, "a", pixel_offset)
-    _check_boxes(tb, "b", pixel_offset)
-    dtype = torch.promote_types(ta.dtype, tb.dtype)
-    ta, tb = ta.to(dtype), tb.to(device=ta.device, dtype=dtype)
-    if pixel_offset:
-        off = ta.new_tensor([0.0, 0.0, pixel_offset, pixel_offset])
-        ta, tb = ta + off, tb + off
-    iou = _tv_box_iou(ta, tb).nan_to_num_(0.0)
-    return _out_like(iou, a, b)
-
-
-def paired_box_iou(a: Array, b: Array, pixel_offset: float = 0.0) -> Array:
-    """IoU of corresponding boxes ``a[i]`` and ``b[i]`` ([N, 4] each) -> [N] (same convention as
-    :func:`box_iou`; an empty union gives 0)."""
-    ta, tb = _float(_to_tensor(a, "a")), _float(_to_tensor(b, "b"))
-    _check_boxes(ta, "pred_boxes", pixel_offset)
-    _check_boxes(tb, "gt_boxes", pixel_offset)
-    if ta.shape != tb.shape:
-        raise ValueError(f"paired boxes must have the same shape [N, 4], got {tuple(ta.shape)} and {tuple(tb.shape)}")
-    dtype = torch.promote_types(ta.dtype, tb.dtype)
-    ta, tb = ta.to(dtype), tb.to(device=ta.device, dtype=dtype)
-    lt = torch.maximum(ta[:, :2], tb[:, :2])
-    rb = torch.minimum(ta[:, 2:], tb[:, 2:])
-    inter_wh = (rb - lt + pixel_offset).clamp(min=0)
-    inter = inter_wh[:, 0] * inter_wh[:, 1]
-    area_a = (ta[:, 2] - ta[:, 0] + pixel_offset) * (ta[:, 3] - ta[:, 1] + pixel_offset)
-    area_b = (tb[:, 2] - tb[:, 0] + pixel_offset) * (tb[:, 3] - tb[:, 1] + pixel_offset)
-    union = area_a + area_b - inter
-    iou = torch.where(union > 0, inter / union.clamp(min=torch.finfo(dtype).tiny), torch.zeros_like(inter))
-    return _out_like(iou, a, b)
 
 
 def _iou_hit(iou: torch.Tensor, threshold: float, inclusive: bool) -> torch.Tensor:
@@ -231,7 +151,11 @@ class PhraseRecallAccumulator:
     """
 
     def __init__(
-        self, ks: Sequence[int] = (1, 5, 10), iou_threshold: float = 0.5, inclusive: bool = False, pixel_offset: float = 0.0
+        self,
+        ks: Sequence[int] = (1, 5, 10),
+        iou_threshold: float = 0.5,
+        inclusive: bool = False,
+        pixel_offset: float = 0.0,
     ) -> None:
         self.ks = _check_ks(ks)
         self.iou_threshold = float(iou_threshold)
@@ -255,10 +179,13 @@ class PhraseRecallAccumulator:
             self.hits[k] += int((first < k).sum())
         self.upper += int(torch.isfinite(first).sum())
 
-    def merge(self, other: "PhraseRecallAccumulator") -> "PhraseRecallAccumulator":
+    def merge(self, other: PhraseRecallAccumulator) -> PhraseRecallAccumulator:
         """Add the counts of ``other`` (same settings) into this accumulator; returns self."""
         if (other.ks, other.iou_threshold, other.inclusive, other.pixel_offset) != (
-            self.ks, self.iou_threshold, self.inclusive, self.pixel_offset
+            self.ks,
+            self.iou_threshold,
+            self.inclusive,
+            self.pixel_offset,
         ):
             raise ValueError("cannot merge PhraseRecallAccumulators with different ks/threshold/inclusive/pixel_offset")
         for k in self.ks:
@@ -270,10 +197,8 @@ class PhraseRecallAccumulator:
     def state(self) -> dict[str, Any]:
         return {"hits": dict(self.hits), "upper": self.upper, "num_phrases": self.num_phrases}
 
-    def all_reduce(self) -> "PhraseRecallAccumulator":
+    def all_reduce(self) -> PhraseRecallAccumulator:
         """Sum the counts of every rank into this accumulator (no-op when not distributed)."""
-        from . import distributed as dist_utils
-
         states = dist_utils.all_gather_object(self.state())
         if len(states) > 1:
             self.hits = {k: sum(s["hits"][k] for s in states) for k in self.ks}
@@ -340,7 +265,9 @@ def _chunk_rows(n_cols: int, itemsize: int, chunk_bytes: int | None, device: tor
 def _raise_if_nan(block: torch.Tensor) -> None:
     # A sum is far cheaper than isnan over the block; only a non-finite sum needs the exact check.
     if not bool(torch.isfinite(block.sum())) and bool(torch.isnan(block).any()):
-        raise ValueError("sims contains NaN (padded rows included: fill them with any finite value); ranks are undefined")
+        raise ValueError(
+            "sims contains NaN (padded rows included: fill them with any finite value); ranks are undefined"
+        )
 
 
 def _retrieval_ranks(

@@ -39,7 +39,7 @@ class RunLogger:
             self._jsonl = open(self.run_dir / "log.jsonl", "a")
             if tensorboard:
                 try:
-                    from torch.utils.tensorboard import SummaryWriter
+                    from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 (heavy, loaded on first use)
 
                     self._tb = SummaryWriter(log_dir=str(self.run_dir / "tb"))
                 except ImportError:  # tensorboard is a dependency; stay usable without it
@@ -67,7 +67,9 @@ class RunLogger:
     def log_eval(self, step: int, epoch: int, split: str, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
-        self._write({"kind": "eval", "step": step, "epoch": epoch, "split": split, **{k: float(v) for k, v in metrics.items()}})
+        self._write(
+            {"kind": "eval", "step": step, "epoch": epoch, "split": split, **{k: float(v) for k, v in metrics.items()}}
+        )
         if self._tb is not None:
             for k, v in metrics.items():
                 self._tb.add_scalar(f"{split}/{k}", float(v), step)

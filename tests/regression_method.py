@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from groundkit.config import ExperimentConfig
+from groundkit.methods.base import Method
 
 
 @dataclass
@@ -39,7 +40,7 @@ class RegDataset:
         return {"x": self.x[i], "y": self.y[i], "index": i}
 
 
-class RegressionMethod:
+class RegressionMethod(Method):
     name = "regression"
     config_class = RegConfig
 
@@ -85,7 +86,9 @@ def ddp_worker(rank: int, world: int, port: int, cfg_dict: dict, out_dir: str) -
     from groundkit.config import load_config
     from groundkit.engine import fit
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
     cfg = load_config(RegConfig, cfg_dict, {"train.output_dir": out_dir})
     try:

@@ -15,8 +15,8 @@ def _subcommands(parser):
 
 def test_help_lists_only_working_subcommands():
     subs = _subcommands(build_parser())
-    assert set(subs) <= {"train", "eval", "predict", "data", "bench", "demo"}
-    for name, sub in subs.items():  # every listed subcommand, and each of its own subcommands, has a working --help
+    assert set(subs) <= {"train", "eval", "predict", "data", "bench", "demo", "summarize"}
+    for sub in subs.values():  # every listed subcommand, and each of its own subcommands, has a working --help
         assert sub.format_help()
         for inner in _subcommands(sub).values():
             assert inner.format_help()
@@ -26,6 +26,7 @@ def test_help_lists_only_working_subcommands():
 
 def test_config_error_is_reported(capsys, monkeypatch):
     import regression_method as rm
+
     from groundkit import cli
 
     monkeypatch.setitem(cli.METHODS, "regression", "regression_method")
@@ -40,11 +41,53 @@ def test_train_and_eval_via_cli(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setitem(cli.METHODS, "regression", "regression_method")
     out = tmp_path / "run"
-    assert main(["train", "regression", "--output-dir", str(out), "--set", "train.epochs=2", "train.progress=false",
-                 "train.best_metric=mse", "train.best_mode=min"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "regression",
+                "--output-dir",
+                str(out),
+                "--set",
+                "train.epochs=2",
+                "train.progress=false",
+                "train.best_metric=mse",
+                "train.best_mode=min",
+            ]
+        )
+        == 0
+    )
     assert (out / "metrics.json").is_file() and any((out / "tb").iterdir())
-    assert main(["eval", "regression", "--restore-path", str(out / "checkpoints" / "best"), "--output-dir", str(tmp_path / "ev")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "regression",
+                "--restore-path",
+                str(out / "checkpoints" / "best"),
+                "--output-dir",
+                str(tmp_path / "ev"),
+            ]
+        )
+        == 0
+    )
     assert "test:" in capsys.readouterr().out
+
+
+def test_summarize_groups_seeds(tmp_path, monkeypatch, capsys):
+    from groundkit import cli
+
+    monkeypatch.setitem(cli.METHODS, "regression", "regression_method")
+    for seed in (0, 1):
+        out = tmp_path / f"reg_s{seed}"
+        args = ["--output-dir", str(out), "--seed", str(seed), "--set", "train.epochs=1", "train.progress=false"]
+        assert main(["train", "regression", *args]) == 0
+    capsys.readouterr()
+    assert main(["summarize", str(tmp_path / "reg_s0"), str(tmp_path / "reg_s1"), "--keys", "mse"]) == 0
+    table = capsys.readouterr().out
+    row = next(line for line in table.splitlines() if line.startswith("| reg |"))
+    assert "±" in row and row.rstrip().endswith("| 2 |")  # one row for both seeds, n = 2
+    assert main(["summarize", str(tmp_path / "nothing")]) == 2  # not a finished run: one clear error
 
 
 def test_rerun_from_saved_config(tmp_path, monkeypatch):
@@ -52,7 +95,9 @@ def test_rerun_from_saved_config(tmp_path, monkeypatch):
 
     monkeypatch.setitem(cli.METHODS, "regression", "regression_method")
     out = tmp_path / "run"
-    assert main(["train", "regression", "--output-dir", str(out), "--set", "train.epochs=1", "train.progress=false"]) == 0
+    assert (
+        main(["train", "regression", "--output-dir", str(out), "--set", "train.epochs=1", "train.progress=false"]) == 0
+    )
     text = (out / "config.yaml").read_text()
     assert text.startswith("method: regression")
     again = tmp_path / "again"

@@ -3,7 +3,15 @@ from typing import Literal
 
 import pytest
 
-from groundkit.config import ConfigError, ExperimentConfig, apply_overrides, from_dict, load_config, save_config, to_dict
+from groundkit.config import (
+    ConfigError,
+    ExperimentConfig,
+    apply_overrides,
+    from_dict,
+    load_config,
+    save_config,
+    to_dict,
+)
 
 
 @dataclass
@@ -36,8 +44,12 @@ def test_unknown_key_lists_valid_ones():
 
 @pytest.mark.parametrize(
     "override, fragment",
-    [("model.dim=abc", "model.dim: expected int"), ("model.kind=c", "expected one of"), ("train.compile=3", "expected bool"),
-     ("model.scales=[1]", "expected 2 values")],
+    [
+        ("model.dim=abc", "model.dim: expected int"),
+        ("model.kind=c", "expected one of"),
+        ("train.compile=3", "expected bool"),
+        ("model.scales=[1]", "expected 2 values"),
+    ],
 )
 def test_wrong_types_rejected(override, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("[", r"\[")):

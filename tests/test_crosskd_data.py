@@ -8,19 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from groundkit.data.crosskd import (
-    BatchSpec,
-    ExpertStore,
+from groundkit.formats.collaborative_experts import (
     FeatureError,
-    RetrievalEvalSet,
-    RetrievalTrainSet,
-    convert_released,
     read_expert_pickle,
     read_raw_captions,
     read_split_list,
     read_teacher_pickle,
     read_text_features,
 )
+from groundkit.methods.crosskd.data import BatchSpec, RetrievalEvalSet, RetrievalTrainSet
+from groundkit.methods.crosskd.store import ExpertStore, convert_released
 
 IDS = ["video0", "video1", "video2", "video3"]
 
@@ -40,8 +37,16 @@ def make_released(root: Path) -> dict:
     caps = {v: [["a", "dog", str(i)], ["the", "cat"]] for i, v in enumerate(IDS)}
     caps["video3"] = [["only", "one"]]
     text = {v: [rng.standard_normal((len(c), 5)).astype(np.float32) for c in caps[v]] for v in IDS}
-    teach = {v: {"vid_embds": {"app": rng.standard_normal(4), "audio": rng.standard_normal(4)},
-                 "text_embds": {"app": rng.standard_normal((len(caps[v]), 4)), "audio": rng.standard_normal((len(caps[v]), 4))}} for v in IDS}
+    teach = {
+        v: {
+            "vid_embds": {"app": rng.standard_normal(4), "audio": rng.standard_normal(4)},
+            "text_embds": {
+                "app": rng.standard_normal((len(caps[v]), 4)),
+                "audio": rng.standard_normal((len(caps[v]), 4)),
+            },
+        }
+        for v in IDS
+    }
     _dump(root / "aggregated_imagenet_25fps_256px_stride1_offset0/senet154-avg.pickle", app)
     _dump(root / "aggregated_audio_feats/Audio_MSRVTT_new.pickle", audio)
     _dump(root / "raw-captions.pkl", caps)
@@ -52,7 +57,10 @@ def make_released(root: Path) -> dict:
     return {"app": app, "audio": audio, "caps": caps, "text": text, "teach": teach}
 
 
-EXPERTS = {"app": "aggregated_imagenet_25fps_256px_stride1_offset0/senet154-avg.pickle", "audio": "aggregated_audio_feats/Audio_MSRVTT_new.pickle"}
+EXPERTS = {
+    "app": "aggregated_imagenet_25fps_256px_stride1_offset0/senet154-avg.pickle",
+    "audio": "aggregated_audio_feats/Audio_MSRVTT_new.pickle",
+}
 
 
 def test_readers_released_layout(tmp_path):
@@ -88,9 +96,14 @@ def test_reader_errors_are_clear(tmp_path):
 
 def test_store_round_trip_fp16_ragged(tmp_path):
     src = make_released(tmp_path)
-    st = convert_released(tmp_path, tmp_path / "store", EXPERTS, {"w2v": "aggregated_text_feats/w2v.pkl"},
-                          {"train_list_full": "train_list_full.txt", "test_list_full": "test_list_full.txt"},
-                          teachers={"t": "teachers/t.pkl"})
+    st = convert_released(
+        tmp_path,
+        tmp_path / "store",
+        EXPERTS,
+        {"w2v": "aggregated_text_feats/w2v.pkl"},
+        {"train_list_full": "train_list_full.txt", "test_list_full": "test_list_full.txt"},
+        teachers={"t": "teachers/t.pkl"},
+    )
     st = ExpertStore(st.root)  # reopen from disk
     assert st.split("test_list_full") == ["video2", "video3"]
     assert np.load(st.root / "expert.app.npy", mmap_mode="r").dtype == np.float16
@@ -118,8 +131,14 @@ def test_store_round_trip_fp16_ragged(tmp_path):
 
 def test_datasets_batches_and_query_masks(tmp_path):
     make_released(tmp_path)
-    st = convert_released(tmp_path, tmp_path / "store", EXPERTS, {"w2v": "aggregated_text_feats/w2v.pkl"},
-                          {"train_list_full": "train_list_full.txt", "test_list_full": "test_list_full.txt"}, teachers={"t": "teachers/t.pkl"})
+    st = convert_released(
+        tmp_path,
+        tmp_path / "store",
+        EXPERTS,
+        {"w2v": "aggregated_text_feats/w2v.pkl"},
+        {"train_list_full": "train_list_full.txt", "test_list_full": "test_list_full.txt"},
+        teachers={"t": "teachers/t.pkl"},
+    )
     spec = BatchSpec(experts=["app", "audio"], text="w2v", max_tokens={"text": 4, "audio": 3}, teachers=["t"])
     tr = RetrievalTrainSet(st, st.split("train_list_full"), spec, seed=0)
     b = tr.get_batch([0, 1])
@@ -130,7 +149,12 @@ def test_datasets_batches_and_query_masks(tmp_path):
     assert ev.captions_per_video == 2 and ev.query_masks.tolist() == [[True, True]] * 3 + [[True, False]]
     assert len(ev.flat_queries()) == 8 and ev.flat_queries()[7] == []
     fused = RetrievalEvalSet(st, IDS, BatchSpec(["app"], "w2v", {"text": 4}, [], fuse_captions=True))
-    assert fused.captions_per_video == 1 and fused.text_batch(fused.flat_queries())["text_mask"].sum(1).tolist() == [4, 4, 4, 2]
+    assert fused.captions_per_video == 1 and fused.text_batch(fused.flat_queries())["text_mask"].sum(1).tolist() == [
+        4,
+        4,
+        4,
+        2,
+    ]
 
 
 def test_convert_experts_cli(tmp_path, capsys):
@@ -139,11 +163,30 @@ def test_convert_experts_cli(tmp_path, capsys):
     from groundkit.cli import main
 
     make_released(tmp_path)
-    args = ["data", "convert-experts", "--root", str(tmp_path), "--out", str(tmp_path / "st"), "--dataset", "msrvtt",
-            "--expert", f"app={EXPERTS['app']}", "--expert", f"audio={EXPERTS['audio']}", "--text", "w2v=aggregated_text_feats/w2v.pkl",
-            "--teacher", "t=teachers/t.pkl"]
+    args = [
+        "data",
+        "convert-experts",
+        "--root",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "st"),
+        "--dataset",
+        "msrvtt",
+        "--expert",
+        f"app={EXPERTS['app']}",
+        "--expert",
+        f"audio={EXPERTS['audio']}",
+        "--text",
+        "w2v=aggregated_text_feats/w2v.pkl",
+        "--teacher",
+        "t=teachers/t.pkl",
+    ]
     assert main(args) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert out["videos"] == 4 and out["experts"] == {"app": 6, "audio": 3} and out["splits"] == {"train_list_full": 2, "test_list_full": 2}
+    assert (
+        out["videos"] == 4
+        and out["experts"] == {"app": 6, "audio": 3}
+        and out["splits"] == {"train_list_full": 2, "test_list_full": 2}
+    )
     assert main(args[:-2] + ["--expert", "flow=missing.pickle"]) == 2
     assert "feature file not found" in capsys.readouterr().err

@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from groundkit.cli import main
-from groundkit.data.synth.retrieval import build
+from groundkit.world.retrieval import build
 
-TINY_SET = ["train.epochs=20", "train.batch_size=16", "train.eval_every=10", "train.tensorboard=false", "train.progress=false",
-            "optim.name=adam", "optim.lr=0.01", "model.shared_dim=64", "sched.step_size=10"]
+TINY_SET = [
+    "train.epochs=20",
+    "train.batch_size=16",
+    "train.eval_every=10",
+    "train.tensorboard=false",
+    "train.progress=false",
+    "optim.name=adam",
+    "optim.lr=0.01",
+    "model.shared_dim=64",
+    "sched.step_size=10",
+]
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +31,19 @@ def trained(tmp_path_factory):
     world = base / "world"
     build(world, "tiny", seed=0)
     run = base / "run"
-    rc = main(["train", "crosskd", "synth_cecap", "--output-dir", str(run), "--set", f"data.root={world}", "data.synth_size=", *TINY_SET])
+    rc = main(
+        [
+            "train",
+            "crosskd",
+            "synth_cecap",
+            "--output-dir",
+            str(run),
+            "--set",
+            f"data.root={world}",
+            "data.synth_size=",
+            *TINY_SET,
+        ]
+    )
     assert rc == 0
     return world, run
 
@@ -44,8 +64,21 @@ def test_train_beats_chance_and_writes_metrics(trained):
 
 def test_eval_cli_prints_t2v_v2t(trained, capsys, tmp_path):
     world, run = trained
-    rc = main(["eval", "crosskd", "synth_cecap", "--restore-path", str(run / "checkpoints" / "best"), "--output-dir", str(tmp_path),
-               "--set", f"data.root={world}", "data.synth_size=", "model.shared_dim=64"])
+    rc = main(
+        [
+            "eval",
+            "crosskd",
+            "synth_cecap",
+            "--restore-path",
+            str(run / "checkpoints" / "best"),
+            "--output-dir",
+            str(tmp_path),
+            "--set",
+            f"data.root={world}",
+            "data.synth_size=",
+            "model.shared_dim=64",
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert "[t2v] R@1:" in out and "[v2t] R@1:" in out and "MdR:" in out and "MnR:" in out
@@ -56,7 +89,7 @@ def test_eval_cli_prints_t2v_v2t(trained, capsys, tmp_path):
 
 def test_retriever_exact_and_sensible(trained):
     from groundkit.methods.crosskd import similarity_matrix
-    from groundkit.retrieval import Retriever
+    from groundkit.methods.crosskd.predict import Retriever
 
     world, run = trained
     r = Retriever.from_checkpoint(run / "checkpoints" / "best", split="test")
@@ -82,8 +115,21 @@ def test_retriever_exact_and_sensible(trained):
 
 def test_predict_cli(trained, capsys):
     world, run = trained
-    rc = main(["predict", "retrieval", "--checkpoint", str(run), "--query", "a dog is running", "-k", "3", "--json",
-               "--video-id", "video0070"])
+    rc = main(
+        [
+            "predict",
+            "retrieval",
+            "--checkpoint",
+            str(run),
+            "--query",
+            "a dog is running",
+            "-k",
+            "3",
+            "--json",
+            "--video-id",
+            "video0070",
+        ]
+    )
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     assert len(out["t2v"]["a dog is running"]) == 3 and len(out["v2t"]["video0070"]) == 3
@@ -93,9 +139,20 @@ def test_resume_draws_the_same_captions(tmp_path, trained):
     """Killed after 5 steps and resumed: bit-identical weights (the caption picks are a function of
     (seed, epoch, video), not of a generator that a restart would reset)."""
     world, _ = trained
-    common = ["--set", f"data.root={world}", "data.synth_size=", *TINY_SET, "train.epochs=3", "train.eval_every=0", "train.ckpt_every_steps=1"]
+    common = [
+        "--set",
+        f"data.root={world}",
+        "data.synth_size=",
+        *TINY_SET,
+        "train.epochs=3",
+        "train.eval_every=0",
+        "train.ckpt_every_steps=1",
+    ]
     assert main(["train", "crosskd", "synth_cecap", "--output-dir", str(tmp_path / "full"), *common]) == 0
-    assert main(["train", "crosskd", "synth_cecap", "--output-dir", str(tmp_path / "cut"), *common, "train.max_steps=5"]) == 0
+    assert (
+        main(["train", "crosskd", "synth_cecap", "--output-dir", str(tmp_path / "cut"), *common, "train.max_steps=5"])
+        == 0
+    )
     assert main(["train", "crosskd", "synth_cecap", "--output-dir", str(tmp_path / "cut"), "--resume", *common]) == 0
     from safetensors.torch import load_file
 
@@ -114,7 +171,12 @@ def test_caption_picks_depend_on_epoch_only(trained):
     from groundkit.methods.crosskd import METHOD, CrossKDConfig
 
     world, _ = trained
-    cfg = load_config(CrossKDConfig, "synth_cecap", {"data.root": str(world), "data.synth_size": "", "train.seed": 3}, method="crosskd")
+    cfg = load_config(
+        CrossKDConfig,
+        "synth_cecap",
+        {"data.root": str(world), "data.synth_size": "", "train.seed": 3},
+        method="crosskd",
+    )
     a, b = METHOD.build_dataset(cfg, "train"), METHOD.build_dataset(cfg, "train")
     idx = list(range(len(a)))
     b.get_batch(idx[:7])  # drawing other batches first changes nothing

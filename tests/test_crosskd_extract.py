@@ -11,8 +11,9 @@ import pytest
 av = pytest.importorskip("av")
 
 from groundkit.cli import main  # noqa: E402
-from groundkit.data.crosskd import ExpertStore, FeatureError  # noqa: E402
-from groundkit.data.experts import extract_experts, read_frames  # noqa: E402
+from groundkit.formats.collaborative_experts import FeatureError  # noqa: E402
+from groundkit.methods.crosskd.extract import extract_experts, read_frames  # noqa: E402
+from groundkit.methods.crosskd.store import ExpertStore  # noqa: E402
 
 
 def write_video(path: Path, frames: np.ndarray, fps: int = 8) -> None:
@@ -38,8 +39,15 @@ def videos(tmp_path_factory):
     write_video(d / "moving.mp4", moving)
     write_video(d / "still.mp4", still)
     write_video(d / "single.mp4", still[:1])
-    (d / "captions.json").write_text(json.dumps({"moving": ["a white square slides right", "a box moves"],
-                                                 "still": ["noise that does not move"], "single": ["one frame"]}))
+    (d / "captions.json").write_text(
+        json.dumps(
+            {
+                "moving": ["a white square slides right", "a box moves"],
+                "still": ["noise that does not move"],
+                "single": ["one frame"],
+            }
+        )
+    )
     return d
 
 
@@ -51,7 +59,9 @@ def test_read_frames(videos):
 
 
 def test_extract_experts_store(videos, tmp_path):
-    st = extract_experts(videos, tmp_path / "store", captions=videos / "captions.json", num_frames=4, size=96, progress=False)
+    st = extract_experts(
+        videos, tmp_path / "store", captions=videos / "captions.json", num_frames=4, size=96, progress=False
+    )
     st = ExpertStore(st.root)
     assert sorted(st.video_ids) == ["moving", "single", "still"]
     assert {k: v["dim"] for k, v in st.experts.items()} == {"appearance": 1280, "motion": 1280, "scene": 5120}
@@ -70,8 +80,23 @@ def test_extract_experts_store(videos, tmp_path):
 
 def test_extract_cli_errors(videos, tmp_path, capsys):
     (tmp_path / "caps.json").write_text(json.dumps({"moving": ["x"]}))
-    rc = main(["data", "extract-experts", "--videos", str(videos), "--out", str(tmp_path / "s"), "--captions", str(tmp_path / "caps.json"),
-               "--num-frames", "2", "--size", "64", "--quiet"])
+    rc = main(
+        [
+            "data",
+            "extract-experts",
+            "--videos",
+            str(videos),
+            "--out",
+            str(tmp_path / "s"),
+            "--captions",
+            str(tmp_path / "caps.json"),
+            "--num-frames",
+            "2",
+            "--size",
+            "64",
+            "--quiet",
+        ]
+    )
     assert rc == 2 and "no captions for video" in capsys.readouterr().err
     rc = main(["data", "extract-experts", "--videos", str(tmp_path / "none"), "--out", str(tmp_path / "s2")])
     assert rc == 2 and "no such file or directory" in capsys.readouterr().err

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from groundkit.models.cenet import (
+from groundkit.methods.crosskd.model import (
     CENet,
     CENetConfig,
     NetVLAD,
@@ -115,10 +115,15 @@ def test_teachtext_mean_of_teachers_smoothl1():
 
 def test_cenet_forward_shapes_and_missing_experts():
     torch.manual_seed(0)
-    net = CENet(CENetConfig(expert_dims={"b.x.0": 6, "a": 3}, vlad_clusters={"text": 2, "a": 2}, text_dim=5, shared_dim=8))
+    net = CENet(
+        CENetConfig(expert_dims={"b.x.0": 6, "a": 3}, vlad_clusters={"text": 2, "a": 2}, text_dim=5, shared_dim=8)
+    )
     assert net.experts == ["a", "b.x.0"]  # alphabetical, dotted names allowed
-    batch = {"text": torch.randn(3, 4, 5), "experts": {"a": torch.randn(3, 7, 3), "b.x.0": torch.randn(3, 6)},
-             "avail": torch.tensor([[1.0, 1.0], [0.0, 1.0], [1.0, 1.0]])}
+    batch = {
+        "text": torch.randn(3, 4, 5),
+        "experts": {"a": torch.randn(3, 7, 3), "b.x.0": torch.randn(3, 6)},
+        "avail": torch.tensor([[1.0, 1.0], [0.0, 1.0], [1.0, 1.0]]),
+    }
     out = net(batch)
     assert out["sims"].shape == (3, 3) and out["text_emb"].shape == (3, 2, 8) and out["video_emb"].shape == (3, 2, 8)
     assert torch.allclose(out["moe"].sum(1), torch.ones(3), atol=1e-6)

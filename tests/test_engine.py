@@ -5,17 +5,26 @@ import socket
 
 import numpy as np
 import pytest
+import regression_method as rm
 import torch
 from safetensors.torch import load_file
 
-import regression_method as rm
 from groundkit.checkpoint import CheckpointError, latest_checkpoint, load_weights
 from groundkit.config import load_config
 from groundkit.engine import NonFiniteLossError, epoch_order, fit, run_eval
 
 BASE = {
-    "train": {"epochs": 3, "batch_size": 16, "seed": 7, "ckpt_every_steps": 2, "best_metric": "mse", "best_mode": "min",
-              "progress": False, "tensorboard": False, "log_every": 1},
+    "train": {
+        "epochs": 3,
+        "batch_size": 16,
+        "seed": 7,
+        "ckpt_every_steps": 2,
+        "best_metric": "mse",
+        "best_mode": "min",
+        "progress": False,
+        "tensorboard": False,
+        "log_every": 1,
+    },
     "optim": {"name": "adamw", "lr": 0.02, "weight_decay": 0.01},
     "sched": {"name": "cosine", "warmup_steps": 3},
 }
@@ -100,11 +109,16 @@ def _free_port() -> int:
 
 def test_ddp_two_processes_match_single_process(tmp_path):
     """Same global batch: 2 gloo processes end with the weights of 1 process (tolerance 1e-5)."""
-    over = {"dropout": 0.0, "data": {"n_val": 33}}  # dropout masks differ per rank; odd val size tests exactly-once eval
+    over = {
+        "dropout": 0.0,
+        "data": {"n_val": 33},
+    }  # dropout masks differ per rank; odd val size tests exactly-once eval
     cfg_dict = {**BASE, **over}
     single = load_config(rm.RegConfig, cfg_dict, {"train.output_dir": str(tmp_path / "one")})
     fit(rm.METHOD, single, final_split="test")
-    torch.multiprocessing.spawn(rm.ddp_worker, args=(2, _free_port(), cfg_dict, str(tmp_path / "two")), nprocs=2, join=True)
+    torch.multiprocessing.spawn(
+        rm.ddp_worker, args=(2, _free_port(), cfg_dict, str(tmp_path / "two")), nprocs=2, join=True
+    )
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
     for k in a:
         np.testing.assert_allclose(a[k].numpy(), b[k].numpy(), atol=1e-5, rtol=0)

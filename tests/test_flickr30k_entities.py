@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from groundkit.data import flickr30k_entities as F
+from groundkit.formats import flickr30k_entities as F
 
 SENTENCES = """[/EN#10/people Three small children] play near [/EN#12/other a wooden fence] in [/EN#15/scene the garden] .
 [/EN#11/people A boy] in [/EN#13/clothing a red jacket] throws [/EN#14/other a ball] .

@@ -12,10 +12,10 @@ from groundkit.metrics import (
     box_iou,
     cols2metrics,
     mean_iou,
-    retrieval_metrics,
     paired_box_iou,
     phrase_first_hit,
     phrase_recall_at_k,
+    retrieval_metrics,
     t2v_metrics,
     v2t_metrics,
 )
@@ -275,9 +275,7 @@ def test_accuracy_at_iou_threshold_convention():
 
 # ----------------------------------------------------------------------------- phrase recall
 def _phrase_case():
-    proposals = np.array(
-        [[0, 0, 10, 10], [20, 20, 30, 30], [0, 0, 9, 10], [50, 50, 60, 60]], dtype=np.float32
-    )
+    proposals = np.array([[0, 0, 10, 10], [20, 20, 30, 30], [0, 0, 9, 10], [50, 50, 60, 60]], dtype=np.float32)
     gt = np.array([[0, 0, 10, 10], [20, 20, 30, 30], [100, 100, 110, 110]], dtype=np.float32)
     scores = np.array(
         [

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from groundkit.data import refcoco, transvg
+from groundkit.formats import refcoco, transvg
 
 
 def _write_refer_fixture(root):
@@ -23,8 +23,12 @@ def _write_refer_fixture(root):
             "image_id": 581857,
             "split": "testA",
             "sentences": [
-                {"tokens": ["the", "lady", "with", "the", "blue", "shirt"], "raw": "THE LADY WITH THE BLUE SHIRT",
-                 "sent_id": 0, "sent": "the lady with the blue shirt"},
+                {
+                    "tokens": ["the", "lady", "with", "the", "blue", "shirt"],
+                    "raw": "THE LADY WITH THE BLUE SHIRT",
+                    "sent_id": 0,
+                    "sent": "the lady with the blue shirt",
+                },
                 {"tokens": ["lady", "left"], "raw": "lady left", "sent_id": 1, "sent": "lady left"},
             ],
             "category_id": 1,
@@ -41,16 +45,42 @@ def _write_refer_fixture(root):
         },
     ]
     inst = {
-        "images": [{"id": 581857, "file_name": "COCO_train2014_000000581857.jpg", "height": 640, "width": 427,
-                    "license": 1, "coco_url": "", "flickr_url": "", "date_captured": ""}],
-        "annotations": [
-            {"id": 1719310, "image_id": 581857, "category_id": 1, "bbox": [103.93, 299.99, 134.22, 177.42],
-             "area": 23813.0, "iscrowd": 0, "segmentation": [[103.93, 299.99, 238.15, 299.99, 238.15, 477.41]]},
-            {"id": 1720000, "image_id": 581857, "category_id": 47, "bbox": [10.0, 20.0, 30.0, 40.0],
-             "area": 1200.0, "iscrowd": 0, "segmentation": []},
+        "images": [
+            {
+                "id": 581857,
+                "file_name": "COCO_train2014_000000581857.jpg",
+                "height": 640,
+                "width": 427,
+                "license": 1,
+                "coco_url": "",
+                "flickr_url": "",
+                "date_captured": "",
+            }
         ],
-        "categories": [{"id": 1, "name": "person", "supercategory": "person"},
-                       {"id": 47, "name": "cup", "supercategory": "kitchen"}],
+        "annotations": [
+            {
+                "id": 1719310,
+                "image_id": 581857,
+                "category_id": 1,
+                "bbox": [103.93, 299.99, 134.22, 177.42],
+                "area": 23813.0,
+                "iscrowd": 0,
+                "segmentation": [[103.93, 299.99, 238.15, 299.99, 238.15, 477.41]],
+            },
+            {
+                "id": 1720000,
+                "image_id": 581857,
+                "category_id": 47,
+                "bbox": [10.0, 20.0, 30.0, 40.0],
+                "area": 1200.0,
+                "iscrowd": 0,
+                "segmentation": [],
+            },
+        ],
+        "categories": [
+            {"id": 1, "name": "person", "supercategory": "person"},
+            {"id": 47, "name": "cup", "supercategory": "kitchen"},
+        ],
     }
     (root / "refcoco").mkdir(parents=True)
     with open(root / "refcoco" / "refs(unc).p", "wb") as f:
@@ -97,8 +127,13 @@ def test_refer_rejects_bad_files(tmp_path):
 
 def test_transvg_fixture_formats(tmp_path):
     unc = [
-        ("COCO_train2014_000000000839.jpg", "482127.pth", [303.58, 69.03, 293.29, 425.79],
-         "guy flopping around on the right", [("r1", ["guy"]), ("r8", ["right", "flopping", "around"])]),
+        (
+            "COCO_train2014_000000000839.jpg",
+            "482127.pth",
+            [303.58, 69.03, 293.29, 425.79],
+            "guy flopping around on the right",
+            [("r1", ["guy"]), ("r8", ["right", "flopping", "around"])],
+        ),
     ]
     flickr = [("1000092795.jpg", [10, 20, 110, 220], "two young guys")]
     referit = [("8756_2.jpg", "8756_2_1.mat", [5, 6, 50, 60], "sky", [])]
@@ -154,6 +189,13 @@ def test_refer_to_transvg_fixture_and_cli(tmp_path):
         refcoco.to_transvg(tmp_path / "refer", tmp_path / "s2", split_by="berkeley")
     from groundkit.cli import main
 
-    rc = main(["data", "refer-to-transvg", "--data-root", str(tmp_path / "refer"), "--split-root", str(tmp_path / "s3")])
+    rc = main(
+        ["data", "refer-to-transvg", "--data-root", str(tmp_path / "refer"), "--split-root", str(tmp_path / "s3")]
+    )
     assert rc == 0 and (tmp_path / "s3" / "unc" / "unc_testB.pth").is_file()
-    assert main(["data", "refer-to-transvg", "--data-root", str(tmp_path / "nowhere"), "--split-root", str(tmp_path / "s4")]) == 2
+    assert (
+        main(
+            ["data", "refer-to-transvg", "--data-root", str(tmp_path / "nowhere"), "--split-root", str(tmp_path / "s4")]
+        )
+        == 2
+    )

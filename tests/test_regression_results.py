@@ -16,15 +16,23 @@ import torch
 
 from groundkit.config import load_config
 from groundkit.engine import fit
-from groundkit.cli import get_method
-from groundkit.data.synth import generate
+from groundkit.methods import get_method
+from groundkit.world import generate, resolve_world
 
 EXPECTED = Path(__file__).parent / "data" / "regression_metrics.json"
 
 RUNS: dict[str, tuple[str, str, dict]] = {
     "wang21_reference_distill": ("wang21", "world_reference_distill", {"train.epochs": 2}),
-    "wang21_logprob_teacher": ("wang21", "world_reference_distill", {
-        "train.epochs": 2, "loss.teacher_form": "log_prob", "loss.teacher_temperature": 0.5, "loss.student_scale": 10.0}),
+    "wang21_logprob_teacher": (
+        "wang21",
+        "world_reference_distill",
+        {
+            "train.epochs": 2,
+            "loss.teacher_form": "log_prob",
+            "loss.teacher_temperature": 0.5,
+            "loss.student_scale": 10.0,
+        },
+    ),
     "crosskd_caption_kd": ("crosskd", "synth_cecap_detach", {"train.epochs": 30, "data.synth_size": "small"}),
 }
 
@@ -47,7 +55,7 @@ def _run(name: str, out: Path) -> dict[str, float]:
         o.update(_world_overrides(Path(generate("phrase", size="small", seed=0, progress=False))))
     o.update(extra)
     cfg = load_config(method.config_class, base, o, method=method_name)
-    return {k: float(v) for k, v in fit(method, cfg)["final"].items()}
+    return {k: float(v) for k, v in fit(method, resolve_world(method, cfg))["final"].items()}
 
 
 @pytest.mark.parametrize("name", list(RUNS))

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from groundkit.data.synth import core
-from groundkit.data.synth import scene as S
+from groundkit.world import core
+from groundkit.world import scene as S
 
 
 class _Dummy:
@@ -118,7 +118,7 @@ def test_bad_arguments():
 
 
 def test_missing_task_module_is_unavailable(monkeypatch):
-    monkeypatch.setitem(core.TASKS, "ghost", "groundkit.data.synth._no_such_task:build")
+    monkeypatch.setitem(core.TASKS, "ghost", "groundkit.world._no_such_task:build")
     with pytest.raises(core.TaskUnavailableError, match="ghost"):
         core.get_builder("ghost")
     assert "ghost" not in core.available_tasks()
@@ -151,7 +151,7 @@ def test_rng_for_is_stable_and_independent():
 def test_cli_runs_dummy(tmp_path, dummy, capsys):
     import argparse
 
-    from groundkit.data.synth import cli
+    from groundkit.world import cli
 
     parser = argparse.ArgumentParser(prog="groundkit data")
     cli.register(parser.add_subparsers())
@@ -159,17 +159,39 @@ def test_cli_runs_dummy(tmp_path, dummy, capsys):
     def main(argv):
         return parser.parse_args(argv[1:]).func(parser.parse_args(argv[1:]))
 
-    rc = main(["data", "synth", "--task", "phrase", "--size", "tiny", "--seed", "2", "--out", str(tmp_path / "c"), "--set", "n_images=8", "--quiet"])
+    rc = main(
+        [
+            "data",
+            "synth",
+            "--task",
+            "phrase",
+            "--size",
+            "tiny",
+            "--seed",
+            "2",
+            "--out",
+            str(tmp_path / "c"),
+            "--set",
+            "n_images=8",
+            "--quiet",
+        ]
+    )
     assert rc == 0
     lines = capsys.readouterr().out.strip().split("\n")
     assert lines[0] == str(tmp_path / "c")
     assert json.loads(lines[1])["seed"] == 2
     assert core.load_manifest(tmp_path / "c")["requested_knobs"] == {"n_images": 8}
-    rc = main(["data", "synth", "--task", "phrase", "--size", "tiny", "--out", str(tmp_path / "c"), "--set", "bad", "--quiet"])
-    assert rc == 2
-    from groundkit.cli import DATA_COMMANDS
+    from groundkit.cli import CORE_COMMANDS
+    from groundkit.cli import main as groundkit_main
 
-    assert DATA_COMMANDS["synth"] == "groundkit.data.synth.cli:register"
+    capsys.readouterr()
+    rc = groundkit_main(
+        ["data", "synth", "--task", "phrase", "--size", "tiny", "--out", str(tmp_path / "c"), "--set", "bad", "--quiet"]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == ["groundkit: error: data synth: knob 'bad' must look like name=value"]
+
+    assert CORE_COMMANDS["data"]["synth"] == "groundkit.world.cli:register"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -178,7 +200,7 @@ def test_cli_runs_dummy(tmp_path, dummy, capsys):
 
 
 def test_vocabulary_is_in_glove_and_detector_names_differ():
-    from groundkit.data.synth.features import load_glove
+    from groundkit.text import glove_package as load_glove
 
     index, vectors = load_glove()
     assert vectors.shape[1] == 50
@@ -249,7 +271,9 @@ def test_render_is_deterministic_and_draws_objects():
     im2 = S.render_scene(sc, core.rng_for(0, "px", 0))
     assert im1.size == (sc.width, sc.height) and im1.mode == "RGB"
     assert np.array_equal(np.asarray(im1), np.asarray(im2))
-    empty = S.render_scene(S.Scene(sc.width, sc.height, sc.background, sc.horizon, []), core.rng_for(0, "px", 0), noise=0)
+    empty = S.render_scene(
+        S.Scene(sc.width, sc.height, sc.background, sc.horizon, []), core.rng_for(0, "px", 0), noise=0
+    )
     full = np.asarray(S.render_scene(sc, core.rng_for(0, "px", 0), noise=0), dtype=np.int32)
     diff = np.abs(full - np.asarray(empty, dtype=np.int32)).sum(-1) > 30
     for o in sc.objects:  # every object changed pixels inside its box

@@ -8,11 +8,12 @@ import h5py
 import numpy as np
 import pytest
 
-from groundkit.data import flickr30k_entities as F
-from groundkit.data.synth import generate, load_manifest, verify
-from groundkit.data.synth import phrase as PH
-from groundkit.data.synth import scene as S
-from groundkit.data.synth.features import FEATURE_DIM
+from groundkit.backbones import FEATURE_DIM
+from groundkit.formats import flickr30k_entities as F
+from groundkit.text import singular
+from groundkit.world import generate, load_manifest, verify
+from groundkit.world import phrase as PH
+from groundkit.world import scene as S
 
 SPLITS = ("train", "val", "test")
 
@@ -125,7 +126,7 @@ def test_glove_and_phrase_to_label(world):
     stats = load_manifest(world)["info"]["stats"]
     acc = np.mean([stats[s]["label_map_accuracy"] for s in SPLITS])
     assert 0.5 < acc < 0.95  # informative, and honestly imperfect
-    assert PH.lemma("puppies", {"puppy"}) == "puppy" and PH.lemma("women", {"woman"}) == "woman"
+    assert singular("puppies", {"puppy"}) == "puppy" and singular("women", {"woman"}) == "woman"
     # the soft matching matrix the hard map was made from
     with h5py.File(world / "matching_matrix.hdf5", "r") as m:
         ph = [x.decode() for x in m["phrases"][()]]
@@ -144,7 +145,10 @@ def _figures(world) -> dict[str, float]:
     rng = np.random.default_rng(0)
     n = teacher = oracle = rand = upper = 0
     for s in SPLITS:
-        with h5py.File(world / f"region_features_{s}.hdf5", "r") as fr, h5py.File(world / f"phrase_features_{s}.hdf5", "r") as fp:
+        with (
+            h5py.File(world / f"region_features_{s}.hdf5", "r") as fr,
+            h5py.File(world / f"phrase_features_{s}.hdf5", "r") as fp,
+        ):
             for img in fr:
                 a = fr[img][()]
                 logits, boxes = a[:, FEATURE_DIM:-4], a[:, -4:]
@@ -164,10 +168,19 @@ def _figures(world) -> dict[str, float]:
                         rand += hits[rng.integers(len(boxes))]
                         teacher += hits[int(np.argmax(prob[:, classes.index(p2l[" ".join(words)])]))]
                         # oracle: a whole-object proposal made from an object of the phrase's true category
-                        inside = [o for o in sc.objects if S.box_iou_np(np.array([o.box]), gt[si, pi][None])[0, 0] > 0 and
-                                  gt[si, pi][0] <= o.box[0] and gt[si, pi][2] >= o.box[2]]
+                        inside = [
+                            o
+                            for o in sc.objects
+                            if S.box_iou_np(np.array([o.box]), gt[si, pi][None])[0, 0] > 0
+                            and gt[si, pi][0] <= o.box[0]
+                            and gt[si, pi][2] >= o.box[2]
+                        ]
                         cats = {o.category for o in inside}
-                        cand = [r for r in range(len(boxes)) if src[r] >= 0 and kind[r] == 0 and sc.objects[src[r]].category in cats]
+                        cand = [
+                            r
+                            for r in range(len(boxes))
+                            if src[r] >= 0 and kind[r] == 0 and sc.objects[src[r]].category in cats
+                        ]
                         if cand:
                             oracle += hits[cand[int(np.argmax(prob[cand, 1:].max(1)))]]
     return {"n": n, "teacher": teacher / n, "oracle": oracle / n, "random": rand / n, "upper": upper / n}
@@ -243,8 +256,12 @@ def test_knobs_change_difficulty():
         return float((kinds == 1).mean())
 
     assert part_share(0.0) == 0.0 and part_share(0.8) > 0.3
-    clean = [PH.make_image(i, str(i), "train", 0, dict(base, confusion=0.0, teacher_noise=0.2), classes) for i in range(30)]
-    noisy = [PH.make_image(i, str(i), "train", 0, dict(base, confusion=0.6, teacher_noise=2.0), classes) for i in range(30)]
+    clean = [
+        PH.make_image(i, str(i), "train", 0, dict(base, confusion=0.0, teacher_noise=0.2), classes) for i in range(30)
+    ]
+    noisy = [
+        PH.make_image(i, str(i), "train", 0, dict(base, confusion=0.6, teacher_noise=2.0), classes) for i in range(30)
+    ]
     truth = {}
     for r in clean + noisy:
         for sent in r.phrases():
@@ -252,7 +269,10 @@ def test_knobs_change_difficulty():
                 ent = r.entity(eid)
                 if ent.kind == "box":
                     truth[" ".join(toks)] = S.detector_class(r.scene.objects[ent.objects[0]].category, "world")
-    assert PH.teacher_stats(clean, truth, classes)["teacher_r1"] > PH.teacher_stats(noisy, truth, classes)["teacher_r1"] + 0.05
+    assert (
+        PH.teacher_stats(clean, truth, classes)["teacher_r1"]
+        > PH.teacher_stats(noisy, truth, classes)["teacher_r1"] + 0.05
+    )
     with pytest.raises(ValueError, match="unknown knob"):
         generate("phrase", "tiny", out="/nonexistent/x", progress=False, n_imgs=3)
 
@@ -276,7 +296,17 @@ def test_every_knob_is_documented():
 def test_prototype_features_without_pixels(tmp_path):
     """The large-size path: no rendering of the world's images, features drawn from a small
     rendered reference set's real features per (category, proposal kind)."""
-    out = generate("phrase", "tiny", seed=1, out=tmp_path / "p", progress=False, n_images=10, features="prototype", images=False, reference_images=12)
+    out = generate(
+        "phrase",
+        "tiny",
+        seed=1,
+        out=tmp_path / "p",
+        progress=False,
+        n_images=10,
+        features="prototype",
+        images=False,
+        reference_images=12,
+    )
     man = load_manifest(out)
     assert man["knobs"]["features"] == "prototype" and "reference_features_s" in man["info"]["timings"]
     assert not (out / "flickr30k_entities" / "flickr30k-images").exists()
@@ -308,11 +338,15 @@ def test_error_breakdown_causes(world):
     import torch
 
     from groundkit.config import load_config
-    from groundkit.methods.wang21 import Wang21Config, Wang21Dataset, error_breakdown, resolve_paths
+    from groundkit.methods.wang21 import Wang21Config, Wang21Dataset, resolve_paths
+    from groundkit.methods.wang21.experiments import error_breakdown
     from groundkit.metrics import box_iou
 
-    over = {"data.region_feat_path": str(world / "region_features_{split}.hdf5"), "data.phrase_feat_path": str(world / "phrase_features_{split}.hdf5"),
-            "data.glove_path": str(world / "glove.hdf5")}
+    over = {
+        "data.region_feat_path": str(world / "region_features_{split}.hdf5"),
+        "data.phrase_feat_path": str(world / "phrase_features_{split}.hdf5"),
+        "data.glove_path": str(world / "glove.hdf5"),
+    }
     cfg = load_config(Wang21Config, "world_reference_nce", over, method="wang21")
     ds = Wang21Dataset(cfg, "test", *resolve_paths(cfg.data, "test"))
     scenes = {json.loads(x)["id"]: json.loads(x) for x in (world / "meta" / "scenes.jsonl").read_text().splitlines()}
@@ -326,6 +360,7 @@ def test_error_breakdown_causes(world):
                 iou = box_iou(b["gt_boxes"][i].float(), b["region_boxes"][i].float())  # [P, N]
                 out[i] = rule(iou, kind)
             return out
+
         return fn
 
     oracle = error_breakdown(by_rule(lambda iou, kind: iou), ds, world)
@@ -333,9 +368,13 @@ def test_error_breakdown_causes(world):
     assert n > 20 and sum(oracle["counts"].values()) == n
     hits_possible = oracle["counts"]["hit"]
     assert hits_possible / n > 0.8  # the best-IoU box hits unless no proposal does (upper bound ~0.9)
-    clutter = error_breakdown(by_rule(lambda iou, kind: (kind == 2).float()[None].expand_as(iou) - 1e-3 * iou), ds, world)
+    clutter = error_breakdown(
+        by_rule(lambda iou, kind: (kind == 2).float()[None].expand_as(iou) - 1e-3 * iou), ds, world
+    )
     assert clutter["counts"]["clutter"] + clutter["counts"]["hit"] == n and clutter["counts"]["clutter"] > 0.9 * n
-    part = error_breakdown(by_rule(lambda iou, kind: (kind == 1).float()[None] * (iou > 0.05).float() + 0.01 * iou), ds, world)
+    part = error_breakdown(
+        by_rule(lambda iou, kind: (kind == 1).float()[None] * (iou > 0.05).float() + 0.01 * iou), ds, world
+    )
     assert part["counts"]["part_of_target"] > 0.3 * n, part["counts"]
 
 
@@ -346,12 +385,23 @@ def test_breakdown_of_a_trained_checkpoint(world, tmp_path):
 
     from groundkit.config import load_config
     from groundkit.engine import fit
-    from groundkit.methods.wang21 import METHOD, Wang21Config, breakdown_of_checkpoint
+    from groundkit.methods.wang21 import METHOD, Wang21Config
+    from groundkit.methods.wang21.experiments import breakdown_of_checkpoint
 
     torch.set_num_threads(1)
-    over = {"data.region_feat_path": str(world / "region_features_{split}.hdf5"), "data.phrase_feat_path": str(world / "phrase_features_{split}.hdf5"),
-            "data.glove_path": str(world / "glove.hdf5"), "train.max_steps": 3, "train.batch_size": 8, "train.progress": False,
-            "train.tensorboard": False, "train.output_dir": str(tmp_path / "run"), "model.lstm_hidden": 16, "model.mlp_hidden": 32, "model.embed_dim": 16}
+    over = {
+        "data.region_feat_path": str(world / "region_features_{split}.hdf5"),
+        "data.phrase_feat_path": str(world / "phrase_features_{split}.hdf5"),
+        "data.glove_path": str(world / "glove.hdf5"),
+        "train.max_steps": 3,
+        "train.batch_size": 8,
+        "train.progress": False,
+        "train.tensorboard": False,
+        "train.output_dir": str(tmp_path / "run"),
+        "model.lstm_hidden": 16,
+        "model.mlp_hidden": 32,
+        "model.embed_dim": 16,
+    }
     final = fit(METHOD, load_config(Wang21Config, "world_reference_nce", over, method="wang21"))["final"]
     r = breakdown_of_checkpoint(tmp_path / "run" / "checkpoints" / "best", world)
     n = r["num_phrases"]

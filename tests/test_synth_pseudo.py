@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from groundkit.data import refcoco, transvg
-from groundkit.data.synth.core import tree_digest
-from groundkit.data.synth import pseudo
-from groundkit.data.synth.scene import Scene, box_iou_np
+from groundkit.formats import refcoco, transvg
+from groundkit.world import pseudo
+from groundkit.world.core import tree_digest
+from groundkit.world.scene import Scene, box_iou_np
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,7 @@ def test_byte_identical_for_same_seed(tmp_path):
 def test_every_knob_is_documented():
     from pathlib import Path
 
-    from groundkit.data.synth import refexp
+    from groundkit.world import refexp
 
     doc = (Path(__file__).resolve().parents[1] / "docs" / "benchmark_world.md").read_text()
     sections = {t: doc.split(f"\n## {t}\n", 1)[1].split("\n## ", 1)[0] for t in ("refexp", "pseudo")}

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from groundkit.data import refcoco, transvg
-from groundkit.data.synth.core import tree_digest
-from groundkit.data.synth import refexp
-from groundkit.data.synth.scene import CATEGORIES, COLOURS, RELATION_WORDS, Scene, relation
+from groundkit.formats import refcoco, transvg
+from groundkit.world import refexp
+from groundkit.world.core import tree_digest
+from groundkit.world.scene import CATEGORIES, COLOURS, Scene, relation
 
 WORD2CAT = {w: name for name, c in CATEGORIES.items() for w in c.words}
 SIZE2WORD = {w: s for s, ws in refexp.SIZE_WORDS.items() for w in ws}
@@ -43,9 +43,9 @@ def oracle_resolve(sentence: str, scene: Scene) -> list[int]:
     rel = None
     for j, t in enumerate(toks):
         if t in ("left", "right") and j + 1 < len(toks) and toks[j + 1] == "of":
-            rel, lm_toks = t, toks[j + 2:]
+            rel, lm_toks = t, toks[j + 2 :]
         elif t in ("above", "below", "behind") or (t == "front" and j + 1 < len(toks) and toks[j + 1] == "of"):
-            rel, lm_toks = REL_HEADS[t], toks[j + 1:]
+            rel, lm_toks = REL_HEADS[t], toks[j + 1 :]
     if rel is not None:
         lcat, lattrs, _ = _parse_np(lm_toks)
         lms = [o for o in scene.objects if o.category == lcat and all(getattr(o, k) == v for k, v in lattrs.items())]
@@ -56,7 +56,7 @@ def oracle_resolve(sentence: str, scene: Scene) -> list[int]:
     if locs and cands:
         axis, ext = refexp.LOCATION_WORDS[locs[0]]
         idx = 0 if axis == "x" else 1
-        key = (lambda o: o.center[idx])
+        key = lambda o: o.center[idx]
         best = min(cands, key=key) if ext == "min" else max(cands, key=key)
         return [best.id]
     return [o.id for o in cands]
@@ -163,7 +163,7 @@ def test_bad_knobs(tmp_path):
 
 
 def test_generate_through_framework(tmp_path):
-    from groundkit.data.synth import generate, load_manifest, verify
+    from groundkit.world import generate, load_manifest, verify
 
     out = generate("refexp", "tiny", 0, tmp_path / "w", progress=False, n_images=6)
     man = load_manifest(out)

@@ -11,12 +11,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from groundkit.data.crosskd import read_expert_pickle, read_raw_captions, read_split_list, read_teacher_pickle, read_text_features
-from groundkit.data.synth.retrieval import EXPERT_FILES, TEACHER_FILES, TEXT_FILE, build
+from groundkit.formats.collaborative_experts import (
+    read_expert_pickle,
+    read_raw_captions,
+    read_split_list,
+    read_teacher_pickle,
+    read_text_features,
+)
+from groundkit.world.retrieval import EXPERT_FILES, TEACHER_FILES, TEXT_FILE, build
 
 
 def _digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +70,11 @@ def test_paraphrases_and_near_duplicates(world):
     assert len({" ".join(c) for c in caps[v0]}) > 10  # 20 captions that paraphrase each other
     ids = list(atts)
     # near-duplicate cluster mates: same object and scene, one of action / colour differs
-    pairs = [(a, b) for a, b in zip(ids, ids[1:]) if atts[a]["object"] == atts[b]["object"] and atts[a]["scene"] == atts[b]["scene"]]
+    pairs = [
+        (a, b)
+        for a, b in zip(ids, ids[1:])
+        if atts[a]["object"] == atts[b]["object"] and atts[a]["scene"] == atts[b]["scene"]
+    ]
     assert len(pairs) >= len(ids) // 2
     assert all(sum(atts[a][k] != atts[b][k] for k in ("action", "colour")) >= 1 for a, b in pairs[:10])
 

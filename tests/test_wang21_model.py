@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from groundkit.models.wang21 import (
+from groundkit.methods.wang21.model import (
     PhraseEncoder,
     Wang21Model,
     distill_loss,
@@ -23,7 +23,9 @@ from groundkit.models.wang21 import (
 
 def test_shapes_and_unit_norm():
     torch.manual_seed(0)
-    m = Wang21Model(word_dim=12, region_dim=20, lstm_hidden=16, mlp_hidden=32, embed_dim=8, region_mean=0.5, region_std=2.0)
+    m = Wang21Model(
+        word_dim=12, region_dim=20, lstm_hidden=16, mlp_hidden=32, embed_dim=8, region_mean=0.5, region_std=2.0
+    )
     r, q = m(torch.randn(3, 7, 20), torch.randn(3, 4, 5, 12), torch.ones(3, 4, 5, dtype=torch.bool))
     assert r.shape == (3, 7, 8) and q.shape == (3, 4, 8)
     assert torch.allclose(r.norm(dim=-1), torch.ones(3, 7), atol=1e-5)
@@ -91,7 +93,9 @@ def test_teacher_targets_official_formulas():
     assert (oi.max() / oi.min()).item() <= math.e + 1e-5
     coco = teacher_targets(t, "auto", n_classes=80)
     assert torch.allclose(coco, torch.softmax(t / 2, -1))
-    with pytest.raises(ValueError, match=r"545 \(Open Images v2\) or 80.*the logits have 20 classes.*loss.teacher_form"):
+    with pytest.raises(
+        ValueError, match=r"545 \(Open Images v2\) or 80.*the logits have 20 classes.*loss.teacher_form"
+    ):
         teacher_targets(t, "auto", n_classes=20)
     lp = teacher_targets(t, "log_prob", n_classes=20, temperature=0.5)
     expect = torch.softmax(torch.log(t.clamp(min=1e-12)) / 0.5, -1)
@@ -106,7 +110,9 @@ def test_teacher_scores_hard_and_soft():
     probs = logits.softmax(-1)
     idx = torch.tensor([[[1, 0]]])
     hard = torch.tensor([[[0.0, 1.0, 0.0]]])
-    assert torch.allclose(teacher_scores(logits, hard, idx), torch.stack([probs[0, 1, 1], probs[0, 0, 1]]).view(1, 1, 2))
+    assert torch.allclose(
+        teacher_scores(logits, hard, idx), torch.stack([probs[0, 1, 1], probs[0, 0, 1]]).view(1, 1, 2)
+    )
     soft = torch.tensor([[[0.0, 0.25, 0.75]]])
     exp = 0.25 * probs[0, :, 1] + 0.75 * probs[0, :, 2]
     assert torch.allclose(teacher_scores(logits, soft, idx)[0, 0], exp[[1, 0]])
@@ -123,12 +129,15 @@ def test_distill_loss_hand_computed():
     # student scale multiplies the cosines
     logp10 = (10 * z).log_softmax(0)
     assert distill_loss(student, idx, target, torch.tensor([[True]]), scale=10.0).item() == pytest.approx(
-        -(0.7 * logp10[0] + 0.3 * logp10[1]).item(), rel=1e-6)
+        -(0.7 * logp10[0] + 0.3 * logp10[1]).item(), rel=1e-6
+    )
     # an unmapped phrase contributes nothing; the mean is over distillable phrases only
     student2 = student.expand(1, 2, 3)
     idx2 = idx.expand(1, 2, 2)
     tgt2 = target.expand(1, 2, 2)
-    assert distill_loss(student2, idx2, tgt2, torch.tensor([[True, False]])).item() == pytest.approx(expect.item(), rel=1e-6)
+    assert distill_loss(student2, idx2, tgt2, torch.tensor([[True, False]])).item() == pytest.approx(
+        expect.item(), rel=1e-6
+    )
     assert distill_loss(student, idx, target, torch.tensor([[False]])).item() == 0.0
 
 

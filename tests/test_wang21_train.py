@@ -6,15 +6,27 @@ import json
 
 import pytest
 import torch
+from test_wang21_data import make_world
 
 from groundkit.cli import main
 from groundkit.config import load_config
 from groundkit.methods.wang21 import METHOD, Wang21Config, Wang21Dataset, resolve_paths
-from test_wang21_data import make_world
 
-SMALL = ["model.lstm_hidden=32", "model.mlp_hidden=64", "model.embed_dim=32", "data.region_dim=16", "data.norm_preset=compute",
-         "data.n_proposals=0", "data.captions_per_image=0", "loss.teacher_form=prob_centered", "loss.ramp_every=5",
-         "train.progress=false", "train.tensorboard=false", "optim.lr=3e-3", "train.eval_batch_size=16"]
+SMALL = [
+    "model.lstm_hidden=32",
+    "model.mlp_hidden=64",
+    "model.embed_dim=32",
+    "data.region_dim=16",
+    "data.norm_preset=compute",
+    "data.n_proposals=0",
+    "data.captions_per_image=0",
+    "loss.teacher_form=prob_centered",
+    "loss.ramp_every=5",
+    "train.progress=false",
+    "train.tensorboard=false",
+    "optim.lr=3e-3",
+    "train.eval_batch_size=16",
+]
 
 
 @pytest.fixture(scope="module")
@@ -27,16 +39,37 @@ def world(tmp_path_factory):
 
 
 def _args(root, p, *extra):
-    return ["--region-feat-path", str(root / "region_features_{split}.hdf5"), "--phrase-feat-path", str(root / "phrase_features_{split}.hdf5"),
-            "--glove-path", p["glove"], *extra]
+    return [
+        "--region-feat-path",
+        str(root / "region_features_{split}.hdf5"),
+        "--phrase-feat-path",
+        str(root / "phrase_features_{split}.hdf5"),
+        "--glove-path",
+        p["glove"],
+        *extra,
+    ]
 
 
 def test_train_eval_cli_beats_random(world, tmp_path, capsys):
     torch.set_num_threads(1)
     root, p = world
     out = tmp_path / "run"
-    rc = main(["train", "wang21", *_args(root, p, "--phrase-to-label-json", p["json"], "--class-names", p["classes"]),
-               "--output-dir", str(out), "--seed", "0", "--set", *SMALL, "train.epochs=12", "train.batch_size=16", "train.eval_every=4"])
+    rc = main(
+        [
+            "train",
+            "wang21",
+            *_args(root, p, "--phrase-to-label-json", p["json"], "--class-names", p["classes"]),
+            "--output-dir",
+            str(out),
+            "--seed",
+            "0",
+            "--set",
+            *SMALL,
+            "train.epochs=12",
+            "train.batch_size=16",
+            "train.eval_every=4",
+        ]
+    )
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["task"] == "wang21" and m["split"] == "test"
@@ -51,17 +84,46 @@ def test_train_eval_cli_beats_random(world, tmp_path, capsys):
     assert (out / "checkpoints" / "best" / "model.safetensors").is_file()
     capsys.readouterr()
     # eval of the best checkpoint on the test files, as the seed's eval_model.py
-    rc = main(["eval", "wang21", "--region_feat_path", str(root / "region_features_test.hdf5"), "--phrase_feat_path",
-               str(root / "phrase_features_test.hdf5"), "--glove_path", p["glove"], "--restore-path", str(out / "checkpoints" / "best"),
-               "--output-dir", str(tmp_path / "ev"), "--set", *SMALL])
+    rc = main(
+        [
+            "eval",
+            "wang21",
+            "--region_feat_path",
+            str(root / "region_features_test.hdf5"),
+            "--phrase_feat_path",
+            str(root / "phrase_features_test.hdf5"),
+            "--glove_path",
+            p["glove"],
+            "--restore-path",
+            str(out / "checkpoints" / "best"),
+            "--output-dir",
+            str(tmp_path / "ev"),
+            "--set",
+            *SMALL,
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "| test | " in printed and "upper bound" in printed and "random ranking" in printed
     ev = json.loads((tmp_path / "ev" / "metrics.json").read_text())["metrics"]
     assert ev["R@1"] == pytest.approx(met["R@1"]) and ev["R@10"] == pytest.approx(met["R@10"])
     # predict: rank one test image's proposals for free text with the checkpoint
-    rc = main(["predict", "phrase", "--restore-path", str(out / "checkpoints" / "best"), "--region-feat-path",
-               str(root / "region_features_test.hdf5"), "--image-id", "test0000", "--phrase", "the red puppy", "--top-k", "3"])
+    rc = main(
+        [
+            "predict",
+            "phrase",
+            "--restore-path",
+            str(out / "checkpoints" / "best"),
+            "--region-feat-path",
+            str(root / "region_features_test.hdf5"),
+            "--image-id",
+            "test0000",
+            "--phrase",
+            "the red puppy",
+            "--top-k",
+            "3",
+        ]
+    )
     assert rc == 0
     pred = json.loads(capsys.readouterr().out)
     assert pred[0]["tokens"] == ["the", "red", "puppy"] and len(pred[0]["boxes"]) == 3
@@ -73,9 +135,23 @@ def test_seed_command_without_json_is_nce_and_without_val(world, tmp_path):
     torch.set_num_threads(1)
     root, p = world
     out = tmp_path / "nce"
-    rc = main(["train", "wang21", "--region_feat_path", str(root / "region_features_train.hdf5"), "--phrase_feat_path",
-               str(root / "phrase_features_train.hdf5"), "--glove_path", p["glove"], "--output-dir", str(out),
-               "--set", *SMALL, "train.max_steps=3"])
+    rc = main(
+        [
+            "train",
+            "wang21",
+            "--region_feat_path",
+            str(root / "region_features_train.hdf5"),
+            "--phrase_feat_path",
+            str(root / "phrase_features_train.hdf5"),
+            "--glove_path",
+            p["glove"],
+            "--output-dir",
+            str(out),
+            "--set",
+            *SMALL,
+            "train.max_steps=3",
+        ]
+    )
     assert rc == 0
     logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     train_logs = [r for r in logs if r.get("kind") == "train"]
@@ -85,23 +161,42 @@ def test_seed_command_without_json_is_nce_and_without_val(world, tmp_path):
 
 
 def test_paths_templates_and_eval_override():
-    cfg = load_config(Wang21Config, "reference_distill", {"data.region_feat_path": "r_{split}.h5", "data.phrase_feat_path": "p_{split}.h5",
-                                                          "data.test_region_feat_path": "T.h5", "data.test_phrase_feat_path": "TP.h5"}, method="wang21")
+    cfg = load_config(
+        Wang21Config,
+        "reference_distill",
+        {
+            "data.region_feat_path": "r_{split}.h5",
+            "data.phrase_feat_path": "p_{split}.h5",
+            "data.test_region_feat_path": "T.h5",
+            "data.test_phrase_feat_path": "TP.h5",
+        },
+        method="wang21",
+    )
     assert resolve_paths(cfg.data, "val") == ("r_val.h5", "p_val.h5")
     assert resolve_paths(cfg.data, "test") == ("T.h5", "TP.h5")
     cfg.data.eval_region_feat_path, cfg.data.eval_phrase_feat_path = "E.h5", "EP.h5"
-    assert resolve_paths(cfg.data, "test") == ("E.h5", "EP.h5") and resolve_paths(cfg.data, "train") == ("r_train.h5", "p_train.h5")
-    o = METHOD.cli_overrides({"wang21_cli_mode": "train", "region_feat_path": "a.h5", "phrase_feat_path": "b.h5"})
+    assert resolve_paths(cfg.data, "test") == ("E.h5", "EP.h5") and resolve_paths(cfg.data, "train") == (
+        "r_train.h5",
+        "p_train.h5",
+    )
+    o = METHOD.cli_overrides({"region_feat_path": "a.h5", "phrase_feat_path": "b.h5"}, "train")
     assert o["train.val_split"] == "" and o["data.region_feat_path"] == "a.h5"
-    o = METHOD.cli_overrides({"wang21_cli_mode": "eval", "region_feat_path": "a.h5", "phrase_feat_path": "b.h5"})
+    o = METHOD.cli_overrides({"region_feat_path": "a.h5", "phrase_feat_path": "b.h5"}, "eval")
     assert o == {"data.eval_region_feat_path": "a.h5", "data.eval_phrase_feat_path": "b.h5"}
 
 
 def test_dataset_batches_and_caption_setting(world):
     root, p = world
-    over = {"data.region_feat_path": str(root / "region_features_{split}.hdf5"), "data.phrase_feat_path": str(root / "phrase_features_{split}.hdf5"),
-            "data.glove_path": p["glove"], "data.region_dim": 16, "data.n_proposals": 0, "data.phrase_to_label_json": p["json"],
-            "data.class_names": p["classes"], "data.captions_per_image": 1}
+    over = {
+        "data.region_feat_path": str(root / "region_features_{split}.hdf5"),
+        "data.phrase_feat_path": str(root / "phrase_features_{split}.hdf5"),
+        "data.glove_path": p["glove"],
+        "data.region_dim": 16,
+        "data.n_proposals": 0,
+        "data.phrase_to_label_json": p["json"],
+        "data.class_names": p["classes"],
+        "data.captions_per_image": 1,
+    }
     cfg = load_config(Wang21Config, "reference_distill", over, method="wang21")
     ds = Wang21Dataset(cfg, "train", *resolve_paths(cfg.data, "train"))
     assert len(ds) == 48  # one caption per image: the official code's behaviour with the README's file names
@@ -109,7 +204,11 @@ def test_dataset_batches_and_caption_setting(world):
     ds = Wang21Dataset(cfg, "train", *resolve_paths(cfg.data, "train"))
     assert len(ds) == 96
     b = ds.get_batch([0, 1, 5])
-    assert b["region_feats"].shape == (3, 12, 16) and b["words"].shape == (3, 4, 10, 8) and b["teacher_w"].shape == (3, 4, 6)
+    assert (
+        b["region_feats"].shape == (3, 12, 16)
+        and b["words"].shape == (3, 4, 10, 8)
+        and b["teacher_w"].shape == (3, 4, 6)
+    )
     assert b["image_index"].tolist() == [0, 0, 2]
     # every phrase with tokens maps to exactly one class (hard map)
     tw = b["teacher_w"][b["train_valid"]]
@@ -121,9 +220,19 @@ def test_dataset_batches_and_caption_setting(world):
 
 def test_teacher_form_auto_is_a_clear_error(world, tmp_path):
     root, p = world
-    over = {"data.region_feat_path": str(root / "region_features_{split}.hdf5"), "data.phrase_feat_path": str(root / "phrase_features_{split}.hdf5"),
-            "data.glove_path": p["glove"], "data.region_dim": 16, "data.n_proposals": 0, "data.phrase_to_label_json": p["json"],
-            "data.class_names": p["classes"], "data.captions_per_image": 0, "model.lstm_hidden": 8, "model.mlp_hidden": 8, "model.embed_dim": 8}
+    over = {
+        "data.region_feat_path": str(root / "region_features_{split}.hdf5"),
+        "data.phrase_feat_path": str(root / "phrase_features_{split}.hdf5"),
+        "data.glove_path": p["glove"],
+        "data.region_dim": 16,
+        "data.n_proposals": 0,
+        "data.phrase_to_label_json": p["json"],
+        "data.class_names": p["classes"],
+        "data.captions_per_image": 0,
+        "model.lstm_hidden": 8,
+        "model.mlp_hidden": 8,
+        "model.embed_dim": 8,
+    }
     cfg = load_config(Wang21Config, "reference_distill", over, method="wang21")
     ds = Wang21Dataset(cfg, "train", *resolve_paths(cfg.data, "train"))
     model = METHOD.build_model(cfg)
@@ -137,8 +246,8 @@ def test_world_tiny_end_to_end(tmp_path):
     config trains through the CLI to above the random ranking."""
     import numpy as np
 
-    from groundkit.data import wang21 as w
-    from groundkit.data.synth import generate
+    from groundkit.formats import wang21_hdf5 as w
+    from groundkit.world import generate
 
     world = generate("phrase", size="tiny", seed=0, out=tmp_path / "world")
     fe = world / "flickr30k_entities"
@@ -148,10 +257,30 @@ def test_world_tiny_end_to_end(tmp_path):
     assert (a.phrase_strings() == b.phrase_strings()).all()
     assert np.allclose(a.gt_boxes, b.gt_boxes)
     out = tmp_path / "run"
-    rc = main(["train", "wang21", "world_reference_distill", "--region-feat-path", str(world / "region_features_{split}.hdf5"),
-               "--phrase-feat-path", str(world / "phrase_features_{split}.hdf5"), "--glove-path", str(world / "glove.hdf5"),
-               "--phrase-to-label-json", str(world / "phrase_to_label.json"), "--class-names", str(world / "detector_classes.txt"),
-               "--output-dir", str(out), "--set", "train.epochs=6", "optim.lr=1e-3", "train.progress=false", "train.tensorboard=false"])
+    rc = main(
+        [
+            "train",
+            "wang21",
+            "world_reference_distill",
+            "--region-feat-path",
+            str(world / "region_features_{split}.hdf5"),
+            "--phrase-feat-path",
+            str(world / "phrase_features_{split}.hdf5"),
+            "--glove-path",
+            str(world / "glove.hdf5"),
+            "--phrase-to-label-json",
+            str(world / "phrase_to_label.json"),
+            "--class-names",
+            str(world / "detector_classes.txt"),
+            "--output-dir",
+            str(out),
+            "--set",
+            "train.epochs=6",
+            "optim.lr=1e-3",
+            "train.progress=false",
+            "train.tensorboard=false",
+        ]
+    )
     assert rc == 0
     met = json.loads((out / "metrics.json").read_text())["metrics"]
     assert met["random_R@1"] < met["R@1"] <= met["upper_bound"]
@@ -160,7 +289,18 @@ def test_world_tiny_end_to_end(tmp_path):
 def test_cli_data_error_is_one_line(world, tmp_path, capsys):
     """A data error reaches the user as one line naming the file and the setting, without a traceback."""
     root, p = world
-    rc = main(["train", "wang21", *_args(root, p), "--output-dir", str(tmp_path / "r"), "--set", *SMALL, "data.captions_per_image=3"])
+    rc = main(
+        [
+            "train",
+            "wang21",
+            *_args(root, p),
+            "--output-dir",
+            str(tmp_path / "r"),
+            "--set",
+            *SMALL,
+            "data.captions_per_image=3",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2
     assert err.startswith("groundkit: error:") and "captions_per_image=3" in err and "phrase_features_train.hdf5" in err
@@ -168,10 +308,20 @@ def test_cli_data_error_is_one_line(world, tmp_path, capsys):
 
 
 def _eval_overrides(root, p):
-    return {"data.region_feat_path": str(root / "region_features_{split}.hdf5"), "data.phrase_feat_path": str(root / "phrase_features_{split}.hdf5"),
-            "data.glove_path": p["glove"], "data.region_dim": 16, "data.n_proposals": 0, "data.phrase_to_label_json": p["json"],
-            "data.class_names": p["classes"], "data.captions_per_image": 0, "model.lstm_hidden": 8, "model.mlp_hidden": 8,
-            "model.embed_dim": 8, "train.eval_batch_size": 5}
+    return {
+        "data.region_feat_path": str(root / "region_features_{split}.hdf5"),
+        "data.phrase_feat_path": str(root / "phrase_features_{split}.hdf5"),
+        "data.glove_path": p["glove"],
+        "data.region_dim": 16,
+        "data.n_proposals": 0,
+        "data.phrase_to_label_json": p["json"],
+        "data.class_names": p["classes"],
+        "data.captions_per_image": 0,
+        "model.lstm_hidden": 8,
+        "model.mlp_hidden": 8,
+        "model.embed_dim": 8,
+        "train.eval_batch_size": 5,
+    }
 
 
 def ddp_eval_worker(rank: int, world: int, port: int, over: dict, out: str) -> None:
@@ -180,7 +330,9 @@ def ddp_eval_worker(rank: int, world: int, port: int, over: dict, out: str) -> N
 
     from groundkit import distributed
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
     distributed.init_distributed("cpu")
     try:

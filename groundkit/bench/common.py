@@ -17,8 +17,11 @@ import multiprocessing as mp
 import threading
 import time
 import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
+
+import torch
 
 __all__ = ["Measurement", "measure", "format_table", "print_table", "rss_bytes"]
 
@@ -59,7 +62,7 @@ class _Sampler:
             self.peak = max(self.peak, rss_bytes())
             time.sleep(self.interval)
 
-    def __enter__(self) -> "_Sampler":
+    def __enter__(self) -> _Sampler:
         self.peak = rss_bytes()
         self._t.start()
         return self
@@ -89,13 +92,18 @@ class Measurement:
         return d
 
 
-def _child(conn: Any, target: Callable, setup: Callable | None, setup_args: tuple, repeats: int,
-           device: str, threads: int | None) -> None:
+def _child(
+    conn: Any,
+    target: Callable,
+    setup: Callable | None,
+    setup_args: tuple,
+    repeats: int,
+    device: str,
+    threads: int | None,
+) -> None:
     try:
         cuda = device.startswith("cuda")
         if threads or cuda:
-            import torch
-
             if threads:
                 torch.set_num_threads(threads)
         inputs = setup(*setup_args) if setup is not None else ()
@@ -177,8 +185,15 @@ def measure(
     if msg[0] == "error":
         raise RuntimeError(f"benchmark {name!r} failed in its child process:\n{msg[1]}")
     _, times, peaks, method, result = msg
-    return Measurement(name, min(times), max(peaks) / _GB, times, device,
-                       "cuda_allocated" if device.startswith("cuda") else method, result)
+    return Measurement(
+        name,
+        min(times),
+        max(peaks) / _GB,
+        times,
+        device,
+        "cuda_allocated" if device.startswith("cuda") else method,
+        result,
+    )
 
 
 def format_table(rows: Sequence[Measurement], baseline: str | None = None) -> str:

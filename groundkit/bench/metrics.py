@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import scipy.stats
+import torch
 
 from ..metrics import retrieval_metrics, t2v_metrics, v2t_metrics
 from .common import Measurement, measure, print_table
@@ -56,7 +57,6 @@ def make_inputs_on(videos: int, captions: int, seed: int, device: str) -> tuple[
     sims, mask = make_inputs(videos, captions, seed)
     if device == "cpu":
         return sims, mask
-    import torch
 
     return torch.from_numpy(sims).to(device), torch.from_numpy(mask).to(device)
 
@@ -83,8 +83,13 @@ def baseline_t2v(sims: np.ndarray, query_masks: np.ndarray | None) -> tuple[dict
     per_video = num_queries // num_vids
     # flat indices of every query's GT entry, built element by element as the reference code does
     gt_idx = np.array(
-        [[np.ravel_multi_index([ii, jj], (num_queries, num_vids)) for ii in range(jj * per_video, (jj + 1) * per_video)]
-         for jj in range(num_vids)]
+        [
+            [
+                np.ravel_multi_index([ii, jj], (num_queries, num_vids))
+                for ii in range(jj * per_video, (jj + 1) * per_video)
+            ]
+            for jj in range(num_vids)
+        ]
     )
     gt_dists = dists.reshape(-1)[gt_idx.reshape(-1)][:, np.newaxis]
     rows, cols = np.where((sorted_dists - gt_dists) == 0)
@@ -140,16 +145,28 @@ def run_groundkit(sims: Any, query_masks: Any) -> dict[str, Any]:
     t1 = time.perf_counter()
     v2t = v2t_metrics(sims, query_masks, return_ranks=True)
     t2 = time.perf_counter()
-    return {"t2v_cols": t2v.pop("cols"), "v2t_cols": v2t.pop("cols"), "t2v": t2v, "v2t": v2t,
-            "t2v_s": t1 - t0, "v2t_s": t2 - t1}
+    return {
+        "t2v_cols": t2v.pop("cols"),
+        "v2t_cols": v2t.pop("cols"),
+        "t2v": t2v,
+        "v2t": v2t,
+        "t2v_s": t1 - t0,
+        "v2t_s": t2 - t1,
+    }
 
 
 def run_groundkit_fused(sims: Any, query_masks: Any) -> dict[str, Any]:
     t0 = time.perf_counter()
     both = retrieval_metrics(sims, query_masks, return_ranks=True)
     dt = time.perf_counter() - t0
-    return {"t2v_cols": both["t2v"].pop("cols"), "v2t_cols": both["v2t"].pop("cols"), "t2v": both["t2v"],
-            "v2t": both["v2t"], "t2v_s": dt, "v2t_s": 0.0}
+    return {
+        "t2v_cols": both["t2v"].pop("cols"),
+        "v2t_cols": both["v2t"].pop("cols"),
+        "t2v": both["t2v"],
+        "v2t": both["v2t"],
+        "t2v_s": dt,
+        "v2t_s": 0.0,
+    }
 
 
 def check_same(a: dict[str, Any], b: dict[str, Any], tol: float = 1e-6) -> list[str]:
@@ -169,23 +186,47 @@ def check_same(a: dict[str, Any], b: dict[str, Any], tol: float = 1e-6) -> list[
 def run(args: argparse.Namespace) -> int:
     videos, captions = args.videos, args.captions
     Q = videos * captions
-    print(f"retrieval metrics: {Q} queries x {videos} videos ({captions} captions per video, "
-          f"{Q * videos * 4 / 2**30:.2f} GB float32), device {args.device}, threads {args.threads}, seed {args.seed}",
-          flush=True)
+    print(
+        f"retrieval metrics: {Q} queries x {videos} videos ({captions} captions per video, "
+        f"{Q * videos * 4 / 2**30:.2f} GB float32), device {args.device}, threads {args.threads}, seed {args.seed}",
+        flush=True,
+    )
     setup_args = (videos, captions, args.seed, args.device)
     rows: list[Measurement] = []
     base = None
     if not args.skip_baseline:
-        base = measure("baseline (float64, sort)", run_baseline, make_inputs_on, (videos, captions, args.seed, "cpu"),
-                       repeats=args.baseline_repeats, threads=args.threads)
+        base = measure(
+            "baseline (float64, sort)",
+            run_baseline,
+            make_inputs_on,
+            (videos, captions, args.seed, "cpu"),
+            repeats=args.baseline_repeats,
+            threads=args.threads,
+        )
         rows.append(base)
     where = "" if args.device == "cpu" else f" [{args.device}]"  # peak memory is then CUDA allocations
-    ours = measure("t2v_metrics + v2t_metrics" + where, run_groundkit, make_inputs_on, setup_args, repeats=args.repeats,
-                   device=args.device, threads=args.threads)
+    ours = measure(
+        "t2v_metrics + v2t_metrics" + where,
+        run_groundkit,
+        make_inputs_on,
+        setup_args,
+        repeats=args.repeats,
+        device=args.device,
+        threads=args.threads,
+    )
     rows.append(ours)
     if not args.skip_fused:
-        rows.append(measure("retrieval_metrics (1 pass)" + where, run_groundkit_fused, make_inputs_on, setup_args,
-                            repeats=args.repeats, device=args.device, threads=args.threads))
+        rows.append(
+            measure(
+                "retrieval_metrics (1 pass)" + where,
+                run_groundkit_fused,
+                make_inputs_on,
+                setup_args,
+                repeats=args.repeats,
+                device=args.device,
+                threads=args.threads,
+            )
+        )
     print_table(rows, baseline=base.name if base else None)
     for r in rows:
         res = r.result
@@ -204,26 +245,43 @@ def run(args: argparse.Namespace) -> int:
     if status == 0 and len(rows) > 1:
         print("all implementations agree (ranks and metrics within 1e-6)")
     if args.json:
-        out = {"videos": videos, "captions": captions, "device": args.device, "threads": args.threads,
-               "rows": [r.to_dict() for r in rows], "agree": status == 0,
-               "t2v": res["t2v"], "v2t": res["v2t"]}
+        out = {
+            "videos": videos,
+            "captions": captions,
+            "device": args.device,
+            "threads": args.threads,
+            "rows": [r.to_dict() for r in rows],
+            "agree": status == 0,
+            "t2v": res["t2v"],
+            "v2t": res["v2t"],
+        }
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
     return status
 
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser("metrics", help="retrieval metrics (t2v + v2t) at MSR-VTT full-test size vs the reference approach",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--videos", type=int, default=MSRVTT_VIDEOS, help="number of videos (default: MSR-VTT full test, 2990)")
+    p = subparsers.add_parser(
+        "metrics",
+        help="retrieval metrics (t2v + v2t) at MSR-VTT full-test size vs the reference approach",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--videos", type=int, default=MSRVTT_VIDEOS, help="number of videos (default: MSR-VTT full test, 2990)"
+    )
     p.add_argument("--captions", type=int, default=MSRVTT_CAPTIONS, help="captions per video (default 20)")
     p.add_argument("--device", default="cpu", help="device for groundkit.metrics: cpu | cuda | cuda:N (baseline: CPU)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats of groundkit.metrics (fastest reported)")
     p.add_argument("--baseline-repeats", type=int, default=1, help="timed repeats of the baseline")
     p.add_argument("--skip-baseline", action="store_true", help="time groundkit.metrics only (no agreement check)")
     p.add_argument("--skip-fused", action="store_true", help="do not time the single-pass retrieval_metrics")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch.set_num_threads in every process (default 1: the baseline's numpy sort is single-threaded)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch.set_num_threads in every process (default 1: the baseline's numpy sort is single-threaded)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     p.set_defaults(func=run)

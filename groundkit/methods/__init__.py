@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..checkpoint import CheckpointError, find_run_files, load_weights
+from ..config import apply_overrides, from_dict, load_yaml
 from ..errors import GroundkitError
 from .base import Method, Predictor
 
@@ -59,38 +61,15 @@ def get_method(name: str) -> Method:
     return m
 
 
-def find_run_files(path: str | Path) -> tuple[Path, Path]:
-    """``(checkpoint directory, run directory)`` for a run directory, a checkpoint directory, or a
-    checkpoint's ``.safetensors`` file. A run directory gives its best checkpoint (else its latest)."""
-    from ..checkpoint import CheckpointError, latest_checkpoint
-
-    p = Path(path).expanduser()
-    if p.is_file():
-        p = p.parent
-    if not p.is_dir():
-        raise CheckpointError(f"{path}: no such run or checkpoint directory")
-    if (p / "checkpoints").is_dir():
-        best = p / "checkpoints" / "best"
-        ck = best if (best / "meta.json").is_file() else latest_checkpoint(p)
-        if ck is None:
-            raise CheckpointError(f"{p}: run directory holds no checkpoint yet")
-        return ck, p
-    if (p / "meta.json").is_file():
-        run = p.parent.parent if p.parent.name == "checkpoints" else p
-        return p, run
-    raise CheckpointError(f"{path}: neither a run directory (with checkpoints/) nor a checkpoint (with meta.json)")
-
-
-def load_run(path: str | Path, device: str | Any = "cpu", overrides: dict[str, Any] | None = None) -> tuple[Method, Any, Any]:
+def load_run(
+    path: str | Path, device: str | Any = "cpu", overrides: dict[str, Any] | None = None
+) -> tuple[Method, Any, Any]:
     """``(method, config, model in eval mode)`` from a run directory or any of its checkpoints.
 
     The method and the config come from the checkpoint's own metadata (older checkpoints: the run's
     ``config.yaml``), so a model is always rebuilt the way it was trained; ``overrides``
     (``{"data.x": value}``) change what the caller wants changed, e.g. the evaluation files.
     """
-    from ..checkpoint import CheckpointError, load_weights
-    from ..config import apply_overrides, from_dict, load_yaml
-
     ck, run = find_run_files(path)
     meta = json.loads((ck / "meta.json").read_text())
     name = meta.get("method")

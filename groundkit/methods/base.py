@@ -20,6 +20,8 @@ import torch
 from torch import nn
 
 from ..config import ExperimentConfig
+from ..engine import evaluate_samples
+from ..runlog import format_metrics
 
 __all__ = ["Method", "Predictor"]
 
@@ -46,8 +48,8 @@ class Predictor:
         """``{"text", "boxes": [[x1, y1, x2, y2] per frame], "scores": [...]}``."""
         raise NotImplementedError(f"{type(self).__name__} does not ground videos")
 
-    def search(self, text: str, k: int = 10) -> list[dict[str, Any]]:
-        """The ``k`` best videos for ``text``: ``[{"video", "score", "rank"}]``."""
+    def search(self, text: str, k: int = 10) -> list[tuple[str, float]]:
+        """The ``k`` best videos for ``text``: ``[(video id, score)]``, best first."""
         raise NotImplementedError(f"{type(self).__name__} does not search videos")
 
     def ground_regions(self, regions: Any, phrases: list[str], top_k: int = 5) -> list[dict[str, Any]]:
@@ -66,6 +68,9 @@ class Method:
     default_config: ClassVar[str] = ""
     #: one line for ``groundkit --help`` and the web page
     summary: ClassVar[str] = ""
+    #: the built-in world task this method trains on when its config sets ``data.synth_size``
+    #: (see :func:`groundkit.world.resolve_world`); "" if none
+    world_task: ClassVar[str] = ""
     #: extra subcommands: ``{"data" | "bench" | "predict": {command: "module:register_function"}}``;
     #: ``register_function(subparsers)`` adds one parser and sets ``func``. Imported lazily.
     commands: ClassVar[dict[str, dict[str, str]]] = {}
@@ -99,8 +104,6 @@ class Method:
     def evaluate(self, model: nn.Module, dataset: Any, cfg: Any, device: torch.device) -> dict[str, float]:
         """Metrics on ``dataset``. The default runs :meth:`eval_step` over the samples (sharded
         under DDP, every sample once) and hands the gathered outputs to :meth:`compute_metrics`."""
-        from ..engine import evaluate_samples
-
         return evaluate_samples(self, model, dataset, cfg, device)
 
     def eval_step(self, model: nn.Module, batch: Any, cfg: Any) -> dict[str, Any]:
@@ -113,8 +116,6 @@ class Method:
 
     def format_eval(self, metrics: dict[str, float], split: str) -> str:
         """How ``groundkit eval`` prints the metrics."""
-        from ..runlog import format_metrics
-
         return f"{split}: {format_metrics(metrics)}"
 
     # ------------------------------------------------------------------ inference

@@ -1,0 +1,290 @@
+"""Weakly supervised phrase grounding by contrastive knowledge distillation (Wang et al., CVPR 2021).
+
+The method glue for the engine: model construction, training step (NCE over image-sentence pairs
+plus the ramped distillation from detector class probabilities), evaluation (R@1/5/10 per (image,
+sentence) pair, proposal upper bound, random-ranking and teacher-alone baselines) and the CLI flags
+that mirror the official scripts. ``reference`` configs reproduce the official code; each
+improvement is its own flag in :class:`~groundkit.methods.wang21.config.Wang21LossConfig`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ... import distributed as dist_utils
+from ...boxes import box_iou
+from ...config import ConfigError
+from ...metrics import PhraseRecallAccumulator
+from ...text import GLOVE_PACKAGE
+from ..base import Method, Predictor
+from .config import Wang21Config
+from .data import Wang21Dataset, norm_stats, resolve_paths, word_dim
+from .model import (
+    Wang21Model,
+    distill_loss,
+    distill_neighbourhood,
+    image_sentence_scores,
+    nce_loss,
+    ramp_weight,
+    teacher_scores,
+    teacher_targets,
+)
+from .predict import Wang21Predictor
+
+log = logging.getLogger("groundkit.wang21")
+
+__all__ = ["Wang21Method", "METHOD"]
+
+
+# ----------------------------------------------------------------------------- method
+
+
+class Wang21Method(Method):
+    name = "wang21"
+    config_class = Wang21Config
+    default_config = "reference_distill"
+    summary = "weakly supervised phrase grounding by contrastive knowledge distillation (Wang et al., CVPR 2021)"
+    commands = {
+        "data": {
+            "prepare-flickr30k": "groundkit.methods.wang21.prepare:register_prepare_flickr30k",
+            "glove-to-hdf5": "groundkit.methods.wang21.prepare:register_glove_to_hdf5",
+            "detections-to-hdf5": "groundkit.methods.wang21.prepare:register_detections_to_hdf5",
+            "phrase-to-label": "groundkit.methods.wang21.prepare:register_phrase_to_label",
+        },
+        "bench": {"wang21": "groundkit.methods.wang21.bench:register"},
+        "predict": {"phrase": "groundkit.methods.wang21.predict:register_predict"},
+    }
+
+    def __init__(self, neighbourhood: Any = distill_neighbourhood) -> None:
+        # the distillation neighbourhood function (the benchmark swaps in the per-phrase loop)
+        self.neighbourhood = neighbourhood
+
+    # -- construction
+    def build_model(self, cfg: Wang21Config) -> nn.Module:
+        mean, std = norm_stats(cfg.data)
+        return Wang21Model(
+            word_dim(cfg.data),
+            cfg.data.region_dim,
+            cfg.model.lstm_hidden,
+            cfg.model.mlp_hidden,
+            cfg.model.embed_dim,
+            phrase_scale=cfg.loss.phrase_scale,
+            learn_scale=cfg.loss.learn_scale,
+            distill_scale=cfg.loss.student_scale,
+            learn_distill_scale=cfg.loss.learn_student_scale,
+            region_mean=mean,
+            region_std=std,
+        )
+
+    def has_split(self, cfg: Wang21Config, split: str) -> bool:
+        paths = resolve_paths(cfg.data, split)
+        return paths is not None and os.path.isfile(paths[0])
+
+    def build_dataset(self, cfg: Wang21Config, split: str) -> Wang21Dataset | None:
+        paths = resolve_paths(cfg.data, split)
+        if paths is None:
+            if split == "train":
+                raise ConfigError(
+                    "no training files: set data.region_feat_path and data.phrase_feat_path (--region-feat-path/--phrase-feat-path)"
+                )
+            return None
+        ds = Wang21Dataset(cfg, split, *paths)
+        log.info("wang21 %s: %s", split, ds.stats)
+        return ds
+
+    def on_train_start(self, model: nn.Module, dataset: Wang21Dataset, cfg: Wang21Config, device: torch.device) -> None:
+        dataset.place(device)
+        if cfg.data.norm_preset == "compute":
+            f, v = dataset.t["region_feats"], dataset.t["region_valid"]
+            x = f[v].double()
+            model.region.mean.fill_(float(x.mean()))
+            model.region.std.fill_(float(x.std().clamp(min=1e-6)))
+            log.info(
+                "region feature normalisation from the training split: mean %.5f std %.5f",
+                float(model.region.mean),
+                float(model.region.std),
+            )
+        if cfg.loss.distill and dataset.teacher_w is None and (cfg.data.phrase_to_label_json or cfg.loss.soft_teacher):
+            raise ConfigError("distillation requested but no teacher weights were built")
+
+    # -- training
+    def training_step(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], step: int, cfg: Wang21Config
+    ) -> tuple[torch.Tensor, dict]:
+        m = model.module if hasattr(model, "module") else model
+        lc = cfg.loss
+        r, q = model(batch["region_feats"], batch["words"], batch["token_mask"])
+        pmask, rmask = batch["train_valid"], batch["region_valid"]
+        S, own = image_sentence_scores(r, q, pmask, rmask, m.scale())
+        l_nce = nce_loss(S, batch["image_index"], lc.both_directions, lc.mask_same_image)
+        loss = lc.nce_weight * l_nce
+        with torch.no_grad():
+            pos = S.diagonal()
+            neg = S.masked_fill(torch.eye(S.shape[0], dtype=torch.bool, device=S.device), float("-inf")).amax(1)
+        logs = {
+            "nce": float(l_nce.detach()),
+            "precision@1": float((pos > neg).float().mean()),
+            "scale": float(m.scale().detach()),
+        }
+        if lc.distill and "teacher_w" in batch:
+            idx = self.neighbourhood(own, batch["region_boxes"], rmask, lc.k)
+            valid_k = torch.gather(rmask[:, None, :].expand(-1, idx.shape[1], -1), 2, idx)
+            t = teacher_scores(batch["region_logits"], batch["teacher_w"], idx)
+            y = teacher_targets(
+                t, lc.teacher_form, batch["region_logits"].shape[-1] - 1, lc.teacher_temperature, valid_k
+            )
+            dmask = pmask & (batch["teacher_w"].sum(-1) > 0)
+            l_dis = distill_loss(own, idx, y, dmask, m.distill_scale(), valid_k)
+            w = ramp_weight(step, lc.ramp_start, lc.ramp_every, lc.ramp_max)
+            loss = loss + w * l_dis
+            logs.update({"distill": float(l_dis.detach()), "ramp": w, "distilled_phrases": float(dmask.sum())})
+        return loss, logs
+
+    # -- evaluation
+    @torch.no_grad()
+    def evaluate(
+        self, model: nn.Module, dataset: Wang21Dataset | None, cfg: Wang21Config, device: torch.device
+    ) -> dict[str, float]:
+        """R@k over all (image, sentence) pairs (phrases with a GT box), the proposal upper bound, and
+        (``eval.baselines``) the expected R@k of a random ranking and the teacher's own R@k."""
+        if dataset is None:
+            return {}
+        m = model.module if hasattr(model, "module") else model
+        dataset.place(device)
+        ec = cfg.eval
+        mk = lambda: PhraseRecallAccumulator(ec.ks, ec.iou_threshold, ec.inclusive, ec.pixel_offset)  # noqa: E731
+        acc, teacher_acc = mk(), mk()
+        rand_hits = {k: 0.0 for k in ec.ks}
+        n_teacher_eval = 0
+        bs = max(1, cfg.train.eval_batch_size)
+        n = len(dataset)
+        # under DDP each rank takes every world-th batch; the integer counts are summed below
+        for start in range(dist_utils.rank() * bs, n, dist_utils.world_size() * bs):
+            b = dataset.get_batch(torch.arange(start, min(n, start + bs)))
+            b = {k: v.to(device) for k, v in b.items()}
+            sim = m.phrase_region_scores(b["region_feats"], b["words"], b["token_mask"]).float().cpu()
+            boxes, valid_r, gt, ev = (b[k].cpu() for k in ("region_boxes", "region_valid", "gt_boxes", "eval_valid"))
+            tsc = None
+            if ec.baselines and "teacher_w" in b:
+                tsc = torch.einsum("bnc,bpc->bpn", b["region_logits"].float().softmax(-1), b["teacher_w"].float()).cpu()
+                mapped = (b["teacher_w"].sum(-1) > 0).cpu()
+            for i in range(sim.shape[0]):
+                vr, ei = valid_r[i], ev[i]
+                if not bool(ei.any()):
+                    continue
+                props = boxes[i][vr]
+                acc.update(sim[i][:, vr], props, gt[i], mask=ei)
+                if ec.baselines:
+                    hit = box_iou(gt[i][ei], props, ec.pixel_offset)
+                    hit = hit >= ec.iou_threshold if ec.inclusive else hit > ec.iou_threshold
+                    nprop, h = int(vr.sum()), hit.sum(1)
+                    for k in ec.ks:
+                        kk = min(k, nprop)
+                        # P(no hit among a random k of nprop) = C(nprop - h, kk) / C(nprop, kk)
+                        miss = torch.tensor([math.comb(nprop - int(x), kk) / math.comb(nprop, kk) for x in h.tolist()])
+                        rand_hits[k] += float((1 - miss).sum())
+                    if tsc is not None and bool((ei & mapped[i]).any()):
+                        teacher_acc.update(tsc[i][:, vr], props, gt[i], mask=ei & mapped[i])
+                        n_teacher_eval += int((ei & mapped[i]).sum())
+        acc.all_reduce()
+        if ec.baselines:
+            teacher_acc.all_reduce()
+            parts = dist_utils.all_gather_object((rand_hits, n_teacher_eval))
+            rand_hits = {k: sum(p[0][k] for p in parts) for k in ec.ks}
+            n_teacher_eval = sum(p[1] for p in parts)
+        out = acc.compute()
+        out["num_pairs"] = n
+        if ec.baselines:
+            for k in ec.ks:
+                out[f"random_R@{k}"] = rand_hits[k] / max(out["num_phrases"], 1)
+            if n_teacher_eval:
+                t = teacher_acc.compute()
+                out["teacher_R@1"] = t["R@1"]
+                out["teacher_coverage"] = n_teacher_eval / out["num_phrases"]
+        return out
+
+    # -- CLI
+    def add_cli_args(self, parser: Any, mode: str) -> None:
+        """Flags of the official scripts (dashes or underscores)."""
+
+        def add(name: str, help_: str) -> None:
+            parser.add_argument(
+                f"--{name}", f"--{name.replace('-', '_')}", dest=name.replace("-", "_"), default=None, help=help_
+            )
+
+        add("region-feat-path", "region HDF5 (train: training file or a {split} template; eval: the file to evaluate)")
+        add("phrase-feat-path", "phrase HDF5 (same rules as --region-feat-path)")
+        add("glove-path", f"GloVe HDF5 or {GLOVE_PACKAGE!r}")
+        add(
+            "phrase-to-label-json", "phrase -> detector class JSON (train: enables NCE+Distill; eval: teacher baseline)"
+        )
+        add("matching-matrix", "phrase x class matrix HDF5 (soft teacher)")
+        add("class-names", "detector class names: file, label-map pbtxt or 'coco'")
+        if mode == "train":
+            add("val-region-feat-path", "validation region HDF5 (best-by-validation checkpoint)")
+            add("val-phrase-feat-path", "validation phrase HDF5")
+            add("test-region-feat-path", "test region HDF5 (evaluated with the best weights at the end)")
+            add("test-phrase-feat-path", "test phrase HDF5")
+
+    def cli_overrides(self, args: dict[str, Any], mode: str) -> dict[str, Any]:
+        o: dict[str, Any] = {}
+        simple = {
+            "glove_path": "data.glove_path",
+            "phrase_to_label_json": "data.phrase_to_label_json",
+            "matching_matrix": "data.matching_matrix_path",
+            "class_names": "data.class_names",
+        }
+        for k, key in simple.items():
+            if args.get(k):
+                o[key] = args[k]
+        reg, phr = args.get("region_feat_path"), args.get("phrase_feat_path")
+        if mode == "eval":
+            if reg:
+                o["data.eval_region_feat_path"] = reg
+            if phr:
+                o["data.eval_phrase_feat_path"] = phr
+            return o
+        for k in ("val_region_feat_path", "val_phrase_feat_path", "test_region_feat_path", "test_phrase_feat_path"):
+            if args.get(k):
+                o[f"data.{k}"] = args[k]
+        if reg:
+            o["data.region_feat_path"] = reg
+        if phr:
+            o["data.phrase_feat_path"] = phr
+        if reg and "{split}" not in reg:
+            # training files given on the command line: validate/test only on files also given there
+            if not args.get("val_region_feat_path"):
+                o["train.val_split"] = ""
+        return o
+
+    def predictor(self, run: str | Path, device: str = "cpu", **options: Any) -> Predictor:
+        """A :class:`~groundkit.methods.wang21.predict.Wang21Predictor` (``glove_path=`` replaces the run's word vectors)."""
+        return Wang21Predictor(run, device=device, **options)
+
+    def format_eval(self, metrics: dict[str, float], split: str) -> str:
+        """The README's table (fractions), plus the proposal upper bound and the baselines."""
+        if not metrics:
+            return f"{split}: no files to evaluate"
+        ks = [k for k in (1, 5, 10) if f"R@{k}" in metrics]
+        head = "| split | " + " | ".join(f"R@{k}" for k in ks) + " | upper bound |"
+        rows = [head, "|" + "---|" * (len(ks) + 2)]
+        rows.append(
+            f"| {split} | " + " | ".join(f"{metrics[f'R@{k}']:.4f}" for k in ks) + f" | {metrics['upper_bound']:.4f} |"
+        )
+        if f"random_R@{ks[0]}" in metrics:
+            rows.append("| random ranking | " + " | ".join(f"{metrics[f'random_R@{k}']:.4f}" for k in ks) + " | |")
+        extra = f"{int(metrics.get('num_phrases', 0))} phrases with a box in {int(metrics.get('num_pairs', 0))} (image, sentence) pairs"
+        if "teacher_R@1" in metrics:
+            cov = metrics["teacher_coverage"]
+            extra += f"; detector teacher alone R@1 {metrics['teacher_R@1']:.4f} on the {cov:.1%} of phrases it maps"
+        return "\n".join(rows) + "\n" + extra
+
+
+METHOD = Wang21Method()

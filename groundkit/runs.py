@@ -1,0 +1,780 @@
+"""Many trainings at once: seeds, sweeps and curriculum steps, and their mean ± std tables.
+
+Every place that trains more than one model (the demo, the documentation tables, the CLIP-VG
+curriculum) describes each training as a :class:`RunSpec` and hands the list to :func:`run_many`,
+so that they all share one behaviour:
+
+- **one folder per run** holding the engine's files plus ``run.json`` (the spec, the resolved
+  config, the status, the metrics and the time), written atomically;
+- **restartable**: a run whose ``run.json`` records a finished run of the same method, resolved
+  config and seed is *reused* without training, and a run that was killed is *resumed* from its
+  latest checkpoint, so a killed sweep is simply started again. A folder whose checkpoints were
+  trained with a different config is never silently continued (see :func:`run_one`);
+- **parallel without oversubscription**: ``jobs`` runs at a time in spawned processes, the CPU
+  cores this process may use divided among them (:func:`default_threads`);
+- **isolated failures**: a failing run is reported with its error while the others go on;
+- **honest summaries**: :func:`summarize` gives mean, sample standard deviation (ddof=1) and the
+  per-seed values; a single run has no standard deviation and is shown as ``mean ± —``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import multiprocessing as mp
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from tqdm import tqdm
+
+from . import engine
+from .checkpoint import atomic_write_text, latest_checkpoint
+from .config import load_config, method_of, to_dict
+from .errors import GroundkitError
+from .methods import get_method
+from .world import resolve_world
+
+__all__ = [
+    "RunSpec",
+    "RunResult",
+    "RunsFailedError",
+    "run_one",
+    "run_many",
+    "seed_specs",
+    "summarize",
+    "format_table",
+    "write_summary",
+    "default_threads",
+    "usable_cores",
+    "slug",
+    "IGNORED_KEYS",
+]
+
+log = logging.getLogger(__name__)
+
+#: config keys that do not change what a run computes; left out when a folder's run is compared to a spec
+IGNORED_KEYS: tuple[str, ...] = ("train.output_dir", "train.progress", "train.tensorboard", "train.log_every")
+
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.json"
+#: what the engine and this module write into a run folder (removed by ``overwrite=True``, nothing else)
+_RUN_ARTEFACTS = ("checkpoints", "tb", METRICS_FILE, RUN_FILE, "config.yaml", "log.jsonl")
+
+
+class RunsFailedError(GroundkitError, RuntimeError):
+    """One or more runs of :func:`run_many` failed; ``results`` holds every run's result."""
+
+    def __init__(self, message: str, results: list[RunResult]):
+        super().__init__(message)
+        self.results = results
+
+
+@dataclass
+class RunSpec:
+    """One training: ``method`` with ``config`` plus ``overrides``, trained with ``seed`` into ``output_dir``.
+
+    ``method`` is a registry name or a method object; ``config`` a shipped config name, a YAML path or a
+    dict. ``seed`` and ``output_dir`` become ``train.seed`` and ``train.output_dir``. ``label`` names the
+    variant in tables (runs with the same label are seeds of one variant); ``tags`` are free-form notes
+    kept in ``run.json`` and the result.
+    """
+
+    method: Any
+    config: str | Path | dict[str, Any]
+    overrides: dict[str, Any]
+    output_dir: str
+    seed: int
+    label: str
+    final_split: str = "test"
+    tags: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.output_dir = str(self.output_dir)
+        self.overrides = dict(self.overrides or {})
+        self.tags = dict(self.tags or {})
+        for key, own in (("train.seed", self.seed), ("train.output_dir", self.output_dir)):
+            if key in self.overrides and str(self.overrides[key]) != str(own):
+                raise ValueError(
+                    f"RunSpec {self.label!r}: overrides set {key}={self.overrides[key]!r}, "
+                    f"but the spec says {own!r}; set it through the spec's field only"
+                )
+
+    @property
+    def method_name(self) -> str:
+        return self.method if isinstance(self.method, str) else str(getattr(self.method, "name", self.method))
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able form of the spec (the method by name)."""
+        cfg = self.config if isinstance(self.config, (str, dict)) else str(self.config)
+        return {
+            "method": self.method_name,
+            "config": cfg,
+            "overrides": self.overrides,
+            "output_dir": self.output_dir,
+            "seed": self.seed,
+            "label": self.label,
+            "final_split": self.final_split,
+            "tags": self.tags,
+        }
+
+
+@dataclass
+class RunResult:
+    """What one run gave. ``metrics`` are on ``final_split`` (the best weights), ``best`` on validation.
+
+    ``status`` is ``"done"`` (trained now, possibly resumed), ``"reused"`` (a finished run found in its
+    folder; ``seconds`` is then the original training time) or ``"failed"`` (``error`` says why).
+    """
+
+    label: str
+    seed: int
+    output_dir: str
+    status: Literal["done", "reused", "failed"]
+    metrics: dict[str, float] = field(default_factory=dict)
+    best: dict[str, float] = field(default_factory=dict)
+    final_split: str | None = None
+    seconds: float | None = None
+    steps: int | None = None
+    main_metric: str | None = None
+    resumed: bool = False
+    error: str | None = None
+    method: str = ""
+    tags: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status != "failed"
+
+    def line(self) -> str:
+        """One line for progress reports: label, seed, main metric, seconds, status."""
+        head = f"{self.label} seed {self.seed}"
+        if not self.ok:
+            return f"{head}: FAILED: {self.error}"
+        value = self.metrics.get(self.main_metric) if self.main_metric else None
+        metric = "no metrics"
+        if isinstance(value, (int, float)):
+            metric = f"{self.final_split} {self.main_metric}={value:.4f}"
+        secs = f"{self.seconds:.1f}s" if self.seconds is not None else "?s"
+        extra = " (reused)" if self.status == "reused" else " (resumed)" if self.resumed else ""
+        return f"{head}: {metric}, {secs}{extra}"
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def slug(label: str) -> str:
+    """A folder name for a label: lower case, runs of other characters replaced by ``-``."""
+    return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-") or "run"
+
+
+def _cgroup_cpu_limit() -> float | None:
+    """CPUs allowed by a cgroup quota (v2 ``cpu.max`` or v1 ``cfs_quota``), None when unlimited/unknown."""
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        period_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        return quota_us / period_us if quota_us > 0 and period_us > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def usable_cores() -> int:
+    """CPU cores this process may really use: its affinity mask (not the machine's count), capped by a
+    cgroup CPU quota when there is one; at least 1."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    limit = _cgroup_cpu_limit()
+    if limit is not None:
+        n = min(n, int(limit))
+    return max(1, n)
+
+
+def default_threads(jobs: int) -> int:
+    """Torch threads per run when ``jobs`` runs share this process's cores (at least 1)."""
+    return max(1, usable_cores() // max(1, int(jobs)))
+
+
+def _resolve(spec: RunSpec) -> tuple[Any, Any]:
+    """(method object, resolved config) of a spec; raises on an unknown method or a bad config/override."""
+    method = spec.method
+    if isinstance(method, str):
+        method = get_method(method)
+    overrides = {**spec.overrides, "train.seed": int(spec.seed), "train.output_dir": spec.output_dir}
+    # a deep copy: load_config's overrides write into the nested dicts of a dict source
+    source = str(spec.config) if isinstance(spec.config, Path) else copy.deepcopy(spec.config)
+    cfg = load_config(method.config_class, source, overrides, method=method.name)
+
+    return method, resolve_world(method, cfg)
+
+
+def _plain(obj: Any) -> Any:
+    """JSON round trip: tuples become lists, keys strings, so stored and fresh values compare equal."""
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix.rstrip("."): d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+    return out
+
+
+def _comparable(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    flat = _flatten(_plain(cfg_dict))
+    return {k: v for k, v in flat.items() if k not in IGNORED_KEYS}
+
+
+def _identity(method_name: str, cfg: Any, final_split: str) -> dict[str, Any]:
+    """What a finished run must match to be reused: method, resolved config (less IGNORED_KEYS), seed, split."""
+    return {
+        "method": method_name,
+        "config": _comparable(to_dict(cfg)),
+        "seed": int(cfg.train.seed),
+        "final_split": final_split,
+    }
+
+
+def _differences(a: dict[str, Any], b: dict[str, Any], limit: int = 6) -> str:
+    keys = sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>"))
+    shown = [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in keys[:limit]]
+    return "; ".join(shown) + (f"; ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _best_metrics(out: Path) -> dict[str, float]:
+    meta = _read_json(out / "checkpoints" / "best" / "meta.json") or {}
+    return {k: float(v) for k, v in (meta.get("metrics") or {}).items()}
+
+
+def _main_metric(cfg: Any, metrics: Mapping[str, float]) -> str | None:
+    best = getattr(cfg.train, "best_metric", "")
+    if best and best in metrics:
+        return best
+    return next(iter(metrics), None)
+
+
+def _write_record(out: Path, spec: RunSpec, identity: dict[str, Any], status: str, **fields: Any) -> None:
+    record = {
+        "status": status,
+        "spec": spec.describe(),
+        "identity": identity,
+        **fields,
+        "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    atomic_write_text(out / RUN_FILE, json.dumps(record, indent=1, default=str))
+
+
+def _clear(out: Path) -> None:
+    for name in _RUN_ARTEFACTS:
+        p = out / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+# ----------------------------------------------------------------------------- folder state
+
+
+@dataclass
+class _Plan:
+    action: Literal["reuse", "resume", "fresh", "conflict"]
+    record: dict[str, Any] | None = None
+    reason: str = ""
+
+
+def _plan(out: Path, identity: dict[str, Any], force_resume: bool) -> _Plan:
+    """What to do with ``out`` for a spec of ``identity``: reuse a finished run, resume, start, or refuse."""
+    record = _read_json(out / RUN_FILE)
+    same = record is not None and _plain(record.get("identity")) == _plain(identity)
+    metrics = _read_json(out / METRICS_FILE)
+    if same and metrics is not None:
+        if record.get("status") == "done" and metrics.get("split") == record.get("final_split"):
+            return _Plan("reuse", record)
+        if record.get("status") == "running" and _comparable(metrics.get("config") or {}) == identity["config"]:
+            # fit() finished and wrote metrics.json, but the process died before run.json said so
+            if (out / METRICS_FILE).stat().st_mtime >= float(record.get("started", math.inf)):
+                return _Plan("reuse", record, "finished before the record was written")
+    ckpt = latest_checkpoint(out)
+    if ckpt is not None:
+        meta = _read_json(ckpt / "meta.json") or {}
+        folder_method = method_of(out / "config.yaml") if (out / "config.yaml").is_file() else None
+        have = _comparable(meta.get("config") or {})
+        diff = _differences(have, identity["config"])
+        if folder_method not in (None, identity["method"]):
+            diff = f"method: {folder_method!r} -> {identity['method']!r}" + (f"; {diff}" if diff else "")
+        if not diff or force_resume:
+            return _Plan("resume", record, diff)
+        return _Plan("conflict", record, f"its checkpoint {ckpt.name} was trained with another config ({diff})")
+    if record is not None and record.get("status") == "done" and not same:
+        diff = _differences(_flatten(_plain(record.get("identity") or {})), _flatten(_plain(identity)))
+        return _Plan("conflict", record, f"it holds a finished run of another spec ({diff})")
+    return _Plan("fresh", record)
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def run_one(spec: RunSpec, threads: int | None = None, resume: bool = False, overwrite: bool = False) -> RunResult:
+    """Train and test one spec in this process, or reuse/resume what its folder already holds.
+
+    - ``run.json`` and ``metrics.json`` record a finished run of the same method, resolved config, seed and
+      final split: the result is read back (status ``"reused"``), nothing is trained;
+    - the folder holds checkpoints of the same config: training resumes from the latest one;
+    - the folder holds checkpoints (or a finished record) of a *different* config: the run fails with the
+      differing keys named, unless ``resume=True`` (continue from that checkpoint anyway, e.g. after
+      changing a knob that does not affect the weights) or ``overwrite=True`` (delete the engine's files
+      in the folder and start over);
+    - otherwise it trains from scratch.
+
+    ``threads`` sets torch's intra-op threads for this run (restored afterwards). Exceptions are caught
+    and returned as status ``"failed"``; KeyboardInterrupt/SystemExit propagate (``run.json`` then keeps
+    status ``"running"``, and the next call resumes).
+    """
+
+    out = Path(spec.output_dir)
+    base = RunResult(
+        label=spec.label,
+        seed=int(spec.seed),
+        output_dir=spec.output_dir,
+        status="failed",
+        method=spec.method_name,
+        tags=dict(spec.tags),
+    )
+    try:
+        method, cfg = _resolve(spec)
+    except Exception as e:  # bad method name, config or override: the folder is left untouched
+        return dataclasses.replace(base, error=f"{type(e).__name__}: {e}")
+    identity = _identity(method.name, cfg, spec.final_split)
+    plan = _plan(out, identity, force_resume=resume)
+    if plan.action == "conflict":
+        if not overwrite:
+            return dataclasses.replace(
+                base,
+                error=f"{out} is not this run's folder: {plan.reason}; pass "
+                "resume=True to continue from it anyway or overwrite=True to start over",
+            )
+        _clear(out)
+        plan = _Plan("fresh")
+    if plan.action == "reuse":
+        return _reused(spec, cfg, identity, plan, base)
+    if plan.action == "resume" and plan.reason:
+        log.warning("%s: resuming although the config changed: %s", out, plan.reason)
+
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+    started = time.time()
+    t0 = time.perf_counter()
+    try:
+        _write_record(out, spec, identity, "running", started=started, final_split=spec.final_split)
+        res = engine.fit(method, cfg, resume=plan.action == "resume", final_split=spec.final_split)
+    except Exception as e:
+        seconds = time.perf_counter() - t0
+        error = f"{type(e).__name__}: {e}"
+        try:
+            _write_record(
+                out,
+                spec,
+                identity,
+                "failed",
+                started=started,
+                error=error,
+                seconds=seconds,
+                final_split=spec.final_split,
+            )
+        except OSError as w:
+            error += f" (and {RUN_FILE} could not be written: {w})"
+        return dataclasses.replace(base, error=error, seconds=seconds, resumed=plan.action == "resume")
+    finally:
+        torch.set_num_threads(old_threads)
+    seconds = time.perf_counter() - t0
+    metrics = {k: float(v) for k, v in (res.get("final") or {}).items()}
+    best = {k: float(v) for k, v in (res.get("best") or {}).items()}
+    split = res.get("final_split")
+    _write_record(
+        out,
+        spec,
+        identity,
+        "done",
+        started=started,
+        seconds=seconds,
+        steps=res.get("steps"),
+        train_seconds=res.get("train_seconds"),
+        final_split=split,
+        metrics=metrics,
+        best=best,
+        resumed=plan.action == "resume",
+    )
+    return dataclasses.replace(
+        base,
+        status="done",
+        metrics=metrics,
+        best=best,
+        final_split=split,
+        seconds=seconds,
+        steps=res.get("steps"),
+        main_metric=_main_metric(cfg, metrics),
+        resumed=plan.action == "resume",
+    )
+
+
+def _reused(spec: RunSpec, cfg: Any, identity: dict[str, Any], plan: _Plan, base: RunResult) -> RunResult:
+    out = Path(spec.output_dir)
+    record = plan.record or {}
+    stored = _read_json(out / METRICS_FILE) or {}
+    metrics = {k: float(v) for k, v in (stored.get("metrics") or {}).items()}
+    if record.get("status") == "done":
+        best, seconds, steps = record.get("best") or {}, record.get("seconds"), record.get("steps")
+    else:  # finished but unrecorded: complete the record from the folder
+        best, steps = _best_metrics(out), None
+        seconds = (out / METRICS_FILE).stat().st_mtime - float(record.get("started", 0.0))
+        _write_record(
+            out,
+            spec,
+            identity,
+            "done",
+            started=record.get("started"),
+            seconds=seconds,
+            final_split=stored.get("split"),
+            metrics=metrics,
+            best=best,
+            note=plan.reason,
+        )
+    return dataclasses.replace(
+        base,
+        status="reused",
+        metrics=metrics,
+        best=best,
+        final_split=stored.get("split"),
+        seconds=seconds,
+        steps=steps,
+        main_metric=_main_metric(cfg, metrics),
+    )
+
+
+def _quiet(spec: RunSpec) -> RunSpec:
+    """The spec with the engine's per-run progress bars off (run_many draws one bar for all runs)."""
+    if "train.progress" in spec.overrides:
+        return spec
+    return dataclasses.replace(spec, overrides={**spec.overrides, "train.progress": False})
+
+
+def run_many(
+    specs: Sequence[RunSpec],
+    jobs: int = 1,
+    threads: int | None = None,
+    progress: bool = True,
+    raise_on_failure: bool = True,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> list[RunResult]:
+    """Run every spec (see :func:`run_one`) and return the results in spec order.
+
+    ``jobs == 1`` runs them one after the other in this process; otherwise in a pool of ``jobs``
+    spawned processes, each with ``threads`` torch threads (default :func:`default_threads`). Runs whose
+    folder already holds their finished result are read back here without starting a process. A
+    failing run does not stop the others; at the end :class:`RunsFailedError` lists every failure
+    (unless ``raise_on_failure=False``). One line per finished run (label, seed, main metric, seconds)
+    is written through tqdm when ``progress``, else to the ``groundkit.runs`` logger.
+    """
+    specs = [_quiet(s) for s in specs]
+    dirs: dict[str, str] = {}
+    for s in specs:
+        key = os.path.abspath(s.output_dir)
+        if key in dirs:
+            raise ValueError(f"runs {dirs[key]!r} and {s.label!r} (seed {s.seed}) share the output_dir {s.output_dir}")
+        dirs[key] = f"{s.label} seed {s.seed}"
+
+    bar = tqdm(total=len(specs), desc="runs", unit="run", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    results: list[RunResult | None] = [None] * len(specs)
+
+    def report(i: int, r: RunResult) -> None:
+        results[i] = r
+        msg = f"[{sum(x is not None for x in results)}/{len(specs)}] {r.line()}"
+        if progress:
+            bar.write(msg, file=sys.stderr)
+        else:
+            (log.info if r.ok else log.error)(msg)
+        bar.update(1)
+
+    try:
+        if jobs <= 1:
+            for i, s in enumerate(specs):
+                report(i, run_one(s, threads=threads, resume=resume, overwrite=overwrite))
+        else:
+            todo = []
+            for i, s in enumerate(specs):
+                done = _finished_result(s)
+                if done is not None:
+                    report(i, done)
+                else:
+                    todo.append(i)
+            if todo:
+                _run_pool(specs, todo, jobs, threads or default_threads(jobs), resume, overwrite, report)
+    finally:
+        bar.close()
+    final = [r for r in results if r is not None]
+    failed = [r for r in final if not r.ok]
+    if failed and raise_on_failure:
+        lines = "\n".join(f"  {r.label} seed {r.seed} ({r.output_dir}): {r.error}" for r in failed)
+        raise RunsFailedError(f"{len(failed)} of {len(final)} runs failed:\n{lines}", final)
+    return final
+
+
+def _finished_result(spec: RunSpec) -> RunResult | None:
+    """The reused result of a spec whose folder holds it, else None (cheap: no training, no process)."""
+    try:
+        method, cfg = _resolve(spec)
+    except Exception:
+        return None  # the worker reports the error
+    identity = _identity(method.name, cfg, spec.final_split)
+    plan = _plan(Path(spec.output_dir), identity, force_resume=False)
+    if plan.action != "reuse":
+        return None
+    base = RunResult(
+        label=spec.label,
+        seed=int(spec.seed),
+        output_dir=spec.output_dir,
+        status="failed",
+        method=spec.method_name,
+        tags=dict(spec.tags),
+    )
+    return _reused(spec, cfg, identity, plan, base)
+
+
+def _init_worker(threads: int) -> None:
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(threads)
+
+    torch.set_num_threads(threads)
+
+
+def _run_pool(
+    specs: list[RunSpec], todo: list[int], jobs: int, threads: int, resume: bool, overwrite: bool, report: Any
+) -> None:
+    ctx = mp.get_context("spawn")
+    workers = min(int(jobs), len(todo))
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as ex:
+        futures = {ex.submit(run_one, specs[i], threads, resume, overwrite): i for i in todo}
+        for fut in as_completed(futures):
+            i = futures[fut]
+            s = specs[i]
+            try:
+                r = fut.result()
+            except (Exception, KeyboardInterrupt) as e:  # a worker that died, or a result that did not pickle
+                kind = "worker process died" if isinstance(e, BrokenProcessPool) else type(e).__name__
+                r = RunResult(
+                    label=s.label,
+                    seed=int(s.seed),
+                    output_dir=s.output_dir,
+                    status="failed",
+                    method=s.method_name,
+                    tags=dict(s.tags),
+                    error=f"{kind}: {e}",
+                )
+            report(i, r)
+
+
+def seed_specs(
+    label: str,
+    method: Any,
+    config: str | Path | dict[str, Any],
+    seeds: Iterable[int],
+    out_root: str | Path,
+    overrides: dict[str, Any] | None = None,
+    final_split: str = "test",
+    tags: dict[str, Any] | None = None,
+) -> list[RunSpec]:
+    """One variant over several seeds: a spec per seed in ``out_root/<slug(label)>/seed<k>``."""
+    folder = Path(out_root) / slug(label)
+    return [
+        RunSpec(
+            method=method,
+            config=config,
+            overrides=dict(overrides or {}),
+            output_dir=str(folder / f"seed{k}"),
+            seed=int(k),
+            label=label,
+            final_split=final_split,
+            tags=dict(tags or {}),
+        )
+        for k in seeds
+    ]
+
+
+# ----------------------------------------------------------------------------- summaries
+
+
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return mean, math.sqrt(var)
+
+
+def summarize(
+    results: Sequence[RunResult],
+    keys: Sequence[str],
+    scale: float = 1.0,
+    source: Literal["final", "best"] = "final",
+) -> list[dict[str, Any]]:
+    """Per label (in order of first appearance), over its successful runs and for each key:
+    ``{"mean", "std" (ddof=1; None for fewer than 2 values), "n", "values"}``, values multiplied by
+    ``scale``. ``values`` line up with the row's ``seeds`` (None where a run lacks the key). ``source``
+    picks the final-split metrics or the best validation metrics. Failed runs are counted in ``failed``.
+    """
+    groups: dict[str, list[RunResult]] = {}
+    for r in results:
+        groups.setdefault(r.label, []).append(r)
+    rows = []
+    for label, runs in groups.items():
+        good = [r for r in runs if r.ok]
+        row: dict[str, Any] = {
+            "label": label,
+            "n": len(good),
+            "failed": len(runs) - len(good),
+            "seeds": [r.seed for r in good],
+            "metrics": {},
+        }
+        for k in keys:
+            vals = [(r.metrics if source == "final" else r.best).get(k) for r in good]
+            vals = [None if v is None else float(v) * scale for v in vals]
+            present = [v for v in vals if v is not None]
+            mean, std = _mean_std(present)
+            row["metrics"][k] = {"mean": mean, "std": std, "n": len(present), "values": vals}
+        rows.append(row)
+    return rows
+
+
+def _cell(stat: Mapping[str, Any], digits: int) -> str:
+    if stat.get("mean") is None:
+        return "n/a"
+    mean = stat["mean"]
+    std = stat.get("std")
+    return f"{mean:.{digits}f} ± {'—' if std is None else f'{std:.{digits}f}'}"
+
+
+def format_table(
+    summary: Sequence[Mapping[str, Any]],
+    keys: Sequence[str],
+    header: str | Sequence[str] | None = None,
+    digits: int = 2,
+    show_n: bool = True,
+) -> str:
+    """Markdown table of :func:`summarize` rows: one row per label, a ``mean ± std`` cell per key.
+
+    ``header`` is the first column's title (default ``variant``) or the titles of all columns
+    (label column first, then one per key). ``show_n`` adds the number of runs (``+k failed`` if any).
+    """
+    if header is None or isinstance(header, str):
+        titles = [header or "variant", *keys]
+    else:
+        titles = list(header)
+        if len(titles) != len(keys) + 1:
+            raise ValueError(f"header has {len(titles)} titles for {len(keys) + 1} columns")
+    if show_n:
+        titles.append("n")
+    lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
+    for row in summary:
+        cells = [str(row["label"]), *(_cell(row["metrics"].get(k, {}), digits) for k in keys)]
+        if show_n:
+            cells.append(f"{row['n']}" + (f" (+{row['failed']} failed)" if row.get("failed") else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_summary(
+    path: str | Path,
+    results: Sequence[RunResult],
+    keys: Sequence[str],
+    scale: float = 1.0,
+    source: Literal["final", "best"] = "final",
+) -> dict[str, Any]:
+    """Write ``{"keys", "scale", "source", "summary", "runs"}`` as JSON (atomically); returns it."""
+    payload = {
+        "keys": list(keys),
+        "scale": scale,
+        "source": source,
+        "summary": summarize(results, keys, scale=scale, source=source),
+        "runs": [dataclasses.asdict(r) for r in results],
+    }
+    atomic_write_text(path, json.dumps(payload, indent=1, default=str))
+    return payload
+
+
+def results_from_dirs(run_dirs: Sequence[str | Path], label: str | None = None) -> list[RunResult]:
+    """:class:`RunResult` of finished run directories (their ``metrics.json`` and ``config.yaml``), for
+    runs trained by hand (``groundkit train`` once per seed). ``label`` defaults to each run's config name
+    without its seed, so runs of one variant group together."""
+    out = []
+    for d in run_dirs:
+        p = Path(d) / "metrics.json"
+        rec = _read_json(p)
+        if rec is None or "metrics" not in rec:
+            raise GroundkitError(f"{p}: no metrics.json with 'metrics' (run not finished?)")
+        cfg = rec.get("config", {})
+        seed = int(cfg.get("train", {}).get("seed", 0))
+        name = label or re.sub(r"[_-]?s(eed)?\d+$", "", Path(d).resolve().name) or Path(d).name
+        out.append(
+            RunResult(
+                label=name,
+                seed=seed,
+                output_dir=str(d),
+                status="reused",
+                metrics=dict(rec["metrics"]),
+                final_split=rec.get("split"),
+                method=str(rec.get("task", "")),
+            )
+        )
+    return out
+
+
+def register_summarize(subparsers: Any) -> None:
+    """``groundkit summarize RUN_DIR ...``: mean ± std over finished runs, one row per variant."""
+    p = subparsers.add_parser(
+        "summarize", help="mean ± std (ddof=1) of finished runs' metrics.json, one row per variant"
+    )
+    p.add_argument("runs", nargs="+", help="run directories (a variant's seeds share a name up to _s<seed> / -seed<k>)")
+    p.add_argument("--keys", nargs="+", default=None, help="metrics to show (default: every metric of the first run)")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply values (100 for fractions -> percent)")
+    p.add_argument("--label", default=None, help="one label for all the runs")
+
+    def run(a: Any) -> int:
+        results = results_from_dirs(a.runs, a.label)
+        keys = a.keys or [k for k in results[0].metrics if not k.startswith("num_")]
+        print(format_table(summarize(results, keys, a.scale), keys))
+        return 0
+
+    p.set_defaults(func=run)
