@@ -292,3 +292,20 @@ def test_darknet_header_version_01_has_int32_seen(tmp_path):
             np.full(n, 0.5, dtype=np.float32).tofile(f)
     info = load_darknet_weights(m, p)
     assert info["seen"] == 77 and m.stem.conv.weight.detach().flatten()[0].item() == 0.5
+
+
+def test_transformer_text_encoder_from_local_minilm():
+    from groundkit.methods.cogrounding.config import CoGroundingModelConfig
+    from groundkit.methods.cogrounding.model import TransformerTextEncoder
+    from groundkit.methods.cogrounding.text import build_tokenizer, resolve_text_path
+
+    mc = CoGroundingModelConfig(text_encoder="transformer", max_tokens=8)
+    tok = build_tokenizer(mc)
+    enc = TransformerTextEncoder(resolve_text_path(mc.text_encoder_path), dim=16, freeze=True)
+    ids, mask = (torch.stack(t) for t in zip(*[tok.encode("the man on the left"), tok.encode("a dog")]))
+    emb, ctx, sent = enc(ids, mask)
+    assert emb.shape == (2, 8, 16) and ctx.shape == (2, 8, 32) and sent.shape == (2, 32)
+    assert not any(p.requires_grad for p in enc.encoder.parameters())
+    net = CoGroundingNet(TinyBackbone(), enc, image_size=64, dim=16).eval()
+    out = net(torch.rand(2, 3, 64, 64), ids, mask)
+    assert out["conf"].shape == (2, 3 * 84)
