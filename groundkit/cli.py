@@ -33,6 +33,7 @@ CORE_COMMANDS: dict[str, dict[str, str]] = {
         "synth": "groundkit.world.cli:register",
         "refer-to-transvg": "groundkit.formats.refcoco:register_to_transvg",
         "vid-sentence-to-pth": "groundkit.formats.vid_sentence:register_to_video_level",
+        "inspect": "groundkit.formats.inspect:register",
     },
     "bench": {
         "metrics": "groundkit.bench.metrics:register",

@@ -137,7 +137,9 @@ def run_benchmark(
         scenarios.append(("side by side, every run on all cores", usable_cores()))
     results = []
     for name, t in scenarios:
-        dirs = [root / f"{name.split(',')[0].replace(' ', '-')}{'-all' if t != threads else ''}-{i}" for i in range(jobs)]
+        dirs = [
+            root / f"{name.split(',')[0].replace(' ', '-')}{'-all' if t != threads else ''}-{i}" for i in range(jobs)
+        ]
         cmds = [train_command(method, size, steps, t, d) for d in dirs]
         rates = _run_together(cmds, dirs, warmup)
         results.append(
@@ -193,9 +195,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--jobs", type=int, default=2, help="trainings side by side")
     p.add_argument("--threads", type=int, default=0, help="train.threads of each training (0: the core share)")
     p.add_argument("--warmup", type=int, default=10, help="steps left out of the throughput")
-    p.add_argument(
-        "--compare-all-cores", action="store_true", help="also run side by side with every run on all cores"
-    )
+    p.add_argument("--compare-all-cores", action="store_true", help="also run side by side with every run on all cores")
     p.add_argument("--out", default=None, help="folder for the runs and concurrency.json (default: a temp dir)")
 
     def run(a: argparse.Namespace) -> int:
