@@ -341,7 +341,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML mapping; an unreadable file or a syntax error is a :class:`ConfigError` naming the file."""
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
+            text = f.read()
+        if not text.strip():
+            raise ConfigError(f"{path}: the config file is empty")
+        data = yaml.safe_load(text) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except OSError as e:

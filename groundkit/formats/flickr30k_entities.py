@@ -65,6 +65,8 @@ def read_sentences(path: str | Path) -> list[dict[str, Any]]:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise DataError(f"{path}: not a UTF-8 text file of annotated sentences") from None
+    if not text.strip():
+        raise DataError(f"{path}: empty; expected one annotated sentence per line")
     return [parse_sentence(line, f"{path}:{i + 1}") for i, line in enumerate(text.split("\n")) if line.strip()]
 
 
