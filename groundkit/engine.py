@@ -500,6 +500,20 @@ class RunFolder:
     def artefacts(self) -> list[str]:
         return [n for n in RUN_ARTEFACTS if (self.path / n).exists()]
 
+    def remove_partial_writes(self) -> None:
+        """Temporary files and folders of atomic writes cut short by a kill (held lock: no writer is
+        running). The files they were replacing are intact."""
+        stale = (".tmp", ".old")
+        targets = [p for n in RUN_ARTEFACTS for p in self.path.glob(f".{n}.*")]
+        targets += [p for p in (self.path / "checkpoints").glob(".*") if any(t in p.name for t in stale)]
+        targets += list((self.path / "checkpoints").glob(".latest.*"))
+        for p in targets:
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    p.unlink()
+
     def describe(self) -> str:
         rec = read_run_record(self.path) or {}
         status = rec.get("status")
@@ -689,6 +703,7 @@ def _fit(
     if main:
         try:
             folder.acquire()
+            folder.remove_partial_writes()
             found = folder.artefacts()
             if found and not resume and not overwrite:
                 raise RunFolderError(
