@@ -283,9 +283,11 @@ def _set_key(d: dict, cls: type, dotted: str, raw: Any) -> None:
             cur[p] = raw
         else:
             nxt = cur.get(p)
-            if not isinstance(nxt, dict):
+            if nxt is None:
                 nxt = {}
                 cur[p] = nxt
+            elif not isinstance(nxt, dict):
+                raise ConfigError(f"{'.'.join(parts[: i + 1])}: expected a mapping (a config section), got {nxt!r}")
             cur = nxt
             cur_cls = typing.get_type_hints(cur_cls)[p]
 
@@ -388,7 +390,11 @@ def load_config(
             base_data.pop("method", None)
             data = _merge(base_data, data)
     if overrides:
-        data = apply_overrides(cls, data, overrides)
+        try:
+            data = apply_overrides(cls, data, overrides)
+        except ConfigError as e:
+            where = f" (in {source})" if isinstance(source, (str, Path)) and "expected a mapping" in str(e) else ""
+            raise ConfigError(f"{e}{where}") from None
     try:
         return from_dict(cls, data)
     except ConfigError as e:

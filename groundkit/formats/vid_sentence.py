@@ -110,6 +110,8 @@ def load_vid_sentence(root: str | os.PathLike, split: str) -> list[VidTrack]:
         if idx >= len(valid):
             raise DataError(f"{cap_file}:{n + 1}: instance index {idx} beyond the {len(valid)} valid-list lines")
         caps.setdefault(idx, []).append(caption.strip())
+    if not caps:
+        raise DataError(f"{cap_file}: no captions (expected lines '<instance index>, <caption>')")
     tube_cache: dict[str, dict] = {}
     out: list[VidTrack] = []
     for idx in sorted(caps):
