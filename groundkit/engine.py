@@ -8,6 +8,13 @@ optimizer/scheduler/RNG state so that ``resume=True`` after a kill continues exa
 non-finite loss that keeps the last good checkpoint; tqdm progress, TensorBoard and JSONL logs.
 ``train.init_from`` starts from given weights and ``train.subset`` trains on listed samples of the
 training split (what a self-paced curriculum needs); :func:`predict` returns per-sample outputs.
+
+Run folders (:class:`RunFolder`): locked while a training uses them; one that holds a run is refused
+unless ``resume`` or ``overwrite``; a resume with another config is refused (:data:`NEUTRAL_KEYS` may
+differ, :data:`LENGTH_KEYS` may grow) unless ``force``; SIGINT/SIGTERM save a checkpoint at the end of
+the step and raise :class:`~groundkit.errors.Interrupted`; ``run.json`` records the status, steps,
+seconds and metrics; a training that fails before its first checkpoint leaves the folder as it was.
+Torch threads come from :class:`~groundkit.distributed.CoreShare` (``train.threads``).
 """
 
 from __future__ import annotations

@@ -330,6 +330,7 @@ def run_many(
     raise_on_failure: bool = True,
     resume: bool = False,
     overwrite: bool = False,
+    desc: str = "runs",
 ) -> list[RunResult]:
     """Run every spec (see :func:`run_one`) and return the results in spec order.
 
@@ -339,7 +340,7 @@ def run_many(
     folder already holds their finished result are read back here without starting a process. A
     failing run does not stop the others; at the end :class:`RunsFailedError` lists every failure
     (unless ``raise_on_failure=False``). One line per finished run (label, seed, main metric, seconds)
-    is written through tqdm when ``progress``, else to the ``groundkit.runs`` logger.
+    is written through tqdm when ``progress`` (the bar labelled ``desc``), else to the ``groundkit.runs`` logger.
     """
     specs = [_quiet(s) for s in specs]
     dirs: dict[str, str] = {}
@@ -349,7 +350,8 @@ def run_many(
             raise ValueError(f"runs {dirs[key]!r} and {s.label!r} (seed {s.seed}) share the output_dir {s.output_dir}")
         dirs[key] = f"{s.label} seed {s.seed}"
 
-    bar = tqdm(total=len(specs), desc="runs", unit="run", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(specs), desc=desc, unit="run", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    bar.refresh()  # shown from the start, before the first run ends
     results: list[RunResult | None] = [None] * len(specs)
 
     def report(i: int, r: RunResult) -> None:

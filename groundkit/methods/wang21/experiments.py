@@ -90,11 +90,12 @@ def run_sweep(
     variants: Sequence[str] | None = None,
     overrides: dict[str, Any] | None = None,
     jobs: int = 1,
+    desc: str = "wang21 runs",
 ) -> list[RunResult]:
     """Train + test each variant over ``seeds`` (``jobs`` at a time; finished runs are reused); writes
     ``<out_dir>/sweep.json`` and ``table.md`` and prints the table (R@k in percent, mean ± std)."""
     out = Path(out_dir)
-    results = run_many(sweep_specs(world_dir, out, seeds, variants, overrides), jobs=jobs)
+    results = run_many(sweep_specs(world_dir, out, seeds, variants, overrides), jobs=jobs, desc=desc)
     write_summary(out / "sweep.json", results, SWEEP_KEYS)
     table = format_table(results)
     (out / "table.md").write_text(table + "\n")
