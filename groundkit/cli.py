@@ -278,6 +278,8 @@ def _method_from_yaml(argv: list[str]) -> list[str]:
 
 def _resume_hint(argv: list[str]) -> str:
     cmd = ["groundkit", *argv]
+    if argv[:1] != ["train"]:  # the demo and sweeps resume their runs when started again
+        return f"{' '.join(shlex.quote(a) for a in cmd)} (finished runs are reused)"
     if "--resume" not in cmd:
         cmd.append("--resume")
     return " ".join(shlex.quote(a) for a in cmd)

@@ -175,10 +175,12 @@ class CoreShare:
     With ``requested > 0`` the count is fixed. With ``requested == 0`` (``train.threads: 0``) the process
     registers itself (a file it keeps locked in :func:`_share_dir`, released by the kernel if the process
     dies) and uses ``usable_cores() // n`` threads, ``n`` being the number of live registered trainings
-    whose cores overlap its own; :meth:`refresh` re-counts every ``interval`` seconds, so a training that
-    starts or ends beside it changes its thread count within seconds. Two trainings on a 2-core machine
-    thus run on one thread each instead of four threads fighting over two cores (OpenMP threads that wait
-    on each other slow both runs down many times over).
+    whose cores overlap its own (and at most ``OMP_NUM_THREADS`` when that is set); :meth:`refresh`
+    re-counts every ``interval`` seconds, so a training that starts or ends beside it changes its thread
+    count within seconds. Two trainings on a 2-core machine thus run on one thread each instead of four
+    threads fighting over two cores (OpenMP threads that wait on each other slow both runs down many
+    times over). Float results can depend on the thread count: set ``train.threads`` for bit-exact
+    repeats of a run on a busy machine.
     """
 
     def __init__(self, requested: int = 0, interval: float = 2.0):
@@ -236,7 +238,11 @@ class CoreShare:
         return max(1, n)
 
     def _count(self) -> int:
-        return max(1, usable_cores() // self._live())
+        n = usable_cores() // self._live()
+        cap = os.environ.get("OMP_NUM_THREADS", "")
+        if cap.isdigit() and int(cap) > 0:  # the environment's own limit is kept
+            n = min(n, int(cap))
+        return max(1, n)
 
     def _apply(self, n: int, force: bool = False) -> None:
         if force or n != self.threads:
