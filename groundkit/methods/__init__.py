@@ -9,11 +9,10 @@ disappears from the list.
 from __future__ import annotations
 
 import importlib
-import json
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import CheckpointError, find_run_files, load_weights
+from ..checkpoint import CheckpointError, find_run_files, load_weights, read_meta
 from ..config import apply_overrides, from_dict, load_yaml
 from ..errors import GroundkitError
 from .base import Method, Predictor
@@ -25,6 +24,8 @@ __all__ = [
     "available_methods",
     "get_method",
     "load_run",
+    "run_config",
+    "run_method",
     "method_of_run",
     "find_run_files",
 ]
@@ -33,7 +34,6 @@ __all__ = [
 METHODS: dict[str, str] = {
     "wang21": "groundkit.methods.wang21",
     "crosskd": "groundkit.methods.crosskd",
-    "cogrounding": "groundkit.methods.cogrounding",
 }
 
 
@@ -70,10 +70,31 @@ def get_method(name: str) -> Method:
     return m
 
 
-def _run_meta(path: str | Path) -> tuple[Path, str, dict[str, Any]]:
-    """``(checkpoint directory, method name, config dict)`` of a run directory or checkpoint."""
+def run_method(path: str | Path) -> str:
+    """The method name a run directory or checkpoint was trained with."""
     ck, run = find_run_files(path)
-    meta = json.loads((ck / "meta.json").read_text())
+    name = read_meta(ck).get("method")
+    if not name and (run / "config.yaml").is_file():
+        name = load_yaml(run / "config.yaml").get("method")
+    if not name:
+        raise CheckpointError(f"{ck}: the checkpoint names no method and {run}/config.yaml is missing")
+    return str(name)
+
+
+def method_of_run(path: str | Path) -> Method:
+    """The registered method that trained a run directory or checkpoint (read from its metadata,
+    without building the model)."""
+    return get_method(run_method(path))
+
+
+def run_config(
+    path: str | Path, method: str | None = None, overrides: dict[str, Any] | None = None
+) -> tuple[Method, Any, Path]:
+    """``(method, config, checkpoint directory)`` of a run directory or any of its checkpoints, the config
+    being the one it was trained with plus ``overrides``. ``method``: the method the caller expects
+    (another one is a one-line :class:`~groundkit.checkpoint.CheckpointError`)."""
+    ck, run = find_run_files(path)
+    meta = read_meta(ck)
     name = meta.get("method")
     cfg_dict = meta.get("config")
     if (name is None or cfg_dict is None) and (run / "config.yaml").is_file():
@@ -83,30 +104,26 @@ def _run_meta(path: str | Path) -> tuple[Path, str, dict[str, Any]]:
         cfg_dict = cfg_dict if cfg_dict is not None else data
     if not name or cfg_dict is None:
         raise CheckpointError(f"{ck}: the checkpoint names no method/config and {run}/config.yaml is missing")
-    return ck, name, cfg_dict
-
-
-def method_of_run(path: str | Path) -> Method:
-    """The registered method that trained a run directory or checkpoint (read from its metadata,
-    without building the model)."""
-    return get_method(_run_meta(path)[1])
+    if method is not None and name != method:
+        raise CheckpointError(f"{path} is a {name} run, not a {method} one")
+    m = get_method(name)
+    if overrides:
+        cfg_dict = apply_overrides(m.config_class, cfg_dict, overrides)
+    return m, from_dict(m.config_class, cfg_dict), ck
 
 
 def load_run(
-    path: str | Path, device: str | Any = "cpu", overrides: dict[str, Any] | None = None
+    path: str | Path, device: str | Any = "cpu", overrides: dict[str, Any] | None = None, method: str | None = None
 ) -> tuple[Method, Any, Any]:
     """``(method, config, model in eval mode)`` from a run directory or any of its checkpoints.
 
     The method and the config come from the checkpoint's own metadata (older checkpoints: the run's
     ``config.yaml``), so a model is always rebuilt the way it was trained; ``overrides``
-    (``{"data.x": value}``) change what the caller wants changed, e.g. the evaluation files.
+    (``{"data.x": value}``) change what the caller wants changed, e.g. the evaluation files. ``method``
+    names the method the caller expects: a run of another method is refused in one line.
     """
-    ck, name, cfg_dict = _run_meta(path)
-    method = get_method(name)
-    if overrides:
-        cfg_dict = apply_overrides(method.config_class, cfg_dict, overrides)
-    cfg = from_dict(method.config_class, cfg_dict)
-    model = method.build_model(cfg)
+    m, cfg, ck = run_config(path, method, overrides)
+    model = m.build_model(cfg)
     load_weights(model, ck)
     model.to(device)
-    return method, cfg, model.eval()
+    return m, cfg, model.eval()

@@ -85,7 +85,7 @@ class Retriever(Predictor):
             register_store(store)
             overrides = {"data.store": str(store.root), "data.root": ""}
         try:
-            _, cfg, model = load_run(path, overrides=overrides)
+            _, cfg, model = load_run(path, overrides=overrides, method="crosskd")
         except FeatureError as e:
             raise FeatureError(
                 f"{find_run_files(path)[0]}: cannot rebuild the model from the run's features ({e}); pass --store"
@@ -195,7 +195,10 @@ class Retriever(Predictor):
     def search_video(self, video_id: str, k: int = 10) -> list[tuple[str, str, float]]:
         """Top-``k`` captions of the indexed videos for a video: (caption text, its video id, score)."""
         if video_id not in self.video_ids:
-            raise KeyError(f"video {video_id!r} is not among the {len(self.video_ids)} indexed videos")
+            some = ", ".join(self.video_ids[:3])
+            raise FeatureError(
+                f"video id {video_id!r} is not among the {len(self.video_ids)} indexed videos (e.g. {some})"
+            )
         j = self.video_ids.index(video_id)
         t, w = self._caption_embeddings()
         scores = []
