@@ -34,6 +34,7 @@ __all__ = [
 METHODS: dict[str, str] = {
     "wang21": "groundkit.methods.wang21",
     "crosskd": "groundkit.methods.crosskd",
+    "cogrounding": "groundkit.methods.cogrounding",
 }
 
 
