@@ -90,6 +90,8 @@ def test_run_loads_back_as_method_config_model(tmp_path, monkeypatch):
     load_weights(expected, run / "checkpoints" / "best")
     for where in (run, run / "checkpoints" / "best", run / "checkpoints" / "best" / "model.safetensors"):
         method, cfg2, model = load_run(where)
+        assert cfg2.train.device == "cpu"  # the run records the device it used, not "auto"
+        cfg2.train.device = cfg.train.device
         assert method is rm.METHOD and cfg2 == cfg and not model.training
         for a, b in zip(model.state_dict().values(), expected.state_dict().values()):
             assert torch.equal(a, b)
