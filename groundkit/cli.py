@@ -194,11 +194,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     method = get_method(args.method)
     _fix_set_swallowing(args, "run")
     if args.run and args.restore_path and args.run != args.restore_path:
-        raise ConfigError(
-            f"eval takes one run: {args.run!r} or --restore-path {args.restore_path!r} (the model and the "
-            "data come from the run's own config; change keys with --set)"
+        if Path(args.run).exists():
+            raise ConfigError(f"eval takes one run: {args.run!r} or --restore-path {args.restore_path!r}")
+        # the old spelling "eval METHOD CONFIG --restore-path CKPT": the run's own config is used
+        print(
+            f"groundkit: note: {args.run!r} ignored: eval rebuilds the model and the data from the run's own "
+            "config (change keys with --set)",
+            file=sys.stderr,
         )
-    path = args.run or args.restore_path
+    path = args.restore_path or args.run
     if not path:
         raise ConfigError("eval needs the run directory (or a checkpoint) to evaluate")
     _, cfg, ck = run_config(path, method=method.name, overrides=_overrides(method, args, "eval"))

@@ -764,23 +764,24 @@ def _fit(
         if train_set is None or len(train_set) == 0:
             raise GroundkitError(f"{method.name}: the training split is empty")
         val_set = method.build_dataset(cfg, tc.val_split) if tc.val_split else None
-        model = method.build_model(cfg).to(device)
-        optimizer = build_optimizer(model, cfg.optim)
         steps_per_epoch = math.ceil(len(train_set) / tc.batch_size)
-        total_steps = tc.max_steps if tc.max_steps > 0 else steps_per_epoch * tc.epochs
-        scheduler = build_scheduler(optimizer, cfg.sched, total_steps, steps_per_epoch)
-
         last = latest_checkpoint(run_dir) if resume else None
         note, resume_at = "", None
-        if last is not None:
+        if last is not None:  # refuse another method or config before any work
             note = _check_resume(method, read_meta(last), cfg, last, steps_per_epoch, force)
+        model = method.build_model(cfg)
+        if tc.init_from and last is None:
+            _init_weights(method, model, tc.init_from)
+        model = model.to(device)
+        method.on_train_start(model, train_set.dataset if isinstance(train_set, Subset) else train_set, cfg, device)
+        optimizer = build_optimizer(model, cfg.optim)
+        total_steps = tc.max_steps if tc.max_steps > 0 else steps_per_epoch * tc.epochs
+        scheduler = build_scheduler(optimizer, cfg.sched, total_steps, steps_per_epoch)
+        if last is not None:  # weights, optimizer, schedule and RNG states, as they were at the checkpoint
             meta = load_checkpoint(last, model, optimizer, scheduler, map_location=device)
             state = TrainState(**meta["train_state"])
             resumed_from = state.step
             resume_at = (int(meta.get("log_offset", 1 << 62)), state.step)
-        elif tc.init_from:
-            _init_weights(method, model, tc.init_from)
-        method.on_train_start(model, train_set.dataset if isinstance(train_set, Subset) else train_set, cfg, device)
 
         if main:
             save_config(cfg, run_dir / "config.yaml", method=method.name)
@@ -987,8 +988,7 @@ def _train_and_test(
                 data=method.data_source(cfg, split),
             )
             logger.print_metrics(split, metrics)
-    stop_if_interrupted()
-    return result
+    return result  # a signal during the final evaluation comes too late to save anything: the run is done
 
 
 def run_eval(
