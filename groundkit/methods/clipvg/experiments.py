@@ -11,7 +11,7 @@
 4. writes ``OUT/summary.json`` and ``OUT/table.md`` (test = testA + testB; val in brackets).
 
 Every training goes through :func:`groundkit.runs.run_many`, so a killed run of this script is
-simply started again. The seed of the curriculum's own runs is reused in the table.
+simply started again. Each selection is trained again for every seed in its own folder.
 """
 
 from __future__ import annotations
