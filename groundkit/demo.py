@@ -20,7 +20,7 @@ from .methods import available_methods
 from .methods.wang21.experiments import format_table as wang21_table
 from .methods.wang21.experiments import sweep_specs
 from .runs import RunResult, format_table, run_many, seed_specs, summarize, write_summary
-from .world import generate
+from .world import default_root, generate
 
 __all__ = ["add_demo_args", "run_demo", "DEMOS"]
 
@@ -40,7 +40,7 @@ def _wang21(args: argparse.Namespace, seeds: list[int], out: Path) -> tuple[list
     world = generate("phrase", size=args.size, seed=args.world_seed)
     variants = ["NCE (reference)", "NCE+Distill (reference)", "+ log-prob teacher, tempered student"]
     extra = {"train.epochs": args.epochs} if args.epochs else {}
-    results = run_many(sweep_specs(world, out / "wang21", seeds, variants, extra), jobs=args.jobs)
+    results = run_many(sweep_specs(world, out / "wang21", seeds, variants, extra), jobs=args.jobs, desc="wang21 runs")
     return results, wang21_table(results).replace("| variant |", "| wang21 (phrase grounding, test) |", 1)
 
 
@@ -56,7 +56,8 @@ def _crosskd(args: argparse.Namespace, seeds: list[int], out: Path) -> tuple[lis
     specs = [
         s for label, name in variants for s in seed_specs(label, "crosskd", name, seeds, out / "crosskd", overrides=o)
     ]
-    results = run_many(specs, jobs=args.jobs)
+    generate("retrieval", size=args.size, seed=args.world_seed, progress=True)  # built here, with its progress bar
+    results = run_many(specs, jobs=args.jobs, desc="crosskd runs")
     keys = ["t2v_R1", "t2v_R5", "t2v_R10", "t2v_MedR"]
     table = format_table(summarize(results, keys), keys, header="crosskd (text-to-video, test)")
     done = [r for r in results if r.ok]
@@ -102,4 +103,19 @@ def run_demo(args: argparse.Namespace) -> int:
     md += [results["methods"][m]["table"] + "\n" for m in results["methods"]]
     (out / "demo_results.md").write_text("\n".join(md))
     print(f"results: {out / 'demo_results.md'}")
+    ckpt = sum(_size(p) for p in out.rglob("checkpoints"))
+    print(
+        f"disk: {_mb(_size(out))} under {out} ({_mb(ckpt)} of it checkpoints; delete the folder when done), "
+        f"{_mb(_size(default_root()))} of built-in worlds under {default_root()} (GROUNDKIT_DATA moves them)"
+    )
     return 0
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.0f} MB"

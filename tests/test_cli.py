@@ -15,7 +15,7 @@ def _subcommands(parser):
 
 def test_help_lists_only_working_subcommands():
     subs = _subcommands(build_parser())
-    assert set(subs) <= {"train", "eval", "predict", "data", "bench", "demo"}
+    assert set(subs) <= {"train", "eval", "predict", "data", "bench", "demo", "summarize", "serve"}
     for sub in subs.values():  # every listed subcommand, and each of its own subcommands, has a working --help
         assert sub.format_help()
         for inner in _subcommands(sub).values():
@@ -72,6 +72,22 @@ def test_train_and_eval_via_cli(tmp_path, monkeypatch, capsys):
         == 0
     )
     assert "test:" in capsys.readouterr().out
+
+
+def test_summarize_groups_seeds(tmp_path, monkeypatch, capsys):
+    from groundkit import cli
+
+    monkeypatch.setitem(cli.METHODS, "regression", "regression_method")
+    for seed in (0, 1):
+        out = tmp_path / f"reg_s{seed}"
+        args = ["--output-dir", str(out), "--seed", str(seed), "--set", "train.epochs=1", "train.progress=false"]
+        assert main(["train", "regression", *args]) == 0
+    capsys.readouterr()
+    assert main(["summarize", str(tmp_path / "reg_s0"), str(tmp_path / "reg_s1"), "--keys", "mse"]) == 0
+    table = capsys.readouterr().out
+    row = next(line for line in table.splitlines() if line.startswith("| reg |"))
+    assert "±" in row and row.rstrip().endswith("| 2 |")  # one row for both seeds, n = 2
+    assert main(["summarize", str(tmp_path / "nothing")]) == 2  # not a finished run: one clear error
 
 
 def test_rerun_from_saved_config(tmp_path, monkeypatch):

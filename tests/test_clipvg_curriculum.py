@@ -127,9 +127,15 @@ def test_msa_stops_when_a_step_does_not_improve(tmp_path):
         srcs[name], rel[name] = make_source(tmp_path, name, 200, frac, rng)
     backend = FakeBackend({}, penalty=6.0)
     backend.score = lambda run_dir, pth: np.zeros(200, "f") if "relation" in pth else rel["template"]
-    cfg = CurriculumConfig(sources=srcs, out=str(tmp_path / "msa"), msa=MSAConfig(measurer_selection=False))
+    cfg = CurriculumConfig(
+        sources=srcs,
+        out=str(tmp_path / "msa"),
+        msa=MSAConfig(measurer_selection=False),
+        runs_dir=str(tmp_path / "shared" / "runs"),
+    )
     res = run_msa(cfg, backend, echo=lambda s: None)
     assert [s["source"] for s in res["steps"]] == ["template"] and "not above" in res["stop"]
+    assert (tmp_path / "shared" / "selections").is_dir() and (tmp_path / "msa" / "result.json").is_file()
 
 
 def test_curriculum_command_line_and_yaml(tmp_path):

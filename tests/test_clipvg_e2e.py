@@ -28,6 +28,7 @@ TINY = {
     "sched": {"name": "cosine", "interval": "step"},
     "train": {
         "epochs": 1,
+        "threads": 1,
         "max_steps": 120,
         "batch_size": 16,
         "eval_every": 0,
@@ -81,7 +82,7 @@ def test_tiny_training_beats_random_and_predicts_a_photo(world, tmp_path):
     method, cfg = config(world, tmp_path, **{"train.val_split": "train"})
     res = fit(method, cfg, final_split="train")
     acc = res["final"]["acc"]
-    assert acc > random_box_acc(method, cfg, "train") + 0.1
+    assert acc > 100 * random_box_acc(method, cfg, "train") + 5  # percent
     from sklearn.datasets import load_sample_image
 
     from groundkit.methods.clipvg.predict import draw_boxes

@@ -11,7 +11,7 @@
 4. writes ``OUT/summary.json`` and ``OUT/table.md`` (test = testA + testB; val in brackets).
 
 Every training goes through :func:`groundkit.runs.run_many`, so a killed run of this script is
-simply started again. The seed of the curriculum's own runs is reused in the table.
+simply started again. Each selection is trained again for every seed in its own folder.
 """
 
 from __future__ import annotations
@@ -126,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
     results: list[RunResult] = run_many(specs, jobs=a.jobs, threads=1, progress=False)
-    rows = summarize(results, ["acc", "miou"], scale=100.0)
-    val = summarize(results, ["acc"], scale=100.0, source="best")
+    rows = summarize(results, ["acc", "miou"])
+    val = summarize(results, ["acc", "miou"], source="best")
     cfg = load_config(METHOD.config_class, a.config, sets, method="clipvg")
     rand = [100 * random_box_accuracy(cfg, "test", seed=s) for s in a.seeds]
     table = runs_table(rows, ["acc", "miou"], header=["variant", "test Acc@0.5", "test mIoU"])

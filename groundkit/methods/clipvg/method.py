@@ -1,8 +1,8 @@
 """CLIP-VG as a groundkit method: model and data from the config, L1 + GIoU training, Acc@0.5.
 
 Evaluation runs the model over every sample once (sharded without padding under DDP) and reports
-``acc`` (top-1 Acc@``eval.iou_threshold``: IoU of the clamped predicted box with the target),
-``miou`` and ``n``; :meth:`ClipVGMethod.sample_ious` gives the per-sample IoUs (reliability).
+``acc`` (top-1 Acc@``eval.iou_threshold``: IoU of the clamped predicted box with the target) and
+``miou`` in percent, and ``n``; :meth:`ClipVGMethod.sample_ious` gives the per-sample IoUs (reliability).
 """
 
 from __future__ import annotations
@@ -130,16 +130,19 @@ class ClipVGMethod(Method):
         return {"iou": paired_box_iou(pred, target), "pred": out.boxes.float()}
 
     def compute_metrics(self, outputs: dict[str, Any], dataset: Any, cfg: ClipVGConfig) -> dict[str, float]:
+        """``acc`` (Acc@``eval.iou_threshold``) and ``miou`` in percent, ``n`` samples."""
         iou = np.asarray(outputs["iou"], dtype=np.float64)
+        if not len(iou):
+            return {"acc": 0.0, "miou": 0.0, "n": 0.0}
         return {
-            "acc": float((iou >= cfg.eval.iou_threshold).mean()) if len(iou) else 0.0,
-            "miou": float(iou.mean()) if len(iou) else 0.0,
+            "acc": 100.0 * float((iou >= cfg.eval.iou_threshold).mean()),
+            "miou": 100.0 * float(iou.mean()),
             "n": float(len(iou)),
         }
 
     def format_eval(self, metrics: dict[str, float], split: str) -> str:
         return (
-            f"{split}: Acc@{0.5:g} {100 * metrics.get('acc', 0):.2f}  mIoU {100 * metrics.get('miou', 0):.2f}"
+            f"{split}: Acc@0.5 {metrics.get('acc', 0):.2f}  mIoU {metrics.get('miou', 0):.2f}"
             f"  (n={int(metrics.get('n', 0))})"
         )
 

@@ -32,6 +32,7 @@ neither the augmentation nor a trainable encoder parameter changes them.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import os
 from collections.abc import Sequence
@@ -245,7 +246,7 @@ class EfficientMiniLMEncoders(FrozenEncoders):
     ):
         super().__init__()
         from efficientnet_lite_pytorch import EfficientNet  # noqa: PLC0415 (heavy, loaded on first use)
-        from transformers import AutoConfig, AutoModel, AutoTokenizer  # noqa: PLC0415 (heavy, loaded on first use)
+        from transformers import AutoConfig, AutoModel  # noqa: PLC0415 (heavy, loaded on first use)
 
         if pretrained:
             self.cnn = copy.deepcopy(load_backbone())
@@ -253,10 +254,10 @@ class EfficientMiniLMEncoders(FrozenEncoders):
             self.cnn = EfficientNet.from_name("efficientnet-lite0")
         path = text_model or self._minilm_path()
         if pretrained:
-            self.text_model = AutoModel.from_pretrained(path)
+            self.text_model = copy.deepcopy(_pretrained_text_model(str(path)))
         else:
             self.text_model = AutoModel.from_config(AutoConfig.from_pretrained(path))
-        self.hf_tokenizer = AutoTokenizer.from_pretrained(path)
+        self.hf_tokenizer = _tokenizer(str(path))
         self.requires_grad_(False)
         bad = [st for st in stages if st not in self.STAGES]
         if bad or not stages:
@@ -315,6 +316,21 @@ class EfficientMiniLMEncoders(FrozenEncoders):
     def fingerprint(self) -> str:
         w = "pretrained" if self.pretrained else f"random:{torch.initial_seed()}"
         return f"effnet-lite0+minilm:{w}:{self.text_path}:grid={self.grid}:stages={','.join(self.stages)}"
+
+
+@functools.lru_cache(maxsize=2)
+def _pretrained_text_model(path: str) -> nn.Module:
+    """A Hugging Face text model loaded once per process (callers copy it)."""
+    from transformers import AutoModel  # noqa: PLC0415 (heavy, loaded on first use)
+
+    return AutoModel.from_pretrained(path).eval()
+
+
+@functools.lru_cache(maxsize=2)
+def _tokenizer(path: str) -> Any:
+    from transformers import AutoTokenizer  # noqa: PLC0415 (heavy, loaded on first use)
+
+    return AutoTokenizer.from_pretrained(path)
 
 
 def build_encoders(
@@ -513,27 +529,27 @@ class ClipVG(nn.Module):
 
     # ---------------------------------------------------------------- checkpoints without the frozen encoders
 
-    def _frozen(self, key: str) -> bool:
-        """Encoder weights that are rebuilt from their source (package or user file) and never train."""
-        if not key.startswith("encoders.") or not self.encoders.from_source:
-            return False
-        return key[len("encoders.") :] not in self._trainable_encoder_keys()
-
-    def _trainable_encoder_keys(self) -> set[str]:
-        return {n for n, p in self.encoders.named_parameters() if p.requires_grad}
+    def _frozen_filter(self) -> Any:
+        """A predicate on parameter names (relative to this model): encoder weights that are rebuilt from
+        their source (package or user file) and never train."""
+        if not self.encoders.from_source:
+            return lambda key: False
+        trainable = {"encoders." + n for n, p in self.encoders.named_parameters() if p.requires_grad}
+        return lambda key: key.startswith("encoders.") and key not in trainable
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """The trainable part (and any trainable encoder parameter): frozen encoder weights that come
         from a package or a file are rebuilt from it, so checkpoints stay small (MBs, not 100s of MBs)."""
         sd = super().state_dict(*args, **kwargs)
-        prefix = kwargs.get("prefix", "")
-        for k in [k for k in sd if self._frozen(k[len(prefix) :])]:
+        prefix, frozen = kwargs.get("prefix", ""), self._frozen_filter()
+        for k in [k for k in sd if frozen(k[len(prefix) :])]:
             del sd[k]
         return sd
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         res = super().load_state_dict(state_dict, strict=False, assign=assign)
-        missing = [k for k in res.missing_keys if not self._frozen(k)]
+        frozen = self._frozen_filter()
+        missing = [k for k in res.missing_keys if not frozen(k)]
         if strict and (missing or res.unexpected_keys):
             raise RuntimeError(f"missing keys {missing[:5]}, unexpected keys {res.unexpected_keys[:5]}")
         return type(res)(missing, res.unexpected_keys)

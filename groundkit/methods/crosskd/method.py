@@ -7,12 +7,9 @@ evaluation (t2v / v2t R@1/5/10/50, MdR, MnR with the CE tie rule).
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from ...formats.collaborative_experts import FeatureError, load_pickle
@@ -31,7 +28,7 @@ from .model import (
     teachtext_loss,
 )
 
-__all__ = ["CrossKDMethod", "METHOD", "encode_all", "similarity_matrix", "seed_summary"]
+__all__ = ["CrossKDMethod", "METHOD", "encode_all", "similarity_matrix"]
 
 
 # ----------------------------------------------------------------------------- encode + similarity
@@ -85,11 +82,18 @@ class CrossKDMethod(Method):
                 use_bn_reason=cfg.model.use_bn_reason,
                 include_self=cfg.model.include_self,
                 vlad_use_mask=cfg.model.vlad_use_mask,
+                gating=cfg.model.gating,
+                pair_bn=cfg.model.pair_bn,
             )
         )
 
     def has_split(self, cfg: CrossKDConfig, split: str) -> bool:
         return split in ("train", "val", "test")
+
+    def data_source(self, cfg: CrossKDConfig, split: str) -> dict[str, Any]:
+        d = cfg.data
+        split_list = layout_paths(cfg)["splits"].get(split)
+        return {"split": split, "split_list": split_list, "root": d.root, "store": d.store, "synth_size": d.synth_size}
 
     def build_dataset(self, cfg: CrossKDConfig, split: str) -> RetrievalTrainSet | RetrievalEvalSet:
         store = open_store(cfg)
@@ -111,9 +115,11 @@ class CrossKDMethod(Method):
     ) -> tuple[torch.Tensor, dict]:
         if batch["text"].shape[0] < 2:  # no negatives (and BatchNorm needs two samples): skip the step
             return sum(p.sum() * 0.0 for p in model.parameters()), {}
-        out = model(batch)
-        S = out["sims"].float()
         lc = cfg.loss
+        caption_kd = lc.caption_kd and lc.cap_w > 0
+        # build only the matrices the loss uses (the one-hot control needs no caption-caption matrix)
+        out = model(batch, text_sims=caption_kd and lc.kd_target == "captions", video_sims=lc.vid_w > 0)
+        S = out["sims"].float()
         l_rank = max_margin_ranking_loss(S, lc.margin)
         loss, logs = l_rank, {"loss_rank": float(l_rank.detach())}
         if lc.distil:
@@ -121,10 +127,11 @@ class CrossKDMethod(Method):
             l_tt = teachtext_loss(S, T)
             loss = loss + lc.distil_weight * l_tt
             logs["loss_teachtext"] = float(l_tt.detach())
-        if lc.caption_kd and lc.cap_w > 0:
-            C = out["text_sims"].float()
+        if caption_kd:
             if lc.kd_target == "identity":  # control: same loss with one-hot targets, no caption-caption grades
-                C = torch.eye(len(C), device=C.device, dtype=C.dtype) * 1e4 * lc.cap_t
+                C = torch.eye(len(S), device=S.device, dtype=S.dtype) * 1e4 * lc.cap_t
+            else:
+                C = out["text_sims"].float()
             l_cap = rank_distil_loss(S, C, lc.cap_t, lc.detach_target)
             loss = loss + lc.cap_w * l_cap
             logs["loss_caption_kd"] = float(l_cap.detach())
@@ -161,50 +168,3 @@ class CrossKDMethod(Method):
 
 
 METHOD = CrossKDMethod()
-
-
-# ----------------------------------------------------------------------------- several seeds
-
-
-def seed_summary(
-    run_dirs: list[str | Path],
-    keys: tuple[str, ...] = (
-        "t2v_R1",
-        "t2v_R5",
-        "t2v_R10",
-        "t2v_R50",
-        "t2v_MedR",
-        "t2v_MeanR",
-        "v2t_R1",
-        "v2t_R5",
-        "v2t_R10",
-    ),
-) -> dict[str, tuple[float, float, int]]:
-    """Mean and sample standard deviation over runs (their ``metrics.json``), as the CE/TeachText tables report."""
-    rows = []
-    for d in run_dirs:
-        p = Path(d) / "metrics.json"
-        if not p.is_file():
-            raise FileNotFoundError(f"{p}: no metrics.json (run not finished?)")
-        rows.append(json.loads(p.read_text())["metrics"])
-    out = {}
-    for k in keys:
-        v = np.array([r[k] for r in rows], dtype=np.float64)
-        out[k] = (float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0, len(v))
-    return out
-
-
-def _main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m groundkit.methods.crosskd", description="summaries of CrossKD runs")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("summarize", help="mean (std) over seeds of the runs' metrics.json")
-    s.add_argument("runs", nargs="+")
-    a = p.parse_args(argv)
-    summ = seed_summary(a.runs)
-    n = next(iter(summ.values()))[2]
-    print(f"{n} runs: " + "  ".join(f"{k} {m:.2f} ({sd:.2f})" for k, (m, sd, _) in summ.items()))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(_main())
