@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"groundkit: interrupted: {e}; continue with: {_resume_hint(argv)}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("groundkit: interrupted", file=sys.stderr)
+        print(f"groundkit: interrupted; continue with: {_resume_hint(argv)}", file=sys.stderr)
         return 130
     except (GroundkitError, OSError) as e:  # bad input or environment: one line, no traceback
         if os.environ.get("GROUNDKIT_DEBUG"):

@@ -19,7 +19,7 @@ from typing import Any
 from .methods import available_methods
 from .methods.wang21.experiments import format_table as wang21_table
 from .methods.wang21.experiments import sweep_specs
-from .runs import RunResult, format_table, run_many, seed_specs, summarize, write_summary
+from .runs import RunResult, default_threads, format_table, run_many, seed_specs, summarize, write_summary
 from .world import default_root, generate
 
 __all__ = ["add_demo_args", "run_demo", "DEMOS"]
@@ -40,7 +40,12 @@ def _wang21(args: argparse.Namespace, seeds: list[int], out: Path) -> tuple[list
     world = generate("phrase", size=args.size, seed=args.world_seed)
     variants = ["NCE (reference)", "NCE+Distill (reference)", "+ log-prob teacher, tempered student"]
     extra = {"train.epochs": args.epochs} if args.epochs else {}
-    results = run_many(sweep_specs(world, out / "wang21", seeds, variants, extra), jobs=args.jobs, desc="wang21 runs")
+    results = run_many(
+        sweep_specs(world, out / "wang21", seeds, variants, extra),
+        jobs=args.jobs,
+        threads=_threads(args),
+        desc="wang21 runs",
+    )
     return results, wang21_table(results).replace("| variant |", "| wang21 (phrase grounding, test) |", 1)
 
 
@@ -57,7 +62,7 @@ def _crosskd(args: argparse.Namespace, seeds: list[int], out: Path) -> tuple[lis
         s for label, name in variants for s in seed_specs(label, "crosskd", name, seeds, out / "crosskd", overrides=o)
     ]
     generate("retrieval", size=args.size, seed=args.world_seed, progress=True)  # built here, with its progress bar
-    results = run_many(specs, jobs=args.jobs, desc="crosskd runs")
+    results = run_many(specs, jobs=args.jobs, threads=_threads(args), desc="crosskd runs")
     keys = ["t2v_R1", "t2v_R5", "t2v_R10", "t2v_MedR"]
     table = format_table(summarize(results, keys), keys, header="crosskd (text-to-video, test)")
     done = [r for r in results if r.ok]
@@ -65,6 +70,12 @@ def _crosskd(args: argparse.Namespace, seeds: list[int], out: Path) -> tuple[lis
     if n_videos:
         table += f"\n| chance | {100 / n_videos:.2f} | {500 / n_videos:.2f} | {1000 / n_videos:.2f} | {(n_videos + 1) / 2:.1f} | |"
     return results, table
+
+
+def _threads(args: argparse.Namespace) -> int:
+    """Fixed torch threads per run (the usable cores divided among ``--jobs``): float results depend on
+    the thread count, so the demo's numbers repeat exactly on a machine with as many cores."""
+    return default_threads(args.jobs)
 
 
 #: method name -> the demo of its ablation table
