@@ -256,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_group(sub, "predict", "run a trained model on new inputs")
     _add_group(sub, "data", "generate, convert and prepare data")
     _add_group(sub, "bench", "speed and memory benchmarks")
-    for spec in TOP_COMMANDS.values():
+    for spec in [*TOP_COMMANDS.values(), *command_table("top").values()]:  # the methods' own top-level commands
         _load(spec)(sub)
 
     p = sub.add_parser("demo", help="build the built-in benchmark world and run the methods end to end")

@@ -35,6 +35,7 @@ METHODS: dict[str, str] = {
     "wang21": "groundkit.methods.wang21",
     "crosskd": "groundkit.methods.crosskd",
     "cogrounding": "groundkit.methods.cogrounding",
+    "clipvg": "groundkit.methods.clipvg",
 }
 
 

@@ -79,7 +79,8 @@ class Method:
     #: units of the rates :meth:`evaluate` returns (recall, accuracy ...): every method reports them in
     #: percent (counts and ranks as they are); ``metrics.json`` records it
     units: ClassVar[str] = "percent"
-    #: extra subcommands: ``{"data" | "bench" | "predict": {command: "module:register_function"}}``;
+    #: extra subcommands: ``{"data" | "bench" | "predict" | "top": {command: "module:register_function"}}``
+    #: ("top": a top-level command such as ``groundkit curriculum``);
     #: ``register_function(subparsers)`` adds one parser and sets ``func``. Imported lazily.
     commands: ClassVar[dict[str, dict[str, str]]] = {}
 
