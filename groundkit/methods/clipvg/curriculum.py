@@ -244,6 +244,7 @@ class Curriculum:
         self.out = Path(cfg.out)
         # selections live beside the runs that train on them, so curricula sharing runs share both
         self.selections = Path(cfg.runs_dir).parent / "selections" if cfg.runs_dir else self.out / "selections"
+        self.out.mkdir(parents=True, exist_ok=True)
         self.selections.mkdir(parents=True, exist_ok=True)
         self.echo = echo or (lambda s: print(s, file=sys.stderr, flush=True))
         self.config_tag = json.dumps(
