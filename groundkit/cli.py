@@ -23,6 +23,7 @@ from .demo import add_demo_args
 from .engine import fit, run_eval
 from .errors import GroundkitError, Interrupted
 from .methods import METHODS, Method, available_methods, get_method, run_config, run_method
+from .runlog import format_metrics
 from .world import resolve_world
 
 __all__ = ["main", "build_parser"]
@@ -185,6 +186,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         force=args.force,
     )
+    if not cfg.train.progress and result.get("final"):  # a quiet training printed nothing itself
+        print(f"{result['final_split']}: {format_metrics(result['final'])}")
     print(f"run directory: {result.get('run_dir', cfg.train.output_dir)}")
     return 0 if result else 1
 
