@@ -14,7 +14,10 @@ images, each image's maps computed once (per flip) by the frozen backbone.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -80,9 +83,10 @@ def load_image_samples(cfg: CoGroundingConfig, split: str) -> list[ImageSample]:
     """Samples of one named split (``train``, ``val``, ``testA`` ...) from refer-API files or TransVG lists."""
     d = cfg.data
     if d.kind == "refcoco":
-        if not d.data_root:
+        data_root = d.data_root or d.root
+        if not data_root:
             raise DataError("data.data_root is empty (the folder holding <dataset>/refs(<split_by>).p)")
-        data = refcoco.load_refer(d.data_root, d.dataset, d.split_by, d.image_root or None)
+        data = refcoco.load_refer(data_root, d.dataset, d.split_by, d.image_root or None)
         objects: dict[int, list] = {}
         for a in data.anns.values():
             x, y, w, h = (float(v) for v in a["bbox"])
@@ -108,9 +112,11 @@ def load_videos(cfg: CoGroundingConfig, split: str) -> list[VideoSample]:
     """One :class:`VideoSample` per (track, caption) of ``split``."""
     d = cfg.data
     out: list[VideoSample] = []
-    if d.index_root:
-        path = Path(d.index_root) / f"VID_video_level_{split}.pth"
-        for i, frames in enumerate(vid_sentence.load_video_level(path, image_root=d.image_root or None)):
+    index_root = d.index_root or (str(Path(d.root) / "VID") if d.root else "")
+    image_root = d.image_root or d.root
+    if index_root:
+        path = Path(index_root) / f"VID_video_level_{split}.pth"
+        for i, frames in enumerate(vid_sentence.load_video_level(path, image_root=image_root or None)):
             out.append(
                 VideoSample(
                     [p for p, _, _ in frames], np.stack([b for _, b, _ in frames]), frames[0][2], f"{split}/{i}"
@@ -203,8 +209,41 @@ class _Base:
         return random.Random(hash((self.cfg.train.seed, self.epoch, index)) & 0xFFFFFFFF)
 
     def attach_backbone(self, backbone: torch.nn.Module | None) -> None:
-        """Serve backbone maps (computed once per image and flip) instead of images."""
+        """Serve backbone maps (computed once per image and flip) instead of images; with
+        ``data.feature_cache`` every map of the split is read from (or computed once into) a file there."""
         self._backbone = backbone
+        if backbone is not None and self.cfg.data.feature_cache and not self._cache:
+            self._load_feature_file(self.feature_keys())
+
+    def feature_keys(self) -> list[tuple[str, bool]]:
+        """Every (image path, flipped) whose maps this dataset can ask for."""
+        raise NotImplementedError
+
+    def _flips(self) -> tuple[bool, ...]:
+        d = self.cfg.data
+        return (False, True) if (self.train and d.augment and d.flip) else (False,)
+
+    def feature_file(self, keys: list[tuple[str, bool]]) -> Path:
+        """The cache file of ``keys`` under ``data.feature_cache``: named by a hash of the backbone settings,
+        the letterbox size and the keys, so a different image list or backbone never reads stale maps."""
+        m = self.cfg.model
+        ident = [m.backbone, m.pretrained, m.darknet_weights, m.darknet_width, self.size, sorted(keys)]
+        tag = hashlib.sha1(json.dumps(ident).encode()).hexdigest()[:16]
+        return Path(self.cfg.data.feature_cache) / f"{m.backbone}_{self.size}px_{tag}.pt"
+
+    def _load_feature_file(self, keys: list[tuple[str, bool]]) -> None:
+        path = self.feature_file(keys)
+        if path.is_file():
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            for i, (p, f) in enumerate(blob["keys"]):
+                self._cache[(p, bool(f))] = [m[i] for m in blob["maps"]]
+            return
+        self._features(keys)
+        maps = [torch.stack([self._cache[k][s] for k in keys]) for s in range(3)]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save({"keys": [[p, f] for p, f in keys], "maps": maps}, tmp)
+        os.replace(tmp, path)  # atomic: parallel runs of a sweep never read a half-written file
 
     def _frame(
         self, path: Path, box: np.ndarray, flip: bool, rng: random.Random | None, affine: np.ndarray | None
@@ -272,6 +311,10 @@ class RefExpDataset(_Base):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def feature_keys(self) -> list[tuple[str, bool]]:
+        paths = dict.fromkeys(str(s.path) for s in self.samples)
+        return [(p, f) for p in paths for f in self._flips()]
+
     def item(self, index: int) -> dict:
         s = self.samples[index]
         flip, rng = self._augment_plan(index)
@@ -305,6 +348,10 @@ class VideoClipDataset(_Base):
     def __len__(self) -> int:
         return len(self.index)
 
+    def feature_keys(self) -> list[tuple[str, bool]]:
+        paths = dict.fromkeys(str(p) for v in self.videos for p in v.paths)
+        return [(p, f) for p in paths for f in self._flips()]
+
     def items(self, index: int) -> list[dict]:
         v, t = self.index[index]
         vid = self.videos[v]
@@ -336,6 +383,9 @@ class VideoEvalSet(_Base):
 
     def __len__(self) -> int:
         return len(self.videos)
+
+    def feature_keys(self) -> list[tuple[str, bool]]:
+        return [(p, False) for p in dict.fromkeys(str(p) for v in self.videos for p in v.paths)]
 
     def video(self, i: int) -> dict[str, Any]:
         vid = self.videos[i]
