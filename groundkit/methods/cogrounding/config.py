@@ -80,6 +80,9 @@ class CoGroundingModelConfig:
     max_tokens: int = 20  # official --time 20
     dim: int = 512  # official emb_size 512
     co_attention: bool = True  # CG-SL-Att; False = SL-Att (image model / single-frame baseline)
+    # not official: top-down path over the mapped scales (coarse -> fine) for backbones without a YOLO neck
+    # (EfficientNet-Lite0); the Darknet-53 backbone already ends in the YOLOv3 neck
+    top_down: bool = False
     attention_temperature: float = 10.0
     bn_momentum_official: bool = False  # reference: BatchNorm momentum 0.999 (running stats ~ the last batch)
     anchors: list[list[float]] = field(

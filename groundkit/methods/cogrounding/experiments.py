@@ -84,9 +84,11 @@ def run_table(
     extra: dict[str, Any] | None = None,
     names: list[str] | None = None,
     jobs: int = 1,
+    threads: int | None = 1,
 ) -> tuple[list[RunResult], str]:
-    """Train (or reuse) every run of one table; writes ``OUT/summary.json`` and returns the results and table."""
-    results = run_many(table_specs(kind, out, seeds, size, extra, names), jobs=jobs)
+    """Train (or reuse) every run of one table (``threads`` torch threads per run); writes ``OUT/summary.json``
+    and returns the results and the table."""
+    results = run_many(table_specs(kind, out, seeds, size, extra, names), jobs=jobs, threads=threads)
     keys = IMAGE_KEYS if kind == "image" else VIDEO_KEYS
     write_summary(Path(out) / "summary.json", results, keys)
     return results, tables(kind, results)
@@ -101,9 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", nargs="*", default=None)
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     p.add_argument("--jobs", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     a = p.parse_args(argv)
     extra = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in a.set)}
-    _, table = run_table(a.kind, a.out, a.seeds, a.size, extra, a.variants, a.jobs)
+    _, table = run_table(a.kind, a.out, a.seeds, a.size, extra, a.variants, a.jobs, a.threads)
     print(table)
     return 0
 

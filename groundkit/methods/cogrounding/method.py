@@ -62,6 +62,7 @@ def build_model(cfg: CoGroundingConfig) -> CoGroundingNet:
         anchors=m.anchors,
         anchor_reference=m.anchor_reference,
         freeze_backbone=m.freeze_backbone,
+        top_down=m.top_down,
     )
 
 
