@@ -88,3 +88,20 @@ def test_feature_cache_file_is_written_once_and_read_back(tmp_path):
     # another image list (here: evaluation, no flips) gets its own file
     RefExpDataset(cfg, samples, train=False).attach_backbone(_Tiny())
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 2
+
+
+def test_cached_maps_give_the_same_boxes_and_letterbox_as_pixels(tmp_path):
+    from groundkit.transforms import letterbox, letterbox_info
+
+    for w, h in [(60, 40), (33, 77), (128, 128), (5, 300)]:
+        assert letterbox(Image.new("RGB", (w, h)), 64)[1] == letterbox_info(w, h, 64)
+    p = tmp_path / "im.png"
+    Image.fromarray(np.zeros((40, 60, 3), np.uint8)).save(p)
+    cfg = CoGroundingConfig()
+    cfg.data.image_size, cfg.model.vocab_size, cfg.data.affine, cfg.data.hsv_jitter = 64, 100, False, 0.0
+    samples = [ImageSample(p, (5, 6, 30, 20), "the thing on the left")] * 4
+    plain, cached = RefExpDataset(cfg, samples, train=True), RefExpDataset(cfg, samples, train=True)
+    cached.attach_backbone(_Tiny())
+    a, b = plain.get_batch([0, 1, 2, 3]), cached.get_batch([0, 1, 2, 3])
+    assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["ids"], b["ids"])
+    assert a["letterbox"] == b["letterbox"]

@@ -30,7 +30,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ...errors import DataError
 from ...formats import refcoco, transvg, vid_sentence
-from ...transforms import LetterboxInfo, hsv_scale, swap_left_right
+from ...transforms import LetterboxInfo, hsv_scale, letterbox_info, swap_left_right
 from ...transforms import letterbox as _letterbox
 from .config import CoGroundingConfig
 from .text import build_tokenizer
@@ -148,6 +148,15 @@ def read_image(path: str | Path) -> Image.Image:
         raise DataError(f"{p}: not a readable image ({e.__class__.__name__})") from None
 
 
+def _image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) from the file header (no decoding), or the clear error of :func:`read_image`."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (UnidentifiedImageError, OSError):
+        return read_image(path).size
+
+
 Letterbox = LetterboxInfo  # maps boxes to the canvas (to_letterbox) and back to original pixels (to_original)
 
 
@@ -201,6 +210,7 @@ class _Base:
         self.epoch = 0
         self._backbone: torch.nn.Module | None = None
         self._cache: dict[tuple[str, bool], list[torch.Tensor]] = {}
+        self._sizes: dict[str, tuple[int, int]] = {}  # image path -> (width, height)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -249,14 +259,21 @@ class _Base:
         self, path: Path, box: np.ndarray, flip: bool, rng: random.Random | None, affine: np.ndarray | None
     ) -> tuple[torch.Tensor | None, np.ndarray, Letterbox]:
         d = self.cfg.data
+        if self._backbone is not None:  # cached maps: only the letterbox record is needed, not the pixels
+            key = str(path)
+            if key not in self._sizes:
+                self._sizes[key] = _image_size(path)
+            lb = letterbox_info(*self._sizes[key], self.size)
+            b = lb.to_letterbox(np.asarray(box, dtype=np.float64))
+            if flip:
+                b = np.array([self.size - b[2], b[1], self.size - b[0], b[3]])
+            return None, np.clip(b, 0, self.size), lb
         img = read_image(path)
         lb_img, lb = letterbox(img, self.size)
         b = lb.to_letterbox(np.asarray(box, dtype=np.float64))
         if flip:
             lb_img = lb_img.transpose(Image.FLIP_LEFT_RIGHT)
             b = np.array([self.size - b[2], b[1], self.size - b[0], b[3]])
-        if self._backbone is not None:
-            return None, np.clip(b, 0, self.size), lb
         if rng is not None and d.hsv_jitter > 0:
             lb_img = hsv_jitter(lb_img, d.hsv_jitter, rng, d.hsv_saturation_bug)
         if affine is not None:
