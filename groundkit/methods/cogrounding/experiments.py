@@ -70,9 +70,8 @@ def tables(kind: str, results: list[RunResult]) -> str:
     """Test-split table (mean ± std over seeds) and, for video, the validation table of the selected epochs."""
     keys = IMAGE_KEYS if kind == "image" else VIDEO_KEYS
     text = format_table(summarize(results, keys), keys)
-    text += "\n\nvalidation (best epoch):\n\n" + format_table(
-        summarize(results, ("Acc@0.5",), source="best"), ["val Acc@0.5"]
-    )
+    best = summarize(results, ("Acc@0.5",), source="best")
+    text += "\n\nvalidation (selected epoch):\n\n" + format_table(best, ("Acc@0.5",), header=["variant", "val Acc@0.5"])
     return text
 
 
