@@ -43,7 +43,10 @@ CORE_COMMANDS: dict[str, dict[str, str]] = {
     "predict": {},
 }
 # top-level commands outside the groups
-TOP_COMMANDS: dict[str, str] = {"summarize": "groundkit.runs:register_summarize"}
+TOP_COMMANDS: dict[str, str] = {
+    "summarize": "groundkit.runs:register_summarize",
+    "serve": "groundkit.serve.cli:register",
+}
 
 
 def _load(spec: str) -> Callable[..., Any]:
@@ -256,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_group(sub, "predict", "run a trained model on new inputs")
     _add_group(sub, "data", "generate, convert and prepare data")
     _add_group(sub, "bench", "speed and memory benchmarks")
-    for spec in TOP_COMMANDS.values():
+    for spec in [*TOP_COMMANDS.values(), *command_table("top").values()]:  # the methods' own top-level commands
         _load(spec)(sub)
 
     p = sub.add_parser("demo", help="build the built-in benchmark world and run the methods end to end")

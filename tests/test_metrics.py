@@ -225,6 +225,24 @@ def test_retrieval_bad_inputs():
         v2t_metrics(np.zeros((6, 3), np.float32), mask)
 
 
+def test_retrieval_infinite_scores_ranked_exactly():
+    """inf - inf is NaN: rows and columns with infinite ties are counted again by comparisons."""
+    rng = np.random.default_rng(6)
+    V, C = 9, 3
+    sims = random_sims(rng, V, C, levels=3)
+    sims[0, :3] = np.inf  # query 0: its GT (video 0) tied at +inf with videos 1, 2
+    sims[4, 1] = np.inf  # query 4's GT (video 1) alone at +inf
+    sims[7, :] = -np.inf  # query 7: everything tied at -inf
+    sims[10, 5] = np.inf  # a padded caption at +inf must not count for v2t
+    mask = np.ones((V, C), bool)
+    mask[3, 1] = False
+    for chunk in (1 << 8, 1 << 20):
+        got = t2v_metrics(sims, mask, return_ranks=True, chunk_bytes=chunk)
+        np.testing.assert_array_equal(got["cols"], oracle_t2v_cols(sims, mask))
+        got = v2t_metrics(sims, mask, return_ranks=True, chunk_bytes=chunk)
+        np.testing.assert_array_equal(got["cols"], oracle_v2t_cols(sims, mask))
+
+
 def test_cols2metrics_geometric_mean_matches_scipy():
     cols = np.array([0, 0, 1, 3, 7, 12, 60, 0.5, 4.5])
     m = cols2metrics(cols)

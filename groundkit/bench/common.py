@@ -76,7 +76,9 @@ class _Sampler:
 @dataclass
 class Measurement:
     """One implementation's figures: ``seconds`` is the fastest repeat, ``peak_gb`` the largest
-    peak memory growth over the repeats (host RSS, or CUDA allocations when ``device`` is CUDA)."""
+    peak memory growth over the repeats (host RSS, or CUDA allocations when ``device`` is CUDA).
+    ``cpu_times`` is the process CPU time (all threads) of each repeat: on a machine shared with other
+    jobs it varies less than the wall time, which includes the time other processes held the cores."""
 
     name: str
     seconds: float
@@ -85,6 +87,7 @@ class Measurement:
     device: str = "cpu"
     rss_method: str = "clear_refs"
     result: Any = None
+    cpu_times: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -109,9 +112,10 @@ def _child(
         inputs = setup(*setup_args) if setup is not None else ()
         if not isinstance(inputs, tuple):
             inputs = (inputs,)
-        times, peaks, result, method = [], [], None, "clear_refs"
+        times, peaks, cpu, result, method = [], [], [], None, "clear_refs"
         for _ in range(repeats):
             result = None
+            c0 = time.process_time()
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
@@ -120,6 +124,7 @@ def _child(
                 result = target(*inputs)
                 torch.cuda.synchronize()
                 times.append(time.perf_counter() - t0)
+                cpu.append(time.process_time() - c0)
                 peaks.append(torch.cuda.max_memory_allocated() - base)
                 continue
             if _reset_peak():
@@ -127,6 +132,7 @@ def _child(
                 t0 = time.perf_counter()
                 result = target(*inputs)
                 times.append(time.perf_counter() - t0)
+                cpu.append(time.process_time() - c0)
                 peaks.append(_status_kb("VmHWM") * 1024 - base)
             else:
                 method = "sampled"
@@ -135,8 +141,9 @@ def _child(
                     t0 = time.perf_counter()
                     result = target(*inputs)
                     times.append(time.perf_counter() - t0)
+                cpu.append(time.process_time() - c0)
                 peaks.append(s.peak - base)
-        conn.send(("ok", times, peaks, method, result))
+        conn.send(("ok", times, peaks, method, result, cpu))
     except BaseException:  # report any failure to the parent instead of dying silently
         conn.send(("error", traceback.format_exc()))
     finally:
@@ -184,7 +191,7 @@ def measure(
         parent.close()
     if msg[0] == "error":
         raise RuntimeError(f"benchmark {name!r} failed in its child process:\n{msg[1]}")
-    _, times, peaks, method, result = msg
+    _, times, peaks, method, result, cpu = msg
     return Measurement(
         name,
         min(times),
@@ -193,6 +200,7 @@ def measure(
         device,
         "cuda_allocated" if device.startswith("cuda") else method,
         result,
+        cpu,
     )
 
 

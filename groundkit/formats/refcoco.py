@@ -19,7 +19,6 @@ import io
 import json
 import os
 import pickle
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -318,9 +317,8 @@ def register_to_transvg(subparsers: Any) -> None:
     def run(args: Any) -> int:
         try:
             counts = to_transvg(args.data_root, args.split_root, args.dataset, args.split_by, args.key)
-        except (ValueError, FileNotFoundError) as e:
-            print(f"groundkit data refer-to-transvg: error: {e}", file=sys.stderr)
-            return 2
+        except ValueError as e:
+            raise DataError(f"refer-to-transvg: {e}") from None
         print(json.dumps(counts, sort_keys=True))
         return 0
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -280,9 +279,8 @@ def register_to_video_level(subparsers: Any) -> None:
     def run(args: Any) -> int:
         try:
             n = to_video_level(args.root, args.split, args.out, args.relative_to)
-        except (ValueError, FileNotFoundError) as e:
-            print(f"groundkit data vid-sentence-to-pth: error: {e}", file=sys.stderr)
-            return 2
+        except ValueError as e:
+            raise DataError(f"vid-sentence-to-pth: {e}") from None
         print(f"{args.out}: {n} videos")
         return 0
 

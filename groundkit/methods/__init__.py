@@ -26,6 +26,7 @@ __all__ = [
     "load_run",
     "run_config",
     "run_method",
+    "method_of_run",
     "find_run_files",
 ]
 
@@ -33,6 +34,8 @@ __all__ = [
 METHODS: dict[str, str] = {
     "wang21": "groundkit.methods.wang21",
     "crosskd": "groundkit.methods.crosskd",
+    "cogrounding": "groundkit.methods.cogrounding",
+    "clipvg": "groundkit.methods.clipvg",
 }
 
 
@@ -78,6 +81,12 @@ def run_method(path: str | Path) -> str:
     if not name:
         raise CheckpointError(f"{ck}: the checkpoint names no method and {run}/config.yaml is missing")
     return str(name)
+
+
+def method_of_run(path: str | Path) -> Method:
+    """The registered method that trained a run directory or checkpoint (read from its metadata,
+    without building the model)."""
+    return get_method(run_method(path))
 
 
 def run_config(

@@ -56,6 +56,11 @@ class Predictor:
         """Per phrase: ``{"phrase", "boxes", "scores"}`` ranked over the given proposals."""
         raise NotImplementedError(f"{type(self).__name__} does not rank region proposals")
 
+    def video_files(self) -> str | None:
+        """A ``text_video`` predictor's folder of the indexed videos' files (``<id>.mp4`` ...) or frames
+        (``<id>/*.jpg``), when it knows one; the web page shows frames from it. None: unknown."""
+        return None
+
 
 class Method:
     """Base class of every method. Subclasses set the class attributes and override the hooks."""
@@ -74,7 +79,8 @@ class Method:
     #: units of the rates :meth:`evaluate` returns (recall, accuracy ...): every method reports them in
     #: percent (counts and ranks as they are); ``metrics.json`` records it
     units: ClassVar[str] = "percent"
-    #: extra subcommands: ``{"data" | "bench" | "predict": {command: "module:register_function"}}``;
+    #: extra subcommands: ``{"data" | "bench" | "predict" | "top": {command: "module:register_function"}}``
+    #: ("top": a top-level command such as ``groundkit curriculum``);
     #: ``register_function(subparsers)`` adds one parser and sets ``func``. Imported lazily.
     commands: ClassVar[dict[str, dict[str, str]]] = {}
 

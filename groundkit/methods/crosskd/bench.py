@@ -26,6 +26,7 @@ clusters and 768 dims.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import tempfile
@@ -38,13 +39,13 @@ import torch
 
 from ...bench.common import Measurement, measure, print_table
 from ...bench.metrics import run_baseline as baseline_metrics
-from ...config import load_config
 from ...metrics import t2v_metrics, v2t_metrics
-from ...world import resolve_world
+from ...optim import build_optimizer
 from .config import CrossKDConfig
 from .data import BatchSpec, RetrievalEvalSet
 from .method import METHOD, similarity_matrix
 from .model import CENet, CENetConfig
+from .official_like import OfficialLikeRAdam, official_like_forward, official_like_step
 from .store import ExpertStore, StoreWriter
 
 MSRVTT_VIDEOS, MSRVTT_CAPTIONS = 2990, 20
@@ -129,7 +130,13 @@ def run_groundkit(model: torch.nn.Module, ds: Any, device: str = "cpu") -> dict[
         sims = similarity_matrix(model, ds, dev, batch_size=256)
     t1 = time.perf_counter()
     t2v, v2t = t2v_metrics(sims, ds.query_masks), v2t_metrics(sims, ds.query_masks)
-    return {"t2v": t2v, "v2t": v2t, "sims_s": t1 - t0, "metrics_s": time.perf_counter() - t1}
+    return {
+        "t2v": t2v,
+        "v2t": v2t,
+        "sims_s": t1 - t0,
+        "metrics_s": time.perf_counter() - t1,
+        "queries": int(ds.query_masks.sum()),
+    }
 
 
 # ----------------------------------------------------------------------------- reference approach
@@ -198,33 +205,206 @@ def baseline_full_size_gb(videos: int, captions: int, text_dim: int) -> float:
 
 # ----------------------------------------------------------------------------- training throughput
 
+TRAIN_IMPLS = {
+    "official": "official-like step (per-pair loop, official RAdam)",
+    "reference": "groundkit reference mode (sequential gating, per-pair BN)",
+    "fast": "groundkit fast path (parallel gating, pooled BN)",
+}
+W2V_DIM = 300  # the MSR-VTT CE+ chain with the word2vec text feature (66.7 M parameters at 28 clusters, 768-d)
 
-def setup_train(batch: int, steps: int) -> tuple:
-    cfg = resolve_world(
-        METHOD, load_config(CrossKDConfig, "synth_cecap", {"data.synth_size": "small"}, method="crosskd")
+
+def _train_model(impl: str, text_clusters: int, shared: int, seed: int = 0) -> CENet:
+    torch.manual_seed(seed)
+    fast = impl == "fast"
+    return CENet(
+        CENetConfig(
+            expert_dims=dict(EXPERT_DIMS),
+            vlad_clusters={"text": text_clusters, "audio": 8, "speech": 19},
+            ghost_clusters=1,
+            text_dim=W2V_DIM,
+            shared_dim=shared,
+            gating="parallel" if fast else "sequential",
+            pair_bn="pooled" if fast else "per_pair",
+        )
     )
-    torch.manual_seed(0)
-    model = METHOD.build_model(cfg)
-    ds = METHOD.build_dataset(cfg, "train")
-    return model, ds, cfg, batch, steps
 
 
-def run_train(model: torch.nn.Module, ds: Any, cfg: Any, batch: int, steps: int) -> dict[str, float]:
-    opt = torch.optim.RAdam(model.parameters(), lr=1e-3)
-    model.train()
-    n = 0
-    t0 = time.perf_counter()
+def _train_batches(batch: int, n: int, shared: int, seed: int = 0) -> tuple[list[dict], list]:
+    """``n`` random training batches with MSR-VTT shapes (tokens padded to max_tokens, 10 % of the
+    audio / speech rows missing and zero-filled), and TeachText-shaped teacher embeddings (3 teachers)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        avail = torch.ones(batch, len(EXPERT_DIMS))
+        experts = {}
+        for i, m in enumerate(sorted(EXPERT_DIMS)):
+            shape = (batch, MAX_TOKENS[m], EXPERT_DIMS[m]) if m in MAX_TOKENS else (batch, EXPERT_DIMS[m])
+            x = torch.randn(shape, generator=g)
+            if m in MAX_TOKENS:
+                avail[:, i] = (torch.rand(batch, generator=g) > 0.1).float()
+                x[avail[:, i] == 0] = 0
+            experts[m] = x
+        out.append(
+            {"text": torch.randn(batch, MAX_TOKENS["text"], W2V_DIM, generator=g), "experts": experts, "avail": avail}
+        )
+    teachers = [
+        (
+            [torch.randn(batch, 1, shared, generator=g) for _ in EXPERT_DIMS],
+            [torch.randn(batch, shared, generator=g) for _ in EXPERT_DIMS],
+        )
+        for _ in range(3)
+    ]
+    return out, teachers
+
+
+def _to(batch: dict, dev: torch.device) -> dict:
+    return {
+        k: ({kk: vv.to(dev) for kk, vv in v.items()} if isinstance(v, dict) else v.to(dev)) for k, v in batch.items()
+    }
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def setup_train(impl: str, batch: int, steps: int, warmup: int, clusters: int, shared: int, device: str) -> tuple:
+    """Model, optimizer and batches of one implementation, after ``warmup`` untimed steps (RAdam's
+    first steps are not rectified)."""
+    dev = torch.device(device)
+    model = _train_model(impl, clusters, shared).to(dev).train()
+    batches, teachers = _train_batches(batch, 4, shared)
+    batches = [_to(b, dev) for b in batches]
+    teachers = [([t.to(dev) for t in tt], [v.to(dev) for v in tv]) for tt, tv in teachers]
+    cfg = CrossKDConfig()  # MSR-VTT cecap loss settings; RAdam lr 1e-3, wd 1e-5, decoupled
+    if impl == "official":
+        opt = OfficialLikeRAdam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    else:
+        opt = build_optimizer(model, cfg.optim)
+    state = (impl, model, opt, batches, teachers, cfg, dev)
+    _train_steps(*state, warmup)
+    return (*state, steps)
+
+
+def _train_steps(
+    impl: str, model: CENet, opt: Any, batches: list, teachers: list, cfg: Any, dev: Any, steps: int
+) -> None:
     for s in range(steps):
-        idx = [(s * batch + i) % len(ds) for i in range(batch)]
-        loss, _ = METHOD.training_step(model, ds.get_batch(idx), s, cfg)
-        opt.zero_grad()
+        b = batches[s % len(batches)]
+        if impl == "official":
+            official_like_step(model, opt, b, cfg.loss.margin, cfg.loss.cap_t, teachers)
+            continue
+        loss, _ = METHOD.training_step(model, b, s, cfg)
+        opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        n += batch
-    return {"samples_per_s": n / (time.perf_counter() - t0)}
+
+
+def run_train(impl: str, model: CENet, opt: Any, batches: list, teachers: list, cfg: Any, dev: Any, steps: int) -> dict:
+    _sync(dev)
+    t0 = time.perf_counter()
+    _train_steps(impl, model, opt, batches, teachers, cfg, dev, steps)
+    _sync(dev)
+    dt = time.perf_counter() - t0
+    return {"samples_per_s": steps * len(batches[0]["text"]) / dt, "step_ms": 1000 * dt / steps}
+
+
+def setup_agreement(batch: int, clusters: int, shared: int) -> tuple:
+    return _train_model("reference", clusters, shared), _train_batches(batch, 1, shared)[0][0]
+
+
+def run_agreement(model: CENet, batch: dict) -> dict[str, float]:
+    """Max |difference| between the official-like forward and groundkit's reference mode (training
+    mode, same weights, same batch): similarities and the pair MLP's running statistics."""
+    other = copy.deepcopy(model)
+    model.train()
+    other.train()
+    with torch.no_grad():
+        out = model(batch, text_sims=True)
+        ind = {m: batch["avail"][:, i] for i, m in enumerate(other.experts)}
+        S, C, _, _ = official_like_forward(other, dict(batch["experts"]), ind, batch["text"].unsqueeze(1))
+    bn = [n for n, mod in model.g_reason.named_children() if isinstance(mod, torch.nn.BatchNorm1d)]
+    run = max(
+        float((getattr(model.g_reason.get_submodule(n), k) - getattr(other.g_reason.get_submodule(n), k)).abs().max())
+        for n in bn
+        for k in ("running_mean", "running_var")
+    )
+    return {
+        "S": float((S - out["sims"]).abs().max()),
+        "C": float((C - out["text_sims"]).abs().max()),
+        "running_stats": run,
+    }
 
 
 # ----------------------------------------------------------------------------- CLI
+
+
+def _train_section(args: argparse.Namespace, out: dict[str, Any]) -> None:
+    clusters, shared = args.train_text_clusters, args.train_shared_dim
+    dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    n_params = sum(p.numel() for p in _train_model("reference", clusters, shared).parameters())
+    print(
+        f"training step: CENet with the MSR-VTT CE+ shapes (7 experts, {W2V_DIM}-d word2vec tokens x "
+        f"{MAX_TOKENS['text']}, {clusters} text clusters, {shared}-d shared space, {n_params:,} parameters), "
+        f"batch {args.batch_size}, caption distillation, RAdam; device {dev}, threads {args.threads}; "
+        f"{args.train_repeats} repeats of {args.train_steps} steps after {args.train_warmup} warm-up steps",
+        flush=True,
+    )
+    agree = measure(
+        "agreement", run_agreement, setup_agreement, (min(args.batch_size, 16), clusters, shared), threads=args.threads
+    ).result
+    print(
+        f"official-like forward vs reference mode (training mode, same weights and batch): max |dS| {agree['S']:.1e}, "
+        f"|dC| {agree['C']:.1e}, pair-MLP running stats {agree['running_stats']:.1e}"
+    )
+    rows: dict[str, Measurement] = {}
+    for impl, label in TRAIN_IMPLS.items():
+        rows[impl] = measure(
+            label,
+            run_train,
+            setup_train,
+            (impl, args.batch_size, args.train_steps, args.train_warmup, clusters, shared, dev),
+            repeats=args.train_repeats,
+            device=dev,
+            threads=args.threads,
+        )
+    n = args.train_steps * args.batch_size
+    sps = {k: n / np.array(r.times) for k, r in rows.items()}
+    cpu = {k: 1000 * np.array(r.cpu_times) / args.train_steps for k, r in rows.items()}  # CPU ms per step
+    med = {k: float(np.median(v)) for k, v in sps.items()}
+    cmed = {k: float(np.median(v)) for k, v in cpu.items()}
+    print(
+        f"{'implementation':<58} {'samples/s':>9} {'median':>7} {'x official':>10} {'CPU ms/step':>11} "
+        f"{'x official':>10} {'peak GB':>7}"
+    )
+    for k, r in rows.items():
+        print(
+            f"{r.name:<58} {sps[k].max():>9.1f} {med[k]:>7.1f} {med[k] / med['official']:>9.2f}x {cmed[k]:>11.0f} "
+            f"{cmed['official'] / cmed[k]:>9.2f}x {r.peak_gb:>7.3f}"
+        )
+    print(
+        f"samples/s: best and median of {args.train_repeats} repeats (wall time); CPU ms/step: median process CPU time "
+        f"(all threads). Fast path / reference mode: {med['fast'] / med['reference']:.2f}x (wall), "
+        f"{cmed['reference'] / cmed['fast']:.2f}x (CPU)"
+    )
+    out["train"] = {
+        "device": dev,
+        "parameters": n_params,
+        "batch_size": args.batch_size,
+        "agreement": agree,
+        "fast_over_reference": med["fast"] / med["reference"],
+        "fast_over_reference_cpu": cmed["reference"] / cmed["fast"],
+        **{
+            k: r.to_dict()
+            | {
+                "samples_per_s": sps[k].tolist(),
+                "median_samples_per_s": med[k],
+                "cpu_ms_per_step": cpu[k].tolist(),
+                "median_cpu_ms_per_step": cmed[k],
+            }
+            for k, r in rows.items()
+        },
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -239,18 +419,12 @@ def run(args: argparse.Namespace) -> int:
         "cuda": torch.cuda.is_available(),
         "threads": args.threads,
     }
-    tr = measure(
-        "train (synth_cecap, small world)",
-        run_train,
-        setup_train,
-        (args.batch_size, args.train_steps),
-        threads=args.threads,
-    )
-    out["train_samples_per_s"] = tr.result["samples_per_s"]
-    print(
-        f"training: {tr.result['samples_per_s']:.1f} samples/s (CENet synth_cecap, batch {args.batch_size}, "
-        f"{args.train_steps} steps, CPU threads {args.threads})"
-    )
+    if not args.skip_train:
+        _train_section(args, out)
+    if args.skip_eval:
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=1, default=float))
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         bv = args.baseline_videos
         if not args.skip_baseline:
@@ -287,11 +461,17 @@ def run(args: argparse.Namespace) -> int:
         out["groundkit_full"] = full.to_dict() | {
             "sims_s": full.result["sims_s"],
             "metrics_s": full.result["metrics_s"],
+            "queries_per_s": full.result["queries"] / full.seconds,
         }
     print_table(
         rows,
         baseline=None if args.skip_baseline else rows[0].name,
         title=f"full evaluation (encode + similarity + t2v/v2t metrics), {args.captions} captions per video",
+    )
+    print(
+        f"evaluation: {full.result['queries'] / full.seconds:.0f} queries/s ({full.result['queries']} queries x "
+        f"{args.videos} videos in {full.seconds:.2f} s: similarity {full.result['sims_s']:.2f} s, metrics "
+        f"{full.result['metrics_s']:.2f} s), peak memory {full.peak_gb:.3f} GB"
     )
     est = baseline_full_size_gb(args.videos, args.captions, args.text_dim)
     out["baseline_full_size_gb_arrays"] = est
@@ -343,8 +523,15 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--full-model", action="store_true", help="28 text clusters, 768-d shared space (the reference's MSR-VTT model)"
     )
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--train-steps", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=64, help="training batch (the MSR-VTT configs' 64)")
+    p.add_argument("--train-steps", type=int, default=8, help="timed training steps per repeat")
+    p.add_argument("--train-repeats", type=int, default=3, help="repeats per implementation (best and median shown)")
+    p.add_argument("--train-warmup", type=int, default=6, help="untimed steps first (RAdam rectifies from step 6)")
+    p.add_argument("--train-text-clusters", type=int, default=28)
+    p.add_argument("--train-shared-dim", type=int, default=768)
+    p.add_argument("--device", default=None, help="training device (default: cuda when present, else cpu)")
+    p.add_argument("--skip-train", action="store_true")
+    p.add_argument("--skip-eval", action="store_true")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip-baseline", action="store_true")
     p.add_argument("--seed", type=int, default=0)

@@ -7,7 +7,7 @@ from typing import Literal
 
 from ...config import ExperimentConfig, OptimConfig, SchedConfig, TrainConfig
 
-__all__ = ["CrossKDData", "CrossKDModel", "CrossKDLoss", "CrossKDConfig"]
+__all__ = ["CrossKDData", "CrossKDModel", "CrossKDLoss", "CrossKDOptim", "CrossKDConfig"]
 
 
 @dataclass
@@ -44,6 +44,9 @@ class CrossKDModel:
     use_bn_reason: bool = True
     include_self: bool = True
     vlad_use_mask: bool = False  # reference: NetVLAD ignores the token mask
+    # collaborative gating, reference = the official code (see groundkit.methods.crosskd.model):
+    gating: Literal["sequential", "parallel"] = "sequential"  # "parallel": the paper's formula (ungated pairs)
+    pair_bn: Literal["per_pair", "pooled"] = "per_pair"  # BatchNorm statistics of the pair MLP
 
 
 @dataclass
@@ -62,8 +65,19 @@ class CrossKDLoss:
     )
 
 
-def _optim() -> OptimConfig:
-    return OptimConfig(name="radam", lr=1e-3, weight_decay=1e-5)
+@dataclass
+class CrossKDOptim(OptimConfig):
+    """The shared optimizer section plus the weight-decay form of RAdam (``groundkit.optim.RAdam``)."""
+
+    name: Literal["adam", "adamw", "radam", "rmsprop", "sgd"] = "radam"
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    # reference: the official RAdam decays the weights (p -= lr * wd * p); false: wd * p added to the gradient
+    decoupled_weight_decay: bool = True
+
+
+def _optim() -> CrossKDOptim:
+    return CrossKDOptim()
 
 
 def _sched() -> SchedConfig:
@@ -87,6 +101,6 @@ class CrossKDConfig(ExperimentConfig):
     data: CrossKDData = field(default_factory=CrossKDData)
     model: CrossKDModel = field(default_factory=CrossKDModel)
     loss: CrossKDLoss = field(default_factory=CrossKDLoss)
-    optim: OptimConfig = field(default_factory=_optim)
+    optim: CrossKDOptim = field(default_factory=_optim)
     sched: SchedConfig = field(default_factory=_sched)
     train: TrainConfig = field(default_factory=_train)

@@ -312,7 +312,7 @@ def _pairs(items: Iterable[str], flag: str) -> dict[str, str]:
     out = {}
     for it in items:
         if "=" not in it:
-            raise SystemExit(f"{flag} {it!r}: expected NAME=PATH")
+            raise FeatureError(f"{flag} {it!r}: expected NAME=PATH")
         k, v = it.split("=", 1)
         out[k] = v
     return out
@@ -357,9 +357,8 @@ def register_extract(subparsers: Any) -> None:
                 a.device,
                 not a.quiet,
             )
-        except (FeatureError, ImportError) as e:
-            print(f"groundkit data extract-experts: error: {e}", file=sys.stderr)
-            return 2
+        except ImportError as e:
+            raise FeatureError(f"extract-experts: {e}") from None
         print(
             json.dumps(
                 {
@@ -413,24 +412,19 @@ def register_convert(subparsers: Any) -> None:
             Path(rel).stem: rel for fam in lay["splits"].values() for rel in fam.values() if (root / rel).is_file()
         }
         if not splits:
-            print(f"groundkit data convert-experts: error: no split lists of {a.dataset} under {root}", file=sys.stderr)
-            return 2
-        try:
-            st = convert_released(
-                root,
-                a.out,
-                experts,
-                text,
-                splits,
-                lay["raw_captions"],
-                teachers,
-                strip_suffix=lay.get("strip_suffix", False),
-                missing_ids=a.missing_ids,
-                progress=True,
-            )
-        except FeatureError as e:
-            print(f"groundkit data convert-experts: error: {e}", file=sys.stderr)
-            return 2
+            raise FeatureError(f"convert-experts: no split lists of {a.dataset} under {root}")
+        st = convert_released(
+            root,
+            a.out,
+            experts,
+            text,
+            splits,
+            lay["raw_captions"],
+            teachers,
+            strip_suffix=lay.get("strip_suffix", False),
+            missing_ids=a.missing_ids,
+            progress=True,
+        )
         print(
             json.dumps(
                 {

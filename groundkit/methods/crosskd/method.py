@@ -82,6 +82,8 @@ class CrossKDMethod(Method):
                 use_bn_reason=cfg.model.use_bn_reason,
                 include_self=cfg.model.include_self,
                 vlad_use_mask=cfg.model.vlad_use_mask,
+                gating=cfg.model.gating,
+                pair_bn=cfg.model.pair_bn,
             )
         )
 
@@ -113,9 +115,11 @@ class CrossKDMethod(Method):
     ) -> tuple[torch.Tensor, dict]:
         if batch["text"].shape[0] < 2:  # no negatives (and BatchNorm needs two samples): skip the step
             return sum(p.sum() * 0.0 for p in model.parameters()), {}
-        out = model(batch)
-        S = out["sims"].float()
         lc = cfg.loss
+        caption_kd = lc.caption_kd and lc.cap_w > 0
+        # build only the matrices the loss uses (the one-hot control needs no caption-caption matrix)
+        out = model(batch, text_sims=caption_kd and lc.kd_target == "captions", video_sims=lc.vid_w > 0)
+        S = out["sims"].float()
         l_rank = max_margin_ranking_loss(S, lc.margin)
         loss, logs = l_rank, {"loss_rank": float(l_rank.detach())}
         if lc.distil:
@@ -123,10 +127,11 @@ class CrossKDMethod(Method):
             l_tt = teachtext_loss(S, T)
             loss = loss + lc.distil_weight * l_tt
             logs["loss_teachtext"] = float(l_tt.detach())
-        if lc.caption_kd and lc.cap_w > 0:
-            C = out["text_sims"].float()
+        if caption_kd:
             if lc.kd_target == "identity":  # control: same loss with one-hot targets, no caption-caption grades
-                C = torch.eye(len(C), device=C.device, dtype=C.dtype) * 1e4 * lc.cap_t
+                C = torch.eye(len(S), device=S.device, dtype=S.dtype) * 1e4 * lc.cap_t
+            else:
+                C = out["text_sims"].float()
             l_cap = rank_distil_loss(S, C, lc.cap_t, lc.detach_target)
             loss = loss + lc.cap_w * l_cap
             logs["loss_caption_kd"] = float(l_cap.detach())

@@ -8,6 +8,20 @@ Reference behaviour follows Collaborative Experts / TeachText / CrossKD (``model
 ``model/net_vlad.py``, ``model/loss.py``): experts are kept in alphabetical order, the text
 NetVLAD has ghost clusters, expert NetVLADs do not, and NetVLAD ignores the token mask unless
 ``use_mask`` is set (a documented fix, off by default).
+
+Collaborative gating has two settings each way (:class:`CENetConfig`):
+
+* ``gating="sequential"`` (the official code): experts are gated one after the other in the
+  alphabetical order, and each expert's gated embedding replaces its reduced embedding before the
+  later experts build their pairs, so expert m's pairs with earlier experts n < m see gated
+  embeddings. ``"parallel"``: the paper's formula, every pair built from the ungated embeddings.
+* ``pair_bn="per_pair"`` (the official code, which calls the pair MLP once per expert pair): the
+  BatchNorm layers of the pair MLP normalise each pair's rows with that pair's own batch
+  statistics and update their running statistics once per pair, in the official call order.
+  ``"pooled"``: one normalisation over all pairs' rows, one running-statistics update.
+
+Both only change training-mode outputs through the batch statistics, except the gating order,
+which also changes evaluation. ``parallel`` + ``pooled`` is the fully batched fast path.
 """
 
 from __future__ import annotations
@@ -30,6 +44,7 @@ __all__ = [
     "CENetConfig",
     "CENet",
     "moe_similarity",
+    "training_similarities",
     "max_margin_ranking_loss",
     "teachtext_loss",
     "rank_distil_loss",
@@ -121,6 +136,46 @@ class CENetConfig:
     use_bn_reason: bool = True
     include_self: bool = True
     vlad_use_mask: bool = False  # reference: the token mask is ignored
+    gating: str = "sequential"  # official: later experts' pairs see gated earlier experts; "parallel": paper formula
+    pair_bn: str = "per_pair"  # official: batch statistics per expert pair; "pooled": over all pairs at once
+
+    def __post_init__(self) -> None:
+        if self.gating not in ("sequential", "parallel"):
+            raise ValueError(f"CENetConfig.gating must be 'sequential' or 'parallel', got {self.gating!r}")
+        if self.pair_bn not in ("per_pair", "pooled"):
+            raise ValueError(f"CENetConfig.pair_bn must be 'per_pair' or 'pooled', got {self.pair_bn!r}")
+
+
+def _batch_norm_per_group(x: torch.Tensor, bn: nn.BatchNorm1d) -> torch.Tensor:
+    """Training-mode BatchNorm of ``x`` [B, G, d] with separate batch statistics for each of the G
+    groups, as G separate calls of ``bn`` on [B, d] would give, including G running-statistics
+    updates in group order. One fused kernel: the G groups are G * d channels of one batch (its
+    momentum-1 running buffers receive the groups' batch means and unbiased variances), then the G
+    exponential-average updates are folded into one: ``r <- (1-f)^G r + sum_g f (1-f)^(G-1-g) s_g``."""
+    B, G, d = x.shape
+    w = bn.weight.repeat(G) if bn.weight is not None else None
+    b = bn.bias.repeat(G) if bn.bias is not None else None
+    track = bn.track_running_stats and bn.running_mean is not None
+    mean = bn.running_mean.new_zeros(G * d) if track else None  # the dtype of the running statistics
+    var = bn.running_var.new_ones(G * d) if track else None
+    y = F.batch_norm(x.reshape(B, G * d), mean, var, w, b, True, 1.0, bn.eps)
+    if track:
+        with torch.no_grad():
+            mean, var = mean.view(G, d), var.view(G, d)
+            if bn.momentum is None:  # cumulative average: one update at a time
+                for g in range(G):
+                    bn.num_batches_tracked.add_(1)
+                    f = 1.0 / float(bn.num_batches_tracked)
+                    bn.running_mean.mul_(1 - f).add_(mean[g], alpha=f)
+                    bn.running_var.mul_(1 - f).add_(var[g], alpha=f)
+            else:
+                f = bn.momentum
+                c = f * (1 - f) ** torch.arange(G - 1, -1, -1, dtype=torch.float64)
+                c = c.to(device=x.device, dtype=mean.dtype)
+                bn.running_mean.mul_((1 - f) ** G).add_(c @ mean)
+                bn.running_var.mul_((1 - f) ** G).add_(c @ var)
+                bn.num_batches_tracked.add_(G)
+    return y.reshape(B, G, d)
 
 
 def _key(m: str) -> str:
@@ -200,28 +255,79 @@ class CENet(nn.Module):
             elif x.dim() != 2:
                 raise ValueError(f"expert {m!r}: expected a [B, D] vector feature, got shape {tuple(x.shape)}")
             psi.append(F.normalize(self.reduce_dim[_key(m)](x), dim=-1))
-        psi_t = torch.stack(psi, dim=1)  # [B, M, d]
-        B, M, d = psi_t.shape
-        a = avail.to(psi_t.dtype)
-        # pairwise collaborative gating: T_m = sum_n a_m a_n g([psi_m; psi_n]) / sum_n a_m a_n
-        pairs = torch.cat(
-            (psi_t.unsqueeze(2).expand(B, M, M, d), psi_t.unsqueeze(1).expand(B, M, M, d)), dim=-1
-        )  # [B, m, n, 2d]
-        pair_mask = a.unsqueeze(2) * a.unsqueeze(1)  # [B, m, n]
-        if not self.cfg.include_self:
-            pair_mask = pair_mask * (1 - torch.eye(M, device=a.device, dtype=a.dtype))
-        g = self.g_reason(pairs.reshape(-1, 2 * d)).reshape(B, M, M, d)
-        T = (g * pair_mask.unsqueeze(-1)).sum(2) / (pair_mask.sum(2, keepdim=True) + 1e-11)
-        out = [self.video_geu[_key(m)](psi_t[:, i], T[:, i]) for i, m in enumerate(self.experts)]
+        return self.collaborative_gating(torch.stack(psi, dim=1), avail.to(psi[0].dtype))
+
+    def _partners(self, M: int) -> list[list[int]]:
+        """Expert n paired with expert m, in the official order (all n, or n != m without include_self)."""
+        return [[n for n in range(M) if self.cfg.include_self or n != m] for m in range(M)]
+
+    def _pair_mlp_average(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``T = sum_k mask_k g_k / (sum_k mask_k + 1e-11)`` for h [B, P, K, d], the first layer's output of
+        P x K expert pairs (P gated experts, K partners each), mask [B, P, K] -> T [B, P, d].
+
+        The layers after the first run on every pair's rows, except the last Linear: it commutes with
+        the weighted average (``sum_k w_k (W z_k + b) = W sum_k w_k z_k + b sum_k w_k``), so it runs
+        once per expert instead of once per pair.
+        """
+        per_pair = self.training and self.cfg.pair_bn == "per_pair"
+        B, P, K, d = h.shape
+        layers = list(self.g_reason)[1:]
+        last = layers.pop() if layers and isinstance(layers[-1], nn.Linear) else None
+        x = h.reshape(B, P * K, d)
+        for layer in layers:
+            if isinstance(layer, nn.BatchNorm1d):  # per pair: P * K groups of B rows, in the official call order
+                x = _batch_norm_per_group(x, layer) if per_pair else layer(x.reshape(-1, d)).reshape(B, P * K, d)
+            else:
+                x = layer(x)
+        w = mask / (mask.sum(2, keepdim=True) + 1e-11)  # [B, P, K]
+        z = torch.matmul(w.unsqueeze(2), x.reshape(B, P, K, -1)).squeeze(2)  # [B, P, d]
+        if last is None:
+            return z
+        T = F.linear(z, last.weight)
+        return T + last.bias * w.sum(2, keepdim=True) if last.bias is not None else T
+
+    def collaborative_gating(self, psi: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """Pairwise collaborative gating: psi [B, M, d] (reduced, unit-norm expert embeddings), a [B, M]
+        availability -> video embeddings [B, M, d].
+
+        ``T_m = sum_n a_m a_n g([x_m; x_n]) / (sum_n a_m a_n + 1e-11)`` and
+        ``v_m = normalize(psi_m * sigmoid(BN(T_m) + BN(W psi_m + b)))``, with ``x_m = psi_m`` and
+        ``x_n`` = the gated ``v_n`` for n < m under ``gating="sequential"`` (the official code), the
+        ungated ``psi_n`` under ``"parallel"`` (the paper). The first layer of g is applied to the two
+        halves separately, ``W [x_m; x_n] + b = W_1 x_m + W_2 x_n + b``, so each embedding is projected
+        once instead of once per pair; the last layer after the average (see :meth:`_pair_mlp_average`).
+        """
+        B, M, d = psi.shape
+        first = self.g_reason[0]
+        w1, w2 = first.weight[:, :d], first.weight[:, d:]
+        p1 = F.linear(psi, w1, first.bias)  # [B, M, d]: the x_m half of every pair, with the bias
+        p2 = F.linear(psi, w2)  # [B, M, d]: the x_n half, from ungated embeddings
+        partners = self._partners(M)
+        geus = [self.video_geu[_key(m)] for m in self.experts]
+        if self.cfg.gating == "parallel":
+            n_idx = torch.tensor(partners, device=psi.device)  # [M, K]
+            T = self._pair_mlp_average(p1.unsqueeze(2) + p2[:, n_idx], a.unsqueeze(2) * a[:, n_idx])
+            return torch.stack([geus[m](psi[:, m], T[:, m]) for m in range(M)], dim=1)
+        halves = list(p2.unbind(1))  # x_n half of each expert, replaced by the gated one once it exists
+        out = []
+        for m in range(M):
+            part = partners[m]
+            h = p1[:, m : m + 1] + torch.stack([halves[n] for n in part], dim=1)  # [B, K, d]
+            T = self._pair_mlp_average(h.unsqueeze(1), (a[:, m : m + 1] * a[:, part]).unsqueeze(1))[:, 0]
+            v = geus[m](psi[:, m], T)
+            out.append(v)
+            if m + 1 < M:
+                halves[m] = F.linear(v, w2)
         return torch.stack(out, dim=1)
 
-    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Training forward: one caption per video. Returns S [B, B] (caption x video), C [B, B]
-        (caption x caption) and V [B, B] (video x video), all with the query-dependent,
-        availability-renormalised MoE weights, plus the embeddings."""
+    def forward(self, batch: dict, text_sims: bool = False, video_sims: bool = False) -> dict[str, torch.Tensor | None]:
+        """Training forward: one caption per video. Returns S [B, B] (caption x video) and, only when
+        asked for, C [B, B] (caption x caption, ``text_sims``) and V [B, B] (video x video,
+        ``video_sims``), all with the query-dependent, availability-renormalised MoE weights, plus the
+        embeddings. Matrices not asked for are None."""
         t, w = self.encode_text(batch["text"], batch.get("text_mask"))
         v = self.encode_video(batch["experts"], batch["avail"], batch.get("expert_masks"))
-        S, C, V = moe_similarity(t, w, v, batch["avail"], extra=True)
+        S, C, V = training_similarities(t, w, v, batch["avail"], text_sims, video_sims)
         return {"sims": S, "text_sims": C, "video_sims": V, "text_emb": t, "moe": w, "video_emb": v}
 
 
@@ -237,7 +343,7 @@ def moe_similarity(
     """``S_ij = sum_m w_m(t_i) a_m(v_j) <t_im, v_jm> / sum_m w_m(t_i) a_m(v_j)``.
 
     text [Q, M, d], w [Q, M], video [V, M, d], avail [V, M] -> S [Q, V]. Memory O(Q V) per expert
-    (never [Q, V, M]) unless ``extra``: then (S, C, Vv) with the caption-caption matrix
+    (never [Q, V, M]) unless ``extra`` (training batches): then (S, C, Vv) with the caption-caption matrix
     ``C_ij = sum_m w_hat_m(i, j) <t_im, t_jm>`` and video-video ``V_ij = sum_m w_hat_m(i, j) <v_im, v_jm>``
     (training case, Q == V, CrossKD's ``cross_view_text_matrix`` / ``cross_view_vid_matrix``).
     """
@@ -250,12 +356,24 @@ def moe_similarity(
             num = num + wm * (text[:, m] @ video[:, m].T)
             den = den + wm
         return num / den.clamp_min(1e-12)
-    if text.shape[0] != video.shape[0]:
+    return training_similarities(text, w, video, avail, True, True)
+
+
+def training_similarities(
+    text: torch.Tensor, w: torch.Tensor, video: torch.Tensor, avail: torch.Tensor, text_sims: bool, video_sims: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(S, C or None, V or None) of a training batch (one caption per video, Q == V), see
+    :func:`moe_similarity`. Two-step contractions: per-expert inner products by one batched matmul
+    [M, Q, d] x [M, d, V], then the weighted sum over experts (never a [Q, V, M, d] intermediate)."""
+    if (text_sims or video_sims) and text.shape[0] != video.shape[0]:
         raise ValueError("caption-caption / video-video matrices need one caption per video (Q == V)")
-    ww = moe_weights(w, a)  # [Q, V, M]
-    S = torch.einsum("qvm,qmd,vmd->qv", ww, text, video)
-    C = torch.einsum("qvm,qmd,vmd->qv", ww, text, text)
-    Vv = torch.einsum("qvm,qmd,vmd->qv", ww, video, video)
+    a = avail.to(text.dtype)
+    ww = w.T.unsqueeze(2) * a.T.unsqueeze(1)  # [M, Q, V]
+    ww = ww / ww.sum(0, keepdim=True).clamp_min(1e-12)
+    tm, vm = text.transpose(0, 1), video.transpose(0, 1)  # [M, Q, d], [M, V, d]
+    S = (ww * torch.bmm(tm, vm.transpose(1, 2))).sum(0)
+    C = (ww * torch.bmm(tm, tm.transpose(1, 2))).sum(0) if text_sims else None
+    Vv = (ww * torch.bmm(vm, vm.transpose(1, 2))).sum(0) if video_sims else None
     return S, C, Vv
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -116,6 +115,13 @@ class Retriever(Predictor):
                 raise ValueError(f"index must be auto, flat or hnsw; got {kind!r}")
             idx.add(np.ascontiguousarray(x[rows]))
             self.patterns.append((key.astype(bool), rows, idx))
+
+    def video_files(self) -> str | None:
+        """The folder the store's features were extracted from (``groundkit data extract-experts
+        --videos``), if it is on this machine; a converted release names its archive folder, which
+        holds no videos (the page then says there are no frames)."""
+        src = self.store.meta.get("info", {}).get("source")
+        return str(src) if src and Path(src).is_dir() else None
 
     # ------------------------------------------------------------------ text side
     @property
@@ -235,8 +241,7 @@ def register_predict(subparsers: Any) -> None:
 
 def _run_predict(args: argparse.Namespace) -> int:
     if not args.query and not args.video_id:
-        print("groundkit predict retrieval: give --query and/or --video-id", file=sys.stderr)
-        return 2
+        raise FeatureError("predict retrieval: give --query and/or --video-id")
     r = Retriever.from_checkpoint(args.checkpoint, store=args.store, split=args.split or None, device=args.device)
     out: dict[str, Any] = {"t2v": {}, "v2t": {}}
     for q in args.query:
