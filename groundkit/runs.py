@@ -19,6 +19,7 @@ so that they all share one behaviour:
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import logging
@@ -405,10 +406,23 @@ def _finished_result(spec: RunSpec) -> RunResult | None:
     return _reused(spec, cfg, _identity(method.name, cfg, spec.final_split), base)
 
 
+def _stop_with_parent() -> None:
+    """Linux: SIGTERM this worker when the process that started it dies (a killed demo or sweep leaves
+    no orphan training behind; the training saves a checkpoint and stops)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _init_worker(threads: int | None) -> None:
     # Ctrl-C reaches every process of the terminal: an idle worker ignores it (no traceback), a training
     # handles it (the engine installs its own handler for the training loop: save, then stop)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _stop_with_parent()
     if threads:
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
             os.environ[var] = str(threads)

@@ -87,6 +87,7 @@ class ClipVGMethod(Method):
     config_class = ClipVGConfig
     default_config = "offline"
     summary = "CLIP-VG (Xiao et al., 2023): frozen encoders, [REG] fusion transformer, pseudo labels + curriculum"
+    units = "fraction"  # acc / miou are fractions (metrics.json says so); issue 10 asks every method for percent
     commands = {
         "bench": {"clipvg": "groundkit.methods.clipvg.bench:register"},
         "predict": {"clipvg": "groundkit.methods.clipvg.predict:register"},
