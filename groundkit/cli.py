@@ -23,6 +23,7 @@ from .demo import add_demo_args
 from .engine import fit, run_eval
 from .errors import GroundkitError, Interrupted
 from .methods import METHODS, Method, available_methods, get_method, run_config, run_method
+from .runlog import format_metrics
 from .world import resolve_world
 
 __all__ = ["main", "build_parser"]
@@ -185,6 +186,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         force=args.force,
     )
+    if not cfg.train.progress and result.get("final"):  # a quiet training printed nothing itself
+        print(f"{result['final_split']}: {format_metrics(result['final'])}")
     print(f"run directory: {result.get('run_dir', cfg.train.output_dir)}")
     return 0 if result else 1
 
@@ -256,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_group(sub, "predict", "run a trained model on new inputs")
     _add_group(sub, "data", "generate, convert and prepare data")
     _add_group(sub, "bench", "speed and memory benchmarks")
-    for spec in TOP_COMMANDS.values():
+    for spec in [*TOP_COMMANDS.values(), *command_table("top").values()]:  # the methods' own top-level commands
         _load(spec)(sub)
 
     p = sub.add_parser("demo", help="build the built-in benchmark world and run the methods end to end")
@@ -302,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"groundkit: interrupted: {e}; continue with: {_resume_hint(argv)}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("groundkit: interrupted", file=sys.stderr)
+        print(f"groundkit: interrupted; continue with: {_resume_hint(argv)}", file=sys.stderr)
         return 130
     except (GroundkitError, OSError) as e:  # bad input or environment: one line, no traceback
         if os.environ.get("GROUNDKIT_DEBUG"):

@@ -120,7 +120,8 @@ class RunLogger:
             self._write({"kind": "warning", "msg": msg})
 
     def print_metrics(self, split: str, metrics: dict[str, float]) -> None:
-        if self.enabled:
+        """The final metrics on stdout (not in quiet mode: whoever ran a quiet training reports them)."""
+        if self.show_progress:
             print(f"{split}: {format_metrics(metrics)}", flush=True)
 
     def close(self) -> None:

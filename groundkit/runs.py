@@ -19,6 +19,7 @@ so that they all share one behaviour:
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import logging
@@ -26,6 +27,7 @@ import math
 import multiprocessing as mp
 import os
 import re
+import signal
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -404,7 +406,23 @@ def _finished_result(spec: RunSpec) -> RunResult | None:
     return _reused(spec, cfg, _identity(method.name, cfg, spec.final_split), base)
 
 
+def _stop_with_parent() -> None:
+    """Linux: SIGTERM this worker when the process that started it dies (a killed demo or sweep leaves
+    no orphan training behind; the training saves a checkpoint and stops)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _init_worker(threads: int | None) -> None:
+    # Ctrl-C reaches every process of the terminal: an idle worker ignores it (no traceback), a training
+    # handles it (the engine installs its own handler for the training loop: save, then stop)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _stop_with_parent()
     if threads:
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
             os.environ[var] = str(threads)
@@ -418,23 +436,31 @@ def _run_pool(
     workers = min(int(jobs), len(todo))
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as ex:
         futures = {ex.submit(run_one, specs[i], threads, resume, overwrite): i for i in todo}
-        for fut in as_completed(futures):
-            i = futures[fut]
-            s = specs[i]
-            try:
-                r = fut.result()
-            except (Exception, KeyboardInterrupt) as e:  # a worker that died, or a result that did not pickle
-                kind = "worker process died" if isinstance(e, BrokenProcessPool) else type(e).__name__
-                r = RunResult(
-                    label=s.label,
-                    seed=int(s.seed),
-                    output_dir=s.output_dir,
-                    status="failed",
-                    method=s.method_name,
-                    tags=dict(s.tags),
-                    error=f"{kind}: {e}",
-                )
-            report(i, r)
+        try:
+            _collect(futures, specs, report)
+        except KeyboardInterrupt:  # runs not started are dropped; running ones save a checkpoint and stop
+            ex.shutdown(wait=True, cancel_futures=True)
+            raise
+
+
+def _collect(futures: dict[Any, int], specs: list[RunSpec], report: Any) -> None:
+    for fut in as_completed(futures):
+        i = futures[fut]
+        s = specs[i]
+        try:
+            r = fut.result()
+        except (Exception, KeyboardInterrupt) as e:  # a worker that died, or a result that did not pickle
+            kind = "worker process died" if isinstance(e, BrokenProcessPool) else type(e).__name__
+            r = RunResult(
+                label=s.label,
+                seed=int(s.seed),
+                output_dir=s.output_dir,
+                status="failed",
+                method=s.method_name,
+                tags=dict(s.tags),
+                error=f"{kind}: {e}",
+            )
+        report(i, r)
 
 
 def seed_specs(

@@ -40,6 +40,7 @@ def run(world, tmp_path_factory):
         method.config_class,
         root / WORLD_IMAGE_YAML,
         {
+            "data.synth_size": "",
             "data.data_root": str(world),
             "data.image_size": 96,
             "data.val_split": "train",

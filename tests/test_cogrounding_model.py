@@ -309,3 +309,20 @@ def test_transformer_text_encoder_from_local_minilm():
     net = CoGroundingNet(TinyBackbone(), enc, image_size=64, dim=16).eval()
     out = net(torch.rand(2, 3, 64, 64), ids, mask)
     assert out["conf"].shape == (2, 3 * 84)
+
+
+def test_top_down_path_carries_coarse_features_to_fine_scales():
+    torch.manual_seed(0)
+    feats = [torch.randn(2, 8, 2, 2), torch.randn(2, 6, 4, 4), torch.randn(2, 4, 8, 8)]
+    plain = tiny_net(co_attention=False).eval()
+    td = tiny_net(co_attention=False).eval()
+    td.top_down = True
+    a, b = plain.encode_frames(backbone_feats=feats), td.encode_frames(backbone_feats=feats)
+    assert [x.shape for x in a] == [x.shape for x in b]
+    assert torch.allclose(a[0], b[0])  # the coarsest scale has nothing above it
+    assert not torch.allclose(a[1], b[1]) and not torch.allclose(a[2], b[2])
+    # the finest scale now depends on the coarsest map
+    feats2 = [feats[0] + 1.0, feats[1], feats[2]]
+    assert torch.allclose(plain.encode_frames(backbone_feats=feats2)[2], a[2])
+    assert not torch.allclose(td.encode_frames(backbone_feats=feats2)[2], b[2])
+    assert all(torch.allclose(x.norm(dim=1), torch.ones(())) for x in b)

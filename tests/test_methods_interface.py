@@ -31,7 +31,7 @@ def test_registry_lists_working_methods_with_their_declarations():
         assert m.default_config in list_configs(name)  # the default names a shipped config
         load_config(m.config_class, m.default_config, method=name)  # and it loads
         for group, table in m.commands.items():
-            assert group in ("data", "bench", "predict")
+            assert group in ("data", "bench", "predict", "top")
             for spec in table.values():
                 mod, _, attr = spec.partition(":")
                 assert callable(getattr(importlib.import_module(mod), attr)), spec

@@ -76,10 +76,12 @@ class Method:
     #: the built-in world task this method trains on when its config sets ``data.synth_size``
     #: (see :func:`groundkit.world.resolve_world`); "" if none
     world_task: ClassVar[str] = ""
-    #: units of the rates :meth:`evaluate` returns (recall, accuracy ...): every method reports them in
-    #: percent (counts and ranks as they are); ``metrics.json`` records it
+    #: units of the rates :meth:`evaluate` returns (recall, accuracy ...): groundkit's convention is
+    #: ``"percent"`` (counts and ranks as they are); a method still on ``"fraction"`` says so here, and
+    #: ``metrics.json`` and ``run.json`` record it
     units: ClassVar[str] = "percent"
-    #: extra subcommands: ``{"data" | "bench" | "predict": {command: "module:register_function"}}``;
+    #: extra subcommands: ``{"data" | "bench" | "predict" | "top": {command: "module:register_function"}}``
+    #: ("top": a top-level command such as ``groundkit curriculum``);
     #: ``register_function(subparsers)`` adds one parser and sets ``func``. Imported lazily.
     commands: ClassVar[dict[str, dict[str, str]]] = {}
 

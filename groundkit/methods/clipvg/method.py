@@ -90,6 +90,7 @@ class ClipVGMethod(Method):
     commands = {
         "bench": {"clipvg": "groundkit.methods.clipvg.bench:register"},
         "predict": {"clipvg": "groundkit.methods.clipvg.predict:register"},
+        "top": {"curriculum": "groundkit.methods.clipvg.curriculum:register_curriculum"},
     }
 
     def build_model(self, cfg: ClipVGConfig) -> nn.Module:

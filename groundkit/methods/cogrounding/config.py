@@ -27,6 +27,13 @@ class CoGroundingDataConfig:
     lists) or ``vid`` (the co-grounding ``VID_video_level_<split>.pth`` index or VID-Sentence files)."""
 
     kind: Literal["refcoco", "transvg", "vid"] = "refcoco"
+    # the built-in world: data.synth_size (tiny|small|medium|large) names it, data.world_task picks the task
+    # (refexp for images, video for clips); the application layer (groundkit.world.resolve_world) builds it
+    # and sets data.root, which stands for data_root (refcoco) or index_root=<root>/VID + image_root (vid)
+    root: str = ""
+    synth_size: str = ""
+    synth_seed: int = 0
+    world_task: Literal["", "refexp", "video"] = ""
     # refcoco (refer API): <data_root>/<dataset>/refs(<split_by>).p + instances.json; images in image_root
     data_root: str = ""
     dataset: str = "refcoco"
@@ -53,6 +60,9 @@ class CoGroundingDataConfig:
     affine: bool = True  # random affine (rot 5, translate 0.1, scale 0.9-1.1, shear 2)
     shared_clip_geometry: bool = True  # improved: one affine for all frames of a clip; reference: per frame
     cache_backbone: bool = False  # with a frozen backbone and no geometric/colour jitter: backbone maps computed once
+    # with cache_backbone: a folder where each split's maps are kept on disk (one file per backbone, image size and
+    # image list), so that seeds and variants of a sweep compute them once; "" keeps them in memory only
+    feature_cache: str = ""
 
 
 @dataclass
@@ -70,6 +80,9 @@ class CoGroundingModelConfig:
     max_tokens: int = 20  # official --time 20
     dim: int = 512  # official emb_size 512
     co_attention: bool = True  # CG-SL-Att; False = SL-Att (image model / single-frame baseline)
+    # not official: top-down path over the mapped scales (coarse -> fine) for backbones without a YOLO neck
+    # (EfficientNet-Lite0); the Darknet-53 backbone already ends in the YOLOv3 neck
+    top_down: bool = False
     attention_temperature: float = 10.0
     bn_momentum_official: bool = False  # reference: BatchNorm momentum 0.999 (running stats ~ the last batch)
     anchors: list[list[float]] = field(

@@ -14,7 +14,10 @@ images, each image's maps computed once (per flip) by the frozen backbone.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,7 +30,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ...errors import DataError
 from ...formats import refcoco, transvg, vid_sentence
-from ...transforms import LetterboxInfo, hsv_scale, swap_left_right
+from ...transforms import LetterboxInfo, hsv_scale, letterbox_info, swap_left_right
 from ...transforms import letterbox as _letterbox
 from .config import CoGroundingConfig
 from .text import build_tokenizer
@@ -80,9 +83,10 @@ def load_image_samples(cfg: CoGroundingConfig, split: str) -> list[ImageSample]:
     """Samples of one named split (``train``, ``val``, ``testA`` ...) from refer-API files or TransVG lists."""
     d = cfg.data
     if d.kind == "refcoco":
-        if not d.data_root:
+        data_root = d.data_root or d.root
+        if not data_root:
             raise DataError("data.data_root is empty (the folder holding <dataset>/refs(<split_by>).p)")
-        data = refcoco.load_refer(d.data_root, d.dataset, d.split_by, d.image_root or None)
+        data = refcoco.load_refer(data_root, d.dataset, d.split_by, d.image_root or None)
         objects: dict[int, list] = {}
         for a in data.anns.values():
             x, y, w, h = (float(v) for v in a["bbox"])
@@ -108,9 +112,11 @@ def load_videos(cfg: CoGroundingConfig, split: str) -> list[VideoSample]:
     """One :class:`VideoSample` per (track, caption) of ``split``."""
     d = cfg.data
     out: list[VideoSample] = []
-    if d.index_root:
-        path = Path(d.index_root) / f"VID_video_level_{split}.pth"
-        for i, frames in enumerate(vid_sentence.load_video_level(path, image_root=d.image_root or None)):
+    index_root = d.index_root or (str(Path(d.root) / "VID") if d.root else "")
+    image_root = d.image_root or d.root
+    if index_root:
+        path = Path(index_root) / f"VID_video_level_{split}.pth"
+        for i, frames in enumerate(vid_sentence.load_video_level(path, image_root=image_root or None)):
             out.append(
                 VideoSample(
                     [p for p, _, _ in frames], np.stack([b for _, b, _ in frames]), frames[0][2], f"{split}/{i}"
@@ -140,6 +146,15 @@ def read_image(path: str | Path) -> Image.Image:
             return im.convert("RGB")
     except (UnidentifiedImageError, OSError) as e:
         raise DataError(f"{p}: not a readable image ({e.__class__.__name__})") from None
+
+
+def _image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) from the file header (no decoding), or the clear error of :func:`read_image`."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (UnidentifiedImageError, OSError):
+        return read_image(path).size
 
 
 Letterbox = LetterboxInfo  # maps boxes to the canvas (to_letterbox) and back to original pixels (to_original)
@@ -195,6 +210,7 @@ class _Base:
         self.epoch = 0
         self._backbone: torch.nn.Module | None = None
         self._cache: dict[tuple[str, bool], list[torch.Tensor]] = {}
+        self._sizes: dict[str, tuple[int, int]] = {}  # image path -> (width, height)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -203,21 +219,61 @@ class _Base:
         return random.Random(hash((self.cfg.train.seed, self.epoch, index)) & 0xFFFFFFFF)
 
     def attach_backbone(self, backbone: torch.nn.Module | None) -> None:
-        """Serve backbone maps (computed once per image and flip) instead of images."""
+        """Serve backbone maps (computed once per image and flip) instead of images; with
+        ``data.feature_cache`` every map of the split is read from (or computed once into) a file there."""
         self._backbone = backbone
+        if backbone is not None and self.cfg.data.feature_cache and not self._cache:
+            self._load_feature_file(self.feature_keys())
+
+    def feature_keys(self) -> list[tuple[str, bool]]:
+        """Every (image path, flipped) whose maps this dataset can ask for."""
+        raise NotImplementedError
+
+    def _flips(self) -> tuple[bool, ...]:
+        d = self.cfg.data
+        return (False, True) if (self.train and d.augment and d.flip) else (False,)
+
+    def feature_file(self, keys: list[tuple[str, bool]]) -> Path:
+        """The cache file of ``keys`` under ``data.feature_cache``: named by a hash of the backbone settings,
+        the letterbox size and the keys, so a different image list or backbone never reads stale maps."""
+        m = self.cfg.model
+        ident = [m.backbone, m.pretrained, m.darknet_weights, m.darknet_width, self.size, sorted(keys)]
+        tag = hashlib.sha1(json.dumps(ident).encode()).hexdigest()[:16]
+        return Path(self.cfg.data.feature_cache) / f"{m.backbone}_{self.size}px_{tag}.pt"
+
+    def _load_feature_file(self, keys: list[tuple[str, bool]]) -> None:
+        path = self.feature_file(keys)
+        if path.is_file():
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            for i, (p, f) in enumerate(blob["keys"]):
+                self._cache[(p, bool(f))] = [m[i] for m in blob["maps"]]
+            return
+        self._features(keys)
+        maps = [torch.stack([self._cache[k][s] for k in keys]) for s in range(3)]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save({"keys": [[p, f] for p, f in keys], "maps": maps}, tmp)
+        os.replace(tmp, path)  # atomic: parallel runs of a sweep never read a half-written file
 
     def _frame(
         self, path: Path, box: np.ndarray, flip: bool, rng: random.Random | None, affine: np.ndarray | None
     ) -> tuple[torch.Tensor | None, np.ndarray, Letterbox]:
         d = self.cfg.data
+        if self._backbone is not None:  # cached maps: only the letterbox record is needed, not the pixels
+            key = str(path)
+            if key not in self._sizes:
+                self._sizes[key] = _image_size(path)
+            lb = letterbox_info(*self._sizes[key], self.size)
+            b = lb.to_letterbox(np.asarray(box, dtype=np.float64))
+            if flip:
+                b = np.array([self.size - b[2], b[1], self.size - b[0], b[3]])
+            return None, np.clip(b, 0, self.size), lb
         img = read_image(path)
         lb_img, lb = letterbox(img, self.size)
         b = lb.to_letterbox(np.asarray(box, dtype=np.float64))
         if flip:
             lb_img = lb_img.transpose(Image.FLIP_LEFT_RIGHT)
             b = np.array([self.size - b[2], b[1], self.size - b[0], b[3]])
-        if self._backbone is not None:
-            return None, np.clip(b, 0, self.size), lb
         if rng is not None and d.hsv_jitter > 0:
             lb_img = hsv_jitter(lb_img, d.hsv_jitter, rng, d.hsv_saturation_bug)
         if affine is not None:
@@ -272,6 +328,10 @@ class RefExpDataset(_Base):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def feature_keys(self) -> list[tuple[str, bool]]:
+        paths = dict.fromkeys(str(s.path) for s in self.samples)
+        return [(p, f) for p in paths for f in self._flips()]
+
     def item(self, index: int) -> dict:
         s = self.samples[index]
         flip, rng = self._augment_plan(index)
@@ -305,6 +365,10 @@ class VideoClipDataset(_Base):
     def __len__(self) -> int:
         return len(self.index)
 
+    def feature_keys(self) -> list[tuple[str, bool]]:
+        paths = dict.fromkeys(str(p) for v in self.videos for p in v.paths)
+        return [(p, f) for p in paths for f in self._flips()]
+
     def items(self, index: int) -> list[dict]:
         v, t = self.index[index]
         vid = self.videos[v]
@@ -336,6 +400,9 @@ class VideoEvalSet(_Base):
 
     def __len__(self) -> int:
         return len(self.videos)
+
+    def feature_keys(self) -> list[tuple[str, bool]]:
+        return [(p, False) for p in dict.fromkeys(str(p) for v in self.videos for p in v.paths)]
 
     def video(self, i: int) -> dict[str, Any]:
         vid = self.videos[i]

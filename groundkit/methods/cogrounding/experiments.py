@@ -1,30 +1,33 @@
-"""The seed tables of docs/cogrounding.md: train and test each variant on a built-in world folder, 3 seeds.
+"""The seed tables of docs/cogrounding.md, built as :class:`groundkit.runs.RunSpec` lists on the built-in world.
 
-``python -m groundkit.methods.cogrounding.results image WORLD OUT [--seeds 0 1 2] [--set k=v ...]`` (refexp
-world) or ``video WORLD OUT`` (video world). Each run writes ``OUT/<variant>/seed<k>/`` (a normal run
-directory) and one line to ``OUT/results.jsonl``; ``summarize OUT`` prints mean ± std per variant.
+``python -m groundkit.methods.cogrounding.experiments image OUT [--size medium] [--seeds 0 1 2] [--jobs 2]
+[--set k=v ...]`` (refexp world, SL-Att and its baselines) or ``video OUT [--size small]`` (video world: single
+frame, co-grounding, + temporal loss). Every run is a normal run folder ``OUT/<variant>/seed<k>/``
+trained through :func:`groundkit.runs.run_many`, so a rerun reuses finished runs and resumes killed ones;
+the frozen backbone's maps are computed once per split into ``OUT/features`` and shared by every run.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
-from ...config import load_config
-from ...engine import fit
-from .. import get_method
+from ...runs import RunResult, RunSpec, format_table, run_many, seed_specs, summarize, write_summary
 
-__all__ = ["IMAGE_VARIANTS", "VIDEO_VARIANTS", "run_variants", "summarize"]
-
-CONFIG_DIR = Path(__file__).parent / "configs"
+__all__ = [
+    "IMAGE_VARIANTS",
+    "VIDEO_VARIANTS",
+    "IMAGE_KEYS",
+    "VIDEO_KEYS",
+    "table_specs",
+    "run_table",
+    "tables",
+    "main",
+]
 
 #: variant -> (shipped config, overrides)
 IMAGE_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -35,97 +38,75 @@ VIDEO_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "co-grounding (CG-SL-Att)": ("world_video", {}),
     "co-grounding + temporal loss": ("world_video", {"loss.temporal_weight": 5.0}),
 }
+IMAGE_KEYS = ("testA/Acc@0.5", "testB/Acc@0.5", "Acc@0.5", "random_object", "largest_object", "upper_bound")
+VIDEO_KEYS = ("Acc@0.5", "Acc@0.5 (post)")
 
 
-def _world_overrides(kind: str, world: Path) -> dict[str, Any]:
-    if kind == "image":
-        return {"data.data_root": str(world)}
-    return {"data.index_root": str(world / "VID"), "data.image_root": str(world)}
-
-
-def run_variants(
+def table_specs(
     kind: str,
-    world: str | Path,
     out: str | Path,
     seeds: list[int],
+    size: str = "",
     extra: dict[str, Any] | None = None,
     names: list[str] | None = None,
-) -> list[dict[str, Any]]:
-    method = get_method("cogrounding")
+) -> list[RunSpec]:
+    """One :func:`~groundkit.runs.seed_specs` group per variant of the ``image`` or ``video`` table.
+
+    ``size`` picks the world (default: the config's ``data.synth_size``); ``extra`` overrides every run.
+    """
     variants = IMAGE_VARIANTS if kind == "image" else VIDEO_VARIANTS
-    world, out = Path(world), Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    out = Path(out)
+    common: dict[str, Any] = {"data.feature_cache": str(out / "features")}
+    if size:
+        common["data.synth_size"] = size
+    specs: list[RunSpec] = []
     for name in names or list(variants):
         cfg_name, ov = variants[name]
-        for seed in seeds:
-            run_dir = out / name.split(" (")[0].replace(" ", "_").replace("+", "plus") / f"seed{seed}"
-            o = {
-                **_world_overrides(kind, world),
-                **ov,
-                **(extra or {}),
-                "train.seed": seed,
-                "train.output_dir": str(run_dir),
-            }
-            cfg = load_config(method.config_class, CONFIG_DIR / f"{cfg_name}.yaml", o)
-            t0 = time.time()
-            res = fit(method, cfg, final_split="test")
-            row = {
-                "variant": name,
-                "seed": seed,
-                "seconds": round(time.time() - t0, 1),
-                "steps": res["steps"],
-                "val": res.get("best", {}),
-                "test": res.get("final", {}),
-                "overrides": o,
-            }
-            rows.append(row)
-            with open(out / "results.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-    return rows
+        specs += seed_specs(name, "cogrounding", cfg_name, seeds, out, overrides={**common, **ov, **(extra or {})})
+    return specs
 
 
-def summarize(out: str | Path, split: str = "test") -> str:
-    rows = [json.loads(ln) for ln in open(Path(out) / "results.jsonl") if ln.strip()]
-    by: dict[str, list[dict]] = {}
-    for r in rows:
-        by.setdefault(r["variant"], []).append(r)
-    keys: list[str] = []
-    for r in rows:
-        keys += [k for k in r[split] if k not in keys and k != "samples"]
-    lines = ["| variant | seeds | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
-    for name, rs in by.items():
-        cells = []
-        for k in keys:
-            v = [r[split][k] for r in rs if k in r[split]]
-            if not v:
-                cells.append("")
-                continue
-            m = sum(v) / len(v)
-            sd = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
-            cells.append(f"{m:.2f} ± {sd:.2f}")
-        lines.append(f"| {name} | {len(rs)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def tables(kind: str, results: list[RunResult]) -> str:
+    """Test-split table (mean ± std over seeds) and, for video, the validation table of the selected epochs."""
+    keys = IMAGE_KEYS if kind == "image" else VIDEO_KEYS
+    text = format_table(summarize(results, keys), keys)
+    best = summarize(results, ("Acc@0.5",), source="best")
+    text += "\n\nvalidation (selected epoch):\n\n" + format_table(best, ("Acc@0.5",), header=["variant", "val Acc@0.5"])
+    return text
+
+
+def run_table(
+    kind: str,
+    out: str | Path,
+    seeds: list[int],
+    size: str = "",
+    extra: dict[str, Any] | None = None,
+    names: list[str] | None = None,
+    jobs: int = 1,
+    threads: int | None = 1,
+) -> tuple[list[RunResult], str]:
+    """Train (or reuse) every run of one table (``threads`` torch threads per run); writes ``OUT/summary.json``
+    and returns the results and the table."""
+    results = run_many(table_specs(kind, out, seeds, size, extra, names), jobs=jobs, threads=threads)
+    keys = IMAGE_KEYS if kind == "image" else VIDEO_KEYS
+    write_summary(Path(out) / "summary.json", results, keys)
+    return results, tables(kind, results)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m groundkit.methods.cogrounding.results")
-    p.add_argument("kind", choices=["image", "video", "summarize"])
-    p.add_argument("world", help="world folder (image/video) or the results folder (summarize)")
-    p.add_argument("out", nargs="?", default=None)
+    p = argparse.ArgumentParser(prog="python -m groundkit.methods.cogrounding.experiments")
+    p.add_argument("kind", choices=["image", "video"])
+    p.add_argument("out", help="results folder (one run folder per variant and seed)")
+    p.add_argument("--size", default="", help="world size (default: the config's data.synth_size)")
     p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     p.add_argument("--variants", nargs="*", default=None)
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
-    p.add_argument("--split", default="test")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--jobs", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     a = p.parse_args(argv)
-    if a.kind == "summarize":
-        print(summarize(a.world, a.split))
-        return 0
-    torch.set_num_threads(a.threads)
     extra = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in a.set)}
-    run_variants(a.kind, a.world, a.out, a.seeds, extra, a.variants)
-    print(summarize(a.out))
+    _, table = run_table(a.kind, a.out, a.seeds, a.size, extra, a.variants, a.jobs, a.threads)
+    print(table)
     return 0
 
 

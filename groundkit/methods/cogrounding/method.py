@@ -62,6 +62,7 @@ def build_model(cfg: CoGroundingConfig) -> CoGroundingNet:
         anchors=m.anchors,
         anchor_reference=m.anchor_reference,
         freeze_backbone=m.freeze_backbone,
+        top_down=m.top_down,
     )
 
 
@@ -103,6 +104,13 @@ class CoGroundingMethod(Method):
 
     def _check(self, cfg: CoGroundingConfig) -> None:
         d = cfg.data
+        if d.world_task and (d.world_task == "video") != (d.kind == "vid"):
+            raise ConfigError(f"data.world_task={d.world_task!r} does not fit data.kind={d.kind!r}")
+        if d.synth_size and not d.root:
+            raise ConfigError(
+                "data.synth_size names the built-in world but data.root is empty: build it with "
+                "groundkit.world.resolve_world (groundkit train and groundkit.runs do)"
+            )
         if d.cache_backbone and not cfg.model.freeze_backbone:
             raise ConfigError("data.cache_backbone needs model.freeze_backbone=true")
         if d.image_size % 32:

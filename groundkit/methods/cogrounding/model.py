@@ -207,7 +207,8 @@ class CoGroundingNet(nn.Module):
     Parameters: ``backbone`` (a :class:`~groundkit.methods.cogrounding.backbones.Backbone`),
     ``text_encoder`` (LSTM or transformer, contract of :class:`LSTMTextEncoder`), ``image_size``
     ``S`` (the letterbox side; the relation layer is sized by the cells of that input),
-    ``dim`` ``D``, ``co_attention`` (CG-SL-Att when True), ``bn_momentum`` (0.999 = official).
+    ``dim`` ``D``, ``co_attention`` (CG-SL-Att when True), ``bn_momentum`` (0.999 = official),
+    ``top_down`` (add each coarser scale's mapped features, upsampled, to the next finer one).
 
     The three stages are separate methods so that a video's frames are encoded once and reused by
     every window (:meth:`encode_frames`, :meth:`encode_text`, :meth:`ground`); :meth:`forward`
@@ -227,6 +228,7 @@ class CoGroundingNet(nn.Module):
         anchor_reference: float = 416.0,
         freeze_backbone: bool = False,
         lang_dropout: float = 0.1,
+        top_down: bool = False,
     ):
         super().__init__()
         if image_size % 32:
@@ -241,6 +243,10 @@ class CoGroundingNet(nn.Module):
         self.n_cells = sum(g * g for g in self.grids)
         D = dim
         self.visu_map = nn.ModuleList(ConvBNReLU(c, D, 1, bn_momentum) for c in backbone.channels)
+        # top-down path (not official): a backbone without a detection neck (EfficientNet-Lite0 taps) gives the
+        # fine scales only low-level features; v_s += upsample(v_{s-1}) carries the coarse scale's semantics
+        # down, as the YOLOv3 neck inside the official Darknet backbone does
+        self.top_down = top_down
         self.corr_conv = (
             nn.ModuleList(ConvBNReLU(2 * D, D, 1, bn_momentum) for _ in self.grids) if co_attention else None
         )
@@ -296,7 +302,11 @@ class CoGroundingNet(nn.Module):
                     backbone_feats = self.backbone(images)
             else:
                 backbone_feats = self.backbone(images)
-        return [l2n(m(f), dim=1) for m, f in zip(self.visu_map, backbone_feats)]
+        maps = [m(f) for m, f in zip(self.visu_map, backbone_feats)]
+        if self.top_down:
+            for s in range(1, len(maps)):
+                maps[s] = maps[s] + F.interpolate(maps[s - 1], size=maps[s].shape[-2:], mode="nearest")
+        return [l2n(v, dim=1) for v in maps]
 
     # ---------------------------------------------------------------- stage 2: text
 
