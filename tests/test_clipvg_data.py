@@ -92,3 +92,10 @@ def test_direction_words_are_never_cropped(tiny_data):
         assert max(rows, cols) == 64 and (rows, cols) != (64, 32)
         b = other["box"]
         assert bool(((b[:2] - b[2:] / 2) >= -1e-4).all() and ((b[:2] + b[2:] / 2) <= 1 + 1e-4).all())
+
+
+def test_default_feature_cache_is_outside_the_data(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("GROUNDKIT_FEATURE_CACHE", str(tmp_path / "features"))
+    tiny_data.cache_dir = ""
+    ds = GroundingSet(load_samples(tiny_data, "val"), tiny_data)
+    assert ds._cache_dir() == tmp_path / "features" / "clipvg"  # never beside the (checksummed) splits

@@ -66,7 +66,7 @@ class ClipVGData:
     color_jitter_prob: float = 0.8
     aug_translate: bool = True  # random letterbox offset in training
     cache_features: bool = True  # cache the frozen encoders' outputs (used only where the pipeline is deterministic)
-    cache_dir: str = ""  # "" = <split_root>/../.clipvg_cache
+    cache_dir: str = ""  # "" = $GROUNDKIT_FEATURE_CACHE or ~/.cache/groundkit-features, under clipvg/
 
 
 @dataclass

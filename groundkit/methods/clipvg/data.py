@@ -188,7 +188,11 @@ class GroundingSet:
     def _cache_dir(self) -> Path:
         if self.d.cache_dir:
             return Path(self.d.cache_dir)
-        return Path(self.d.split_root).resolve().parent / ".clipvg_cache"
+        # never inside the data folders (a checksummed world would count the cache as corruption)
+        base = os.environ.get("GROUNDKIT_FEATURE_CACHE") or os.path.join(
+            os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "groundkit-features"
+        )
+        return Path(base) / "clipvg"
 
     @torch.no_grad()
     def attach_cache(self, model: Any, device: torch.device, batch_size: int = 64) -> bool:
@@ -198,7 +202,8 @@ class GroundingSet:
             return False
         d, enc = self.d, model.encoders
         tag = f"{enc.fingerprint()}|imsize={d.imsize}|norm={model.pix_mean.flatten().tolist()}"
-        key = hashlib.sha1(tag.encode()).hexdigest()[:16]
+        img_tag = f"{tag}|root={self.image_root.resolve() if self.image_root else ''}"
+        key = hashlib.sha1(img_tag.encode()).hexdigest()[:16]
         root = self._cache_dir()
         files = sorted({s.img_file for s in self.samples})
         img_store = _load_store(root / f"images-{key}.pt")
