@@ -12,16 +12,19 @@ written checkpoint; ``latest`` (a one-line text file, also replaced atomically) 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from .errors import GroundkitError
@@ -35,6 +38,9 @@ __all__ = [
     "rng_state",
     "set_rng_state",
     "atomic_write_text",
+    "atomic_path",
+    "atomic_dir",
+    "read_meta",
     "CheckpointError",
 ]
 
@@ -58,6 +64,41 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` for a writer; renamed to ``path`` when the block succeeds and
+    removed when it fails, so a failed or killed conversion never leaves a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Like :func:`atomic_path` for a directory: filled under a temporary name, then put in place of
+    ``path`` (an existing ``path`` is replaced); removed entirely when the block fails."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def rng_state() -> dict[str, Any]:
@@ -149,8 +190,24 @@ def load_weights(model: torch.nn.Module, path: str | Path, strict: bool = True) 
     p = _weights_file(path)
     try:
         load_model(_unwrap(model), str(p), strict=strict)
+    except SafetensorError as e:
+        raise CheckpointError(f"{p}: not a readable safetensors file, truncated or corrupt ({e})") from None
     except RuntimeError as e:
         raise CheckpointError(f"{p}: weights do not match the model built from the config: {e}") from None
+
+
+def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:
+    """A checkpoint's ``meta.json``; a missing or unreadable one is a :class:`CheckpointError`."""
+    p = Path(ckpt_dir) / "meta.json"
+    try:
+        meta = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{p}: missing (not a complete checkpoint)") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{p}: not readable JSON, truncated or corrupt ({e})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{p}: expected a JSON object, got {type(meta).__name__}")
+    return meta
 
 
 def load_checkpoint(
@@ -168,8 +225,11 @@ def load_checkpoint(
     state_path = ckpt_dir / "training_state.pt"
     if not meta_path.is_file() or not state_path.is_file():
         raise CheckpointError(f"{ckpt_dir}: incomplete checkpoint (need meta.json and training_state.pt)")
-    meta = json.loads(meta_path.read_text())
-    state = torch.load(state_path, map_location=map_location, weights_only=True)
+    meta = read_meta(ckpt_dir)
+    try:
+        state = torch.load(state_path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated zip, garbage bytes, or a pickle that is not plain tensors
+        raise CheckpointError(f"{state_path}: not a readable training state, truncated or corrupt ({e})") from None
     if optimizer is not None and "optimizer" in state:
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and "scheduler" in state:
@@ -185,7 +245,13 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     pointer = Path(run_dir) / "checkpoints" / "latest"
     if not pointer.is_file():
         return None
-    p = Path(run_dir) / "checkpoints" / pointer.read_text().strip()
+    try:
+        name = pointer.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not name or "/" in name:
+        return None
+    p = Path(run_dir) / "checkpoints" / name
     return p if (p / "model.safetensors").is_file() and (p / "meta.json").is_file() else None
 
 

@@ -9,6 +9,7 @@ with a message naming the key and listing the valid ones.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -104,11 +105,33 @@ class TrainConfig:
     ckpt_every_steps: int = 0  # >0: also checkpoint every N steps (for resume)
     log_every: int = 10
     num_workers: int = 0
+    threads: int = 0  # torch threads; 0: the cores this process may use, shared with other groundkit trainings
     init_from: str = ""  # start from these weights (a run directory, checkpoint directory or .safetensors)
     subset: str = ""  # train only on these samples of the training split (JSON list or one index per line)
     output_dir: str = "runs/default"
     tensorboard: bool = True
-    progress: bool = True
+    progress: bool = True  # false: quiet (no progress bar, no per-evaluation lines; log.jsonl keeps them)
+
+    def __post_init__(self) -> None:
+        for name, low in _TRAIN_MINIMA.items():
+            value = getattr(self, name)
+            if isinstance(value, int) and not isinstance(value, bool) and value < low:
+                raise ConfigError(f"train.{name}={value}: must be >= {low}")
+
+
+#: the smallest valid value of TrainConfig's integer knobs
+_TRAIN_MINIMA = {
+    "epochs": 0,
+    "max_steps": 0,
+    "batch_size": 1,
+    "eval_batch_size": 1,
+    "eval_every": 0,
+    "eval_every_steps": 0,
+    "ckpt_every_steps": 0,
+    "log_every": 1,
+    "num_workers": 0,
+    "threads": 0,
+}
 
 
 @dataclass
@@ -260,9 +283,11 @@ def _set_key(d: dict, cls: type, dotted: str, raw: Any) -> None:
             cur[p] = raw
         else:
             nxt = cur.get(p)
-            if not isinstance(nxt, dict):
+            if nxt is None:
                 nxt = {}
                 cur[p] = nxt
+            elif not isinstance(nxt, dict):
+                raise ConfigError(f"{'.'.join(parts[: i + 1])}: expected a mapping (a config section), got {nxt!r}")
             cur = nxt
             cur_cls = typing.get_type_hints(cur_cls)[p]
 
@@ -280,8 +305,9 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 
 def apply_overrides(cls: type[T], data: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
-    """Apply ``key.sub=value`` overrides to a config dict (validated against ``cls``)."""
-    out = _merge({}, data)
+    """Apply ``key.sub=value`` overrides to a copy of a config dict (validated against ``cls``); ``data``
+    and its nested dicts are left unchanged."""
+    out = copy.deepcopy(data)
     items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides)
     for k, v in items:
         _set_key(out, cls, k, v)
@@ -314,8 +340,24 @@ def resolve_config_path(method: str, name_or_path: str | Path) -> Path:
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    """A YAML mapping; an unreadable file or a syntax error is a :class:`ConfigError` naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        if not text.strip():
+            raise ConfigError(f"{path}: the config file is empty")
+        data = yaml.safe_load(text) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (expected YAML)") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: YAML syntax error{where}: {problem}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     return data
@@ -334,7 +376,7 @@ def load_config(
     """
     data: dict[str, Any] = {}
     if isinstance(source, dict):
-        data = dict(source)
+        data = copy.deepcopy(source)
     elif source is not None:
         path = resolve_config_path(method, source) if method else Path(source)
         data = load_yaml(path)
@@ -348,7 +390,11 @@ def load_config(
             base_data.pop("method", None)
             data = _merge(base_data, data)
     if overrides:
-        data = apply_overrides(cls, data, overrides)
+        try:
+            data = apply_overrides(cls, data, overrides)
+        except ConfigError as e:
+            where = f" (in {source})" if isinstance(source, (str, Path)) and "expected a mapping" in str(e) else ""
+            raise ConfigError(f"{e}{where}") from None
     try:
         return from_dict(cls, data)
     except ConfigError as e:

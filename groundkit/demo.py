@@ -19,8 +19,8 @@ from typing import Any
 from .methods import available_methods
 from .methods.wang21.experiments import format_table as wang21_table
 from .methods.wang21.experiments import sweep_specs
-from .runs import RunResult, format_table, run_many, seed_specs, summarize, write_summary
-from .world import generate
+from .runs import RunResult, default_threads, format_table, run_many, seed_specs, summarize, write_summary
+from .world import default_root, generate
 
 __all__ = ["add_demo_args", "run_demo", "DEMOS"]
 
@@ -38,9 +38,15 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
 
 def _wang21(args: argparse.Namespace, seeds: list[int], out: Path) -> tuple[list[RunResult], str]:
     world = generate("phrase", size=args.size, seed=args.world_seed)
+    _WORLDS.append(Path(world))
     variants = ["NCE (reference)", "NCE+Distill (reference)", "+ log-prob teacher, tempered student"]
     extra = {"train.epochs": args.epochs} if args.epochs else {}
-    results = run_many(sweep_specs(world, out / "wang21", seeds, variants, extra), jobs=args.jobs)
+    results = run_many(
+        sweep_specs(world, out / "wang21", seeds, variants, extra),
+        jobs=args.jobs,
+        threads=_threads(args),
+        desc="wang21 runs",
+    )
     return results, wang21_table(results).replace("| variant |", "| wang21 (phrase grounding, test) |", 1)
 
 
@@ -56,7 +62,9 @@ def _crosskd(args: argparse.Namespace, seeds: list[int], out: Path) -> tuple[lis
     specs = [
         s for label, name in variants for s in seed_specs(label, "crosskd", name, seeds, out / "crosskd", overrides=o)
     ]
-    results = run_many(specs, jobs=args.jobs)
+    root = Path(generate("retrieval", size=args.size, seed=args.world_seed, progress=True))  # with its progress bar
+    _WORLDS.extend([root, root.with_name(root.name + ".store")])
+    results = run_many(specs, jobs=args.jobs, threads=_threads(args), desc="crosskd runs")
     keys = ["t2v_R1", "t2v_R5", "t2v_R10", "t2v_MedR"]
     table = format_table(summarize(results, keys), keys, header="crosskd (text-to-video, test)")
     done = [r for r in results if r.ok]
@@ -65,6 +73,15 @@ def _crosskd(args: argparse.Namespace, seeds: list[int], out: Path) -> tuple[lis
         table += f"\n| chance | {100 / n_videos:.2f} | {500 / n_videos:.2f} | {1000 / n_videos:.2f} | {(n_videos + 1) / 2:.1f} | |"
     return results, table
 
+
+def _threads(args: argparse.Namespace) -> int:
+    """Fixed torch threads per run (the usable cores divided among ``--jobs``): float results depend on
+    the thread count, so the demo's numbers repeat exactly on a machine with as many cores."""
+    return default_threads(args.jobs)
+
+
+#: the built-in world folders the demo used (reported with their size at the end)
+_WORLDS: list[Path] = []
 
 #: method name -> the demo of its ablation table
 DEMOS: dict[str, Callable[[argparse.Namespace, list[int], Path], tuple[list[RunResult], str]]] = {
@@ -102,4 +119,21 @@ def run_demo(args: argparse.Namespace) -> int:
     md += [results["methods"][m]["table"] + "\n" for m in results["methods"]]
     (out / "demo_results.md").write_text("\n".join(md))
     print(f"results: {out / 'demo_results.md'}")
+    ckpt = sum(_size(p) for p in out.rglob("checkpoints"))
+    worlds = sorted(set(_WORLDS))
+    print(
+        f"disk: {_mb(_size(out))} under {out} ({_mb(ckpt)} of it checkpoints; delete the folder when done), "
+        f"{_mb(sum(_size(w) for w in worlds))} of built-in worlds ({', '.join(w.name for w in worlds)}) "
+        f"cached under {default_root()} (GROUNDKIT_DATA moves them)"
+    )
     return 0
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.0f} MB"

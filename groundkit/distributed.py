@@ -1,8 +1,15 @@
-"""Process-group set-up from torchrun/SLURM environment variables, and small collectives."""
+"""Process-group set-up from torchrun/SLURM environment variables, small collectives, and the CPU
+threads of a process (the cores it may really use, shared with the other groundkit trainings on the
+machine: see :class:`CoreShare`)."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import tempfile
+import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +26,8 @@ __all__ = [
     "all_gather_with_grad",
     "all_reduce_flag",
     "cleanup",
+    "usable_cores",
+    "CoreShare",
 ]
 
 
@@ -111,3 +120,146 @@ def all_reduce_flag(flag: bool) -> bool:
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- CPU threads
+
+try:  # POSIX advisory locks; elsewhere the share degrades to "alone"
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+
+def _cgroup_cpu_limit() -> float | None:
+    """CPUs allowed by a cgroup quota (v2 ``cpu.max`` or v1 ``cfs_quota``), None when unlimited/unknown."""
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        period_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        return quota_us / period_us if quota_us > 0 and period_us > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def _affinity() -> set[int]:
+    try:
+        return set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return set(range(os.cpu_count() or 1))
+
+
+def usable_cores() -> int:
+    """CPU cores this process may really use: its affinity mask (not the machine's count), capped by a
+    cgroup CPU quota when there is one; at least 1."""
+    n = len(_affinity())
+    limit = _cgroup_cpu_limit()
+    if limit is not None:
+        n = min(n, int(limit))
+    return max(1, n)
+
+
+def _share_dir() -> Path:
+    """Where the trainings of this user register (``$GROUNDKIT_SHARE_DIR`` or the temp folder)."""
+    env = os.environ.get("GROUNDKIT_SHARE_DIR")
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    return Path(env) if env else Path(tempfile.gettempdir()) / f"groundkit-{uid}" / "trainings"
+
+
+class CoreShare:
+    """The torch thread count of one training, shared with the other groundkit trainings on this machine.
+
+    With ``requested > 0`` the count is fixed. With ``requested == 0`` (``train.threads: 0``) the process
+    registers itself (a file it keeps locked in :func:`_share_dir`, released by the kernel if the process
+    dies) and uses ``usable_cores() // n`` threads, ``n`` being the number of live registered trainings
+    whose cores overlap its own (and at most ``OMP_NUM_THREADS`` when that is set); :meth:`refresh`
+    re-counts every ``interval`` seconds, so a training that starts or ends beside it changes its thread
+    count within seconds. Two trainings on a 2-core machine thus run on one thread each instead of four
+    threads fighting over two cores (OpenMP threads that wait on each other slow both runs down many
+    times over). Float results can depend on the thread count: set ``train.threads`` for bit-exact
+    repeats of a run on a busy machine.
+    """
+
+    def __init__(self, requested: int = 0, interval: float = 2.0):
+        self.requested, self.interval = int(requested), float(interval)
+        self.cores = _affinity()
+        self._file: Any = None
+        self._path: Path | None = None
+        self._checked = 0.0
+        self.threads = self.requested if self.requested > 0 else usable_cores()
+        self._saved = torch.get_num_threads()
+
+    def __enter__(self) -> CoreShare:
+        if self.requested <= 0 and fcntl is not None:
+            with contextlib.suppress(OSError):
+                self._register()
+        self._apply(self._count() if self.requested <= 0 else self.requested, force=True)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _register(self) -> None:
+        d = _share_dir()
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = d / f".{os.getpid()}-{id(self)}.tmp"
+        f = open(tmp, "w")
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.write(json.dumps({"pid": os.getpid(), "cores": sorted(self.cores)}))
+        f.flush()
+        path = d / f"{os.getpid()}-{id(self)}.lock"
+        os.replace(tmp, path)  # visible only once locked: a reader never mistakes it for a dead one
+        self._file, self._path = f, path
+
+    def _live(self) -> int:
+        """Registered trainings (this one included) alive and sharing a core with this one."""
+        if self._path is None:
+            return 1
+        n = 0
+        for p in self._path.parent.glob("*.lock"):
+            if p == self._path:
+                n += 1
+                continue
+            try:
+                with open(p) as f:
+                    try:
+                        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except OSError:  # held: its owner is running
+                        info = json.loads(f.read() or "{}")
+                        if not info.get("cores") or self.cores & set(info["cores"]):
+                            n += 1
+                        continue
+                    p.unlink()  # its owner died without cleaning up
+            except (OSError, ValueError):
+                continue
+        return max(1, n)
+
+    def _count(self) -> int:
+        n = usable_cores() // self._live()
+        cap = os.environ.get("OMP_NUM_THREADS", "")
+        if cap.isdigit() and int(cap) > 0:  # the environment's own limit is kept
+            n = min(n, int(cap))
+        return max(1, n)
+
+    def _apply(self, n: int, force: bool = False) -> None:
+        if force or n != self.threads:
+            self.threads = n
+            torch.set_num_threads(n)
+        self._checked = time.monotonic()
+
+    def refresh(self) -> int:
+        """Re-count the trainings beside this one (at most every ``interval`` s); the current thread count."""
+        if self.requested <= 0 and time.monotonic() - self._checked >= self.interval:
+            self._apply(self._count())
+        return self.threads
+
+    def close(self) -> None:
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._path.unlink()
+            self._file.close()
+            self._file = self._path = None
+        torch.set_num_threads(self._saved)

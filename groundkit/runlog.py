@@ -1,4 +1,9 @@
-"""Run logging: a tqdm progress bar, TensorBoard scalars and a JSON-lines log (rank 0 only)."""
+"""Run logging: a tqdm progress bar, TensorBoard scalars and a JSON-lines log (rank 0 only).
+
+``progress=False`` is the quiet mode: no bar and no lines on stderr (evaluations, notes); everything
+still goes to ``log.jsonl``. A resumed run cuts ``log.jsonl`` back to where its checkpoint was taken
+(:meth:`RunLogger.offset` is stored in every checkpoint) and purges later TensorBoard steps, so the
+log holds each step once."""
 
 from __future__ import annotations
 
@@ -28,7 +33,16 @@ def format_metrics(metrics: dict[str, float], digits: int = 2) -> str:
 class RunLogger:
     """Writes ``log.jsonl`` (one record per logged step/eval) and TensorBoard events under ``run_dir``."""
 
-    def __init__(self, run_dir: str | Path, enabled: bool = True, tensorboard: bool = True, progress: bool = True):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        enabled: bool = True,
+        tensorboard: bool = True,
+        progress: bool = True,
+        resume_at: tuple[int, int] | None = None,
+    ):
+        """``resume_at=(log offset, step)``: continue a run whose checkpoint was taken when ``log.jsonl``
+        held ``offset`` bytes, at optimisation step ``step`` (later records and TensorBoard steps go)."""
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self.show_progress = progress and enabled
@@ -36,14 +50,31 @@ class RunLogger:
         self._tb = None
         if enabled:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._jsonl = open(self.run_dir / "log.jsonl", "a")
+            path = self.run_dir / "log.jsonl"
+            self._jsonl = open(path, "a")
+            if resume_at is not None and resume_at[0] < path.stat().st_size:
+                self._jsonl.truncate(max(0, resume_at[0]))
             if tensorboard:
                 try:
                     from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 (heavy, loaded on first use)
 
-                    self._tb = SummaryWriter(log_dir=str(self.run_dir / "tb"))
+                    purge = resume_at[1] + 1 if resume_at is not None else None
+                    self._tb = SummaryWriter(log_dir=str(self.run_dir / "tb"), purge_step=purge)
                 except ImportError:  # tensorboard is a dependency; stay usable without it
                     self._tb = None
+
+    def offset(self) -> int:
+        """Bytes written to ``log.jsonl`` so far (what a checkpoint records for a later resume)."""
+        if self._jsonl is None:
+            return 0
+        self._jsonl.flush()
+        return self._jsonl.tell()
+
+    def __enter__(self) -> RunLogger:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     def progress(self, total: int, initial: int = 0, desc: str = "") -> Any:
         if not self.show_progress:
@@ -76,12 +107,21 @@ class RunLogger:
         self.info(f"[{split} @ step {step}] {format_metrics(metrics)}")
 
     def info(self, msg: str) -> None:
+        """A note: on stderr unless quiet, always in ``log.jsonl``."""
         if self.enabled:
-            tqdm.write(msg, file=sys.stderr)
+            if self.show_progress:
+                tqdm.write(msg, file=sys.stderr)
             self._write({"kind": "info", "msg": msg})
 
-    def print_metrics(self, split: str, metrics: dict[str, float]) -> None:
+    def warn(self, msg: str) -> None:
+        """Something the user should see even in quiet mode (stderr and ``log.jsonl``)."""
         if self.enabled:
+            tqdm.write(f"warning: {msg}", file=sys.stderr)
+            self._write({"kind": "warning", "msg": msg})
+
+    def print_metrics(self, split: str, metrics: dict[str, float]) -> None:
+        """The final metrics on stdout (not in quiet mode: whoever ran a quiet training reports them)."""
+        if self.show_progress:
             print(f"{split}: {format_metrics(metrics)}", flush=True)
 
     def close(self) -> None:

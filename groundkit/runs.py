@@ -4,14 +4,14 @@ Every place that trains more than one model (the demo, the documentation tables,
 curriculum) describes each training as a :class:`RunSpec` and hands the list to :func:`run_many`,
 so that they all share one behaviour:
 
-- **one folder per run** holding the engine's files plus ``run.json`` (the spec, the resolved
-  config, the status, the metrics and the time), written atomically;
+- **one folder per run** holding the engine's files, among them ``run.json`` (status, steps, seconds,
+  metrics; the engine keeps it, this module adds the spec), written atomically;
 - **restartable**: a run whose ``run.json`` records a finished run of the same method, resolved
-  config and seed is *reused* without training, and a run that was killed is *resumed* from its
+  config and final split is *reused* without training, and a run that was killed is *resumed* from its
   latest checkpoint, so a killed sweep is simply started again. A folder whose checkpoints were
-  trained with a different config is never silently continued (see :func:`run_one`);
+  trained with a different config is never silently continued (the engine refuses, see :func:`run_one`);
 - **parallel without oversubscription**: ``jobs`` runs at a time in spawned processes, the CPU
-  cores this process may use divided among them (:func:`default_threads`);
+  cores this process may use divided among the trainings running at the time;
 - **isolated failures**: a failing run is reported with its error while the others go on;
 - **honest summaries**: :func:`summarize` gives mean, sample standard deviation (ddof=1) and the
   per-seed values; a single run has no standard deviation and is shown as ``mean ± —``.
@@ -19,7 +19,7 @@ so that they all share one behaviour:
 
 from __future__ import annotations
 
-import copy
+import ctypes
 import dataclasses
 import json
 import logging
@@ -27,7 +27,7 @@ import math
 import multiprocessing as mp
 import os
 import re
-import shutil
+import signal
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -41,9 +41,10 @@ import torch
 from tqdm import tqdm
 
 from . import engine
-from .checkpoint import atomic_write_text, latest_checkpoint
-from .config import load_config, method_of, to_dict
-from .errors import GroundkitError
+from .checkpoint import atomic_write_text
+from .config import load_config, to_dict
+from .distributed import usable_cores
+from .errors import ConfigMismatchError, GroundkitError
 from .methods import get_method
 from .world import resolve_world
 
@@ -65,13 +66,12 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: config keys that do not change what a run computes; left out when a folder's run is compared to a spec
-IGNORED_KEYS: tuple[str, ...] = ("train.output_dir", "train.progress", "train.tensorboard", "train.log_every")
+#: config keys that do not change what a run computes (the engine's list); left out when a folder's run
+#: is compared to a spec
+IGNORED_KEYS: tuple[str, ...] = engine.NEUTRAL_KEYS
 
-RUN_FILE = "run.json"
+RUN_FILE = engine.RUN_FILE
 METRICS_FILE = "metrics.json"
-#: what the engine and this module write into a run folder (removed by ``overwrite=True``, nothing else)
-_RUN_ARTEFACTS = ("checkpoints", "tb", METRICS_FILE, RUN_FILE, "config.yaml", "log.jsonl")
 
 
 class RunsFailedError(GroundkitError, RuntimeError):
@@ -172,40 +172,9 @@ class RunResult:
         return f"{head}: {metric}, {secs}{extra}"
 
 
-# ----------------------------------------------------------------------------- helpers
-
-
 def slug(label: str) -> str:
     """A folder name for a label: lower case, runs of other characters replaced by ``-``."""
     return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-") or "run"
-
-
-def _cgroup_cpu_limit() -> float | None:
-    """CPUs allowed by a cgroup quota (v2 ``cpu.max`` or v1 ``cfs_quota``), None when unlimited/unknown."""
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        return None if quota == "max" else int(quota) / int(period)
-    except (OSError, ValueError):
-        pass
-    try:
-        quota_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
-        period_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
-        return quota_us / period_us if quota_us > 0 and period_us > 0 else None
-    except (OSError, ValueError):
-        return None
-
-
-def usable_cores() -> int:
-    """CPU cores this process may really use: its affinity mask (not the machine's count), capped by a
-    cgroup CPU quota when there is one; at least 1."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        n = os.cpu_count() or 1
-    limit = _cgroup_cpu_limit()
-    if limit is not None:
-        n = min(n, int(limit))
-    return max(1, n)
 
 
 def default_threads(jobs: int) -> int:
@@ -219,46 +188,26 @@ def _resolve(spec: RunSpec) -> tuple[Any, Any]:
     if isinstance(method, str):
         method = get_method(method)
     overrides = {**spec.overrides, "train.seed": int(spec.seed), "train.output_dir": spec.output_dir}
-    # a deep copy: load_config's overrides write into the nested dicts of a dict source
-    source = str(spec.config) if isinstance(spec.config, Path) else copy.deepcopy(spec.config)
+    source = str(spec.config) if isinstance(spec.config, Path) else spec.config
     cfg = load_config(method.config_class, source, overrides, method=method.name)
-
-    return method, resolve_world(method, cfg)
-
-
-def _plain(obj: Any) -> Any:
-    """JSON round trip: tuples become lists, keys strings, so stored and fresh values compare equal."""
-    return json.loads(json.dumps(obj, sort_keys=True, default=str))
-
-
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix.rstrip("."): d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
-    return out
-
-
-def _comparable(cfg_dict: dict[str, Any]) -> dict[str, Any]:
-    flat = _flatten(_plain(cfg_dict))
-    return {k: v for k, v in flat.items() if k not in IGNORED_KEYS}
+    return method, method.resolve_config(resolve_world(method, cfg))
 
 
 def _identity(method_name: str, cfg: Any, final_split: str) -> dict[str, Any]:
-    """What a finished run must match to be reused: method, resolved config (less IGNORED_KEYS), seed, split."""
+    """What a finished run must match to be reused: method, resolved config (less IGNORED_KEYS), final split."""
+    flat = engine.flatten_config(to_dict(cfg))
     return {
         "method": method_name,
-        "config": _comparable(to_dict(cfg)),
-        "seed": int(cfg.train.seed),
+        "config": {k: v for k, v in flat.items() if k not in IGNORED_KEYS},
         "final_split": final_split,
     }
 
 
-def _differences(a: dict[str, Any], b: dict[str, Any], limit: int = 6) -> str:
-    keys = sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>"))
-    shown = [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in keys[:limit]]
-    return "; ".join(shown) + (f"; ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+def _main_metric(cfg: Any, metrics: Mapping[str, float]) -> str | None:
+    best = getattr(cfg.train, "best_metric", "")
+    if best and best in metrics:
+        return best
+    return next(iter(metrics), None)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -269,75 +218,8 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _best_metrics(out: Path) -> dict[str, float]:
-    meta = _read_json(out / "checkpoints" / "best" / "meta.json") or {}
-    return {k: float(v) for k, v in (meta.get("metrics") or {}).items()}
-
-
-def _main_metric(cfg: Any, metrics: Mapping[str, float]) -> str | None:
-    best = getattr(cfg.train, "best_metric", "")
-    if best and best in metrics:
-        return best
-    return next(iter(metrics), None)
-
-
-def _write_record(out: Path, spec: RunSpec, identity: dict[str, Any], status: str, **fields: Any) -> None:
-    record = {
-        "status": status,
-        "spec": spec.describe(),
-        "identity": identity,
-        **fields,
-        "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    atomic_write_text(out / RUN_FILE, json.dumps(record, indent=1, default=str))
-
-
-def _clear(out: Path) -> None:
-    for name in _RUN_ARTEFACTS:
-        p = out / name
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
-
-
-# ----------------------------------------------------------------------------- folder state
-
-
-@dataclass
-class _Plan:
-    action: Literal["reuse", "resume", "fresh", "conflict"]
-    record: dict[str, Any] | None = None
-    reason: str = ""
-
-
-def _plan(out: Path, identity: dict[str, Any], force_resume: bool) -> _Plan:
-    """What to do with ``out`` for a spec of ``identity``: reuse a finished run, resume, start, or refuse."""
-    record = _read_json(out / RUN_FILE)
-    same = record is not None and _plain(record.get("identity")) == _plain(identity)
-    metrics = _read_json(out / METRICS_FILE)
-    if same and metrics is not None:
-        if record.get("status") == "done" and metrics.get("split") == record.get("final_split"):
-            return _Plan("reuse", record)
-        if record.get("status") == "running" and _comparable(metrics.get("config") or {}) == identity["config"]:
-            # fit() finished and wrote metrics.json, but the process died before run.json said so
-            if (out / METRICS_FILE).stat().st_mtime >= float(record.get("started", math.inf)):
-                return _Plan("reuse", record, "finished before the record was written")
-    ckpt = latest_checkpoint(out)
-    if ckpt is not None:
-        meta = _read_json(ckpt / "meta.json") or {}
-        folder_method = method_of(out / "config.yaml") if (out / "config.yaml").is_file() else None
-        have = _comparable(meta.get("config") or {})
-        diff = _differences(have, identity["config"])
-        if folder_method not in (None, identity["method"]):
-            diff = f"method: {folder_method!r} -> {identity['method']!r}" + (f"; {diff}" if diff else "")
-        if not diff or force_resume:
-            return _Plan("resume", record, diff)
-        return _Plan("conflict", record, f"its checkpoint {ckpt.name} was trained with another config ({diff})")
-    if record is not None and record.get("status") == "done" and not same:
-        diff = _differences(_flatten(_plain(record.get("identity") or {})), _flatten(_plain(identity)))
-        return _Plan("conflict", record, f"it holds a finished run of another spec ({diff})")
-    return _Plan("fresh", record)
+def _floats(d: Any) -> dict[str, float]:
+    return {k: float(v) for k, v in (d or {}).items()}
 
 
 # ----------------------------------------------------------------------------- running
@@ -346,21 +228,20 @@ def _plan(out: Path, identity: dict[str, Any], force_resume: bool) -> _Plan:
 def run_one(spec: RunSpec, threads: int | None = None, resume: bool = False, overwrite: bool = False) -> RunResult:
     """Train and test one spec in this process, or reuse/resume what its folder already holds.
 
-    - ``run.json`` and ``metrics.json`` record a finished run of the same method, resolved config, seed and
-      final split: the result is read back (status ``"reused"``), nothing is trained;
-    - the folder holds checkpoints of the same config: training resumes from the latest one;
-    - the folder holds checkpoints (or a finished record) of a *different* config: the run fails with the
-      differing keys named, unless ``resume=True`` (continue from that checkpoint anyway, e.g. after
-      changing a knob that does not affect the weights) or ``overwrite=True`` (delete the engine's files
-      in the folder and start over);
+    - the folder's ``run.json`` (written by :func:`groundkit.engine.fit`) records a finished run of the
+      same method, resolved config (less :data:`IGNORED_KEYS`) and final split: the result is read back
+      (status ``"reused"``), nothing is trained;
+    - the folder holds checkpoints of the same config: training resumes from the latest one (a run that had
+      already finished its training is only evaluated again);
+    - the folder holds checkpoints of a *different* config: the run fails with the differing keys named,
+      unless ``resume=True`` (continue from that checkpoint anyway, e.g. after changing a knob that does
+      not affect the weights) or ``overwrite=True`` (delete the run files in the folder and start over);
     - otherwise it trains from scratch.
 
-    ``threads`` sets torch's intra-op threads for this run (restored afterwards). Exceptions are caught
-    and returned as status ``"failed"``; KeyboardInterrupt/SystemExit propagate (``run.json`` then keeps
-    status ``"running"``, and the next call resumes).
+    ``threads`` fixes torch's threads for this run (``train.threads``; default: the engine shares the
+    cores among the trainings running on the machine). Exceptions are caught and returned as status
+    ``"failed"``; KeyboardInterrupt/SystemExit propagate (the next call resumes).
     """
-
-    out = Path(spec.output_dir)
     base = RunResult(
         label=spec.label,
         seed=int(spec.seed),
@@ -374,109 +255,64 @@ def run_one(spec: RunSpec, threads: int | None = None, resume: bool = False, ove
     except Exception as e:  # bad method name, config or override: the folder is left untouched
         return dataclasses.replace(base, error=f"{type(e).__name__}: {e}")
     identity = _identity(method.name, cfg, spec.final_split)
-    plan = _plan(out, identity, force_resume=resume)
-    if plan.action == "conflict":
-        if not overwrite:
-            return dataclasses.replace(
-                base,
-                error=f"{out} is not this run's folder: {plan.reason}; pass "
-                "resume=True to continue from it anyway or overwrite=True to start over",
-            )
-        _clear(out)
-        plan = _Plan("fresh")
-    if plan.action == "reuse":
-        return _reused(spec, cfg, identity, plan, base)
-    if plan.action == "resume" and plan.reason:
-        log.warning("%s: resuming although the config changed: %s", out, plan.reason)
-
-    old_threads = torch.get_num_threads()
+    if not overwrite:
+        done = _reused(spec, cfg, identity, base)
+        if done is not None:
+            return done
     if threads:
-        torch.set_num_threads(int(threads))
-    started = time.time()
+        cfg.train.threads = int(threads)
     t0 = time.perf_counter()
     try:
-        _write_record(out, spec, identity, "running", started=started, final_split=spec.final_split)
-        res = engine.fit(method, cfg, resume=plan.action == "resume", final_split=spec.final_split)
+        res = engine.fit(
+            method,
+            cfg,
+            resume=True,
+            final_split=spec.final_split,
+            overwrite=overwrite,
+            force=resume,
+            record={"spec": spec.describe(), "identity": identity},
+        )
+    except ConfigMismatchError as e:
+        return dataclasses.replace(
+            base,
+            error=f"{spec.output_dir} is not this run's folder: {e}".replace(
+                "pass --force to continue it anyway, or --overwrite to start over",
+                "pass resume=True to continue from it anyway or overwrite=True to start over",
+            ),
+        )
     except Exception as e:
-        seconds = time.perf_counter() - t0
-        error = f"{type(e).__name__}: {e}"
-        try:
-            _write_record(
-                out,
-                spec,
-                identity,
-                "failed",
-                started=started,
-                error=error,
-                seconds=seconds,
-                final_split=spec.final_split,
-            )
-        except OSError as w:
-            error += f" (and {RUN_FILE} could not be written: {w})"
-        return dataclasses.replace(base, error=error, seconds=seconds, resumed=plan.action == "resume")
-    finally:
-        torch.set_num_threads(old_threads)
-    seconds = time.perf_counter() - t0
-    metrics = {k: float(v) for k, v in (res.get("final") or {}).items()}
-    best = {k: float(v) for k, v in (res.get("best") or {}).items()}
-    split = res.get("final_split")
-    _write_record(
-        out,
-        spec,
-        identity,
-        "done",
-        started=started,
-        seconds=seconds,
-        steps=res.get("steps"),
-        train_seconds=res.get("train_seconds"),
-        final_split=split,
-        metrics=metrics,
-        best=best,
-        resumed=plan.action == "resume",
-    )
+        return dataclasses.replace(base, error=f"{type(e).__name__}: {e}", seconds=time.perf_counter() - t0)
+    metrics = _floats(res.get("final"))
     return dataclasses.replace(
         base,
         status="done",
         metrics=metrics,
-        best=best,
-        final_split=split,
-        seconds=seconds,
+        best=_floats(res.get("best")),
+        final_split=res.get("final_split"),
+        seconds=res.get("train_seconds"),
         steps=res.get("steps"),
         main_metric=_main_metric(cfg, metrics),
-        resumed=plan.action == "resume",
+        resumed=bool(res.get("resumed")),
     )
 
 
-def _reused(spec: RunSpec, cfg: Any, identity: dict[str, Any], plan: _Plan, base: RunResult) -> RunResult:
+def _reused(spec: RunSpec, cfg: Any, identity: dict[str, Any], base: RunResult) -> RunResult | None:
+    """The result a finished run of this spec left in its folder, or None."""
     out = Path(spec.output_dir)
-    record = plan.record or {}
-    stored = _read_json(out / METRICS_FILE) or {}
-    metrics = {k: float(v) for k, v in (stored.get("metrics") or {}).items()}
-    if record.get("status") == "done":
-        best, seconds, steps = record.get("best") or {}, record.get("seconds"), record.get("steps")
-    else:  # finished but unrecorded: complete the record from the folder
-        best, steps = _best_metrics(out), None
-        seconds = (out / METRICS_FILE).stat().st_mtime - float(record.get("started", 0.0))
-        _write_record(
-            out,
-            spec,
-            identity,
-            "done",
-            started=record.get("started"),
-            seconds=seconds,
-            final_split=stored.get("split"),
-            metrics=metrics,
-            best=best,
-            note=plan.reason,
-        )
+    rec = engine.read_run_record(out)
+    if not rec or rec.get("status") != "done" or not (out / METRICS_FILE).is_file():
+        return None
+    if engine._plain(rec.get("identity")) != engine._plain(identity):
+        return None
+    metrics = _floats(rec.get("metrics"))
     return dataclasses.replace(
         base,
         status="reused",
         metrics=metrics,
-        best=best,
-        final_split=stored.get("split"),
-        seconds=seconds,
-        steps=steps,
+        best=_floats(rec.get("best")),
+        final_split=rec.get("final_split"),
+        seconds=rec.get("train_seconds"),
+        steps=rec.get("steps"),
         main_metric=_main_metric(cfg, metrics),
     )
 
@@ -496,15 +332,17 @@ def run_many(
     raise_on_failure: bool = True,
     resume: bool = False,
     overwrite: bool = False,
+    desc: str = "runs",
 ) -> list[RunResult]:
     """Run every spec (see :func:`run_one`) and return the results in spec order.
 
     ``jobs == 1`` runs them one after the other in this process; otherwise in a pool of ``jobs``
-    spawned processes, each with ``threads`` torch threads (default :func:`default_threads`). Runs whose
+    spawned processes, each with ``threads`` torch threads (default: the engine divides the usable cores among
+    the trainings running at the time, see :class:`groundkit.distributed.CoreShare`). Runs whose
     folder already holds their finished result are read back here without starting a process. A
     failing run does not stop the others; at the end :class:`RunsFailedError` lists every failure
     (unless ``raise_on_failure=False``). One line per finished run (label, seed, main metric, seconds)
-    is written through tqdm when ``progress``, else to the ``groundkit.runs`` logger.
+    is written through tqdm when ``progress`` (the bar labelled ``desc``), else to the ``groundkit.runs`` logger.
     """
     specs = [_quiet(s) for s in specs]
     dirs: dict[str, str] = {}
@@ -514,7 +352,8 @@ def run_many(
             raise ValueError(f"runs {dirs[key]!r} and {s.label!r} (seed {s.seed}) share the output_dir {s.output_dir}")
         dirs[key] = f"{s.label} seed {s.seed}"
 
-    bar = tqdm(total=len(specs), desc="runs", unit="run", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(specs), desc=desc, unit="run", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    bar.refresh()  # shown from the start, before the first run ends
     results: list[RunResult | None] = [None] * len(specs)
 
     def report(i: int, r: RunResult) -> None:
@@ -539,7 +378,7 @@ def run_many(
                 else:
                     todo.append(i)
             if todo:
-                _run_pool(specs, todo, jobs, threads or default_threads(jobs), resume, overwrite, report)
+                _run_pool(specs, todo, jobs, threads, resume, overwrite, report)
     finally:
         bar.close()
     final = [r for r in results if r is not None]
@@ -556,10 +395,6 @@ def _finished_result(spec: RunSpec) -> RunResult | None:
         method, cfg = _resolve(spec)
     except Exception:
         return None  # the worker reports the error
-    identity = _identity(method.name, cfg, spec.final_split)
-    plan = _plan(Path(spec.output_dir), identity, force_resume=False)
-    if plan.action != "reuse":
-        return None
     base = RunResult(
         label=spec.label,
         seed=int(spec.seed),
@@ -568,40 +403,64 @@ def _finished_result(spec: RunSpec) -> RunResult | None:
         method=spec.method_name,
         tags=dict(spec.tags),
     )
-    return _reused(spec, cfg, identity, plan, base)
+    return _reused(spec, cfg, _identity(method.name, cfg, spec.final_split), base)
 
 
-def _init_worker(threads: int) -> None:
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[var] = str(threads)
+def _stop_with_parent() -> None:
+    """Linux: SIGTERM this worker when the process that started it dies (a killed demo or sweep leaves
+    no orphan training behind; the training saves a checkpoint and stops)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
-    torch.set_num_threads(threads)
+
+def _init_worker(threads: int | None) -> None:
+    # Ctrl-C reaches every process of the terminal: an idle worker ignores it (no traceback), a training
+    # handles it (the engine installs its own handler for the training loop: save, then stop)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _stop_with_parent()
+    if threads:
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            os.environ[var] = str(threads)
+        torch.set_num_threads(threads)
 
 
 def _run_pool(
-    specs: list[RunSpec], todo: list[int], jobs: int, threads: int, resume: bool, overwrite: bool, report: Any
+    specs: list[RunSpec], todo: list[int], jobs: int, threads: int | None, resume: bool, overwrite: bool, report: Any
 ) -> None:
     ctx = mp.get_context("spawn")
     workers = min(int(jobs), len(todo))
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as ex:
         futures = {ex.submit(run_one, specs[i], threads, resume, overwrite): i for i in todo}
-        for fut in as_completed(futures):
-            i = futures[fut]
-            s = specs[i]
-            try:
-                r = fut.result()
-            except (Exception, KeyboardInterrupt) as e:  # a worker that died, or a result that did not pickle
-                kind = "worker process died" if isinstance(e, BrokenProcessPool) else type(e).__name__
-                r = RunResult(
-                    label=s.label,
-                    seed=int(s.seed),
-                    output_dir=s.output_dir,
-                    status="failed",
-                    method=s.method_name,
-                    tags=dict(s.tags),
-                    error=f"{kind}: {e}",
-                )
-            report(i, r)
+        try:
+            _collect(futures, specs, report)
+        except KeyboardInterrupt:  # runs not started are dropped; running ones save a checkpoint and stop
+            ex.shutdown(wait=True, cancel_futures=True)
+            raise
+
+
+def _collect(futures: dict[Any, int], specs: list[RunSpec], report: Any) -> None:
+    for fut in as_completed(futures):
+        i = futures[fut]
+        s = specs[i]
+        try:
+            r = fut.result()
+        except (Exception, KeyboardInterrupt) as e:  # a worker that died, or a result that did not pickle
+            kind = "worker process died" if isinstance(e, BrokenProcessPool) else type(e).__name__
+            r = RunResult(
+                label=s.label,
+                seed=int(s.seed),
+                output_dir=s.output_dir,
+                status="failed",
+                method=s.method_name,
+                tags=dict(s.tags),
+                error=f"{kind}: {e}",
+            )
+        report(i, r)
 
 
 def seed_specs(

@@ -133,24 +133,38 @@ def load_word_vectors(path: str | Path, vocab: Iterable[str] | None = None) -> d
         return out
     if not os.path.isfile(path):
         raise DataError(f"{path}: word vector file not found (give a GloVe HDF5 or {GLOVE_PACKAGE!r})")
-    dim = None
     try:
         f = h5py.File(path, "r")
     except OSError as e:
-        raise DataError(f"{path}: not a readable HDF5 file ({e})") from None
-    with f:
-        keys = wanted if wanted is not None else list(f.keys())
-        for w in keys:
-            if "/" in w or w == "." or w not in f:
-                continue  # "/" and "." cannot be HDF5 dataset names, so they are never stored
-            v = np.asarray(f[w][()], dtype=np.float32).reshape(-1)
-            if dim is None:
-                dim = v.shape[0]
-            if v.shape != (dim,):
-                raise DataError(f"{path}: key {w!r} has shape {v.shape}; expected [{dim}] like the other vectors")
-            if not np.isfinite(v).all():
-                raise DataError(f"{path}: key {w!r} has non-finite values")
-            out[w] = v
+        raise DataError(
+            f"{path}: not a readable HDF5 file, truncated or corrupt ({str(e).split('(')[0].strip()})"
+        ) from None
+    try:
+        with f:
+            return _read_vectors(f, path, wanted)
+    except (OSError, RuntimeError) as e:  # a dataset whose bytes are cut off or damaged
+        raise DataError(f"{path}: word vector file is damaged ({str(e).split('(')[0].strip()})") from None
+
+
+def _read_vectors(f: h5py.File, path: str, wanted: list[str] | None) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    dim = None
+    keys = wanted if wanted is not None else list(f.keys())
+    for w in keys:
+        if "/" in w or w == "." or w not in f:
+            continue  # "/" and "." cannot be HDF5 dataset names, so they are never stored
+        d = f[w]
+        if not isinstance(d, h5py.Dataset) or d.dtype.kind not in "fiu":
+            what = "a group" if not isinstance(d, h5py.Dataset) else f"dtype {d.dtype}"
+            raise DataError(f"{path}: key {w!r} is {what}; expected a word vector of numbers [E]")
+        v = np.asarray(d[()], dtype=np.float32).reshape(-1)
+        if dim is None:
+            dim = v.shape[0]
+        if v.shape != (dim,):
+            raise DataError(f"{path}: key {w!r} has shape {v.shape}; expected [{dim}] like the other vectors")
+        if not np.isfinite(v).all():
+            raise DataError(f"{path}: key {w!r} has non-finite values")
+        out[w] = v
     return out
 
 

@@ -236,6 +236,13 @@ def _letterbox_geometry(w: int, h: int, size: int, resize: bool) -> tuple[float,
     return 1.0, w, h
 
 
+def letterbox_info(width: int, height: int, size: int) -> LetterboxInfo:
+    """The :class:`LetterboxInfo` that :func:`letterbox` (centred, resized) gives a ``width`` x ``height`` image,
+    without touching pixels (e.g. when only boxes are mapped)."""
+    scale, nw, nh = _letterbox_geometry(int(width), int(height), int(size), True)
+    return LetterboxInfo(scale, (size - nw) // 2, (size - nh) // 2, int(width), int(height), int(size))
+
+
 def letterbox(
     image: ImageLike,
     size: int,

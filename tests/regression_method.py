@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,6 +23,8 @@ class RegData:
     noise: float = 0.1
     nan_at_step: int = -1  # make the loss NaN at this step (tests the non-finite stop)
     crash_at_step: int = -1  # raise at this step (simulates a killed process)
+    signal_at_step: int = -1  # send SIGINT to this process at this step (a Ctrl-C in the middle of a step)
+    step_sleep: float = 0.0  # seconds slept per training step (gives a kill test time to aim)
 
 
 @dataclass
@@ -61,6 +66,10 @@ class RegressionMethod(Method):
         loss = ((pred - batch["y"]) ** 2).mean()
         if step == cfg.data.crash_at_step:
             raise KeyboardInterrupt(f"simulated kill at step {step}")
+        if step == cfg.data.signal_at_step:
+            os.kill(os.getpid(), signal.SIGINT)
+        if cfg.data.step_sleep > 0:
+            time.sleep(cfg.data.step_sleep)
         if step == cfg.data.nan_at_step:
             loss = loss * float("nan")
         return loss, {"mse": float(loss.detach())}
@@ -80,8 +89,6 @@ METHOD = RegressionMethod()
 
 def ddp_worker(rank: int, world: int, port: int, cfg_dict: dict, out_dir: str) -> None:
     """Entry point of one DDP process (gloo, CPU) for the engine tests."""
-    import os
-
     from groundkit import distributed
     from groundkit.config import load_config
     from groundkit.engine import fit

@@ -29,7 +29,7 @@ CORE = {
     "backbones",
     "bench",
 }
-APP = {"cli", "demo", "runs", "__main__"}
+APP = {"cli", "demo", "runs", "serve", "__main__"}
 # a method's modules that run many trainings or build test inputs: they may use groundkit.runs and the world
 ORCHESTRATION = {"bench", "experiments", "curriculum"}
 

@@ -15,7 +15,7 @@ def _subcommands(parser):
 
 def test_help_lists_only_working_subcommands():
     subs = _subcommands(build_parser())
-    assert set(subs) <= {"train", "eval", "predict", "data", "bench", "demo", "summarize"}
+    assert set(subs) <= {"train", "eval", "predict", "data", "bench", "demo", "summarize", "serve", "curriculum"}
     for sub in subs.values():  # every listed subcommand, and each of its own subcommands, has a working --help
         assert sub.format_help()
         for inner in _subcommands(sub).values():

@@ -67,16 +67,9 @@ def test_eval_cli_prints_t2v_v2t(trained, capsys, tmp_path):
     rc = main(
         [
             "eval",
-            "crosskd",
-            "synth_cecap",
-            "--restore-path",
-            str(run / "checkpoints" / "best"),
+            str(run / "checkpoints" / "best"),  # the model and the data as the run was trained
             "--output-dir",
             str(tmp_path),
-            "--set",
-            f"data.root={world}",
-            "data.synth_size=",
-            "model.shared_dim=64",
         ]
     )
     assert rc == 0

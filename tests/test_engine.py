@@ -44,7 +44,9 @@ def test_fit_writes_run_files_and_learns(tmp_path):
     res = fit(rm.METHOD, cfg_for(tmp_path / "a"), final_split="test")
     run = tmp_path / "a"
     m = json.loads((run / "metrics.json").read_text())
-    assert set(m) == {"task", "split", "metrics", "config"} and m["split"] == "test" and m["task"] == "regression"
+    assert set(m) == {"task", "split", "units", "metrics", "checkpoint", "step", "data", "config"}
+    assert m["split"] == "test" and m["task"] == "regression" and m["units"] == "percent"
+    assert m["checkpoint"] == "checkpoints/best" and m["step"] == res["best_step"] and m["data"]["split"] == "test"
     assert m["metrics"]["count"] == 32.0
     assert (run / "config.yaml").is_file() and (run / "log.jsonl").is_file()
     recs = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
@@ -62,7 +64,8 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path):
         fit(rm.METHOD, cfg_for(tmp_path / "killed", **{"data.crash_at_step": 9}), final_split="test")
     ck = latest_checkpoint(tmp_path / "killed")
     assert ck is not None and json.loads((ck / "meta.json").read_text())["train_state"]["step"] == 8
-    fit(rm.METHOD, cfg_for(tmp_path / "killed"), resume=True, final_split="test")
+    # the crash was configured, so the config differs: continuing needs force=True
+    fit(rm.METHOD, cfg_for(tmp_path / "killed"), resume=True, force=True, final_split="test")
     a, b = weights(tmp_path / "full"), weights(tmp_path / "killed")
     for k in a:
         assert torch.equal(a[k], b[k]), k

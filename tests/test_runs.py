@@ -58,7 +58,7 @@ def test_parallel_runs_equal_sequential_runs(tmp_path):
     assert seq[0].metrics != seq[1].metrics  # the seed reaches the engine
     assert seq[0].final_split == "test" and seq[0].main_metric == "mse" and seq[0].metrics["count"] == 32.0
     rec = record(specs_for(tmp_path / "par")[1])
-    assert rec["status"] == "done" and rec["metrics"] == par[1].metrics and rec["identity"]["seed"] == 1
+    assert rec["status"] == "done" and rec["metrics"] == par[1].metrics and rec["identity"]["config"]["train.seed"] == 1
     assert rec["spec"]["method"] == "regression" and rec["spec"]["label"] == "reg"
 
 
@@ -80,12 +80,15 @@ def test_second_run_reuses_finished_runs_without_training(tmp_path, monkeypatch,
     assert [r.status for r in run_many(specs, jobs=2, progress=True)] == ["reused", "reused"]
     err = capsys.readouterr().err
     assert f"reg seed 1: test mse={first[1].metrics['mse']:.4f}" in err and "(reused)" in err
-    # killed after fit() wrote metrics.json but before run.json said "done": recovered, not retrained
+    monkeypatch.undo()
+    # killed after fit() wrote metrics.json but before run.json said "done": resumed from the final
+    # checkpoint, which only evaluates again (no training step)
     path = runs.Path(specs[0].output_dir) / "run.json"
     rec = json.loads(path.read_text())
     path.write_text(json.dumps({**rec, "status": "running"}))
     r = run_one(specs[0])
-    assert r.status == "reused" and r.metrics == first[0].metrics and r.best == first[0].best
+    assert r.status == "done" and r.resumed and r.steps == first[0].steps
+    assert r.metrics == first[0].metrics and r.best == first[0].best
     assert record(specs[0])["status"] == "done"
     # a changed config is not reused, and not silently continued from the other config's checkpoints
     changed = specs_for(tmp_path, **{"optim.lr": 0.05})[0]
@@ -126,7 +129,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     killer.training_step = step_then_die
     with pytest.raises(KeyboardInterrupt):
         run_one(RunSpec(killer, BASE, {}, spec.output_dir, spec.seed, spec.label), threads=1)
-    assert record(spec)["status"] == "running" and not (runs.Path(spec.output_dir) / "metrics.json").exists()
+    assert record(spec)["status"] == "interrupted" and not (runs.Path(spec.output_dir) / "metrics.json").exists()
     r = run_one(spec, threads=1)
     assert r.status == "done" and r.resumed and r.metrics == ref.metrics and r.best == ref.best
 

@@ -181,11 +181,15 @@ def test_cli_runs_dummy(tmp_path, dummy, capsys):
     assert lines[0] == str(tmp_path / "c")
     assert json.loads(lines[1])["seed"] == 2
     assert core.load_manifest(tmp_path / "c")["requested_knobs"] == {"n_images": 8}
-    rc = main(
+    from groundkit.cli import CORE_COMMANDS
+    from groundkit.cli import main as groundkit_main
+
+    capsys.readouterr()
+    rc = groundkit_main(
         ["data", "synth", "--task", "phrase", "--size", "tiny", "--out", str(tmp_path / "c"), "--set", "bad", "--quiet"]
     )
-    assert rc == 2
-    from groundkit.cli import CORE_COMMANDS
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == ["groundkit: error: data synth: knob 'bad' must look like name=value"]
 
     assert CORE_COMMANDS["data"]["synth"] == "groundkit.world.cli:register"
 

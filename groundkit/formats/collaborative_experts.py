@@ -69,7 +69,11 @@ def load_pickle(path: str | Path) -> Any:
     if not path.is_file():
         raise FeatureError(f"feature file not found: {path}")
     with open(path, "rb") as f:
-        return _LenientUnpickler(f, encoding="latin1").load()
+        try:
+            return _LenientUnpickler(f, encoding="latin1").load()
+        except Exception as e:  # EOFError, UnpicklingError, and whatever a damaged stream makes pickle raise
+            reason = "empty file" if path.stat().st_size == 0 else f"{type(e).__name__}: {e}"
+            raise FeatureError(f"{path}: not a readable pickle, truncated or corrupt ({reason})") from None
 
 
 def is_missing(x: Any) -> bool:
@@ -82,12 +86,20 @@ def read_split_list(path: str | Path, strip_suffix: bool = False) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FeatureError(f"split list not found: {path}")
-    ids = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    try:
+        ids = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    except UnicodeDecodeError:
+        raise FeatureError(f"{path}: not a text split list (one video id per line)") from None
     return [i.split(".")[0] for i in ids] if strip_suffix else ids
 
 
 def _as_array(x: Any, path: Path, vid: str, expect_dim: int | None) -> np.ndarray:
-    a = np.asarray(x, dtype=np.float32)
+    try:
+        a = np.asarray(x, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise FeatureError(
+            f"{path}: video {vid!r} has a {type(x).__name__} where a float array [..., {expect_dim or 'D'}] belongs"
+        ) from None
     if a.ndim == 0 or a.shape[-1] == 0:
         raise FeatureError(
             f"{path}: video {vid!r} has a feature of shape {a.shape}; expected [..., {expect_dim or 'D'}]"
@@ -146,10 +158,12 @@ def read_expert_pickle(
 def read_raw_captions(path: str | Path, video_ids: Sequence[str] | None = None) -> dict[str, list[list[str]]]:
     """``raw-captions.pkl``: {vid: [[token, ...], ...]}; checks the requested ids are present."""
     path = Path(path)
-    return {
-        vid: [list(c) if not isinstance(c, str) else c.split() for c in caps]
-        for vid, caps in _video_entries(path, video_ids, "captions")
-    }
+    out = {}
+    for vid, caps in _video_entries(path, video_ids, "captions"):
+        if not isinstance(caps, (list, tuple)) or not all(isinstance(c, (str, list, tuple)) for c in caps):
+            raise FeatureError(f"{path}: video {vid!r} has {type(caps).__name__}; expected a list of token lists")
+        out[vid] = [list(c) if not isinstance(c, str) else c.split() for c in caps]
+    return out
 
 
 def _video_entries(path: Path, video_ids: Sequence[str] | None, what: str) -> Iterator[tuple[str, Any]]:
@@ -172,6 +186,10 @@ def read_text_features(
     for vid, caps in _video_entries(path, video_ids, "text features"):
         if isinstance(caps, np.ndarray) and caps.ndim == 2:
             caps = [caps]
+        if not isinstance(caps, (list, tuple)):
+            raise FeatureError(
+                f"{path}: video {vid!r} has {type(caps).__name__}; expected a list of [tokens, D] arrays"
+            )
         arrs = []
         for c in caps:
             a = _as_array(c, path, vid, dim)
@@ -192,6 +210,8 @@ def read_teacher_pickle(
     """
     path = Path(path)
     data = load_pickle(path)
+    if not isinstance(data, dict):
+        raise FeatureError(f"{path}: expected a dict keyed by video id, got {type(data).__name__}")
     out = {}
     dim = None
     for vid in video_ids:
@@ -210,6 +230,10 @@ def read_teacher_pickle(
         except KeyError as e:
             raise FeatureError(
                 f"{path}: video {vid!r} lacks teacher expert {e.args[0]!r} (expected {list(experts)})"
+            ) from None
+        except (TypeError, ValueError, AttributeError) as e:
+            raise FeatureError(
+                f"{path}: video {vid!r} has teacher embeddings of the wrong type or shape ({e})"
             ) from None
         if dim is not None and v.shape[-1] != dim:
             raise FeatureError(f"{path}: video {vid!r} has teacher dim {v.shape[-1]}, expected {dim}")

@@ -25,6 +25,10 @@ def parse_sentence(line: str, where: str = "<string>") -> dict[str, Any]:
     phrases: list[dict[str, Any]] = []
     current: dict[str, Any] | None = None
     for token in line.split():
+        if current is not None and token.startswith("[/EN#"):
+            raise DataError(
+                f"{where}: phrase [/EN#{current['phrase_id']}/... is not closed with ']' before the next phrase {token!r}"
+            )
         if current is None and token.startswith("[/EN#"):
             parts = token[1:].split("/")  # "", "EN#<id>", type, ...
             if len(parts) < 3 or not parts[1].startswith("EN#"):
@@ -57,7 +61,12 @@ def parse_sentence(line: str, where: str = "<string>") -> dict[str, Any]:
 def read_sentences(path: str | Path) -> list[dict[str, Any]]:
     """All annotated sentences of ``Sentences/<id>.txt`` (blank lines skipped)."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not a UTF-8 text file of annotated sentences") from None
+    if not text.strip():
+        raise DataError(f"{path}: empty; expected one annotated sentence per line")
     return [parse_sentence(line, f"{path}:{i + 1}") for i, line in enumerate(text.split("\n")) if line.strip()]
 
 
@@ -67,8 +76,18 @@ def _int(el: ET.Element, tag: str, where: str) -> int:
         raise DataError(f"{where}: <{el.tag}> has no <{tag}>")
     try:
         return int(float(child.text.strip()))
-    except ValueError as e:
-        raise DataError(f"{where}: <{tag}> is {child.text!r}, expected a number") from e
+    except ValueError:
+        raise DataError(f"{where}: <{tag}> is {child.text!r}, expected a number") from None
+
+
+def _flag(el: ET.Element, tag: str, where: str) -> bool:
+    child = el.find(tag)
+    if child is None or not child.text:
+        return False
+    try:
+        return int(child.text.strip()) > 0
+    except ValueError:
+        raise DataError(f"{where}: <{tag}> is {child.text!r}, expected 0 or 1") from None
 
 
 def read_annotations(path: str | Path) -> dict[str, Any]:
@@ -78,7 +97,7 @@ def read_annotations(path: str | Path) -> dict[str, Any]:
     try:
         root = ET.parse(path).getroot()
     except ET.ParseError as e:
-        raise DataError(f"{path}: not valid XML ({e})") from e
+        raise DataError(f"{path}: not valid XML ({e})") from None
     size = root.find("size")
     if size is None:
         raise DataError(f"{path}: no <size> element")
@@ -95,12 +114,12 @@ def read_annotations(path: str | Path) -> dict[str, Any]:
             for n in names:
                 out["boxes"].setdefault(n, []).append(box)
             continue
-        nob = obj.find("nobndbox")
-        sc = obj.find("scene")
+        nob = _flag(obj, "nobndbox", str(path))
+        sc = _flag(obj, "scene", str(path))
         for n in names:
-            if nob is not None and nob.text and int(nob.text) > 0:
+            if nob:
                 out["nobox"].append(n)
-            if sc is not None and sc.text and int(sc.text) > 0:
+            if sc:
                 out["scene"].append(n)
     return out
 

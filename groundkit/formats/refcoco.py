@@ -19,7 +19,6 @@ import io
 import json
 import os
 import pickle
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,10 +69,14 @@ def load_refs_pickle(path: str | os.PathLike) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"refs pickle not found: {path}")
     with open(path, "rb") as f:
-        try:
-            refs = _NoGlobalsUnpickler(io.BytesIO(f.read()), encoding="latin1").load()
-        except pickle.UnpicklingError as exc:
-            raise DataError(f"{path}: {exc}") from exc
+        raw = f.read()
+    try:
+        refs = _NoGlobalsUnpickler(io.BytesIO(raw), encoding="latin1").load()
+    except pickle.UnpicklingError as exc:
+        raise DataError(f"{path}: {exc}") from None
+    except Exception as exc:  # EOFError and whatever else a cut-off or damaged stream makes pickle raise
+        reason = "empty file" if not raw else f"{type(exc).__name__}: {exc}"
+        raise DataError(f"{path}: not a readable pickle, truncated or corrupt ({reason})") from None
     if not isinstance(refs, list):
         raise DataError(f"{path}: expected a pickled list of refs, got {type(refs).__name__}")
     for i, ref in enumerate(refs):
@@ -82,7 +85,11 @@ def load_refs_pickle(path: str | os.PathLike) -> list[dict]:
         missing = [k for k in REF_KEYS if k not in ref]
         if missing:
             raise DataError(f"{path}[{i}] (ref_id={ref.get('ref_id')}): missing keys {missing}")
+        if not isinstance(ref["sentences"], list):
+            raise DataError(f"{path}[{i}].sentences: expected a list, got {type(ref['sentences']).__name__}")
         for j, s in enumerate(ref["sentences"]):
+            if not isinstance(s, dict):
+                raise DataError(f"{path}[{i}].sentences[{j}]: expected a dict, got {type(s).__name__}")
             miss = [k for k in SENT_KEYS if k not in s]
             if miss:
                 raise DataError(f"{path}[{i}].sentences[{j}]: missing keys {miss}")
@@ -175,19 +182,38 @@ def load_refer(
     inst_path = data_root / dataset / "instances.json"
     if not inst_path.is_file():
         raise FileNotFoundError(f"instances file not found: {inst_path}")
-    with open(inst_path, encoding="utf-8") as f:
-        inst = json.load(f)
+    try:
+        with open(inst_path, encoding="utf-8") as f:
+            inst = json.load(f)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise DataError(f"{inst_path}: not valid JSON, truncated or corrupt ({e})") from None
+    if not isinstance(inst, dict):
+        raise DataError(f"{inst_path}: expected a JSON object with images, annotations, categories")
     for key in ("images", "annotations", "categories"):
         if key not in inst or not isinstance(inst[key], list):
             raise DataError(f"{inst_path}: missing list {key!r}")
-    images = {int(im["id"]): im for im in inst["images"]}
-    anns = {int(a["id"]): a for a in inst["annotations"]}
-    cats = {int(c["id"]): c for c in inst["categories"]}
+    try:
+        images = {int(im["id"]): im for im in inst["images"]}
+        anns = {int(a["id"]): a for a in inst["annotations"]}
+        cats = {int(c["id"]): c for c in inst["categories"]}
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(f"{inst_path}: an image, annotation or category without an integer 'id' ({e!r})") from None
+    for im in inst["images"]:
+        if not isinstance(im.get("file_name"), str):
+            raise DataError(f"{inst_path}: image id={im['id']} has no 'file_name' string")
     for a in inst["annotations"]:
-        bbox = a.get("bbox")
-        if not isinstance(bbox, list) or len(bbox) != 4 or bbox[2] < 0 or bbox[3] < 0:
+        bbox = a.get("bbox") if isinstance(a, dict) else None
+        if (
+            not isinstance(bbox, list)
+            or len(bbox) != 4
+            or not all(isinstance(v, (int, float)) for v in bbox)
+            or bbox[2] < 0
+            or bbox[3] < 0
+        ):
             raise DataError(f"{inst_path}: annotation id={a.get('id')} has bad bbox {bbox!r} (want [x,y,w,h])")
     for ref in refs:
+        if not isinstance(ref["ann_id"], int) or not isinstance(ref["image_id"], int):
+            raise DataError(f"ref_id={ref['ref_id']}: ann_id and image_id must be integers")
         if ref["ann_id"] not in anns:
             raise DataError(f"ref_id={ref['ref_id']}: ann_id {ref['ann_id']} not in {inst_path}")
         if ref["image_id"] not in images:
@@ -291,9 +317,8 @@ def register_to_transvg(subparsers: Any) -> None:
     def run(args: Any) -> int:
         try:
             counts = to_transvg(args.data_root, args.split_root, args.dataset, args.split_by, args.key)
-        except (ValueError, FileNotFoundError) as e:
-            print(f"groundkit data refer-to-transvg: error: {e}", file=sys.stderr)
-            return 2
+        except ValueError as e:
+            raise DataError(f"refer-to-transvg: {e}") from None
         print(json.dumps(counts, sort_keys=True))
         return 0
 

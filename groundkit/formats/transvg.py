@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from ..checkpoint import atomic_path
 from ..errors import DataError
 
 __all__ = [
@@ -110,8 +111,8 @@ def save_split(entries: list, split_root: str | os.PathLike, dataset: str, split
     """
     path = split_path(split_root, dataset, split)
     parse_entries(entries, dataset, source=str(path))  # refuse to write what cannot be read back
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(list(entries), path)
+    with atomic_path(path) as tmp:
+        torch.save(list(entries), tmp)
     return path
 
 
@@ -119,8 +120,8 @@ def save_list(entries: list, path: str | os.PathLike, dataset: str) -> Path:
     """Like :func:`save_split` for any file name (e.g. CLIP-VG's ``train_separate/1_<ds>_train_pseudo_template.pth``)."""
     path = Path(path)
     parse_entries(entries, dataset, source=str(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(list(entries), path)
+    with atomic_path(path) as tmp:
+        torch.save(list(entries), tmp)
     return path
 
 

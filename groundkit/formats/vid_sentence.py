@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..checkpoint import atomic_path
 from ..errors import DataError
 
 __all__ = [
@@ -74,8 +74,24 @@ class VidTrack:
 def _read_lines(path: Path) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"VID-Sentence list file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        return [ln.rstrip("\n") for ln in f if ln.strip()]
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [ln.rstrip("\n") for ln in f if ln.strip()]
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not a UTF-8 text list") from None
+
+
+def _read_tube(tp: Path) -> dict:
+    if not tp.is_file():
+        raise FileNotFoundError(f"tube file not found: {tp}")
+    try:
+        with open(tp, encoding="utf-8") as f:
+            tube = json.load(f)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise DataError(f"{tp}: not valid JSON, truncated or corrupt ({e})") from None
+    if not isinstance(tube, dict) or not isinstance(tube.get("annotations", []), list):
+        raise DataError(f"{tp}: expected a JSON object with an 'annotations' list")
+    return tube
 
 
 def load_vid_sentence(root: str | os.PathLike, split: str) -> list[VidTrack]:
@@ -93,6 +109,8 @@ def load_vid_sentence(root: str | os.PathLike, split: str) -> list[VidTrack]:
         if idx >= len(valid):
             raise DataError(f"{cap_file}:{n + 1}: instance index {idx} beyond the {len(valid)} valid-list lines")
         caps.setdefault(idx, []).append(caption.strip())
+    if not caps:
+        raise DataError(f"{cap_file}: no captions (expected lines '<instance index>, <caption>')")
     tube_cache: dict[str, dict] = {}
     out: list[VidTrack] = []
     for idx in sorted(caps):
@@ -100,31 +118,32 @@ def load_vid_sentence(root: str | os.PathLike, split: str) -> list[VidTrack]:
         if not sep:
             raise DataError(f"{ann_dir / f'{split}_valid_list.txt'}:{idx + 1}: expected '<video>,<track id>'")
         video, tid = video.strip(), tid.strip()
-        if video not in tube_cache:
-            tp = tube_path(root, split, video)
-            if not tp.is_file():
-                raise FileNotFoundError(f"tube file not found: {tp}")
-            with open(tp, encoding="utf-8") as f:
-                tube_cache[video] = json.load(f)
-        tube = tube_cache[video]
         tp = tube_path(root, split, video)
-        ann = next((a for a in tube.get("annotations", []) if str(a.get("id")) == tid), None)
+        if video not in tube_cache:
+            tube_cache[video] = _read_tube(tp)
+        tube = tube_cache[video]
+        ann = next((a for a in tube.get("annotations", []) if isinstance(a, dict) and str(a.get("id")) == tid), None)
         if ann is None:
             raise DataError(f"{tp}: no annotation with id {tid!r} (referenced by valid-list line {idx + 1})")
         track = ann.get("track")
         if not isinstance(track, list) or not track:
             raise DataError(f"{tp}: annotation {tid!r} has an empty or missing 'track'")
         for j, e in enumerate(track):
+            if not isinstance(e, dict):
+                raise DataError(f"{tp}: annotation {tid!r} track[{j}] is {type(e).__name__}; expected an object")
             miss = [k for k in ("frame", "bbox", "frame_size") if k not in e]
             if miss:
                 raise DataError(f"{tp}: annotation {tid!r} track[{j}] lacks keys {miss}")
-            if len(e["bbox"]) != 4:
+            if not isinstance(e["bbox"], list) or len(e["bbox"]) != 4:
                 raise DataError(f"{tp}: annotation {tid!r} track[{j}].bbox must be [x1,y1,x2,y2]")
-        frames = [int(e["frame"]) for e in track]
-        boxes = np.asarray([[float(v) for v in e["bbox"]] for e in track], dtype=np.float64)
+        try:
+            frames = [int(e["frame"]) for e in track]
+            boxes = np.asarray([[float(v) for v in e["bbox"]] for e in track], dtype=np.float64)
+            h, w = (int(v) for v in track[0]["frame_size"])
+        except (TypeError, ValueError) as e:
+            raise DataError(f"{tp}: annotation {tid!r}: frame, bbox and frame_size must be numbers ({e})") from None
         if (boxes[:, 2] < boxes[:, 0]).any() or (boxes[:, 3] < boxes[:, 1]).any():
             raise DataError(f"{tp}: annotation {tid!r} has boxes with x2<x1 or y2<y1")
-        h, w = (int(v) for v in track[0]["frame_size"])
         out.append(
             VidTrack(
                 index=idx,
@@ -160,8 +179,8 @@ def save_video_level(videos: list[list[list]], path: str | os.PathLike) -> Path:
     """``torch.save`` a co-grounding index (list of videos of ``[img_path, [x1,y1,x2,y2], phrase]``)."""
     _check_video_level(videos, str(path))
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(videos, path)
+    with atomic_path(path) as tmp:
+        torch.save(videos, tmp)
     return path
 
 
@@ -177,13 +196,11 @@ def _check_video_level(videos: list, where: str) -> None:
             img, box, phrase = item
             if not isinstance(img, str) or not isinstance(phrase, str):
                 raise DataError(f"{where}[{v}][{f}]: img_path and phrase must be strings")
-            vals = list(box.tolist() if hasattr(box, "tolist") else box)
-            if (
-                len(vals) != 4
-                or not all(math.isfinite(float(x)) for x in vals)
-                or vals[2] < vals[0]
-                or vals[3] < vals[1]
-            ):
+            try:
+                vals = [float(x) for x in (box.tolist() if hasattr(box, "tolist") else box)]
+            except (TypeError, ValueError):
+                raise DataError(f"{where}[{v}][{f}]: bad box {box!r} (want 4 numbers [x1,y1,x2,y2])") from None
+            if len(vals) != 4 or not all(math.isfinite(x) for x in vals) or vals[2] < vals[0] or vals[3] < vals[1]:
                 raise DataError(f"{where}[{v}][{f}]: bad box {box!r} (want [x1,y1,x2,y2], x2>=x1, y2>=y1)")
 
 
@@ -262,9 +279,8 @@ def register_to_video_level(subparsers: Any) -> None:
     def run(args: Any) -> int:
         try:
             n = to_video_level(args.root, args.split, args.out, args.relative_to)
-        except (ValueError, FileNotFoundError) as e:
-            print(f"groundkit data vid-sentence-to-pth: error: {e}", file=sys.stderr)
-            return 2
+        except ValueError as e:
+            raise DataError(f"vid-sentence-to-pth: {e}") from None
         print(f"{args.out}: {n} videos")
         return 0
 

@@ -19,11 +19,12 @@ expected shape; where the official code skipped silently, the skip is counted an
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from ..checkpoint import atomic_path
 from ..errors import DataError
 from ..text import COCO_CLASSES, tokenize
 from . import flickr30k_entities as fe
@@ -53,11 +55,41 @@ __all__ = [
     "glove_text_to_hdf5",
     "detections_to_hdf5",
     "prepare_flickr30k",
+    "open_hdf5",
 ]
 
 
 class Wang21DataError(DataError):
     """An input file that does not have the format the method needs (message names file, key, shape)."""
+
+
+@contextlib.contextmanager
+def open_hdf5(path: str | Path, what: str) -> Iterator[h5py.File]:
+    """Open an HDF5 file for reading; a missing, truncated or non-HDF5 file (also one that fails while
+    being read) is a :class:`Wang21DataError` naming the file."""
+    if not os.path.isfile(path):
+        raise Wang21DataError(f"{path}: {what} file not found")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise Wang21DataError(f"{path}: not a readable HDF5 file, truncated or corrupt ({_h5_reason(e)})") from None
+    try:
+        with f:
+            yield f
+    except (OSError, RuntimeError, KeyError) as e:  # a dataset whose bytes are cut off or damaged
+        raise Wang21DataError(f"{path}: {what} file is damaged ({_h5_reason(e)})") from None
+
+
+def _h5_reason(e: BaseException) -> str:
+    text = str(e)
+    return text.split("(")[0].strip().rstrip(",") or type(e).__name__
+
+
+def _numeric(a: Any, path: str, key: str, expect: str) -> None:
+    if not isinstance(a, h5py.Dataset):
+        raise Wang21DataError(f"{path}: key {key!r} is a group; expected a dataset {expect}")
+    if a.dtype.kind not in "fiub":
+        raise Wang21DataError(f"{path}: key {key!r} has dtype {a.dtype}; expected numbers {expect}")
 
 
 # ----------------------------------------------------------------------------- region HDF5
@@ -97,9 +129,7 @@ def read_region_hdf5(
     ``image_ids`` restricts/reorders the images (default: HDF5 key order, as the official code).
     """
     path = str(path)
-    if not os.path.isfile(path):
-        raise Wang21DataError(f"{path}: region feature file not found")
-    with h5py.File(path, "r") as f:
+    with open_hdf5(path, "region feature") as f:
         g = _region_group(f)
         keys = [k for k in g.keys() if isinstance(g[k], h5py.Dataset)]
         if not keys:
@@ -108,6 +138,7 @@ def read_region_hdf5(
         first = g[ids[0]] if ids[0] in g else None
         if first is None:
             raise Wang21DataError(f"{path}: key {ids[0]!r} missing (expected [N, D + C+1 + 4] region rows)")
+        _numeric(first, path, ids[0], "[N, D + C+1 + 4]")
         if first.ndim != 2:
             raise Wang21DataError(f"{path}: key {ids[0]!r} has shape {first.shape}; expected 2-D [N, D + C+1 + 4]")
         width = first.shape[1]
@@ -128,6 +159,7 @@ def read_region_hdf5(
             if k not in g:
                 raise Wang21DataError(f"{path}: key {k!r} missing (expected [N, {expect}] region rows)")
             a = g[k]
+            _numeric(a, path, k, f"[N, {expect}]")
             if a.ndim != 2 or a.shape[1] != expect:
                 raise Wang21DataError(
                     f"{path}: key {k!r} has shape {a.shape}; expected [N, {expect}] "
@@ -158,9 +190,8 @@ def read_region_hdf5(
 
 
 def write_region_hdf5(path: str | Path, rows: dict[str, np.ndarray]) -> None:
-    """Write ``{image id: [N, D + C+1 + 4]}`` in the official region format."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with h5py.File(path, "w") as f:
+    """Write ``{image id: [N, D + C+1 + 4]}`` in the official region format (atomically)."""
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         for k, v in rows.items():
             f.create_dataset(k, data=np.asarray(v, dtype=np.float32))
 
@@ -209,10 +240,8 @@ def read_phrase_hdf5(
     must agree across images. ``max_tokens`` > 0 cuts/pads ``T``.
     """
     path = str(path)
-    if not os.path.isfile(path):
-        raise Wang21DataError(f"{path}: phrase feature file not found")
     toks_l, gts_l = [], []
-    with h5py.File(path, "r") as f:
+    with open_hdf5(path, "phrase feature") as f:
         for k in image_ids:
             if k not in f:
                 raise Wang21DataError(
@@ -221,6 +250,9 @@ def read_phrase_hdf5(
             if f"{k}_gt" not in f:
                 raise Wang21DataError(f"{path}: key {k + '_gt'!r} missing (expected ground-truth boxes [S, P, 4])")
             a, g = f[k], f[f"{k}_gt"]
+            if not isinstance(a, h5py.Dataset):
+                raise Wang21DataError(f"{path}: key {k!r} is a group; expected tokens [S, P, T]")
+            _numeric(g, path, f"{k}_gt", "[S, P, 4]")
             if a.ndim != 3:
                 raise Wang21DataError(f"{path}: key {k!r} has shape {a.shape}; expected [S, P, T] token strings")
             try:
@@ -269,9 +301,8 @@ def read_phrase_hdf5(
 
 
 def write_phrase_hdf5(path: str | Path, tokens: dict[str, np.ndarray], gt: dict[str, np.ndarray]) -> None:
-    """Write ``<img>`` -> bytes ``[S, P, T]`` and ``<img>_gt`` -> ``[S, P, 4]`` (the official format)."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with h5py.File(path, "w") as f:
+    """Write ``<img>`` -> bytes ``[S, P, T]`` and ``<img>_gt`` -> ``[S, P, 4]`` (the official format, atomically)."""
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         for k, t in tokens.items():
             t = np.asarray(t, dtype=str)
             f.create_dataset(k, data=np.char.encode(t, "utf-8"))
@@ -285,11 +316,8 @@ def phrase_strings_of(paths: Iterable[str | Path]) -> list[str]:
     """Sorted distinct phrase strings (tokens joined by a space) of phrase HDF5 files."""
     out: set[str] = set()
     for pf in paths:
-        try:
-            with h5py.File(pf, "r") as f:
-                ids = [k for k in f if not k.endswith("_gt")]
-        except OSError as e:
-            raise Wang21DataError(f"{pf}: not a readable HDF5 file ({e})") from None
+        with open_hdf5(pf, "phrase feature") as f:
+            ids = [k for k in f if not k.endswith("_gt")]
         out.update(x for x in read_phrase_hdf5(pf, ids).phrase_strings().reshape(-1).tolist() if x)
     return sorted(out)
 
@@ -349,10 +377,9 @@ def read_phrase_to_label(path: str | Path, class_names: Sequence[str]) -> dict[s
 
 def write_matching_matrix(path: str | Path, phrases: Sequence[str], classes: Sequence[str], scores: np.ndarray) -> None:
     """HDF5 with ``phrases`` [M], ``classes`` [C] (utf-8 strings) and ``scores`` [M, C] float32
-    (no timestamps, so the same input gives the same bytes)."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    (no timestamps, so the same input gives the same bytes; written atomically)."""
     strings = h5py.string_dtype()
-    with h5py.File(path, "w") as f:
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset(
             "phrases", data=np.array([p.encode() for p in phrases], dtype=object), dtype=strings, track_times=False
         )
@@ -364,12 +391,11 @@ def write_matching_matrix(path: str | Path, phrases: Sequence[str], classes: Seq
 
 def read_matching_matrix(path: str | Path) -> tuple[list[str], list[str], np.ndarray]:
     """Inverse of :func:`write_matching_matrix`, with shape checks."""
-    if not os.path.isfile(path):
-        raise Wang21DataError(f"{path}: matching matrix file not found")
-    with h5py.File(path, "r") as f:
+    with open_hdf5(path, "matching matrix") as f:
         for k in ("phrases", "classes", "scores"):
             if k not in f:
                 raise Wang21DataError(f"{path}: key {k!r} missing (expected phrases [M], classes [C], scores [M, C])")
+        _numeric(f["scores"], str(path), "scores", "[M, C]")
         ph = [x.decode() if isinstance(x, bytes) else str(x) for x in f["phrases"][()]]
         cl = [x.decode() if isinstance(x, bytes) else str(x) for x in f["classes"][()]]
         sc = np.asarray(f["scores"][()], dtype=np.float32)
@@ -392,9 +418,14 @@ def glove_text_to_hdf5(
     wanted = None if vocab is None else set(vocab)
     n_written = n_skipped = 0
     dim = None
-    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    with open(text_path, encoding="utf-8") as fin, h5py.File(out_path, "w") as f:
-        for lineno, line in enumerate(fin, 1):
+    if not os.path.isfile(text_path):
+        raise Wang21DataError(f"{text_path}: GloVe text file not found")
+    with (
+        atomic_path(out_path) as tmp,
+        open(text_path, encoding="utf-8", errors="strict") as fin,
+        h5py.File(tmp, "w") as f,
+    ):
+        for lineno, line in enumerate(_text_lines(fin, text_path), 1):
             parts = line.rstrip("\n").rstrip(" ").split(" ")
             if len(parts) < 2:
                 continue
@@ -408,11 +439,22 @@ def glove_text_to_hdf5(
             if "/" in w or w == "." or w in f:
                 n_skipped += 1
                 continue
-            f.create_dataset(w, data=np.asarray(vals, dtype=np.float32))
+            try:
+                vec = np.asarray(vals, dtype=np.float32)
+            except ValueError:
+                raise Wang21DataError(f"{text_path}: line {lineno} ({w!r}) has a value that is not a number") from None
+            f.create_dataset(w, data=vec)
             n_written += 1
     if n_skipped:
         log.warning("%s: %d words skipped (not valid HDF5 names or duplicates)", text_path, n_skipped)
     return {"written": n_written, "skipped": n_skipped, "dim": dim or 0}
+
+
+def _text_lines(f: Any, path: str | Path) -> Iterator[str]:
+    try:
+        yield from f
+    except UnicodeDecodeError:
+        raise Wang21DataError(f"{path}: not a UTF-8 text file") from None
 
 
 def prepare_flickr30k(
@@ -531,7 +573,10 @@ def detections_to_hdf5(
     for fp in files:
         if not fp.is_file():
             raise Wang21DataError(f"{fp}: detection file missing")
-        d = np.load(fp)
+        try:
+            d = dict(np.load(fp, allow_pickle=False))
+        except (OSError, ValueError, EOFError) as e:  # zip or npy damaged, or not an .npz at all
+            raise Wang21DataError(f"{fp}: not a readable .npz file, truncated or corrupt ({e})") from None
         for k in ("boxes", "features"):
             if k not in d:
                 raise Wang21DataError(
@@ -540,7 +585,10 @@ def detections_to_hdf5(
         lk = "logits" if "logits" in d else "scores" if "scores" in d else None
         if lk is None:
             raise Wang21DataError(f"{fp}: key 'logits' (or 'scores') missing (expected [N, C] class logits)")
-        boxes, feats, cls = (np.asarray(d[k], dtype=np.float32) for k in ("boxes", "features", lk))
+        try:
+            boxes, feats, cls = (np.asarray(d[k], dtype=np.float32) for k in ("boxes", "features", lk))
+        except (TypeError, ValueError):
+            raise Wang21DataError(f"{fp}: keys 'boxes', 'features', {lk!r} must hold numbers") from None
         n = boxes.shape[0]
         if boxes.ndim != 2 or boxes.shape[1] != 4:
             raise Wang21DataError(f"{fp}: key 'boxes' has shape {boxes.shape}; expected [N, 4]")

@@ -9,21 +9,33 @@ disappears from the list.
 from __future__ import annotations
 
 import importlib
-import json
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import CheckpointError, find_run_files, load_weights
+from ..checkpoint import CheckpointError, find_run_files, load_weights, read_meta
 from ..config import apply_overrides, from_dict, load_yaml
 from ..errors import GroundkitError
 from .base import Method, Predictor
 
-__all__ = ["METHODS", "Method", "Predictor", "available_methods", "get_method", "load_run", "find_run_files"]
+__all__ = [
+    "METHODS",
+    "Method",
+    "Predictor",
+    "available_methods",
+    "get_method",
+    "load_run",
+    "run_config",
+    "run_method",
+    "method_of_run",
+    "find_run_files",
+]
 
 #: method name -> package holding ``METHOD``
 METHODS: dict[str, str] = {
     "wang21": "groundkit.methods.wang21",
     "crosskd": "groundkit.methods.crosskd",
+    "cogrounding": "groundkit.methods.cogrounding",
+    "clipvg": "groundkit.methods.clipvg",
 }
 
 
@@ -60,17 +72,31 @@ def get_method(name: str) -> Method:
     return m
 
 
-def load_run(
-    path: str | Path, device: str | Any = "cpu", overrides: dict[str, Any] | None = None
-) -> tuple[Method, Any, Any]:
-    """``(method, config, model in eval mode)`` from a run directory or any of its checkpoints.
-
-    The method and the config come from the checkpoint's own metadata (older checkpoints: the run's
-    ``config.yaml``), so a model is always rebuilt the way it was trained; ``overrides``
-    (``{"data.x": value}``) change what the caller wants changed, e.g. the evaluation files.
-    """
+def run_method(path: str | Path) -> str:
+    """The method name a run directory or checkpoint was trained with."""
     ck, run = find_run_files(path)
-    meta = json.loads((ck / "meta.json").read_text())
+    name = read_meta(ck).get("method")
+    if not name and (run / "config.yaml").is_file():
+        name = load_yaml(run / "config.yaml").get("method")
+    if not name:
+        raise CheckpointError(f"{ck}: the checkpoint names no method and {run}/config.yaml is missing")
+    return str(name)
+
+
+def method_of_run(path: str | Path) -> Method:
+    """The registered method that trained a run directory or checkpoint (read from its metadata,
+    without building the model)."""
+    return get_method(run_method(path))
+
+
+def run_config(
+    path: str | Path, method: str | None = None, overrides: dict[str, Any] | None = None
+) -> tuple[Method, Any, Path]:
+    """``(method, config, checkpoint directory)`` of a run directory or any of its checkpoints, the config
+    being the one it was trained with plus ``overrides``. ``method``: the method the caller expects
+    (another one is a one-line :class:`~groundkit.checkpoint.CheckpointError`)."""
+    ck, run = find_run_files(path)
+    meta = read_meta(ck)
     name = meta.get("method")
     cfg_dict = meta.get("config")
     if (name is None or cfg_dict is None) and (run / "config.yaml").is_file():
@@ -80,11 +106,26 @@ def load_run(
         cfg_dict = cfg_dict if cfg_dict is not None else data
     if not name or cfg_dict is None:
         raise CheckpointError(f"{ck}: the checkpoint names no method/config and {run}/config.yaml is missing")
-    method = get_method(name)
+    if method is not None and name != method:
+        raise CheckpointError(f"{path} is a {name} run, not a {method} one")
+    m = get_method(name)
     if overrides:
-        cfg_dict = apply_overrides(method.config_class, cfg_dict, overrides)
-    cfg = from_dict(method.config_class, cfg_dict)
-    model = method.build_model(cfg)
+        cfg_dict = apply_overrides(m.config_class, cfg_dict, overrides)
+    return m, from_dict(m.config_class, cfg_dict), ck
+
+
+def load_run(
+    path: str | Path, device: str | Any = "cpu", overrides: dict[str, Any] | None = None, method: str | None = None
+) -> tuple[Method, Any, Any]:
+    """``(method, config, model in eval mode)`` from a run directory or any of its checkpoints.
+
+    The method and the config come from the checkpoint's own metadata (older checkpoints: the run's
+    ``config.yaml``), so a model is always rebuilt the way it was trained; ``overrides``
+    (``{"data.x": value}``) change what the caller wants changed, e.g. the evaluation files. ``method``
+    names the method the caller expects: a run of another method is refused in one line.
+    """
+    m, cfg, ck = run_config(path, method, overrides)
+    model = m.build_model(cfg)
     load_weights(model, ck)
     model.to(device)
-    return method, cfg, model.eval()
+    return m, cfg, model.eval()

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..config import ExperimentConfig
+from ..config import ExperimentConfig, to_dict
 from ..engine import evaluate_samples
 from ..runlog import format_metrics
 
@@ -56,6 +56,11 @@ class Predictor:
         """Per phrase: ``{"phrase", "boxes", "scores"}`` ranked over the given proposals."""
         raise NotImplementedError(f"{type(self).__name__} does not rank region proposals")
 
+    def video_files(self) -> str | None:
+        """A ``text_video`` predictor's folder of the indexed videos' files (``<id>.mp4`` ...) or frames
+        (``<id>/*.jpg``), when it knows one; the web page shows frames from it. None: unknown."""
+        return None
+
 
 class Method:
     """Base class of every method. Subclasses set the class attributes and override the hooks."""
@@ -71,7 +76,12 @@ class Method:
     #: the built-in world task this method trains on when its config sets ``data.synth_size``
     #: (see :func:`groundkit.world.resolve_world`); "" if none
     world_task: ClassVar[str] = ""
-    #: extra subcommands: ``{"data" | "bench" | "predict": {command: "module:register_function"}}``;
+    #: units of the rates :meth:`evaluate` returns (recall, accuracy ...): groundkit's convention is
+    #: ``"percent"`` (counts and ranks as they are); a method still on ``"fraction"`` says so here, and
+    #: ``metrics.json`` and ``run.json`` record it
+    units: ClassVar[str] = "percent"
+    #: extra subcommands: ``{"data" | "bench" | "predict" | "top": {command: "module:register_function"}}``
+    #: ("top": a top-level command such as ``groundkit curriculum``);
     #: ``register_function(subparsers)`` adds one parser and sets ``func``. Imported lazily.
     commands: ClassVar[dict[str, dict[str, str]]] = {}
 
@@ -89,6 +99,18 @@ class Method:
     def has_split(self, cfg: Any, split: str) -> bool:
         """Whether ``split`` exists for this config (the engine skips a final split that does not)."""
         return True
+
+    def resolve_config(self, cfg: Any) -> Any:
+        """The config as it will really run (e.g. a switch that cannot take effect turned off), so that
+        ``config.yaml`` never records what did not happen. Called by the engine on its own copy; must be
+        idempotent. The default returns ``cfg`` unchanged."""
+        return cfg
+
+    def data_source(self, cfg: Any, split: str) -> dict[str, Any]:
+        """What ``split``'s metrics were computed from (files, folders), recorded in ``metrics.json``.
+        The default: the split name and the config's ``data`` section."""
+        data = getattr(cfg, "data", None)
+        return {"split": split, **(to_dict(data) if data is not None else {})}
 
     # ------------------------------------------------------------------ training
 

@@ -45,7 +45,8 @@ __all__ = [
 def resolve_world(method: object, cfg: object, progress: bool = False) -> object:
     """Point ``cfg.data.root`` at the built-in world that ``cfg.data.synth_size`` names (building it once).
 
-    For configs of methods that can train on a world (``method.world_task``, e.g. ``"retrieval"``).
+    The task is ``cfg.data.world_task`` when the config names one (a method that trains on several
+    tasks, e.g. cogrounding on ``refexp`` and ``video``), else ``method.world_task`` (e.g. ``"retrieval"``).
     The method itself never imports the world: the command line, the demo and :mod:`groundkit.runs`
     call this before training. A ``data.root`` that is not the world's folder, given together with
     ``data.synth_size``, is an error instead of being silently ignored. Returns ``cfg``.
@@ -53,9 +54,14 @@ def resolve_world(method: object, cfg: object, progress: bool = False) -> object
 
     data = getattr(cfg, "data", None)
     size = getattr(data, "synth_size", "")
-    task = getattr(method, "world_task", "")
-    if not size or not task:
+    task = getattr(data, "world_task", "") or getattr(method, "world_task", "")
+    if not size:
         return cfg
+    if not task:
+        raise ConfigError(
+            f"data.synth_size={size!r} but no world task: set data.world_task "
+            f"(one of {', '.join(available_tasks())}) or clear data.synth_size"
+        )
     root = Path(generate(task, size=size, seed=int(getattr(data, "synth_seed", 0)), progress=progress))
     given = getattr(data, "root", "")
     if given and Path(given).expanduser().resolve() != root.resolve():

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
 
-from .core import SIZES, TASKS, CacheError, TaskUnavailableError, generate, load_manifest, parse_knob
+from ..errors import DataError
+from .core import SIZES, TASKS, generate, load_manifest, parse_knob
 
 __all__ = ["register", "run"]
 
@@ -50,9 +50,8 @@ def run(args: argparse.Namespace) -> int:
         out = generate(
             args.task, size=args.size, seed=args.seed, out=args.out, progress=not args.quiet, force=args.force, **knobs
         )
-    except (ValueError, CacheError, TaskUnavailableError) as e:
-        print(f"groundkit data synth: error: {e}", file=sys.stderr)
-        return 2
+    except ValueError as e:  # a bad knob: reported by the CLI as one line
+        raise DataError(f"data synth: {e}") from None
     man = load_manifest(out)
     print(out)
     info = man.get("info", {})

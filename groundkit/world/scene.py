@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ..metrics import box_iou
+from ..boxes import box_iou
 from ..text import COCO_CLASSES
 
 __all__ = [
@@ -862,7 +862,7 @@ class SceneKnobs:
 def box_iou_np(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """IoU matrix [len(a), len(b)] of x1,y1,x2,y2 boxes (continuous convention), as float64 numpy.
 
-    A numpy front to :func:`groundkit.metrics.box_iou` for the generators."""
+    A float64 numpy front to :func:`groundkit.boxes.box_iou` for the generators."""
     a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
     b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
     return np.asarray(box_iou(a, b), dtype=np.float64)

@@ -238,22 +238,34 @@ def open_store(cfg: CrossKDConfig, need_teachers: bool | None = None) -> ExpertS
             for rel in fam.values():
                 if (root / rel).is_file() or rel in paths["splits"].values():
                     split_files[Path(rel).stem] = rel
-        convert_released(
-            root,
-            tmp,
-            paths["experts"],
-            paths["text"],
-            split_files,
-            paths["raw_captions"],
-            teachers,
-            cfg.data.expert_dims,
-            cfg.data.text_dim or None,
-            paths["strip_suffix"],
-            cfg.data.missing_ids,
-        )
-        meta = json.loads((tmp / "meta.json").read_text())
-        meta["info"]["stamp"] = stamp
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        try:
+            convert_released(
+                root,
+                tmp,
+                paths["experts"],
+                paths["text"],
+                split_files,
+                paths["raw_captions"],
+                teachers,
+                cfg.data.expert_dims,
+                cfg.data.text_dim or None,
+                paths["strip_suffix"],
+                cfg.data.missing_ids,
+            )
+            meta = json.loads((tmp / "meta.json").read_text())
+            meta["info"]["stamp"] = stamp
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        except OSError as e:  # e.g. a read-only data folder: the store cannot go beside it
+            shutil.rmtree(tmp, ignore_errors=True)
+            if e.filename and not str(e.filename).startswith(str(tmp)):
+                raise FeatureError(f"{e.filename}: cannot read ({e.strerror or e})") from None
+            raise FeatureError(
+                f"cannot write the feature store {store_dir} ({e.strerror or e}); "
+                "set data.store=DIR to put it in a writable folder"
+            ) from None
+        except BaseException:  # a bad feature file: no partial store is left behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         old = store_dir.parent / f".{store_dir.name}.old-{os.getpid()}"
         if store_dir.exists():
             os.replace(store_dir, old)

@@ -33,6 +33,7 @@ import torch
 from PIL import Image
 
 from ...backbones import load_backbone, minilm_path
+from ...checkpoint import atomic_dir
 from ...formats.collaborative_experts import DATASET_LAYOUTS, FeatureError, read_split_list
 from ...text import glove_package, tokenize
 from .store import ExpertStore, StoreWriter, convert_released
@@ -40,6 +41,7 @@ from .store import ExpertStore, StoreWriter, convert_released
 __all__ = [
     "VIDEO_EXTENSIONS",
     "read_frames",
+    "probe_video",
     "FrameExperts",
     "GloveTokenEncoder",
     "TransformersTokenEncoder",
@@ -76,13 +78,33 @@ def read_frames(path: str | Path, num_frames: int = 16, size: int = 224) -> np.n
             stream = c.streams.video[0]
             for fr in c.decode(stream):
                 frames.append(fr.to_image())
-    except av.error.FFmpegError as e:
+    except (av.error.FFmpegError, OSError, ValueError) as e:
         raise FeatureError(f"{path}: cannot decode video ({e})") from None
     if not frames:
         raise FeatureError(f"{path}: no video frames decoded")
     pick = np.unique(np.linspace(0, len(frames) - 1, num=min(num_frames, len(frames))).round().astype(int))
 
     return np.stack([np.asarray(frames[i].convert("RGB").resize((size, size), Image.BILINEAR)) for i in pick])
+
+
+def probe_video(path: str | Path) -> None:
+    """Open ``path`` as a video (container and a video stream) without decoding it; a file that is not
+    one is a :class:`FeatureError` naming it."""
+    try:
+        import av  # noqa: PLC0415 (heavy, loaded on first use)
+    except ImportError as e:  # pragma: no cover - depends on the installation
+        raise ImportError("extract-experts needs PyAV to decode video: pip install 'av>=10'") from e
+    path = Path(path)
+    if not path.is_file():
+        raise FeatureError(f"video not found: {path}")
+    if path.stat().st_size == 0:
+        raise FeatureError(f"{path}: empty file, not a video")
+    try:
+        with av.open(str(path)) as c:
+            if not c.streams.video:
+                raise FeatureError(f"{path}: no video stream")
+    except av.error.FFmpegError as e:
+        raise FeatureError(f"{path}: not a readable video ({e})") from None
 
 
 # ----------------------------------------------------------------------------- visual experts
@@ -224,12 +246,19 @@ def extract_experts(
         cp = Path(captions)
         if not cp.is_file():
             raise FeatureError(f"--captions {cp}: file not found")
-        caps = json.loads(cp.read_text())
+        try:
+            caps = json.loads(cp.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, ValueError) as e:
+            raise FeatureError(f"--captions {cp}: not valid JSON ({e})") from None
+        if not isinstance(caps, dict):
+            raise FeatureError(f"--captions {cp}: expected a JSON object {{video_id: [caption, ...]}}")
         absent = [v for v in ids if v not in caps]
         if absent:
             raise FeatureError(
                 f"--captions {cp}: no captions for video {absent[0]!r} ({len(absent)} videos lack captions)"
             )
+    for p in files:  # every file opens as a video before the (slow) backbone is loaded
+        probe_video(p)
     fe = FrameExperts(backbones, device=device)
     feats: dict[str, dict[str, np.ndarray | None]] = {}
     for i, (vid, p) in enumerate(zip(ids, files)):
@@ -238,6 +267,24 @@ def extract_experts(
             feats.setdefault(k, {})[vid] = v
         if progress:
             print(f"[extract-experts] {i + 1}/{len(files)} {p.name}", file=sys.stderr)
+    with atomic_dir(out) as tmp:  # a failure leaves no partial store
+        _write_store(tmp, ids, feats, caps, text_model, text_name, splits, device, videos, num_frames, size)
+    return ExpertStore(out)
+
+
+def _write_store(
+    out: Path,
+    ids: list[str],
+    feats: dict[str, dict[str, np.ndarray | None]],
+    caps: dict[str, list[str]] | None,
+    text_model: str | Path | None,
+    text_name: str,
+    splits: dict[str, str] | None,
+    device: str,
+    videos: str | Path,
+    num_frames: int,
+    size: int,
+) -> None:
     w = StoreWriter(out, ids)
     for k, d in feats.items():
         dim = next((v.shape[-1] for v in d.values() if v is not None), None)
@@ -256,7 +303,6 @@ def extract_experts(
     for name, lst in (splits or {}).items():
         w.add_split(name, read_split_list(lst))
     w.close(source=str(videos), num_frames=num_frames, size=size)
-    return ExpertStore(out)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -266,7 +312,7 @@ def _pairs(items: Iterable[str], flag: str) -> dict[str, str]:
     out = {}
     for it in items:
         if "=" not in it:
-            raise SystemExit(f"{flag} {it!r}: expected NAME=PATH")
+            raise FeatureError(f"{flag} {it!r}: expected NAME=PATH")
         k, v = it.split("=", 1)
         out[k] = v
     return out
@@ -311,9 +357,8 @@ def register_extract(subparsers: Any) -> None:
                 a.device,
                 not a.quiet,
             )
-        except (FeatureError, ImportError) as e:
-            print(f"groundkit data extract-experts: error: {e}", file=sys.stderr)
-            return 2
+        except ImportError as e:
+            raise FeatureError(f"extract-experts: {e}") from None
         print(
             json.dumps(
                 {
@@ -367,24 +412,19 @@ def register_convert(subparsers: Any) -> None:
             Path(rel).stem: rel for fam in lay["splits"].values() for rel in fam.values() if (root / rel).is_file()
         }
         if not splits:
-            print(f"groundkit data convert-experts: error: no split lists of {a.dataset} under {root}", file=sys.stderr)
-            return 2
-        try:
-            st = convert_released(
-                root,
-                a.out,
-                experts,
-                text,
-                splits,
-                lay["raw_captions"],
-                teachers,
-                strip_suffix=lay.get("strip_suffix", False),
-                missing_ids=a.missing_ids,
-                progress=True,
-            )
-        except FeatureError as e:
-            print(f"groundkit data convert-experts: error: {e}", file=sys.stderr)
-            return 2
+            raise FeatureError(f"convert-experts: no split lists of {a.dataset} under {root}")
+        st = convert_released(
+            root,
+            a.out,
+            experts,
+            text,
+            splits,
+            lay["raw_captions"],
+            teachers,
+            strip_suffix=lay.get("strip_suffix", False),
+            missing_ids=a.missing_ids,
+            progress=True,
+        )
         print(
             json.dumps(
                 {

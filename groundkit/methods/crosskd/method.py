@@ -90,6 +90,11 @@ class CrossKDMethod(Method):
     def has_split(self, cfg: CrossKDConfig, split: str) -> bool:
         return split in ("train", "val", "test")
 
+    def data_source(self, cfg: CrossKDConfig, split: str) -> dict[str, Any]:
+        d = cfg.data
+        split_list = layout_paths(cfg)["splits"].get(split)
+        return {"split": split, "split_list": split_list, "root": d.root, "store": d.store, "synth_size": d.synth_size}
+
     def build_dataset(self, cfg: CrossKDConfig, split: str) -> RetrievalTrainSet | RetrievalEvalSet:
         store = open_store(cfg)
         paths = layout_paths(cfg)

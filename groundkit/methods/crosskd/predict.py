@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -86,7 +85,7 @@ class Retriever(Predictor):
             register_store(store)
             overrides = {"data.store": str(store.root), "data.root": ""}
         try:
-            _, cfg, model = load_run(path, overrides=overrides)
+            _, cfg, model = load_run(path, overrides=overrides, method="crosskd")
         except FeatureError as e:
             raise FeatureError(
                 f"{find_run_files(path)[0]}: cannot rebuild the model from the run's features ({e}); pass --store"
@@ -116,6 +115,13 @@ class Retriever(Predictor):
                 raise ValueError(f"index must be auto, flat or hnsw; got {kind!r}")
             idx.add(np.ascontiguousarray(x[rows]))
             self.patterns.append((key.astype(bool), rows, idx))
+
+    def video_files(self) -> str | None:
+        """The folder the store's features were extracted from (``groundkit data extract-experts
+        --videos``), if it is on this machine; a converted release names its archive folder, which
+        holds no videos (the page then says there are no frames)."""
+        src = self.store.meta.get("info", {}).get("source")
+        return str(src) if src and Path(src).is_dir() else None
 
     # ------------------------------------------------------------------ text side
     @property
@@ -189,7 +195,10 @@ class Retriever(Predictor):
     def search_video(self, video_id: str, k: int = 10) -> list[tuple[str, str, float]]:
         """Top-``k`` captions of the indexed videos for a video: (caption text, its video id, score)."""
         if video_id not in self.video_ids:
-            raise KeyError(f"video {video_id!r} is not among the {len(self.video_ids)} indexed videos")
+            some = ", ".join(self.video_ids[:3])
+            raise FeatureError(
+                f"video id {video_id!r} is not among the {len(self.video_ids)} indexed videos (e.g. {some})"
+            )
         j = self.video_ids.index(video_id)
         t, w = self._caption_embeddings()
         scores = []
@@ -232,8 +241,7 @@ def register_predict(subparsers: Any) -> None:
 
 def _run_predict(args: argparse.Namespace) -> int:
     if not args.query and not args.video_id:
-        print("groundkit predict retrieval: give --query and/or --video-id", file=sys.stderr)
-        return 2
+        raise FeatureError("predict retrieval: give --query and/or --video-id")
     r = Retriever.from_checkpoint(args.checkpoint, store=args.store, split=args.split or None, device=args.device)
     out: dict[str, Any] = {"t2v": {}, "v2t": {}}
     for q in args.query:

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from ...checkpoint import atomic_dir
 from ...formats.collaborative_experts import (
     FeatureError,
     read_expert_pickle,
@@ -146,8 +147,11 @@ class ExpertStore:
             raise FeatureError(
                 f"{self.root} is not a feature store (no meta.json); build one with `groundkit data convert-experts` or `extract-experts`"
             )
-        self.meta = json.loads(meta_path.read_text())
-        self.video_ids: list[str] = self.meta["video_ids"]
+        try:
+            self.meta = json.loads(meta_path.read_text())
+            self.video_ids: list[str] = list(self.meta["video_ids"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise FeatureError(f"{meta_path}: not a readable feature store description ({e})") from None
         self.index = {v: i for i, v in enumerate(self.video_ids)}
         self._cache: dict[str, np.ndarray] = {}
         self._files: dict[str, tuple[int, int, np.dtype, int]] = {}
@@ -300,6 +304,26 @@ def convert_released(
     root = Path(root)
     split_ids = {name: read_split_list(root / rel, strip_suffix) for name, rel in splits.items()}
     ids: list[str] = list(dict.fromkeys(v for lst in split_ids.values() for v in lst))
+    with atomic_dir(store) as tmp:  # a failure leaves no partial store
+        _convert(root, tmp, ids, split_ids, experts, text_feats, raw_captions, teachers, expert_dims, text_dim,
+                 missing_ids, progress)  # fmt: skip
+    return ExpertStore(store)
+
+
+def _convert(
+    root: Path,
+    store: Path,
+    ids: list[str],
+    split_ids: dict[str, list[str]],
+    experts: dict[str, str],
+    text_feats: dict[str, str],
+    raw_captions: str | None,
+    teachers: dict[str, str] | None,
+    expert_dims: dict[str, int] | None,
+    text_dim: int | None,
+    missing_ids: str,
+    progress: bool,
+) -> None:
     w = StoreWriter(store, ids)
     log = (lambda m: print(m, file=sys.stderr)) if progress else (lambda m: None)
     for name, rel in experts.items():
@@ -322,4 +346,3 @@ def convert_released(
     for name, lst in split_ids.items():
         w.add_split(name, lst)
     w.close(source=str(root))
-    return ExpertStore(store)

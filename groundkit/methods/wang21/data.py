@@ -56,8 +56,10 @@ def word_dim(d: Wang21DataConfig) -> int:
         return 50
     if not d.glove_path or not os.path.isfile(d.glove_path):
         raise ConfigError(f"data.glove_path={d.glove_path!r}: file not found (GloVe HDF5 or {GLOVE_PACKAGE!r})")
-    with h5py.File(d.glove_path, "r") as f:
+    with wfmt.open_hdf5(d.glove_path, "word vector") as f:
         for k in f:
+            if not isinstance(f[k], h5py.Dataset):
+                raise wfmt.Wang21DataError(f"{d.glove_path}: key {k!r} is a group; expected a word vector [E]")
             return int(np.prod(f[k].shape))
     raise ConfigError(f"{d.glove_path}: no word vectors")
 

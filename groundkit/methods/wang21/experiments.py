@@ -90,12 +90,13 @@ def run_sweep(
     variants: Sequence[str] | None = None,
     overrides: dict[str, Any] | None = None,
     jobs: int = 1,
+    desc: str = "wang21 runs",
 ) -> list[RunResult]:
     """Train + test each variant over ``seeds`` (``jobs`` at a time; finished runs are reused); writes
     ``<out_dir>/sweep.json`` and ``table.md`` and prints the table (R@k in percent, mean ± std)."""
     out = Path(out_dir)
-    results = run_many(sweep_specs(world_dir, out, seeds, variants, overrides), jobs=jobs)
-    write_summary(out / "sweep.json", results, SWEEP_KEYS, scale=100.0)
+    results = run_many(sweep_specs(world_dir, out, seeds, variants, overrides), jobs=jobs, desc=desc)
+    write_summary(out / "sweep.json", results, SWEEP_KEYS)
     table = format_table(results)
     (out / "table.md").write_text(table + "\n")
     print(table)
@@ -107,17 +108,17 @@ SWEEP_KEYS = ("R@1", "R@5", "R@10")
 
 def format_table(results: Sequence[RunResult]) -> str:
     """Markdown table of R@1/5/10 (percent, mean ± std over seeds) plus the baselines the runs report."""
-    table = runs_table(summarize(results, SWEEP_KEYS, scale=100.0), SWEEP_KEYS, header="variant", show_n=True)
+    table = runs_table(summarize(results, SWEEP_KEYS), SWEEP_KEYS, header="variant", show_n=True)
     done = [r for r in results if r.ok]
     if not done:
         return table
     x = done[0].metrics
-    cells = " | ".join(f"{100 * x.get(f'random_R@{k}', float('nan')):.2f}" for k in (1, 5, 10))
+    cells = " | ".join(f"{x.get(f'random_R@{k}', float('nan')):.2f}" for k in (1, 5, 10))
     lines = [table, f"| random ranking (expected) | {cells} | |"]
     if "teacher_R@1" in x:
-        cov = 100 * x.get("teacher_coverage", float("nan"))
-        lines.append(f"| detector teacher alone (mapped phrases, {cov:.0f}%) | {100 * x['teacher_R@1']:.2f} | | | |")
-    lines.append(f"| proposal upper bound | {100 * x['upper_bound']:.2f} | | | |")
+        cov = x.get("teacher_coverage", float("nan"))
+        lines.append(f"| detector teacher alone (mapped phrases, {cov:.0f}%) | {x['teacher_R@1']:.2f} | | | |")
+    lines.append(f"| proposal upper bound | {x['upper_bound']:.2f} | | | |")
     return "\n".join(lines)
 
 

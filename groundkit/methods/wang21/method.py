@@ -40,10 +40,19 @@ from .predict import Wang21Predictor
 
 log = logging.getLogger("groundkit.wang21")
 
-__all__ = ["Wang21Method", "METHOD"]
+__all__ = ["Wang21Method", "METHOD", "to_percent"]
 
 
 # ----------------------------------------------------------------------------- method
+
+#: the metrics that are rates (fractions from the accumulators); everything else is a count
+_RATE_PREFIXES = ("R@", "random_R@", "teacher_R@", "upper_bound", "teacher_coverage")
+
+
+def to_percent(metrics: dict[str, float]) -> dict[str, float]:
+    """The one place where wang21's rates become percentages (groundkit reports every method's rates in
+    percent): each rate is multiplied by 100.0 exactly once, counts are kept."""
+    return {k: 100.0 * v if k.startswith(_RATE_PREFIXES) else v for k, v in metrics.items()}
 
 
 class Wang21Method(Method):
@@ -82,6 +91,26 @@ class Wang21Method(Method):
             region_mean=mean,
             region_std=std,
         )
+
+    def resolve_config(self, cfg: Wang21Config) -> Wang21Config:
+        """Distillation without a teacher source (no phrase -> class map, no soft teacher) trains the NCE
+        model: say so in the config, and name a shipped NCE+Distill default folder after the NCE model."""
+        if cfg.loss.distill and not cfg.data.phrase_to_label_json and not cfg.loss.soft_teacher:
+            cfg.loss.distill = False
+            head, sep, tail = cfg.train.output_dir.rpartition("reference_distill")
+            if sep and not tail.strip("/"):
+                cfg.train.output_dir = head + "reference_nce" + tail
+        return cfg
+
+    def data_source(self, cfg: Wang21Config, split: str) -> dict[str, Any]:
+        paths = resolve_paths(cfg.data, split)
+        return {
+            "split": split,
+            "region_feat_path": paths[0] if paths else None,
+            "phrase_feat_path": paths[1] if paths else None,
+            "glove_path": cfg.data.glove_path,
+            "phrase_to_label_json": cfg.data.phrase_to_label_json,
+        }
 
     def has_split(self, cfg: Wang21Config, split: str) -> bool:
         paths = resolve_paths(cfg.data, split)
@@ -208,7 +237,7 @@ class Wang21Method(Method):
                 t = teacher_acc.compute()
                 out["teacher_R@1"] = t["R@1"]
                 out["teacher_coverage"] = n_teacher_eval / out["num_phrases"]
-        return out
+        return to_percent(out)
 
     # -- CLI
     def add_cli_args(self, parser: Any, mode: str) -> None:
@@ -269,21 +298,21 @@ class Wang21Method(Method):
         return Wang21Predictor(run, device=device, **options)
 
     def format_eval(self, metrics: dict[str, float], split: str) -> str:
-        """The README's table (fractions), plus the proposal upper bound and the baselines."""
+        """The README's table (percent), plus the proposal upper bound and the baselines."""
         if not metrics:
             return f"{split}: no files to evaluate"
         ks = [k for k in (1, 5, 10) if f"R@{k}" in metrics]
-        head = "| split | " + " | ".join(f"R@{k}" for k in ks) + " | upper bound |"
+        head = "| split (%) | " + " | ".join(f"R@{k}" for k in ks) + " | upper bound |"
         rows = [head, "|" + "---|" * (len(ks) + 2)]
         rows.append(
-            f"| {split} | " + " | ".join(f"{metrics[f'R@{k}']:.4f}" for k in ks) + f" | {metrics['upper_bound']:.4f} |"
+            f"| {split} | " + " | ".join(f"{metrics[f'R@{k}']:.2f}" for k in ks) + f" | {metrics['upper_bound']:.2f} |"
         )
         if f"random_R@{ks[0]}" in metrics:
-            rows.append("| random ranking | " + " | ".join(f"{metrics[f'random_R@{k}']:.4f}" for k in ks) + " | |")
+            rows.append("| random ranking | " + " | ".join(f"{metrics[f'random_R@{k}']:.2f}" for k in ks) + " | |")
         extra = f"{int(metrics.get('num_phrases', 0))} phrases with a box in {int(metrics.get('num_pairs', 0))} (image, sentence) pairs"
         if "teacher_R@1" in metrics:
             cov = metrics["teacher_coverage"]
-            extra += f"; detector teacher alone R@1 {metrics['teacher_R@1']:.4f} on the {cov:.1%} of phrases it maps"
+            extra += f"; detector teacher alone R@1 {metrics['teacher_R@1']:.2f} on the {cov:.1f}% of phrases it maps"
         return "\n".join(rows) + "\n" + extra
 
 

@@ -33,7 +33,7 @@ class Wang21Predictor(Predictor):
 
     def __init__(self, run: str | Path, device: str = "cpu", glove_path: str | None = None):
         overrides = {"data.glove_path": glove_path} if glove_path else None
-        _, self.cfg, self.model = load_run(run, device=device, overrides=overrides)
+        _, self.cfg, self.model = load_run(run, device=device, overrides=overrides, method="wang21")
         self.device = torch.device(device)
 
     def ground_regions(self, regions: Any, phrases: list[str], top_k: int = 5) -> list[dict[str, Any]]:

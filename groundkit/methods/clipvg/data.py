@@ -1,0 +1,289 @@
+"""CLIP-VG data: TransVG-style ``.pth`` lists -> letterboxed images with padding masks and box targets.
+
+One dataset class serves training and evaluation. Each sample gives the image letterboxed into a
+``imsize`` square (``[3, S, S]`` in [0, 1]; the model normalises it and zeroes the padding, as the
+official code pads the normalised tensor), its padding mask (True on padding), the text (lower-cased,
+inside ``data.prompt``) and the target box as ``(cx, cy, w, h)`` normalised to the canvas.
+
+Training augmentation (``data.augment``), the official policy built from :mod:`groundkit.transforms`:
+with probability ``aug_crop_prob`` resize the short side to one of ``aug_crop_resize``, crop a region
+of ``aug_crop_size`` that keeps the box, then resize the long side to one of ``aug_scales``;
+otherwise only the last resize; never the crop branch when the text holds a direction word; colour
+jitter; no flip; the image placed at a random offset of the canvas (``aug_translate``).
+
+**Cached features.** Where the pipeline is deterministic (evaluation, or training without
+augmentation) and no encoder parameter trains, :meth:`GroundingSet.attach_cache` runs the frozen
+encoders once per distinct image and text and keeps their outputs (fp16); samples then carry
+indices into those tables and a batch gathers them. The tables are also stored on disk
+(``data.cache_dir``), keyed by the encoders' fingerprint, the canvas size and the normalisation,
+and extended with what a later run needs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+
+from ...boxes import xyxy_to_cxcywh
+from ...errors import DataError
+from ...formats import transvg
+from ...transforms import (
+    DIRECTION_WORDS,
+    ColorJitter,
+    Compose,
+    Letterbox,
+    LetterboxInfo,
+    RandomResize,
+    RandomSelect,
+    RandomSizeCrop,
+    letterbox,
+)
+from .config import ClipVGData
+
+__all__ = ["GroundingSet", "load_samples", "build_train_transform", "split_file", "prepare_text"]
+
+
+def split_file(d: ClipVGData, split: str) -> list[Path]:
+    """The ``.pth`` file(s) of ``split``: ``train`` follows ``data.supervision`` (``train_pseudo`` or
+    ``train``) unless ``data.train_file`` names a list; ``test`` is ``<ds>_test.pth`` when it exists,
+    else ``testA`` + ``testB`` (RefCOCO / RefCOCO+)."""
+    if not d.split_root:
+        raise DataError("data.split_root is empty: point it at the folder holding <dataset>/<dataset>_<split>.pth")
+    if split == "train":
+        if d.train_file:
+            return [Path(d.train_file)]
+        split = "train_pseudo" if d.supervision == "pseudo" else "train"
+    path = transvg.split_path(d.split_root, d.dataset, split)
+    if split == "test" and not path.is_file():
+        a, b = (transvg.split_path(d.split_root, d.dataset, s) for s in ("testA", "testB"))
+        if a.is_file() and b.is_file():
+            return [a, b]
+    return [path]
+
+
+def load_samples(d: ClipVGData, split: str) -> list[transvg.GroundingSample]:
+    out: list[transvg.GroundingSample] = []
+    for path in split_file(d, split):
+        entries = transvg.load_raw(path, allow_pickle=d.allow_pickle)
+        out.extend(transvg.parse_entries(entries, d.dataset, str(path), truncate=d.truncate_boxes))
+    return out
+
+
+def prepare_text(phrase: str, d: ClipVGData) -> str:
+    text = phrase.lower() if d.lowercase else phrase
+    return d.prompt.replace("{pseudo_query}", text) if d.prompt else text
+
+
+def build_train_transform(d: ClipVGData) -> Compose:
+    """The official training augmentation (see the module docstring)."""
+    scales = [s for s in d.aug_scales if s <= d.imsize] or [d.imsize]
+    crop = Compose(
+        [RandomResize(d.aug_crop_resize, side="short"), RandomSizeCrop(*d.aug_crop_size), RandomResize(scales)]
+    )
+    steps: list[Any] = [RandomSelect(RandomResize(scales), crop, p=d.aug_crop_prob, first_if_words=DIRECTION_WORDS)]
+    if d.color_jitter > 0 and d.color_jitter_prob > 0:
+        cj = d.color_jitter
+        steps.append(ColorJitter(cj, cj, cj, p=d.color_jitter_prob))
+    steps.append(Letterbox(d.imsize, fill=0.0, resize=False, random_offset=d.aug_translate))
+    return Compose(steps)
+
+
+def _to_unit_tensor(image: Any) -> torch.Tensor:
+    if isinstance(image, Image.Image):
+        image = TF.pil_to_tensor(image.convert("RGB"))
+    return TF.to_dtype(image, torch.float32, scale=True)
+
+
+class GroundingSet:
+    """Samples of one split; ``__getitem__`` + ``collate`` (so the engine can use DataLoader workers).
+
+    ``augment``: apply the training augmentation (seeded by ``(seed, epoch, index)``, see
+    :meth:`set_epoch`). After :meth:`attach_cache`, items are indices into cached encoder outputs.
+    """
+
+    def __init__(
+        self,
+        samples: list[transvg.GroundingSample],
+        d: ClipVGData,
+        augment: bool = False,
+        seed: int = 0,
+        name: str = "",
+    ):
+        if not samples:
+            raise DataError(f"{name or 'dataset'}: no samples")
+        self.samples, self.d, self.augment, self.seed, self.name = samples, d, augment, int(seed), name
+        self.image_root = Path(d.image_root) if d.image_root else None
+        self.texts = [prepare_text(s.phrase, d) for s in samples]
+        self.transform = build_train_transform(d) if augment else None
+        self.epoch = 0
+        self.cache: dict[str, Any] | None = None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    # ---------------------------------------------------------------- raw pipeline
+
+    def open_image(self, i: int) -> Image.Image:
+        if self.image_root is None:
+            raise DataError("data.image_root is empty: point it at the folder holding the images")
+        path = self.image_root / self.samples[i].img_file
+        if not path.is_file():
+            raise FileNotFoundError(f"image not found: {path}")
+        with Image.open(path) as im:
+            return im.convert("RGB")
+
+    def raw_item(self, i: int) -> dict[str, Any]:
+        """The letterboxed image, mask, text and target box of sample ``i`` (augmented if training)."""
+        s = self.samples[i]
+        img = self.open_image(i)
+        box = torch.tensor([s.box], dtype=torch.float32)
+        if self.transform is not None:
+            g = torch.Generator().manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFFFFFF)
+            out = self.transform({"image": img, "boxes": box, "text": self.texts[i]}, g)
+            image, mask, canvas_box, info = out["image"], out["mask"], out["boxes"], out["letterbox"]
+        else:
+            image, info = letterbox(img, self.d.imsize, fill=0.0)
+            canvas_box, mask = info.to_letterbox(box), info.padding_mask()
+        target = xyxy_to_cxcywh(torch.as_tensor(canvas_box, dtype=torch.float32)[0] / self.d.imsize)
+        return {
+            "image": _to_unit_tensor(image),
+            "image_mask": mask,
+            "text": self.texts[i],
+            "box": target,
+            "index": i,
+            "letterbox": info,
+        }
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if self.cache is not None:
+            return {"index": i}
+        return self.raw_item(i)
+
+    def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        idx = torch.tensor([it["index"] for it in items])
+        if self.cache is not None:
+            return self.cached_batch(idx)
+        return {
+            "image": torch.stack([it["image"] for it in items]),
+            "image_mask": torch.stack([it["image_mask"] for it in items]),
+            "texts": [it["text"] for it in items],
+            "box": torch.stack([it["box"] for it in items]),
+            "index": idx,
+        }
+
+    # ---------------------------------------------------------------- cached encoder outputs
+
+    def cache_allowed(self, model: Any) -> bool:
+        return self.d.cache_features and not self.augment and not model.encoders.image_features_trainable
+
+    def _cache_dir(self) -> Path:
+        if self.d.cache_dir:
+            return Path(self.d.cache_dir)
+        # never inside the data folders (a checksummed world would count the cache as corruption)
+        base = os.environ.get("GROUNDKIT_FEATURE_CACHE") or os.path.join(
+            os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "groundkit-features"
+        )
+        return Path(base) / "clipvg"
+
+    @torch.no_grad()
+    def attach_cache(self, model: Any, device: torch.device, batch_size: int = 64) -> bool:
+        """Compute (or load) the encoders' outputs of every image and text of this set; returns
+        False (and changes nothing) when caching is not allowed for this set and model."""
+        if not self.cache_allowed(model):
+            return False
+        d, enc = self.d, model.encoders
+        tag = f"{enc.fingerprint()}|imsize={d.imsize}|norm={model.pix_mean.flatten().tolist()}"
+        img_tag = f"{tag}|root={self.image_root.resolve() if self.image_root else ''}"
+        key = hashlib.sha1(img_tag.encode()).hexdigest()[:16]
+        root = self._cache_dir()
+        files = sorted({s.img_file for s in self.samples})
+        img_store = _load_store(root / f"images-{key}.pt")
+        missing = [f for f in files if f not in img_store]
+        if missing:
+            first = {s.img_file: i for i, s in reversed(list(enumerate(self.samples)))}
+            for k in range(0, len(missing), batch_size):
+                chunk = missing[k : k + batch_size]
+                items = [self.raw_item(first[f]) for f in chunk]
+                imgs = torch.stack([it["image"] for it in items]).to(device)
+                masks = torch.stack([it["image_mask"] for it in items]).to(device)
+                feats = enc.encode_image(model.normalize_images(imgs, masks)).to(torch.float16).cpu()
+                for f, ft, m, it in zip(chunk, feats, masks.cpu(), items):
+                    lb = it["letterbox"]
+                    geo = torch.tensor([lb.scale, lb.pad_left, lb.pad_top, lb.orig_w, lb.orig_h], dtype=torch.float64)
+                    img_store[f] = (ft.clone(), m.clone(), geo)
+            _save_store(root / f"images-{key}.pt", img_store)
+        txt_key = hashlib.sha1(f"{tag}|L={model.max_query_len}".encode()).hexdigest()[:16]
+        txt_store = _load_store(root / f"texts-{txt_key}.pt")
+        uniq = sorted(set(self.texts))
+        todo = [t for t in uniq if t not in txt_store]
+        if todo:
+            for k in range(0, len(todo), 256):
+                chunk = todo[k : k + 256]
+                ids, mask = enc.tokenize(chunk, model.max_query_len)
+                feats = enc.encode_text(ids.to(device), mask.to(device)).to(torch.float16).cpu()
+                for t, ft, m in zip(chunk, feats, mask):
+                    txt_store[t] = (ft.clone(), m.clone())
+            _save_store(root / f"texts-{txt_key}.pt", txt_store)
+        img_pos = {f: i for i, f in enumerate(files)}
+        txt_pos = {t: i for i, t in enumerate(uniq)}
+        targets = []
+        for i in range(len(self.samples)):
+            targets.append(self._target(i, img_store[self.samples[i].img_file][2]))
+        self.cache = {
+            "image_feats": torch.stack([img_store[f][0] for f in files]),
+            "image_mask": torch.stack([img_store[f][1] for f in files]),
+            "text_feats": torch.stack([txt_store[t][0] for t in uniq]),
+            "text_mask": torch.stack([txt_store[t][1] for t in uniq]),
+            "img_of": torch.tensor([img_pos[s.img_file] for s in self.samples]),
+            "txt_of": torch.tensor([txt_pos[t] for t in self.texts]),
+            "box": torch.stack(targets),
+        }
+        return True
+
+    def _target(self, i: int, geo: torch.Tensor) -> torch.Tensor:
+        """Target of sample ``i`` on its image's (centred) letterbox, from the stored geometry."""
+        scale, left, top, w, h = geo.tolist()
+        info = LetterboxInfo(scale, int(left), int(top), int(w), int(h), self.d.imsize)
+        canvas = info.to_letterbox(torch.tensor([self.samples[i].box], dtype=torch.float32))
+        return xyxy_to_cxcywh(torch.as_tensor(canvas, dtype=torch.float32)[0] / self.d.imsize)
+
+    def cached_batch(self, idx: torch.Tensor) -> dict[str, Any]:
+        c = self.cache
+        assert c is not None
+        im, tx = c["img_of"][idx], c["txt_of"][idx]
+        return {
+            "image_feats": c["image_feats"][im],
+            "image_mask": c["image_mask"][im],
+            "text_feats": c["text_feats"][tx],
+            "text_mask": c["text_mask"][tx],
+            "box": c["box"][idx],
+            "index": idx,
+        }
+
+    def detach_cache(self) -> None:
+        self.cache = None
+
+
+def _load_store(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a torn or foreign file: recompute
+        return {}
+
+
+def _save_store(path: Path, store: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(store, tmp)
+    os.replace(tmp, path)

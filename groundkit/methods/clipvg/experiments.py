@@ -1,0 +1,155 @@
+"""The results table of docs/clipvg.md on the built-in pseudo world.
+
+``python -m groundkit.methods.clipvg.experiments OUT [--size small] [--seeds 0 1 2] [--jobs 2]``
+
+1. builds (or reuses) the ``pseudo`` world and trains with the shipped ``world_cpu`` config;
+2. runs SSA on the template source and MSA on the three sources (template, relation, caption)
+   with ``--curriculum-seed`` (each curriculum is dozens of trainings; running it once per seed is
+   what a GPU is for);
+3. trains, for every seed, the variants: all template labels, the SSA selection, all three sources
+   merged, the MSA selection, full supervision (human train labels); and draws random boxes;
+4. writes ``OUT/summary.json`` and ``OUT/table.md`` (test = testA + testB; val in brackets).
+
+Every training goes through :func:`groundkit.runs.run_many`, so a killed run of this script is
+simply started again. Each selection is trained again for every seed in its own folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ...boxes import cxcywh_to_xyxy, paired_box_iou
+from ...config import load_config, parse_override
+from ...runs import RunResult, RunSpec, run_many, summarize
+from ...runs import format_table as runs_table
+from ...world import generate
+from . import METHOD
+from .curriculum import CurriculumConfig, EngineBackend, MSAConfig, SearchConfig, run_msa, run_ssa
+
+__all__ = ["world_overrides", "random_box_accuracy", "main"]
+
+SOURCES = ("template", "relation", "caption")
+
+
+def world_overrides(world: Path) -> dict[str, Any]:
+    return {"data.split_root": str(world / "splits"), "data.image_root": str(world / "images/mscoco/images/train2014")}
+
+
+def random_box_accuracy(cfg: Any, split: str = "test", draws: int = 100, seed: int = 0) -> float:
+    """Acc@0.5 of boxes drawn uniformly on the canvas (x1 < x2, y1 < y2 uniform), averaged over draws."""
+    ds = METHOD.build_dataset(cfg, split)
+    target = cxcywh_to_xyxy(torch.stack([ds.raw_item(i)["box"] for i in range(len(ds))]))
+    rng = np.random.default_rng(seed)
+    hits = []
+    for _ in range(draws):
+        xs, ys = np.sort(rng.uniform(0, 1, (len(ds), 2)), 1), np.sort(rng.uniform(0, 1, (len(ds), 2)), 1)
+        pred = torch.tensor(np.stack([xs[:, 0], ys[:, 0], xs[:, 1], ys[:, 1]], 1), dtype=torch.float32)
+        hits.append(float((paired_box_iou(pred, target) >= 0.5).float().mean()))
+    return float(np.mean(hits))
+
+
+def _curricula(
+    world: Path, out: Path, base: str, sets: dict[str, Any], seed: int, jobs: int, metric: str = "acc"
+) -> dict[str, Any]:
+    sep = world / "splits" / "unc" / "train_separate"
+    files = {s: str(sep / f"{i + 1}_unc_train_pseudo_{s}.pth") for i, s in enumerate(SOURCES)}
+    common = dict(
+        config=base,
+        set=sets,
+        seed=seed,
+        jobs=jobs,
+        metric=metric,
+        search=SearchConfig(max_evals=4),
+        runs_dir=str(out / "ssa" / "runs"),
+    )
+    ssa_cfg = CurriculumConfig(out=str(out / "ssa"), source=files["template"], **common)
+    ssa = run_ssa(ssa_cfg, EngineBackend(ssa_cfg))
+    msa_cfg = CurriculumConfig(out=str(out / "msa"), sources=files, msa=MSAConfig(h0=0.5), **common)
+    msa_cfg.search = SearchConfig(max_evals=3)
+    msa = run_msa(msa_cfg, EngineBackend(msa_cfg))
+    return {"ssa": ssa, "msa": msa, "files": files}
+
+
+def _selection(cur_out: Path, run: str) -> str:
+    return str(cur_out / "selections" / f"{run.removeprefix('run-')}.pth")  # the shared selections folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m groundkit.methods.clipvg.experiments", description=__doc__)
+    p.add_argument("out")
+    p.add_argument("--size", default="small")
+    p.add_argument("--world-seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--curriculum-seed", type=int, default=0)
+    p.add_argument("--config", default="world_cpu")
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    p.add_argument("--metric", default="acc", help="validation metric the curricula maximise (acc or miou)")
+    a = p.parse_args(argv)
+    out = Path(a.out)
+    world = generate("pseudo", size=a.size, seed=a.world_seed, progress=False)
+    sets = {
+        **world_overrides(world),
+        "data.cache_dir": str(out / "feature_cache"),
+        **dict(parse_override(s) for s in a.set),
+    }
+    cur = _curricula(world, out, a.config, sets, a.curriculum_seed, a.jobs, a.metric)
+    ssa_file = _selection(out / "ssa", cur["ssa"]["final"]["run"])
+    msa_final = cur["msa"]["final"] or {}
+    variants = {
+        "template, all labels": {"data.train_file": cur["files"]["template"]},
+        "template, SSA": {"data.train_file": ssa_file},
+        "3 sources merged, all labels": {"data.train_file": str(world / "splits/unc/unc_train_pseudo.pth")},
+        "3 sources, MSA": {"data.train_file": _selection(out / "ssa", msa_final["run"])} if msa_final else None,
+        "full supervision": {"data.supervision": "full"},
+    }
+    specs = []
+    for label, over in variants.items():
+        if over is None:
+            continue
+        for seed in a.seeds:
+            specs.append(
+                RunSpec(
+                    method="clipvg",
+                    config=a.config,
+                    overrides={**sets, **over},
+                    output_dir=str(out / "table" / label.replace(" ", "_").replace(",", "") / f"seed{seed}"),
+                    seed=seed,
+                    label=label,
+                )
+            )
+    results: list[RunResult] = run_many(specs, jobs=a.jobs, threads=1, progress=False)
+    rows = summarize(results, ["acc", "miou"])
+    val = summarize(results, ["acc", "miou"], source="best")
+    cfg = load_config(METHOD.config_class, a.config, sets, method="clipvg")
+    rand = [100 * random_box_accuracy(cfg, "test", seed=s) for s in a.seeds]
+    table = runs_table(rows, ["acc", "miou"], header=["variant", "test Acc@0.5", "test mIoU"])
+    table += (
+        f"\n| random box | {np.mean(rand):.2f} ± {np.std(rand, ddof=1) if len(rand) > 1 else 0:.2f} | | {len(rand)} |"
+    )
+    summary = {
+        "world": str(world),
+        "size": a.size,
+        "seeds": a.seeds,
+        "curriculum_seed": a.curriculum_seed,
+        "test": rows,
+        "val": val,
+        "random_box": rand,
+        "ssa": {k: cur["ssa"][k] for k in ("threshold", "search", "final", "all", "trained", "reused")},
+        "msa": {k: cur["msa"][k] for k in ("steps", "stop", "final", "all_merged", "measurers", "trained", "reused")},
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
+    (out / "table.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""Typed config of co-grounding: data, model, loss, eval and post-processing sections.
+
+Defaults are the fixed ("improved") behaviour; every official quirk has a ``reference``-style
+switch, listed in docs/cogrounding.md. The shipped ``configs/reference_*.yaml`` turn them all on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ...config import ExperimentConfig, OptimConfig, ParamGroup, SchedConfig, TrainConfig
+
+__all__ = [
+    "CoGroundingDataConfig",
+    "CoGroundingModelConfig",
+    "CoGroundingLossConfig",
+    "CoGroundingEvalConfig",
+    "PostProcessConfig",
+    "CoGroundingConfig",
+]
+
+
+@dataclass
+class CoGroundingDataConfig:
+    """Where the samples come from. ``kind``: ``refcoco`` (refer-API files), ``transvg`` (``.pth``
+    lists) or ``vid`` (the co-grounding ``VID_video_level_<split>.pth`` index or VID-Sentence files)."""
+
+    kind: Literal["refcoco", "transvg", "vid"] = "refcoco"
+    # the built-in world: data.synth_size (tiny|small|medium|large) names it, data.world_task picks the task
+    # (refexp for images, video for clips); the application layer (groundkit.world.resolve_world) builds it
+    # and sets data.root, which stands for data_root (refcoco) or index_root=<root>/VID + image_root (vid)
+    root: str = ""
+    synth_size: str = ""
+    synth_seed: int = 0
+    world_task: Literal["", "refexp", "video"] = ""
+    # refcoco (refer API): <data_root>/<dataset>/refs(<split_by>).p + instances.json; images in image_root
+    data_root: str = ""
+    dataset: str = "refcoco"
+    split_by: str = "unc"
+    # transvg: <split_root>/<key>/<key>_<split>.pth, images under image_root
+    split_root: str = ""
+    transvg_key: str = "unc"
+    # vid: index files <index_root>/VID_video_level_<split>.pth (relative image paths joined to image_root),
+    # or VID-Sentence files under vid_sentence_root (the ILSVRC folder) when index_root is empty
+    index_root: str = ""
+    vid_sentence_root: str = ""
+    image_root: str = ""
+    train_split: str = "train"
+    val_split: str = "val"  # model selection; never a test split
+    test_splits: list[str] = field(default_factory=lambda: ["testA", "testB"])  # evaluated together as "test"
+    max_samples: int = 0  # >0: keep the first N samples of each split (quick runs)
+    frame_stride: int = 1  # video: use every k-th frame as a training centre frame
+    # images
+    image_size: int = 256  # letterbox side (official 256)
+    augment: bool = True
+    flip: bool = True  # horizontal flip p=0.5 with left/right word swap (shared by the frames of a clip)
+    hsv_jitter: float = 0.5  # fraction for S and V jitter (official 0.5); 0 disables
+    hsv_saturation_bug: bool = False  # reference: only V is scaled (the official S line is missing)
+    affine: bool = True  # random affine (rot 5, translate 0.1, scale 0.9-1.1, shear 2)
+    shared_clip_geometry: bool = True  # improved: one affine for all frames of a clip; reference: per frame
+    cache_backbone: bool = False  # with a frozen backbone and no geometric/colour jitter: backbone maps computed once
+    # with cache_backbone: a folder where each split's maps are kept on disk (one file per backbone, image size and
+    # image list), so that seeds and variants of a sweep compute them once; "" keeps them in memory only
+    feature_cache: str = ""
+
+
+@dataclass
+class CoGroundingModelConfig:
+    backbone: Literal["efficientnet_lite0", "darknet53"] = "efficientnet_lite0"
+    pretrained: bool = True  # EfficientNet-Lite0: the packaged ImageNet weights
+    darknet_weights: str = ""  # path to an original yolov3.weights file
+    darknet_width: float = 1.0
+    freeze_backbone: bool = False
+    text_encoder: Literal["lstm", "transformer"] = "lstm"
+    text_encoder_path: str = "minilm"  # transformer: a local model folder, or "minilm" (the offline package)
+    freeze_text_encoder: bool = True
+    vocab_size: int = 20000  # LSTM: most frequent GloVe 6B words
+    vocab_file: str = ""  # LSTM: own vocabulary, one word per line (overrides vocab_size)
+    max_tokens: int = 20  # official --time 20
+    dim: int = 512  # official emb_size 512
+    co_attention: bool = True  # CG-SL-Att; False = SL-Att (image model / single-frame baseline)
+    # not official: top-down path over the mapped scales (coarse -> fine) for backbones without a YOLO neck
+    # (EfficientNet-Lite0); the Darknet-53 backbone already ends in the YOLOv3 neck
+    top_down: bool = False
+    attention_temperature: float = 10.0
+    bn_momentum_official: bool = False  # reference: BatchNorm momentum 0.999 (running stats ~ the last batch)
+    anchors: list[list[float]] = field(
+        default_factory=lambda: [
+            [10, 13],
+            [16, 30],
+            [33, 23],
+            [30, 61],
+            [62, 45],
+            [59, 119],
+            [116, 90],
+            [156, 198],
+            [373, 326],
+        ]
+    )
+    anchor_reference: float = 416.0  # anchors are given for this input side and scaled to image_size
+
+
+@dataclass
+class CoGroundingLossConfig:
+    """Official weights: L = L_yolo + 100 L_rank + 1 L_loc."""
+
+    coord_weight: float = 5.0
+    rank_weight: float = 100.0
+    rank_margin: float = 0.1
+    loc_weight: float = 1.0
+    rank_negatives_reversal: bool = False  # reference: negatives by batch reversal (may pick the same sentence)
+    loc_on_normalized: bool = False  # reference: location CE on min-max normalised [0,1] scores
+    loc_temperature: float = 0.1  # fixed: CE on raw cosines / temperature
+    temporal_weight: float = 0.0  # temporal consistency (official offset_loss weight 5; never run there)
+    confidence_consistency_weight: float = 0.0  # MSE between consecutive frames' anchor distributions
+    train_clip_len: int = 2  # frames per training clip (official: pairs t-1, t)
+
+
+@dataclass
+class PostProcessConfig:
+    """Temporal re-scoring of each frame's top-k candidates (official post_processing.py)."""
+
+    enabled: bool = True  # also report Acc@0.5 after post-processing on video
+    top_k: int = 5
+    window: int = 5  # frames t-2..t+2
+    renormalize: bool = True  # fixed: softmax over the frames that exist; reference: zero weight, no renormalisation
+
+
+@dataclass
+class CoGroundingEvalConfig:
+    iou_threshold: float = 0.5
+    inclusive: bool = True  # IoU >= 0.5; reference (official): strictly > 0.5
+    window: int = 5  # test window (official 5, centred, clipped at the video ends)
+    reuse_features: bool = True  # each frame's backbone/text features once per video (False: window by window)
+    baselines: bool = True  # random-box, largest-box (and the anchor upper bound) on images
+    batch_frames: int = 64
+
+
+@dataclass
+class CoGroundingConfig(ExperimentConfig):
+    data: CoGroundingDataConfig = field(default_factory=CoGroundingDataConfig)
+    model: CoGroundingModelConfig = field(default_factory=CoGroundingModelConfig)
+    loss: CoGroundingLossConfig = field(default_factory=CoGroundingLossConfig)
+    eval: CoGroundingEvalConfig = field(default_factory=CoGroundingEvalConfig)
+    post: PostProcessConfig = field(default_factory=PostProcessConfig)
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(
+            name="rmsprop", lr=1e-4, weight_decay=5e-4, param_groups=[ParamGroup(match="backbone.", lr_mult=0.1)]
+        )
+    )
+    sched: SchedConfig = field(default_factory=lambda: SchedConfig(name="poly", interval="epoch", power=0.9))
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            epochs=100, batch_size=32, eval_batch_size=64, best_metric="Acc@0.5", output_dir="runs/cogrounding"
+        )
+    )

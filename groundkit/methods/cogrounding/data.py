@@ -1,0 +1,421 @@
+"""Co-grounding data: referring-expression images and VID-Sentence clips, letterboxed with a record.
+
+Sample lists come from the readers (RefCOCO refer-API files, TransVG ``.pth`` lists, the
+co-grounding ``VID_video_level_<split>.pth`` index or VID-Sentence files). Images are letterboxed
+to ``data.image_size`` (the record maps boxes back to original pixels for the metric); training
+augmentation is the official one (flip p=0.5 with the left/right word swap, HSV jitter, random
+affine), with the flip always shared by a clip's frames and, in the improved mode, the affine too.
+
+Batches (``collate``): ``images [N,3,S,S]`` in [0,1], ``ids``/``mask`` ``[N,T]``, ``boxes [N,4]``
+(letterbox pixels), ``clip_len``; frames of a clip are adjacent. With ``data.cache_backbone``
+(frozen backbone, no colour/geometric jitter) a batch carries ``backbone_feats`` instead of
+images, each image's maps computed once (per flip) by the frozen backbone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ...errors import DataError
+from ...formats import refcoco, transvg, vid_sentence
+from ...transforms import LetterboxInfo, hsv_scale, letterbox_info, swap_left_right
+from ...transforms import letterbox as _letterbox
+from .config import CoGroundingConfig
+from .text import build_tokenizer
+
+__all__ = [
+    "ImageSample",
+    "VideoSample",
+    "load_image_samples",
+    "load_videos",
+    "Letterbox",
+    "letterbox",
+    "read_image",
+    "RefExpDataset",
+    "VideoClipDataset",
+    "VideoEvalSet",
+    "image_splits",
+]
+
+PAD_COLOUR = (124, 116, 104)  # the official letterbox padding (123.7, 116.3, 103.5), rounded (affine fill)
+
+
+# ----------------------------------------------------------------------------- sample lists
+
+
+@dataclass(frozen=True)
+class ImageSample:
+    path: Path
+    box: tuple[float, float, float, float]  # x1, y1, x2, y2, original pixels
+    text: str
+    split: str = ""
+    objects: tuple[tuple[float, float, float, float], ...] = ()  # every annotated object of the image (baselines)
+
+
+@dataclass
+class VideoSample:
+    """One (track, expression): frame paths in order and the track's boxes ``[T,4]`` (original pixels)."""
+
+    paths: list[Path]
+    boxes: np.ndarray
+    text: str
+    name: str = ""
+
+
+def image_splits(cfg: CoGroundingConfig, split: str) -> list[str]:
+    """``test`` means every split of ``data.test_splits``; other names are themselves."""
+    return list(cfg.data.test_splits) if split == "test" else [split]
+
+
+def load_image_samples(cfg: CoGroundingConfig, split: str) -> list[ImageSample]:
+    """Samples of one named split (``train``, ``val``, ``testA`` ...) from refer-API files or TransVG lists."""
+    d = cfg.data
+    if d.kind == "refcoco":
+        data_root = d.data_root or d.root
+        if not data_root:
+            raise DataError("data.data_root is empty (the folder holding <dataset>/refs(<split_by>).p)")
+        data = refcoco.load_refer(data_root, d.dataset, d.split_by, d.image_root or None)
+        objects: dict[int, list] = {}
+        for a in data.anns.values():
+            x, y, w, h = (float(v) for v in a["bbox"])
+            objects.setdefault(int(a["image_id"]), []).append((x, y, x + w, y + h))
+        out = [
+            ImageSample(s.image_path, s.box_xyxy, s.sentence, split, tuple(objects.get(s.image_id, ())))
+            for s in data.samples(split)
+        ]
+    elif d.kind == "transvg":
+        if not d.split_root:
+            raise DataError("data.split_root is empty (the folder holding <key>/<key>_<split>.pth)")
+        root = Path(d.image_root)
+        out = [
+            ImageSample(root / s.img_file, s.box, s.phrase, split)
+            for s in transvg.load_split(d.split_root, d.transvg_key, split)
+        ]
+    else:
+        raise DataError(f"data.kind={d.kind!r} has no image samples")
+    return out[: d.max_samples] if d.max_samples > 0 else out
+
+
+def load_videos(cfg: CoGroundingConfig, split: str) -> list[VideoSample]:
+    """One :class:`VideoSample` per (track, caption) of ``split``."""
+    d = cfg.data
+    out: list[VideoSample] = []
+    index_root = d.index_root or (str(Path(d.root) / "VID") if d.root else "")
+    image_root = d.image_root or d.root
+    if index_root:
+        path = Path(index_root) / f"VID_video_level_{split}.pth"
+        for i, frames in enumerate(vid_sentence.load_video_level(path, image_root=image_root or None)):
+            out.append(
+                VideoSample(
+                    [p for p, _, _ in frames], np.stack([b for _, b, _ in frames]), frames[0][2], f"{split}/{i}"
+                )
+            )
+    elif d.vid_sentence_root:
+        for tr in vid_sentence.load_vid_sentence(d.vid_sentence_root, split):
+            for c in tr.captions:
+                out.append(VideoSample(list(tr.image_paths), tr.boxes, c, f"{tr.video}/{tr.track_id}"))
+    else:
+        raise DataError(
+            "data.kind='vid' needs data.index_root (VID_video_level_<split>.pth files) or data.vid_sentence_root"
+        )
+    return out[: d.max_samples] if d.max_samples > 0 else out
+
+
+# ----------------------------------------------------------------------------- image pipeline
+
+
+def read_image(path: str | Path) -> Image.Image:
+    """An RGB image, or one clear :class:`DataError` line."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: no such image file")
+    try:
+        with Image.open(p) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise DataError(f"{p}: not a readable image ({e.__class__.__name__})") from None
+
+
+def _image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) from the file header (no decoding), or the clear error of :func:`read_image`."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (UnidentifiedImageError, OSError):
+        return read_image(path).size
+
+
+Letterbox = LetterboxInfo  # maps boxes to the canvas (to_letterbox) and back to original pixels (to_original)
+
+
+def letterbox(img: Image.Image, size: int) -> tuple[Image.Image, LetterboxInfo]:
+    """Long side to ``size``, padded to a square with the official colour (the ImageNet mean), centred."""
+    return _letterbox(img, size)
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
+
+
+def hsv_jitter(img: Image.Image, fraction: float, rng: random.Random, saturation_bug: bool) -> Image.Image:
+    """Scale S and V by factors in ``[1 - fraction, 1 + fraction]``; with ``saturation_bug`` only V (official)."""
+    a, b = rng.uniform(1 - fraction, 1 + fraction), rng.uniform(1 - fraction, 1 + fraction)
+    return hsv_scale(img, 1.0 if saturation_bug else a, b)
+
+
+def random_affine_params(rng: random.Random, size: int) -> np.ndarray:
+    """3x3 matrix of the official ``random_affine`` (rotation 5, translation 0.1, scale 0.9-1.1, shear 2)."""
+    a, s = math.radians(rng.uniform(-5, 5)), rng.uniform(0.9, 1.1)
+    c = size / 2
+    R = np.array([[s * math.cos(a), -s * math.sin(a), 0], [s * math.sin(a), s * math.cos(a), 0], [0, 0, 1]])
+    C, Cb = np.array([[1, 0, -c], [0, 1, -c], [0, 0, 1.0]]), np.array([[1, 0, c], [0, 1, c], [0, 0, 1.0]])
+    T = np.array([[1, 0, rng.uniform(-0.1, 0.1) * size], [0, 1, rng.uniform(-0.1, 0.1) * size], [0, 0, 1.0]])
+    sh = math.tan(math.radians(rng.uniform(-2, 2)))
+    Sh = np.array([[1, sh, 0], [math.tan(math.radians(rng.uniform(-2, 2))), 1, 0], [0, 0, 1.0]])
+    return T @ Sh @ Cb @ R @ C
+
+
+def apply_affine(img: Image.Image, box: np.ndarray, M: np.ndarray) -> tuple[Image.Image, np.ndarray]:
+    """Warp ``img`` by ``M`` (output = M @ input) and take the box as the hull of its warped corners."""
+    inv = np.linalg.inv(M)
+    out = img.transform(img.size, Image.AFFINE, tuple(inv[:2].ravel()), resample=Image.BILINEAR, fillcolor=PAD_COLOUR)
+    x1, y1, x2, y2 = box
+    pts = M @ np.array([[x1, x2, x1, x2], [y1, y1, y2, y2], [1, 1, 1, 1.0]])
+    nb = np.array([pts[0].min(), pts[1].min(), pts[0].max(), pts[1].max()])
+    return out, np.clip(nb, 0, img.size[0])
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+class _Base:
+    """Shared: tokenizer, letterbox, augmentation, optional frozen-backbone feature cache."""
+
+    def __init__(self, cfg: CoGroundingConfig, train: bool):
+        self.cfg, self.train = cfg, train
+        self.tok = build_tokenizer(cfg.model)
+        self.size = cfg.data.image_size
+        self.epoch = 0
+        self._backbone: torch.nn.Module | None = None
+        self._cache: dict[tuple[str, bool], list[torch.Tensor]] = {}
+        self._sizes: dict[str, tuple[int, int]] = {}  # image path -> (width, height)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _rng(self, index: int) -> random.Random:
+        return random.Random(hash((self.cfg.train.seed, self.epoch, index)) & 0xFFFFFFFF)
+
+    def attach_backbone(self, backbone: torch.nn.Module | None) -> None:
+        """Serve backbone maps (computed once per image and flip) instead of images; with
+        ``data.feature_cache`` every map of the split is read from (or computed once into) a file there."""
+        self._backbone = backbone
+        if backbone is not None and self.cfg.data.feature_cache and not self._cache:
+            self._load_feature_file(self.feature_keys())
+
+    def feature_keys(self) -> list[tuple[str, bool]]:
+        """Every (image path, flipped) whose maps this dataset can ask for."""
+        raise NotImplementedError
+
+    def _flips(self) -> tuple[bool, ...]:
+        d = self.cfg.data
+        return (False, True) if (self.train and d.augment and d.flip) else (False,)
+
+    def feature_file(self, keys: list[tuple[str, bool]]) -> Path:
+        """The cache file of ``keys`` under ``data.feature_cache``: named by a hash of the backbone settings,
+        the letterbox size and the keys, so a different image list or backbone never reads stale maps."""
+        m = self.cfg.model
+        ident = [m.backbone, m.pretrained, m.darknet_weights, m.darknet_width, self.size, sorted(keys)]
+        tag = hashlib.sha1(json.dumps(ident).encode()).hexdigest()[:16]
+        return Path(self.cfg.data.feature_cache) / f"{m.backbone}_{self.size}px_{tag}.pt"
+
+    def _load_feature_file(self, keys: list[tuple[str, bool]]) -> None:
+        path = self.feature_file(keys)
+        if path.is_file():
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            for i, (p, f) in enumerate(blob["keys"]):
+                self._cache[(p, bool(f))] = [m[i] for m in blob["maps"]]
+            return
+        self._features(keys)
+        maps = [torch.stack([self._cache[k][s] for k in keys]) for s in range(3)]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save({"keys": [[p, f] for p, f in keys], "maps": maps}, tmp)
+        os.replace(tmp, path)  # atomic: parallel runs of a sweep never read a half-written file
+
+    def _frame(
+        self, path: Path, box: np.ndarray, flip: bool, rng: random.Random | None, affine: np.ndarray | None
+    ) -> tuple[torch.Tensor | None, np.ndarray, Letterbox]:
+        d = self.cfg.data
+        if self._backbone is not None:  # cached maps: only the letterbox record is needed, not the pixels
+            key = str(path)
+            if key not in self._sizes:
+                self._sizes[key] = _image_size(path)
+            lb = letterbox_info(*self._sizes[key], self.size)
+            b = lb.to_letterbox(np.asarray(box, dtype=np.float64))
+            if flip:
+                b = np.array([self.size - b[2], b[1], self.size - b[0], b[3]])
+            return None, np.clip(b, 0, self.size), lb
+        img = read_image(path)
+        lb_img, lb = letterbox(img, self.size)
+        b = lb.to_letterbox(np.asarray(box, dtype=np.float64))
+        if flip:
+            lb_img = lb_img.transpose(Image.FLIP_LEFT_RIGHT)
+            b = np.array([self.size - b[2], b[1], self.size - b[0], b[3]])
+        if rng is not None and d.hsv_jitter > 0:
+            lb_img = hsv_jitter(lb_img, d.hsv_jitter, rng, d.hsv_saturation_bug)
+        if affine is not None:
+            lb_img, b = apply_affine(lb_img, b, affine)
+        return to_tensor(lb_img), np.clip(b, 0, self.size), lb
+
+    def _features(self, keys: list[tuple[str, bool]]) -> list[torch.Tensor]:
+        missing = [k for k in dict.fromkeys(keys) if k not in self._cache]
+        for s in range(0, len(missing), 32):
+            chunk = missing[s : s + 32]
+            imgs = []
+            for p, flip in chunk:
+                im, _ = letterbox(read_image(p), self.size)
+                imgs.append(to_tensor(im.transpose(Image.FLIP_LEFT_RIGHT) if flip else im))
+            dev = next(self._backbone.parameters()).device
+            with torch.no_grad():
+                maps = self._backbone(torch.stack(imgs).to(dev))
+            for j, k in enumerate(chunk):
+                self._cache[k] = [m[j].cpu() for m in maps]
+        return [torch.stack([self._cache[k][s] for k in keys]) for s in range(3)]
+
+    def _augment_plan(self, index: int) -> tuple[bool, random.Random | None]:
+        d = self.cfg.data
+        if not (self.train and d.augment):
+            return False, None
+        rng = self._rng(index)
+        return bool(d.flip and rng.random() < 0.5), rng
+
+    def _finish(self, items: list[dict]) -> dict[str, Any]:
+        batch: dict[str, Any] = {
+            "ids": torch.stack([i["ids"] for i in items]),
+            "mask": torch.stack([i["mask"] for i in items]),
+            "boxes": torch.tensor(np.stack([i["box"] for i in items]), dtype=torch.float32),
+            "clip_len": self.clip_len,
+        }
+        if self._backbone is not None:
+            batch["backbone_feats"] = self._features([i["key"] for i in items])
+        else:
+            batch["images"] = torch.stack([i["image"] for i in items])
+        return batch
+
+    clip_len = 1
+
+
+class RefExpDataset(_Base):
+    """Referring expressions in images; one sample per (image, expression)."""
+
+    def __init__(self, cfg: CoGroundingConfig, samples: Sequence[ImageSample], train: bool):
+        super().__init__(cfg, train)
+        self.samples = list(samples)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def feature_keys(self) -> list[tuple[str, bool]]:
+        paths = dict.fromkeys(str(s.path) for s in self.samples)
+        return [(p, f) for p in paths for f in self._flips()]
+
+    def item(self, index: int) -> dict:
+        s = self.samples[index]
+        flip, rng = self._augment_plan(index)
+        d = self.cfg.data
+        aff = (
+            random_affine_params(rng, self.size) if (rng is not None and d.affine and self._backbone is None) else None
+        )
+        img, box, lb = self._frame(s.path, np.asarray(s.box), flip, rng, aff)
+        ids, mask = self.tok.encode(swap_left_right(s.text) if flip else s.text)
+        return {"image": img, "box": box, "ids": ids, "mask": mask, "letterbox": lb, "key": (str(s.path), flip)}
+
+    def get_batch(self, indices: list[int]) -> dict[str, Any]:
+        items = [self.item(i) for i in indices]
+        batch = self._finish(items)
+        batch["letterbox"] = [i["letterbox"] for i in items]
+        batch["gt_original"] = torch.tensor([self.samples[i].box for i in indices], dtype=torch.float64)
+        return batch
+
+
+class VideoClipDataset(_Base):
+    """Training clips: one sample per (video, centre frame ``t``), frames ``t - clip_len + 1 .. t`` clipped
+    at the start (official ``getChunk`` with k = 2 gives the pair ``(t-1, t)``)."""
+
+    def __init__(self, cfg: CoGroundingConfig, videos: Sequence[VideoSample], train: bool = True):
+        super().__init__(cfg, train)
+        self.videos = list(videos)
+        self.clip_len = max(1, cfg.loss.train_clip_len)
+        stride = max(1, cfg.data.frame_stride)
+        self.index = [(v, t) for v, vid in enumerate(self.videos) for t in range(0, len(vid.paths), stride)]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def feature_keys(self) -> list[tuple[str, bool]]:
+        paths = dict.fromkeys(str(p) for v in self.videos for p in v.paths)
+        return [(p, f) for p in paths for f in self._flips()]
+
+    def items(self, index: int) -> list[dict]:
+        v, t = self.index[index]
+        vid = self.videos[v]
+        frames = [max(0, t - self.clip_len + 1 + k) for k in range(self.clip_len)]
+        flip, rng = self._augment_plan(index)
+        d = self.cfg.data
+        use_aff = rng is not None and d.affine and self._backbone is None
+        shared = random_affine_params(rng, self.size) if use_aff and d.shared_clip_geometry else None
+        ids, mask = self.tok.encode(swap_left_right(vid.text) if flip else vid.text)
+        out = []
+        for f in frames:
+            aff = shared if shared is not None else (random_affine_params(rng, self.size) if use_aff else None)
+            img, box, lb = self._frame(vid.paths[f], vid.boxes[f], flip, rng, aff)
+            out.append(
+                {"image": img, "box": box, "ids": ids, "mask": mask, "letterbox": lb, "key": (str(vid.paths[f]), flip)}
+            )
+        return out
+
+    def get_batch(self, indices: list[int]) -> dict[str, Any]:
+        return self._finish([it for i in indices for it in self.items(i)])
+
+
+class VideoEvalSet(_Base):
+    """Whole videos for evaluation: ``video(i)`` gives frames (or backbone maps), boxes and the letterbox records."""
+
+    def __init__(self, cfg: CoGroundingConfig, videos: Sequence[VideoSample]):
+        super().__init__(cfg, train=False)
+        self.videos = list(videos)
+
+    def __len__(self) -> int:
+        return len(self.videos)
+
+    def feature_keys(self) -> list[tuple[str, bool]]:
+        return [(p, False) for p in dict.fromkeys(str(p) for v in self.videos for p in v.paths)]
+
+    def video(self, i: int) -> dict[str, Any]:
+        vid = self.videos[i]
+        items = [self._frame(p, b, False, None, None) for p, b in zip(vid.paths, vid.boxes)]
+        ids, mask = self.tok.encode(vid.text)
+        out = {
+            "ids": ids,
+            "mask": mask,
+            "letterbox": [lb for _, _, lb in items],
+            "gt_original": torch.tensor(vid.boxes, dtype=torch.float64),
+        }
+        if self._backbone is not None:
+            out["backbone_feats"] = self._features([(str(p), False) for p in vid.paths])
+        else:
+            out["images"] = torch.stack([img for img, _, _ in items])
+        return out

@@ -1,0 +1,114 @@
+"""The seed tables of docs/cogrounding.md, built as :class:`groundkit.runs.RunSpec` lists on the built-in world.
+
+``python -m groundkit.methods.cogrounding.experiments image OUT [--size medium] [--seeds 0 1 2] [--jobs 2]
+[--set k=v ...]`` (refexp world, SL-Att and its baselines) or ``video OUT [--size small]`` (video world: single
+frame, co-grounding, + temporal loss). Every run is a normal run folder ``OUT/<variant>/seed<k>/``
+trained through :func:`groundkit.runs.run_many`, so a rerun reuses finished runs and resumes killed ones;
+the frozen backbone's maps are computed once per split into ``OUT/features`` and shared by every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ...runs import RunResult, RunSpec, format_table, run_many, seed_specs, summarize, write_summary
+
+__all__ = [
+    "IMAGE_VARIANTS",
+    "VIDEO_VARIANTS",
+    "IMAGE_KEYS",
+    "VIDEO_KEYS",
+    "table_specs",
+    "run_table",
+    "tables",
+    "main",
+]
+
+#: variant -> (shipped config, overrides)
+IMAGE_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "SL-Att (image model)": ("world_image", {}),
+}
+VIDEO_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "single-frame (SL-Att)": ("world_video", {"model.co_attention": False, "loss.train_clip_len": 1}),
+    "co-grounding (CG-SL-Att)": ("world_video", {}),
+    "co-grounding + temporal loss": ("world_video", {"loss.temporal_weight": 5.0}),
+}
+IMAGE_KEYS = ("testA/Acc@0.5", "testB/Acc@0.5", "Acc@0.5", "random_object", "largest_object", "upper_bound")
+VIDEO_KEYS = ("Acc@0.5", "Acc@0.5 (post)")
+
+
+def table_specs(
+    kind: str,
+    out: str | Path,
+    seeds: list[int],
+    size: str = "",
+    extra: dict[str, Any] | None = None,
+    names: list[str] | None = None,
+) -> list[RunSpec]:
+    """One :func:`~groundkit.runs.seed_specs` group per variant of the ``image`` or ``video`` table.
+
+    ``size`` picks the world (default: the config's ``data.synth_size``); ``extra`` overrides every run.
+    """
+    variants = IMAGE_VARIANTS if kind == "image" else VIDEO_VARIANTS
+    out = Path(out)
+    common: dict[str, Any] = {"data.feature_cache": str(out / "features")}
+    if size:
+        common["data.synth_size"] = size
+    specs: list[RunSpec] = []
+    for name in names or list(variants):
+        cfg_name, ov = variants[name]
+        specs += seed_specs(name, "cogrounding", cfg_name, seeds, out, overrides={**common, **ov, **(extra or {})})
+    return specs
+
+
+def tables(kind: str, results: list[RunResult]) -> str:
+    """Test-split table (mean ± std over seeds) and, for video, the validation table of the selected epochs."""
+    keys = IMAGE_KEYS if kind == "image" else VIDEO_KEYS
+    text = format_table(summarize(results, keys), keys)
+    best = summarize(results, ("Acc@0.5",), source="best")
+    text += "\n\nvalidation (selected epoch):\n\n" + format_table(best, ("Acc@0.5",), header=["variant", "val Acc@0.5"])
+    return text
+
+
+def run_table(
+    kind: str,
+    out: str | Path,
+    seeds: list[int],
+    size: str = "",
+    extra: dict[str, Any] | None = None,
+    names: list[str] | None = None,
+    jobs: int = 1,
+    threads: int | None = 1,
+) -> tuple[list[RunResult], str]:
+    """Train (or reuse) every run of one table (``threads`` torch threads per run); writes ``OUT/summary.json``
+    and returns the results and the table."""
+    results = run_many(table_specs(kind, out, seeds, size, extra, names), jobs=jobs, threads=threads)
+    keys = IMAGE_KEYS if kind == "image" else VIDEO_KEYS
+    write_summary(Path(out) / "summary.json", results, keys)
+    return results, tables(kind, results)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m groundkit.methods.cogrounding.experiments")
+    p.add_argument("kind", choices=["image", "video"])
+    p.add_argument("out", help="results folder (one run folder per variant and seed)")
+    p.add_argument("--size", default="", help="world size (default: the config's data.synth_size)")
+    p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
+    p.add_argument("--variants", nargs="*", default=None)
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    p.add_argument("--jobs", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    a = p.parse_args(argv)
+    extra = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in a.set)}
+    _, table = run_table(a.kind, a.out, a.seeds, a.size, extra, a.variants, a.jobs, a.threads)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

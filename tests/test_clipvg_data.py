@@ -1,0 +1,101 @@
+"""CLIP-VG data: letterbox targets and padding masks, cached vs raw samples, the no-crop rule, test = testA + testB."""
+
+import pytest
+import torch
+from PIL import Image
+
+from groundkit.formats import transvg
+from groundkit.methods.clipvg.config import ClipVGData
+from groundkit.methods.clipvg.data import GroundingSet, load_samples, split_file
+from groundkit.methods.clipvg.model import ClipVG, build_encoders
+
+
+@pytest.fixture()
+def tiny_data(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (100, 50), (200, 30, 30)).save(images / "a.jpg")
+    Image.new("RGB", (60, 120), (30, 200, 30)).save(images / "b.jpg")
+    rows = [("a.jpg", [10, 10, 30, 30], "The RED box on the left"), ("b.jpg", [10, 70, 30, 90], "green thing")]
+    for split in ("train", "val", "testA", "testB"):
+        transvg.save_split([transvg.make_entry("unc", f, b, t) for f, b, t in rows], tmp_path / "splits", "unc", split)
+    return ClipVGData(
+        split_root=str(tmp_path / "splits"),
+        image_root=str(images),
+        imsize=64,
+        max_query_len=8,
+        supervision="full",
+        cache_dir=str(tmp_path / "cache"),
+    )
+
+
+def test_letterbox_target_and_mask(tiny_data):
+    ds = GroundingSet(load_samples(tiny_data, "val"), tiny_data)
+    it = ds.raw_item(0)
+    # 100x50 -> 64x32, padded 16 rows above: box [10,10,30,30] -> [6.4, 22.4, 19.2, 35.2] on the 64 canvas
+    torch.testing.assert_close(it["box"], torch.tensor([0.2, 0.45, 0.2, 0.2]))
+    assert it["image"].shape == (3, 64, 64) and it["image_mask"].shape == (64, 64)
+    assert it["image_mask"][:16].all() and not it["image_mask"][16:48].any() and it["image_mask"][48:].all()
+    assert it["text"] == "the red box on the left"  # lower-cased, no prompt
+
+
+def test_test_split_is_testa_plus_testb_and_train_follows_supervision(tiny_data):
+    assert [p.name for p in split_file(tiny_data, "test")] == ["unc_testA.pth", "unc_testB.pth"]
+    assert [p.name for p in split_file(tiny_data, "train")] == ["unc_train.pth"]
+    tiny_data.supervision = "pseudo"
+    assert [p.name for p in split_file(tiny_data, "train")] == ["unc_train_pseudo.pth"]
+    tiny_data.train_file = "/x/sel.pth"
+    assert split_file(tiny_data, "train") == [type(split_file(tiny_data, "val")[0])("/x/sel.pth")]
+    assert len(load_samples(ClipVGData(**{**tiny_data.__dict__, "train_file": ""}), "test")) == 4
+
+
+def test_cached_batches_equal_raw_batches(tiny_data):
+    torch.manual_seed(0)
+    model = ClipVG(
+        build_encoders("effnet_minilm", grid=2, pretrained=False),
+        max_query_len=8,
+        d_model=16,
+        nhead=2,
+        num_layers=1,
+        dim_ff=16,
+    ).eval()
+    raw = GroundingSet(load_samples(tiny_data, "val"), tiny_data)
+    rb = raw.collate([raw[i] for i in range(2)])
+    cached = GroundingSet(load_samples(tiny_data, "val"), tiny_data)
+    assert cached.attach_cache(model, torch.device("cpu"))
+    cb = cached.collate([cached[i] for i in range(2)])
+    torch.testing.assert_close(cb["box"], rb["box"])
+    assert torch.equal(cb["image_mask"], rb["image_mask"])
+    ids, mask = model.encoders.tokenize(rb["texts"], 8)
+    with torch.no_grad():
+        a = model({**rb, "text_ids": ids, "text_mask": mask}).boxes
+        b = model(cb).boxes
+    torch.testing.assert_close(a, b, atol=2e-3, rtol=0)  # fp16 storage of the cached features
+    assert any(p.name.startswith("images-") for p in (cached._cache_dir()).iterdir())
+    # augmentation or a trainable encoder parameter forbid caching
+    assert not GroundingSet(load_samples(tiny_data, "val"), tiny_data, augment=True).attach_cache(model, "cpu")
+
+
+def test_direction_words_are_never_cropped(tiny_data):
+    tiny_data.aug_crop_prob = 1.0
+    tiny_data.aug_crop_resize = [60]
+    tiny_data.aug_crop_size = (20, 40)
+    tiny_data.aug_scales = [64]
+    ds = GroundingSet(load_samples(tiny_data, "train"), tiny_data, augment=True, seed=3)
+    for epoch in range(4):
+        ds.set_epoch(epoch)
+        left = ds.raw_item(0)  # "... on the left": never the crop branch, so the whole 2:1 image is kept
+        kept = (~left["image_mask"]).sum(0).max().item(), (~left["image_mask"]).sum(1).max().item()
+        assert kept == (32, 64) or kept == (64, 32)
+        other = ds.raw_item(1)  # the crop branch (1:2 image cropped to at most 40 px, resized to 64)
+        rows, cols = (~other["image_mask"]).sum(0).max().item(), (~other["image_mask"]).sum(1).max().item()
+        assert max(rows, cols) == 64 and (rows, cols) != (64, 32)
+        b = other["box"]
+        assert bool(((b[:2] - b[2:] / 2) >= -1e-4).all() and ((b[:2] + b[2:] / 2) <= 1 + 1e-4).all())
+
+
+def test_default_feature_cache_is_outside_the_data(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("GROUNDKIT_FEATURE_CACHE", str(tmp_path / "features"))
+    tiny_data.cache_dir = ""
+    ds = GroundingSet(load_samples(tiny_data, "val"), tiny_data)
+    assert ds._cache_dir() == tmp_path / "features" / "clipvg"  # never beside the (checksummed) splits

@@ -1,0 +1,115 @@
+"""CLIP-VG model: shapes, padding masks, attention paths, the L1 + GIoU loss on hand-checked boxes."""
+
+import pytest
+import torch
+
+from groundkit.methods.clipvg.model import ClipVG, FusionLayer, build_encoders, clipvg_loss
+
+
+@pytest.fixture(scope="module")
+def offline_model():
+    torch.manual_seed(0)
+    enc = build_encoders("effnet_minilm", grid=4, pretrained=False)
+    return ClipVG(enc, max_query_len=12, d_model=32, nhead=4, num_layers=2, dim_ff=64).eval()
+
+
+def batch_for(model, n=2, size=128):
+    ids, mask = model.encoders.tokenize(["red dog on the left", "the man"][:n], model.max_query_len)
+    image_mask = torch.zeros(n, size, size, dtype=torch.bool)
+    image_mask[:, 96:] = True  # bottom quarter is padding
+    return {"image": torch.rand(n, 3, size, size), "image_mask": image_mask, "text_ids": ids, "text_mask": mask}
+
+
+def test_shapes_and_box_range(offline_model):
+    m = offline_model
+    b = batch_for(m)
+    img, txt = m.encode(b["image"], b["image_mask"], b["text_ids"], b["text_mask"])
+    assert img.shape == (2, 1 + 4 * 4, 40 + 112 + 320 + 1280) and txt.shape == (2, 12, 384)
+    boxes = m(b).boxes
+    assert boxes.shape == (2, 4) and bool(((boxes > 0) & (boxes < 1)).all())
+    # only the fusion part trains
+    assert all(not p.requires_grad for p in m.encoders.parameters())
+    assert m.trainable_parameters() == sum(p.numel() for n, p in m.named_parameters() if not n.startswith("encoders"))
+
+
+def test_cached_features_give_the_same_boxes(offline_model):
+    m = offline_model
+    b = batch_for(m)
+    img, txt = m.encode(b["image"], b["image_mask"], b["text_ids"], b["text_mask"])
+    cached = {"image_feats": img, "text_feats": txt, "image_mask": b["image_mask"], "text_mask": b["text_mask"]}
+    torch.testing.assert_close(m(cached).boxes, m(b).boxes)
+
+
+def test_padding_is_ignored(offline_model):
+    m = offline_model
+    b = batch_for(m)
+    pad = m.image_token_mask(b["image_mask"])
+    assert pad.shape == (2, 17) and not bool(pad[:, 0].any())  # the global token is never padding
+    assert pad[0, 1:].view(4, 4)[3].all() and not pad[0, 1:].view(4, 4)[:3].any()
+    img, txt = m.encode(b["image"], b["image_mask"], b["text_ids"], b["text_mask"])
+    out = m.fuse(img, pad, txt, b["text_mask"])
+    img2, txt2 = img.clone(), txt.clone()
+    img2[pad] = 1e3 * torch.randn_like(img2[pad])  # padded image tokens
+    txt2[~b["text_mask"]] = 1e3  # padded text tokens
+    torch.testing.assert_close(m.fuse(img2, pad, txt2, b["text_mask"]), out)
+
+
+def test_sdpa_equals_explicit_attention():
+    torch.manual_seed(1)
+    layer = FusionLayer(16, 4, 32, dropout=0.0, sdpa=True).eval()
+    x, pos = torch.randn(3, 7, 16), torch.randn(1, 7, 16)
+    keep = torch.ones(3, 7, dtype=torch.bool)
+    keep[0, 5:] = False
+    a = layer(x, pos, keep)
+    layer.sdpa = False
+    torch.testing.assert_close(layer(x, pos, keep), a, rtol=1e-5, atol=1e-5)
+
+
+def test_loss_on_hand_checked_boxes():
+    t = torch.tensor([[0.6, 0.5, 0.2, 0.2]])
+    loss, logs = clipvg_loss(t.clone(), t)
+    assert loss.item() == pytest.approx(0.0, abs=1e-5)  # GIoU has eps 1e-7 in its areas
+    # [0.4, 0.4, 0.6, 0.6] vs [0.5, 0.4, 0.7, 0.6]: L1 0.1, IoU 0.02 / 0.06 = 1/3, hull = union -> GIoU 1/3
+    loss, logs = clipvg_loss(torch.tensor([[0.5, 0.5, 0.2, 0.2]]), t)
+    assert logs["l1"] == pytest.approx(0.1, abs=1e-6) and logs["giou"] == pytest.approx(2 / 3, abs=1e-5)
+    assert loss.item() == pytest.approx(0.1 + 2 / 3, abs=1e-5)
+    # disjoint boxes: [0, 0, 0.2, 0.2] vs [0.8, 0.8, 1, 1]: IoU 0, hull 1, union 0.08 -> GIoU -0.92
+    loss, logs = clipvg_loss(torch.tensor([[0.1, 0.1, 0.2, 0.2]]), torch.tensor([[0.9, 0.9, 0.2, 0.2]]))
+    assert logs["l1"] == pytest.approx(1.6, abs=1e-5) and logs["giou"] == pytest.approx(1.92, abs=1e-5)
+    # the batch mean, weights 1:1 by default
+    p = torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.6, 0.5, 0.2, 0.2]])
+    loss, logs = clipvg_loss(p, t.expand(2, 4), l1_weight=2.0, giou_weight=0.5)
+    assert loss.item() == pytest.approx(2.0 * 0.05 + 0.5 * 1 / 3, abs=1e-5)
+
+
+def test_open_clip_encoders_multi_level_random_weights():
+    enc = build_encoders("clip", clip_name="ViT-S-32", levels=(0, 3, 7, 11), image_size=224)
+    ids, mask = enc.tokenize(["a dog on the left"], 16)
+    assert ids.shape == (1, 16) and int(mask.sum()) == 7  # start, 5 words, end
+    with torch.no_grad():
+        img = enc.encode_image(torch.zeros(1, 3, 224, 224))
+        txt = enc.encode_text(ids, mask)
+    assert enc.grid == 7 and img.shape == (1, 50, 4 * 384) and txt.shape == (1, 16, 384)
+    assert not enc.image_features_trainable
+    quirk = build_encoders("clip", clip_name="ViT-S-32", trainable_pos_embed=True)
+    assert quirk.image_features_trainable
+    assert [n for n, p in quirk.named_parameters() if p.requires_grad] == ["visual.positional_embedding"]
+
+
+def test_checkpoints_leave_out_frozen_packaged_encoders(tmp_path, offline_model):
+    from groundkit.checkpoint import load_weights, save_checkpoint
+
+    m = offline_model
+    m.encoders.from_source = True  # as with the packaged weights
+    try:
+        keys = m.state_dict().keys()
+        assert keys and not any(k.startswith("encoders.") for k in keys)
+        save_checkpoint(tmp_path / "ck", m)
+        torch.manual_seed(5)
+        other = ClipVG(m.encoders, max_query_len=12, d_model=32, nhead=4, num_layers=2, dim_ff=64).eval()
+        load_weights(other, tmp_path / "ck")
+        b = batch_for(m)
+        torch.testing.assert_close(other(b).boxes, m(b).boxes)
+    finally:
+        m.encoders.from_source = False
+    assert any(k.startswith("encoders.") for k in m.state_dict())  # random encoders are stored

@@ -1,0 +1,168 @@
+"""Co-grounding data: letterbox mapping, flip with the word swap, clip-shared geometry, tokenizer, post-processing,
+window inference with feature reuse."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from groundkit.methods.cogrounding.config import CoGroundingConfig
+from groundkit.methods.cogrounding.data import (
+    ImageSample,
+    RefExpDataset,
+    VideoClipDataset,
+    VideoSample,
+    apply_affine,
+    hsv_jitter,
+    letterbox,
+    random_affine_params,
+)
+from groundkit.methods.cogrounding.inference import (
+    ground_video,
+    ground_video_windowed,
+    temporal_rescore,
+    window_indices,
+)
+from groundkit.methods.cogrounding.text import WordTokenizer, swap_left_right
+
+torch.set_num_threads(1)
+
+
+def test_letterbox_maps_boxes_both_ways():
+    img = Image.new("RGB", (200, 100), (0, 0, 0))
+    img.paste((255, 255, 255), (50, 20, 90, 60))  # a white box x 50..89, y 20..59
+    lb_img, lb = letterbox(img, 128)
+    assert lb_img.size == (128, 128) and lb.scale == pytest.approx(0.64) and lb.pad_left == 0 and lb.pad_top == 32
+    box = np.array([50.0, 20.0, 90.0, 60.0])
+    m = lb.to_letterbox(box)
+    assert np.allclose(m, [32, 44.8, 57.6, 70.4])
+    assert np.allclose(lb.to_original(m), box)
+    # the pixels are where the mapped box says
+    a = np.asarray(lb_img)
+    assert a[int(m[1]) + 2, int(m[0]) + 2].min() > 200 and a[int(m[3]) + 2, int(m[2]) + 2].max() < 60
+    # padding rows carry the official colour; predictions outside the image are clipped to it
+    assert tuple(a[5, 5]) == (124, 116, 104)
+    assert np.allclose(lb.to_original(np.array([-10.0, 0.0, 200.0, 127.0])), [0, 0, 200, 100])
+
+
+def test_tokenizer_official_rules():
+    tok = WordTokenizer(max_len=6, vocab_size=3000)
+    ids, mask = tok.encode("The man, on the LEFT.")
+    words = [tok.itos[i] for i in ids.tolist()]
+    assert words == ["the", "man", "on", "the", "left", "<eos>"]
+    ids, mask = tok.encode("a xqzzyv dog")
+    assert [tok.itos[i] for i in ids[mask].tolist()] == ["a", "<unk>", "dog", "<eos>"] and ids[4:].eq(0).all()
+    assert (
+        swap_left_right("leftmost car left of the rightmost tree, right?")
+        == "rightmost car right of the leftmost tree, left?"
+    )
+
+
+def _scene(tmp_path, name="a.png"):
+    img = Image.new("RGB", (160, 120), (20, 20, 20))
+    img.paste((250, 0, 0), (10, 30, 50, 70))
+    p = tmp_path / name
+    img.save(p)
+    return p
+
+
+def test_flip_swaps_words_and_mirrors_box(tmp_path):
+    cfg = CoGroundingConfig()
+    cfg.data.image_size, cfg.data.affine, cfg.data.hsv_jitter = 64, False, 0.0
+    cfg.model.vocab_size = 3000
+    p = _scene(tmp_path)
+    ds = RefExpDataset(cfg, [ImageSample(p, (10.0, 30.0, 50.0, 70.0), "the red box on the left")] * 16, train=True)
+    flipped = plain = 0
+    for i in range(16):
+        it = ds.item(i)
+        text = [ds.tok.itos[t] for t in it["ids"][it["mask"]].tolist()]
+        img = it["image"]
+        x1, y1, x2, y2 = it["box"]
+        inside = img[:, int(y1) + 2 : int(y2) - 1, int(x1) + 2 : int(x2) - 1]
+        assert inside[0].mean() > 0.8 and inside[1].mean() < 0.2  # the box follows the red object
+        if "right" in text:
+            flipped += 1
+            assert x1 > 32
+        else:
+            plain += 1
+            assert "left" in text and x2 < 32
+    assert flipped > 2 and plain > 2
+
+
+def test_affine_box_follows_the_object():
+    img = Image.new("RGB", (64, 64), (0, 0, 0))
+    img.paste((255, 255, 255), (20, 20, 40, 40))
+    M = random_affine_params(random.Random(3), 64)
+    out, box = apply_affine(img, np.array([20.0, 20.0, 39.0, 39.0]), M)
+    a = np.asarray(out)[..., 0] > 128
+    ys, xs = np.nonzero(a)
+    assert abs(xs.min() - box[0]) <= 2 and abs(xs.max() - box[2]) <= 2 and abs(ys.min() - box[1]) <= 2
+
+
+def test_hsv_saturation_bug_leaves_saturation():
+    img = Image.new("RGB", (8, 8), (200, 100, 50))
+    s0 = np.asarray(img.convert("HSV"))[..., 1].mean()
+    rng = random.Random(0)
+    fixed = [np.asarray(hsv_jitter(img, 0.5, random.Random(k), False).convert("HSV"))[..., 1].mean() for k in range(5)]
+    bug = [np.asarray(hsv_jitter(img, 0.5, random.Random(k), True).convert("HSV"))[..., 1].mean() for k in range(5)]
+    assert max(abs(b - s0) for b in bug) <= 2 and max(abs(f - s0) for f in fixed) > 10
+    del rng
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_clip_geometry_shared_or_per_frame(tmp_path, shared):
+    cfg = CoGroundingConfig()
+    cfg.data.image_size, cfg.data.hsv_jitter, cfg.data.flip = 64, 0.0, False
+    cfg.data.shared_clip_geometry = shared
+    cfg.model.vocab_size = 3000
+    p = _scene(tmp_path)
+    vid = VideoSample([p, p, p], np.array([[10.0, 30.0, 50.0, 70.0]] * 3), "the red box")
+    ds = VideoClipDataset(cfg, [vid], train=True)
+    assert len(ds) == 3 and ds.clip_len == 2
+    b = ds.get_batch([1])
+    assert b["images"].shape == (2, 3, 64, 64) and b["clip_len"] == 2
+    same = torch.equal(b["images"][0], b["images"][1])
+    assert same == shared
+    # frame 0's clip is (0, 0): clipped at the start as the official getChunk
+    assert ds.get_batch([0])["boxes"].shape == (2, 4)
+
+
+def test_window_indices_clip_at_the_ends():
+    w = window_indices(4, 5)
+    assert w.tolist() == [[0, 0, 0, 1, 2], [0, 0, 1, 2, 3], [0, 1, 2, 3, 3], [1, 2, 3, 3, 3]]
+
+
+def test_temporal_rescore_fixes_an_isolated_error():
+    # 7 frames, 2 candidates: candidate "track" (feature e0) and "distractor" (feature e1).
+    # The track scores 1.0, the distractor 0.5, except in frame 3 where the distractor briefly wins (0.9 vs 0.8).
+    T = 7
+    e = torch.eye(4)
+    feats = torch.stack([torch.stack([e[0], e[1]]) for _ in range(T)])  # [T, 2, 4]
+    scores = torch.tensor([[1.0, 0.5]] * T)
+    scores[3] = torch.tensor([0.8, 0.9])
+    assert scores.argmax(1).tolist() == [0, 0, 0, 1, 0, 0, 0]
+    assert temporal_rescore(feats, scores, window=5).tolist() == [0] * T
+    assert temporal_rescore(feats, scores, window=5, renormalize=False).tolist() == [0] * T
+    # a sustained change (the distractor wins from frame 3 on) is kept after its first frames
+    scores2 = torch.tensor([[1.0, 0.5]] * 3 + [[0.5, 1.0]] * 4)
+    assert temporal_rescore(feats, scores2, window=5).tolist()[-2:] == [1, 1]
+    # independent of file names: only the order of the arrays matters
+    perm = torch.arange(T - 1, -1, -1)
+    assert temporal_rescore(feats[perm], scores[perm]).tolist() == [0] * T
+
+
+def test_feature_reuse_equals_window_by_window():
+    from test_cogrounding_model import tiny_net
+
+    net = tiny_net().eval()
+    frames = torch.rand(7, 3, 64, 64)
+    ids = torch.tensor([3, 4, 5, 2, 0, 0])
+    a = ground_video(net, frames, ids, ids != 0, window=5, batch=4, top_k=3)
+    b = ground_video_windowed(net, frames, ids, ids != 0, window=5, batch=4, top_k=3)
+    for k in ("box", "score", "cand_box", "cand_score", "cand_feat"):
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+    assert a["cand_feat"].shape == (7, 3, 16)

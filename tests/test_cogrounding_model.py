@@ -1,0 +1,328 @@
+"""Co-grounding network and losses: shapes, targets and losses on hand-checkable inputs, attention masks,
+Darknet weight files."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from groundkit.methods.cogrounding.backbones import (
+    Backbone,
+    Darknet53YOLOv3,
+    DarknetWeightsError,
+    load_darknet_weights,
+    save_darknet_weights,
+)
+from groundkit.methods.cogrounding.model import (
+    CoGroundingNet,
+    LSTMTextEncoder,
+    PhraseAttention,
+    build_targets,
+    co_attend,
+    coord_features,
+    decode_boxes,
+    location_loss,
+    rank_loss,
+    rank_partners,
+    temporal_offset_loss,
+    yolo_loss,
+)
+
+torch.set_num_threads(1)
+
+
+class TinyBackbone(Backbone):
+    """Strided convolutions with the backbone contract (fast)."""
+
+    channels = (8, 6, 4)
+
+    def __init__(self):
+        super().__init__()
+        self.c8 = nn.Sequential(nn.Conv2d(3, 4, 3, 8, 1))
+        self.c16 = nn.Conv2d(4, 6, 3, 2, 1)
+        self.c32 = nn.Conv2d(6, 8, 3, 2, 1)
+
+    def forward(self, x):
+        f8 = self.c8(x)
+        f16 = self.c16(f8)
+        return [self.c32(f16), f16, f8]
+
+
+def tiny_net(co_attention=True, size=64, dim=16):
+    torch.manual_seed(0)
+    return CoGroundingNet(TinyBackbone(), LSTMTextEncoder(50, dim), image_size=size, dim=dim, co_attention=co_attention)
+
+
+def text_batch(n, lengths):
+    ids = torch.zeros(n, 6, dtype=torch.long)
+    for i, L in enumerate(lengths):
+        ids[i, :L] = torch.arange(3, 3 + L)
+    return ids, ids != 0
+
+
+def test_forward_shapes_and_score_product():
+    net = tiny_net().eval()
+    ids, mask = text_batch(4, [3, 5, 2, 6])
+    out = net(torch.rand(4, 3, 64, 64), ids, mask, clip_len=2)
+    grids = [2, 4, 8]
+    M = sum(g * g for g in grids)
+    assert [tuple(p.shape) for p in out["pred"]] == [(4, 3, 5, g, g) for g in grids]
+    assert out["sim"].shape == (4, M) and out["loc"].shape == (4, M) and out["conf"].shape == (4, 3 * M)
+    assert out["sim"].abs().max() <= 1 + 1e-5  # cosines
+    assert torch.allclose(out["loc"].min(1).values, torch.zeros(4), atol=1e-6)
+    assert torch.allclose(out["loc"].max(1).values, torch.ones(4), atol=1e-4)
+    # final score of anchor a at cell m = conf_raw * sim_m * loc_m (anchors ordered scale, anchor, cell)
+    s, a, y, x = 1, 2, 3, 1
+    m = 4 + y * 4 + x
+    k = 3 * 4 + a * 16 + y * 4 + x
+    expect = out["pred"][s][0, a, 4, y, x] * out["sim"][0, m] * out["loc"][0, m]
+    assert torch.allclose(out["conf"][0, k], expect, atol=1e-6)
+    assert torch.allclose(out["conf_raw"][0, k], out["pred"][s][0, a, 4, y, x])
+    boxes = decode_boxes(net, out["pred"])
+    assert boxes.shape == (4, 3 * M, 4) and (boxes[..., 2] > boxes[..., 0]).all()
+
+
+def test_coord_features_corners():
+    c = coord_features(4)
+    assert c.shape == (8, 4, 4)
+    assert torch.allclose(c[:, 0, 0], torch.tensor([-1, -1, -0.5, -0.5, -0.75, -0.75, 0.25, 0.25]))
+    assert torch.allclose(c[:4, 3, 3], torch.tensor([0.5, 0.5, 1.0, 1.0]))
+
+
+def test_phrase_attention_ignores_padding():
+    att = PhraseAttention(4)
+    ctx = torch.randn(2, 5, 4)
+    emb = torch.randn(2, 5, 3)
+    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    a, e = att(ctx, emb, mask)
+    assert torch.all(a[0, 2:] == 0) and torch.allclose(a.sum(1), torch.ones(2))
+    assert torch.allclose(e.norm(dim=1), torch.ones(2))
+    # changing padded tokens changes nothing
+    emb2 = emb.clone()
+    emb2[0, 3] = 100
+    assert torch.allclose(att(ctx, emb2, mask)[1], e)
+
+
+def test_lstm_sentence_vector_is_last_valid_token():
+    enc = LSTMTextEncoder(20, 4).eval()
+    ids, mask = text_batch(2, [2, 4])
+    _, ctx, sent = enc(ids, mask)
+    assert torch.allclose(sent[0], ctx[0, 1]) and torch.allclose(sent[1], ctx[1, 3])
+    assert torch.all(ctx[0, 2:] == 0)  # padding positions carry nothing
+
+
+def test_co_attention_finds_the_matching_position():
+    D, g = 8, 3
+    key = torch.nn.functional.normalize(torch.randn(1, D, g, g), dim=1)
+    # query: the key's features shifted by one cell to the right
+    query = torch.roll(key, shifts=1, dims=3)
+    att = co_attend(query, key, temperature=100.0)
+    assert torch.allclose(att, query, atol=1e-3)
+
+
+def test_build_targets_hand_checked():
+    net = tiny_net(size=64)
+    # 64 px input: anchors scaled by 64/416; a 20x30 box centred at (40, 24)
+    t = build_targets(net, torch.tensor([[30.0, 9.0, 50.0, 39.0]]))
+    anc = (
+        torch.tensor([[10, 13], [16, 30], [33, 23], [30, 61], [62, 45], [59, 119], [116, 90], [156, 198], [373, 326]])
+        * 64
+        / 416
+    )
+    ious = [min(20, w) * min(30, h) / (600 + w * h - min(20, w) * min(30, h)) for w, h in anc.tolist()]
+    best = int(np.argmax(ious))  # smallest-first index
+    scale = 2 - best // 3
+    a = best % 3
+    g = [2, 4, 8][scale]
+    assert int(t.scale) == scale and int(t.anchor) == a
+    assert int(t.gi) == math.floor(40 * g / 64) and int(t.gj) == math.floor(24 * g / 64)
+    aw, ah = anc[best].tolist()
+    assert torch.allclose(
+        t.txywh[0], torch.tensor([40 * g / 64 % 1, 24 * g / 64 % 1, math.log(20 / aw), math.log(30 / ah)]), atol=1e-5
+    )
+    offs = [0, 4, 20]
+    assert int(t.cell_index) == offs[scale] + int(t.gj) * g + int(t.gi)
+    assert int(t.anchor_index) == 3 * offs[scale] + a * g * g + int(t.gj) * g + int(t.gi)
+
+
+def test_yolo_loss_is_zero_regression_at_the_target():
+    net = tiny_net().eval()
+    boxes = torch.tensor([[30.0, 9.0, 50.0, 39.0], [2.0, 2.0, 60.0, 62.0]])
+    t = build_targets(net, boxes)
+    ids, mask = text_batch(2, [3, 3])
+    out = net(torch.rand(2, 3, 64, 64), ids, mask)
+    for i in range(2):  # write the exact targets into the predictions
+        s = int(t.scale[i])
+        p = out["pred"][s]
+        p.data[i, t.anchor[i], 0, t.gj[i], t.gi[i]] = torch.logit(t.txywh[i, 0].clamp(1e-4, 1 - 1e-4))
+        p.data[i, t.anchor[i], 1, t.gj[i], t.gi[i]] = torch.logit(t.txywh[i, 1].clamp(1e-4, 1 - 1e-4))
+        p.data[i, t.anchor[i], 2:4, t.gj[i], t.gi[i]] = t.txywh[i, 2:]
+    reg, cls = yolo_loss(net, out, t)
+    assert reg.item() < 1e-6
+    # decoding the target anchor gives back the box
+    dec = decode_boxes(net, out["pred"])[torch.arange(2), t.anchor_index]
+    assert torch.allclose(dec, boxes, atol=1e-2)
+    # classification: CE of the final scores with the GT anchor as target
+    assert torch.isclose(cls, torch.nn.functional.cross_entropy(out["conf"], t.anchor_index))
+
+
+def test_rank_partners_reference_and_fixed():
+    ids = torch.tensor([[5, 2], [5, 2], [7, 2], [7, 2], [9, 2], [9, 2]])
+    p, v = rank_partners(ids, 2, reference=True)
+    assert p.tolist() == [5, 4, 3, 2, 1, 0] and v.all()
+    # with 3 clips reversal maps the middle clip onto itself (the same sentence): the fixed mode does not
+    assert ids[p[2]].tolist() == ids[2].tolist()
+    p, v = rank_partners(ids, 2, reference=False)
+    assert p.tolist() == [2, 3, 4, 5, 0, 1] and v.all()
+    same = torch.tensor([[5, 2]] * 4)
+    _, v = rank_partners(same, 2, reference=False)
+    assert not v.any()
+
+
+def test_rank_loss_hand_computed():
+    class T:  # minimal Targets
+        cell_index = torch.tensor([0, 1])
+
+    e = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    feats = [torch.tensor([[[[1.0, 0.0]], [[0.0, 1.0]]], [[[0.6, 0.8]], [[0.8, 0.6]]]])]  # [2, D=2, 1, 2]
+    sim = torch.einsum("bd,bdm->bm", e, feats[0].flatten(2))  # [[1, 0], [0.8, 0.6]]
+    out = {"sim": sim, "feats": feats, "text": type("X", (), {"e_sub": e})()}
+    partner, valid = torch.tensor([1, 0]), torch.tensor([True, True])
+    loss = rank_loss(out, T, partner, valid, margin=0.1)
+    # sample 0: pos = 1; neg1 = <e_1, f_0[:, cell 0]> = 0; neg2 = sim[0, cell 1] = 0  -> 0
+    # sample 1: pos = 0.6; neg1 = <e_0, f_1[:, cell 1]> = 0.8 -> 0.3; neg2 = sim[1, cell 0] = 0.8 -> 0.3
+    assert torch.isclose(loss, torch.tensor(0.6 / 4))
+
+
+def test_location_loss_reference_vs_fixed():
+    class T:
+        cell_index = torch.tensor([2])
+
+    raw = torch.tensor([[-1.0, 0.0, 1.0]])
+    out = {"loc_raw": raw, "loc": (raw + 1) / 2}
+    ref = location_loss(out, T, reference=True)
+    fixed = location_loss(out, T, reference=False, temperature=0.1)
+    assert torch.isclose(ref, -torch.log_softmax(torch.tensor([0.0, 0.5, 1.0]), 0)[2])
+    assert torch.isclose(fixed, -torch.log_softmax(torch.tensor([-10.0, 0.0, 10.0]), 0)[2])
+    assert fixed < 0.01 < ref  # the [0,1] logits can never make the softmax confident
+
+
+def test_temporal_offset_loss_zero_for_consistent_motion():
+    net = tiny_net().eval()
+    boxes = torch.tensor([[10.0, 10.0, 30.0, 40.0], [14.0, 10.0, 34.0, 40.0]])
+    t = build_targets(net, boxes)
+    ids, mask = text_batch(2, [3, 3])
+    out = net(torch.rand(2, 3, 64, 64), ids, mask, clip_len=2)
+    for i in range(2):
+        s = int(t.scale[i])
+        p = out["pred"][s].data
+        p[i, t.anchor[i], 0, t.gj[i], t.gi[i]] = torch.logit(t.txywh[i, 0].clamp(1e-4, 1 - 1e-4))
+        p[i, t.anchor[i], 1, t.gj[i], t.gi[i]] = torch.logit(t.txywh[i, 1].clamp(1e-4, 1 - 1e-4))
+        p[i, t.anchor[i], 2:4, t.gj[i], t.gi[i]] = t.txywh[i, 2:]
+    assert temporal_offset_loss(net, out, t, boxes, 2).item() < 1e-8
+    # shifting one frame's prediction by 8 px breaks the consistency
+    s = int(t.scale[1])
+    out["pred"][s].data[1, t.anchor[1], 2, t.gj[1], t.gi[1]] += 0.5
+    assert temporal_offset_loss(net, out, t, boxes, 2).item() > 1e-4
+
+
+def test_clip_pairs_attend_to_each_other():
+    net = tiny_net().eval()
+    ids, mask = text_batch(4, [3, 3, 4, 4])
+    x = torch.rand(4, 3, 64, 64)
+    out = net(x, ids, mask, clip_len=2)
+    # frame 0 of clip 0 only depends on frames 0 and 1: changing frame 2 leaves it unchanged
+    x2 = x.clone()
+    x2[2] = torch.rand(3, 64, 64)
+    out2 = net(x2, ids, mask, clip_len=2)
+    assert torch.allclose(out["conf"][0], out2["conf"][0], atol=1e-5)
+    assert not torch.allclose(out["conf"][2], out2["conf"][2], atol=1e-5)
+    single = tiny_net(co_attention=False).eval()
+    assert single.corr_conv is None
+
+
+def test_darknet_weights_round_trip(tmp_path):
+    torch.manual_seed(1)
+    a = Darknet53YOLOv3(width=1 / 16).eval()
+    for m in a.modules():  # random BN statistics so that every value matters
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2)
+    assert len(a.cfg_order()) == 75
+    path = save_darknet_weights(a, tmp_path / "tiny.weights", seen=1234)
+    b = Darknet53YOLOv3(weights_path=str(path), width=1 / 16).eval()
+    x = torch.rand(1, 3, 64, 64)
+    fa, fb = a(x), b(x)
+    assert [tuple(f.shape) for f in fa] == [(1, 64, 2, 2), (1, 32, 4, 4), (1, 16, 8, 8)]
+    assert all(torch.equal(u, v) for u, v in zip(fa, fb))
+    info = load_darknet_weights(b, path)
+    assert info == {"version": 2, "seen": 1234, "layers": 75}
+    with pytest.raises(DarknetWeightsError, match="needs"):
+        load_darknet_weights(Darknet53YOLOv3(width=1 / 8), path)
+    bad = tmp_path / "short.weights"
+    bad.write_bytes(b"\x00\x00")
+    with pytest.raises(DarknetWeightsError, match="too short"):
+        load_darknet_weights(b, bad)
+
+
+def test_darknet_header_version_01_has_int32_seen(tmp_path):
+    m = Darknet53YOLOv3(width=1 / 16)
+    p = tmp_path / "v01.weights"
+    with open(p, "wb") as f:
+        np.asarray([0, 1, 0, 77], dtype=np.int32).tofile(f)  # major 0, minor 1: 32-bit "seen"
+        for layer in m.cfg_order():
+            n = (
+                sum(
+                    t.numel()
+                    for t in (
+                        layer.bn.bias,
+                        layer.bn.weight,
+                        layer.bn.running_mean,
+                        layer.bn.running_var,
+                        layer.conv.weight,
+                    )
+                )
+                if hasattr(layer, "bn")
+                else layer.conv.bias.numel() + layer.conv.weight.numel()
+            )
+            np.full(n, 0.5, dtype=np.float32).tofile(f)
+    info = load_darknet_weights(m, p)
+    assert info["seen"] == 77 and m.stem.conv.weight.detach().flatten()[0].item() == 0.5
+
+
+def test_transformer_text_encoder_from_local_minilm():
+    from groundkit.methods.cogrounding.config import CoGroundingModelConfig
+    from groundkit.methods.cogrounding.model import TransformerTextEncoder
+    from groundkit.methods.cogrounding.text import build_tokenizer, resolve_text_path
+
+    mc = CoGroundingModelConfig(text_encoder="transformer", max_tokens=8)
+    tok = build_tokenizer(mc)
+    enc = TransformerTextEncoder(resolve_text_path(mc.text_encoder_path), dim=16, freeze=True)
+    ids, mask = (torch.stack(t) for t in zip(*[tok.encode("the man on the left"), tok.encode("a dog")]))
+    emb, ctx, sent = enc(ids, mask)
+    assert emb.shape == (2, 8, 16) and ctx.shape == (2, 8, 32) and sent.shape == (2, 32)
+    assert not any(p.requires_grad for p in enc.encoder.parameters())
+    net = CoGroundingNet(TinyBackbone(), enc, image_size=64, dim=16).eval()
+    out = net(torch.rand(2, 3, 64, 64), ids, mask)
+    assert out["conf"].shape == (2, 3 * 84)
+
+
+def test_top_down_path_carries_coarse_features_to_fine_scales():
+    torch.manual_seed(0)
+    feats = [torch.randn(2, 8, 2, 2), torch.randn(2, 6, 4, 4), torch.randn(2, 4, 8, 8)]
+    plain = tiny_net(co_attention=False).eval()
+    td = tiny_net(co_attention=False).eval()
+    td.top_down = True
+    a, b = plain.encode_frames(backbone_feats=feats), td.encode_frames(backbone_feats=feats)
+    assert [x.shape for x in a] == [x.shape for x in b]
+    assert torch.allclose(a[0], b[0])  # the coarsest scale has nothing above it
+    assert not torch.allclose(a[1], b[1]) and not torch.allclose(a[2], b[2])
+    # the finest scale now depends on the coarsest map
+    feats2 = [feats[0] + 1.0, feats[1], feats[2]]
+    assert torch.allclose(plain.encode_frames(backbone_feats=feats2)[2], a[2])
+    assert not torch.allclose(td.encode_frames(backbone_feats=feats2)[2], b[2])
+    assert all(torch.allclose(x.norm(dim=1), torch.ones(())) for x in b)
