@@ -282,17 +282,24 @@ def run_one(spec: RunSpec, threads: int | None = None, resume: bool = False, ove
         )
     except Exception as e:
         return dataclasses.replace(base, error=f"{type(e).__name__}: {e}", seconds=time.perf_counter() - t0)
-    metrics = _floats(res.get("final"))
+    return _finished(base, cfg, "done", res.get("final"), res, resumed=bool(res.get("resumed")))
+
+
+def _finished(
+    base: RunResult, cfg: Any, status: str, metrics: Any, rec: dict[str, Any], resumed: bool = False
+) -> RunResult:
+    """``base`` filled from a finished run's record (``fit``'s result or the ``run.json`` it wrote)."""
+    m = _floats(metrics)
     return dataclasses.replace(
         base,
-        status="done",
-        metrics=metrics,
-        best=_floats(res.get("best")),
-        final_split=res.get("final_split"),
-        seconds=res.get("train_seconds"),
-        steps=res.get("steps"),
-        main_metric=_main_metric(cfg, metrics),
-        resumed=bool(res.get("resumed")),
+        status=status,
+        metrics=m,
+        best=_floats(rec.get("best")),
+        final_split=rec.get("final_split"),
+        seconds=rec.get("train_seconds"),
+        steps=rec.get("steps"),
+        main_metric=_main_metric(cfg, m),
+        resumed=resumed,
     )
 
 
@@ -304,17 +311,7 @@ def _reused(spec: RunSpec, cfg: Any, identity: dict[str, Any], base: RunResult) 
         return None
     if engine._plain(rec.get("identity")) != engine._plain(identity):
         return None
-    metrics = _floats(rec.get("metrics"))
-    return dataclasses.replace(
-        base,
-        status="reused",
-        metrics=metrics,
-        best=_floats(rec.get("best")),
-        final_split=rec.get("final_split"),
-        seconds=rec.get("train_seconds"),
-        steps=rec.get("steps"),
-        main_metric=_main_metric(cfg, metrics),
-    )
+    return _finished(base, cfg, "reused", rec.get("metrics"), rec)
 
 
 def _quiet(spec: RunSpec) -> RunSpec:
