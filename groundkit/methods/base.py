@@ -13,6 +13,7 @@ Required: ``name``, ``config_class``, :meth:`Method.build_model`, :meth:`Method.
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -23,7 +24,7 @@ from ..config import ExperimentConfig, to_dict
 from ..engine import evaluate_samples
 from ..runlog import format_metrics
 
-__all__ = ["Method", "Predictor"]
+__all__ = ["Method", "Predictor", "Figure"]
 
 
 class Predictor:
@@ -60,6 +61,14 @@ class Predictor:
         """A ``text_video`` predictor's folder of the indexed videos' files (``<id>.mp4`` ...) or frames
         (``<id>/*.jpg``), when it knows one; the web page shows frames from it. None: unknown."""
         return None
+
+
+@dataclass
+class Figure:
+    """A picture for the demo's HTML report: ``file`` relative to the folder it was written in."""
+
+    file: str
+    caption: str
 
 
 class Method:
@@ -145,6 +154,11 @@ class Method:
     def predictor(self, run: str | Path, device: str = "cpu", **options: Any) -> Predictor:
         """A :class:`Predictor` for a trained run directory or checkpoint."""
         raise NotImplementedError(f"method {self.name!r} has no predictor")
+
+    def demo_figures(self, run: str | Path, out_dir: Path, n: int = 4) -> list[Figure]:
+        """Pictures of a trained run's predictions for the demo report (e.g. test images with the predicted
+        and true boxes), written as PNG files into ``out_dir``. The default draws none."""
+        return []
 
     # ------------------------------------------------------------------ command line
 
