@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from .methods import available_methods
+from .methods.clipvg.experiments import demo_table as clipvg_table
+from .methods.cogrounding.experiments import table_specs as cogrounding_specs
 from .methods.wang21.experiments import format_table as wang21_table
 from .methods.wang21.experiments import sweep_specs
 from .runs import RunResult, default_threads, format_table, run_many, seed_specs, summarize, write_summary
@@ -31,8 +33,15 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--world-seed", type=int, default=0, help="seed of the generated world")
     p.add_argument("--methods", default=",".join(DEMOS), help="comma-separated methods to run")
     p.add_argument("--out", default="runs/demo", help="output directory")
-    p.add_argument("--epochs", type=int, default=0, help="override the configs' epoch counts (0: keep)")
+    p.add_argument(
+        "--epochs", type=int, default=0, help="override the configs' epoch counts (clipvg: N x 100 steps; 0: keep)"
+    )
     p.add_argument("--jobs", type=int, default=2, help="trainings run at a time")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="about 3 minutes on 2 CPU cores: a fraction of each run's training (numbers not converged)",
+    )
     p.set_defaults(func=run_demo)
 
 
@@ -40,9 +49,8 @@ def _wang21(args: argparse.Namespace, seeds: list[int], out: Path) -> tuple[list
     world = generate("phrase", size=args.size, seed=args.world_seed)
     _WORLDS.append(Path(world))
     variants = ["NCE (reference)", "NCE+Distill (reference)", "+ log-prob teacher, tempered student"]
-    extra = {"train.epochs": args.epochs} if args.epochs else {}
     results = run_many(
-        sweep_specs(world, out / "wang21", seeds, variants, extra),
+        sweep_specs(world, out / "wang21", seeds, variants, _budget(args, "wang21")),
         jobs=args.jobs,
         threads=_threads(args),
         desc="wang21 runs",
@@ -56,9 +64,7 @@ def _crosskd(args: argparse.Namespace, seeds: list[int], out: Path) -> tuple[lis
         ("CE+ + caption KD (reference)", "synth_cecap"),
         ("CE+ + caption KD (detached, tau 0.1)", "synth_cecap_detach"),
     ]
-    o: dict[str, Any] = {"data.synth_size": args.size, "data.synth_seed": args.world_seed}
-    if args.epochs:
-        o["train.epochs"] = args.epochs
+    o: dict[str, Any] = {"data.synth_size": args.size, "data.synth_seed": args.world_seed, **_budget(args, "crosskd")}
     specs = [
         s for label, name in variants for s in seed_specs(label, "crosskd", name, seeds, out / "crosskd", overrides=o)
     ]
@@ -74,6 +80,64 @@ def _crosskd(args: argparse.Namespace, seeds: list[int], out: Path) -> tuple[lis
     return results, table
 
 
+def _cogrounding(args: argparse.Namespace, seeds: list[int], out: Path) -> tuple[list[RunResult], str]:
+    names = ["single-frame (SL-Att)", "co-grounding (CG-SL-Att)"]
+    extra = _budget(args, "cogrounding")
+    root = Path(generate("video", size=args.size, seed=args.world_seed, progress=True))
+    _WORLDS.append(root)
+    extra["data.synth_seed"] = args.world_seed
+    specs = cogrounding_specs("video", out / "cogrounding", seeds, args.size, extra, names)
+    results = run_many(specs, jobs=args.jobs, threads=_threads(args), desc="cogrounding runs")
+    rows = summarize(results, ["Acc@0.5", "Acc@0.5 (post)"])
+    table_rows = []
+    for row in rows:
+        table_rows.append({**row, "metrics": {"Acc@0.5": row["metrics"]["Acc@0.5"]}})
+        if row["label"].startswith("co-grounding"):
+            post = {"Acc@0.5": row["metrics"]["Acc@0.5 (post)"]}
+            table_rows.append({**row, "label": "co-grounding + post-processing", "metrics": post})
+    table = format_table(table_rows, ["Acc@0.5"], header="cogrounding (video, test frames)")
+    return results, table
+
+
+def _clipvg(args: argparse.Namespace, seeds: list[int], out: Path) -> tuple[list[RunResult], str]:
+    world = Path(generate("pseudo", size=args.size, seed=args.world_seed, progress=True))
+    _WORLDS.append(world)
+    # clipvg trains a fixed number of steps whatever its list (world_cpu): --epochs N means N x 100 steps
+    sets = {"train.max_steps": 100 * args.epochs} if args.epochs else _budget(args, "clipvg")
+    results: list[RunResult] = []
+    tables = []
+    for seed in seeds:  # one curriculum per training seed (its runs are the table's runs)
+        res, table, cur = clipvg_table(
+            world, out / "clipvg" / f"seed{seed}", seed, sets=sets, jobs=args.jobs, threads=_threads(args)
+        )
+        results += res
+        tables.append(table)
+        _EXTRAS.setdefault("clipvg", []).append(cur)
+    if len(seeds) == 1:
+        return results, tables[0]
+    keys = ["acc", "miou"]
+    table = format_table(
+        summarize(results, keys), keys, header=["clipvg (referring expressions, test)", "Acc@0.5", "mIoU"]
+    )
+    return results, table
+
+
+#: per method, the overrides of ``--quick`` (about a quarter of each run's training)
+QUICK: dict[str, dict[str, Any]] = {
+    "wang21": {"train.epochs": 1},
+    "crosskd": {"train.epochs": 20},
+    "cogrounding": {"train.epochs": 1},
+    "clipvg": {"train.max_steps": 150},
+}
+
+
+def _budget(args: argparse.Namespace, method: str) -> dict[str, Any]:
+    """Training-length overrides of a method's demo runs: ``--epochs``, else ``--quick``'s, else none."""
+    if args.epochs:
+        return {"train.epochs": args.epochs}
+    return dict(QUICK[method]) if getattr(args, "quick", False) else {}
+
+
 def _threads(args: argparse.Namespace) -> int:
     """Fixed torch threads per run (the usable cores divided among ``--jobs``): float results depend on
     the thread count, so the demo's numbers repeat exactly on a machine with as many cores."""
@@ -83,10 +147,15 @@ def _threads(args: argparse.Namespace) -> int:
 #: the built-in world folders the demo used (reported with their size at the end)
 _WORLDS: list[Path] = []
 
+#: per method, what its demo produced besides the runs (e.g. the CLIP-VG curricula's results)
+_EXTRAS: dict[str, list[dict[str, Any]]] = {}
+
 #: method name -> the demo of its ablation table
 DEMOS: dict[str, Callable[[argparse.Namespace, list[int], Path], tuple[list[RunResult], str]]] = {
     "wang21": _wang21,
     "crosskd": _crosskd,
+    "cogrounding": _cogrounding,
+    "clipvg": _clipvg,
 }
 
 

@@ -33,7 +33,7 @@ from ...world import generate
 from . import METHOD
 from .curriculum import CurriculumConfig, EngineBackend, MSAConfig, SearchConfig, run_msa, run_ssa
 
-__all__ = ["world_overrides", "random_box_accuracy", "main"]
+__all__ = ["world_overrides", "random_box_accuracy", "demo_table", "main"]
 
 SOURCES = ("template", "relation", "caption")
 
@@ -75,6 +75,93 @@ def _curricula(
     msa_cfg.search = SearchConfig(max_evals=3)
     msa = run_msa(msa_cfg, EngineBackend(msa_cfg))
     return {"ssa": ssa, "msa": msa, "files": files}
+
+
+def _curriculum_result(label: str, rec: dict[str, Any], runs_dir: Path, seed: int) -> RunResult:
+    """A :class:`RunResult` for a run the curriculum trained (``rec``: its ``val`` / ``test`` / ``run``)."""
+    val = rec.get("val")
+    best = val if isinstance(val, dict) else {}
+    if not best:  # curriculum records keep only the maximised value: read the run's own record
+        run_json = runs_dir / rec["run"] / "run.json"
+        if run_json.is_file():
+            best = dict(json.loads(run_json.read_text()).get("best", {}) or {})
+    return RunResult(
+        label=label,
+        seed=seed,
+        output_dir=str(runs_dir / rec["run"]),
+        status="reused",
+        metrics=dict(rec.get("test", {})),
+        best=best,
+        final_split="test",
+        method="clipvg",
+    )
+
+
+def demo_table(
+    world: Path,
+    out: Path,
+    seed: int = 0,
+    config: str = "world_cpu",
+    sets: dict[str, Any] | None = None,
+    jobs: int = 2,
+    threads: int = 1,
+    ssa_evals: int = 3,
+    msa_evals: int = 2,
+    msa_steps: int = 2,
+    echo: Any = None,
+) -> tuple[list[RunResult], str, dict[str, Any]]:
+    """The demo's CLIP-VG table from one curriculum seed: the runs SSA and MSA trained anyway (all template
+    labels = SSA's measurer, the SSA selection, the merged sources, the MSA selection) plus one fully
+    supervised run, each tested once; no run is trained twice. Returns the results, the markdown table and
+    ``{"ssa", "msa"}`` (the curricula's results, with the reliability files and the chosen thresholds)."""
+    sep = world / "splits" / "unc" / "train_separate"
+    files = {s: str(sep / f"{i + 1}_unc_train_pseudo_{s}.pth") for i, s in enumerate(SOURCES)}
+    sets = {**world_overrides(world), **(sets or {})}
+    runs_dir = out / "runs"
+    common = dict(config=config, set=sets, seed=seed, jobs=jobs, threads=threads, runs_dir=str(runs_dir))
+    ssa_cfg = CurriculumConfig(
+        out=str(out / "ssa"), source=files["template"], search=SearchConfig(max_evals=ssa_evals), **common
+    )
+    ssa = run_ssa(ssa_cfg, EngineBackend(ssa_cfg), echo)
+    msa_cfg = CurriculumConfig(
+        out=str(out / "msa"),
+        sources=files,
+        msa=MSAConfig(h0=0.5, max_steps=msa_steps),
+        search=SearchConfig(max_evals=msa_evals),
+        **common,
+    )
+    msa = run_msa(msa_cfg, EngineBackend(msa_cfg), echo)
+    full_spec = RunSpec(
+        method="clipvg",
+        config=config,
+        overrides={**sets, "data.supervision": "full"},
+        output_dir=str(out / "full_supervision"),
+        seed=seed,
+        label="full supervision (human labels)",
+    )
+    full = run_many([full_spec], jobs=1, threads=threads, progress=False)
+    h = ssa["final"].get("threshold")
+    results = [
+        _curriculum_result("template source, all labels", ssa["all"], runs_dir, seed),
+        _curriculum_result(
+            f"template source, SSA (h* = {h:.2f})" if h is not None else "template source, SSA (kept all)",
+            ssa["final"],
+            runs_dir,
+            seed,
+        ),
+        _curriculum_result("3 sources merged, all labels", msa["all_merged"], runs_dir, seed),
+    ]
+    if msa.get("final"):
+        picked = ", ".join(f"{u['source']} h*={u['threshold']:.2f}" for u in msa["steps"])
+        results.append(_curriculum_result(f"3 sources, MSA ({picked})", msa["final"], runs_dir, seed))
+    results += full
+    keys = ["acc", "miou"]
+    table = runs_table(
+        summarize(results, keys), keys, header=["clipvg (referring expressions, test)", "Acc@0.5", "mIoU"]
+    )
+    cfg = load_config(METHOD.config_class, config, sets, method="clipvg")
+    table += f"\n| random box | {100 * random_box_accuracy(cfg, 'test', seed=seed):.2f} | | |"
+    return results, table, {"ssa": ssa, "msa": msa}
 
 
 def _selection(cur_out: Path, run: str) -> str:
