@@ -4,7 +4,8 @@ For each method with a demo it generates (or reuses, checksum-verified) the worl
 trains the reference configuration, the paper's distillation and groundkit's improved mode through
 :mod:`groundkit.runs` (finished runs are reused, so a killed demo restarts where it stopped),
 evaluates on the test split, and prints one table per method. Results go to
-``<out>/demo_results.{json,md}``.
+``<out>/demo_results.{json,md}``, and an HTML report that opens offline (tables, training curves,
+pictures of predictions; :mod:`groundkit.report`) to ``<out>/report/index.html``.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="about 3 minutes on 2 CPU cores: a fraction of each run's training (numbers not converged)",
     )
+    p.add_argument("--no-report", action="store_true", help="do not write the HTML report (<out>/report/index.html)")
     p.set_defaults(func=run_demo)
 
 
@@ -172,6 +174,8 @@ def run_demo(args: argparse.Namespace) -> int:
     print(
         f"groundkit demo: built-in benchmark world, size {args.size}, training seeds {seeds}, output {out}", flush=True
     )
+    for_report: dict[str, tuple[list[RunResult], str]] = {}
+    seconds_of: dict[str, float] = {}
     for m in wanted:
         if m not in have:
             print(f"[{m}] not available in this installation; skipped", flush=True)
@@ -181,6 +185,7 @@ def run_demo(args: argparse.Namespace) -> int:
         runs, table = DEMOS[m](args, seeds, out)
         seconds = round(time.perf_counter() - t0, 1)
         results["methods"][m] = {"table": table, "seconds": seconds, "runs": [r.__dict__ for r in runs]}
+        for_report[m], seconds_of[m] = (runs, table), seconds
         write_summary(out / m / "summary.json", runs, sorted({k for r in runs if r.ok for k in r.metrics}))
         print(f"\n{table}\n({m}: {seconds:.0f} s)\n", flush=True)
     (out / "demo_results.json").write_text(json.dumps(results, indent=1, default=str))
@@ -195,6 +200,13 @@ def run_demo(args: argparse.Namespace) -> int:
         f"{_mb(sum(_size(w) for w in worlds))} of built-in worlds ({', '.join(w.name for w in worlds)}) "
         f"cached under {default_root()} (GROUNDKIT_DATA moves them)"
     )
+    if not getattr(args, "no_report", False):
+        from .report import build_report  # noqa: PLC0415 (matplotlib and the drawing code load only here)
+
+        try:
+            print(f"report: {build_report(out, for_report, args, seconds_of)}")
+        except Exception as e:  # noqa: BLE001 (the results are written; a report failure does not fail the demo)
+            print(f"warning: the HTML report was not written: {type(e).__name__}: {e}".splitlines()[0])
     return 0
 
 

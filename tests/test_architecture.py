@@ -28,8 +28,9 @@ CORE = {
     "text",
     "backbones",
     "bench",
+    "draw",
 }
-APP = {"cli", "demo", "runs", "serve", "__main__"}
+APP = {"cli", "demo", "report", "runs", "serve", "__main__"}
 # a method's modules that run many trainings or build test inputs: they may use groundkit.runs and the world
 ORCHESTRATION = {"bench", "experiments", "curriculum"}
 

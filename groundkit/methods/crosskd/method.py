@@ -14,7 +14,7 @@ import torch
 
 from ...formats.collaborative_experts import FeatureError, load_pickle
 from ...metrics import t2v_metrics, v2t_metrics
-from ..base import Method
+from ..base import Figure, Method
 from .config import CrossKDConfig
 from .data import RetrievalEvalSet, RetrievalTrainSet, _root, batch_spec, layout_paths, open_store, text_dim
 from .model import (
@@ -60,6 +60,12 @@ class CrossKDMethod(Method):
         from .predict import Retriever  # noqa: PLC0415 (predict imports this module)
 
         return Retriever.from_checkpoint(run, device=device, **options)
+
+    def demo_figures(self, run: str | Path, out_dir: Path, n: int = 4) -> list[Figure]:
+        """``n`` test captions as queries with their top-5 videos (see :mod:`.visualize`)."""
+        from .visualize import retrieval_figures  # noqa: PLC0415 (drawing is only needed by the demo report)
+
+        return retrieval_figures(run, out_dir, n)
 
     def build_model(self, cfg: CrossKDConfig) -> CENet:
         store = open_store(cfg)

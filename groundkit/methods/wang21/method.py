@@ -23,7 +23,7 @@ from ...boxes import box_iou
 from ...config import ConfigError
 from ...metrics import PhraseRecallAccumulator
 from ...text import GLOVE_PACKAGE
-from ..base import Method, Predictor
+from ..base import Figure, Method, Predictor
 from .config import Wang21Config
 from .data import Wang21Dataset, norm_stats, resolve_paths, word_dim
 from .model import (
@@ -296,6 +296,12 @@ class Wang21Method(Method):
     def predictor(self, run: str | Path, device: str = "cpu", **options: Any) -> Predictor:
         """A :class:`~groundkit.methods.wang21.predict.Wang21Predictor` (``glove_path=`` replaces the run's word vectors)."""
         return Wang21Predictor(run, device=device, **options)
+
+    def demo_figures(self, run: str | Path, out_dir: Path, n: int = 4) -> list[Figure]:
+        """``n`` test images with, per phrase, the true box and the top-ranked proposal (see :mod:`.visualize`)."""
+        from .visualize import phrase_figures  # noqa: PLC0415 (drawing is only needed by the demo report)
+
+        return phrase_figures(run, out_dir, n)
 
     def format_eval(self, metrics: dict[str, float], split: str) -> str:
         """The README's table (percent), plus the proposal upper bound and the baselines."""
