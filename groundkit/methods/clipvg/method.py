@@ -17,7 +17,7 @@ from torch import nn
 
 from ...boxes import cxcywh_to_xyxy, paired_box_iou
 from ...engine import predict
-from ..base import Method, Predictor
+from ..base import Figure, Method, Predictor
 from .config import ClipVGConfig
 from .data import GroundingSet, load_samples, split_file
 from .model import ClipVG, EncoderError, build_encoders, clipvg_loss
@@ -158,6 +158,12 @@ class ClipVGMethod(Method):
 
     def predictor(self, run: str | Path, device: str = "cpu", **options: Any) -> Predictor:
         return ClipVGPredictor(run, device=device, **options)
+
+    def demo_figures(self, run: str | Path, out_dir: Path, n: int = 4) -> list[Figure]:
+        """``n`` test samples with the true (green) and predicted (red) box (:mod:`.visualize`)."""
+        from .visualize import demo_figures  # noqa: PLC0415 (drawing code is loaded only when pictures are asked for)
+
+        return demo_figures(run, out_dir, n)
 
     def add_cli_args(self, parser: argparse.ArgumentParser, mode: str) -> None:
         parser.add_argument(

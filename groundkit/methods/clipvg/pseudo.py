@@ -22,7 +22,8 @@ Input files (JSON)::
 
 Reliability (:func:`reliability_scores`): a measurer model's predicted box for each pseudo label
 against the label's box, ``r = IoU`` (CLIP-VG ``evaluate_for_filtering``); :func:`save_histogram`
-writes the 1000-bin histogram as NPZ + JSON and a PNG plot.
+writes the 1000-bin histogram as NPZ + JSON and a PNG plot (:func:`plot_histogram`, which can also
+mark a chosen threshold).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ __all__ = [
     "select",
     "reliability_histogram",
     "save_histogram",
+    "plot_histogram",
     "load_json_images",
 ]
 
@@ -423,18 +425,38 @@ def save_histogram(
         "kept_above": {f"{h:.1f}": float((r > h).mean()) if len(r) else 0.0 for h in np.arange(0, 1.0, 0.1)},
     }
     stem.with_suffix(".json").write_text(json.dumps(summary, indent=1))
-    _plot(r, stem.with_suffix(".png"), title, plot_bins)
+    plot_histogram(r, stem.with_suffix(".png"), title, plot_bins)
     return HistogramFiles(stem.with_suffix(".npz"), stem.with_suffix(".json"), stem.with_suffix(".png"), summary)
 
 
-def _plot(r: np.ndarray, path: Path, title: str, bins: int, size: tuple[int, int] = (640, 360)) -> None:
-    """A histogram bar plot drawn with PIL (no plotting library needed)."""
+#: margins (left, right, top, bottom) of :func:`plot_histogram`'s plot area, in pixels
+PLOT_MARGINS = (50, 15, 30, 40)
+#: colour of the threshold line of :func:`plot_histogram`
+THRESHOLD_COLOUR = (220, 30, 30)
+
+
+def plot_histogram(
+    r: np.ndarray,
+    path: str | Path,
+    title: str = "",
+    bins: int = 50,
+    size: tuple[int, int] = (640, 360),
+    threshold: float | None = None,
+) -> Path:
+    """A histogram bar plot of the scores ``r`` drawn with PIL (no plotting library needed), written to
+    ``path``. ``threshold``: a vertical line at ``h`` (x = left margin + plot width * h) and the fraction
+    kept by :func:`select` (``r > h``) in the title."""
+    r = np.asarray(r, dtype=np.float64)
     W, H = size
-    left, right, top, bottom = 50, 15, 30, 40
+    left, right, top, bottom = PLOT_MARGINS
     counts, _ = np.histogram(r[r > 0], bins=bins, range=(0.0, 1.0))
     im = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(im)
-    d.text((left, 8), f"{title}  (n={len(r)}, r=0: {int((r <= 0).sum())})", fill="black")
+    head = f"{title}  (n={len(r)}, r=0: {int((r <= 0).sum())})"
+    if threshold is not None:
+        kept = int((r > threshold).sum())
+        head += f"  h={threshold:g}: kept {kept} ({100.0 * kept / max(len(r), 1):.1f}%)"
+    d.text((left, 8), head, fill="black")
     pw, ph = W - left - right, H - top - bottom
     d.rectangle([left, top, left + pw, top + ph], outline="black")
     peak = max(int(counts.max()) if len(counts) else 0, 1)
@@ -447,7 +469,15 @@ def _plot(r: np.ndarray, path: Path, title: str, bins: int, size: tuple[int, int
         x = left + pw * k / 10
         d.line([x, top + ph, x, top + ph + 4], fill="black")
         d.text((x - 8, top + ph + 6), f"{k / 10:.1f}", fill="black")
+    if threshold is not None:
+        x = round(left + pw * min(max(float(threshold), 0.0), 1.0))
+        d.line([x, top + 1, x, top + ph - 1], fill=THRESHOLD_COLOUR, width=2)
+        label = f"h={threshold:g}"
+        lx = x + 4 if x + 4 + 6 * len(label) < left + pw else x - 4 - 6 * len(label)
+        d.text((lx, top + 4), label, fill=THRESHOLD_COLOUR)
     d.text((left + pw / 2 - 40, H - 18), "reliability (IoU)", fill="black")
     d.text((5, top), str(peak), fill="black")
     d.text((5, top + ph - 10), "0", fill="black")
-    im.save(path)
+    out = Path(path)
+    im.save(out)
+    return out

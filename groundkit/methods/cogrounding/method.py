@@ -11,6 +11,7 @@ grounded with its test window; ``Acc@0.5 (post)`` is after temporal re-scoring.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,7 @@ from torch import nn
 
 from ...boxes import paired_box_iou
 from ...config import ConfigError
-from ..base import Method
+from ..base import Figure, Method
 from .backbones import build_backbone
 from .config import CoGroundingConfig
 from .data import RefExpDataset, VideoClipDataset, VideoEvalSet, image_splits, load_image_samples, load_videos
@@ -285,6 +286,13 @@ class CoGroundingMethod(Method):
         from .predict import CoGroundingPredictor  # noqa: PLC0415 (predict imports the registry)
 
         return CoGroundingPredictor(run, device=device, **options)
+
+    def demo_figures(self, run: str | Path, out_dir: Path, n: int = 4) -> list[Figure]:
+        """Film strips of ``n`` test videos (video runs) or ``n`` test images (image runs) with the true (green)
+        and predicted (red) boxes (:mod:`.visualize`)."""
+        from .visualize import demo_figures  # noqa: PLC0415 (visualize imports the predictor, which imports the registry)
+
+        return demo_figures(run, out_dir, n)
 
 
 METHOD = CoGroundingMethod()

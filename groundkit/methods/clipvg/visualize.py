@@ -1,0 +1,121 @@
+"""Pictures of a trained CLIP-VG run for the demo report.
+
+* :func:`demo_figures` — test samples of the run (evenly spaced over its test list), each image with the
+  true box (green) and the predicted box (red); the caption holds the expression and the IoU.
+* :func:`reliability_figure` — a reliability histogram written by the curriculum
+  (``reliability/<source>_by_<measurer>.{npz,json}``) with the chosen threshold marked and the kept
+  fraction in the title.
+
+Everything is read from the run folder (its checkpoint's config names ``data.split_root`` and
+``data.image_root``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from ...boxes import paired_box_iou
+from ...errors import DataError
+from ..base import Figure
+from .data import load_samples, split_file
+from .predict import ClipVGPredictor
+from .pseudo import plot_histogram
+
+__all__ = ["demo_figures", "reliability_figure", "TRUE_COLOUR", "PRED_COLOUR", "MIN_SIDE"]
+
+TRUE_COLOUR = (40, 200, 40)
+PRED_COLOUR = (230, 30, 30)
+#: small images are enlarged by an integer factor until their long side reaches this (for legibility)
+MIN_SIDE = 320
+
+
+def _pick(n_items: int, n: int) -> list[int]:
+    """``n`` evenly spaced indices of ``range(n_items)`` (all of them when there are fewer), first one 0."""
+    if n <= 0 or n_items <= 0:
+        return []
+    if n >= n_items:
+        return list(range(n_items))
+    return sorted({int(i) for i in np.linspace(0, n_items - 1, n).round()})
+
+
+def _draw(image: Image.Image, true_box: Any, pred_box: Any) -> Image.Image:
+    """``image`` enlarged for legibility (see :data:`MIN_SIDE`) with the true box (green) and the predicted box (red)."""
+    k = max(1, MIN_SIDE // max(image.size))
+    out = image.convert("RGB").resize((image.width * k, image.height * k), Image.NEAREST) if k > 1 else image.copy()
+    d = ImageDraw.Draw(out)
+    w = max(2, round(max(out.size) / 200))
+    for box, colour in ((true_box, TRUE_COLOUR), (pred_box, PRED_COLOUR)):
+        d.rectangle([float(v) * k for v in box], outline=colour, width=w)
+    return out
+
+
+def demo_figures(run: str | Path, out_dir: Path, n: int = 4, device: str = "cpu") -> list[Figure]:
+    """``n`` test samples of ``run`` (evenly spaced over the test list; the validation list when the run has
+    no test list) as ``clipvg_sample_<k>.png`` in ``out_dir``: the image with the true box (green) and the
+    predicted box (red); the caption gives the expression and the IoU."""
+    pred = ClipVGPredictor(run, device=device)
+    d = pred.cfg.data
+    split = next((s for s in ("test", "val") if all(p.is_file() for p in split_file(d, s))), None)
+    if split is None:
+        raise DataError(f"{run}: no test or validation list under data.split_root={d.split_root!r}")
+    samples = load_samples(d, split)
+    if not d.image_root:
+        raise DataError(f"{run}: data.image_root is empty in the run's config")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figs = []
+    for k, i in enumerate(_pick(len(samples), n)):
+        s = samples[i]
+        path = Path(d.image_root) / s.img_file
+        if not path.is_file():
+            raise DataError(f"{path}: image of {split} sample {i} not found")
+        with Image.open(path) as im:
+            image = im.convert("RGB")
+        (res,) = pred.ground(image, [s.phrase])
+        iou = float(paired_box_iou(torch.tensor([res["box"]]), torch.tensor([s.box], dtype=torch.float32))[0])
+        name = f"clipvg_sample_{k}.png"
+        _draw(image, s.box, res["box"]).save(out_dir / name)
+        verdict = "hit" if iou >= pred.cfg.eval.iou_threshold else "miss"
+        figs.append(
+            Figure(
+                name,
+                f'{split} sample {i}: "{s.phrase}" - IoU {iou:.2f} ({verdict}); green: true box, red: predicted box',
+            )
+        )
+    return figs
+
+
+def _scores(source: str | Path) -> tuple[np.ndarray, str]:
+    """The reliability scores and title of a histogram given as its ``.npz``, ``.json`` or common stem."""
+    p = Path(source)
+    stem = p.with_suffix("") if p.suffix in (".npz", ".json", ".png") else p
+    npz, js = stem.with_name(stem.name + ".npz"), stem.with_name(stem.name + ".json")
+    if not npz.is_file():
+        raise DataError(f"{npz}: no reliability scores (the curriculum writes <source>_by_<measurer>.npz)")
+    with np.load(npz) as data:
+        if "reliability" not in data:
+            raise DataError(f"{npz}: no 'reliability' array (has {sorted(data.files)})")
+        r = np.asarray(data["reliability"], dtype=np.float64)
+    title = stem.name
+    if js.is_file():
+        try:
+            title = str(json.loads(js.read_text(encoding="utf-8")).get("title") or title)
+        except (json.JSONDecodeError, AttributeError):
+            pass
+    return r, title
+
+
+def reliability_figure(hist_json_or_npz: str | Path, threshold: float, out_path: str | Path, bins: int = 50) -> Path:
+    """The reliability histogram of ``hist_json_or_npz`` (the ``.npz`` or ``.json`` the curriculum wrote, or their
+    stem) with a vertical line at ``threshold`` and the kept fraction (``r > threshold``) in the title; written as a
+    PNG to ``out_path``, which is returned."""
+    r, title = _scores(hist_json_or_npz)
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return plot_histogram(r, out, title, bins, threshold=float(threshold))
