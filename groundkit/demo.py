@@ -18,8 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from .methods import available_methods
-from .methods.clipvg.experiments import demo_table as clipvg_table
-from .methods.cogrounding.experiments import table_specs as cogrounding_specs
 from .methods.wang21.experiments import format_table as wang21_table
 from .methods.wang21.experiments import sweep_specs
 from .runs import RunResult, default_threads, format_table, run_many, seed_specs, summarize, write_summary
@@ -83,6 +81,8 @@ def _crosskd(args: argparse.Namespace, seeds: list[int], out: Path) -> tuple[lis
 
 
 def _cogrounding(args: argparse.Namespace, seeds: list[int], out: Path) -> tuple[list[RunResult], str]:
+    from .methods.cogrounding.experiments import table_specs as cogrounding_specs  # noqa: PLC0415 (demo only)
+
     names = ["single-frame (SL-Att)", "co-grounding (CG-SL-Att)"]
     extra = _budget(args, "cogrounding")
     root = Path(generate("video", size=args.size, seed=args.world_seed, progress=True))
@@ -102,6 +102,8 @@ def _cogrounding(args: argparse.Namespace, seeds: list[int], out: Path) -> tuple
 
 
 def _clipvg(args: argparse.Namespace, seeds: list[int], out: Path) -> tuple[list[RunResult], str]:
+    from .methods.clipvg.experiments import demo_table as clipvg_table  # noqa: PLC0415 (demo only)
+
     world = Path(generate("pseudo", size=args.size, seed=args.world_seed, progress=True))
     _WORLDS.append(world)
     # clipvg trains a fixed number of steps whatever its list (world_cpu): --epochs N means N x 100 steps

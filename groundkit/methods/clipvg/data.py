@@ -206,43 +206,53 @@ class GroundingSet:
         key = hashlib.sha1(img_tag.encode()).hexdigest()[:16]
         root = self._cache_dir()
         files = sorted({s.img_file for s in self.samples})
-        img_store = _load_store(root / f"images-{key}.pt")
-        missing = [f for f in files if f not in img_store]
+        img_path = root / f"images-{key}.v2.pt"
+        img_store = _load_store(img_path)
+        pos = {f: i for i, f in enumerate(img_store["keys"])}
+        missing = [f for f in files if f not in pos]
         if missing:
             first = {s.img_file: i for i, s in reversed(list(enumerate(self.samples)))}
+            cols: list[list[torch.Tensor]] = [[], [], []]
             for k in range(0, len(missing), batch_size):
                 chunk = missing[k : k + batch_size]
                 items = [self.raw_item(first[f]) for f in chunk]
                 imgs = torch.stack([it["image"] for it in items]).to(device)
                 masks = torch.stack([it["image_mask"] for it in items]).to(device)
-                feats = enc.encode_image(model.normalize_images(imgs, masks)).to(torch.float16).cpu()
-                for f, ft, m, it in zip(chunk, feats, masks.cpu(), items):
+                cols[0].append(enc.encode_image(model.normalize_images(imgs, masks)).to(torch.float16).cpu())
+                cols[1].append(masks.cpu())
+                for it in items:
                     lb = it["letterbox"]
-                    geo = torch.tensor([lb.scale, lb.pad_left, lb.pad_top, lb.orig_w, lb.orig_h], dtype=torch.float64)
-                    img_store[f] = (ft.clone(), m.clone(), geo)
-            _save_store(root / f"images-{key}.pt", img_store)
+                    geo = [lb.scale, lb.pad_left, lb.pad_top, lb.orig_w, lb.orig_h]
+                    cols[2].append(torch.tensor([geo], dtype=torch.float64))
+            img_store = _extend_store(img_store, missing, [torch.cat(c) for c in cols])
+            _save_store(img_path, img_store)
+            pos = {f: i for i, f in enumerate(img_store["keys"])}
+        img_feats, img_masks, geos = (c[torch.tensor([pos[f] for f in files])] for c in img_store["cols"])
         txt_key = hashlib.sha1(f"{tag}|L={model.max_query_len}".encode()).hexdigest()[:16]
-        txt_store = _load_store(root / f"texts-{txt_key}.pt")
+        txt_path = root / f"texts-{txt_key}.v2.pt"
+        txt_store = _load_store(txt_path)
         uniq = sorted(set(self.texts))
-        todo = [t for t in uniq if t not in txt_store]
+        tpos = {t: i for i, t in enumerate(txt_store["keys"])}
+        todo = [t for t in uniq if t not in tpos]
         if todo:
+            tcols: list[list[torch.Tensor]] = [[], []]
             for k in range(0, len(todo), 256):
                 chunk = todo[k : k + 256]
                 ids, mask = enc.tokenize(chunk, model.max_query_len)
-                feats = enc.encode_text(ids.to(device), mask.to(device)).to(torch.float16).cpu()
-                for t, ft, m in zip(chunk, feats, mask):
-                    txt_store[t] = (ft.clone(), m.clone())
-            _save_store(root / f"texts-{txt_key}.pt", txt_store)
+                tcols[0].append(enc.encode_text(ids.to(device), mask.to(device)).to(torch.float16).cpu())
+                tcols[1].append(mask.cpu())
+            txt_store = _extend_store(txt_store, todo, [torch.cat(c) for c in tcols])
+            _save_store(txt_path, txt_store)
+            tpos = {t: i for i, t in enumerate(txt_store["keys"])}
+        txt_feats, txt_masks = (c[torch.tensor([tpos[t] for t in uniq])] for c in txt_store["cols"])
         img_pos = {f: i for i, f in enumerate(files)}
         txt_pos = {t: i for i, t in enumerate(uniq)}
-        targets = []
-        for i in range(len(self.samples)):
-            targets.append(self._target(i, img_store[self.samples[i].img_file][2]))
+        targets = [self._target(i, geos[img_pos[self.samples[i].img_file]]) for i in range(len(self.samples))]
         self.cache = {
-            "image_feats": torch.stack([img_store[f][0] for f in files]),
-            "image_mask": torch.stack([img_store[f][1] for f in files]),
-            "text_feats": torch.stack([txt_store[t][0] for t in uniq]),
-            "text_mask": torch.stack([txt_store[t][1] for t in uniq]),
+            "image_feats": img_feats,
+            "image_mask": img_masks,
+            "text_feats": txt_feats,
+            "text_mask": txt_masks,
             "img_of": torch.tensor([img_pos[s.img_file] for s in self.samples]),
             "txt_of": torch.tensor([txt_pos[t] for t in self.texts]),
             "box": torch.stack(targets),
@@ -274,12 +284,25 @@ class GroundingSet:
 
 
 def _load_store(path: Path) -> dict[str, Any]:
+    """A feature store ``{"keys": [str] * N, "cols": [Tensor[N, ...], ...]}``: a few stacked tensors (one
+    file read of a few arrays, memory-mapped), not one tensor per image or text. Empty when absent or unreadable."""
+    empty: dict[str, Any] = {"keys": [], "cols": []}
     if not path.is_file():
-        return {}
+        return empty
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        store = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # a torn or foreign file: recompute
-        return {}
+        return empty
+    ok = isinstance(store, dict) and isinstance(store.get("keys"), list) and isinstance(store.get("cols"), list)
+    return store if ok and all(len(c) == len(store["keys"]) for c in store["cols"]) else empty
+
+
+def _extend_store(store: dict[str, Any], keys: list[str], cols: list[torch.Tensor]) -> dict[str, Any]:
+    if store["keys"] and len(store["cols"]) != len(cols):
+        store = {"keys": [], "cols": []}  # a different layout: start over
+    if not store["keys"]:
+        return {"keys": list(keys), "cols": cols}
+    return {"keys": store["keys"] + list(keys), "cols": [torch.cat([a, b]) for a, b in zip(store["cols"], cols)]}
 
 
 def _save_store(path: Path, store: dict[str, Any]) -> None:

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from ...boxes import paired_box_iou
+from ...draw import GREEN, RED, draw_boxes
 from ...errors import DataError
 from ..base import Figure
 from .data import load_samples, split_file
@@ -29,8 +29,8 @@ from .pseudo import plot_histogram
 
 __all__ = ["demo_figures", "reliability_figure", "TRUE_COLOUR", "PRED_COLOUR", "MIN_SIDE"]
 
-TRUE_COLOUR = (40, 200, 40)
-PRED_COLOUR = (230, 30, 30)
+TRUE_COLOUR = GREEN
+PRED_COLOUR = RED
 #: small images are enlarged by an integer factor until their long side reaches this (for legibility)
 MIN_SIDE = 320
 
@@ -42,17 +42,6 @@ def _pick(n_items: int, n: int) -> list[int]:
     if n >= n_items:
         return list(range(n_items))
     return sorted({int(i) for i in np.linspace(0, n_items - 1, n).round()})
-
-
-def _draw(image: Image.Image, true_box: Any, pred_box: Any) -> Image.Image:
-    """``image`` enlarged for legibility (see :data:`MIN_SIDE`) with the true box (green) and the predicted box (red)."""
-    k = max(1, MIN_SIDE // max(image.size))
-    out = image.convert("RGB").resize((image.width * k, image.height * k), Image.NEAREST) if k > 1 else image.copy()
-    d = ImageDraw.Draw(out)
-    w = max(2, round(max(out.size) / 200))
-    for box, colour in ((true_box, TRUE_COLOUR), (pred_box, PRED_COLOUR)):
-        d.rectangle([float(v) * k for v in box], outline=colour, width=w)
-    return out
 
 
 def demo_figures(run: str | Path, out_dir: Path, n: int = 4, device: str = "cpu") -> list[Figure]:
@@ -80,7 +69,8 @@ def demo_figures(run: str | Path, out_dir: Path, n: int = 4, device: str = "cpu"
         (res,) = pred.ground(image, [s.phrase])
         iou = float(paired_box_iou(torch.tensor([res["box"]]), torch.tensor([s.box], dtype=torch.float32))[0])
         name = f"clipvg_sample_{k}.png"
-        _draw(image, s.box, res["box"]).save(out_dir / name)
+        k = max(1, MIN_SIDE // max(image.size))  # small world images enlarged for legibility
+        draw_boxes(image, [s.box, res["box"]], [TRUE_COLOUR, PRED_COLOUR], scale=k).save(out_dir / name)
         verdict = "hit" if iou >= pred.cfg.eval.iou_threshold else "miss"
         figs.append(
             Figure(

@@ -18,6 +18,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ...boxes import paired_box_iou
+from ...draw import GREEN, RED, draw_boxes
 from ..base import Figure
 from .data import image_splits, load_image_samples, load_videos, read_image
 from .method import hits
@@ -25,8 +26,8 @@ from .predict import CoGroundingPredictor
 
 __all__ = ["demo_figures", "film_strip", "STRIP_FRAMES", "TRUE_COLOUR", "PRED_COLOUR"]
 
-TRUE_COLOUR = (40, 200, 40)
-PRED_COLOUR = (230, 30, 30)
+TRUE_COLOUR = GREEN
+PRED_COLOUR = RED
 STRIP_FRAMES = 6
 #: a tile's long side is brought into this range (integer enlargement below, shrinking above)
 TILE_SIDE = (320, 480)
@@ -45,17 +46,6 @@ def _pick(n_items: int, n: int) -> list[int]:
     return sorted({int(i) for i in np.linspace(0, n_items - 1, n).round()})
 
 
-def _draw(image: Image.Image, true_box: Any, pred_box: Any, scale: float) -> Image.Image:
-    """``image`` resized by ``scale`` with the true box (green) and the predicted box (red)."""
-    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    out = image.convert("RGB").resize(size, Image.NEAREST if scale >= 1 else Image.BILINEAR)
-    d = ImageDraw.Draw(out)
-    w = max(2, round(max(out.size) / 200))
-    for box, colour in ((true_box, TRUE_COLOUR), (pred_box, PRED_COLOUR)):
-        d.rectangle([float(v) * scale for v in box], outline=colour, width=w)
-    return out
-
-
 def _tile_scale(size: tuple[int, int]) -> float:
     lo, hi = TILE_SIDE
     long = max(size)
@@ -70,7 +60,7 @@ def film_strip(
     scale = _tile_scale(frames[indices[0]].size)
     tiles = []
     for t in indices:
-        tile = _draw(frames[t], true_boxes[t], pred_boxes[t], scale)
+        tile = draw_boxes(frames[t], [true_boxes[t], pred_boxes[t]], [TRUE_COLOUR, PRED_COLOUR], scale=scale)
         tiles.append((t, tile))
     tw, th = tiles[0][1].size
     strip = Image.new("RGB", (len(tiles) * tw + (len(tiles) - 1) * GAP, th + BAND), "white")
@@ -120,7 +110,8 @@ def _image_figures(pred: CoGroundingPredictor, out_dir: Path, n: int) -> list[Fi
         iou = float(paired_box_iou(torch.tensor([res["box"]]), torch.tensor([s.box], dtype=torch.float64))[0])
         ok = bool(hits(np.asarray([res["box"]]), np.asarray([s.box]), cfg)[0])
         name = f"cogrounding_image_{k}.png"
-        _draw(image, s.box, res["box"], float(max(1, MIN_SIDE // max(image.size)))).save(out_dir / name)
+        k = float(max(1, MIN_SIDE // max(image.size)))
+        draw_boxes(image, [s.box, res["box"]], [TRUE_COLOUR, PRED_COLOUR], scale=k).save(out_dir / name)
         figs.append(
             Figure(
                 name,
