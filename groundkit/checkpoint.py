@@ -185,11 +185,14 @@ def _weights_file(path: str | Path) -> Path:
     return p
 
 
-def load_weights(model: torch.nn.Module, path: str | Path, strict: bool = True) -> None:
-    """Load model weights from a checkpoint directory or a ``.safetensors`` file."""
+def load_weights(model: torch.nn.Module, path: str | Path, strict: bool = True) -> tuple[list[str], list[str]]:
+    """Load model weights from a checkpoint directory or a ``.safetensors`` file. Returns the model's keys
+    the file lacks and the file's keys the model lacks (both empty when ``strict``); a tensor whose shape
+    differs is an error either way."""
     p = _weights_file(path)
     try:
-        load_model(_unwrap(model), str(p), strict=strict)
+        missing, unexpected = load_model(_unwrap(model), str(p), strict=strict)
+        return sorted(missing), sorted(unexpected)
     except SafetensorError as e:
         raise CheckpointError(f"{p}: not a readable safetensors file, truncated or corrupt ({e})") from None
     except RuntimeError as e:

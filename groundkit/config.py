@@ -107,6 +107,7 @@ class TrainConfig:
     num_workers: int = 0
     threads: int = 0  # torch threads; 0: the cores this process may use, shared with other groundkit trainings
     init_from: str = ""  # start from these weights (a run directory, checkpoint directory or .safetensors)
+    init_partial: bool = False  # init_from may lack parameters of this model (e.g. an image model for the video one)
     subset: str = ""  # train only on these samples of the training split (JSON list or one index per line)
     output_dir: str = "runs/default"
     tensorboard: bool = True

@@ -770,8 +770,9 @@ def _fit(
         if last is not None:  # refuse another method or config before any work
             note = _check_resume(method, read_meta(last), cfg, last, steps_per_epoch, force)
         model = method.build_model(cfg)
+        init_note = ""
         if tc.init_from and last is None:
-            _init_weights(method, model, tc.init_from)
+            init_note = _init_weights(method, model, tc.init_from, partial=tc.init_partial)
         model = model.to(device)
         method.on_train_start(model, train_set.dataset if isinstance(train_set, Subset) else train_set, cfg, device)
         optimizer = build_optimizer(model, cfg.optim)
@@ -793,7 +794,7 @@ def _fit(
         if note:
             logger.warn(note)
         if tc.init_from and last is None:
-            logger.info(f"weights initialised from {tc.init_from}")
+            logger.info(f"weights initialised from {tc.init_from}{init_note}")
         base_seconds, t_start = state.train_seconds, time.perf_counter()
         write_record("running")
         with _Signals() as signals:
@@ -840,8 +841,10 @@ def _fit(
             folder.release(failed=status != "done")
 
 
-def _init_weights(method: Any, model: nn.Module, init_from: str) -> None:
-    """``train.init_from``: weights of a run directory, a checkpoint directory or a .safetensors file."""
+def _init_weights(method: Any, model: nn.Module, init_from: str, partial: bool = False) -> str:
+    """``train.init_from``: weights of a run directory, a checkpoint directory or a .safetensors file.
+    ``partial``: the file may lack some of the model's tensors (they keep their initialisation) or hold
+    tensors the model lacks; returns a note naming them."""
     p = Path(init_from)
     if p.is_dir():
         ck, _ = find_run_files(p)
@@ -849,7 +852,10 @@ def _init_weights(method: Any, model: nn.Module, init_from: str) -> None:
         if name and name != method.name:
             raise ConfigMismatchError(f"train.init_from={init_from}: {ck} is a {name} run, not a {method.name} one")
         p = ck
-    load_weights(model, p)
+    missing, unexpected = load_weights(model, p, strict=not partial)
+    if not (missing or unexpected):
+        return ""
+    return f" (partial: {len(missing)} tensors kept their initialisation, e.g. {missing[:3]}; {len(unexpected)} unused)"
 
 
 def _train_and_test(
