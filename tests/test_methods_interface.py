@@ -133,3 +133,21 @@ def test_predict_gives_one_record_per_sample(tmp_path):
     recs = predict(rm.METHOD, model, ds, cfg, resolve_device("cpu"))
     assert len(recs) == len(ds) and [int(r["index"]) for r in recs] == list(range(len(ds)))
     assert np.isfinite([float(r["sq_err"]) for r in recs]).all() and model.training  # mode restored
+
+
+def test_partial_weights_load_shared_tensors_and_name_the_rest(tmp_path):
+    """``train.init_partial``: an image model's weights into a video model that adds a module."""
+    from safetensors.torch import save_model  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    small = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    save_model(small, str(tmp_path / "w.safetensors"))
+    big = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    with pytest.raises(CheckpointError, match="do not match"):
+        load_weights(big, tmp_path / "w.safetensors")
+    missing, unexpected = load_weights(big, tmp_path / "w.safetensors", strict=False)
+    assert missing == ["1.bias", "1.weight"] and unexpected == []
+    assert torch.equal(big[0].weight, small[0].weight)
+    wrong = torch.nn.Sequential(torch.nn.Linear(5, 3))
+    with pytest.raises(CheckpointError):  # a shape that differs is an error even when partial
+        load_weights(wrong, tmp_path / "w.safetensors", strict=False)
