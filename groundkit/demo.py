@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .methods import available_methods
+from .methods.base import Figure
 from .methods.wang21.experiments import format_table as wang21_table
 from .methods.wang21.experiments import sweep_specs
 from .runs import RunResult, default_threads, format_table, run_many, seed_specs, summarize, write_summary
@@ -116,7 +117,7 @@ def _clipvg(args: argparse.Namespace, seeds: list[int], out: Path) -> tuple[list
         )
         results += res
         tables.append(table)
-        _EXTRAS.setdefault("clipvg", []).append(cur)
+        _FIGURES.setdefault("clipvg", []).extend(_reliability_figures(cur, out / "clipvg" / f"seed{seed}" / "figures"))
     if len(seeds) == 1:
         return results, tables[0]
     keys = ["acc", "miou"]
@@ -142,6 +143,36 @@ def _budget(args: argparse.Namespace, method: str) -> dict[str, Any]:
     return dict(QUICK[method]) if getattr(args, "quick", False) else {}
 
 
+def _reliability_figures(cur: dict[str, Any], folder: Path) -> list[Figure]:
+    """The reliability histograms the CLIP-VG curricula chose thresholds on, with the chosen threshold."""
+    from .methods.clipvg.visualize import reliability_figure  # noqa: PLC0415 (demo only)
+
+    ssa, msa = cur["ssa"], cur["msa"]
+    todo = [(Path(ssa["reliability"]), ssa["threshold"], "SSA: the template source scored by its own measurer")]
+    stems = Path(cur["msa_reliability"])
+    for u in msa.get("steps", []):
+        how = "same-source" if u["source"] == u["measurer"] else "cross-source"
+        todo.append(
+            (
+                stems / f"{u['source']}_by_{u['measurer']}",
+                u["threshold"],
+                f"MSA: {u['source']} by the {u['measurer']} measurer ({how})",
+            )
+        )
+    figs = []
+    for i, (stem, h, what) in enumerate(todo):
+        if h is None or not stem.with_suffix(".npz").is_file():
+            continue
+        path = reliability_figure(stem, h, folder / f"reliability_{i}.png")
+        figs.append(
+            Figure(
+                str(path.resolve()),
+                f"{what}; red line: the chosen threshold h* = {h:.2f} (labels with r > h* are kept)",
+            )
+        )
+    return figs
+
+
 def _threads(args: argparse.Namespace) -> int:
     """Fixed torch threads per run (the usable cores divided among ``--jobs``): float results depend on
     the thread count, so the demo's numbers repeat exactly on a machine with as many cores."""
@@ -151,8 +182,8 @@ def _threads(args: argparse.Namespace) -> int:
 #: the built-in world folders the demo used (reported with their size at the end)
 _WORLDS: list[Path] = []
 
-#: per method, what its demo produced besides the runs (e.g. the CLIP-VG curricula's results)
-_EXTRAS: dict[str, list[dict[str, Any]]] = {}
+#: per method, pictures its demo drew besides the runs' own (absolute paths; e.g. reliability histograms)
+_FIGURES: dict[str, list[Figure]] = {}
 
 #: method name -> the demo of its ablation table
 DEMOS: dict[str, Callable[[argparse.Namespace, list[int], Path], tuple[list[RunResult], str]]] = {
@@ -206,7 +237,7 @@ def run_demo(args: argparse.Namespace) -> int:
         from .report import build_report  # noqa: PLC0415 (matplotlib and the drawing code load only here)
 
         try:
-            print(f"report: {build_report(out, for_report, args, seconds_of)}")
+            print(f"report: {build_report(out, for_report, args, seconds_of, extra_figures=_FIGURES)}")
         except Exception as e:  # noqa: BLE001 (the results are written; a report failure does not fail the demo)
             print(f"warning: the HTML report was not written: {type(e).__name__}: {e}".splitlines()[0])
     return 0

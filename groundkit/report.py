@@ -42,6 +42,8 @@ __all__ = [
 FIGURE_RUNS: dict[str, str] = {
     "wang21": "NCE+Distill (reference)",
     "crosskd": "CE+ + caption KD (detached, tau 0.1)",
+    "cogrounding": "co-grounding (CG-SL-Att)",
+    "clipvg": "template source, SSA",  # the label goes on with the chosen threshold
 }
 
 
@@ -316,7 +318,7 @@ def write_report(out_dir: str | Path, title: str, sections: Sequence[ReportSecti
 def _figure_run(method: str, runs: Sequence[RunResult]) -> RunResult | None:
     done = [r for r in runs if r.ok]
     want = FIGURE_RUNS.get(method)
-    picked = [r for r in done if r.label == want]
+    picked = [r for r in done if want and r.label.startswith(want)]
     return picked[0] if picked else (done[-1] if done else None)
 
 
@@ -335,6 +337,7 @@ def build_report(
     args: argparse.Namespace,
     seconds: Mapping[str, float],
     n_figures: int = 4,
+    extra_figures: Mapping[str, Sequence[Figure]] | None = None,
 ) -> Path:
     """The demo's report from each method's ``(runs, table)``: the table, every run's training curves
     and the pictures of one run (:data:`FIGURE_RUNS`). A method whose pictures fail gets a note and a
@@ -368,6 +371,9 @@ def build_report(
                     msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
                     print(f"warning: [{m}] report pictures failed: {msg}", flush=True)
                     notes.append(f"pictures failed: {msg}")
+            # pictures the method's demo drew itself (absolute paths, which figure_dir / path keeps as they
+            # are), e.g. the CLIP-VG reliability histograms with their chosen thresholds
+            section.figures += [f for f in (extra_figures or {}).get(m, []) if Path(f.file).is_file()]
             section.notes = "\n".join(notes)
             sections.append(section)
         meta = {

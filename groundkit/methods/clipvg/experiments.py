@@ -113,7 +113,7 @@ def demo_table(
     """The demo's CLIP-VG table from one curriculum seed: the runs SSA and MSA trained anyway (all template
     labels = SSA's measurer, the SSA selection, the merged sources, the MSA selection) plus one fully
     supervised run, each tested once; no run is trained twice. Returns the results, the markdown table and
-    ``{"ssa", "msa"}`` (the curricula's results, with the reliability files and the chosen thresholds)."""
+    ``{"ssa", "msa", "msa_reliability"}`` (the curricula's results; the reliability files and chosen thresholds)."""
     sep = world / "splits" / "unc" / "train_separate"
     files = {s: str(sep / f"{i + 1}_unc_train_pseudo_{s}.pth") for i, s in enumerate(SOURCES)}
     sets = {**world_overrides(world), **(sets or {})}
@@ -161,7 +161,7 @@ def demo_table(
     )
     cfg = load_config(METHOD.config_class, config, sets, method="clipvg")
     table += f"\n| random box | {100 * random_box_accuracy(cfg, 'test', seed=seed):.2f} | | |"
-    return results, table, {"ssa": ssa, "msa": msa}
+    return results, table, {"ssa": ssa, "msa": msa, "msa_reliability": str(out / "msa" / "reliability")}
 
 
 def _selection(cur_out: Path, run: str) -> str:
