@@ -113,3 +113,47 @@ def test_checkpoints_leave_out_frozen_packaged_encoders(tmp_path, offline_model)
     finally:
         m.encoders.from_source = False
     assert any(k.startswith("encoders.") for k in m.state_dict())  # random encoders are stored
+
+
+def test_sine_position_embedding_matches_detr():
+    from groundkit.methods.clipvg.model import sine_position_embedding
+
+    g, d = 3, 8
+    e = sine_position_embedding(g, d).view(g, g, d)
+    # DETR PositionEmbeddingSine(num_pos_feats=d/2, normalize=True) on an unpadded g x g mask
+    ones = torch.ones(1, g, g)
+    y, x = ones.cumsum(1) / g * 2 * torch.pi, ones.cumsum(2) / g * 2 * torch.pi
+    dim_t = 10000 ** (2 * (torch.arange(d // 2) // 2) / (d // 2))
+    px, py = x[..., None] / dim_t, y[..., None] / dim_t
+    px = torch.stack([px[..., 0::2].sin(), px[..., 1::2].cos()], dim=4).flatten(3)
+    py = torch.stack([py[..., 0::2].sin(), py[..., 1::2].cos()], dim=4).flatten(3)
+    torch.testing.assert_close(e, torch.cat([py, px], dim=3)[0])
+
+
+def test_learning_options_build_and_keep_defaults(offline_model):
+    m = offline_model
+    assert not m.feat_norm and m.pos_init == "random" and not m.pos_input and not hasattr(m, "visu_norm")
+    torch.manual_seed(0)
+    opt = ClipVG(
+        m.encoders, max_query_len=12, d_model=32, nhead=4, num_layers=2, dim_ff=64,
+        feat_norm=True, pos_init="sine", pos_input=True,
+    ).eval()  # fmt: skip
+    assert len(opt.visu_norm) == len(m.encoders.level_dims) and sum(m.encoders.level_dims) == m.encoders.image_dim
+    img_rows = opt.pos_embed.weight[1 + 12 :]
+    assert float(img_rows[0].abs().sum()) == 0.0  # the global token's row
+    from groundkit.methods.clipvg.model import sine_position_embedding
+
+    torch.testing.assert_close(img_rows[1:], sine_position_embedding(4, 32))
+    b = batch_for(opt)
+    boxes = opt(b).boxes
+    assert boxes.shape == (2, 4) and bool(((boxes > 0) & (boxes < 1)).all())
+    # the per-level norm makes the boxes invariant to a per-level scale of the image features
+    img, txt = opt.encode(b["image"], b["image_mask"], b["text_ids"], b["text_mask"])
+    scale = torch.cat([torch.full((c,), 3.0 + i) for i, c in enumerate(opt.encoders.level_dims)])
+    a = opt({"image_feats": img, "text_feats": txt, "image_mask": b["image_mask"], "text_mask": b["text_mask"]})
+    s = opt(
+        {"image_feats": img * scale, "text_feats": txt * 2, "image_mask": b["image_mask"], "text_mask": b["text_mask"]}
+    )
+    torch.testing.assert_close(a.boxes, s.boxes, atol=5e-3, rtol=0)  # up to the norms' eps
+    with pytest.raises(ValueError):
+        ClipVG(m.encoders, max_query_len=12, d_model=32, nhead=4, num_layers=2, dim_ff=64, pos_init="fixed")

@@ -89,6 +89,10 @@ class ClipVGModel:
     encoder_precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     normalize: Literal["encoder", "imagenet"] = "encoder"  # reference: "imagenet" mean/std in front of CLIP
     trainable_pos_embed: bool = False  # reference: CLIP's visual positional embedding keeps training
+    # beyond the official model (off by default; see docs/clipvg.md, Model)
+    feat_norm: bool = False  # LayerNorm on each image level and on the text tokens before the projections
+    pos_init: Literal["random", "sine"] = "random"  # sine: image rows of the position embedding start as 2-D sine
+    pos_input: bool = False  # also add the position embedding to the fusion input (values carry positions)
 
 
 @dataclass

@@ -65,6 +65,9 @@ def build_clipvg(cfg: ClipVGConfig) -> ClipVG:
         normalize=m.normalize,
         sdpa=m.sdpa,
         encoder_dtype=encoder_dtype(cfg),
+        feat_norm=m.feat_norm,
+        pos_init=m.pos_init,
+        pos_input=m.pos_input,
     )
 
 

@@ -61,6 +61,7 @@ __all__ = [
     "ClipVG",
     "ClipVGOutput",
     "clipvg_loss",
+    "sine_position_embedding",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -89,6 +90,8 @@ class FrozenEncoders(nn.Module):
     image_dim: int
     text_dim: int
     grid: int
+    #: channels of each concatenated level of an image token (they sum to ``image_dim``)
+    level_dims: tuple[int, ...]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
@@ -184,6 +187,7 @@ class OpenClipEncoders(FrozenEncoders):
             self.visual.positional_embedding.requires_grad_(True)
         width = visual.transformer.width
         self.image_dim = width * len(self.levels)
+        self.level_dims = (width,) * len(self.levels)
         proj = self.text_projection
         self.text_dim = proj.shape[1] if isinstance(proj, torch.Tensor) else proj.out_features
         self.mean, self.std = CLIP_MEAN, CLIP_STD
@@ -265,7 +269,8 @@ class EfficientMiniLMEncoders(FrozenEncoders):
         self.stages = tuple(stages)
         self.grid, self.pretrained, self.text_path = int(grid), pretrained, str(path)
         self.from_source = bool(pretrained)
-        self.image_dim = sum(self.STAGES[st][1] for st in self.stages)
+        self.level_dims = tuple(self.STAGES[st][1] for st in self.stages)
+        self.image_dim = sum(self.level_dims)
         self.text_dim = int(self.text_model.config.hidden_size)
         self.mean, self.std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
         self.eval()
@@ -446,6 +451,9 @@ class ClipVG(nn.Module):
         sdpa: bool = True,
         encoder_dtype: torch.dtype = torch.float32,
         head_layers: int = 3,
+        feat_norm: bool = False,
+        pos_init: str = "random",
+        pos_input: bool = False,
     ):
         super().__init__()
         self.encoders = encoders
@@ -461,6 +469,25 @@ class ClipVG(nn.Module):
         self.text_proj = nn.Linear(encoders.text_dim, d_model)
         self.reg_token = nn.Embedding(1, d_model)
         self.pos_embed = nn.Embedding(1 + self.max_query_len + self.n_image_tokens, d_model)
+        # Options beyond the official model (all off by default):
+        # feat_norm: a LayerNorm on each concatenated level of the image tokens and on the text tokens before the
+        # projections (raw encoder levels come at very different scales);
+        # pos_init "sine": the image rows of the position embedding start as DETR's 2-D sine embedding of the grid
+        # (still learnable), the global token's row at 0;
+        # pos_input: the position embedding is also added to the fusion input once, so that the values (and
+        # the [REG] output) carry the image tokens' positions, not only the queries and keys.
+        if pos_init not in ("random", "sine"):
+            raise ValueError(f"pos_init must be 'random' or 'sine', got {pos_init!r}")
+        self.feat_norm, self.pos_init, self.pos_input = bool(feat_norm), pos_init, bool(pos_input)
+        if self.feat_norm:
+            self.visu_norm = nn.ModuleList(nn.LayerNorm(c) for c in encoders.level_dims)
+            self.text_norm = nn.LayerNorm(encoders.text_dim)
+        if pos_init == "sine":
+            g = int(math.isqrt(self.n_image_tokens - 1))
+            with torch.no_grad():
+                rows = self.pos_embed.weight[1 + self.max_query_len :]
+                rows[0].zero_()
+                rows[1:].copy_(sine_position_embedding(g, d_model))
         self.layers = nn.ModuleList(FusionLayer(d_model, nhead, dim_ff, dropout, sdpa) for _ in range(num_layers))
         self.head = BoxHead(d_model, d_model, head_layers)
         for layer in self.layers:  # DETR's xavier init of the encoder
@@ -508,13 +535,20 @@ class ClipVG(nn.Module):
         if L > self.max_query_len:
             raise ValueError(f"{L} text tokens but the model was built for max_query_len={self.max_query_len}")
         dt = self.visu_proj.weight.dtype
-        v = self.visu_proj(image_feats.to(dt))
-        t = self.text_proj(text_feats.to(dt))
+        image_feats, text_feats = image_feats.to(dt), text_feats.to(dt)
+        if self.feat_norm:
+            levels = image_feats.split(list(self.encoders.level_dims), dim=-1)
+            image_feats = torch.cat([norm(f) for norm, f in zip(self.visu_norm, levels)], dim=-1)
+            text_feats = self.text_norm(text_feats)
+        v = self.visu_proj(image_feats)
+        t = self.text_proj(text_feats)
         reg = self.reg_token.weight.expand(B, 1, -1)
         x = torch.cat([reg.to(v.dtype), t, v], dim=1)
         keep = torch.cat([torch.ones_like(text_mask[:, :1]), text_mask, ~image_pad], dim=1)
         pos_ids = torch.cat([torch.arange(1 + L), 1 + self.max_query_len + torch.arange(v.shape[1])])
         pos = self.pos_embed(pos_ids.to(x.device))[None]
+        if self.pos_input:
+            x = x + pos
         for layer in self.layers:
             x = layer(x, pos, keep)
         return self.head(x[:, 0])
@@ -556,6 +590,21 @@ class ClipVG(nn.Module):
 
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+def sine_position_embedding(grid: int, d_model: int, temperature: float = 10000.0) -> torch.Tensor:
+    """DETR's normalised 2-D sine embedding of a ``grid`` x ``grid`` map, row by row: ``[grid**2, d_model]``
+    (the first half encodes the row, the second the column; sines and cosines interleaved)."""
+    if d_model % 4:
+        raise ValueError(f"a 2-D sine embedding needs d_model divisible by 4, got {d_model}")
+    half = d_model // 2
+    coords = (torch.arange(grid, dtype=torch.float32) + 1) / grid * 2 * math.pi  # DETR: cumsum / last * 2 pi
+    dim_t = temperature ** (2 * (torch.arange(half) // 2) / half)
+    enc = coords[:, None] / dim_t  # [grid, half]
+    enc = torch.stack([enc[:, 0::2].sin(), enc[:, 1::2].cos()], dim=2).flatten(1)
+    y = enc[:, None, :].expand(grid, grid, half)
+    x = enc[None, :, :].expand(grid, grid, half)
+    return torch.cat([y, x], dim=-1).reshape(grid * grid, d_model)
 
 
 # ============================================================================ 3. loss
