@@ -103,6 +103,7 @@ class TrainConfig:
     best_metric: str = ""  # metric name used for best-checkpoint selection ("" = last)
     best_mode: Literal["max", "min"] = "max"
     ckpt_every_steps: int = 0  # >0: also checkpoint every N steps (for resume)
+    ckpt_every_epochs: int = 1  # checkpoint at the end of every N-th epoch (and when stopping); >1 for tiny epochs
     log_every: int = 10
     num_workers: int = 0
     threads: int = 0  # torch threads; 0: the cores this process may use, shared with other groundkit trainings
@@ -129,6 +130,7 @@ _TRAIN_MINIMA = {
     "eval_every": 0,
     "eval_every_steps": 0,
     "ckpt_every_steps": 0,
+    "ckpt_every_epochs": 1,
     "log_every": 1,
     "num_workers": 0,
     "threads": 0,

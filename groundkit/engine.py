@@ -950,7 +950,8 @@ def _train_and_test(
                 run_validation()
             state.epoch += 1
             state.step_in_epoch = 0
-        checkpoint_now()
+        if stopped or state.epoch >= n_epochs or state.epoch % tc.ckpt_every_epochs == 0 or interrupted():
+            checkpoint_now()
         stop_if_interrupted()
     if tc.eval_every == 0 or (stopped and tc.eval_every_steps == 0):
         run_validation()

@@ -137,3 +137,21 @@ def test_item_datasets_with_loader_workers_match_vectorised_batches(tmp_path):
     a, b = weights(tmp_path / "vec"), weights(tmp_path / "items")
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_checkpoint_every_n_epochs_still_resumes_exactly(tmp_path):
+    """``train.ckpt_every_epochs``: fewer saves for tiny epochs; a kill loses only recomputable work."""
+    every = {"train.ckpt_every_epochs": 2, "train.ckpt_every_steps": 0}
+    fit(rm.METHOD, cfg_for(tmp_path / "full"), final_split="test")
+    with pytest.raises(KeyboardInterrupt):  # 6 steps per epoch: killed in epoch 2, epoch 1 was not saved
+        fit(rm.METHOD, cfg_for(tmp_path / "killed", **every, **{"data.crash_at_step": 9}), final_split="test")
+    assert latest_checkpoint(tmp_path / "killed") is None
+    with pytest.raises(KeyboardInterrupt):  # killed in epoch 3: epoch 2 (step 12) was saved
+        fit(rm.METHOD, cfg_for(tmp_path / "k2", **every, **{"data.crash_at_step": 17}), final_split="test")
+    ck = latest_checkpoint(tmp_path / "k2")
+    assert json.loads((ck / "meta.json").read_text())["train_state"]["step"] == 12
+    for run in ("killed", "k2"):
+        fit(rm.METHOD, cfg_for(tmp_path / run, **every), resume=True, force=True, final_split="test")
+        a, b = weights(tmp_path / "full"), weights(tmp_path / run)
+        for k in a:
+            assert torch.equal(a[k], b[k]), (run, k)
