@@ -78,21 +78,20 @@ def _curricula(
 
 
 def _curriculum_result(label: str, rec: dict[str, Any], runs_dir: Path, seed: int) -> RunResult:
-    """A :class:`RunResult` for a run the curriculum trained (``rec``: its ``val`` / ``test`` / ``run``)."""
-    val = rec.get("val")
-    best = val if isinstance(val, dict) else {}
-    if not best:  # curriculum records keep only the maximised value: read the run's own record
-        run_json = runs_dir / rec["run"] / "run.json"
-        if run_json.is_file():
-            best = dict(json.loads(run_json.read_text()).get("best", {}) or {})
+    """A :class:`RunResult` for a run the curriculum trained (``rec``: its ``test`` metrics and ``run`` name);
+    validation metrics, steps and seconds come from the run's own ``run.json``."""
+    run_json = runs_dir / rec["run"] / "run.json"
+    info = json.loads(run_json.read_text()) if run_json.is_file() else {}
     return RunResult(
         label=label,
         seed=seed,
         output_dir=str(runs_dir / rec["run"]),
-        status="reused",
+        status="done",
         metrics=dict(rec.get("test", {})),
-        best=best,
+        best=dict(info.get("best", {}) or {}),
         final_split="test",
+        seconds=info.get("train_seconds"),
+        steps=info.get("steps"),
         method="clipvg",
     )
 
@@ -161,6 +160,12 @@ def demo_table(
     )
     cfg = load_config(METHOD.config_class, config, sets, method="clipvg")
     table += f"\n| random box | {100 * random_box_accuracy(cfg, 'test', seed=seed):.2f} | | |"
+    n_ssa, n_msa = ssa["trained"] + ssa["reused"], msa["trained"] + msa["reused"]
+    table += (
+        f"\n\nThe curricula trained {n_ssa} (SSA, {len(ssa['search']['history'])} thresholds tried) and {n_msa}"
+        f" (MSA, {len(msa['steps'])} step(s) added; stop: {msa['stop']}) runs; every decision is in"
+        f" {out / 'ssa' / 'log.jsonl'} and {out / 'msa' / 'log.jsonl'}."
+    )
     return results, table, {"ssa": ssa, "msa": msa, "msa_reliability": str(out / "msa" / "reliability")}
 
 
