@@ -106,7 +106,7 @@ def demo_table(
     threads: int = 1,
     ssa_evals: int = 3,
     msa_evals: int = 2,
-    msa_steps: int = 2,
+    msa_steps: int = 1,
     echo: Any = None,
 ) -> tuple[list[RunResult], str, dict[str, Any]]:
     """The demo's CLIP-VG table from one curriculum seed: the runs SSA and MSA trained anyway (all template
