@@ -443,9 +443,12 @@ def run_msa(cfg: CurriculumConfig, backend: Backend, echo: Callable[[str], None]
     best_rec: dict[str, Any] | None = None
     stop_reason = "all sources used"
     n_steps = m.max_steps or len(src)
+    if n_steps < len(src):
+        stop_reason = f"msa.max_steps={n_steps} steps done"
     for k in range(1, n_steps + 1):
         remaining = [n for n in src if n not in {u["source"] for u in used}]
         if not remaining:
+            stop_reason = "all sources used"
             break
         # 1. source selection at h0 with the same-source measurer
         cands = [
