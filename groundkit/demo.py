@@ -112,8 +112,9 @@ def _clipvg(args: argparse.Namespace, seeds: list[int], out: Path) -> tuple[list
     results: list[RunResult] = []
     tables = []
     for seed in seeds:  # one curriculum per training seed (its runs are the table's runs)
+        search = {"ssa_evals": 2, "msa_evals": 1} if getattr(args, "quick", False) else {}  # fewer thresholds
         res, table, cur = clipvg_table(
-            world, out / "clipvg" / f"seed{seed}", seed, sets=sets, jobs=args.jobs, threads=_threads(args)
+            world, out / "clipvg" / f"seed{seed}", seed, sets=sets, jobs=args.jobs, threads=_threads(args), **search
         )
         results += res
         tables.append(table)
