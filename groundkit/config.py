@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -147,6 +148,16 @@ class ExperimentConfig:
 
 
 # ----------------------------------------------------------------------------- dict <-> dataclass
+
+
+def feature_cache_root() -> Path:
+    """Where frozen encoders' outputs are cached across runs: ``$GROUNDKIT_FEATURE_CACHE``, else
+    ``$XDG_CACHE_HOME/groundkit-features`` (``~/.cache/groundkit-features``); never inside a data folder (a
+    checksummed world would count the cache as corruption)."""
+    base = os.environ.get("GROUNDKIT_FEATURE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "groundkit-features"
+    )
+    return Path(base)
 
 
 def _type_name(tp: Any) -> str:

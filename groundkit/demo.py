@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .config import feature_cache_root
 from .methods import available_methods
 from .methods.base import Figure
 from .methods.wang21.experiments import format_table as wang21_table
@@ -89,6 +90,7 @@ def _cogrounding(args: argparse.Namespace, seeds: list[int], out: Path) -> tuple
     root = Path(generate("video", size=args.size, seed=args.world_seed, progress=True))
     _WORLDS.append(root)
     extra["data.synth_seed"] = args.world_seed
+    extra["data.feature_cache"] = str(feature_cache_root() / "cogrounding")  # shared by later demos, not in --out
     specs = cogrounding_specs("video", out / "cogrounding", seeds, args.size, extra, names)
     results = run_many(specs, jobs=args.jobs, threads=_threads(args), desc="cogrounding runs")
     rows = summarize(results, ["Acc@0.5", "Acc@0.5 (post)"])

@@ -31,6 +31,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 from ...boxes import xyxy_to_cxcywh
+from ...config import feature_cache_root
 from ...errors import DataError
 from ...formats import transvg
 from ...transforms import (
@@ -188,11 +189,7 @@ class GroundingSet:
     def _cache_dir(self) -> Path:
         if self.d.cache_dir:
             return Path(self.d.cache_dir)
-        # never inside the data folders (a checksummed world would count the cache as corruption)
-        base = os.environ.get("GROUNDKIT_FEATURE_CACHE") or os.path.join(
-            os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "groundkit-features"
-        )
-        return Path(base) / "clipvg"
+        return feature_cache_root() / "clipvg"
 
     @torch.no_grad()
     def attach_cache(self, model: Any, device: torch.device, batch_size: int = 64) -> bool:
