@@ -106,6 +106,7 @@ def _cogrounding(args: argparse.Namespace, seeds: list[int], out: Path) -> tuple
 
 def _clipvg(args: argparse.Namespace, seeds: list[int], out: Path) -> tuple[list[RunResult], str]:
     from .methods.clipvg.experiments import demo_table as clipvg_table  # noqa: PLC0415 (demo only)
+    from .methods.clipvg.visualize import curriculum_figures  # noqa: PLC0415 (demo only)
 
     world = Path(generate("pseudo", size=args.size, seed=args.world_seed, progress=True))
     _WORLDS.append(world)
@@ -113,14 +114,14 @@ def _clipvg(args: argparse.Namespace, seeds: list[int], out: Path) -> tuple[list
     sets = {"train.max_steps": 100 * args.epochs} if args.epochs else _budget(args, "clipvg")
     results: list[RunResult] = []
     tables = []
+    search = {"ssa_evals": 2, "msa_evals": 1} if getattr(args, "quick", False) else {}  # fewer thresholds
     for seed in seeds:  # one curriculum per training seed (its runs are the table's runs)
-        search = {"ssa_evals": 2, "msa_evals": 1} if getattr(args, "quick", False) else {}  # fewer thresholds
         res, table, cur = clipvg_table(
             world, out / "clipvg" / f"seed{seed}", seed, sets=sets, jobs=args.jobs, threads=_threads(args), **search
         )
         results += res
         tables.append(table)
-        _FIGURES.setdefault("clipvg", []).extend(_reliability_figures(cur, out / "clipvg" / f"seed{seed}" / "figures"))
+        _FIGURES.setdefault("clipvg", []).extend(curriculum_figures(cur, out / "clipvg" / f"seed{seed}" / "figures"))
     if len(seeds) == 1:
         return results, tables[0]
     keys = ["acc", "miou"]
@@ -144,36 +145,6 @@ def _budget(args: argparse.Namespace, method: str) -> dict[str, Any]:
     if args.epochs:
         return {"train.epochs": args.epochs}
     return dict(QUICK[method]) if getattr(args, "quick", False) else {}
-
-
-def _reliability_figures(cur: dict[str, Any], folder: Path) -> list[Figure]:
-    """The reliability histograms the CLIP-VG curricula chose thresholds on, with the chosen threshold."""
-    from .methods.clipvg.visualize import reliability_figure  # noqa: PLC0415 (demo only)
-
-    ssa, msa = cur["ssa"], cur["msa"]
-    todo = [(Path(ssa["reliability"]), ssa["threshold"], "SSA: the template source scored by its own measurer")]
-    stems = Path(cur["msa_reliability"])
-    for u in msa.get("steps", []):
-        how = "same-source" if u["source"] == u["measurer"] else "cross-source"
-        todo.append(
-            (
-                stems / f"{u['source']}_by_{u['measurer']}",
-                u["threshold"],
-                f"MSA: {u['source']} by the {u['measurer']} measurer ({how})",
-            )
-        )
-    figs = []
-    for i, (stem, h, what) in enumerate(todo):
-        if h is None or not stem.with_suffix(".npz").is_file():
-            continue
-        path = reliability_figure(stem, h, folder / f"reliability_{i}.png")
-        figs.append(
-            Figure(
-                str(path.resolve()),
-                f"{what}; red line: the chosen threshold h* = {h:.2f} (labels with r > h* are kept)",
-            )
-        )
-    return figs
 
 
 def _threads(args: argparse.Namespace) -> int:

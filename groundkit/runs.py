@@ -58,6 +58,7 @@ __all__ = [
     "summarize",
     "format_table",
     "write_summary",
+    "result_from_record",
     "default_threads",
     "usable_cores",
     "slug",
@@ -204,7 +205,7 @@ def _identity(method_name: str, cfg: Any, final_split: str) -> dict[str, Any]:
 
 
 def _main_metric(cfg: Any, metrics: Mapping[str, float]) -> str | None:
-    best = getattr(cfg.train, "best_metric", "")
+    best = getattr(getattr(cfg, "train", None), "best_metric", "")
     if best and best in metrics:
         return best
     return next(iter(metrics), None)
@@ -588,6 +589,20 @@ def write_summary(
     }
     atomic_write_text(path, json.dumps(payload, indent=1, default=str))
     return payload
+
+
+def result_from_record(
+    run_dir: str | Path, label: str, seed: int, status: Literal["done", "reused"] = "reused"
+) -> RunResult:
+    """The :class:`RunResult` of a finished engine run folder, from its ``run.json`` (test and validation
+    metrics, steps, seconds), e.g. for runs another driver (the CLIP-VG curriculum) trained through this module."""
+    rec = _read_json(Path(run_dir) / "run.json")
+    if rec is None or rec.get("status") != "done":
+        raise GroundkitError(f"{Path(run_dir) / 'run.json'}: no finished run recorded")
+    base = RunResult(
+        label=label, seed=int(seed), output_dir=str(run_dir), status="failed", method=rec.get("method", "")
+    )
+    return _finished(base, None, status, rec.get("metrics"), rec)
 
 
 def results_from_dirs(run_dirs: Sequence[str | Path], label: str | None = None) -> list[RunResult]:

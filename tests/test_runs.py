@@ -196,3 +196,13 @@ def test_default_threads_divides_usable_cores(monkeypatch):
     assert 1 <= n <= (os.cpu_count() or 1)
     monkeypatch.setattr(runs, "usable_cores", lambda: 8)
     assert [runs.default_threads(j) for j in (1, 2, 3, 8, 20, 0)] == [8, 4, 2, 1, 1, 8]
+
+
+def test_result_from_record_reads_a_finished_run_folder(tmp_path):
+    (done,) = run_many(specs_for(tmp_path, seeds=(0,)), jobs=1, threads=1, progress=False)
+    got = runs.result_from_record(done.output_dir, "by hand", 0, status="done")
+    assert (got.label, got.seed, got.status, got.method) == ("by hand", 0, "done", "regression")
+    assert got.metrics == done.metrics and got.best == done.best and got.steps == done.steps
+    assert got.final_split == "test" and got.seconds == pytest.approx(done.seconds)
+    with pytest.raises(runs.GroundkitError, match="no finished run recorded"):
+        runs.result_from_record(tmp_path / "nowhere", "x", 0)

@@ -27,7 +27,7 @@ import torch
 
 from ...boxes import cxcywh_to_xyxy, paired_box_iou
 from ...config import load_config, parse_override
-from ...runs import RunResult, RunSpec, run_many, summarize
+from ...runs import RunResult, RunSpec, result_from_record, run_many, summarize
 from ...runs import format_table as runs_table
 from ...world import generate
 from . import METHOD
@@ -56,8 +56,22 @@ def random_box_accuracy(cfg: Any, split: str = "test", draws: int = 100, seed: i
 
 
 def _curricula(
-    world: Path, out: Path, base: str, sets: dict[str, Any], seed: int, jobs: int, metric: str = "acc"
+    world: Path,
+    out: Path,
+    base: str,
+    sets: dict[str, Any],
+    seed: int,
+    jobs: int,
+    metric: str = "acc",
+    threads: int = 1,
+    ssa_evals: int = 4,
+    msa_evals: int = 3,
+    msa_steps: int = 0,
+    runs_dir: Path | None = None,
+    echo: Any = None,
 ) -> dict[str, Any]:
+    """SSA on the template source and MSA over the three sources (``msa_steps`` 0: as many as there are),
+    sharing one runs folder (default ``<out>/ssa/runs``) so that no selection is trained twice."""
     sep = world / "splits" / "unc" / "train_separate"
     files = {s: str(sep / f"{i + 1}_unc_train_pseudo_{s}.pth") for i, s in enumerate(SOURCES)}
     common = dict(
@@ -65,35 +79,23 @@ def _curricula(
         set=sets,
         seed=seed,
         jobs=jobs,
+        threads=threads,
         metric=metric,
-        search=SearchConfig(max_evals=4),
-        runs_dir=str(out / "ssa" / "runs"),
+        runs_dir=str(runs_dir or out / "ssa" / "runs"),
     )
-    ssa_cfg = CurriculumConfig(out=str(out / "ssa"), source=files["template"], **common)
-    ssa = run_ssa(ssa_cfg, EngineBackend(ssa_cfg))
-    msa_cfg = CurriculumConfig(out=str(out / "msa"), sources=files, msa=MSAConfig(h0=0.5), **common)
-    msa_cfg.search = SearchConfig(max_evals=3)
-    msa = run_msa(msa_cfg, EngineBackend(msa_cfg))
+    ssa_cfg = CurriculumConfig(
+        out=str(out / "ssa"), source=files["template"], search=SearchConfig(max_evals=ssa_evals), **common
+    )
+    ssa = run_ssa(ssa_cfg, EngineBackend(ssa_cfg), echo)
+    msa_cfg = CurriculumConfig(
+        out=str(out / "msa"),
+        sources=files,
+        msa=MSAConfig(h0=0.5, max_steps=msa_steps),
+        search=SearchConfig(max_evals=msa_evals),
+        **common,
+    )
+    msa = run_msa(msa_cfg, EngineBackend(msa_cfg), echo)
     return {"ssa": ssa, "msa": msa, "files": files}
-
-
-def _curriculum_result(label: str, rec: dict[str, Any], runs_dir: Path, seed: int) -> RunResult:
-    """A :class:`RunResult` for a run the curriculum trained (``rec``: its ``test`` metrics and ``run`` name);
-    validation metrics, steps and seconds come from the run's own ``run.json``."""
-    run_json = runs_dir / rec["run"] / "run.json"
-    info = json.loads(run_json.read_text()) if run_json.is_file() else {}
-    return RunResult(
-        label=label,
-        seed=seed,
-        output_dir=str(runs_dir / rec["run"]),
-        status="done",
-        metrics=dict(rec.get("test", {})),
-        best=dict(info.get("best", {}) or {}),
-        final_split="test",
-        seconds=info.get("train_seconds"),
-        steps=info.get("steps"),
-        method="clipvg",
-    )
 
 
 def demo_table(
@@ -113,23 +115,12 @@ def demo_table(
     labels = SSA's measurer, the SSA selection, the merged sources, the MSA selection) plus one fully
     supervised run, each tested once; no run is trained twice. Returns the results, the markdown table and
     ``{"ssa", "msa", "msa_reliability"}`` (the curricula's results; the reliability files and chosen thresholds)."""
-    sep = world / "splits" / "unc" / "train_separate"
-    files = {s: str(sep / f"{i + 1}_unc_train_pseudo_{s}.pth") for i, s in enumerate(SOURCES)}
     sets = {**world_overrides(world), **(sets or {})}
     runs_dir = out / "runs"
-    common = dict(config=config, set=sets, seed=seed, jobs=jobs, threads=threads, runs_dir=str(runs_dir))
-    ssa_cfg = CurriculumConfig(
-        out=str(out / "ssa"), source=files["template"], search=SearchConfig(max_evals=ssa_evals), **common
+    cur = _curricula(
+        world, out, config, sets, seed, jobs, "acc", threads, ssa_evals, msa_evals, msa_steps, runs_dir, echo
     )
-    ssa = run_ssa(ssa_cfg, EngineBackend(ssa_cfg), echo)
-    msa_cfg = CurriculumConfig(
-        out=str(out / "msa"),
-        sources=files,
-        msa=MSAConfig(h0=0.5, max_steps=msa_steps),
-        search=SearchConfig(max_evals=msa_evals),
-        **common,
-    )
-    msa = run_msa(msa_cfg, EngineBackend(msa_cfg), echo)
+    ssa, msa = cur["ssa"], cur["msa"]
     full_spec = RunSpec(
         method="clipvg",
         config=config,
@@ -140,19 +131,15 @@ def demo_table(
     )
     full = run_many([full_spec], jobs=1, threads=threads, progress=False)
     h = ssa["final"].get("threshold")
-    results = [
-        _curriculum_result("template source, all labels", ssa["all"], runs_dir, seed),
-        _curriculum_result(
-            f"template source, SSA (h* = {h:.2f})" if h is not None else "template source, SSA (kept all)",
-            ssa["final"],
-            runs_dir,
-            seed,
-        ),
-        _curriculum_result("3 sources merged, all labels", msa["all_merged"], runs_dir, seed),
+    labelled = [
+        ("template source, all labels", ssa["all"]),
+        (f"template source, SSA (h* = {h:.2f})" if h is not None else "template source, SSA (kept all)", ssa["final"]),
+        ("3 sources merged, all labels", msa["all_merged"]),
     ]
     if msa.get("final"):
         picked = ", ".join(f"{u['source']} h*={u['threshold']:.2f}" for u in msa["steps"])
-        results.append(_curriculum_result(f"3 sources, MSA ({picked})", msa["final"], runs_dir, seed))
+        labelled.append((f"3 sources, MSA ({picked})", msa["final"]))
+    results = [result_from_record(runs_dir / rec["run"], label, seed, status="done") for label, rec in labelled]
     results += full
     keys = ["acc", "miou"]
     table = runs_table(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,7 +28,7 @@ from .data import load_samples, split_file
 from .predict import ClipVGPredictor
 from .pseudo import plot_histogram
 
-__all__ = ["demo_figures", "reliability_figure", "TRUE_COLOUR", "PRED_COLOUR", "MIN_SIDE"]
+__all__ = ["demo_figures", "reliability_figure", "curriculum_figures", "TRUE_COLOUR", "PRED_COLOUR", "MIN_SIDE"]
 
 TRUE_COLOUR = GREEN
 PRED_COLOUR = RED
@@ -109,3 +110,24 @@ def reliability_figure(hist_json_or_npz: str | Path, threshold: float, out_path:
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     return plot_histogram(r, out, title, bins, threshold=float(threshold))
+
+
+def curriculum_figures(cur: dict[str, Any], folder: Path) -> list[Figure]:
+    """The reliability histograms the curricula of :func:`~groundkit.methods.clipvg.experiments.demo_table`
+    chose thresholds on (``cur``: its ``{"ssa", "msa", "msa_reliability"}``), each with its chosen threshold,
+    as ``reliability_<k>.png`` in ``folder``; :class:`Figure` records with absolute paths."""
+    ssa, msa = cur["ssa"], cur["msa"]
+    todo = [(Path(ssa["reliability"]), ssa["threshold"], "SSA: the template source scored by its own measurer")]
+    stems = Path(cur["msa_reliability"])
+    for u in msa.get("steps", []):
+        how = "same-source" if u["source"] == u["measurer"] else "cross-source"
+        what = f"MSA: {u['source']} by the {u['measurer']} measurer ({how})"
+        todo.append((stems / f"{u['source']}_by_{u['measurer']}", u["threshold"], what))
+    figs = []
+    for i, (stem, h, what) in enumerate(todo):
+        if h is None or not stem.with_suffix(".npz").is_file():
+            continue
+        path = reliability_figure(stem, h, Path(folder) / f"reliability_{i}.png")
+        caption = f"{what}; red line: the chosen threshold h* = {h:.2f} (labels with r > h* are kept)"
+        figs.append(Figure(str(path.resolve()), caption))
+    return figs
