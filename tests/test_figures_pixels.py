@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_clipvg_e2e import TINY
 
 from groundkit.config import apply_overrides, from_dict, load_config
 from groundkit.engine import fit
@@ -41,19 +42,7 @@ def test_clipvg_test_samples_with_true_and_predicted_boxes(tmp_path):
 
     world = generate("pseudo", size="tiny", seed=0, progress=False)
     method = get_method("clipvg")
-    tiny = {
-        "data": {"max_query_len": 12, "augment": False, "supervision": "full"},
-        "model": {
-            "encoder": "effnet_minilm",
-            "grid": 4,
-            "d_model": 32,
-            "nhead": 4,
-            "num_layers": 1,
-            "dim_ff": 64,
-            "effnet_stages": ["s16", "s32"],
-        },
-        "train": {"epochs": 1, "max_steps": 2, "batch_size": 8, "eval_every": 0, "best_metric": "acc"},
-    }
+    tiny = {**TINY, "train": {"epochs": 1, "max_steps": 2, "batch_size": 8, "eval_every": 0, "best_metric": "acc"}}
     d = apply_overrides(
         method.config_class,
         tiny,
