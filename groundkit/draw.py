@@ -34,7 +34,7 @@ def font(size: int = 12) -> Any:
 def draw_boxes(
     image: Image.Image,
     boxes: Sequence[Sequence[float]],
-    colors: Sequence[tuple[int, int, int]] | tuple[int, int, int],
+    colors: Sequence[tuple[int, int, int] | str] | tuple[int, int, int],
     labels: Sequence[str] | None = None,
     scale: float = 1.0,
     width: int | None = None,
@@ -57,7 +57,8 @@ def draw_boxes(
             continue
         x1, x2 = sorted(min(max(v, 0.0), img.width - 1.0) for v in (vals[0], vals[2]))
         y1, y2 = sorted(min(max(v, 0.0), img.height - 1.0) for v in (vals[1], vals[3]))
-        col = tuple(colors[i % len(colors)])  # type: ignore[index]
+        c = colors[i % len(colors)]  # type: ignore[index]
+        col = c if isinstance(c, str) else tuple(c)  # an RGB triple or any PIL colour string ("#ff2d55")
         d.rectangle([x1, y1, x2, y2], outline=col, width=line)
         label = labels[i] if labels is not None and i < len(labels) else ""
         if label:

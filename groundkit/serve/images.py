@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..draw import draw_boxes as shared_draw_boxes
 
 __all__ = [
     "ALLOWED_FORMATS",
@@ -113,36 +115,17 @@ def encode_png(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _font(size: int) -> Any:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: the fixed bitmap font
-        return ImageFont.load_default()
-
-
 def draw_boxes(img: Image.Image, results: Sequence[dict[str, Any]], display_side: int = 800) -> Image.Image:
     """A copy of ``img`` at most ``display_side`` pixels on its longer side with each result's box
     (original-pixel ``[x1, y1, x2, y2]``) drawn and labelled with its expression number and score."""
-    w, h = img.size
-    s = min(1.0, display_side / max(w, h))
-    out = img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BILINEAR) if s < 1 else img.copy()
-    draw = ImageDraw.Draw(out)
-    line = max(2, round(max(out.size) / 250))
-    font = _font(max(12, round(max(out.size) / 45)))
+    s = min(1.0, display_side / max(img.size))
+    labels = []
     for i, r in enumerate(results):
-        colour = BOX_COLOURS[i % len(BOX_COLOURS)]
-        x1, y1, x2, y2 = (float(v) * s for v in r["box"])
-        x1, x2 = sorted((min(max(x1, 0), out.width - 1), min(max(x2, 0), out.width - 1)))
-        y1, y2 = sorted((min(max(y1, 0), out.height - 1), min(max(y2, 0), out.height - 1)))
-        draw.rectangle([x1, y1, x2, y2], outline=colour, width=line)
         score = r.get("score")
-        label = f"{i + 1}" + (f"  {score:.2f}" if isinstance(score, (int, float)) and math.isfinite(score) else "")
-        tb = draw.textbbox((0, 0), label, font=font)
-        tw, th = tb[2] - tb[0], tb[3] - tb[1]
-        ty = y1 - th - 2 * line if y1 - th - 2 * line >= 0 else y1 + line
-        draw.rectangle([x1, ty, x1 + tw + 2 * line, ty + th + 2 * line], fill=colour)
-        draw.text((x1 + line - tb[0], ty + line - tb[1]), label, fill="white", font=font)
-    return out
+        labels.append(
+            f"{i + 1}" + (f"  {score:.2f}" if isinstance(score, (int, float)) and math.isfinite(score) else "")
+        )
+    return shared_draw_boxes(img, [r["box"] for r in results], BOX_COLOURS, labels, scale=s)
 
 
 def thumbnail_jpeg(img: Image.Image, side: int = 192) -> bytes:

@@ -17,8 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
-from PIL import Image, ImageDraw
+from PIL import Image
 
+from ...draw import draw_boxes as shared_draw_boxes
 from ...transforms import letterbox
 from .. import load_run
 from ..base import Predictor
@@ -71,14 +72,8 @@ class ClipVGPredictor(Predictor):
 
 def draw_boxes(image: Image.Image, results: list[dict[str, Any]], width: int = 3) -> Image.Image:
     """A copy of ``image`` with each result's box and text drawn."""
-    out = image.convert("RGB").copy()
-    d = ImageDraw.Draw(out)
-    for k, r in enumerate(results):
-        c = _COLOURS[k % len(_COLOURS)]
-        x1, y1, x2, y2 = r["box"]
-        d.rectangle([x1, y1, x2, y2], outline=c, width=width)
-        d.text((x1 + 3, max(0, y1 - 12)), r["text"], fill=c)
-    return out
+    boxes, texts = [r["box"] for r in results], [r["text"] for r in results]
+    return shared_draw_boxes(image, boxes, list(_COLOURS), texts, width=width)
 
 
 def register(sub: Any) -> None:

@@ -15,8 +15,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
+from ...draw import draw_boxes
 from ...errors import DataError
 from .. import load_run
 from ..base import Predictor
@@ -74,13 +75,8 @@ def load_frames(source: str | Path) -> list[Image.Image]:
 
 
 def draw_box(image: Image.Image, box: Sequence[float], label: str = "") -> Image.Image:
-    out = image.copy()
-    d = ImageDraw.Draw(out)
-    w = max(2, round(max(out.size) / 200))
-    d.rectangle([float(v) for v in box], outline=(255, 40, 40), width=w)
-    if label:
-        d.text((float(box[0]) + w + 1, float(box[1]) + w), label, fill=(255, 40, 40))
-    return out
+    """A copy of ``image`` with ``box`` (and ``label`` on it) in red."""
+    return draw_boxes(image, [box], (255, 40, 40), [label] if label else None)
 
 
 class CoGroundingPredictor(Predictor):
