@@ -52,9 +52,11 @@ class TinyBackbone(Backbone):
         return [self.c32(f16), f16, f8]
 
 
-def tiny_net(co_attention=True, size=64, dim=16):
+def tiny_net(co_attention=True, size=64, dim=16, motion=False):
     torch.manual_seed(0)
-    return CoGroundingNet(TinyBackbone(), LSTMTextEncoder(50, dim), image_size=size, dim=dim, co_attention=co_attention)
+    return CoGroundingNet(
+        TinyBackbone(), LSTMTextEncoder(50, dim), image_size=size, dim=dim, co_attention=co_attention, motion=motion
+    )
 
 
 def text_batch(n, lengths):
@@ -326,3 +328,62 @@ def test_top_down_path_carries_coarse_features_to_fine_scales():
     assert torch.allclose(plain.encode_frames(backbone_feats=feats2)[2], a[2])
     assert not torch.allclose(td.encode_frames(backbone_feats=feats2)[2], b[2])
     assert all(torch.allclose(x.norm(dim=1), torch.ones(())) for x in b)
+
+
+def _blob_maps(x0: int, D: int = 8, G: int = 9) -> torch.Tensor:
+    """``[1, D, G, G]`` L2-normalised maps: a flat background and a distinct feature at column ``x0``, row 4."""
+    v = torch.zeros(1, D, G, G)
+    v[:, 0] = 1.0
+    v[0, :, 4, x0] = torch.tensor([0.0, 1.0] + [0.0] * (D - 2))
+    return v
+
+
+def test_motion_volume_is_oriented_forward_in_time():
+    from groundkit.methods.cogrounding.model import motion_volume
+
+    # the blob is at column 4 at time t and at column 5 at t + 1 (moving right): centre t, neighbour t + 1
+    vc, v_next, v_prev = _blob_maps(4), _blob_maps(5), _blob_maps(3)
+    right, left, still = 5, 3, 4  # channels (dy=0, dx=+1), (0, -1), (0, 0) of the 3x3 volume
+    fwd = motion_volume(vc, v_next, torch.tensor([1]))[0, :, 4, 4]
+    assert fwd.argmax().item() == right and fwd[right] == 1.0 and fwd[left] == 0.0
+    # the same motion seen from the previous frame (blob at column 3 at t - 1) peaks at the same channel
+    bwd = motion_volume(vc, v_prev, torch.tensor([-1]))[0, :, 4, 4]
+    assert torch.equal(fwd, bwd)
+    # a left-moving blob peaks at dx = -1; a repeated frame (dt = 0, a clipped window) carries nothing
+    assert motion_volume(vc, v_prev, torch.tensor([1]))[0, :, 4, 4].argmax().item() == left
+    assert not motion_volume(vc, vc, torch.tensor([0])).any()
+    assert motion_volume(vc, vc, torch.tensor([2]))[0, :, 4, 4].argmax().item() == still
+
+
+def test_motion_term_sees_the_order_of_frames():
+    net = tiny_net(motion=True).eval()
+    assert net.corr_conv[0][0].in_channels == 2 * 16 + 9
+    ids, mask = text_batch(2, [3, 3])
+    x = torch.rand(2, 3, 64, 64)
+    out = net(x, ids, mask, clip_len=2, frame_index=torch.tensor([4, 5]))
+    # the same two frames in the other order: the official co-attention cannot tell, the motion term can
+    swapped = net(x, ids, mask, clip_len=2, frame_index=torch.tensor([5, 4]))
+    assert not torch.allclose(out["conf"], swapped["conf"], atol=1e-5)
+    plain = tiny_net().eval()
+    a = plain(x, ids, mask, clip_len=2, frame_index=torch.tensor([4, 5]))
+    b = plain(x, ids, mask, clip_len=2, frame_index=torch.tensor([5, 4]))
+    assert torch.allclose(a["conf"], b["conf"])
+    with pytest.raises(ValueError, match="frame offsets"):
+        net.cofeatures(net.encode_frames(x[:1]), [f.unsqueeze(1) for f in net.encode_frames(x[1:])])
+
+
+def test_residual_co_features_start_at_the_single_frame_model():
+    ids, mask = text_batch(4, [3, 3, 4, 4])
+    x = torch.rand(4, 3, 64, 64)
+    single = tiny_net(co_attention=False).eval()
+    torch.manual_seed(0)
+    net = CoGroundingNet(TinyBackbone(), LSTMTextEncoder(50, 16), image_size=64, dim=16, co_residual=True).eval()
+    net.load_state_dict(single.state_dict(), strict=False)  # the co-attention layers keep their initialisation
+    a = single(x, ids, mask, clip_len=1)
+    b = net(x, ids, mask, clip_len=2)
+    assert torch.allclose(a["conf"], b["conf"], atol=1e-6)  # gate 0: exactly the image model
+    b["conf"].sum().backward()  # ... and the gate learns from there
+    assert net.co_gate.grad is not None and net.co_gate.grad.abs().sum() > 0
+    with torch.no_grad():
+        net.co_gate.fill_(1.0)
+    assert not torch.allclose(a["conf"], net(x, ids, mask, clip_len=2)["conf"], atol=1e-4)

@@ -105,3 +105,37 @@ def test_cached_maps_give_the_same_boxes_and_letterbox_as_pixels(tmp_path):
     a, b = plain.get_batch([0, 1, 2, 3]), cached.get_batch([0, 1, 2, 3])
     assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["ids"], b["ids"])
     assert a["letterbox"] == b["letterbox"]
+
+
+def test_cached_maps_use_the_frozen_backbones_running_statistics(tmp_path):
+    """A new module is in training mode: caching must not use batch statistics nor move the running ones,
+    or the maps a model trains on differ from the ones its predictor computes."""
+    paths = []
+    for k in range(4):
+        p = tmp_path / f"im{k}.png"
+        Image.fromarray(np.random.default_rng(k).integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(p)
+        paths.append(p)
+    cfg = CoGroundingConfig()
+    cfg.data.image_size, cfg.model.vocab_size = 64, 100
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(3)
+    with torch.no_grad():
+        bn.running_mean.fill_(0.3)
+        bn.running_var.fill_(0.02)
+
+    class _BN(_Tiny):
+        def forward(self, x):
+            return super().forward(bn(x))
+
+    bb = _BN()
+    bb.bn = bn
+    assert bb.training
+    before = bn.running_mean.clone()
+    ds = RefExpDataset(cfg, [ImageSample(p, (0, 0, 10, 10), "the thing") for p in paths], train=False)
+    ds.attach_backbone(bb)
+    maps = ds.get_batch([0, 1, 2, 3])["backbone_feats"]
+    assert torch.equal(bn.running_mean, before) and bb.training  # statistics untouched, mode restored
+    pixels = RefExpDataset(cfg, ds.samples, train=False).get_batch([0, 1, 2, 3])["images"]
+    with torch.no_grad():
+        live = bb.eval()(pixels)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(maps, live))

@@ -83,6 +83,13 @@ class CoGroundingModelConfig:
     # not official: top-down path over the mapped scales (coarse -> fine) for backbones without a YOLO neck
     # (EfficientNet-Lite0); the Darknet-53 backbone already ends in the YOLOv3 neck
     top_down: bool = False
+    # not official: the local correlation volume of the centre and each neighbour frame (oriented forward in
+    # time) added to the co-attention input, so that co-grounding can see motion ("the car moving left")
+    motion: bool = False
+    motion_radius: int = 1
+    # not official: co-features L2norm(v_c + g * corr) with a zero-initialised gate g per scale (the official ones are
+    # corr alone), so fine-tuning a co-grounding model from an image model starts from that model's predictions
+    co_residual: bool = False
     attention_temperature: float = 10.0
     bn_momentum_official: bool = False  # reference: BatchNorm momentum 0.999 (running stats ~ the last batch)
     anchors: list[list[float]] = field(

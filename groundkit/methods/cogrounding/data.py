@@ -237,7 +237,8 @@ class _Base:
         """The cache file of ``keys`` under ``data.feature_cache``: named by a hash of the backbone settings,
         the letterbox size and the keys, so a different image list or backbone never reads stale maps."""
         m = self.cfg.model
-        ident = [m.backbone, m.pretrained, m.darknet_weights, m.darknet_width, self.size, sorted(keys)]
+        # "eval-bn": maps computed with the backbone in eval mode (earlier files used batch statistics)
+        ident = [m.backbone, m.pretrained, m.darknet_weights, m.darknet_width, self.size, sorted(keys), "eval-bn"]
         tag = hashlib.sha1(json.dumps(ident).encode()).hexdigest()[:16]
         return Path(self.cfg.data.feature_cache) / f"{m.backbone}_{self.size}px_{tag}.pt"
 
@@ -289,8 +290,13 @@ class _Base:
                 im, _ = letterbox(read_image(p), self.size)
                 imgs.append(to_tensor(im.transpose(Image.FLIP_LEFT_RIGHT) if flip else im))
             dev = next(self._backbone.parameters()).device
-            with torch.no_grad():
-                maps = self._backbone(torch.stack(imgs).to(dev))
+            mode = self._backbone.training
+            self._backbone.eval()  # frozen: running statistics, never the batch's (nor updating them)
+            try:
+                with torch.no_grad():
+                    maps = self._backbone(torch.stack(imgs).to(dev))
+            finally:
+                self._backbone.train(mode)
             for j, k in enumerate(chunk):
                 self._cache[k] = [m[j].cpu() for m in maps]
         return [torch.stack([self._cache[k][s] for k in keys]) for s in range(3)]
@@ -383,12 +389,23 @@ class VideoClipDataset(_Base):
             aff = shared if shared is not None else (random_affine_params(rng, self.size) if use_aff else None)
             img, box, lb = self._frame(vid.paths[f], vid.boxes[f], flip, rng, aff)
             out.append(
-                {"image": img, "box": box, "ids": ids, "mask": mask, "letterbox": lb, "key": (str(vid.paths[f]), flip)}
+                {
+                    "image": img,
+                    "box": box,
+                    "ids": ids,
+                    "mask": mask,
+                    "letterbox": lb,
+                    "key": (str(vid.paths[f]), flip),
+                    "frame": f,
+                }
             )
         return out
 
     def get_batch(self, indices: list[int]) -> dict[str, Any]:
-        return self._finish([it for i in indices for it in self.items(i)])
+        items = [it for i in indices for it in self.items(i)]
+        batch = self._finish(items)
+        batch["frame_index"] = torch.tensor([it["frame"] for it in items], dtype=torch.long)  # clipped at 0
+        return batch
 
 
 class VideoEvalSet(_Base):

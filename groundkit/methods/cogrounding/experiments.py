@@ -37,6 +37,10 @@ VIDEO_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "single-frame (SL-Att)": ("world_video", {"model.co_attention": False, "loss.train_clip_len": 1}),
     "co-grounding (CG-SL-Att)": ("world_video", {}),
     "co-grounding + temporal loss": ("world_video", {"loss.temporal_weight": 5.0}),
+    "co-grounding + motion term": ("world_video", {"model.motion": True}),
+    "co-grounding, residual": ("world_video", {"model.co_residual": True}),
+    "co-grounding, residual + motion term": ("world_video", {"model.co_residual": True, "model.motion": True}),
+    "co-grounding, residual + temporal loss": ("world_video", {"model.co_residual": True, "loss.temporal_weight": 5.0}),
 }
 IMAGE_KEYS = ("testA/Acc@0.5", "testB/Acc@0.5", "Acc@0.5", "random_object", "largest_object", "upper_bound")
 VIDEO_KEYS = ("Acc@0.5", "Acc@0.5 (post)")

@@ -36,8 +36,9 @@ def _neighbours(win: torch.Tensor) -> torch.Tensor:
 def _head(model: CoGroundingNet, v: list[torch.Tensor], centre: torch.Tensor, neigh: torch.Tensor | None, text) -> dict:
     vc = [x[centre] for x in v]
     vn = [x[neigh] for x in v] if neigh is not None and model.co_attention else None
+    dt = neigh - centre.unsqueeze(1) if vn is not None else None
     return model.ground(
-        model.cofeatures(vc, vn), text.index(torch.zeros(len(centre), dtype=torch.long, device=centre.device))
+        model.cofeatures(vc, vn, dt), text.index(torch.zeros(len(centre), dtype=torch.long, device=centre.device))
     )
 
 
@@ -113,10 +114,10 @@ def ground_video_windowed(
         c = window // 2
         centre = pos + c
         neigh = torch.stack([pos + j for j in range(window) if j != c], 1) if window > 1 else None
+        use = neigh is not None and model.co_attention
+        dt = torch.stack([w[:, j] - w[:, c] for j in range(window) if j != c], 1) if use else None
         out = model.ground(
-            model.cofeatures(
-                [x[centre] for x in v], [x[neigh] for x in v] if neigh is not None and model.co_attention else None
-            ),
+            model.cofeatures([x[centre] for x in v], [x[neigh] for x in v] if use else None, dt),
             text,
         )
         parts.append(_collect(model, out, top_k))

@@ -64,6 +64,9 @@ def build_model(cfg: CoGroundingConfig) -> CoGroundingNet:
         anchor_reference=m.anchor_reference,
         freeze_backbone=m.freeze_backbone,
         top_down=m.top_down,
+        motion=m.motion,
+        motion_radius=m.motion_radius,
+        co_residual=m.co_residual,
     )
 
 
@@ -151,6 +154,7 @@ class CoGroundingMethod(Method):
             batch["mask"],
             clip_len=clip_len,
             backbone_feats=batch.get("backbone_feats"),
+            frame_index=batch.get("frame_index"),
         )
         t = build_targets(net, batch["boxes"])
         reg, cls = yolo_loss(net, out, t, L.coord_weight)

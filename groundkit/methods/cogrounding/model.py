@@ -36,6 +36,7 @@ __all__ = [
     "CoGroundingNet",
     "coord_features",
     "co_attend",
+    "motion_volume",
     "Targets",
     "build_targets",
     "decode_boxes",
@@ -181,6 +182,30 @@ def co_attend(query: torch.Tensor, key: torch.Tensor, temperature: float = 10.0)
     return torch.bmm(k, att.transpose(1, 2)).view(B, D, H, W)
 
 
+def motion_volume(query: torch.Tensor, key: torch.Tensor, dt: torch.Tensor, radius: int = 1) -> torch.Tensor:
+    """Local correlation of two frames' maps, oriented forward in time (not official).
+
+    ``query``, ``key``: ``[B, D, H, W]`` L2-normalised over D; ``dt [B]``: the key frame's offset from the
+    query frame in frames. Channel ``(dy, dx)`` of the ``[B, (2r+1)^2, H, W]`` result is
+    ``<query(p), key(p + sign(dt) * (dy, dx))>``, so a right-moving object peaks at ``dx > 0`` whether
+    the key frame is before or after; pairs with ``dt == 0`` (a window clipped at the video's end
+    repeats the centre frame) give zeros, carrying no motion.
+    """
+    B, D, H, W = query.shape
+    r = radius
+    kp = F.pad(key, (r, r, r, r))
+    vol = torch.stack(
+        [
+            (query * kp[:, :, r + dy : r + dy + H, r + dx : r + dx + W]).sum(1)
+            for dy in range(-r, r + 1)
+            for dx in range(-r, r + 1)
+        ],
+        1,
+    )  # [B, (2r+1)^2, H, W], displacements in row-major order: reversing the channels negates them
+    dt = dt.to(vol.dtype).view(B, 1, 1, 1)
+    return torch.where(dt > 0, vol, vol.flip(1)) * (dt != 0).to(vol.dtype)
+
+
 # ----------------------------------------------------------------------------- network
 
 
@@ -208,7 +233,10 @@ class CoGroundingNet(nn.Module):
     ``text_encoder`` (LSTM or transformer, contract of :class:`LSTMTextEncoder`), ``image_size``
     ``S`` (the letterbox side; the relation layer is sized by the cells of that input),
     ``dim`` ``D``, ``co_attention`` (CG-SL-Att when True), ``bn_momentum`` (0.999 = official),
-    ``top_down`` (add each coarser scale's mapped features, upsampled, to the next finer one).
+    ``top_down`` (add each coarser scale's mapped features, upsampled, to the next finer one),
+    ``motion`` (add the local correlation volume of each centre/neighbour pair to the co-attention input,
+    :func:`motion_volume`; not official), ``co_residual`` (co-features ``L2norm(v_c + g * corr)`` with a
+    zero-initialised gate ``g``; not official).
 
     The three stages are separate methods so that a video's frames are encoded once and reused by
     every window (:meth:`encode_frames`, :meth:`encode_text`, :meth:`ground`); :meth:`forward`
@@ -229,6 +257,9 @@ class CoGroundingNet(nn.Module):
         freeze_backbone: bool = False,
         lang_dropout: float = 0.1,
         top_down: bool = False,
+        motion: bool = False,
+        motion_radius: int = 1,
+        co_residual: bool = False,
     ):
         super().__init__()
         if image_size % 32:
@@ -239,6 +270,7 @@ class CoGroundingNet(nn.Module):
         self.freeze_backbone = freeze_backbone
         if freeze_backbone:
             self.backbone.requires_grad_(False)
+            self.backbone.eval()  # frozen BN statistics from the start (a new module is in training mode)
         self.grids = [image_size // s for s in (32, 16, 8)]
         self.n_cells = sum(g * g for g in self.grids)
         D = dim
@@ -247,9 +279,17 @@ class CoGroundingNet(nn.Module):
         # fine scales only low-level features; v_s += upsample(v_{s-1}) carries the coarse scale's semantics
         # down, as the YOLOv3 neck inside the official Darknet backbone does
         self.top_down = top_down
+        # motion term (not official): the co-attention pools a neighbour's features without their position,
+        # so objects that differ only in motion look the same to it; the local correlation volume of the
+        # centre and neighbour maps (FlowNet-style, oriented forward in time) is added to its input
+        self.motion, self.motion_radius = bool(motion and co_attention), motion_radius
+        m_ch = (2 * motion_radius + 1) ** 2 if self.motion else 0
         self.corr_conv = (
-            nn.ModuleList(ConvBNReLU(2 * D, D, 1, bn_momentum) for _ in self.grids) if co_attention else None
+            nn.ModuleList(ConvBNReLU(2 * D + m_ch, D, 1, bn_momentum) for _ in self.grids) if co_attention else None
         )
+        # residual co-features (not official): L2norm(v_c + g_s * corr) with a zero-initialised gate per scale, so
+        # a co-grounding model started from a single-frame (image) model begins exactly where that model is
+        self.co_gate = nn.Parameter(torch.zeros(len(self.grids))) if (co_attention and co_residual) else None
         ctx = text_encoder.out_dim
         self.lang_mlp = nn.Sequential(
             nn.Linear(ctx, D),
@@ -320,22 +360,33 @@ class CoGroundingNet(nn.Module):
 
     # ---------------------------------------------------------------- stage 3: grounding
 
-    def cofeatures(self, centre: list[torch.Tensor], neighbours: list[torch.Tensor] | None) -> list[torch.Tensor]:
+    def cofeatures(
+        self, centre: list[torch.Tensor], neighbours: list[torch.Tensor] | None, dt: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
         """Co-grounding features of the centre frames.
 
         ``centre``: per scale ``[B,D,G,G]``; ``neighbours``: per scale ``[B,K,D,G,G]`` (the other frames
-        of each window). Per neighbour ``j``: ``L2norm(corr_conv(cat[v_c, co_attend(v_c, v_j)]))``,
-        averaged over ``j`` (not re-normalised, as the official test model). Without co-attention
-        (image model) the features are ``centre`` itself.
+        of each window); ``dt [B,K]``: each neighbour's frame offset from the centre (needed by the motion
+        term only). Per neighbour ``j``: ``L2norm(corr_conv(cat[v_c, co_attend(v_c, v_j)]))`` (with the
+        motion term ``cat[v_c, co_attend(v_c, v_j), motion_volume(v_c, v_j, dt_j)]``), averaged over
+        ``j`` (not re-normalised, as the official test model). Without co-attention (image model) the
+        features are ``centre`` itself.
         """
         if self.corr_conv is None or neighbours is None:
             return centre
+        if self.motion and dt is None:
+            raise ValueError("the motion term needs the neighbours' frame offsets dt [B, K]")
         out = []
         for s, (vc, vn) in enumerate(zip(centre, neighbours)):
             B, K = vn.shape[:2]
             vc_k = vc.unsqueeze(1).expand(-1, K, -1, -1, -1).reshape(B * K, *vc.shape[1:])
-            att = co_attend(vc_k, vn.reshape(B * K, *vn.shape[2:]), self.attention_temperature)
-            corr = l2n(self.corr_conv[s](torch.cat([vc_k, att], 1)), dim=1)
+            vn_k = vn.reshape(B * K, *vn.shape[2:])
+            parts = [vc_k, co_attend(vc_k, vn_k, self.attention_temperature)]
+            if self.motion:
+                parts.append(motion_volume(vc_k, vn_k, dt.reshape(B * K), self.motion_radius))
+            corr = l2n(self.corr_conv[s](torch.cat(parts, 1)), dim=1)
+            if self.co_gate is not None:
+                corr = l2n(vc_k + self.co_gate[s] * corr, dim=1)
             out.append(corr.view(B, K, *corr.shape[1:]).mean(1))
         return out
 
@@ -392,22 +443,26 @@ class CoGroundingNet(nn.Module):
         mask: torch.Tensor,
         clip_len: int = 1,
         backbone_feats: Sequence[torch.Tensor] | None = None,
+        frame_index: torch.Tensor | None = None,
     ) -> dict:
         """Training/eval forward on clips of ``clip_len`` consecutive frames sharing one expression.
 
         ``images [N,3,S,S]`` with ``N = n_clips * clip_len`` (frames of a clip adjacent), ``ids``/``mask``
-        ``[N,T]``. With co-attention every frame attends to the other frames of its clip (pairs in
-        training); with ``clip_len == 1`` or no co-attention each frame is grounded alone.
+        ``[N,T]``, ``frame_index [N]`` each frame's index in its video (for the motion term; default: the
+        position in the clip). With co-attention every frame attends to the other frames of its clip (pairs
+        in training); with ``clip_len == 1`` or no co-attention each frame is grounded alone.
         """
         v = self.encode_frames(images, backbone_feats)
         text = self.encode_text(ids, mask)
-        neighbours = None
+        neighbours, dt = None, None
         if self.corr_conv is not None and clip_len > 1:
             n = torch.arange(v[0].shape[0], device=v[0].device)
             pos = n % clip_len
             idx = torch.stack([n - pos + (pos + k) % clip_len for k in range(1, clip_len)], 1)  # [N, clip_len - 1]
             neighbours = [x[idx] for x in v]  # [N, K, D, G, G]
-        out = self.ground(self.cofeatures(v, neighbours), text)
+            f = pos if frame_index is None else frame_index.to(pos.device)
+            dt = f[idx] - f.unsqueeze(1)  # [N, K]
+        out = self.ground(self.cofeatures(v, neighbours, dt if neighbours is not None else None), text)
         out["text"] = text
         return out
 
