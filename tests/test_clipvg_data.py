@@ -99,3 +99,26 @@ def test_default_feature_cache_is_outside_the_data(tiny_data, tmp_path, monkeypa
     tiny_data.cache_dir = ""
     ds = GroundingSet(load_samples(tiny_data, "val"), tiny_data)
     assert ds._cache_dir() == tmp_path / "features" / "clipvg"  # never beside the (checksummed) splits
+
+
+def test_text_features_are_shared_across_image_settings(tiny_data):
+    """A new grid re-encodes the images, not the texts (the text store is keyed by the text encoder alone)."""
+    stores = []
+    for grid in (2, 3):
+        torch.manual_seed(0)
+        model = ClipVG(
+            build_encoders("effnet_minilm", grid=grid, pretrained=False),
+            max_query_len=8,
+            d_model=16,
+            nhead=2,
+            num_layers=1,
+            dim_ff=16,
+        ).eval()
+        ds = GroundingSet(load_samples(tiny_data, "val"), tiny_data)
+        assert ds.attach_cache(model, torch.device("cpu"))
+        stores.append(ds)
+    names = sorted(p.name for p in stores[0]._cache_dir().iterdir())
+    assert sum(n.startswith("images-") for n in names) == 2
+    assert sum(n.startswith("texts-") for n in names) == 1
+    torch.testing.assert_close(stores[0].cache["text_feats"], stores[1].cache["text_feats"])
+    assert stores[0].cache["image_feats"].shape[1] != stores[1].cache["image_feats"].shape[1]

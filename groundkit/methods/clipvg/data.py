@@ -15,8 +15,8 @@ jitter; no flip; the image placed at a random offset of the canvas (``aug_transl
 augmentation) and no encoder parameter trains, :meth:`GroundingSet.attach_cache` runs the frozen
 encoders once per distinct image and text and keeps their outputs (fp16); samples then carry
 indices into those tables and a batch gathers them. The tables are also stored on disk
-(``data.cache_dir``), keyed by the encoders' fingerprint, the canvas size and the normalisation,
-and extended with what a later run needs.
+(``data.cache_dir``), keyed by the encoders' fingerprint, the canvas size and the normalisation (texts by
+the text encoder's fingerprint and the query length only), and extended with what a later run needs.
 """
 
 from __future__ import annotations
@@ -225,7 +225,8 @@ class GroundingSet:
             _save_store(img_path, img_store)
             pos = {f: i for i, f in enumerate(img_store["keys"])}
         img_feats, img_masks, geos = (c[torch.tensor([pos[f] for f in files])] for c in img_store["cols"])
-        txt_key = hashlib.sha1(f"{tag}|L={model.max_query_len}".encode()).hexdigest()[:16]
+        # texts depend on the text encoder and the query length only (not on the grid, canvas or normalisation)
+        txt_key = hashlib.sha1(f"{enc.text_fingerprint()}|L={model.max_query_len}".encode()).hexdigest()[:16]
         txt_path = root / f"texts-{txt_key}.v2.pt"
         txt_store = _load_store(txt_path)
         uniq = sorted(set(self.texts))

@@ -111,6 +111,11 @@ class FrozenEncoders(nn.Module):
         """Identifies the encoders' outputs (name, weights, levels, grid) for feature caches."""
         raise NotImplementedError
 
+    def text_fingerprint(self) -> str:
+        """Identifies the text encoder's outputs alone, so that image-side settings (grid, levels, canvas)
+        do not invalidate cached text features."""
+        return self.fingerprint()
+
     #: True when the weights come from a file or package (a checkpoint then need not store them)
     from_source: bool = False
 
@@ -227,6 +232,10 @@ class OpenClipEncoders(FrozenEncoders):
         w = _file_tag(self.checkpoint) if self.checkpoint else f"random:{torch.initial_seed()}"
         return f"open_clip:{self.name}:{w}:levels={self.levels}:grid={self.grid}"
 
+    def text_fingerprint(self) -> str:
+        w = _file_tag(self.checkpoint) if self.checkpoint else f"random:{torch.initial_seed()}"
+        return f"open_clip-text:{self.name}:{w}"
+
 
 class EfficientMiniLMEncoders(FrozenEncoders):
     """EfficientNet-Lite0 (ImageNet) multi-stage image features + MiniLM-L6 token features.
@@ -321,6 +330,10 @@ class EfficientMiniLMEncoders(FrozenEncoders):
     def fingerprint(self) -> str:
         w = "pretrained" if self.pretrained else f"random:{torch.initial_seed()}"
         return f"effnet-lite0+minilm:{w}:{self.text_path}:grid={self.grid}:stages={','.join(self.stages)}"
+
+    def text_fingerprint(self) -> str:
+        w = "pretrained" if self.pretrained else f"random:{torch.initial_seed()}"
+        return f"minilm:{w}:{self.text_path}"
 
 
 @functools.lru_cache(maxsize=2)
