@@ -2,7 +2,8 @@
 
 ``python -m groundkit.methods.cogrounding.experiments image OUT [--size medium] [--seeds 0 1 2] [--jobs 2]
 [--set k=v ...]`` (refexp world, SL-Att and its baselines) or ``video OUT [--size small]`` (video world: single
-frame, co-grounding, + temporal loss). Every run is a normal run folder ``OUT/<variant>/seed<k>/``
+frame, co-grounding, + temporal loss, and the residual co-features / motion term variants; ``--variants``
+picks some). Every run is a normal run folder ``OUT/<variant>/seed<k>/``
 trained through :func:`groundkit.runs.run_many`, so a rerun reuses finished runs and resumes killed ones;
 the frozen backbone's maps are computed once per split into ``OUT/features`` and shared by every run.
 """
