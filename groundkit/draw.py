@@ -11,9 +11,10 @@ import textwrap
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["GREEN", "RED", "ORANGE", "GREY", "BLUE", "font", "draw_boxes", "add_caption", "frame"]
+__all__ = ["GREEN", "RED", "ORANGE", "GREY", "BLUE", "font", "draw_boxes", "add_caption", "frame", "spaced_indices"]
 
 #: the demo figures' conventions: true boxes green, a correct prediction orange, a wrong one red
 GREEN = (30, 170, 60)
@@ -95,3 +96,13 @@ def frame(image: Image.Image, color: tuple[int, int, int], width: int = 4) -> Im
     out = Image.new("RGB", (image.width + 2 * width, image.height + 2 * width), color)
     out.paste(image.convert("RGB"), (width, width))
     return out
+
+
+def spaced_indices(n_items: int, n: int) -> list[int]:
+    """``n`` evenly spaced indices of ``range(n_items)`` (all of them when there are fewer), first one 0: which
+    samples a figure shows, the same ones on every run."""
+    if n <= 0 or n_items <= 0:
+        return []
+    if n >= n_items:
+        return list(range(n_items))
+    return sorted({int(i) for i in np.linspace(0, n_items - 1, n).round()})

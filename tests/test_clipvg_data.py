@@ -49,16 +49,21 @@ def test_test_split_is_testa_plus_testb_and_train_follows_supervision(tiny_data)
     assert len(load_samples(ClipVGData(**{**tiny_data.__dict__, "train_file": ""}), "test")) == 4
 
 
-def test_cached_batches_equal_raw_batches(tiny_data):
+def tiny_model(grid: int) -> ClipVG:
+    """A small CLIP-VG on the offline encoders with random weights (seed 0), in eval mode."""
     torch.manual_seed(0)
-    model = ClipVG(
-        build_encoders("effnet_minilm", grid=2, pretrained=False),
+    return ClipVG(
+        build_encoders("effnet_minilm", grid=grid, pretrained=False),
         max_query_len=8,
         d_model=16,
         nhead=2,
         num_layers=1,
         dim_ff=16,
     ).eval()
+
+
+def test_cached_batches_equal_raw_batches(tiny_data):
+    model = tiny_model(grid=2)
     raw = GroundingSet(load_samples(tiny_data, "val"), tiny_data)
     rb = raw.collate([raw[i] for i in range(2)])
     cached = GroundingSet(load_samples(tiny_data, "val"), tiny_data)
@@ -105,15 +110,7 @@ def test_text_features_are_shared_across_image_settings(tiny_data):
     """A new grid re-encodes the images, not the texts (the text store is keyed by the text encoder alone)."""
     stores = []
     for grid in (2, 3):
-        torch.manual_seed(0)
-        model = ClipVG(
-            build_encoders("effnet_minilm", grid=grid, pretrained=False),
-            max_query_len=8,
-            d_model=16,
-            nhead=2,
-            num_layers=1,
-            dim_ff=16,
-        ).eval()
+        model = tiny_model(grid)
         ds = GroundingSet(load_samples(tiny_data, "val"), tiny_data)
         assert ds.attach_cache(model, torch.device("cpu"))
         stores.append(ds)

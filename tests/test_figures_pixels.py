@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_clipvg_e2e import TINY
+from test_clipvg_e2e import config as clipvg_config
 
-from groundkit.config import apply_overrides, from_dict, load_config
+from groundkit.config import load_config
 from groundkit.engine import fit
 from groundkit.errors import DataError
 from groundkit.methods import get_method
@@ -41,21 +41,7 @@ def test_clipvg_test_samples_with_true_and_predicted_boxes(tmp_path):
     from groundkit.methods.clipvg import visualize
 
     world = generate("pseudo", size="tiny", seed=0, progress=False)
-    method = get_method("clipvg")
-    tiny = {**TINY, "train": {"epochs": 1, "max_steps": 2, "batch_size": 8, "eval_every": 0, "best_metric": "acc"}}
-    d = apply_overrides(
-        method.config_class,
-        tiny,
-        {
-            "data.split_root": str(world / "splits"),
-            "data.image_root": str(world / "images/mscoco/images/train2014"),
-            "data.cache_dir": str(tmp_path / "cache"),
-            "train.output_dir": str(tmp_path / "run"),
-            "train.val_split": "",
-            **QUIET,
-        },
-    )
-    cfg = from_dict(method.config_class, d)
+    method, cfg = clipvg_config(world, tmp_path, **{"train.max_steps": 2, "train.batch_size": 8, "train.val_split": ""})
     fit(method, cfg, final_split=None)
     out = tmp_path / "figs"
     figs = method.demo_figures(tmp_path / "run", out, n=3)

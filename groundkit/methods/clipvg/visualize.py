@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from ...boxes import paired_box_iou
-from ...draw import GREEN, RED, draw_boxes
+from ...draw import GREEN, RED, draw_boxes, spaced_indices
 from ...errors import DataError
 from ..base import Figure
 from .data import load_samples, split_file
@@ -34,15 +34,6 @@ TRUE_COLOUR = GREEN
 PRED_COLOUR = RED
 #: small images are enlarged by an integer factor until their long side reaches this (for legibility)
 MIN_SIDE = 320
-
-
-def _pick(n_items: int, n: int) -> list[int]:
-    """``n`` evenly spaced indices of ``range(n_items)`` (all of them when there are fewer), first one 0."""
-    if n <= 0 or n_items <= 0:
-        return []
-    if n >= n_items:
-        return list(range(n_items))
-    return sorted({int(i) for i in np.linspace(0, n_items - 1, n).round()})
 
 
 def demo_figures(run: str | Path, out_dir: Path, n: int = 4, device: str = "cpu") -> list[Figure]:
@@ -60,7 +51,7 @@ def demo_figures(run: str | Path, out_dir: Path, n: int = 4, device: str = "cpu"
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     figs = []
-    for k, i in enumerate(_pick(len(samples), n)):
+    for k, i in enumerate(spaced_indices(len(samples), n)):
         s = samples[i]
         path = Path(d.image_root) / s.img_file
         if not path.is_file():

@@ -115,7 +115,7 @@ def ground_video_windowed(
         centre = pos + c
         neigh = torch.stack([pos + j for j in range(window) if j != c], 1) if window > 1 else None
         use = neigh is not None and model.co_attention
-        dt = torch.stack([w[:, j] - w[:, c] for j in range(window) if j != c], 1) if use else None
+        dt = _neighbours(w) - w[:, c : c + 1] if use else None
         out = model.ground(
             model.cofeatures([x[centre] for x in v], [x[neigh] for x in v] if use else None, dt),
             text,

@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ...boxes import paired_box_iou
-from ...draw import GREEN, RED, draw_boxes
+from ...draw import GREEN, RED, draw_boxes, spaced_indices
 from ..base import Figure
 from .data import image_splits, load_image_samples, load_videos, read_image
 from .method import hits
@@ -35,15 +35,6 @@ TILE_SIDE = (320, 480)
 MIN_SIDE = 320
 GAP = 4  # pixels between the frames of a strip
 BAND = 16  # pixels under each frame for its label
-
-
-def _pick(n_items: int, n: int) -> list[int]:
-    """``n`` evenly spaced indices of ``range(n_items)`` (all of them when there are fewer), first one 0."""
-    if n <= 0 or n_items <= 0:
-        return []
-    if n >= n_items:
-        return list(range(n_items))
-    return sorted({int(i) for i in np.linspace(0, n_items - 1, n).round()})
 
 
 def _tile_scale(size: tuple[int, int]) -> float:
@@ -78,13 +69,13 @@ def _video_figures(pred: CoGroundingPredictor, out_dir: Path, n: int) -> list[Fi
     videos = [(s, v) for s in image_splits(cfg, "test") for v in load_videos(cfg, s)]
     post = pred.post_process and cfg.post.top_k > 0
     figs = []
-    for k, i in enumerate(_pick(len(videos), n)):
+    for k, i in enumerate(spaced_indices(len(videos), n)):
         split, v = videos[i]
         frames = [read_image(p) for p in v.paths]
         res = pred.ground_video(frames, v.text)
         boxes = np.asarray(res["boxes"], dtype=np.float64)
         hit = hits(boxes, np.asarray(v.boxes, dtype=np.float64), cfg)
-        shown = _pick(len(frames), STRIP_FRAMES)
+        shown = spaced_indices(len(frames), STRIP_FRAMES)
         name = f"cogrounding_video_{k}.png"
         film_strip(frames, v.boxes, boxes, hit, shown).save(out_dir / name)
         acc = 100.0 * float(np.mean(hit))
@@ -103,7 +94,7 @@ def _image_figures(pred: CoGroundingPredictor, out_dir: Path, n: int) -> list[Fi
     cfg = pred.cfg
     samples = [s for split in image_splits(cfg, "test") for s in load_image_samples(cfg, split)]
     figs = []
-    for k, i in enumerate(_pick(len(samples), n)):
+    for k, i in enumerate(spaced_indices(len(samples), n)):
         s = samples[i]
         image = read_image(s.path)
         (res,) = pred.ground(image, [s.text])

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from ...boxes import box_iou
-from ...draw import GREEN, ORANGE, RED, add_caption, draw_boxes
+from ...draw import GREEN, ORANGE, RED, add_caption, draw_boxes, spaced_indices
 from ...formats import wang21_hdf5 as wfmt
 from .. import load_run
 from ..base import Figure
@@ -52,9 +52,9 @@ def phrase_figures(
     strings = phr.phrase_strings()[:, : ds.S]  # [I, S, P]
     ev = ds.t["eval_valid"]  # [I, S, P]
     usable = [i for i in range(len(ds.image_ids)) if bool(ev[i].any())]
-    if not usable or n <= 0:
+    picks = [usable[j] for j in spaced_indices(len(usable), n)]
+    if not picks:
         return []
-    picks = [usable[j] for j in np.linspace(0, len(usable) - 1, min(n, len(usable))).round().astype(int)]
     ec = cfg.eval
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
