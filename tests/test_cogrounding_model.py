@@ -52,10 +52,16 @@ class TinyBackbone(Backbone):
         return [self.c32(f16), f16, f8]
 
 
-def tiny_net(co_attention=True, size=64, dim=16, motion=False):
+def tiny_net(co_attention=True, size=64, dim=16, motion=False, motion_mode="corr"):
     torch.manual_seed(0)
     return CoGroundingNet(
-        TinyBackbone(), LSTMTextEncoder(50, dim), image_size=size, dim=dim, co_attention=co_attention, motion=motion
+        TinyBackbone(),
+        LSTMTextEncoder(50, dim),
+        image_size=size,
+        dim=dim,
+        co_attention=co_attention,
+        motion=motion,
+        motion_mode=motion_mode,
     )
 
 
@@ -355,9 +361,31 @@ def test_motion_volume_is_oriented_forward_in_time():
     assert motion_volume(vc, vc, torch.tensor([2]))[0, :, 4, 4].argmax().item() == still
 
 
-def test_motion_term_sees_the_order_of_frames():
-    net = tiny_net(motion=True).eval()
-    assert net.corr_conv[0][0].in_channels == 2 * 16 + 9
+def test_motion_difference_is_linear_in_a_sub_cell_shift_and_forward_in_time():
+    from groundkit.methods.cogrounding.model import motion_difference
+
+    # a smooth ramp along x shifted by a fraction of a cell: the derivative is the shift times the slope
+    x = torch.arange(8.0).view(1, 1, 1, 8).expand(1, 1, 8, 8)
+    vc = x * 0.1
+    for shift in (0.25, 0.5):
+        later = (x - shift) * 0.1  # the pattern moved right by `shift` cells one frame later
+        d_next = motion_difference(vc, later, torch.tensor([1]))
+        assert torch.allclose(d_next, torch.full_like(vc, -0.1 * shift))
+        earlier = (x + shift) * 0.1  # ... and where it was one frame before: the same derivative
+        assert torch.allclose(motion_difference(vc, earlier, torch.tensor([-1])), d_next)
+        # two frames away: divided by the offset, the same per-frame derivative
+        far = (x - 2 * shift) * 0.1
+        assert torch.allclose(motion_difference(vc, far, torch.tensor([2])), d_next)
+    assert not motion_difference(vc, vc + 1.0, torch.tensor([0])).any()  # a repeated frame carries nothing
+
+
+@pytest.mark.parametrize("mode", ["corr", "diff"])
+def test_motion_term_sees_the_order_of_frames(mode):
+    net = tiny_net(motion=True, motion_mode=mode).eval()
+    if mode == "corr":
+        assert net.corr_conv[0][0].in_channels == 2 * 16 + 9 and net.motion_conv is None
+    else:
+        assert net.corr_conv[0][0].in_channels == 2 * 16 and net.motion_conv[0][0][0].in_channels == 2 * 16
     ids, mask = text_batch(2, [3, 3])
     x = torch.rand(2, 3, 64, 64)
     out = net(x, ids, mask, clip_len=2, frame_index=torch.tensor([4, 5]))
@@ -387,3 +415,15 @@ def test_residual_co_features_start_at_the_single_frame_model():
     with torch.no_grad():
         net.co_gate.fill_(1.0)
     assert not torch.allclose(a["conf"], net(x, ids, mask, clip_len=2)["conf"], atol=1e-4)
+
+
+def test_box_from_centre_regresses_on_the_frames_own_maps():
+    torch.manual_seed(0)
+    net = CoGroundingNet(TinyBackbone(), LSTMTextEncoder(50, 16), image_size=64, dim=16, box_from_centre=True).eval()
+    ids, mask = text_batch(2, [3, 3])
+    x = torch.rand(2, 3, 64, 64)
+    out = net(x, ids, mask, clip_len=2, frame_index=torch.tensor([4, 5]))
+    alone = net.ground(net.encode_frames(x), net.encode_text(ids, mask))  # each frame without its neighbour
+    for p, q in zip(out["pred"], alone["pred"]):
+        assert torch.allclose(p[:, :, :4], q[:, :, :4], atol=1e-6)  # offsets: the frame's own maps
+        assert not torch.allclose(p[:, :, 4], q[:, :, 4], atol=1e-4)  # confidence: the co-features

@@ -87,6 +87,12 @@ class CoGroundingModelConfig:
     # time) added to the co-attention input, so that co-grounding can see motion ("the car moving left")
     motion: bool = False
     motion_radius: int = 1
+    # corr: the correlation volume above; diff: a 3 x 3 convolution over the centre map and the temporal derivative
+    # (neighbour - centre) / dt, which sees sub-cell motion
+    motion_mode: Literal["corr", "diff"] = "corr"
+    # not official: box offsets from the centre frame's own maps, confidence / similarity / location from the
+    # co-features (which choose the object); costs a second pass of the head
+    box_from_centre: bool = False
     # not official: co-features L2norm(v_c + g * corr) with a zero-initialised gate g per scale (the official ones are
     # corr alone), so fine-tuning a co-grounding model from an image model starts from that model's predictions
     co_residual: bool = False

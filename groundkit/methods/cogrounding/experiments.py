@@ -41,6 +41,14 @@ VIDEO_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "co-grounding + motion term": ("world_video", {"model.motion": True}),
     "co-grounding, residual": ("world_video", {"model.co_residual": True}),
     "co-grounding, residual + motion term": ("world_video", {"model.co_residual": True, "model.motion": True}),
+    "co-grounding, residual + motion difference": (
+        "world_video",
+        {"model.co_residual": True, "model.motion": True, "model.motion_mode": "diff"},
+    ),
+    "co-grounding, residual + motion difference, box from centre": (
+        "world_video",
+        {"model.co_residual": True, "model.motion": True, "model.motion_mode": "diff", "model.box_from_centre": True},
+    ),
     "co-grounding, residual + temporal loss": ("world_video", {"model.co_residual": True, "loss.temporal_weight": 5.0}),
 }
 IMAGE_KEYS = ("testA/Acc@0.5", "testB/Acc@0.5", "Acc@0.5", "random_object", "largest_object", "upper_bound")

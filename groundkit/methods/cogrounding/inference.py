@@ -38,7 +38,9 @@ def _head(model: CoGroundingNet, v: list[torch.Tensor], centre: torch.Tensor, ne
     vn = [x[neigh] for x in v] if neigh is not None and model.co_attention else None
     dt = neigh - centre.unsqueeze(1) if vn is not None else None
     return model.ground(
-        model.cofeatures(vc, vn, dt), text.index(torch.zeros(len(centre), dtype=torch.long, device=centre.device))
+        model.cofeatures(vc, vn, dt),
+        text.index(torch.zeros(len(centre), dtype=torch.long, device=centre.device)),
+        centre=vc,
     )
 
 
@@ -116,10 +118,8 @@ def ground_video_windowed(
         neigh = torch.stack([pos + j for j in range(window) if j != c], 1) if window > 1 else None
         use = neigh is not None and model.co_attention
         dt = _neighbours(w) - w[:, c : c + 1] if use else None
-        out = model.ground(
-            model.cofeatures([x[centre] for x in v], [x[neigh] for x in v] if use else None, dt),
-            text,
-        )
+        vc = [x[centre] for x in v]
+        out = model.ground(model.cofeatures(vc, [x[neigh] for x in v] if use else None, dt), text, centre=vc)
         parts.append(_collect(model, out, top_k))
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 

@@ -67,6 +67,8 @@ def build_model(cfg: CoGroundingConfig) -> CoGroundingNet:
         motion=m.motion,
         motion_radius=m.motion_radius,
         co_residual=m.co_residual,
+        motion_mode=m.motion_mode,
+        box_from_centre=m.box_from_centre,
     )
 
 

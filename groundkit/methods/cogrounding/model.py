@@ -206,6 +206,20 @@ def motion_volume(query: torch.Tensor, key: torch.Tensor, dt: torch.Tensor, radi
     return torch.where(dt > 0, vol, vol.flip(1)) * (dt != 0).to(vol.dtype)
 
 
+def motion_difference(query: torch.Tensor, key: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
+    """Temporal derivative of the maps, ``(key - query) / dt`` (not official; ``model.motion_mode: diff``).
+
+    ``query``, ``key``: ``[B, D, H, W]``; ``dt [B]``: the key frame's offset in frames. Unlike a correlation
+    over whole-cell displacements it is linear in a sub-cell shift, so an object that moves a fraction of a
+    stride-8 cell per frame still leaves a signal; compared with the spatial gradient (a 3 x 3 convolution
+    over ``cat[query, derivative]``) its sign gives the direction, forward in time whichever side the key
+    frame is on. Pairs with ``dt == 0`` (a clipped window repeating the centre frame) give zeros.
+    """
+    dt = dt.to(query.dtype).view(-1, 1, 1, 1)
+    safe = torch.where(dt == 0, torch.ones_like(dt), dt)
+    return (key - query) / safe * (dt != 0).to(query.dtype)
+
+
 # ----------------------------------------------------------------------------- network
 
 
@@ -234,8 +248,9 @@ class CoGroundingNet(nn.Module):
     ``S`` (the letterbox side; the relation layer is sized by the cells of that input),
     ``dim`` ``D``, ``co_attention`` (CG-SL-Att when True), ``bn_momentum`` (0.999 = official),
     ``top_down`` (add each coarser scale's mapped features, upsampled, to the next finer one),
-    ``motion`` (add the local correlation volume of each centre/neighbour pair to the co-attention input,
-    :func:`motion_volume`; not official), ``co_residual`` (co-features ``L2norm(v_c + g * corr)`` with a
+    ``motion`` (a motion term for each centre/neighbour pair, not official: ``motion_mode`` ``corr`` adds the
+    local correlation volume :func:`motion_volume` to the co-attention input, ``diff`` adds a 3 x 3
+    convolution over the centre map and the temporal derivative :func:`motion_difference`), ``co_residual`` (co-features ``L2norm(v_c + g * corr)`` with a
     zero-initialised gate ``g``; not official).
 
     The three stages are separate methods so that a video's frames are encoded once and reused by
@@ -260,6 +275,8 @@ class CoGroundingNet(nn.Module):
         motion: bool = False,
         motion_radius: int = 1,
         co_residual: bool = False,
+        motion_mode: str = "corr",
+        box_from_centre: bool = False,
     ):
         super().__init__()
         if image_size % 32:
@@ -282,14 +299,30 @@ class CoGroundingNet(nn.Module):
         # motion term (not official): the co-attention pools a neighbour's features without their position,
         # so objects that differ only in motion look the same to it; the local correlation volume of the
         # centre and neighbour maps (FlowNet-style, oriented forward in time) is added to its input
+        if motion_mode not in ("corr", "diff"):
+            raise ValueError(f"motion_mode must be 'corr' or 'diff', got {motion_mode!r}")
         self.motion, self.motion_radius = bool(motion and co_attention), motion_radius
-        m_ch = (2 * motion_radius + 1) ** 2 if self.motion else 0
+        self.motion_mode = motion_mode
+        m_ch = (2 * motion_radius + 1) ** 2 if (self.motion and motion_mode == "corr") else 0
+        # diff: the temporal derivative has a signal for sub-cell motion; a 3 x 3 convolution compares it with the
+        # centre map's spatial structure (the sign of d/dt against d/dx is the direction)
+        self.motion_conv = (
+            nn.ModuleList(
+                nn.Sequential(ConvBNReLU(2 * D, D, 3, bn_momentum), ConvBNReLU(D, D, 1, bn_momentum))
+                for _ in self.grids
+            )
+            if (self.motion and motion_mode == "diff")
+            else None
+        )
         self.corr_conv = (
             nn.ModuleList(ConvBNReLU(2 * D + m_ch, D, 1, bn_momentum) for _ in self.grids) if co_attention else None
         )
         # residual co-features (not official): L2norm(v_c + g_s * corr) with a zero-initialised gate per scale, so
         # a co-grounding model started from a single-frame (image) model begins exactly where that model is
         self.co_gate = nn.Parameter(torch.zeros(len(self.grids))) if (co_attention and co_residual) else None
+        # box from the centre (not official): the co-features choose the anchor (confidence, similarity, location),
+        # the centre frame's own maps regress its box, so the other frames cannot blur a clear frame's box
+        self.box_from_centre = bool(box_from_centre and co_attention)
         ctx = text_encoder.out_dim
         self.lang_mlp = nn.Sequential(
             nn.Linear(ctx, D),
@@ -382,16 +415,24 @@ class CoGroundingNet(nn.Module):
             vc_k = vc.unsqueeze(1).expand(-1, K, -1, -1, -1).reshape(B * K, *vc.shape[1:])
             vn_k = vn.reshape(B * K, *vn.shape[2:])
             parts = [vc_k, co_attend(vc_k, vn_k, self.attention_temperature)]
-            if self.motion:
+            if self.motion and self.motion_conv is None:
                 parts.append(motion_volume(vc_k, vn_k, dt.reshape(B * K), self.motion_radius))
-            corr = l2n(self.corr_conv[s](torch.cat(parts, 1)), dim=1)
+            x = self.corr_conv[s](torch.cat(parts, 1))
+            if self.motion_conv is not None:
+                x = x + self.motion_conv[s](torch.cat([vc_k, motion_difference(vc_k, vn_k, dt.reshape(B * K))], 1))
+            corr = l2n(x, dim=1)
             if self.co_gate is not None:
                 corr = l2n(vc_k + self.co_gate[s] * corr, dim=1)
             out.append(corr.view(B, K, *corr.shape[1:]).mean(1))
         return out
 
-    def ground(self, feats: list[torch.Tensor], text: TextFeatures) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+    def ground(
+        self, feats: list[torch.Tensor], text: TextFeatures, centre: list[torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor | list[torch.Tensor]]:
         """Head on (co-)features ``feats`` (per scale ``[B,D,G,G]``) and ``text`` (B rows).
+
+        ``centre``: the centre frames' own maps (same shapes); with ``box_from_centre`` the box offsets
+        (tx, ty, tw, th) come from the head on ``centre`` and everything else from ``feats``.
 
         Returns ``pred``: per scale ``[B,3,5,G,G]`` raw (tx, ty, tw, th, conf); ``conf_raw`` ``[B,A]``;
         ``sim`` ``[B,M]`` subject cosine per cell; ``loc_raw`` ``[B,M]`` and ``loc`` ``[B,M]`` (min-max
@@ -404,7 +445,11 @@ class CoGroundingNet(nn.Module):
             coord = getattr(self, f"coord_{g}").unsqueeze(0).expand(B, -1, -1, -1).to(v.dtype)
             lang = text.flang.view(B, -1, 1, 1).expand(-1, -1, g, g).to(v.dtype)
             x = self.fcn_emb[s](torch.cat([v, lang, coord], 1))
-            preds.append(self.fcn_out[s](x).view(B, 3, 5, g, g))
+            p = self.fcn_out[s](x).view(B, 3, 5, g, g)
+            if self.box_from_centre and centre is not None and centre[s] is not v:
+                xb = self.fcn_emb[s](torch.cat([centre[s], lang, coord], 1))
+                p = torch.cat([self.fcn_out[s](xb).view(B, 3, 5, g, g)[:, :, :4], p[:, :, 4:]], 2)
+            preds.append(p)
             sims.append(torch.einsum("bd,bdyx->byx", text.e_sub.to(v.dtype), v).flatten(1))
         sim = torch.cat(sims, 1)  # [B, M]
         conf_raw = torch.cat([p[:, :, 4].flatten(1) for p in preds], 1)  # [B, A] (scale, anchor, cell)
@@ -462,7 +507,7 @@ class CoGroundingNet(nn.Module):
             neighbours = [x[idx] for x in v]  # [N, K, D, G, G]
             f = pos if frame_index is None else frame_index.to(pos.device)
             dt = f[idx] - f.unsqueeze(1)  # [N, K]
-        out = self.ground(self.cofeatures(v, neighbours, dt if neighbours is not None else None), text)
+        out = self.ground(self.cofeatures(v, neighbours, dt if neighbours is not None else None), text, centre=v)
         out["text"] = text
         return out
 
