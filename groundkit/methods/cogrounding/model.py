@@ -250,8 +250,10 @@ class CoGroundingNet(nn.Module):
     ``top_down`` (add each coarser scale's mapped features, upsampled, to the next finer one),
     ``motion`` (a motion term for each centre/neighbour pair, not official: ``motion_mode`` ``corr`` adds the
     local correlation volume :func:`motion_volume` to the co-attention input, ``diff`` adds a 3 x 3
-    convolution over the centre map and the temporal derivative :func:`motion_difference`), ``co_residual`` (co-features ``L2norm(v_c + g * corr)`` with a
-    zero-initialised gate ``g``; not official).
+    convolution over the centre map and the temporal derivative :func:`motion_difference`),
+    ``box_from_centre`` (box offsets from the centre frame's own maps, scores from the co-features; not
+    official), ``co_residual`` (co-features ``L2norm(v_c + g * corr)`` with a zero-initialised gate ``g``;
+    not official).
 
     The three stages are separate methods so that a video's frames are encoded once and reused by
     every window (:meth:`encode_frames`, :meth:`encode_text`, :meth:`ground`); :meth:`forward`
