@@ -157,3 +157,43 @@ def test_learning_options_build_and_keep_defaults(offline_model):
     torch.testing.assert_close(a.boxes, s.boxes, atol=5e-3, rtol=0)  # up to the norms' eps
     with pytest.raises(ValueError):
         ClipVG(m.encoders, max_query_len=12, d_model=32, nhead=4, num_layers=2, dim_ff=64, pos_init="fixed")
+
+
+def test_token_targets_cover_the_box_cells_and_the_loss_points_at_them():
+    from groundkit.methods.clipvg.model import token_loss, token_targets
+
+    # a box over the left two columns and top row of a 4 x 4 grid; a box smaller than a cell gets its centre cell
+    boxes = torch.tensor([[0.25, 0.125, 0.5, 0.25], [0.6, 0.6, 0.02, 0.02]])
+    q = token_targets(boxes, 4).view(2, 4, 4)
+    assert torch.allclose(q[0, 0, :2], torch.full((2,), 0.5)) and q[0].sum() == 1 and (q[0, 1:] == 0).all()
+    assert q[1, 2, 2] == 1.0 and q[1].sum() == 1
+    # logits peaked on the target cells give a lower loss than flat ones; padding tokens are ignored
+    flat = torch.zeros(2, 16)
+    peaked = flat.clone()
+    peaked[0, [0, 1]] = 5.0
+    peaked[1, 10] = 5.0
+    assert token_loss(peaked, boxes) < token_loss(flat, boxes)
+    padded = peaked.clone()
+    padded[:, 12:] = float("-inf")
+    assert torch.isfinite(token_loss(padded, boxes))
+    assert token_loss(torch.full((1, 16), float("-inf")), boxes[:1]) == 0  # nothing left to score
+
+
+def test_token_head_scores_every_grid_token_and_masks_padding(offline_model):
+    from groundkit.methods.clipvg.model import token_loss
+
+    m = offline_model
+    assert m.token_head is None and m(batch_for(m)).token_logits is None  # off by default
+    torch.manual_seed(0)
+    t = ClipVG(m.encoders, max_query_len=12, d_model=32, nhead=4, num_layers=2, dim_ff=64, token_head=True).eval()
+    b = batch_for(t)
+    out = t(b)
+    assert out.token_logits.shape == (2, 16)
+    grid = out.token_logits.view(2, 4, 4)
+    assert torch.isinf(grid[:, 3]).all() and torch.isfinite(grid[:, :3]).all()  # the padded bottom row
+    # the auxiliary loss reaches the fusion layers
+    t.train()
+    loss = token_loss(t(b).token_logits, torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.4, 0.3, 0.3]]))
+    loss.backward()
+    assert t.layers[0].linear1.weight.grad.abs().sum() > 0
+    assert t.token_head.weight.grad.abs().sum() > 0 and t.visu_proj.weight.grad.abs().sum() > 0

@@ -93,12 +93,14 @@ class ClipVGModel:
     feat_norm: bool = False  # LayerNorm on each image level and on the text tokens before the projections
     pos_init: Literal["random", "sine"] = "random"  # sine: image rows of the position embedding start as 2-D sine
     pos_input: bool = False  # also add the position embedding to the fusion input (values carry positions)
+    token_head: bool = False  # a score per fused grid token, trained to point at the object (loss.token_weight)
 
 
 @dataclass
 class ClipVGLoss:
     l1_weight: float = 1.0
     giou_weight: float = 1.0
+    token_weight: float = 1.0  # with model.token_head: cross-entropy of the grid tokens against the box's cells
 
 
 @dataclass

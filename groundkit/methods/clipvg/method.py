@@ -20,7 +20,7 @@ from ...engine import predict
 from ..base import Figure, Method, Predictor
 from .config import ClipVGConfig
 from .data import GroundingSet, load_samples, split_file
-from .model import ClipVG, EncoderError, build_encoders, clipvg_loss
+from .model import ClipVG, EncoderError, build_encoders, clipvg_loss, token_loss
 from .predict import ClipVGPredictor
 
 __all__ = ["ClipVGMethod", "METHOD", "build_clipvg", "encoder_dtype"]
@@ -68,6 +68,7 @@ def build_clipvg(cfg: ClipVGConfig) -> ClipVG:
         feat_norm=m.feat_norm,
         pos_init=m.pos_init,
         pos_input=m.pos_input,
+        token_head=m.token_head,
     )
 
 
@@ -117,6 +118,10 @@ class ClipVGMethod(Method):
     def training_step(self, model: nn.Module, batch: Any, step: int, cfg: ClipVGConfig) -> tuple[torch.Tensor, dict]:
         out = model(_inputs(_unwrap(model), batch))
         loss, logs = clipvg_loss(out.boxes, batch["box"], cfg.loss.l1_weight, cfg.loss.giou_weight)
+        if out.token_logits is not None and cfg.loss.token_weight > 0:
+            lt = token_loss(out.token_logits, batch["box"])
+            loss = loss + cfg.loss.token_weight * lt
+            logs["token"] = float(lt.detach())
         return loss, logs
 
     # ---------------------------------------------------------------- evaluation

@@ -60,6 +60,8 @@ __all__ = [
     "BoxHead",
     "ClipVG",
     "ClipVGOutput",
+    "token_loss",
+    "token_targets",
     "clipvg_loss",
     "sine_position_embedding",
 ]
@@ -440,6 +442,7 @@ class BoxHead(nn.Module):
 @dataclass
 class ClipVGOutput:
     boxes: torch.Tensor  # [B, 4] normalised cxcywh on the square canvas
+    token_logits: torch.Tensor | None = None  # [B, g*g] per grid token: "is this the referred object" (token_head)
 
 
 class ClipVG(nn.Module):
@@ -467,6 +470,7 @@ class ClipVG(nn.Module):
         feat_norm: bool = False,
         pos_init: str = "random",
         pos_input: bool = False,
+        token_head: bool = False,
     ):
         super().__init__()
         self.encoders = encoders
@@ -503,6 +507,9 @@ class ClipVG(nn.Module):
                 rows[1:].copy_(sine_position_embedding(g, d_model))
         self.layers = nn.ModuleList(FusionLayer(d_model, nhead, dim_ff, dropout, sdpa) for _ in range(num_layers))
         self.head = BoxHead(d_model, d_model, head_layers)
+        # token_head (not official): a linear score per fused grid token, trained to point at the referred object
+        # (token_loss): dense supervision of the fusion layers, where the box loss reaches them only through [REG]
+        self.token_head = nn.Linear(d_model, 1) if token_head else None
         for layer in self.layers:  # DETR's xavier init of the encoder
             for p in layer.parameters():
                 if p.dim() > 1:
@@ -541,9 +548,15 @@ class ClipVG(nn.Module):
         return torch.cat([torch.zeros_like(pad[:, :1]), pad], dim=1)
 
     def fuse(
-        self, image_feats: torch.Tensor, image_pad: torch.Tensor, text_feats: torch.Tensor, text_mask: torch.Tensor
-    ) -> torch.Tensor:
-        """Fusion transformer over ``[REG] ‖ text ‖ image``; returns boxes ``[B, 4]`` (cxcywh)."""
+        self,
+        image_feats: torch.Tensor,
+        image_pad: torch.Tensor,
+        text_feats: torch.Tensor,
+        text_mask: torch.Tensor,
+        return_tokens: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+        """Fusion transformer over ``[REG] ‖ text ‖ image``; returns boxes ``[B, 4]`` (cxcywh), and with
+        ``return_tokens`` also the grid tokens' scores ``[B, g*g]`` (None without ``token_head``)."""
         B, L = text_feats.shape[:2]
         if L > self.max_query_len:
             raise ValueError(f"{L} text tokens but the model was built for max_query_len={self.max_query_len}")
@@ -564,7 +577,11 @@ class ClipVG(nn.Module):
             x = x + pos
         for layer in self.layers:
             x = layer(x, pos, keep)
-        return self.head(x[:, 0])
+        boxes = self.head(x[:, 0])
+        if not return_tokens:
+            return boxes
+        tokens = self.token_head(x[:, 2 + L :]).squeeze(-1) if self.token_head is not None else None
+        return boxes, tokens
 
     def forward(self, batch: dict[str, Any]) -> ClipVGOutput:
         image_mask = batch["image_mask"]
@@ -572,7 +589,11 @@ class ClipVG(nn.Module):
             img, txt = batch["image_feats"], batch["text_feats"]
         else:
             img, txt = self.encode(batch["image"], image_mask, batch["text_ids"], batch["text_mask"])
-        return ClipVGOutput(self.fuse(img, self.image_token_mask(image_mask), txt, batch["text_mask"]))
+        pad = self.image_token_mask(image_mask)
+        boxes, tokens = self.fuse(img, pad, txt, batch["text_mask"], return_tokens=True)
+        if tokens is not None:
+            tokens = tokens.float().masked_fill(pad[:, 1:], float("-inf"))
+        return ClipVGOutput(boxes, tokens)
 
     # ---------------------------------------------------------------- checkpoints without the frozen encoders
 
@@ -632,3 +653,30 @@ def clipvg_loss(
     l1 = (pred - target).abs().sum(dim=1).mean()
     giou = (1.0 - paired_generalized_box_iou(cxcywh_to_xyxy(pred), cxcywh_to_xyxy(target), check=False)).mean()
     return l1_weight * l1 + giou_weight * giou, {"l1": float(l1.detach()), "giou": float(giou.detach())}
+
+
+def token_targets(boxes: torch.Tensor, grid: int) -> torch.Tensor:
+    """``[B, g*g]`` target distribution over the grid tokens (row-major): uniform over the cells whose centre
+    lies inside the box (normalised cxcywh on the canvas), or the cell of the box centre when none does."""
+    c = (torch.arange(grid, device=boxes.device, dtype=torch.float32) + 0.5) / grid
+    x1, y1, x2, y2 = cxcywh_to_xyxy(boxes.float()).unbind(-1)
+    inside_x = (c[None] >= x1[:, None]) & (c[None] <= x2[:, None])  # [B, g]
+    inside_y = (c[None] >= y1[:, None]) & (c[None] <= y2[:, None])
+    inside = (inside_y[:, :, None] & inside_x[:, None, :]).flatten(1).float()  # [B, g*g]
+    centre = (boxes[:, 1].clamp(0, 1 - 1e-6) * grid).long() * grid + (boxes[:, 0].clamp(0, 1 - 1e-6) * grid).long()
+    inside[torch.arange(len(boxes)), centre] = 1.0
+    return inside / inside.sum(1, keepdim=True)
+
+
+def token_loss(logits: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the grid tokens' softmax (padding tokens at -inf) against :func:`token_targets`,
+    restricted to the tokens that are not padding (a sample with none left is skipped)."""
+    grid = math.isqrt(logits.shape[1])
+    valid = torch.isfinite(logits)
+    q = token_targets(boxes, grid) * valid
+    keep = q.sum(1) > 0
+    if not keep.any():
+        return logits.new_zeros(()).float()
+    q = q[keep] / q[keep].sum(1, keepdim=True)
+    logp = torch.log_softmax(logits[keep].float(), dim=1).masked_fill(~valid[keep], 0.0)
+    return -(q * logp).sum(1).mean()
