@@ -197,3 +197,25 @@ def test_token_head_scores_every_grid_token_and_masks_padding(offline_model):
     loss.backward()
     assert t.layers[0].linear1.weight.grad.abs().sum() > 0
     assert t.token_head.weight.grad.abs().sum() > 0 and t.visu_proj.weight.grad.abs().sum() > 0
+
+
+def test_token_centre_puts_the_box_centre_at_the_scored_cells(offline_model):
+    m = offline_model
+    torch.manual_seed(0)
+    t = ClipVG(m.encoders, max_query_len=12, d_model=32, nhead=4, num_layers=2, dim_ff=64, token_centre=True).eval()
+    assert t.token_head is not None
+    b = batch_for(t)
+    img, txt = t.encode(b["image"], b["image_mask"], b["text_ids"], b["text_mask"])
+    pad = t.image_token_mask(b["image_mask"])
+    with torch.no_grad():  # a token head that scores every cell alike
+        t.token_head.weight.zero_()
+        t.token_head.bias.zero_()
+    boxes, tokens = t.fuse(img, pad, txt, b["text_mask"], return_tokens=True)
+    assert torch.isinf(tokens[:, 12:]).all()  # padded bottom row
+    # flat scores over the 12 unpadded cells: the centre is their mean, (0.5, 0.375), up to one cell of offset
+    assert ((boxes[:, 0] - 0.5).abs() <= 0.25 + 1e-6).all() and ((boxes[:, 1] - 0.375).abs() <= 0.25 + 1e-6).all()
+    with torch.no_grad():
+        t.head.layers[-1].weight.zero_()
+        t.head.layers[-1].bias.zero_()  # [REG] offsets sigmoid(0) = 0.5: no offset
+    boxes = t.fuse(img, pad, txt, b["text_mask"])
+    torch.testing.assert_close(boxes[:, :2], torch.tensor([[0.5, 0.375]] * 2))

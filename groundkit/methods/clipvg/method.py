@@ -69,6 +69,7 @@ def build_clipvg(cfg: ClipVGConfig) -> ClipVG:
         pos_init=m.pos_init,
         pos_input=m.pos_input,
         token_head=m.token_head,
+        token_centre=m.token_centre,
     )
 
 

@@ -471,6 +471,7 @@ class ClipVG(nn.Module):
         pos_init: str = "random",
         pos_input: bool = False,
         token_head: bool = False,
+        token_centre: bool = False,
     ):
         super().__init__()
         self.encoders = encoders
@@ -509,7 +510,10 @@ class ClipVG(nn.Module):
         self.head = BoxHead(d_model, d_model, head_layers)
         # token_head (not official): a linear score per fused grid token, trained to point at the referred object
         # (token_loss): dense supervision of the fusion layers, where the box loss reaches them only through [REG]
-        self.token_head = nn.Linear(d_model, 1) if token_head else None
+        self.token_head = nn.Linear(d_model, 1) if (token_head or token_centre) else None
+        # token_centre (not official, implies token_head): the box centre is the tokens' softmax-weighted mean cell
+        # centre plus an offset of at most one cell from the [REG] head; width and height stay the [REG] head's
+        self.token_centre = bool(token_centre)
         for layer in self.layers:  # DETR's xavier init of the encoder
             for p in layer.parameters():
                 if p.dim() > 1:
@@ -556,7 +560,7 @@ class ClipVG(nn.Module):
         return_tokens: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         """Fusion transformer over ``[REG] ‖ text ‖ image``; returns boxes ``[B, 4]`` (cxcywh), and with
-        ``return_tokens`` also the grid tokens' scores ``[B, g*g]`` (None without ``token_head``)."""
+        ``return_tokens`` also the grid tokens' scores ``[B, g*g]``, padding at -inf (None without ``token_head``)."""
         B, L = text_feats.shape[:2]
         if L > self.max_query_len:
             raise ValueError(f"{L} text tokens but the model was built for max_query_len={self.max_query_len}")
@@ -578,10 +582,17 @@ class ClipVG(nn.Module):
         for layer in self.layers:
             x = layer(x, pos, keep)
         boxes = self.head(x[:, 0])
-        if not return_tokens:
-            return boxes
-        tokens = self.token_head(x[:, 2 + L :]).squeeze(-1) if self.token_head is not None else None
-        return boxes, tokens
+        tokens = None
+        if self.token_head is not None and (return_tokens or self.token_centre):
+            tokens = self.token_head(x[:, 2 + L :]).squeeze(-1).float().masked_fill(image_pad[:, 1:], float("-inf"))
+        if self.token_centre:
+            g = math.isqrt(tokens.shape[1])
+            c = (torch.arange(g, device=x.device, dtype=torch.float32) + 0.5) / g
+            p = tokens.softmax(dim=1).view(B, g, g)
+            centre = torch.stack([(p.sum(1) * c).sum(1), (p.sum(2) * c).sum(1)], 1)  # (cx, cy)
+            xy = (centre + (boxes[:, :2].float() - 0.5) * (2.0 / g)).clamp(1e-4, 1 - 1e-4)
+            boxes = torch.cat([xy.to(boxes.dtype), boxes[:, 2:]], 1)
+        return (boxes, tokens) if return_tokens else boxes
 
     def forward(self, batch: dict[str, Any]) -> ClipVGOutput:
         image_mask = batch["image_mask"]
@@ -589,10 +600,7 @@ class ClipVG(nn.Module):
             img, txt = batch["image_feats"], batch["text_feats"]
         else:
             img, txt = self.encode(batch["image"], image_mask, batch["text_ids"], batch["text_mask"])
-        pad = self.image_token_mask(image_mask)
-        boxes, tokens = self.fuse(img, pad, txt, batch["text_mask"], return_tokens=True)
-        if tokens is not None:
-            tokens = tokens.float().masked_fill(pad[:, 1:], float("-inf"))
+        boxes, tokens = self.fuse(img, self.image_token_mask(image_mask), txt, batch["text_mask"], return_tokens=True)
         return ClipVGOutput(boxes, tokens)
 
     # ---------------------------------------------------------------- checkpoints without the frozen encoders
