@@ -159,10 +159,9 @@ def test_temporal_rescore_fixes_an_isolated_error():
 def test_feature_reuse_equals_window_by_window(motion):
     from test_cogrounding_model import tiny_net
 
-    net = tiny_net(
-        motion=motion in ("corr", "diff"), motion_mode=motion if motion in ("corr", "diff") else "corr"
-    ).eval()
-    net.box_from_centre = motion == "box_from_centre"
+    mode = motion if motion in ("corr", "diff") else "corr"
+    net = tiny_net(motion=mode == motion, motion_mode=mode, box_from_centre=motion == "box_from_centre").eval()
+    assert net.box_from_centre == (motion == "box_from_centre")
     frames = torch.rand(7, 3, 64, 64)
     ids = torch.tensor([3, 4, 5, 2, 0, 0])
     a = ground_video(net, frames, ids, ids != 0, window=5, batch=4, top_k=3)

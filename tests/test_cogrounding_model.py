@@ -52,7 +52,7 @@ class TinyBackbone(Backbone):
         return [self.c32(f16), f16, f8]
 
 
-def tiny_net(co_attention=True, size=64, dim=16, motion=False, motion_mode="corr"):
+def tiny_net(co_attention=True, size=64, dim=16, motion=False, motion_mode="corr", box_from_centre=False):
     torch.manual_seed(0)
     return CoGroundingNet(
         TinyBackbone(),
@@ -62,6 +62,7 @@ def tiny_net(co_attention=True, size=64, dim=16, motion=False, motion_mode="corr
         co_attention=co_attention,
         motion=motion,
         motion_mode=motion_mode,
+        box_from_centre=box_from_centre,
     )
 
 

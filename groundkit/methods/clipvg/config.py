@@ -94,9 +94,8 @@ class ClipVGModel:
     pos_init: Literal["random", "sine"] = "random"  # sine: image rows of the position embedding start as 2-D sine
     pos_input: bool = False  # also add the position embedding to the fusion input (values carry positions)
     token_head: bool = False  # a score per fused grid token, trained to point at the object (loss.token_weight)
-    token_centre: bool = (
-        False  # box centre = the tokens' softmax-weighted cell centre + a [REG] offset (implies token_head)
-    )
+    # box centre = the tokens' softmax-weighted cell centre + a [REG] offset (implies token_head)
+    token_centre: bool = False
 
 
 @dataclass

@@ -587,7 +587,7 @@ class ClipVG(nn.Module):
             tokens = self.token_head(x[:, 2 + L :]).squeeze(-1).float().masked_fill(image_pad[:, 1:], float("-inf"))
         if self.token_centre:
             g = math.isqrt(tokens.shape[1])
-            c = (torch.arange(g, device=x.device, dtype=torch.float32) + 0.5) / g
+            c = cell_centres(g, x.device)
             p = tokens.softmax(dim=1).view(B, g, g)
             centre = torch.stack([(p.sum(1) * c).sum(1), (p.sum(2) * c).sum(1)], 1)  # (cx, cy)
             xy = (centre + (boxes[:, :2].float() - 0.5) * (2.0 / g)).clamp(1e-4, 1 - 1e-4)
@@ -663,10 +663,16 @@ def clipvg_loss(
     return l1_weight * l1 + giou_weight * giou, {"l1": float(l1.detach()), "giou": float(giou.detach())}
 
 
+def cell_centres(grid: int, device: torch.device | None = None) -> torch.Tensor:
+    """``[g]`` centres of a ``grid``'s cells along one axis, on the normalised canvas (shared by the token targets
+    and the token-score centre, so that both mean the same cell)."""
+    return (torch.arange(grid, device=device, dtype=torch.float32) + 0.5) / grid
+
+
 def token_targets(boxes: torch.Tensor, grid: int) -> torch.Tensor:
     """``[B, g*g]`` target distribution over the grid tokens (row-major): uniform over the cells whose centre
     lies inside the box (normalised cxcywh on the canvas), or the cell of the box centre when none does."""
-    c = (torch.arange(grid, device=boxes.device, dtype=torch.float32) + 0.5) / grid
+    c = cell_centres(grid, boxes.device)
     x1, y1, x2, y2 = cxcywh_to_xyxy(boxes.float()).unbind(-1)
     inside_x = (c[None] >= x1[:, None]) & (c[None] <= x2[:, None])  # [B, g]
     inside_y = (c[None] >= y1[:, None]) & (c[None] <= y2[:, None])
