@@ -155,12 +155,21 @@ def test_temporal_rescore_fixes_an_isolated_error():
     assert temporal_rescore(feats[perm], scores[perm]).tolist() == [0] * T
 
 
-@pytest.mark.parametrize("motion", [False, "corr", "diff", "box_from_centre"])
+@pytest.mark.parametrize("motion", [False, "corr", "diff", "box_from_centre", "motion_attention"])
 def test_feature_reuse_equals_window_by_window(motion):
     from test_cogrounding_model import tiny_net
 
     mode = motion if motion in ("corr", "diff") else "corr"
-    net = tiny_net(motion=mode == motion, motion_mode=mode, box_from_centre=motion == "box_from_centre").eval()
+    net = tiny_net(
+        motion=mode == motion,
+        motion_mode=mode,
+        box_from_centre=motion == "box_from_centre",
+        motion_attention=motion == "motion_attention",
+    ).eval()
+    if motion == "motion_attention":
+        with torch.no_grad():
+            net.mot_vel.bias.fill_(0.2)  # the motion scores count in the boxes compared below
+            net.mot_log_sigma.fill_(-2.0)
     assert net.box_from_centre == (motion == "box_from_centre")
     frames = torch.rand(7, 3, 64, 64)
     ids = torch.tensor([3, 4, 5, 2, 0, 0])

@@ -21,11 +21,14 @@ from groundkit.methods.cogrounding.model import (
     CoGroundingNet,
     LSTMTextEncoder,
     PhraseAttention,
+    Targets,
     build_targets,
     co_attend,
     coord_features,
     decode_boxes,
+    feature_flow,
     location_loss,
+    motion_loss,
     rank_loss,
     rank_partners,
     temporal_offset_loss,
@@ -52,7 +55,9 @@ class TinyBackbone(Backbone):
         return [self.c32(f16), f16, f8]
 
 
-def tiny_net(co_attention=True, size=64, dim=16, motion=False, motion_mode="corr", box_from_centre=False):
+def tiny_net(
+    co_attention=True, size=64, dim=16, motion=False, motion_mode="corr", box_from_centre=False, motion_attention=False
+):
     torch.manual_seed(0)
     return CoGroundingNet(
         TinyBackbone(),
@@ -63,6 +68,7 @@ def tiny_net(co_attention=True, size=64, dim=16, motion=False, motion_mode="corr
         motion=motion,
         motion_mode=motion_mode,
         box_from_centre=box_from_centre,
+        motion_attention=motion_attention,
     )
 
 
@@ -428,3 +434,109 @@ def test_box_from_centre_regresses_on_the_frames_own_maps():
     for p, q in zip(out["pred"], alone["pred"]):
         assert torch.allclose(p[:, :, :4], q[:, :, :4], atol=1e-6)  # offsets: the frame's own maps
         assert not torch.allclose(p[:, :, 4], q[:, :, 4], atol=1e-4)  # confidence: the co-features
+
+
+def test_feature_flow_measures_a_sub_cell_shift_forward_in_time():
+    # a smooth pattern moving 0.25 cell per frame to the right (and 0.1 down)
+    ys, xs = torch.meshgrid(torch.arange(12.0), torch.arange(12.0), indexing="ij")
+    pat = lambda dx, dy: torch.stack(  # noqa: E731
+        [torch.sin(0.6 * (xs - dx) + k) * torch.cos(0.5 * (ys - dy) - k) for k in range(8)]
+    )
+    f0, f1 = pat(0.0, 0.0)[None], pat(0.25, 0.1)[None]
+    flow = feature_flow(f0, f1, torch.tensor([1.0]))[0, :, 3:9, 3:9].mean((1, 2))
+    assert torch.allclose(flow, torch.tensor([0.25, 0.1]), atol=0.03), flow
+    # the neighbour before the centre frame: the same motion, forward in time
+    back = feature_flow(f1, f0, torch.tensor([-1.0]))[0, :, 3:9, 3:9].mean((1, 2))
+    assert torch.allclose(back, torch.tensor([0.25, 0.1]), atol=0.03), back
+    assert torch.allclose(feature_flow(f0, f1, torch.tensor([2.0]))[0, :, 3:9, 3:9].mean((1, 2)), flow / 2)
+    assert feature_flow(f0, f0, torch.tensor([1.0])).abs().max() < 1e-5  # no motion
+    assert feature_flow(f0, f1, torch.tensor([0.0])).abs().max() == 0  # a clipped window repeats the frame
+    flat = torch.ones(1, 8, 12, 12)
+    assert feature_flow(flat, flat + 0.1, torch.tensor([1.0])).abs().max() < 1e-4  # no texture: no motion
+
+
+def test_motion_attention_scores_cells_by_the_velocity_of_the_motion_phrase():
+    ids, mask = text_batch(4, [3, 3, 4, 4])
+    x = torch.rand(4, 3, 64, 64)
+    fi = torch.tensor([4, 5, 7, 8])
+    plain = tiny_net().eval()
+    net = tiny_net(motion_attention=True).eval()
+    net.load_state_dict(plain.state_dict(), strict=False)  # the motion branch keeps its initialisation
+    a = plain(x, ids, mask, clip_len=2, frame_index=fi)
+    b = net(x, ids, mask, clip_len=2, frame_index=fi)
+    assert b["mot_raw"].shape == (4, net.n_cells) and b["text"].e_mot.shape == (4, 16)
+    # velocity 0, sigma 1 cell/frame at the start: the scores of the model without it, up to -|flow|^2 / 2
+    flow = torch.cat([m.flatten(2) for m in net.motion_maps(*_window(net, x))], 2)
+    assert torch.allclose(b["mot_raw"], -(flow**2).sum(1) / 2, atol=1e-5)
+    per_anchor = torch.cat(
+        [
+            b["mot_raw"][:, o : o + g * g].unsqueeze(1).expand(-1, 3, -1).flatten(1)
+            for o, g in zip(net.cell_offsets(), net.grids)
+        ],
+        1,
+    )
+    assert torch.allclose(b["conf"] - a["conf"], per_anchor, atol=1e-5)  # added to each anchor of its cell
+    # the motion loss teaches the phrase its velocity: the velocity layer and sigma learn from the first step ...
+    t = build_targets(net, torch.tensor([[4.0, 4, 20, 20], [30, 30, 50, 60], [10, 40, 30, 60], [0, 0, 63, 63]]))
+    motion_loss(b, t).backward()
+    for p in (net.mot_vel.weight, net.mot_vel.bias, net.mot_log_sigma):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    assert net.visu_map[0][0].weight.grad is None  # the flow is a measurement: no gradient into the maps
+    # ... and, once the velocity layer is not zero, the attention over the words and the words themselves
+    net.zero_grad()
+    with torch.no_grad():
+        net.mot_vel.weight.normal_()
+    motion_loss(net(x, ids, mask, clip_len=2, frame_index=fi), t).backward()
+    for p in (net.mot_attn.score.weight, net.text_encoder.embedding.weight):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    # a phrase that expects a rightward motion ranks a right-moving cell above a left-moving one
+    with torch.no_grad():
+        net.mot_vel.bias.copy_(torch.tensor([0.3, 0.0]))
+        net.mot_log_sigma.fill_(math.log(0.2))
+    maps = [torch.zeros(1, 2, g, g) for g in net.grids]
+    maps[2][0, 0, 1, 1], maps[2][0, 0, 5, 5] = 0.3, -0.3
+    out = net.ground(net.encode_frames(x[:1]), net.encode_text(ids[:1], mask[:1]), motion=maps)
+    right, left = net.cell_offsets()[2] + 1 * 8 + 1, net.cell_offsets()[2] + 5 * 8 + 5
+    assert out["mot_raw"][0, right] > out["mot_raw"][0, left] + 2
+    # a single frame has no motion: no scores, no loss; the image model has no branch at all
+    alone = net(x, ids, mask, clip_len=1)
+    assert "mot_raw" not in alone and motion_loss(alone, t).item() == 0.0
+    assert not tiny_net(co_attention=False, motion_attention=True).motion_attention
+
+
+def _window(net, x):
+    """The centre maps, neighbours and offsets of ``forward`` for pairs of frames 4,5 and 7,8."""
+    v = net.encode_frames(x)
+    idx = torch.tensor([[1], [0], [3], [2]])
+    return v, [f[idx] for f in v], torch.tensor([[1], [-1], [1], [-1]])
+
+
+def test_motion_maps_ignore_neighbours_at_the_same_frame():
+    net = tiny_net(motion_attention=True).eval()
+    v = net.encode_frames(torch.rand(3, 3, 64, 64))
+    centre = [f[:1] for f in v]
+    # a window clipped at the video's end repeats the centre frame (dt = 0): the mean is over the real neighbour
+    both = net.motion_maps(centre, [f[1:2].unsqueeze(1).expand(-1, 2, -1, -1, -1) for f in v], torch.tensor([[0, 1]]))
+    one = net.motion_maps(centre, [f[1:2].unsqueeze(1) for f in v], torch.tensor([[1]]))
+    for p, q, g in zip(both, one, net.grids):
+        assert p.shape == (1, 2, g, g) and torch.allclose(p, q, atol=1e-6)
+    assert one[2].abs().sum() > 0
+    with pytest.raises(ValueError, match="frame offsets"):
+        net.motion_maps(centre, [f[1:2].unsqueeze(1) for f in v], None)
+
+
+def test_motion_loss_over_candidates_ignores_cells_the_model_does_not_consider():
+    # 6 cells; the model hesitates between cells 1 (target) and 4; cell 5 is background the model scores low
+    mot = torch.tensor([[-1.0, 0.0, -1.0, -1.0, -0.5, 3.0]], requires_grad=True)
+    out = {"mot_raw": mot, "cell_score": torch.tensor([[0.1, 5.0, 0.2, 0.0, 4.0, -2.0]]), "conf": torch.zeros(1, 18)}
+    t = Targets(*(torch.zeros(1, dtype=torch.long),) * 4, torch.zeros(1, 4), torch.zeros(1, dtype=torch.long), None)
+    t.cell_index = torch.tensor([1])
+    restricted = motion_loss(out, t, candidates=2)
+    # only cells 1 and 4 count: -log softmax([0, -0.5])[0]
+    assert torch.allclose(restricted, -torch.log_softmax(torch.tensor([0.0, -0.5]), 0)[0])
+    restricted.backward()
+    assert mot.grad[0, 5] == 0 and mot.grad[0, 4] > 0 and mot.grad[0, 1] < 0
+    assert motion_loss(out, t) > restricted  # over all cells the background's 3.0 dominates
+    # the GT cell always counts, even when the model does not rank it among its candidates
+    t.cell_index = torch.tensor([3])
+    assert torch.allclose(motion_loss(out, t, candidates=2), -torch.log_softmax(torch.tensor([0.0, -1.0, -0.5]), 0)[1])

@@ -96,6 +96,9 @@ class CoGroundingModelConfig:
     # not official: co-features L2norm(v_c + g * corr) with a zero-initialised gate g per scale (the official ones are
     # corr alone), so fine-tuning a co-grounding model from an image model starts from that model's predictions
     co_residual: bool = False
+    # not official: a third semantic attention for the motion phrase ("moving left"), which predicts a velocity; each
+    # cell adds the log-likelihood of its Lucas-Kanade motion in the window under it to its score (co-grounding only)
+    motion_attention: bool = False
     attention_temperature: float = 10.0
     bn_momentum_official: bool = False  # reference: BatchNorm momentum 0.999 (running stats ~ the last batch)
     anchors: list[list[float]] = field(
@@ -125,6 +128,8 @@ class CoGroundingLossConfig:
     rank_negatives_reversal: bool = False  # reference: negatives by batch reversal (may pick the same sentence)
     loc_on_normalized: bool = False  # reference: location CE on min-max normalised [0,1] scores
     loc_temperature: float = 0.1  # fixed: CE on raw cosines / temperature
+    motion_weight: float = 1.0  # CE of the cells' motion log-likelihoods (model.motion_attention only)
+    motion_candidates: int = 0  # 0: that CE over all cells; k: over the GT cell and the model's k best other cells
     temporal_weight: float = 0.0  # temporal consistency (official offset_loss weight 5; never run there)
     confidence_consistency_weight: float = 0.0  # MSE between consecutive frames' anchor distributions
     train_clip_len: int = 2  # frames per training clip (official: pairs t-1, t)

@@ -50,6 +50,14 @@ VIDEO_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         {"model.co_residual": True, "model.motion": True, "model.motion_mode": "diff", "model.box_from_centre": True},
     ),
     "co-grounding, residual + temporal loss": ("world_video", {"model.co_residual": True, "loss.temporal_weight": 5.0}),
+    "co-grounding, residual + motion attention": (
+        "world_video",
+        {"model.co_residual": True, "model.motion_attention": True},
+    ),
+    "co-grounding, residual + motion attention, candidate loss": (
+        "world_video",
+        {"model.co_residual": True, "model.motion_attention": True, "loss.motion_candidates": 8},
+    ),
 }
 IMAGE_KEYS = ("testA/Acc@0.5", "testB/Acc@0.5", "Acc@0.5", "random_object", "largest_object", "upper_bound")
 VIDEO_KEYS = ("Acc@0.5", "Acc@0.5 (post)")

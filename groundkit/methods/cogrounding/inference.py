@@ -41,6 +41,7 @@ def _head(model: CoGroundingNet, v: list[torch.Tensor], centre: torch.Tensor, ne
         model.cofeatures(vc, vn, dt),
         text.index(torch.zeros(len(centre), dtype=torch.long, device=centre.device)),
         centre=vc,
+        motion=model.motion_maps(vc, vn, dt),
     )
 
 
@@ -119,7 +120,8 @@ def ground_video_windowed(
         use = neigh is not None and model.co_attention
         dt = _neighbours(w) - w[:, c : c + 1] if use else None
         vc = [x[centre] for x in v]
-        out = model.ground(model.cofeatures(vc, [x[neigh] for x in v] if use else None, dt), text, centre=vc)
+        vn = [x[neigh] for x in v] if use else None
+        out = model.ground(model.cofeatures(vc, vn, dt), text, centre=vc, motion=model.motion_maps(vc, vn, dt))
         parts.append(_collect(model, out, top_k))
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 

@@ -33,6 +33,7 @@ from .model import (
     confidence_consistency_loss,
     decode_boxes,
     location_loss,
+    motion_loss,
     rank_loss,
     rank_partners,
     temporal_offset_loss,
@@ -69,6 +70,7 @@ def build_model(cfg: CoGroundingConfig) -> CoGroundingNet:
         co_residual=m.co_residual,
         motion_mode=m.motion_mode,
         box_from_centre=m.box_from_centre,
+        motion_attention=m.motion_attention,
     )
 
 
@@ -165,6 +167,10 @@ class CoGroundingMethod(Method):
         loc = location_loss(out, t, L.loc_on_normalized, L.loc_temperature)
         loss = reg + cls + L.rank_weight * rank + L.loc_weight * loc
         logs = {"box": reg.item(), "anchor_ce": cls.item(), "rank": rank.item(), "loc": loc.item()}
+        if "mot_raw" in out:
+            mot = motion_loss(out, t, L.motion_candidates)
+            loss = loss + L.motion_weight * mot
+            logs["motion"] = mot.item()
         if L.temporal_weight > 0:
             tmp = temporal_offset_loss(net, out, t, batch["boxes"], clip_len)
             loss = loss + L.temporal_weight * tmp

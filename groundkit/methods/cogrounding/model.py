@@ -37,6 +37,10 @@ __all__ = [
     "coord_features",
     "co_attend",
     "motion_volume",
+    "motion_difference",
+    "feature_flow",
+    "flow_moments",
+    "solve_flow",
     "Targets",
     "build_targets",
     "decode_boxes",
@@ -44,6 +48,7 @@ __all__ = [
     "rank_partners",
     "rank_loss",
     "location_loss",
+    "motion_loss",
     "temporal_offset_loss",
     "confidence_consistency_loss",
 ]
@@ -220,6 +225,41 @@ def motion_difference(query: torch.Tensor, key: torch.Tensor, dt: torch.Tensor) 
     return (key - query) / safe * (dt != 0).to(query.dtype)
 
 
+def flow_moments(query: torch.Tensor, key: torch.Tensor, dt: torch.Tensor, window: int = 3) -> torch.Tensor:
+    """Lucas-Kanade moments ``[B, 5, H, W]``: ``<I_x I_x>, <I_x I_y>, <I_y I_y>, <I_x I_t>, <I_y I_t>`` summed over
+    the channels and averaged over a ``window`` x ``window`` neighbourhood (``I_x``, ``I_y`` central differences
+    of ``query``, ``I_t = (key - query) / dt``; the last two are 0 where ``dt == 0``). Moments add up, so
+    several neighbours and larger cells are pooled before :func:`solve_flow`."""
+    qx = F.pad(query, (1, 1, 0, 0), mode="replicate")
+    qy = F.pad(query, (0, 0, 1, 1), mode="replicate")
+    ix, iy = (qx[..., 2:] - qx[..., :-2]) / 2, (qy[..., 2:, :] - qy[..., :-2, :]) / 2
+    it = motion_difference(query, key, dt)
+    m = torch.stack([(ix * ix).sum(1), (ix * iy).sum(1), (iy * iy).sum(1), (ix * it).sum(1), (iy * it).sum(1)], 1)
+    return F.avg_pool2d(m, window, 1, window // 2, count_include_pad=False)
+
+
+def solve_flow(moments: torch.Tensor, ridge: float = 1e-3) -> torch.Tensor:
+    """``[B, 2, H, W]`` motion (x, y) from :func:`flow_moments`: the 2 x 2 least-squares solution of
+    ``I_x u + I_y v + I_t = 0``, with a ridge relative to each frame's mean gradient energy so that flat
+    regions stay at 0."""
+    a, b, c, p, q = moments.unbind(1)
+    eps = ridge * (a + c).flatten(1).mean(1).view(-1, 1, 1) + 1e-8
+    a, c = a + eps, c + eps
+    det = a * c - b * b
+    return torch.stack([-(c * p - b * q) / det, -(a * q - b * p) / det], 1)
+
+
+def feature_flow(query: torch.Tensor, key: torch.Tensor, dt: torch.Tensor, window: int = 3) -> torch.Tensor:
+    """Lucas-Kanade motion of the maps from ``query`` to ``key``, ``[B, 2, H, W]`` (x, y) in cells per frame (not official).
+
+    ``query``, ``key``: ``[B, D, H, W]``; ``dt [B]``: the key frame's offset in frames. Per cell, the least-squares
+    solution of ``I_x u + I_y v + I_t = 0`` over the channels and a ``window`` x ``window`` neighbourhood,
+    forward in time whichever side the key frame is on. Valid for motions below about one cell per frame
+    (objects here move a quarter of a stride-8 cell); ``dt == 0`` pairs give zeros.
+    """
+    return solve_flow(flow_moments(query, key, dt, window))
+
+
 # ----------------------------------------------------------------------------- network
 
 
@@ -233,11 +273,12 @@ class TextFeatures:
     e_sub: torch.Tensor  # [B, D]
     loc_attn: torch.Tensor  # [B, T] location/relation attention
     e_loc: torch.Tensor  # [B, D]
+    mot_attn: torch.Tensor | None = None  # [B, T] motion attention (``motion_attention`` only)
+    e_mot: torch.Tensor | None = None  # [B, D]
 
     def index(self, idx: torch.Tensor) -> TextFeatures:
-        return TextFeatures(
-            *(getattr(self, k)[idx] for k in ("mask", "flang", "sub_attn", "e_sub", "loc_attn", "e_loc"))
-        )
+        keys = ("mask", "flang", "sub_attn", "e_sub", "loc_attn", "e_loc", "mot_attn", "e_mot")
+        return TextFeatures(*(None if getattr(self, k) is None else getattr(self, k)[idx] for k in keys))
 
 
 class CoGroundingNet(nn.Module):
@@ -253,7 +294,9 @@ class CoGroundingNet(nn.Module):
     convolution over the centre map and the temporal derivative :func:`motion_difference`),
     ``box_from_centre`` (box offsets from the centre frame's own maps, scores from the co-features; not
     official), ``co_residual`` (co-features ``L2norm(v_c + g * corr)`` with a zero-initialised gate ``g``;
-    not official).
+    not official), ``motion_attention`` (a third semantic attention, for the motion phrase, matched per cell
+    with a motion embedding of the window's temporal derivative and added to the final scores through a
+    zero-initialised weight; not official, co-grounding only).
 
     The three stages are separate methods so that a video's frames are encoded once and reused by
     every window (:meth:`encode_frames`, :meth:`encode_text`, :meth:`ground`); :meth:`forward`
@@ -279,6 +322,7 @@ class CoGroundingNet(nn.Module):
         co_residual: bool = False,
         motion_mode: str = "corr",
         box_from_centre: bool = False,
+        motion_attention: bool = False,
     ):
         super().__init__()
         if image_size % 32:
@@ -326,6 +370,18 @@ class CoGroundingNet(nn.Module):
         # the centre frame's own maps regress its box, so the other frames cannot blur a clear frame's box
         self.box_from_centre = bool(box_from_centre and co_attention)
         ctx = text_encoder.out_dim
+        # motion attention (not official): a third phrase attention picks the motion words ("moving left"), a linear
+        # layer turns them into an expected velocity, and each cell scores the Gaussian log-likelihood of its
+        # Lucas-Kanade motion (:func:`feature_flow`, parameter-free) under it; the scores are added to the final
+        # scores and trained by their own cross-entropy (the motion loss). Velocity 0 and sigma 1 cell/frame at the
+        # start: sub-cell motions change the scores by a few hundredths
+        self.motion_attention = bool(motion_attention and co_attention)
+        if self.motion_attention:
+            self.mot_attn = PhraseAttention(ctx)
+            self.mot_vel = nn.Linear(D, 2)
+            nn.init.zeros_(self.mot_vel.weight)
+            nn.init.zeros_(self.mot_vel.bias)
+            self.mot_log_sigma = nn.Parameter(torch.zeros(()))
         self.lang_mlp = nn.Sequential(
             nn.Linear(ctx, D),
             nn.BatchNorm1d(D, momentum=bn_momentum),
@@ -391,7 +447,10 @@ class CoGroundingNet(nn.Module):
         flang = l2n(self.lang_mlp(sent), dim=1)
         a_sub, e_sub = self.sub_attn(ctx, emb, mask)
         a_loc, e_loc = self.loc_attn(ctx, emb, mask)
-        return TextFeatures(mask, flang, a_sub, e_sub, a_loc, e_loc)
+        if not self.motion_attention:
+            return TextFeatures(mask, flang, a_sub, e_sub, a_loc, e_loc)
+        a_mot, e_mot = self.mot_attn(ctx, emb, mask)
+        return TextFeatures(mask, flang, a_sub, e_sub, a_loc, e_loc, a_mot, e_mot)
 
     # ---------------------------------------------------------------- stage 3: grounding
 
@@ -428,13 +487,43 @@ class CoGroundingNet(nn.Module):
             out.append(corr.view(B, K, *corr.shape[1:]).mean(1))
         return out
 
+    def motion_maps(
+        self, centre: list[torch.Tensor], neighbours: list[torch.Tensor] | None, dt: torch.Tensor | None
+    ) -> list[torch.Tensor] | None:
+        """Per scale ``[B,2,G,G]``: each cell's motion (x, y) in finest-scale cells per frame (``motion_attention``).
+
+        The Lucas-Kanade moments (:func:`flow_moments`) of the finest maps, averaged over the neighbours with
+        ``dt != 0`` and over each coarser cell's area, then solved (:func:`solve_flow`): a coarse cell's
+        motion is that of its textured part (the object), not diluted by flat background. No gradient (a
+        measurement, not a layer). None without the branch or without neighbours.
+        """
+        if not self.motion_attention or neighbours is None:
+            return None
+        if dt is None:
+            raise ValueError("the motion attention needs the neighbours' frame offsets dt [B, K]")
+        with torch.no_grad():
+            vc, vn = centre[-1].float(), neighbours[-1].float()
+            B, K = vn.shape[:2]
+            vc_k = vc.unsqueeze(1).expand(-1, K, -1, -1, -1).reshape(B * K, *vc.shape[1:])
+            m = flow_moments(vc_k, vn.reshape(B * K, *vn.shape[2:]), dt.reshape(B * K)).view(B, K, 5, *vc.shape[2:])
+            valid = (dt != 0).to(m.dtype).view(B, K, 1, 1, 1)
+            m = (m * valid).sum(1) / valid.sum(1).clamp(min=1)  # dt == 0 pairs carry no motion: left out
+            return [solve_flow(F.adaptive_avg_pool2d(m, g)).to(centre[0].dtype) for g in self.grids]
+
     def ground(
-        self, feats: list[torch.Tensor], text: TextFeatures, centre: list[torch.Tensor] | None = None
+        self,
+        feats: list[torch.Tensor],
+        text: TextFeatures,
+        centre: list[torch.Tensor] | None = None,
+        motion: list[torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor | list[torch.Tensor]]:
         """Head on (co-)features ``feats`` (per scale ``[B,D,G,G]``) and ``text`` (B rows).
 
         ``centre``: the centre frames' own maps (same shapes); with ``box_from_centre`` the box offsets
-        (tx, ty, tw, th) come from the head on ``centre`` and everything else from ``feats``.
+        (tx, ty, tw, th) come from the head on ``centre`` and everything else from ``feats``. ``motion``: the
+        :meth:`motion_maps` of the window; with them ``mot_raw [B,M]``, the log-likelihood
+        ``-|flow - u(phrase)|^2 / (2 sigma^2)`` of each cell's motion under the velocity the motion phrase
+        expects, is returned and added to every anchor's score.
 
         Returns ``pred``: per scale ``[B,3,5,G,G]`` raw (tx, ty, tw, th, conf); ``conf_raw`` ``[B,A]``;
         ``sim`` ``[B,M]`` subject cosine per cell; ``loc_raw`` ``[B,M]`` and ``loc`` ``[B,M]`` (min-max
@@ -473,15 +562,23 @@ class CoGroundingNet(nn.Module):
             1,
         )
         conf = conf_raw * per_anchor(sim) * per_anchor(loc)
-        return {
-            "pred": preds,
-            "conf_raw": conf_raw,
-            "sim": sim,
-            "loc_raw": loc_raw,
-            "loc": loc,
-            "conf": conf,
-            "feats": feats,
-        }
+        res = {"pred": preds, "conf_raw": conf_raw, "sim": sim, "loc_raw": loc_raw, "loc": loc, "feats": feats}
+        if motion is not None and text.e_mot is not None:
+            vel = self.mot_vel(text.e_mot).view(B, 2, 1)  # [B, 2] expected motion, cells per frame
+            flow = torch.cat([m.flatten(2) for m in motion], 2).to(vel.dtype)  # [B, 2, M]
+            mot = -((flow - vel) ** 2).sum(1) / (2 * torch.exp(2 * self.mot_log_sigma))
+            res["mot_raw"] = mot  # [B, M]
+            # each cell's best score without the motion term: the motion loss's candidates
+            res["cell_score"] = torch.cat(
+                [
+                    c.view(B, 3, g * g).amax(1)
+                    for c, g in zip(conf.split([3 * g * g for g in self.grids], 1), self.grids)
+                ],
+                1,
+            )
+            conf = conf + per_anchor(mot.to(conf.dtype))
+        res["conf"] = conf
+        return res
 
     def forward(
         self,
@@ -509,7 +606,10 @@ class CoGroundingNet(nn.Module):
             neighbours = [x[idx] for x in v]  # [N, K, D, G, G]
             f = pos if frame_index is None else frame_index.to(pos.device)
             dt = f[idx] - f.unsqueeze(1)  # [N, K]
-        out = self.ground(self.cofeatures(v, neighbours, dt if neighbours is not None else None), text, centre=v)
+        dt = dt if neighbours is not None else None
+        out = self.ground(
+            self.cofeatures(v, neighbours, dt), text, centre=v, motion=self.motion_maps(v, neighbours, dt)
+        )
         out["text"] = text
         return out
 
@@ -663,6 +763,25 @@ def location_loss(out: dict, t: Targets, reference: bool, temperature: float = 0
     """
     logits = out["loc"] if reference else out["loc_raw"] / temperature
     return F.cross_entropy(logits.float(), t.cell_index)
+
+
+def motion_loss(out: dict, t: Targets, candidates: int = 0) -> torch.Tensor:
+    """Cross-entropy of the motion log-likelihoods ``mot_raw`` against the GT centre cell (``motion_attention``;
+    zero when the batch had no neighbours): it teaches the motion phrase its velocity.
+
+    ``candidates`` 0: over all M cells. ``k > 0``: over the GT cell and the ``k`` cells the rest of the model
+    scores highest (``cell_score``, no gradient), so the motion term learns to separate the objects the model
+    hesitates between (a look-alike moving the other way) rather than objects from the flat background.
+    """
+    if "mot_raw" not in out:
+        return out["conf"].new_zeros(())
+    logits = out["mot_raw"].float()
+    if candidates > 0:
+        top = out["cell_score"].detach().topk(min(candidates, logits.shape[1]), 1).indices
+        keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, top, True)
+        keep[torch.arange(len(keep), device=keep.device), t.cell_index] = True
+        logits = logits.masked_fill(~keep, float("-inf"))
+    return F.cross_entropy(logits, t.cell_index)
 
 
 def temporal_offset_loss(
