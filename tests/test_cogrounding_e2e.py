@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from groundkit.config import load_config
+from groundkit.config import ConfigError, load_config
 from groundkit.engine import fit
 from groundkit.errors import DataError
 from groundkit.methods import get_method
@@ -125,6 +125,10 @@ def test_bad_input_is_one_clear_line(run, tmp_path):
         load_frames(tmp_path / "empty")
     for e in (DataError("x"),):
         assert "\n" not in str(e)
+    # the training split's dataset is for training: evaluating it says how to score those expressions instead
+    method = get_method("cogrounding")
+    with pytest.raises(ConfigError, match=r"data.test_splits=\[train\]"):
+        method.evaluate(pred.model, method.build_dataset(pred.cfg, "train"), pred.cfg, torch.device("cpu"))
 
 
 def test_bench_reports_ratio():

@@ -129,7 +129,7 @@ class CoGroundingLossConfig:
     loc_on_normalized: bool = False  # reference: location CE on min-max normalised [0,1] scores
     loc_temperature: float = 0.1  # fixed: CE on raw cosines / temperature
     motion_weight: float = 1.0  # CE of the cells' motion log-likelihoods (model.motion_attention only)
-    motion_candidates: int = 0  # 0: that CE over all cells; k: over the GT cell and the model's k best other cells
+    motion_candidates: int = 8  # that CE over the GT cell and the model's k best cells (0: over all cells)
     temporal_weight: float = 0.0  # temporal consistency (official offset_loss weight 5; never run there)
     confidence_consistency_weight: float = 0.0  # MSE between consecutive frames' anchor distributions
     train_clip_len: int = 2  # frames per training clip (official: pairs t-1, t)

@@ -50,10 +50,11 @@ VIDEO_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         {"model.co_residual": True, "model.motion": True, "model.motion_mode": "diff", "model.box_from_centre": True},
     ),
     "co-grounding, residual + temporal loss": ("world_video", {"model.co_residual": True, "loss.temporal_weight": 5.0}),
-    "co-grounding, residual + motion attention": (
+    "co-grounding, residual + motion attention, loss over all cells": (
         "world_video",
-        {"model.co_residual": True, "model.motion_attention": True},
+        {"model.co_residual": True, "model.motion_attention": True, "loss.motion_candidates": 0},
     ),
+    "co-grounding + motion attention": ("world_video", {"model.motion_attention": True}),
     "co-grounding, residual + motion attention, candidate loss": (
         "world_video",
         {"model.co_residual": True, "model.motion_attention": True, "loss.motion_candidates": 8},

@@ -189,6 +189,11 @@ class CoGroundingMethod(Method):
     def evaluate(
         self, model: nn.Module, dataset: Any, cfg: CoGroundingConfig, device: torch.device
     ) -> dict[str, float]:
+        if not isinstance(dataset, EvalBundle):
+            raise ConfigError(
+                "cogrounding evaluates the val and test splits; to score the training expressions use "
+                "--split test --set data.test_splits=[train]"
+            )
         net: CoGroundingNet = getattr(model, "module", model)
         was = net.training
         net.eval()
