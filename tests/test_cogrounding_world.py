@@ -14,6 +14,7 @@ from groundkit.config import ConfigError, load_config
 from groundkit.methods import get_method
 from groundkit.methods.cogrounding.config import CoGroundingConfig
 from groundkit.methods.cogrounding.data import ImageSample, RefExpDataset
+from groundkit.runs import slug
 from groundkit.world import resolve_world
 
 torch.set_num_threads(1)
@@ -139,3 +140,29 @@ def test_cached_maps_use_the_frozen_backbones_running_statistics(tmp_path):
     with torch.no_grad():
         live = bb.eval()(pixels)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(maps, live))
+
+
+def test_video_table_with_motion_attention_and_heldout_world(tmp_path, monkeypatch):
+    """Two variants of the video table train on the tiny world (the motion loss is logged), and ``heldout`` scores
+    them on another draw of the world, pairing each variant with the single-frame run of its seed."""
+    import json
+
+    from groundkit.methods.cogrounding.experiments import heldout_table, run_table
+
+    monkeypatch.setenv("GROUNDKIT_DATA", str(tmp_path / "worlds"))
+    names = ["single-frame (SL-Att)", "co-grounding, residual + motion attention, candidate loss"]
+    extra = {"train.epochs": 1, "train.batch_size": 4, "data.frame_stride": 4, "model.dim": 16, "model.vocab_size": 500}
+    results, _ = run_table("video", tmp_path / "table", [0], size="tiny", extra=extra, names=names)
+    assert [r.status for r in results] == ["done", "done"]
+    log = tmp_path / "table" / "co-grounding-residual-motion-attention-candidate-loss" / "seed0" / "log.jsonl"
+    assert any("motion" in json.loads(line) for line in log.read_text().splitlines() if '"train"' in line)
+    scores, table = heldout_table(tmp_path / "table", world_seed=1, names=names)
+    assert set(scores) == set(names)
+    for name in names:
+        m = scores[name][0]
+        assert m["samples"] > 0 and 0.0 <= m["Acc@0.5"] <= 100.0 and "train/Acc@0.5" in m
+        assert (tmp_path / "table" / slug(name) / "seed0" / "heldout-world1" / "metrics.json").is_file()
+    assert "(0 of 1 ahead)" in table or "(1 of 1 ahead)" in table
+    assert len(list((tmp_path / "worlds").glob("video-tiny-seed1*"))) == 1  # the other draw was built
+    with pytest.raises(ValueError, match="trained on world seed 0"):
+        heldout_table(tmp_path / "table", world_seed=0, names=names[:1])
