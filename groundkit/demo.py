@@ -85,7 +85,7 @@ def _crosskd(args: argparse.Namespace, seeds: list[int], out: Path) -> tuple[lis
 def _cogrounding(args: argparse.Namespace, seeds: list[int], out: Path) -> tuple[list[RunResult], str]:
     from .methods.cogrounding.experiments import table_specs as cogrounding_specs  # noqa: PLC0415 (demo only)
 
-    names = ["single-frame (SL-Att)", "co-grounding (CG-SL-Att)"]
+    names = ["single-frame (SL-Att)", "co-grounding (CG-SL-Att)", "co-grounding + motion attention"]
     extra = _budget(args, "cogrounding")
     root = Path(generate("video", size=args.size, seed=args.world_seed, progress=True))
     _WORLDS.append(root)
@@ -99,7 +99,7 @@ def _cogrounding(args: argparse.Namespace, seeds: list[int], out: Path) -> tuple
         table_rows.append({**row, "metrics": {"Acc@0.5": row["metrics"]["Acc@0.5"]}})
         if row["label"].startswith("co-grounding"):
             post = {"Acc@0.5": row["metrics"]["Acc@0.5 (post)"]}
-            table_rows.append({**row, "label": "co-grounding + post-processing", "metrics": post})
+            table_rows.append({**row, "label": f"{row['label']} + post-processing", "metrics": post})
     table = format_table(table_rows, ["Acc@0.5"], header="cogrounding (video, test frames)")
     return results, table
 

@@ -42,7 +42,7 @@ __all__ = [
 FIGURE_RUNS: dict[str, str] = {
     "wang21": "NCE+Distill (reference)",
     "crosskd": "CE+ + caption KD (detached, tau 0.1)",
-    "cogrounding": "co-grounding (CG-SL-Att)",
+    "cogrounding": "co-grounding + motion attention",
     "clipvg": "template source, SSA",  # the label goes on with the chosen threshold
 }
 

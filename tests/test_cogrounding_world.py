@@ -164,5 +164,5 @@ def test_video_table_with_motion_attention_and_heldout_world(tmp_path, monkeypat
         assert (tmp_path / "table" / slug(name) / "seed0" / "heldout-world1" / "metrics.json").is_file()
     assert "(0 of 1 ahead)" in table or "(1 of 1 ahead)" in table
     assert len(list((tmp_path / "worlds").glob("video-tiny-seed1*"))) == 1  # the other draw was built
-    with pytest.raises(ValueError, match="trained on world seed 0"):
+    with pytest.raises(ConfigError, match="trained on world seed 0"):
         heldout_table(tmp_path / "table", world_seed=0, names=names[:1])

@@ -45,7 +45,8 @@ def test_tiny_demo_of_all_four_methods_writes_tables_and_a_report(tmp_path, caps
     md = (out / "demo_results.md").read_text()
     for head in ("wang21 (phrase", "crosskd (text-to-video", "cogrounding (video", "clipvg (referring"):
         assert head in md
-    assert "co-grounding + post-processing" in md and "random box" in md
+    assert "co-grounding (CG-SL-Att) + post-processing" in md and "co-grounding + motion attention" in md
+    assert "random box" in md
     page = (out / "report" / "index.html").read_text()
     srcs = re.findall(r'src="([^"]+)"', page)
     assert srcs and all((out / "report" / s).is_file() for s in srcs)

@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from ...config import ConfigError
 from ...runs import RunResult, RunSpec, format_table, run_many, seed_specs, slug, summarize, write_summary
 
 __all__ = [
@@ -151,7 +152,7 @@ def heldout_table(
                 metrics = json.loads((dest / "metrics.json").read_text())["metrics"]
             else:
                 if run_config(run, "cogrounding")[1].data.synth_seed == world_seed:
-                    raise ValueError(f"{run} was trained on world seed {world_seed}: pick another --world-seed")
+                    raise ConfigError(f"{run} was trained on world seed {world_seed}: pick another --world-seed")
                 method, cfg, ck = run_config(run, "cogrounding", overrides)
                 metrics = run_eval(method, resolve_world(method, cfg), ck, split="test", output_dir=dest)
             results.setdefault(name, {})[int(run.name[4:])] = metrics
@@ -181,7 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--world-seed", type=int, default=1, help="heldout: the world draw to evaluate on")
     a = p.parse_args(argv)
     if a.kind == "heldout":
-        _, table = heldout_table(a.out, a.world_seed, a.variants, a.threads)
+        try:
+            _, table = heldout_table(a.out, a.world_seed, a.variants, a.threads)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         print(table)
         return 0
     extra = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in a.set)}
