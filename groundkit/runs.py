@@ -416,9 +416,14 @@ def _stop_with_parent() -> None:
         pass
 
 
+_POOL_PARENT: int | None = None  # in a pool worker: the pid of the process that started it
+
+
 def _init_worker(threads: int | None) -> None:
     # Ctrl-C reaches every process of the terminal: an idle worker ignores it (no traceback), a training
     # handles it (the engine installs its own handler for the training loop: save, then stop)
+    global _POOL_PARENT
+    _POOL_PARENT = os.getppid()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _stop_with_parent()
     if threads:
@@ -427,13 +432,24 @@ def _init_worker(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+def _pool_run(spec: RunSpec, threads: int | None, resume: bool, overwrite: bool) -> RunResult:
+    """:func:`run_one` in a pool worker. The parent's death stops a training through its SIGTERM (the run saves
+    and ends), but the worker would then wait for the next task forever: its task queue holds both ends of its
+    pipe, so it never sees the parent go. A worker whose parent is gone exits after its run."""
+    try:
+        return run_one(spec, threads, resume, overwrite)
+    finally:  # a finished, failed or interrupted run alike
+        if _POOL_PARENT is not None and os.getppid() != _POOL_PARENT:
+            os._exit(0)  # nobody is left to read the result; the run's folder holds it
+
+
 def _run_pool(
     specs: list[RunSpec], todo: list[int], jobs: int, threads: int | None, resume: bool, overwrite: bool, report: Any
 ) -> None:
     ctx = mp.get_context("spawn")
     workers = min(int(jobs), len(todo))
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as ex:
-        futures = {ex.submit(run_one, specs[i], threads, resume, overwrite): i for i in todo}
+        futures = {ex.submit(_pool_run, specs[i], threads, resume, overwrite): i for i in todo}
         try:
             _collect(futures, specs, report)
         except KeyboardInterrupt:  # runs not started are dropped; running ones save a checkpoint and stop

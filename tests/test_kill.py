@@ -134,3 +134,62 @@ def test_sigint_then_sigterm_save_resumable_checkpoints(reference, tmp_path):
     r = subprocess.run(_cmd(out, "--resume"), env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert _same(_result(out), reference)
+
+
+SWEEP = """
+import sys
+import regression_method as rm
+from groundkit.runs import run_many, seed_specs
+
+if __name__ == "__main__":
+    base = {"train": {"epochs": 40, "batch_size": 16, "progress": False, "tensorboard": False, "log_every": 1,
+                      "best_metric": "mse", "best_mode": "min"}, "data": {"step_sleep": 0.05}}
+    run_many(seed_specs("reg", rm.METHOD, base, [0, 1, 2], sys.argv[1]), jobs=2, threads=1, progress=False)
+"""
+
+
+def _children(pid: int) -> set[int]:
+    kids: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            kids |= {int(x) for x in (task / "children").read_text().split()}
+        except OSError:
+            pass
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal and /proc are Linux")
+def test_sweep_workers_stop_when_the_sweep_is_killed(tmp_path):
+    """A run_many sweep killed with SIGKILL leaves no worker behind: the trainings save and stop, and the
+    workers exit instead of waiting for tasks that will never come."""
+    script = tmp_path / "sweep.py"
+    script.write_text(SWEEP)
+    env = {**_env(), "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT)])}  # the workers import the test method
+    out = tmp_path / "runs"
+    p = subprocess.Popen([sys.executable, str(script), str(out)], env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and p.poll() is None:
+        if all(_logged_step(out / "reg" / f"seed{k}") >= 3 for k in (0, 1)):
+            break
+        time.sleep(0.05)
+    workers = _children(p.pid)
+    assert p.poll() is None and len(workers) >= 2, p.stderr.read() if p.poll() is not None else workers
+    p.kill()
+    p.wait()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and any(_alive(w) for w in workers):
+        time.sleep(0.2)
+    left = [w for w in workers if _alive(w)]
+    for w in left:
+        os.kill(w, signal.SIGKILL)
+    assert not left, f"workers {left} outlived the killed sweep"
+    for k in (0, 1):  # the interrupted trainings saved a checkpoint to resume from
+        assert json.loads((out / "reg" / f"seed{k}" / "run.json").read_text())["status"] in ("interrupted", "done")
