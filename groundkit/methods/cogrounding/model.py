@@ -260,6 +260,15 @@ def feature_flow(query: torch.Tensor, key: torch.Tensor, dt: torch.Tensor, windo
     return solve_flow(flow_moments(query, key, dt, window))
 
 
+def _pairs(centre: torch.Tensor, neighbours: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``centre [B,D,G,G]`` and ``neighbours [B,K,D,G,G]`` as ``B*K`` (centre, neighbour) pairs ``[B*K,D,G,G]``."""
+    B, K = neighbours.shape[:2]
+    return (
+        centre.unsqueeze(1).expand(-1, K, -1, -1, -1).reshape(B * K, *centre.shape[1:]),
+        neighbours.reshape(B * K, *neighbours.shape[2:]),
+    )
+
+
 # ----------------------------------------------------------------------------- network
 
 
@@ -294,9 +303,9 @@ class CoGroundingNet(nn.Module):
     convolution over the centre map and the temporal derivative :func:`motion_difference`),
     ``box_from_centre`` (box offsets from the centre frame's own maps, scores from the co-features; not
     official), ``co_residual`` (co-features ``L2norm(v_c + g * corr)`` with a zero-initialised gate ``g``;
-    not official), ``motion_attention`` (a third semantic attention, for the motion phrase, matched per cell
-    with a motion embedding of the window's temporal derivative and added to the final scores through a
-    zero-initialised weight; not official, co-grounding only).
+    not official), ``motion_attention`` (a third semantic attention, for the motion phrase, which predicts a
+    velocity; each cell adds the log-likelihood of its Lucas-Kanade motion in the window (:meth:`motion_maps`)
+    under it to its score; not official, co-grounding only).
 
     The three stages are separate methods so that a video's frames are encoded once and reused by
     every window (:meth:`encode_frames`, :meth:`encode_text`, :meth:`ground`); :meth:`forward`
@@ -473,8 +482,7 @@ class CoGroundingNet(nn.Module):
         out = []
         for s, (vc, vn) in enumerate(zip(centre, neighbours)):
             B, K = vn.shape[:2]
-            vc_k = vc.unsqueeze(1).expand(-1, K, -1, -1, -1).reshape(B * K, *vc.shape[1:])
-            vn_k = vn.reshape(B * K, *vn.shape[2:])
+            vc_k, vn_k = _pairs(vc, vn)
             parts = [vc_k, co_attend(vc_k, vn_k, self.attention_temperature)]
             if self.motion and self.motion_conv is None:
                 parts.append(motion_volume(vc_k, vn_k, dt.reshape(B * K), self.motion_radius))
@@ -504,8 +512,7 @@ class CoGroundingNet(nn.Module):
         with torch.no_grad():
             vc, vn = centre[-1].float(), neighbours[-1].float()
             B, K = vn.shape[:2]
-            vc_k = vc.unsqueeze(1).expand(-1, K, -1, -1, -1).reshape(B * K, *vc.shape[1:])
-            m = flow_moments(vc_k, vn.reshape(B * K, *vn.shape[2:]), dt.reshape(B * K)).view(B, K, 5, *vc.shape[2:])
+            m = flow_moments(*_pairs(vc, vn), dt.reshape(B * K)).view(B, K, 5, *vc.shape[2:])
             valid = (dt != 0).to(m.dtype).view(B, K, 1, 1, 1)
             m = (m * valid).sum(1) / valid.sum(1).clamp(min=1)  # dt == 0 pairs carry no motion: left out
             return [solve_flow(F.adaptive_avg_pool2d(m, g)).to(centre[0].dtype) for g in self.grids]
