@@ -129,7 +129,6 @@ def heldout_table(
     ``world_seed``; returns ``{variant: {seed: metrics}}`` and a table (mean ± std over seeds, and each variant
     paired by seed with the single-frame runs)."""
     import json  # noqa: PLC0415
-    import statistics  # noqa: PLC0415
 
     import torch  # noqa: PLC0415
 
@@ -151,22 +150,30 @@ def heldout_table(
             if (dest / "metrics.json").is_file():
                 metrics = json.loads((dest / "metrics.json").read_text())["metrics"]
             else:
-                if run_config(run, "cogrounding")[1].data.synth_seed == world_seed:
+                if rec.get("identity", {}).get("config", {}).get("data.synth_seed") == world_seed:
                     raise ConfigError(f"{run} was trained on world seed {world_seed}: pick another --world-seed")
                 method, cfg, ck = run_config(run, "cogrounding", overrides)
                 metrics = run_eval(method, resolve_world(method, cfg), ck, split="test", output_dir=dest)
             results.setdefault(name, {})[int(run.name[4:])] = metrics
-    fmt = lambda v: f"{statistics.mean(v):.2f} ± {statistics.stdev(v):.2f}" if len(v) > 1 else f"{v[0]:.2f}"  # noqa: E731
     single = results.get("single-frame (SL-Att)", {})
-    lines = ["| variant | Acc@0.5 | Acc@0.5 (post) | paired vs single-frame | n |", "|---|---|---|---|---|"]
+    paired_key = "paired vs single-frame"
+    rows, ahead = [], []
     for name, runs in results.items():
-        acc = [runs[k]["Acc@0.5"] for k in sorted(runs)]
-        post = [runs[k].get("Acc@0.5 (post)", float("nan")) for k in sorted(runs)]
-        common = [k for k in sorted(runs) if k in single and name != "single-frame (SL-Att)"]
-        diff = [runs[k]["Acc@0.5"] - single[k]["Acc@0.5"] for k in common]
-        paired = f"{fmt(diff)} ({sum(d > 0 for d in diff)} of {len(diff)} ahead)" if diff else ""
-        lines.append(f"| {name} | {fmt(acc)} | {fmt(post)} | {paired} | {len(acc)} |")
-    return results, "\n".join(lines)
+        for k in sorted(runs):
+            m = dict(runs[k])
+            if k in single and name != "single-frame (SL-Att)":
+                m[paired_key] = runs[k]["Acc@0.5"] - single[k]["Acc@0.5"]
+            rows.append(
+                RunResult(label=name, seed=k, output_dir=str(out / slug(name) / f"seed{k}"), status="done", metrics=m)
+            )
+        diff = [r.metrics[paired_key] for r in rows if r.label == name and paired_key in r.metrics]
+        if diff:
+            ahead.append(f"- {name}: ({sum(d > 0 for d in diff)} of {len(diff)} ahead)")
+    keys = ("Acc@0.5", "Acc@0.5 (post)", paired_key)
+    table = format_table(summarize(rows, keys), keys)
+    if ahead:
+        table += "\n\nseeds ahead of the single-frame run of the same seed:\n" + "\n".join(ahead)
+    return results, table
 
 
 def main(argv: list[str] | None = None) -> int:
