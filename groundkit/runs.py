@@ -405,13 +405,25 @@ def _finished_result(spec: RunSpec) -> RunResult | None:
 
 
 def _stop_with_parent() -> None:
-    """Linux: SIGTERM this worker when the process that started it dies (a killed demo or sweep leaves
-    no orphan training behind; the training saves a checkpoint and stops)."""
+    """Linux: one SIGTERM to this worker when the process that started it dies (a killed demo or sweep leaves
+    no orphan training behind; the training saves a checkpoint and stops).
+
+    The kernel sends the parent-death signal each time the worker is handed on: to another thread of the dying
+    parent, then to init, so two or more arrive within milliseconds, and the engine reads a second SIGTERM as
+    "stop at once, without saving". The death signal is therefore SIGUSR1, turned into a single SIGTERM."""
     if not sys.platform.startswith("linux"):
         return
+    fired: list[bool] = []
+
+    def on_parent_death(signum: int, frame: Any) -> None:
+        if not fired:
+            fired.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)
+
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        signal.signal(signal.SIGUSR1, on_parent_death)
+        libc.prctl(1, signal.SIGUSR1)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
 
