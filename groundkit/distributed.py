@@ -5,10 +5,12 @@ machine: see :class:`CoreShare`)."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,11 @@ __all__ = [
     "cleanup",
     "usable_cores",
     "CoreShare",
+    "fixed_threads",
+    "float_fingerprint",
+    "padded_chunks",
+    "stored_features",
+    "device_fingerprint",
 ]
 
 
@@ -263,3 +270,84 @@ class CoreShare:
             self._file.close()
             self._file = self._path = None
         torch.set_num_threads(self._saved)
+
+
+# ----------------------------------------------------------------------------- float reproducibility
+
+
+@contextlib.contextmanager
+def fixed_threads(n: int = 1) -> Iterator[None]:
+    """torch's intra-op thread count set to ``n`` inside the block and restored after it.
+
+    On the CPU a reduction split over threads sums in another order, so a float result can change its last
+    bits with the thread count; code whose output is stored and shared (world features, feature caches)
+    runs inside this block so that its bytes do not depend on the machine's or the caller's threads.
+    """
+    saved = torch.get_num_threads()
+    if n != saved:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != saved:
+            torch.set_num_threads(saved)
+
+
+_FINGERPRINT: str | None = None
+
+
+def float_fingerprint() -> str:
+    """A short hash of the torch version and of the bits a few CPU float kernels produce on one thread.
+
+    The kernels (GEMM, dense and depthwise convolution, softmax, sums and the usual activations on seeded
+    inputs) are those that the stored features go through. Two processes with the same fingerprint round
+    alike; another CPU instruction set (AVX2 vs AVX-512 in MKL, oneDNN or ATen), another torch build or
+    another BLAS changes it. Used to tell a bit-exact repeat from one that can only be close.
+    """
+    global _FINGERPRINT
+    if _FINGERPRINT is None:
+        import torch.nn.functional as F  # noqa: PLC0415
+
+        with fixed_threads(1):
+            g = torch.Generator().manual_seed(0)
+            a, b = torch.randn(37, 200, generator=g), torch.randn(200, 96, generator=g)
+            x, w = torch.randn(2, 16, 15, 15, generator=g), torch.randn(24, 16, 3, 3, generator=g)
+            dw = torch.randn(16, 1, 3, 3, generator=g)
+            outs = [a @ b, F.conv2d(x, w, padding=1), F.conv2d(x, dw, groups=16), torch.softmax(a, 1), a.sum(1)]
+            outs += [f(a) for f in (torch.sigmoid, torch.exp, torch.tanh, F.silu, F.gelu)]
+            h = hashlib.sha256(torch.__version__.encode())
+            for o in outs:
+                h.update(o.contiguous().numpy().tobytes())
+        _FINGERPRINT = h.hexdigest()[:16]
+    return _FINGERPRINT
+
+
+def padded_chunks(items: Sequence[Any], size: int) -> Iterator[tuple[list[Any], int]]:
+    """``items`` in chunks of exactly ``size`` (the last padded by repeating its last item), each with the
+    number of real items at its front.
+
+    A kernel's result for one row depends on the batch's size (another GEMM blocking on the CPU), not on the
+    other rows: features computed in chunks of one size are a function of each item alone, whatever else was
+    missing from a cache and encoded beside it.
+    """
+    if size < 1:
+        raise ValueError(f"padded_chunks: size must be >= 1, got {size}")
+    for s in range(0, len(items), size):
+        chunk = list(items[s : s + size])
+        yield chunk + [chunk[-1]] * (size - len(chunk)), len(chunk)
+
+
+def stored_features(device: torch.device | str) -> contextlib.AbstractContextManager:
+    """The context in which features that a cache shares between runs are computed: one thread on the CPU
+    (see :func:`fixed_threads`), nothing to fix on an accelerator."""
+    return fixed_threads(1) if torch.device(device).type == "cpu" else contextlib.nullcontext()
+
+
+def device_fingerprint(device: torch.device | str) -> str:
+    """:func:`float_fingerprint` on the CPU, the accelerator's name and torch version elsewhere: a feature
+    cache keyed by it is never shared by processes whose kernels round differently."""
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        return float_fingerprint()
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
+    return f"{name}|torch {torch.__version__}"

@@ -406,9 +406,10 @@ def train_one_epoch(
 
 # ----------------------------------------------------------------------------- run folders
 
-#: config keys that do not change what a run computes (where it writes, what it shows, which device and
-#: how many threads it ran with); a resumed run may differ in them, and ``groundkit.runs`` ignores them
-#: when it compares a folder's run with a spec
+#: config keys that do not change what a run computes (where it writes, what it shows, which device it ran
+#: on, where its feature caches live: their contents are a function of the inputs alone); a resumed run may
+#: differ in them, and ``groundkit.runs`` ignores them when it compares a folder's run with a spec. The
+#: thread count may differ on resume too, but ``groundkit.runs`` compares it (float results depend on it).
 NEUTRAL_KEYS: tuple[str, ...] = (
     "train.output_dir",
     "train.progress",
@@ -417,6 +418,8 @@ NEUTRAL_KEYS: tuple[str, ...] = (
     "train.device",
     "train.threads",
     "train.num_workers",
+    "data.cache_dir",  # clipvg
+    "data.feature_cache",  # cogrounding
 )
 #: keys that set the length of training: a resumed run may train *longer* (the total number of steps
 #: may grow, e.g. more epochs for a finished run), never shorter. A schedule that depends on the total

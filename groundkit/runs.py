@@ -183,24 +183,30 @@ def default_threads(jobs: int) -> int:
     return max(1, usable_cores() // max(1, int(jobs)))
 
 
-def _resolve(spec: RunSpec) -> tuple[Any, Any]:
-    """(method object, resolved config) of a spec; raises on an unknown method or a bad config/override."""
+def _resolve(spec: RunSpec, threads: int | None = None) -> tuple[Any, Any]:
+    """(method object, resolved config) of a spec, ``threads`` (when given) as ``train.threads``; raises on an
+    unknown method or a bad config/override."""
     method = spec.method
     if isinstance(method, str):
         method = get_method(method)
     overrides = {**spec.overrides, "train.seed": int(spec.seed), "train.output_dir": spec.output_dir}
+    if threads:
+        overrides["train.threads"] = int(threads)
     source = str(spec.config) if isinstance(spec.config, Path) else spec.config
     cfg = load_config(method.config_class, source, overrides, method=method.name)
     return method, method.resolve_config(resolve_world(method, cfg))
 
 
 def _identity(method_name: str, cfg: Any, final_split: str) -> dict[str, Any]:
-    """What a finished run must match to be reused: method, resolved config (less IGNORED_KEYS), final split."""
+    """What a finished run must match to be reused: method, resolved config (less IGNORED_KEYS), final split,
+    and torch's thread count: float results depend on it (``0``, threads shared with the other trainings of
+    the machine, is a count that changes with the load, so such a run is reused only for another ``0``)."""
     flat = engine.flatten_config(to_dict(cfg))
     return {
         "method": method_name,
         "config": {k: v for k, v in flat.items() if k not in IGNORED_KEYS},
         "final_split": final_split,
+        "threads": int(cfg.train.threads),
     }
 
 
@@ -252,7 +258,7 @@ def run_one(spec: RunSpec, threads: int | None = None, resume: bool = False, ove
         tags=dict(spec.tags),
     )
     try:
-        method, cfg = _resolve(spec)
+        method, cfg = _resolve(spec, threads)
     except Exception as e:  # bad method name, config or override: the folder is left untouched
         return dataclasses.replace(base, error=f"{type(e).__name__}: {e}")
     identity = _identity(method.name, cfg, spec.final_split)
@@ -260,8 +266,6 @@ def run_one(spec: RunSpec, threads: int | None = None, resume: bool = False, ove
         done = _reused(spec, cfg, identity, base)
         if done is not None:
             return done
-    if threads:
-        cfg.train.threads = int(threads)
     t0 = time.perf_counter()
     try:
         res = engine.fit(
@@ -370,7 +374,7 @@ def run_many(
         else:
             todo = []
             for i, s in enumerate(specs):
-                done = _finished_result(s)
+                done = _finished_result(s, threads)
                 if done is not None:
                     report(i, done)
                 else:
@@ -387,10 +391,10 @@ def run_many(
     return final
 
 
-def _finished_result(spec: RunSpec) -> RunResult | None:
+def _finished_result(spec: RunSpec, threads: int | None) -> RunResult | None:
     """The reused result of a spec whose folder holds it, else None (cheap: no training, no process)."""
     try:
-        method, cfg = _resolve(spec)
+        method, cfg = _resolve(spec, threads)
     except Exception:
         return None  # the worker reports the error
     base = RunResult(

@@ -119,3 +119,29 @@ def test_text_features_are_shared_across_image_settings(tiny_data):
     assert sum(n.startswith("texts-") for n in names) == 1
     torch.testing.assert_close(stores[0].cache["text_feats"], stores[1].cache["text_feats"])
     assert stores[0].cache["image_feats"].shape[1] != stores[1].cache["image_feats"].shape[1]
+
+
+def test_cached_features_do_not_depend_on_the_cache_history_or_threads(tiny_data, tmp_path):
+    """An image's or text's cached features are a function of it alone: the same bits whether it was encoded
+    beside other missing items or alone, on one thread or two (runs that share a cache get the same numbers)."""
+    images = tmp_path / "images"
+    for i, size in enumerate([(90, 70), (40, 110), (128, 64)]):
+        Image.new("RGB", size, (40 * i, 250 - 60 * i, 90)).save(images / f"c{i}.jpg")
+    rows = [(f"c{i}.jpg", [5, 5, 30, 30], f"object number {i} on the right") for i in range(3)]
+    transvg.save_split([transvg.make_entry("unc", f, b, t) for f, b, t in rows], tmp_path / "splits", "unc", "extra")
+    model = tiny_model(grid=2)
+    one = ClipVGData(**{**tiny_data.__dict__, "cache_dir": str(tmp_path / "cache_a")})
+    first = GroundingSet(load_samples(one, "val"), one)  # a.jpg, b.jpg and their texts encoded first
+    assert first.attach_cache(model, torch.device("cpu"))
+    later = GroundingSet(load_samples(one, "val") + load_samples(one, "extra"), one)
+    assert later.attach_cache(model, torch.device("cpu"))
+    fresh = ClipVGData(**{**tiny_data.__dict__, "cache_dir": str(tmp_path / "cache_b")})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        direct = GroundingSet(load_samples(fresh, "val") + load_samples(fresh, "extra"), fresh)
+        assert direct.attach_cache(model, torch.device("cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    for key in ("image_feats", "text_feats", "image_mask", "text_mask"):
+        assert torch.equal(later.cache[key], direct.cache[key]), key

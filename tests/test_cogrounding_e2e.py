@@ -137,3 +137,13 @@ def test_bench_reports_ratio():
     r = run_bench(size=64, frames=6, dim=16, repeats=1)
     assert r["same_boxes"] and r["ratio"] > 1.0
     assert json.dumps(r)
+
+
+@pytest.mark.parametrize("key", ["data.val_split", "train.val_split"])
+def test_a_test_split_is_refused_for_model_selection(world, key):
+    method = get_method("cogrounding")
+    cfg = load_config(
+        method.config_class, WORLD_IMAGE_YAML, {"data.synth_size": "", "data.data_root": str(world), key: "testB"}
+    )
+    with pytest.raises(ConfigError, match=rf"{key}='testB' is a test split"):
+        method.build_dataset(cfg, "val")

@@ -77,9 +77,19 @@ def test_second_run_reuses_finished_runs_without_training(tmp_path, monkeypatch,
     assert again[0].seconds == pytest.approx(first[0].seconds)
     assert stamp == [(latest_checkpoint(s.output_dir) / "model.safetensors").stat().st_mtime_ns for s in specs]
     monkeypatch.setattr(runs, "_run_pool", no_training)  # jobs > 1: finished runs start no process
-    assert [r.status for r in run_many(specs, jobs=2, progress=True)] == ["reused", "reused"]
+    assert [r.status for r in run_many(specs, jobs=2, threads=1, progress=True)] == ["reused", "reused"]
     err = capsys.readouterr().err
     assert f"reg seed 1: test mse={first[1].metrics['mse']:.4f}" in err and "(reused)" in err
+
+    # another thread count is another run (float results depend on it): never answered by these
+    def pool(specs, todo, *a):
+        raise AssertionError(f"trains {todo}")
+
+    monkeypatch.setattr(runs, "_run_pool", pool)
+    with pytest.raises(AssertionError, match=r"trains \[0, 1\]"):
+        run_many(specs, jobs=2, threads=2, progress=False)
+    r = run_one(specs[0])  # threads 0: shared with the machine's other trainings
+    assert r.status == "failed" and "fit called" in r.error
     monkeypatch.undo()
     # killed after fit() wrote metrics.json but before run.json said "done": resumed from the final
     # checkpoint, which only evaluates again (no training step)
@@ -142,7 +152,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     assert refused.status == "failed" and "data.crash_at_step: 9 -> -1" in refused.error
     r = run_one(after, threads=1, resume=True)
     assert r.status == "done" and r.resumed and r.metrics == ref.metrics
-    assert run_one(after).status == "reused"
+    assert run_one(after, threads=1).status == "reused"
 
 
 def _res(label, seed, mse, status="done"):

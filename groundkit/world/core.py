@@ -4,8 +4,12 @@
 whose manifest matches and whose files pass their sha256 checksums, and otherwise builds the task
 into a temporary sibling directory, writes ``manifest.json`` and renames it into place, so a
 directory with a manifest is always complete. A corrupt or partial build is reported and rebuilt,
-never used. Same task, size, seed, knobs and :data:`WORLD_VERSION` give byte-identical files (the
-manifest's ``build`` section, with timings, is the only thing that varies).
+never used. Same task, size, seed, knobs and :data:`WORLD_VERSION` give byte-identical files on a
+machine, whatever its thread count (a build runs on one torch thread), so the manifest's ``build`` section,
+with timings, is the only thing that varies. A task whose bytes go through torch's float kernels (the
+``phrase`` task's backbone features) records :func:`groundkit.distributed.float_fingerprint` in its
+manifest: a cached build made where those kernels round differently (another CPU instruction set or torch
+build) is rebuilt, not reused. docs/benchmark_world.md says what holds across machines.
 """
 
 from __future__ import annotations
@@ -54,7 +58,8 @@ __all__ = [
     "progress_bar",
 ]
 
-WORLD_VERSION = 1
+#: version 2: the build runs on one torch thread (version 1's backbone features depended on the thread count)
+WORLD_VERSION = 2
 SIZES: tuple[str, ...] = ("tiny", "small", "medium", "large")
 MANIFEST = "manifest.json"
 _MARKER = ".groundkit_synth"
@@ -290,6 +295,14 @@ def _matches(man: Mapping[str, Any], task: str, size: str, seed: int, knobs: Map
     got = man.get("requested_knobs", {})
     if json.dumps(got, sort_keys=True, default=str) != json.dumps(dict(knobs), sort_keys=True, default=str):
         return f"manifest has knobs {got}, wanted {dict(knobs)}"
+    built = man.get("float_fingerprint")
+    if built is not None:
+        from ..distributed import float_fingerprint  # noqa: PLC0415 (torch only for builds that used it)
+
+        if built != float_fingerprint():
+            return (
+                f"built where torch's float kernels round differently (fingerprint {built}, here {float_fingerprint()})"
+            )
     return None
 
 
@@ -345,7 +358,10 @@ def generate(
     (tmp / _MARKER).write_text("groundkit synthetic benchmark world build\n")
     t0 = time.perf_counter()
     try:
-        info = build(tmp, size=size, seed=seed, progress=progress, **knobs)
+        from ..distributed import fixed_threads  # noqa: PLC0415 (torch is imported by the tasks that need it)
+
+        with fixed_threads(1):  # the bytes must not depend on the thread count
+            info = build(tmp, size=size, seed=seed, progress=progress, **knobs)
         seconds = time.perf_counter() - t0
         files = {}
         for rel in _list_files(tmp):
@@ -360,6 +376,7 @@ def generate(
             "groundkit_version": __version__,
             "requested_knobs": dict(knobs),
             "knobs": info.pop("knobs", {}),
+            **({"float_fingerprint": info.pop("float_fingerprint")} if "float_fingerprint" in info else {}),
             "info": info,
             "files": files,
             "build": {
@@ -367,7 +384,7 @@ def generate(
                 "python": platform.python_version(),
                 "machine": platform.machine(),
                 "cpu_count": os.cpu_count(),
-                "torch_threads": _torch_threads(),
+                "torch_threads": 1,  # every build runs on one thread (fixed_threads above)
             },
         }
         write_json(tmp / MANIFEST, man)
@@ -379,9 +396,3 @@ def generate(
         raise
     log(f"built {task}/{size}/seed {seed} in {seconds:.1f}s -> {out}")
     return out
-
-
-def _torch_threads() -> int | None:
-    if "torch" not in sys.modules:
-        return None
-    return int(sys.modules["torch"].get_num_threads())

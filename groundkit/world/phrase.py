@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ..backbones import FEATURE_DIM, region_features
+from ..distributed import float_fingerprint
 from ..formats import flickr30k_entities as F
 from ..formats.wang21_hdf5 import write_matching_matrix
 from ..text import GLOVE_PACKAGE, glove_vectors, load_word_vectors, match_phrases
@@ -776,6 +777,8 @@ def build(out: Path, size: str = "small", seed: int = 0, progress: bool = True, 
             "flickr30k_entities": "flickr30k_entities",
         },
     }
+    if k["features"] == "backbone":  # the region features went through torch's float kernels
+        info["float_fingerprint"] = float_fingerprint()
     return info
 
 

@@ -32,6 +32,7 @@ from PIL import Image
 
 from ...boxes import xyxy_to_cxcywh
 from ...config import feature_cache_root
+from ...distributed import device_fingerprint, padded_chunks, stored_features
 from ...errors import DataError
 from ...formats import transvg
 from ...transforms import (
@@ -198,26 +199,30 @@ class GroundingSet:
         if not self.cache_allowed(model):
             return False
         d, enc = self.d, model.encoders
+        # the features of an item are a function of the item alone (and of the kernels, keyed by the device's
+        # float fingerprint): computed on one CPU thread in chunks of one size, whatever else is missing
         tag = f"{enc.fingerprint()}|imsize={d.imsize}|norm={model.pix_mean.flatten().tolist()}"
+        tag += f"|floats={device_fingerprint(device)}"
         img_tag = f"{tag}|root={self.image_root.resolve() if self.image_root else ''}"
         key = hashlib.sha1(img_tag.encode()).hexdigest()[:16]
         root = self._cache_dir()
         files = sorted({s.img_file for s in self.samples})
-        img_path = root / f"images-{key}.v2.pt"
+        img_path = root / f"images-{key}.v3.pt"
         img_store = _load_store(img_path)
         pos = {f: i for i, f in enumerate(img_store["keys"])}
         missing = [f for f in files if f not in pos]
         if missing:
             first = {s.img_file: i for i, s in reversed(list(enumerate(self.samples)))}
             cols: list[list[torch.Tensor]] = [[], [], []]
-            for k in range(0, len(missing), batch_size):
-                chunk = missing[k : k + batch_size]
+            for chunk, real in padded_chunks(missing, batch_size):
                 items = [self.raw_item(first[f]) for f in chunk]
                 imgs = torch.stack([it["image"] for it in items]).to(device)
                 masks = torch.stack([it["image_mask"] for it in items]).to(device)
-                cols[0].append(enc.encode_image(model.normalize_images(imgs, masks)).to(torch.float16).cpu())
-                cols[1].append(masks.cpu())
-                for it in items:
+                with stored_features(device):
+                    feats = enc.encode_image(model.normalize_images(imgs, masks))
+                cols[0].append(feats[:real].to(torch.float16).cpu())
+                cols[1].append(masks[:real].cpu())
+                for it in items[:real]:
                     lb = it["letterbox"]
                     geo = [lb.scale, lb.pad_left, lb.pad_top, lb.orig_w, lb.orig_h]
                     cols[2].append(torch.tensor([geo], dtype=torch.float64))
@@ -226,19 +231,21 @@ class GroundingSet:
             pos = {f: i for i, f in enumerate(img_store["keys"])}
         img_feats, img_masks, geos = (c[torch.tensor([pos[f] for f in files])] for c in img_store["cols"])
         # texts depend on the text encoder and the query length only (not on the grid, canvas or normalisation)
-        txt_key = hashlib.sha1(f"{enc.text_fingerprint()}|L={model.max_query_len}".encode()).hexdigest()[:16]
-        txt_path = root / f"texts-{txt_key}.v2.pt"
+        txt_tag = f"{enc.text_fingerprint()}|L={model.max_query_len}|floats={device_fingerprint(device)}"
+        txt_key = hashlib.sha1(txt_tag.encode()).hexdigest()[:16]
+        txt_path = root / f"texts-{txt_key}.v3.pt"
         txt_store = _load_store(txt_path)
         uniq = sorted(set(self.texts))
         tpos = {t: i for i, t in enumerate(txt_store["keys"])}
         todo = [t for t in uniq if t not in tpos]
         if todo:
             tcols: list[list[torch.Tensor]] = [[], []]
-            for k in range(0, len(todo), 256):
-                chunk = todo[k : k + 256]
+            for chunk, real in padded_chunks(todo, 256):
                 ids, mask = enc.tokenize(chunk, model.max_query_len)
-                tcols[0].append(enc.encode_text(ids.to(device), mask.to(device)).to(torch.float16).cpu())
-                tcols[1].append(mask.cpu())
+                with stored_features(device):
+                    feats = enc.encode_text(ids.to(device), mask.to(device))
+                tcols[0].append(feats[:real].to(torch.float16).cpu())
+                tcols[1].append(mask[:real].cpu())
             txt_store = _extend_store(txt_store, todo, [torch.cat(c) for c in tcols])
             _save_store(txt_path, txt_store)
             tpos = {t: i for i, t in enumerate(txt_store["keys"])}

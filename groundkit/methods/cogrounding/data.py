@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from ...distributed import device_fingerprint, padded_chunks, stored_features
 from ...errors import DataError
 from ...formats import refcoco, transvg, vid_sentence
 from ...transforms import LetterboxInfo, hsv_scale, letterbox_info, swap_left_right
@@ -238,7 +239,9 @@ class _Base:
         the letterbox size and the keys, so a different image list or backbone never reads stale maps."""
         m = self.cfg.model
         # "eval-bn": maps computed with the backbone in eval mode (earlier files used batch statistics)
+        dev = next(self._backbone.parameters()).device if self._backbone is not None else "cpu"
         ident = [m.backbone, m.pretrained, m.darknet_weights, m.darknet_width, self.size, sorted(keys), "eval-bn"]
+        ident += ["padded-32", device_fingerprint(dev)]  # maps of one image alone, from kernels that round alike
         tag = hashlib.sha1(json.dumps(ident).encode()).hexdigest()[:16]
         return Path(self.cfg.data.feature_cache) / f"{m.backbone}_{self.size}px_{tag}.pt"
 
@@ -283,8 +286,8 @@ class _Base:
 
     def _features(self, keys: list[tuple[str, bool]]) -> list[torch.Tensor]:
         missing = [k for k in dict.fromkeys(keys) if k not in self._cache]
-        for s in range(0, len(missing), 32):
-            chunk = missing[s : s + 32]
+        # chunks of one size on one CPU thread: an image's maps do not depend on what was computed beside it
+        for chunk, real in padded_chunks(missing, 32):
             imgs = []
             for p, flip in chunk:
                 im, _ = letterbox(read_image(p), self.size)
@@ -293,11 +296,11 @@ class _Base:
             mode = self._backbone.training
             self._backbone.eval()  # frozen: running statistics, never the batch's (nor updating them)
             try:
-                with torch.no_grad():
+                with torch.no_grad(), stored_features(dev):
                     maps = self._backbone(torch.stack(imgs).to(dev))
             finally:
                 self._backbone.train(mode)
-            for j, k in enumerate(chunk):
+            for j, k in enumerate(chunk[:real]):
                 self._cache[k] = [m[j].cpu() for m in maps]
         return [torch.stack([self._cache[k][s] for k in keys]) for s in range(3)]
 

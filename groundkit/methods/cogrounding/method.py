@@ -123,8 +123,9 @@ class CoGroundingMethod(Method):
             raise ConfigError("data.cache_backbone needs model.freeze_backbone=true")
         if d.image_size % 32:
             raise ConfigError(f"data.image_size must be a multiple of 32, got {d.image_size}")
-        if cfg.train.val_split in d.test_splits or cfg.train.val_split == "test":
-            raise ConfigError(f"train.val_split={cfg.train.val_split!r} is a test split; select models on val")
+        for key, value in (("train.val_split", cfg.train.val_split), ("data.val_split", d.val_split)):
+            if value in d.test_splits or value.startswith("test"):
+                raise ConfigError(f"{key}={value!r} is a test split; select models on a validation split")
 
     def build_dataset(self, cfg: CoGroundingConfig, split: str) -> Any:
         self._check(cfg)
