@@ -1,5 +1,6 @@
 """CLIP-VG data: letterbox targets and padding masks, cached vs raw samples, the no-crop rule, test = testA + testB."""
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -125,9 +126,11 @@ def test_cached_features_do_not_depend_on_the_cache_history_or_threads(tiny_data
     """An image's or text's cached features are a function of it alone: the same bits whether it was encoded
     beside other missing items or alone, on one thread or two (runs that share a cache get the same numbers)."""
     images = tmp_path / "images"
-    for i, size in enumerate([(90, 70), (40, 110), (128, 64)]):
-        Image.new("RGB", size, (40 * i, 250 - 60 * i, 90)).save(images / f"c{i}.jpg")
-    rows = [(f"c{i}.jpg", [5, 5, 30, 30], f"object number {i} on the right") for i in range(3)]
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        size = (int(rng.integers(40, 130)), int(rng.integers(40, 130)))
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(images / f"c{i}.png")
+    rows = [(f"c{i}.png", [5, 5, 30, 30], f"object number {i} on the right") for i in range(12)]
     transvg.save_split([transvg.make_entry("unc", f, b, t) for f, b, t in rows], tmp_path / "splits", "unc", "extra")
     model = tiny_model(grid=2)
     one = ClipVGData(**{**tiny_data.__dict__, "cache_dir": str(tmp_path / "cache_a")})
