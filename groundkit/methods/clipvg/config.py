@@ -74,6 +74,8 @@ class ClipVGModel:
     encoder: Literal["clip", "effnet_minilm"] = "clip"
     clip_name: str = "ViT-B-16"  # any open_clip ViT
     clip_checkpoint: str = ""  # local weights file; "" = random weights (allowed only with allow_random_encoders)
+    # auto: QuickGELU for OpenAI's weights (TorchScript archives, CLIP-VG checkpoints) and *-quickgelu names
+    clip_activation: Literal["auto", "gelu", "quick_gelu"] = "auto"
     clip_levels: list[int] = field(default_factory=lambda: [0, 3, 7, 11])  # ViT-L/14: [0, 7, 15, 23]
     allow_random_encoders: bool = False  # random CLIP weights, for tests and timing
     pretrained: bool = True  # effnet_minilm: the packaged weights (False: random, tests)

@@ -49,6 +49,7 @@ def build_clipvg(cfg: ClipVGConfig) -> ClipVG:
         levels=m.clip_levels,
         trainable_pos_embed=m.trainable_pos_embed,
         image_size=cfg.data.imsize,
+        activation=m.clip_activation,
         grid=m.grid,
         pretrained=m.pretrained,
         text_model=m.text_model,
@@ -93,6 +94,7 @@ class ClipVGMethod(Method):
     default_config = "offline"
     summary = "CLIP-VG (Xiao et al., 2023): frozen encoders, [REG] fusion transformer, pseudo labels + curriculum"
     commands = {
+        "data": {"convert-clipvg": "groundkit.methods.clipvg.weights:register_convert"},
         "bench": {"clipvg": "groundkit.methods.clipvg.bench:register"},
         "predict": {"clipvg": "groundkit.methods.clipvg.predict:register"},
         "top": {"curriculum": "groundkit.methods.clipvg.curriculum:register_curriculum"},

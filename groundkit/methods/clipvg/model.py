@@ -47,6 +47,7 @@ from torch import nn
 from ...backbones import load_backbone, minilm_path
 from ...boxes import cxcywh_to_xyxy, paired_generalized_box_iou
 from ...errors import GroundkitError
+from .weights import OPENAI_EXTRAS, clip_weights, needs_quick_gelu
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -139,8 +140,11 @@ def _file_tag(path: str) -> str:
 class OpenClipEncoders(FrozenEncoders):
     """An open_clip ViT model's towers, frozen; multi-level image features.
 
-    ``checkpoint``: a local file with the model's weights (an open_clip / OpenAI state dict, or a
-    TorchScript OpenAI ``.pt``); ``""`` keeps the random initialisation (for tests and timing only).
+    ``checkpoint``: a local file with the model's weights (an OpenAI TorchScript ``.pt``, an open_clip /
+    OpenAI state dict, ``.safetensors``, or an official CLIP-VG checkpoint: see :mod:`.weights`; nothing in
+    it is executed); ``""`` keeps the random initialisation (for tests and timing only). ``activation``:
+    ``"auto"`` builds open_clip's QuickGELU tower for OpenAI's weights (archives, CLIP-VG checkpoints) and
+    for ``*-quickgelu`` names, plain GELU otherwise; ``"quick_gelu"`` / ``"gelu"`` force one.
     ``levels``: indices of the visual blocks whose outputs are concatenated (CLIP-VG ViT-B:
     ``(0, 3, 7, 11)``); ``trainable_pos_embed`` reproduces the official quirk.
     """
@@ -152,18 +156,26 @@ class OpenClipEncoders(FrozenEncoders):
         levels: Sequence[int] = (0, 3, 7, 11),
         trainable_pos_embed: bool = False,
         image_size: int = 224,
+        activation: str = "auto",
     ):
         super().__init__()
         import open_clip  # noqa: PLC0415 (heavy, loaded on first use)
 
-        try:
-            model = open_clip.create_model(name, pretrained=None)
-        except RuntimeError as e:
-            raise EncoderError(f"open_clip has no model {name!r}: {e}") from None
+        if activation not in ("auto", "gelu", "quick_gelu"):
+            raise EncoderError(f"activation must be 'auto', 'gelu' or 'quick_gelu', got {activation!r}")
+        sd, provenance = (None, "")
         if checkpoint:
             if not os.path.isfile(checkpoint):
                 raise EncoderError(f"CLIP checkpoint not found: {checkpoint}")
-            open_clip.load_checkpoint(model, checkpoint)
+            sd, provenance = clip_weights(checkpoint)
+        quick = needs_quick_gelu(provenance) or name.endswith("-quickgelu")
+        self.quick_gelu = quick if activation == "auto" else activation == "quick_gelu"
+        try:
+            model = open_clip.create_model(name, pretrained=None, force_quick_gelu=self.quick_gelu)
+        except RuntimeError as e:
+            raise EncoderError(f"open_clip has no model {name!r}: {e}") from None
+        if sd is not None:
+            _load_clip(model, sd, checkpoint, name)
         visual = model.visual
         if not hasattr(visual, "transformer") or not hasattr(visual, "conv1"):
             raise EncoderError(f"{name}: only ViT image towers give multi-level features (got {type(visual).__name__})")
@@ -232,11 +244,29 @@ class OpenClipEncoders(FrozenEncoders):
 
     def fingerprint(self) -> str:
         w = _file_tag(self.checkpoint) if self.checkpoint else f"random:{torch.initial_seed()}"
-        return f"open_clip:{self.name}:{w}:levels={self.levels}:grid={self.grid}"
+        act = ":quickgelu" if self.quick_gelu else ""
+        return f"open_clip:{self.name}{act}:{w}:levels={self.levels}:grid={self.grid}"
 
     def text_fingerprint(self) -> str:
         w = _file_tag(self.checkpoint) if self.checkpoint else f"random:{torch.initial_seed()}"
-        return f"open_clip-text:{self.name}:{w}"
+        return f"open_clip-text:{self.name}{':quickgelu' if self.quick_gelu else ''}:{w}"
+
+
+def _load_clip(model: nn.Module, sd: dict[str, torch.Tensor], path: str, name: str) -> None:
+    """``sd`` (open_clip / OpenAI names) into an open_clip model: every model tensor from the file, every
+    file tensor used (OpenAI's constants aside), shapes equal; one line naming the file otherwise."""
+    sd = {k: v for k, v in sd.items() if k not in OPENAI_EXTRAS}
+    own = model.state_dict()
+    missing, extra = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    if missing or extra:
+        raise EncoderError(
+            f"{path}: not {name} weights: {len(missing)} tensors missing (e.g. {missing[:3]}), "
+            f"{len(extra)} unknown (e.g. {extra[:3]})"
+        )
+    bad = [f"{k} {tuple(sd[k].shape)} (model {tuple(v.shape)})" for k, v in own.items() if sd[k].shape != v.shape]
+    if bad:
+        raise EncoderError(f"{path}: not {name} weights: {len(bad)} shapes differ, e.g. {bad[0]}")
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=True)
 
 
 class EfficientMiniLMEncoders(FrozenEncoders):
@@ -361,6 +391,7 @@ def build_encoders(
     levels: Sequence[int] = (0, 3, 7, 11),
     trainable_pos_embed: bool = False,
     image_size: int = 224,
+    activation: str = "auto",
     grid: int = 7,
     pretrained: bool = True,
     text_model: str = "",
@@ -368,7 +399,7 @@ def build_encoders(
 ) -> FrozenEncoders:
     """``kind``: ``"clip"`` (open_clip) or ``"effnet_minilm"`` (the offline pair)."""
     if kind == "clip":
-        return OpenClipEncoders(clip_name, clip_checkpoint, levels, trainable_pos_embed, image_size)
+        return OpenClipEncoders(clip_name, clip_checkpoint, levels, trainable_pos_embed, image_size, activation)
     if kind == "effnet_minilm":
         if trainable_pos_embed:
             raise EncoderError("trainable_pos_embed is a CLIP quirk; the EfficientNet pair has no positional embedding")
