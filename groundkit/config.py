@@ -92,6 +92,7 @@ class TrainConfig:
     epochs: int = 1
     max_steps: int = 0  # >0 stops after this many optimisation steps (overrides epochs)
     batch_size: int = 32  # global batch (split across DDP ranks)
+    drop_last: bool = False  # leave out each epoch's last incomplete batch (as the official TransVG/CLIP-VG loaders)
     eval_batch_size: int = 256
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N

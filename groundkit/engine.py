@@ -289,13 +289,24 @@ def load_subset(path: str | Path) -> list[int]:
 # ----------------------------------------------------------------------------- training
 
 
+def steps_in(n: int, batch_size: int, drop_last: bool = False) -> int:
+    """Optimisation steps of an epoch of ``n`` samples (``drop_last``: the last incomplete batch is left out)."""
+    return n // batch_size if drop_last else math.ceil(n / batch_size)
+
+
 def _rank_batches(
-    dataset: Any, order: torch.Tensor, batch_size: int, start: int, num_workers: int = 0, loader_seed: int = 0
+    dataset: Any,
+    order: torch.Tensor,
+    batch_size: int,
+    start: int,
+    num_workers: int = 0,
+    loader_seed: int = 0,
+    drop_last: bool = False,
 ) -> Iterator[tuple[int, int, Any]]:
     """(global size, local size, this rank's batch) for each global batch from index ``start`` on.
 
     Each global batch is split round-robin over the ranks; a final batch smaller than the number
-    of ranks is skipped so that every rank takes part in every step. Datasets with a vectorised
+    of ranks is skipped so that every rank takes part in every step (with ``drop_last`` any incomplete one). Datasets with a vectorised
     ``get_batch`` are gathered in this process; others go through a DataLoader with
     ``num_workers`` over the same index batches, seeded by ``loader_seed`` so that the global RNG
     (dropout, and what a resumed run restores) is left untouched.
@@ -303,7 +314,7 @@ def _rank_batches(
     world, r = dist_utils.world_size(), dist_utils.rank()
     order_l = order.tolist()
     sizes, chunks = [], []
-    for b in range(start, math.ceil(len(order_l) / batch_size)):
+    for b in range(start, steps_in(len(order_l), batch_size, drop_last)):
         g = order_l[b * batch_size : (b + 1) * batch_size]
         if len(g) < world:
             continue
@@ -351,7 +362,7 @@ def train_one_epoch(
     order = epoch_order(len(dataset), tc.seed, state.epoch, shuffle=True)
     if hasattr(dataset, "set_epoch"):  # per-epoch random choices inside the dataset (resumable)
         dataset.set_epoch(state.epoch)
-    steps_in_epoch = math.ceil(len(dataset) / tc.batch_size)
+    steps_in_epoch = steps_in(len(dataset), tc.batch_size, tc.drop_last)
     model.train()
     bar = logger.progress(
         total=steps_in_epoch, initial=state.step_in_epoch, desc=f"epoch {state.epoch + 1}/{tc.epochs}"
@@ -364,6 +375,7 @@ def train_one_epoch(
         state.step_in_epoch,
         tc.num_workers,
         loader_seed=_epoch_seed(tc.seed, state.epoch),
+        drop_last=tc.drop_last,
     ):
         batch = move_to_device(batch, device)
         with autocast_context(device, tc.precision):
@@ -767,7 +779,11 @@ def _fit(
         if train_set is None or len(train_set) == 0:
             raise GroundkitError(f"{method.name}: the training split is empty")
         val_set = method.build_dataset(cfg, tc.val_split) if tc.val_split else None
-        steps_per_epoch = math.ceil(len(train_set) / tc.batch_size)
+        steps_per_epoch = steps_in(len(train_set), tc.batch_size, tc.drop_last)
+        if steps_per_epoch == 0:
+            raise GroundkitError(
+                f"{method.name}: {len(train_set)} training samples make no full batch of {tc.batch_size} (train.drop_last)"
+            )
         last = latest_checkpoint(run_dir) if resume else None
         note, resume_at = "", None
         if last is not None:  # refuse another method or config before any work

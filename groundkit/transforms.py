@@ -56,6 +56,7 @@ __all__ = [
     "RandomSelect",
     "RandomResize",
     "RandomSizeCrop",
+    "OfficialSizeCrop",
     "ColorJitter",
     "RandomHSV",
     "RandomHorizontalFlip",
@@ -484,6 +485,44 @@ class RandomSizeCrop(SampleTransform):
         left = _randint(max(0, hi_x - cw), min(lo_x, w - cw), generator)
         top = _randint(max(0, hi_y - ch), min(lo_y, h - ch), generator)
         return left, top, cw, ch
+
+    def apply(self, sample: Sample, params: tuple[int, int, int, int] | None) -> Sample:
+        if params is None:
+            return dict(sample)
+        left, top, cw, ch = params
+        out = dict(sample)
+        out["image"] = TF.crop(sample["image"], top, left, ch, cw)
+        boxes = _boxes_of(sample)
+        if boxes is not None:
+            out["boxes"] = clip_boxes(translate_boxes(boxes, -left, -top), cw, ch)
+        return out
+
+
+class OfficialSizeCrop(SampleTransform):
+    """TransVG's and CLIP-VG's ``RandomSizeCrop``, for reference mode: up to ``max_try`` draws of a crop size
+    (each side in [``min_size``, min(side, ``max_size``)]) and a position; the first draw whose (top, left) lies
+    below the box centre's (x, y) (the official code compares ``cx > top`` and ``cy > left``: axes swapped) is
+    taken, and the box is cut to the crop, so it may lose part or all of the object; no crop after ``max_try``
+    failed draws. :class:`RandomSizeCrop` is the fixed version (the box always inside)."""
+
+    def __init__(self, min_size: int, max_size: int, max_try: int = 20) -> None:
+        if not 0 < int(min_size) <= int(max_size):
+            raise ValueError(f"min_size, max_size: expected 0 < min_size <= max_size, got {min_size}, {max_size}")
+        self.min_size, self.max_size, self.max_try = int(min_size), int(max_size), int(max_try)
+
+    def get_params(self, sample: Sample, generator: Generator) -> tuple[int, int, int, int] | None:
+        w, h = image_size(sample["image"])
+        if min(w, h) < self.min_size:
+            return None  # the official randint would fail; its pipeline never gets here (short side >= 400)
+        boxes = _boxes_of(sample)
+        cx, cy = ((boxes[0, 0] + boxes[0, 2]) / 2, (boxes[0, 1] + boxes[0, 3]) / 2) if boxes is not None else (0, 0)
+        for _ in range(self.max_try):
+            cw = _randint(self.min_size, min(w, self.max_size), generator)
+            ch = _randint(self.min_size, min(h, self.max_size), generator)
+            top, left = _randint(0, h - ch, generator), _randint(0, w - cw, generator)
+            if cx > top and cy > left:
+                return left, top, cw, ch
+        return None
 
     def apply(self, sample: Sample, params: tuple[int, int, int, int] | None) -> Sample:
         if params is None:

@@ -148,3 +148,19 @@ def test_cached_features_do_not_depend_on_the_cache_history_or_threads(tiny_data
         torch.set_num_threads(threads)
     for key in ("image_feats", "text_feats", "image_mask", "text_mask"):
         assert torch.equal(later.cache[key], direct.cache[key]), key
+
+
+def test_official_crop_rule_matches_direction_words_as_substrings(tiny_data):
+    from groundkit.methods.clipvg.data import build_train_transform
+    from groundkit.transforms import OfficialSizeCrop, RandomSelect
+
+    tiny_data.aug_crop_rule = "official"
+    select = build_train_transform(tiny_data).transforms[0]
+    assert isinstance(select, RandomSelect) and not select.whole_words
+    assert any(isinstance(t, OfficialSizeCrop) for t in select.second.transforms)
+    g = torch.Generator().manual_seed(0)
+    picks = {select._pick({"text": "the bright laptop"}, g) is select.first for _ in range(20)}
+    assert picks == {True}  # "bright" holds "right": never the crop branch, as in the official code
+    tiny_data.aug_crop_rule = "keep_box"
+    select = build_train_transform(tiny_data).transforms[0]
+    assert {select._pick({"text": "the bright laptop"}, g) is select.first for _ in range(20)} == {True, False}

@@ -219,3 +219,42 @@ def test_token_centre_puts_the_box_centre_at_the_scored_cells(offline_model):
         t.head.layers[-1].bias.zero_()  # [REG] offsets sigmoid(0) = 0.5: no offset
     boxes = t.fuse(img, pad, txt, b["text_mask"])
     torch.testing.assert_close(boxes[:, :2], torch.tensor([[0.5, 0.375]] * 2))
+
+
+def test_official_image_mask_is_torchvision_resize_of_the_pixel_mask():
+    """model.image_mask=bilinear: the official get_masks (torchvision Resize of the int pixel mask to the grid,
+    bilinear without antialias as in torchvision 0.10, then bool); nearest marks fewer tokens."""
+    from torchvision.transforms import Resize
+
+    torch.manual_seed(0)
+    enc = build_encoders("effnet_minilm", grid=14, pretrained=False)
+    official = ClipVG(enc, max_query_len=4, d_model=16, nhead=2, num_layers=1, dim_ff=16, image_mask="bilinear")
+    nearest = ClipVG(enc, max_query_len=4, d_model=16, nhead=2, num_layers=1, dim_ff=16)
+    masks = []
+    for w, h in [(640, 480), (375, 500), (500, 333), (224, 224)]:
+        s = 224 / max(w, h)
+        nw, nh = round(w * s), round(h * s)
+        top, left = round((224 - nh) / 2 - 0.1), round((224 - nw) / 2 - 0.1)  # the official centred pad
+        m = torch.ones(224, 224, dtype=torch.int32)
+        m[top : top + nh, left : left + nw] = 0
+        masks.append(m)
+    pix = torch.stack(masks)
+    want = Resize([14, 14], antialias=False)(pix).to(torch.bool).flatten(1)
+    got = official.image_token_mask(pix.bool())
+    assert torch.equal(got[:, 1:], want) and not got[:, 0].any()
+    near = nearest.image_token_mask(pix.bool())
+    assert not torch.equal(got[:2], near[:2]) and torch.equal(got[3], near[3])  # they differ, except unpadded
+
+
+def test_official_attention_init_is_one_xavier_over_the_stacked_projection():
+    torch.manual_seed(0)
+    enc = build_encoders("effnet_minilm", grid=2, pretrained=False)
+    m = ClipVG(enc, max_query_len=4, d_model=64, nhead=4, num_layers=2, dim_ff=32, attn_init="official")
+    bound = (6 / (3 * 64 + 64)) ** 0.5  # xavier_uniform_ over in_proj_weight [3D, D]
+    for layer in m.layers:
+        w = torch.cat([layer.q_proj.weight, layer.k_proj.weight, layer.v_proj.weight])
+        assert w.abs().max() <= bound and w.abs().max() > 0.95 * bound
+        for b in (layer.q_proj.bias, layer.k_proj.bias, layer.v_proj.bias, layer.out_proj.bias):
+            assert not b.any()
+    default = ClipVG(enc, max_query_len=4, d_model=64, nhead=4, num_layers=1, dim_ff=32)
+    assert default.layers[0].q_proj.weight.abs().max() > bound and default.layers[0].q_proj.bias.any()

@@ -71,6 +71,19 @@ def test_relation_and_caption_sources():
         }
     ]
     assert relation_labels(rels) == [("a.jpg", [1.0, 2.0, 3.0, 4.0], "man riding horse")]
+    # the official script keeps all of the top 10 (12 good triplets here); sampling is an option
+    many = [
+        {
+            "subject": {"class": f"man{i}", "box": [i, 0, i + 1, 1], "score": 0.9},
+            "predicate": "near",
+            "predicate_score": 0.5 + i / 100,
+            "object": {"class": "tree", "box": [0, 0, 1, 1], "score": 0.9},
+        }
+        for i in range(12)
+    ]
+    kept = relation_labels([{"file_name": "b.jpg", "relations": many}])
+    assert [t for _, _, t in kept] == [f"man{i} near tree" for i in range(11, 1, -1)]
+    assert len(relation_labels([{"file_name": "b.jpg", "relations": many}], each_image_query=6)) == 6
     caps = [{"file_name": "a.jpg", "captions": ["Two dogs play near a man", "a sunny sky"]}]
     out = caption_labels(caps, DETS)
     # "dogs" -> "dog" is no detected class ("white dog" is), so the first match is "man": the best man's box

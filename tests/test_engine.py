@@ -155,3 +155,16 @@ def test_checkpoint_every_n_epochs_still_resumes_exactly(tmp_path):
         a, b = weights(tmp_path / "full"), weights(tmp_path / run)
         for k in a:
             assert torch.equal(a[k], b[k]), (run, k)
+
+
+def test_drop_last_leaves_out_each_epochs_incomplete_batch(tmp_path):
+    # 96 training samples in batches of 40: 3 steps an epoch (40, 40, 16), or 2 with drop_last
+    full = fit(rm.METHOD, cfg_for(tmp_path / "a", **{"train.batch_size": 40, "train.epochs": 2}), final_split=None)
+    dropped = fit(
+        rm.METHOD,
+        cfg_for(tmp_path / "b", **{"train.batch_size": 40, "train.epochs": 2, "train.drop_last": True}),
+        final_split=None,
+    )
+    assert full["steps"] == 6 and dropped["steps"] == 4
+    with pytest.raises(Exception, match="make no full batch of 128"):
+        fit(rm.METHOD, cfg_for(tmp_path / "c", **{"train.batch_size": 128, "train.drop_last": True}), final_split=None)

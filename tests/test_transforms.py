@@ -366,3 +366,29 @@ def test_real_photo(photo):
     assert res_t["letterbox"] == res["letterbox"] and torch.equal(res_t["boxes"], res["boxes"])
     assert (res_t["image"] - res["image"]).abs().mean() < 0.1  # PIL and torch kernels differ slightly
     assert (w, h) == (640, 427)
+
+
+def test_official_size_crop_takes_the_first_draw_past_the_swapped_check_and_cuts_the_box():
+    """TransVG / CLIP-VG RandomSizeCrop: accepted when cx > top and cy > left (axes swapped), the box cut to
+    the crop; the fixed RandomSizeCrop keeps the box whole."""
+    from PIL import Image
+
+    from groundkit.transforms import OfficialSizeCrop
+
+    img = Image.new("RGB", (600, 500))
+    box = torch.tensor([[500.0, 20.0, 590.0, 60.0]])  # cx 545, cy 40: accepted only when left < 40
+    crop = OfficialSizeCrop(384, 600)
+    cut = 0
+    for seed in range(40):
+        g = torch.Generator().manual_seed(seed)
+        params = crop.get_params({"image": img, "boxes": box}, g)
+        if params is None:
+            continue
+        left, top, cw, ch = params
+        assert 545 > top and 40 > left and 384 <= cw <= 600 and 384 <= ch <= 500
+        out = crop.apply({"image": img, "boxes": box}, params)
+        b = out["boxes"][0]
+        assert out["image"].size == (cw, ch) and bool((b[2:] <= torch.tensor([cw, ch])).all())
+        cut += bool(b[2] - b[0] < 90 or b[3] - b[1] < 40)
+    assert cut > 0  # the object is cut on some draws
+    assert crop.get_params({"image": Image.new("RGB", (300, 300)), "boxes": box}, torch.Generator()) is None

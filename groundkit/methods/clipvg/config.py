@@ -62,6 +62,10 @@ class ClipVGData:
     aug_crop_prob: float = 0.5  # chance of the resize-crop branch (never with direction words)
     aug_crop_resize: list[int] = field(default_factory=lambda: [400, 500, 600])  # short side before cropping
     aug_crop_size: tuple[int, int] = (384, 600)  # min / max crop side
+    # "keep_box": the crop always holds the box, direction words matched as whole words; "official": the official
+    # crop (20 tries, accepted when cx > top and cy > left, the box cut to the crop) and substring matching of
+    # left/right/top/bottom/middle ("bright" and "laptop" then block the crop)
+    aug_crop_rule: Literal["keep_box", "official"] = "keep_box"
     color_jitter: float = 0.4  # brightness / contrast / saturation strength
     color_jitter_prob: float = 0.8
     aug_translate: bool = True  # random letterbox offset in training
@@ -88,9 +92,16 @@ class ClipVGModel:
     dim_ff: int = 2048
     dropout: float = 0.1
     sdpa: bool = True  # fused scaled-dot-product attention (False: the explicit softmax of the official code)
-    encoder_precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    # auto: bf16 on CUDA, fp32 on CPU; official: fp16 on CUDA (clip.load's conversion), fp32 on CPU
+    encoder_precision: Literal["auto", "official", "fp32", "bf16", "fp16"] = "auto"
     normalize: Literal["encoder", "imagenet"] = "encoder"  # reference: "imagenet" mean/std in front of CLIP
     trainable_pos_embed: bool = False  # reference: CLIP's visual positional embedding keeps training
+    # which image tokens are padding: "nearest" (each patch's top-left pixel) or "bilinear" (official: the pixel
+    # mask resized bilinearly to the grid and rounded, about each patch's centre)
+    image_mask: Literal["nearest", "bilinear"] = "nearest"
+    # fusion attention init: "xavier" (per q/k/v projection, default biases) or "official" (nn.MultiheadAttention
+    # in the official encoder: one Xavier over the stacked [3D, D] in_proj, zero in_proj and out_proj biases)
+    attn_init: Literal["xavier", "official"] = "xavier"
     # beyond the official model (off by default; see docs/clipvg.md, Model)
     feat_norm: bool = False  # LayerNorm on each image level and on the text tokens before the projections
     pos_init: Literal["random", "sine"] = "random"  # sine: image rows of the position embedding start as 2-D sine

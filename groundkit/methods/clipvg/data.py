@@ -41,6 +41,7 @@ from ...transforms import (
     Compose,
     Letterbox,
     LetterboxInfo,
+    OfficialSizeCrop,
     RandomResize,
     RandomSelect,
     RandomSizeCrop,
@@ -85,10 +86,13 @@ def prepare_text(phrase: str, d: ClipVGData) -> str:
 def build_train_transform(d: ClipVGData) -> Compose:
     """The official training augmentation (see the module docstring)."""
     scales = [s for s in d.aug_scales if s <= d.imsize] or [d.imsize]
-    crop = Compose(
-        [RandomResize(d.aug_crop_resize, side="short"), RandomSizeCrop(*d.aug_crop_size), RandomResize(scales)]
-    )
-    steps: list[Any] = [RandomSelect(RandomResize(scales), crop, p=d.aug_crop_prob, first_if_words=DIRECTION_WORDS)]
+    cropper = OfficialSizeCrop(*d.aug_crop_size) if d.aug_crop_rule == "official" else RandomSizeCrop(*d.aug_crop_size)
+    crop = Compose([RandomResize(d.aug_crop_resize, side="short"), cropper, RandomResize(scales)])
+    official = d.aug_crop_rule == "official"  # direction words as substrings ("bright" holds "right")
+    words = ("left", "right", "top", "bottom", "middle") if official else DIRECTION_WORDS
+    steps: list[Any] = [
+        RandomSelect(RandomResize(scales), crop, p=d.aug_crop_prob, first_if_words=words, whole_words=not official)
+    ]
     if d.color_jitter > 0 and d.color_jitter_prob > 0:
         cj = d.color_jitter
         steps.append(ColorJitter(cj, cj, cj, p=d.color_jitter_prob))

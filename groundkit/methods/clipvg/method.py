@@ -28,9 +28,9 @@ __all__ = ["ClipVGMethod", "METHOD", "build_clipvg", "encoder_dtype"]
 
 def encoder_dtype(cfg: ClipVGConfig) -> torch.dtype:
     p = cfg.model.encoder_precision
-    if p == "auto":
+    if p in ("auto", "official"):  # official: CLIP in fp16 on CUDA (clip.load), fp32 on the CPU
         cuda = torch.cuda.is_available() and cfg.train.device in ("auto", "cuda") or cfg.train.device.startswith("cuda")
-        return torch.bfloat16 if cuda else torch.float32
+        return (torch.bfloat16 if p == "auto" else torch.float16) if cuda else torch.float32
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[p]
 
 
@@ -71,6 +71,8 @@ def build_clipvg(cfg: ClipVGConfig) -> ClipVG:
         pos_input=m.pos_input,
         token_head=m.token_head,
         token_centre=m.token_centre,
+        image_mask=m.image_mask,
+        attn_init=m.attn_init,
     )
 
 

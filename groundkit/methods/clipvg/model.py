@@ -503,8 +503,15 @@ class ClipVG(nn.Module):
         pos_input: bool = False,
         token_head: bool = False,
         token_centre: bool = False,
+        image_mask: str = "nearest",
+        attn_init: str = "xavier",
     ):
         super().__init__()
+        if image_mask not in ("nearest", "bilinear"):
+            raise ValueError(f"image_mask must be 'nearest' or 'bilinear', got {image_mask!r}")
+        if attn_init not in ("xavier", "official"):
+            raise ValueError(f"attn_init must be 'xavier' or 'official', got {attn_init!r}")
+        self.image_mask = image_mask
         self.encoders = encoders
         self.max_query_len, self.d_model = int(max_query_len), int(d_model)
         self.n_image_tokens = 1 + encoders.grid**2
@@ -549,6 +556,13 @@ class ClipVG(nn.Module):
             for p in layer.parameters():
                 if p.dim() > 1:
                     nn.init.xavier_uniform_(p)
+            if attn_init == "official":  # one Xavier over the stacked in_proj [3D, D], zero attention biases
+                w = nn.init.xavier_uniform_(torch.empty(3 * d_model, d_model))
+                with torch.no_grad():
+                    for proj, chunk in zip((layer.q_proj, layer.k_proj, layer.v_proj), w.chunk(3)):
+                        proj.weight.copy_(chunk)
+                        proj.bias.zero_()
+                    layer.out_proj.bias.zero_()
 
     # ---------------------------------------------------------------- frozen part
 
@@ -579,7 +593,13 @@ class ClipVG(nn.Module):
     def image_token_mask(self, image_mask: torch.Tensor) -> torch.Tensor:
         """``[B, 1 + g*g]`` True for image tokens that cover only padding (the global token never)."""
         g = self.encoders.grid
-        pad = F.interpolate(image_mask[:, None].float(), size=(g, g)).to(torch.bool).flatten(1)
+        if (
+            self.image_mask == "bilinear"
+        ):  # official: torchvision Resize of the int mask (bilinear, no antialias), rounded
+            m = F.interpolate(image_mask[:, None].float(), size=(g, g), mode="bilinear", align_corners=False)
+            pad = m.round().to(torch.bool).flatten(1)
+        else:
+            pad = F.interpolate(image_mask[:, None].float(), size=(g, g)).to(torch.bool).flatten(1)
         return torch.cat([torch.zeros_like(pad[:, :1]), pad], dim=1)
 
     def fuse(

@@ -300,11 +300,11 @@ def template_labels(
 
 
 def relation_labels(
-    relations: list[dict[str, Any]], score: float = 0.2, top: int = 10, each_image_query: int = 6, seed: int = 0
+    relations: list[dict[str, Any]], score: float = 0.2, top: int = 10, each_image_query: int = 0, seed: int = 0
 ) -> list[tuple[str, list[float], str]]:
     """RelTR-style labels: triplets whose subject, predicate and object scores all exceed ``score``,
-    the ``top`` ones per image by their product, ``each_image_query`` of them sampled; text
-    ``"<subject> <predicate> <object>"``, box = the subject's."""
+    the ``top`` ones per image by their product (all of them, as the official script keeps; ``each_image_query``
+    > 0 samples that many instead, not official); text ``"<subject> <predicate> <object>"``, box = the subject's."""
     rng = np.random.default_rng(seed)
     out = []
     for entry in relations:
@@ -315,7 +315,7 @@ def relation_labels(
             if min(ps, pp, po) > score:
                 good.append((ps * pp * po, r))
         good = [r for _, r in sorted(good, key=lambda t: -t[0])[:top]]
-        if len(good) > each_image_query:
+        if 0 < each_image_query < len(good):
             good = [good[i] for i in sorted(rng.choice(len(good), size=each_image_query, replace=False).tolist())]
         for r in good:
             text = f"{r['subject']['class']} {r['predicate']} {r['object']['class']}".lower()
