@@ -591,7 +591,9 @@ class ClipVG(nn.Module):
     # ---------------------------------------------------------------- trainable part
 
     def image_token_mask(self, image_mask: torch.Tensor) -> torch.Tensor:
-        """``[B, 1 + g*g]`` True for image tokens that cover only padding (the global token never)."""
+        """``[B, 1 + g*g]`` True for the image tokens that key padding leaves out (the global token never):
+        ``image_mask="nearest"`` those whose top-left pixel is padding; ``"bilinear"`` (official) the pixel mask
+        resized bilinearly to the grid and rounded, which also marks tokens that are partly image."""
         g = self.encoders.grid
         if (
             self.image_mask == "bilinear"
