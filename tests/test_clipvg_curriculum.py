@@ -81,7 +81,9 @@ def test_ssa_with_a_fake_backend_beats_all_labels(tmp_path):
     cfg = CurriculumConfig(source=path, out=str(tmp_path / "ssa"))
     lines = []
     res = run_ssa(cfg, FakeBackend({"template": r}), echo=lines.append)
-    assert res["final"]["val"] > res["all"]["val"] and 0.0 < res["threshold"] < 0.9
+    assert res["final"]["val"] > res["all"]["val"] and 0.0 < res["final"]["threshold"] < 0.9
+    assert res["final"]["threshold"] == res["search"]["best"] and "threshold" not in res  # one answer
+    assert f"chosen h*={res['final']['threshold']:.2f}" in lines[-1]
     assert len(lines) >= 3 and all(line.startswith("[ssa]") for line in lines)
     assert (tmp_path / "ssa" / "reliability" / "source_by_source.png").is_file()
     log = [json.loads(x) for x in (tmp_path / "ssa" / "log.jsonl").read_text().splitlines()]
@@ -153,3 +155,25 @@ def test_curriculum_command_line_and_yaml(tmp_path):
     assert cfg.jobs == 2 and cfg.search.max_evals == 3 and cfg.source == str(tmp_path / "t.pth")
     with pytest.raises(Exception, match="unknown key"):
         load_curriculum_config(args.config, ["search.budget=3"])
+
+
+def test_ssa_flat_curve_keeps_all_labels_and_says_why(tmp_path):
+    """A flat validation curve (every run scores the same): the result says so, the printed choice, result.json
+    and the run used agree (all labels), and the tie-breaking rule is named."""
+    rng = np.random.default_rng(0)
+    path, r = make_source(tmp_path, "template", 300, 0.6, rng)
+
+    class Flat(FakeBackend):
+        def train(self, jobs):
+            out = super().train(jobs)
+            return [{**o, "val": {"acc": 0.0}, "test": {"acc": 0.0}} for o in out]
+
+    lines = []
+    res = run_ssa(CurriculumConfig(source=path, out=str(tmp_path / "flat")), Flat({"template": r}), echo=lines.append)
+    assert res["search"]["flat"] and len(res["search"]["ties"]) == len(res["search"]["history"]) > 1
+    final = res["final"]
+    assert final["threshold"] is None and final["kept"] == 300 and final["run"] == res["all"]["run"]
+    assert "all labels kept" in final["rule"] and any("flat validation curve" in n for n in final["notes"])
+    assert "chosen: all 300 labels" in lines[-1] and "flat validation curve" in lines[-1]
+    saved = json.loads((tmp_path / "flat" / "result.json").read_text())
+    assert saved["final"] == json.loads(json.dumps(final)) and "threshold" not in saved

@@ -2,6 +2,7 @@
 resumes after a kill without retraining finished runs, and the predictor grounds a real photo."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -91,6 +92,7 @@ def test_tiny_training_beats_random_and_predicts_a_photo(world, tmp_path):
     pred = method.predictor(tmp_path / "run")
     out = pred.ground(photo, ["the tall building on the left", "the red roof"])
     assert [o["text"] for o in out] == ["the tall building on the left", "the red roof"]
+    assert all("score" not in o for o in out)  # the official model has no confidence: no made-up score
     for o in out:
         x1, y1, x2, y2 = o["box"]
         assert 0 <= x1 <= x2 <= 640 and 0 <= y1 <= y2 <= 427
@@ -142,3 +144,34 @@ def test_curriculum_resumes_after_a_kill_without_retraining(world, tmp_path):
     assert "reused" in lines[0] and first in lines[0]  # the finished run was read back, not trained again
     log = [json.loads(x) for x in (tmp_path / "ssa" / "log.jsonl").read_text().splitlines()]
     assert [e["event"] for e in log].count("start") == 2 and log[-1]["event"] == "done"
+
+
+def test_shipped_curriculum_configs_run_as_documented(tmp_path, capsys):
+    """The shipped built-in-world YAMLs resolve their world and run through `groundkit curriculum` (here on the
+    tiny world with short trainings); the RefCOCO ones name the released files' layout."""
+    from groundkit.cli import main
+    from groundkit.methods.clipvg.curriculum import load_curriculum_config, shipped_curriculum
+
+    torch.set_num_threads(1)
+    for name in ("ssa_world", "msa_world"):
+        cfg = load_curriculum_config(shipped_curriculum(name), ["world=tiny"])
+        paths = [cfg.source] if cfg.source else list(cfg.sources.values())
+        assert paths and all(Path(p).is_file() for p in paths), paths
+        assert Path(cfg.set["data.split_root"]).is_dir() and "{world}" not in json.dumps(cfg.set)
+    ref = load_curriculum_config(shipped_curriculum("msa_refcoco"))
+    assert list(ref.sources) == ["template", "relation", "caption"]
+    assert ref.sources["caption"].endswith("unc/train_separate/3_unc_train_pseudo_caption_0_5.pth")
+    assert main(["curriculum", "ssa", "nope"]) == 2
+    assert "ssa_world" in capsys.readouterr().err
+    args = ["curriculum", "ssa", "ssa_world", "--out", str(tmp_path / "ssa"), "--set", "world=tiny"]
+    args += ["search.max_evals=2", f"runs_dir={tmp_path / 'runs'}"]
+    small = {"train.max_steps": 4, "data.cache_dir": str(tmp_path / "cache")}
+    import yaml
+
+    shipped = yaml.safe_load(shipped_curriculum("ssa_world").read_text())
+    mine = tmp_path / "ssa_world.yaml"
+    mine.write_text(yaml.safe_dump({**shipped, "set": {**shipped["set"], **small}}))
+    args[2] = str(mine)
+    assert main(args) == 0
+    res = json.loads((tmp_path / "ssa" / "result.json").read_text())
+    assert res["final"]["run"] and res["trained"] >= 2

@@ -258,3 +258,13 @@ def test_official_attention_init_is_one_xavier_over_the_stacked_projection():
             assert not b.any()
     default = ClipVG(enc, max_query_len=4, d_model=64, nhead=4, num_layers=1, dim_ff=32)
     assert default.layers[0].q_proj.weight.abs().max() > bound and default.layers[0].q_proj.bias.any()
+
+
+def test_box_score_is_the_token_mass_inside_the_box():
+    from groundkit.methods.clipvg.predict import box_mass
+
+    logits = torch.tensor([[10.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, float("-inf")]])  # 2x2 grid, row-major
+    boxes = torch.tensor([[0.25, 0.25, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]])  # the top-left cell; the whole canvas
+    mass = box_mass(logits, boxes)
+    torch.testing.assert_close(mass, torch.tensor([torch.softmax(logits[0], 0)[0].item(), 1.0]))
+    assert box_mass(logits[:1], torch.tensor([[0.75, 0.75, 0.4, 0.4]])) < 1e-3  # bottom-right cell only

@@ -92,6 +92,10 @@ class MSAConfig:
 @dataclass
 class CurriculumConfig:
     config: str = ""  # the clipvg training config every run uses (YAML path or shipped name)
+    # the built-in pseudo world ("" = none): built or reused (checksum-verified) at this size and seed, and
+    # "{world}" in source, sources and set values becomes its folder
+    world: str = ""
+    world_seed: int = 0
     set: dict[str, Any] = field(default_factory=dict)  # overrides for every run, e.g. {"train.epochs": 20}
     out: str = "runs/curriculum"
     runs_dir: str = ""  # where the trainings go ("" = <out>/runs); curricula sharing it share their runs
@@ -112,6 +116,13 @@ def load_curriculum_config(source: str | Path | dict[str, Any], overrides: Seque
     if overrides:
         data = apply_overrides(CurriculumConfig, data, list(overrides))
     cfg = from_dict(CurriculumConfig, data)
+    if cfg.world:
+        from ...world import generate  # noqa: PLC0415 (only curricula on the built-in world need it)
+
+        folder = str(generate("pseudo", size=cfg.world, seed=cfg.world_seed, progress=True))
+        sub = lambda v: v.replace("{world}", folder) if isinstance(v, str) else v  # noqa: E731
+        cfg.source, cfg.sources = sub(cfg.source), {k: sub(v) for k, v in cfg.sources.items()}
+        cfg.set = {k: sub(v) for k, v in cfg.set.items()}
     if not isinstance(source, dict):  # relative paths are relative to the YAML file
         base = Path(source).parent
 
@@ -134,6 +145,18 @@ class SearchResult:
     value: float
     history: list[tuple[float, float]]  # (threshold, value) in evaluation order
     reason: str  # why the search stopped
+
+    @property
+    def ties(self) -> list[float]:
+        """Every tried threshold whose value equals the best (the lowest of them, which keeps the most labels,
+        is ``best``)."""
+        return sorted(h for h, v in self.history if v == self.value and math.isfinite(v))
+
+    @property
+    def flat(self) -> bool:
+        """True when every trained threshold gave the same value (the curve says nothing)."""
+        vals = {v for _, v in self.history if math.isfinite(v)}
+        return len(vals) == 1 and sum(math.isfinite(v) for _, v in self.history) > 1
 
 
 def search_threshold(f: Callable[[float], float | None], cfg: SearchConfig) -> SearchResult:
@@ -385,22 +408,45 @@ def run_ssa(cfg: CurriculumConfig, backend: Backend, echo: Callable[[str], None]
     cur.log({"event": "all", "val": v_all, "test": full.get("test", {}), "run": full["run"], "n": len(entries)})
     r = cur.reliability("source", cfg.source, "source", full["run_dir"])
     result, records = cur.search("source", [], entries, r)
-    rec = records[result.best]
+    notes = []
+    if result.flat:
+        notes.append(f"flat validation curve: every trained threshold gives {result.value:.4f}")
+    elif len(result.ties) > 1:
+        notes.append(f"tie: h in {[round(h, 2) for h in result.ties]} give {result.value:.4f}")
+    if len(result.ties) > 1:
+        notes.append("rule: the lowest threshold (it keeps the most labels)")
+    if result.value > v_all and math.isfinite(result.value):
+        final = {**records[result.best], "rule": "the best validation value of the search"}
+        head = f"chosen h*={result.best:.2f}: keeps {final['kept']}/{len(entries)}, val {cfg.metric} {result.value:.4f}"
+        head += f" > {v_all:.4f} with all labels"
+    else:
+        rule = "no threshold beats all labels strictly: all labels kept"
+        final = {
+            "threshold": None,
+            "run": full["run"],
+            "val": v_all,
+            "test": full.get("test", {}),
+            "kept": len(entries),
+        }
+        final["rule"] = rule
+        best = f"the search's best h={result.best:.2f} gives {result.value:.4f}" if math.isfinite(result.value) else ""
+        head = f"chosen: all {len(entries)} labels (val {cfg.metric} {v_all:.4f}; {best or 'no threshold trained'}; {rule})"
+    if notes:
+        final["notes"] = notes
     cur.progress(
-        f"chosen h*={result.best:.2f}: keeps {rec['kept']}/{len(entries)}, val {cfg.metric} "
-        f"{result.value:.4f} vs {v_all:.4f} with all labels ({result.reason}, "
-        f"{len(result.history)} thresholds tried)"
-    )
-    final = (
-        rec
-        if result.value > v_all
-        else {"threshold": None, "run": full["run"], "val": v_all, "test": full.get("test", {}), "kept": len(entries)}
+        f"{head} ({result.reason}, {len(result.history)} thresholds tried{'; ' if notes else ''}{'; '.join(notes)})"
     )
     return cur.finish(
         {
             "all": {"val": v_all, "test": full.get("test", {}), "run": full["run"]},
-            "threshold": result.best,
-            "search": {"history": result.history, "reason": result.reason},
+            "search": {
+                "best": result.best,
+                "value": result.value,
+                "ties": result.ties,
+                "flat": result.flat,
+                "history": result.history,
+                "reason": result.reason,
+            },
             "final": final,
             "reliability": str(cur.out / "reliability" / "source_by_source"),
         }
@@ -604,15 +650,32 @@ def register_curriculum(sub: Any) -> None:
     """Adds ``groundkit curriculum ssa|msa CONFIG [--set key=value ...] [--jobs N]``."""
     p = sub.add_parser("curriculum", help="CLIP-VG self-paced curriculum: ssa (one source) or msa (several)")
     p.add_argument("kind", choices=["ssa", "msa"])
-    p.add_argument("config", help="curriculum YAML (see groundkit/methods/clipvg/configs/curriculum_*.yaml)")
+    p.add_argument(
+        "config",
+        help="curriculum YAML, or a shipped one by name (groundkit/methods/clipvg/configs/curriculum/): ssa_world / "
+        "msa_world (the built-in world), ssa_refcoco / msa_refcoco (the released RefCOCO pseudo labels)",
+    )
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override curriculum keys, e.g. jobs=2")
     p.add_argument("--out", default=None, help="output directory (out)")
     p.set_defaults(func=_cli, takes_rest=False)
 
 
+def shipped_curriculum(name: str) -> Path:
+    """The path of a YAML given by path or by the name of a shipped curriculum config
+    (``configs/curriculum/<name>.yaml``)."""
+    p = Path(name)
+    if p.is_file():
+        return p
+    folder = Path(__file__).parent / "configs" / "curriculum"
+    if (folder / f"{name}.yaml").is_file():
+        return folder / f"{name}.yaml"
+    names = sorted(q.stem for q in folder.glob("*.yaml"))
+    raise ConfigError(f"no curriculum config {name!r}: not a file, and the shipped ones are {', '.join(names)}")
+
+
 def _cli(args: Any) -> int:
     overrides = list(args.set) + ([f"out={args.out}"] if args.out else [])
-    cfg = load_curriculum_config(args.config, overrides)
+    cfg = load_curriculum_config(shipped_curriculum(args.config), overrides)
     backend = EngineBackend(cfg)
     res = (run_ssa if args.kind == "ssa" else run_msa)(cfg, backend)
     print(json.dumps({k: res[k] for k in ("final", "trained", "reused") if k in res}, indent=1, default=float))

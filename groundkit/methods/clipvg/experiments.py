@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         "test": rows,
         "val": val,
         "random_box": rand,
-        "ssa": {k: cur["ssa"][k] for k in ("threshold", "search", "final", "all", "trained", "reused")},
+        "ssa": {k: cur["ssa"][k] for k in ("search", "final", "all", "trained", "reused")},
         "msa": {k: cur["msa"][k] for k in ("steps", "stop", "final", "all_merged", "measurers", "trained", "reused")},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))

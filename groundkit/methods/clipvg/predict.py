@@ -11,6 +11,7 @@ JSON line per expression and, with ``--out``, draws the boxes on the image. From
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,13 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
+from ...boxes import cxcywh_to_xyxy
 from ...draw import draw_boxes as shared_draw_boxes
 from ...transforms import letterbox
 from .. import load_run
 from ..base import Predictor
 from .data import prepare_text
+from .model import cell_centres
 
 __all__ = ["ClipVGPredictor", "draw_boxes", "register"]
 
@@ -42,8 +45,10 @@ class ClipVGPredictor(Predictor):
 
     @torch.no_grad()
     def ground(self, image: Any, texts: list[str]) -> list[dict[str, Any]]:
-        """Per text ``{"text", "box": [x1, y1, x2, y2], "score"}``; ``score`` is 1.0 (CLIP-VG regresses
-        one box per expression and has no confidence)."""
+        """Per text ``{"text", "box": [x1, y1, x2, y2]}`` in the photo's pixels, with ``"score"`` when the model
+        has a token head (``model.token_head`` / ``token_centre``): the token softmax's probability mass on the grid
+        cells whose centre lies inside the box. The official model regresses one box and has no confidence: no
+        score then."""
         if isinstance(texts, str):
             texts = [texts]
         if isinstance(image, (str, Path)):
@@ -65,9 +70,26 @@ class ClipVGPredictor(Predictor):
             "text_ids": ids.to(self.device),
             "text_mask": tmask.to(self.device),
         }
-        boxes = m(batch).boxes.float().cpu()
+        out = m(batch)
+        boxes = out.boxes.float().cpu()
         orig = info.to_original(boxes, fmt="cxcywh", normalized=True)
-        return [{"text": t, "box": [round(float(v), 2) for v in b], "score": 1.0} for t, b in zip(texts, orig)]
+        results = [{"text": t, "box": [round(float(v), 2) for v in b]} for t, b in zip(texts, orig)]
+        if out.token_logits is not None:
+            for r, mass in zip(results, box_mass(out.token_logits.float().cpu(), boxes)):
+                r["score"] = round(float(mass), 4)
+        return results
+
+
+def box_mass(token_logits: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """``[B]`` probability mass of the grid tokens' softmax (``token_logits [B, g*g]``, padding at -inf) on the
+    cells whose centre lies inside ``boxes [B, 4]`` (normalised cxcywh on the canvas)."""
+    g = math.isqrt(token_logits.shape[1])
+    c = cell_centres(g)
+    x1, y1, x2, y2 = cxcywh_to_xyxy(boxes).unbind(-1)
+    in_x = (c[None] >= x1[:, None]) & (c[None] <= x2[:, None])
+    in_y = (c[None] >= y1[:, None]) & (c[None] <= y2[:, None])
+    inside = (in_y[:, :, None] & in_x[:, None, :]).flatten(1)
+    return (token_logits.softmax(dim=1) * inside).sum(1)
 
 
 def draw_boxes(image: Image.Image, results: list[dict[str, Any]], width: int = 3) -> Image.Image:

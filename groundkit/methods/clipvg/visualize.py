@@ -108,7 +108,9 @@ def curriculum_figures(cur: dict[str, Any], folder: Path) -> list[Figure]:
     chose thresholds on (``cur``: its ``{"ssa", "msa", "msa_reliability"}``), each with its chosen threshold,
     as ``reliability_<k>.png`` in ``folder``; :class:`Figure` records with absolute paths."""
     ssa, msa = cur["ssa"], cur["msa"]
-    todo = [(Path(ssa["reliability"]), ssa["threshold"], "SSA: the template source scored by its own measurer")]
+    todo = [
+        (Path(ssa["reliability"]), ssa["final"]["threshold"], "SSA: the template source scored by its own measurer")
+    ]
     stems = Path(cur["msa_reliability"])
     for u in msa.get("steps", []):
         how = "same-source" if u["source"] == u["measurer"] else "cross-source"
