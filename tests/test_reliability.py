@@ -250,6 +250,7 @@ def test_issue7_wang21_reports_percent():
 
 def test_issue9_threads_come_from_usable_cores_and_are_shared(tmp_path, monkeypatch):
     monkeypatch.setenv("GROUNDKIT_SHARE_DIR", str(tmp_path / "share"))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # the environment's own cap is checked at the end
     assert usable_cores() == len(os.sched_getaffinity(0)) or usable_cores() >= 1
     saved = torch.get_num_threads()
     with CoreShare(0) as a:
@@ -262,6 +263,9 @@ def test_issue9_threads_come_from_usable_cores_and_are_shared(tmp_path, monkeypa
     with CoreShare(1) as c:
         assert c.threads == 1 and torch.get_num_threads() == 1
     assert torch.get_num_threads() == saved
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # a cap set by the user is kept
+    with CoreShare(0) as d:
+        assert d.threads == 1
 
 
 def test_issue9_train_threads_key_sets_torch_threads(tmp_path, monkeypatch):
