@@ -498,17 +498,17 @@ class RandomSizeCrop(SampleTransform):
         return out
 
 
-class OfficialSizeCrop(SampleTransform):
+class OfficialSizeCrop(RandomSizeCrop):
     """TransVG's and CLIP-VG's ``RandomSizeCrop``, for reference mode: up to ``max_try`` draws of a crop size
     (each side in [``min_size``, min(side, ``max_size``)]) and a position; the first draw whose (top, left) lies
     below the box centre's (x, y) (the official code compares ``cx > top`` and ``cy > left``: axes swapped) is
     taken, and the box is cut to the crop, so it may lose part or all of the object; no crop after ``max_try``
-    failed draws. :class:`RandomSizeCrop` is the fixed version (the box always inside)."""
+    failed draws. :class:`RandomSizeCrop` is the fixed version (the box always inside); the crop itself is its
+    ``apply`` (boxes shifted and clipped to the crop)."""
 
     def __init__(self, min_size: int, max_size: int, max_try: int = 20) -> None:
-        if not 0 < int(min_size) <= int(max_size):
-            raise ValueError(f"min_size, max_size: expected 0 < min_size <= max_size, got {min_size}, {max_size}")
-        self.min_size, self.max_size, self.max_try = int(min_size), int(max_size), int(max_try)
+        super().__init__(min_size, max_size)
+        self.max_try = int(max_try)
 
     def get_params(self, sample: Sample, generator: Generator) -> tuple[int, int, int, int] | None:
         w, h = image_size(sample["image"])
@@ -523,17 +523,6 @@ class OfficialSizeCrop(SampleTransform):
             if cx > top and cy > left:
                 return left, top, cw, ch
         return None
-
-    def apply(self, sample: Sample, params: tuple[int, int, int, int] | None) -> Sample:
-        if params is None:
-            return dict(sample)
-        left, top, cw, ch = params
-        out = dict(sample)
-        out["image"] = TF.crop(sample["image"], top, left, ch, cw)
-        boxes = _boxes_of(sample)
-        if boxes is not None:
-            out["boxes"] = clip_boxes(translate_boxes(boxes, -left, -top), cw, ch)
-        return out
 
 
 class RandomHorizontalFlip(SampleTransform):
