@@ -49,7 +49,8 @@ def _check_text(text: Any) -> str:
 
 
 def load_frames(source: str | Path) -> list[Image.Image]:
-    """Frames of a video: a folder of images (sorted by name) or a video file (needs ``torchvision.io`` + PyAV)."""
+    """Frames of a video: a folder of images (sorted by name) or a video file (mp4, avi, webm, ... decoded with
+    PyAV, all frames of the first video stream in order)."""
     p = Path(source)
     if p.is_dir():
         files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
@@ -57,21 +58,32 @@ def load_frames(source: str | Path) -> list[Image.Image]:
             raise DataError(f"{p}: the folder holds no frames ({', '.join(IMAGE_SUFFIXES)})")
         return [read_image(f) for f in files]
     if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES:
-        try:
-            from torchvision.io import read_video  # noqa: PLC0415 (needs PyAV, optional)
-
-            video, _, _ = read_video(str(p), pts_unit="sec", output_format="THWC")
-        except Exception as e:  # missing PyAV, unreadable container
-            raise DataError(
-                f"{p}: cannot decode the video ({e.__class__.__name__}: {str(e).splitlines()[0][:120]}); "
-                "give a folder of frames instead"
-            ) from None
-        if video.shape[0] == 0:
-            raise DataError(f"{p}: the video has no frames")
-        return [Image.fromarray(f.numpy()) for f in video]
+        return read_video_frames(p)
     if not p.exists():
         raise DataError(f"{p}: no such file or folder")
     raise DataError(f"{p}: not a folder of frames or a video file ({', '.join(VIDEO_SUFFIXES)})")
+
+
+def read_video_frames(path: Path) -> list[Image.Image]:
+    """Every frame of the first video stream of ``path`` as RGB images (PyAV); one line naming the file when it
+    cannot be read."""
+    import av  # noqa: PLC0415 (a dependency; loaded only for video files)
+
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise DataError(f"{path}: holds no video stream")
+            frames = [f.to_image() for f in container.decode(video=0)]
+    except DataError:
+        raise
+    except Exception as e:  # an unreadable or truncated container, an unknown codec
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise DataError(
+            f"{path}: cannot decode the video ({type(e).__name__}: {first}); give a folder of frames"
+        ) from None
+    if not frames:
+        raise DataError(f"{path}: the video has no frames")
+    return [f.convert("RGB") for f in frames]
 
 
 def draw_box(image: Image.Image, box: Sequence[float], label: str = "") -> Image.Image:
