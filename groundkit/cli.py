@@ -39,6 +39,7 @@ CORE_COMMANDS: dict[str, dict[str, str]] = {
     "bench": {
         "metrics": "groundkit.bench.metrics:register",
         "concurrency": "groundkit.bench.concurrency:register",
+        "gpu": "groundkit.bench.gpu:register",
     },
     "predict": {},
 }
