@@ -36,7 +36,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +57,6 @@ class Section:
     timeout_s: int = 120
     json_to_stdout: bool = False  # the benchmark prints its JSON instead of writing a file
     gpu_only: bool = False
-    figures: dict[str, Any] = field(default_factory=dict)
 
 
 def _metrics(r: dict[str, Any]) -> dict[str, Any]:
@@ -120,20 +119,22 @@ def _clipvg(r: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-_CLIPVG_CPU = [
+_CLIPVG_GPU = [
     "clipvg",
     "--device",
-    "cpu",
+    "cuda",
     "--encoder",
-    "effnet_minilm",
+    "clip",
     "--batch-size",
-    "2",
+    "64",
     "--steps",
-    "1",
+    "20",
     "--warmup",
-    "0",
+    "3",
 ]
-_CLIPVG_CPU += ["--imsize", "64", "--grid", "2", "--d-model", "32", "--layers", "1", "--max-query-len", "8"]
+_CLIPVG_CPU = ["clipvg", "--device", "cpu", "--encoder", "effnet_minilm", "--batch-size", "2", "--steps", "1"]
+_CLIPVG_CPU += ["--warmup", "0", "--imsize", "64", "--grid", "2", "--d-model", "32", "--layers", "1"]
+_CLIPVG_CPU += ["--max-query-len", "8"]
 
 SECTIONS: list[Section] = [
     Section(
@@ -179,7 +180,7 @@ SECTIONS: list[Section] = [
     ),
     Section(
         "clipvg",
-        ["clipvg", "--device", "cuda", "--encoder", "clip", "--batch-size", "64", "--steps", "20", "--warmup", "3"],
+        _CLIPVG_GPU,
         _CLIPVG_CPU,
         _clipvg,
         "train >= 1,500 img/s, test >= 3,000 img/s",
@@ -188,8 +189,7 @@ SECTIONS: list[Section] = [
     ),
     Section(
         "clipvg_compile",
-        ["clipvg", "--device", "cuda", "--encoder", "clip", "--batch-size", "64", "--steps", "20", "--warmup", "3"]
-        + ["--compile"],
+        _CLIPVG_GPU + ["--compile"],
         [],
         _clipvg,
         "(torch.compile: reported)",

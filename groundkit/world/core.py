@@ -358,7 +358,7 @@ def generate(
     (tmp / _MARKER).write_text("groundkit synthetic benchmark world build\n")
     t0 = time.perf_counter()
     try:
-        from ..distributed import fixed_threads  # noqa: PLC0415 (torch is imported by the tasks that need it)
+        from ..distributed import fixed_threads  # noqa: PLC0415 (torch: only when a build starts)
 
         with fixed_threads(1):  # the bytes must not depend on the thread count
             info = build(tmp, size=size, seed=seed, progress=progress, **knobs)

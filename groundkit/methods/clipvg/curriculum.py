@@ -427,8 +427,8 @@ def run_ssa(cfg: CurriculumConfig, backend: Backend, echo: Callable[[str], None]
             "val": v_all,
             "test": full.get("test", {}),
             "kept": len(entries),
+            "rule": rule,
         }
-        final["rule"] = rule
         best = f"the search's best h={result.best:.2f} gives {result.value:.4f}" if math.isfinite(result.value) else ""
         head = f"chosen: all {len(entries)} labels (val {cfg.metric} {v_all:.4f}; {best or 'no threshold trained'}; {rule})"
     if notes:

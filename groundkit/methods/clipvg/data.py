@@ -86,9 +86,10 @@ def prepare_text(phrase: str, d: ClipVGData) -> str:
 def build_train_transform(d: ClipVGData) -> Compose:
     """The official training augmentation (see the module docstring)."""
     scales = [s for s in d.aug_scales if s <= d.imsize] or [d.imsize]
-    cropper = OfficialSizeCrop(*d.aug_crop_size) if d.aug_crop_rule == "official" else RandomSizeCrop(*d.aug_crop_size)
+    official = d.aug_crop_rule == "official"
+    cropper = OfficialSizeCrop(*d.aug_crop_size) if official else RandomSizeCrop(*d.aug_crop_size)
     crop = Compose([RandomResize(d.aug_crop_resize, side="short"), cropper, RandomResize(scales)])
-    official = d.aug_crop_rule == "official"  # direction words as substrings ("bright" holds "right")
+    # official: direction words matched as substrings ("bright" holds "right")
     words = ("left", "right", "top", "bottom", "middle") if official else DIRECTION_WORDS
     steps: list[Any] = [
         RandomSelect(RandomResize(scales), crop, p=d.aug_crop_prob, first_if_words=words, whole_words=not official)

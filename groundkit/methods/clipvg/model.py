@@ -597,9 +597,8 @@ class ClipVG(nn.Module):
         ``image_mask="nearest"`` those whose top-left pixel is padding; ``"bilinear"`` (official) the pixel mask
         resized bilinearly to the grid and rounded, which also marks tokens that are partly image."""
         g = self.encoders.grid
-        if (
-            self.image_mask == "bilinear"
-        ):  # official: torchvision Resize of the int mask (bilinear, no antialias), rounded
+        if self.image_mask == "bilinear":
+            # official: torchvision's Resize of the int pixel mask (bilinear, no antialias), rounded
             m = F.interpolate(image_mask[:, None].float(), size=(g, g), mode="bilinear", align_corners=False)
             pad = m.round().to(torch.bool).flatten(1)
         else:
@@ -724,14 +723,20 @@ def cell_centres(grid: int, device: torch.device | None = None) -> torch.Tensor:
     return (torch.arange(grid, device=device, dtype=torch.float32) + 0.5) / grid
 
 
-def token_targets(boxes: torch.Tensor, grid: int) -> torch.Tensor:
-    """``[B, g*g]`` target distribution over the grid tokens (row-major): uniform over the cells whose centre
-    lies inside the box (normalised cxcywh on the canvas), or the cell of the box centre when none does."""
+def cells_inside(boxes: torch.Tensor, grid: int) -> torch.Tensor:
+    """``[B, g*g]`` (row-major) True for the grid cells whose centre lies inside the box (normalised cxcywh on the
+    canvas); shared by the token targets and the predictor's box score, so that both mean the same cells."""
     c = cell_centres(grid, boxes.device)
     x1, y1, x2, y2 = cxcywh_to_xyxy(boxes.float()).unbind(-1)
     inside_x = (c[None] >= x1[:, None]) & (c[None] <= x2[:, None])  # [B, g]
     inside_y = (c[None] >= y1[:, None]) & (c[None] <= y2[:, None])
-    inside = (inside_y[:, :, None] & inside_x[:, None, :]).flatten(1).float()  # [B, g*g]
+    return (inside_y[:, :, None] & inside_x[:, None, :]).flatten(1)
+
+
+def token_targets(boxes: torch.Tensor, grid: int) -> torch.Tensor:
+    """``[B, g*g]`` target distribution over the grid tokens (row-major): uniform over the cells whose centre
+    lies inside the box (normalised cxcywh on the canvas), or the cell of the box centre when none does."""
+    inside = cells_inside(boxes, grid).float()
     centre = (boxes[:, 1].clamp(0, 1 - 1e-6) * grid).long() * grid + (boxes[:, 0].clamp(0, 1 - 1e-6) * grid).long()
     inside[torch.arange(len(boxes)), centre] = 1.0
     return inside / inside.sum(1, keepdim=True)

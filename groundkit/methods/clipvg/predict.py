@@ -20,13 +20,12 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
-from ...boxes import cxcywh_to_xyxy
 from ...draw import draw_boxes as shared_draw_boxes
 from ...transforms import letterbox
 from .. import load_run
 from ..base import Predictor
 from .data import prepare_text
-from .model import cell_centres
+from .model import cells_inside
 
 __all__ = ["ClipVGPredictor", "draw_boxes", "register"]
 
@@ -83,12 +82,7 @@ class ClipVGPredictor(Predictor):
 def box_mass(token_logits: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     """``[B]`` probability mass of the grid tokens' softmax (``token_logits [B, g*g]``, padding at -inf) on the
     cells whose centre lies inside ``boxes [B, 4]`` (normalised cxcywh on the canvas)."""
-    g = math.isqrt(token_logits.shape[1])
-    c = cell_centres(g)
-    x1, y1, x2, y2 = cxcywh_to_xyxy(boxes).unbind(-1)
-    in_x = (c[None] >= x1[:, None]) & (c[None] <= x2[:, None])
-    in_y = (c[None] >= y1[:, None]) & (c[None] <= y2[:, None])
-    inside = (in_y[:, :, None] & in_x[:, None, :]).flatten(1)
+    inside = cells_inside(boxes, math.isqrt(token_logits.shape[1]))
     return (token_logits.softmax(dim=1) * inside).sum(1)
 
 

@@ -23,6 +23,7 @@ OpenAI's weights (archives and CLIP-VG checkpoints) were trained with QuickGELU:
 from __future__ import annotations
 
 import argparse
+import io
 import pickle
 import zipfile
 from collections import OrderedDict
@@ -38,6 +39,7 @@ __all__ = [
     "read_weights",
     "clip_weights",
     "needs_quick_gelu",
+    "official_state_dict",
     "official_to_groundkit",
     "OPENAI_EXTRAS",
 ]
@@ -72,8 +74,6 @@ def _rebuild_tensor(storage: torch.Tensor, offset: int, size: Any, stride: Any, 
 
 class _ArchiveUnpickler(pickle.Unpickler):
     def __init__(self, data: bytes, zf: zipfile.ZipFile, root: str, path: Path):
-        import io  # noqa: PLC0415
-
         super().__init__(io.BytesIO(data))
         self.zf, self.root, self.path = zf, root, path
 
@@ -223,25 +223,38 @@ def needs_quick_gelu(provenance: str) -> bool:
     return provenance in ("openai", "clipvg")
 
 
-def official_to_groundkit(path: str | Path, num_layers: int | None = None) -> dict[str, torch.Tensor]:
-    """The non-CLIP tensors of an official CLIP-VG checkpoint under :class:`ClipVG`'s names (plus the trained
-    visual positional embedding as ``encoders.visual.positional_embedding``). Every tensor of the file is
-    used once: the CLIP copies are checked equal to ``clip.*``, the official code's unused ``visu_proj`` is
-    the only one left out; anything else is an error naming the keys."""
+def official_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The ``model`` state dict of an official CLIP-VG checkpoint (read once; nothing executed)."""
     path = Path(path)
     sd = _unwrap(read_weights(path)[0], path)
     if "clip.visual.conv1.weight" not in sd or "vl_pos_embed.weight" not in sd:
         raise CheckpointError(
             f"{path}: not an official CLIP-VG checkpoint (no clip.visual.conv1.weight / vl_pos_embed)"
         )
+    return sd
+
+
+def official_to_groundkit(
+    path: str | Path, num_layers: int | None = None, sd: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """The non-CLIP tensors of an official CLIP-VG checkpoint under :class:`ClipVG`'s names (plus the trained
+    visual positional embedding as ``encoders.visual.positional_embedding``). Every tensor of the file is
+    used once: the CLIP copies are checked equal to ``clip.*``, the official code's unused ``visu_proj`` is
+    the only one left out; anything else is an error naming the keys. ``sd``: the file's
+    :func:`official_state_dict`, when the caller has read it already."""
+    path = Path(path)
+    sd = official_state_dict(path) if sd is None else sd
     out: dict[str, torch.Tensor] = {}
     used: set[str] = set()
 
-    def take(src: str, dst: str) -> None:
+    def need(src: str) -> torch.Tensor:
         if src not in sd:
             raise CheckpointError(f"{path}: official key {src} is missing")
-        out[dst] = sd[src].float()
         used.add(src)
+        return sd[src]
+
+    def take(src: str, dst: str) -> None:
+        out[dst] = need(src).float()
 
     for k in sd:
         if k.startswith("clip."):
@@ -265,8 +278,7 @@ def official_to_groundkit(path: str | Path, num_layers: int | None = None) -> di
         raise CheckpointError(f"{path}: {len(layers)} fusion layers, the model has {num_layers}")
     for i in layers:
         src = f"vl_transformer.encoder.layers.{i}."
-        w, b = sd[src + "self_attn.in_proj_weight"], sd[src + "self_attn.in_proj_bias"]
-        used.update({src + "self_attn.in_proj_weight", src + "self_attn.in_proj_bias"})
+        w, b = need(src + "self_attn.in_proj_weight"), need(src + "self_attn.in_proj_bias")
         for j, proj in enumerate(("q_proj", "k_proj", "v_proj")):
             out[f"layers.{i}.{proj}.weight"] = w.chunk(3)[j].float().clone()
             out[f"layers.{i}.{proj}.bias"] = b.chunk(3)[j].float().clone()
@@ -302,10 +314,10 @@ def register_convert(sub: Any) -> None:
         out = Path(a.out)
         if out.suffix != ".safetensors":
             raise CheckpointError(f"--out {out}: expected a .safetensors file name")
-        sd = official_to_groundkit(a.checkpoint)
-        clip, _ = clip_weights(a.checkpoint)
-        patch = int(clip["visual.conv1.weight"].shape[-1])
-        grid = int(round((clip["visual.positional_embedding"].shape[0] - 1) ** 0.5))
+        official = official_state_dict(a.checkpoint)  # read once: a ViT-B/16 checkpoint is hundreds of MB
+        sd = official_to_groundkit(a.checkpoint, sd=official)
+        patch = int(official["clip.visual.conv1.weight"].shape[-1])
+        grid = int(round((official["clip.visual.positional_embedding"].shape[0] - 1) ** 0.5))
         rows, width = sd["pos_embed.weight"].shape
         layers = len({k.split(".")[1] for k in sd if k.startswith("layers.")})
         out.parent.mkdir(parents=True, exist_ok=True)
