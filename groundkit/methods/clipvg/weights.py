@@ -167,6 +167,11 @@ def read_weights(path: str | Path) -> tuple[dict[str, Any], str]:
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True), "pickle"
+    except pickle.UnpicklingError:  # torch's message advises weights_only=False, which would run the file's code
+        raise CheckpointError(
+            f"{path}: not a readable weights file (not a tensor pickle, or it holds objects other than tensors, "
+            "which are never unpickled)"
+        ) from None
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: not a readable weights file ({type(e).__name__}: {msg[:200]})") from None
