@@ -11,7 +11,8 @@ generate`, one thread), in the suite's own data folder (``tests/conftest.py``).
   backbone features included, and training amplifies them: the early losses must agree within
   ``LOSS_RTOL`` and each metric within ``METRIC_ATOL`` (measured, see docs/benchmark_world.md: "Across
   machines"). A 1 % change of a loss temperature or margin still moves the early losses well past
-  ``LOSS_RTOL`` (checked by ``test_regression_catches_a_small_change``).
+  ``LOSS_RTOL`` (checked by ``test_regression_catches_a_small_change``). The measurements:
+``python experiments/determinism.py regression``.
 
 Re-record only for a deliberate change of results:
 ``GROUNDKIT_RECORD_REGRESSION=1 pytest tests/test_regression_results.py``.
