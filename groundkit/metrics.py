@@ -34,6 +34,9 @@ __all__ = [
     "paired_box_iou",
     "mean_iou",
     "accuracy_at_iou",
+    "refexp_baselines",
+    "refexp_baseline_hits",
+    "objects_per_image",
     "phrase_recall_at_k",
     "phrase_first_hit",
     "PhraseRecallAccumulator",
@@ -65,6 +68,69 @@ def accuracy_at_iou(
     if iou.numel() == 0:
         raise ValueError("accuracy_at_iou: no boxes given")
     return float(_iou_hit(iou, threshold, inclusive).double().mean())
+
+
+def objects_per_image(images: Sequence[str], boxes: Array) -> list[np.ndarray]:
+    """Per sample, the distinct boxes ``[k, 4]`` referred to in its image (by any sample of the list).
+
+    The annotated objects of a referring-expression file where no object list ships with it (TransVG
+    ``.pth`` lists): in RefCOCO every split holds all expressions of its images, so these are the
+    image's referred objects."""
+    b = np.asarray(_to_tensor(boxes, "boxes").double().cpu(), dtype=np.float64).reshape(-1, 4)
+    if len(b) != len(images):
+        raise ValueError(f"objects_per_image: {len(images)} images but {len(b)} boxes")
+    groups: dict[str, list[tuple[float, ...]]] = {}
+    for img, box in zip(images, b):
+        key = tuple(np.round(box, 2).tolist())
+        if key not in groups.setdefault(img, []):
+            groups[img].append(key)
+    return [np.asarray(groups[img], dtype=np.float64) for img in images]
+
+
+def refexp_baseline_hits(
+    gt_boxes: Array,
+    objects: Sequence[Array],
+    image_sizes: Array,
+    threshold: float = 0.5,
+    inclusive: bool = True,
+) -> dict[str, np.ndarray]:
+    """Per sample, the hits of the trivial referring-expression baselines that ignore the text.
+
+    ``gt_boxes`` [N, 4], ``objects[i]`` [k_i, 4] the annotated objects of sample i's image (the target
+    among them), ``image_sizes`` [N, 2] as (width, height). ``random_object``: the expected hit of one
+    object drawn uniformly (a fraction); ``largest_object``: the object of largest area;
+    ``centre_object``: the object whose centre lies nearest the image centre (0 or 1)."""
+    gt = np.asarray(_to_tensor(gt_boxes, "gt_boxes").double().cpu(), dtype=np.float64).reshape(-1, 4)
+    sizes = np.asarray(_to_tensor(image_sizes, "image_sizes").double().cpu(), dtype=np.float64).reshape(-1, 2)
+    if not (len(gt) == len(objects) == len(sizes)):
+        raise ValueError(f"refexp_baselines: {len(gt)} boxes, {len(objects)} object lists, {len(sizes)} sizes")
+    out: dict[str, list[float]] = {"random_object": [], "largest_object": [], "centre_object": []}
+    for g, objs, (w, h) in zip(gt, objects, sizes):
+        o = np.asarray(_to_tensor(objs, "objects").double().cpu(), dtype=np.float64).reshape(-1, 4)
+        if not len(o):
+            raise ValueError("refexp_baselines: a sample's image has no objects (its own box must be one)")
+        iou = torch.as_tensor(paired_box_iou(o, np.repeat(g[None], len(o), 0)))
+        hit = _iou_hit(iou, threshold, inclusive).double().numpy()
+        out["random_object"].append(float(hit.mean()))
+        out["largest_object"].append(float(hit[int(((o[:, 2] - o[:, 0]) * (o[:, 3] - o[:, 1])).argmax())]))
+        d = ((o[:, 0] + o[:, 2]) / 2 - w / 2) ** 2 + ((o[:, 1] + o[:, 3]) / 2 - h / 2) ** 2
+        out["centre_object"].append(float(hit[int(d.argmin())]))
+    return {k: np.asarray(v, dtype=np.float64) for k, v in out.items()}
+
+
+def refexp_baselines(
+    gt_boxes: Array,
+    objects: Sequence[Array],
+    image_sizes: Array,
+    threshold: float = 0.5,
+    inclusive: bool = True,
+) -> dict[str, float]:
+    """Acc@``threshold`` in percent of :func:`refexp_baseline_hits`' three baselines (random, largest and
+    most central object). A model that does not beat all three has not read the expression."""
+    hits = refexp_baseline_hits(gt_boxes, objects, image_sizes, threshold, inclusive)
+    if not len(hits["random_object"]):
+        raise ValueError("refexp_baselines: no samples")
+    return {k: 100.0 * float(v.mean()) for k, v in hits.items()}
 
 
 def mean_iou(pred_boxes: Array, gt_boxes: Array, pixel_offset: float = 0.0) -> float:

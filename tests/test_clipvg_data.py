@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
+from groundkit.errors import DataError
 from groundkit.formats import transvg
 from groundkit.methods.clipvg.config import ClipVGData
 from groundkit.methods.clipvg.data import GroundingSet, load_samples, split_file
@@ -164,3 +165,30 @@ def test_official_crop_rule_matches_direction_words_as_substrings(tiny_data):
     tiny_data.aug_crop_rule = "keep_box"
     select = build_train_transform(tiny_data).transforms[0]
     assert {select._pick({"text": "the bright laptop"}, g) is select.first for _ in range(20)} == {True, False}
+
+
+def test_baselines_from_referred_boxes_or_an_instances_file(tiny_data, tmp_path):
+    import json  # noqa: PLC0415
+
+    ds = GroundingSet(load_samples(tiny_data, "test"), tiny_data, name="test")
+    # each image holds one referred object: every text-blind baseline picks it
+    assert ds.baselines(0.5) == {"random_object": 100.0, "largest_object": 100.0, "centre_object": 100.0}
+    # an instances.json with more objects: a.jpg (100 x 50) gains a larger object in its centre
+    inst = {
+        "images": [{"id": 1, "file_name": "a.jpg", "width": 100, "height": 50}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "bbox": [10, 10, 20, 20], "category_id": 1},
+            {"id": 2, "image_id": 1, "bbox": [35, 5, 30, 40], "category_id": 1},
+        ],
+        "categories": [{"id": 1, "name": "box"}],
+    }
+    (tmp_path / "instances.json").write_text(json.dumps(inst))
+    d = ClipVGData(**{**tiny_data.__dict__, "instances_file": str(tmp_path / "instances.json")})
+    with pytest.raises(DataError, match=r"instances.json: no image entry for 1 image\(s\) of the test, e.g. 'b.jpg'"):
+        GroundingSet(load_samples(d, "test"), d, name="test").baselines(0.5)
+    inst["images"].append({"id": 2, "file_name": "b.jpg", "width": 60, "height": 120})
+    inst["annotations"].append({"id": 3, "image_id": 2, "bbox": [10, 70, 20, 20], "category_id": 1})
+    (tmp_path / "instances.json").write_text(json.dumps(inst))
+    got = GroundingSet(load_samples(d, "test"), d, name="test").baselines(0.5)
+    # a.jpg: 2 objects, the target is neither the largest nor the central one; b.jpg: 1 object (2 samples each)
+    assert got == pytest.approx({"random_object": 75.0, "largest_object": 50.0, "centre_object": 50.0})

@@ -178,3 +178,18 @@ def test_feature_reuse_equals_window_by_window(motion):
     for k in ("box", "score", "cand_box", "cand_score", "cand_feat"):
         assert torch.allclose(a[k], b[k], atol=1e-5), k
     assert a["cand_feat"].shape == (7, 3, 16)
+
+
+def test_transvg_lists_give_each_sample_its_images_referred_objects(tmp_path):
+    from groundkit.formats import transvg  # noqa: PLC0415
+    from groundkit.methods.cogrounding.data import load_image_samples  # noqa: PLC0415
+
+    rows = [("a.jpg", [0, 0, 10, 10], "left"), ("a.jpg", [20, 0, 30, 10], "right"), ("b.jpg", [5, 5, 9, 9], "it")]
+    rows.append(("a.jpg", [0, 0, 10, 10], "the left one"))  # a second expression of the first object
+    transvg.save_split([transvg.make_entry("unc", f, b, t) for f, b, t in rows], tmp_path, "unc", "val")
+    cfg = CoGroundingConfig()
+    cfg.data.kind, cfg.data.split_root, cfg.data.image_root = "transvg", str(tmp_path), str(tmp_path)
+    samples = load_image_samples(cfg, "val")
+    assert [len(s.objects) for s in samples] == [2, 2, 1, 2]
+    assert samples[2].objects == ((5.0, 5.0, 9.0, 9.0),)
+    assert samples[0].box in samples[0].objects

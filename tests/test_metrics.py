@@ -383,3 +383,39 @@ def test_bench_metrics_baseline_agrees_small():
     assert check_same(base, run_groundkit_fused(torch.from_numpy(sims), torch.from_numpy(mask))) == []
     other = run_groundkit(sims[:, ::-1].copy(), mask)  # a different matrix must be caught
     assert check_same(base, other)
+
+
+# ----------------------------------------------------------------------------- referring-expression baselines
+
+
+def test_refexp_baselines_hand_computed():
+    from groundkit.metrics import objects_per_image, refexp_baseline_hits, refexp_baselines
+
+    # image a (100 x 100): a big box in a corner, a small one in the centre; image b: one object only
+    big, small, only = [0, 0, 60, 60], [45, 45, 55, 55], [10, 10, 20, 20]
+    gt = np.array([big, small, only], dtype=float)
+    objs = objects_per_image(["a", "a", "b"], gt)
+    assert [len(o) for o in objs] == [2, 2, 1]
+    sizes = [(100, 100), (100, 100), (40, 40)]
+    hits = refexp_baseline_hits(gt, objs, sizes)
+    np.testing.assert_allclose(hits["random_object"], [0.5, 0.5, 1.0])
+    np.testing.assert_array_equal(hits["largest_object"], [1, 0, 1])
+    np.testing.assert_array_equal(hits["centre_object"], [0, 1, 1])
+    pct = refexp_baselines(gt, objs, sizes)
+    assert pct == pytest.approx({"random_object": 200 / 3, "largest_object": 200 / 3, "centre_object": 200 / 3})
+    # a duplicated expression does not duplicate its object; boxes within 0.005 px are one object
+    assert len(objects_per_image(["a", "a"], [big, [0, 0, 60.001, 60]])[0]) == 1
+    with pytest.raises(ValueError, match="3 boxes, 2 object lists"):
+        refexp_baselines(gt, objs[:2], sizes)
+    with pytest.raises(ValueError, match="no objects"):
+        refexp_baselines(gt[:1], [np.zeros((0, 4))], sizes[:1])
+
+
+def test_refexp_baselines_strict_threshold():
+    from groundkit.metrics import refexp_baseline_hits
+
+    # IoU exactly 0.5: a hit with >= (CLIP-VG), not with > (co-grounding's official rule)
+    gt, other = [0, 0, 10, 10], [0, 0, 10, 20]
+    objs = [np.array([other], dtype=float)]
+    assert refexp_baseline_hits([gt], objs, [(20, 20)], 0.5, inclusive=True)["largest_object"][0] == 1
+    assert refexp_baseline_hits([gt], objs, [(20, 20)], 0.5, inclusive=False)["largest_object"][0] == 0

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..errors import DataError
 from . import transvg
 
@@ -33,6 +35,8 @@ __all__ = [
     "refs_path",
     "load_refs_pickle",
     "load_refer",
+    "load_instances",
+    "objects_by_file",
     "load_samples",
     "save_refs_pickle",
     "save_instances",
@@ -170,16 +174,9 @@ class ReferData:
         return out
 
 
-def load_refer(
-    data_root: str | os.PathLike,
-    dataset: str = "refcoco",
-    split_by: str = "unc",
-    image_dir: str | os.PathLike | None = None,
-) -> ReferData:
-    """Load and join ``refs(<split_by>).p`` and ``instances.json``; every reference is checked."""
-    data_root = Path(data_root)
-    refs = load_refs_pickle(refs_path(data_root, dataset, split_by))
-    inst_path = data_root / dataset / "instances.json"
+def load_instances(inst_path: str | os.PathLike) -> tuple[dict[int, dict], dict[int, dict], dict[int, dict]]:
+    """A checked COCO-like ``instances.json``: images, annotations and categories indexed by id."""
+    inst_path = Path(inst_path)
     if not inst_path.is_file():
         raise FileNotFoundError(f"instances file not found: {inst_path}")
     try:
@@ -211,6 +208,33 @@ def load_refer(
             or bbox[3] < 0
         ):
             raise DataError(f"{inst_path}: annotation id={a.get('id')} has bad bbox {bbox!r} (want [x,y,w,h])")
+    return images, anns, cats
+
+
+def objects_by_file(inst_path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every annotated object of each image of an ``instances.json``: file name -> boxes ``[k, 4]`` (x1 y1 x2 y2)."""
+    images, anns, _ = load_instances(inst_path)
+    out: dict[str, list] = {im["file_name"]: [] for im in images.values()}
+    for a in anns.values():
+        im = images.get(int(a.get("image_id", -1)))
+        if im is None:
+            raise DataError(f"{inst_path}: annotation id={a['id']} names image_id {a.get('image_id')!r}, not listed")
+        x, y, w, h = (float(v) for v in a["bbox"])
+        out[im["file_name"]].append((x, y, x + w, y + h))
+    return {k: np.asarray(v, dtype=np.float64).reshape(-1, 4) for k, v in out.items()}
+
+
+def load_refer(
+    data_root: str | os.PathLike,
+    dataset: str = "refcoco",
+    split_by: str = "unc",
+    image_dir: str | os.PathLike | None = None,
+) -> ReferData:
+    """Load and join ``refs(<split_by>).p`` and ``instances.json``; every reference is checked."""
+    data_root = Path(data_root)
+    refs = load_refs_pickle(refs_path(data_root, dataset, split_by))
+    inst_path = data_root / dataset / "instances.json"
+    images, anns, cats = load_instances(inst_path)
     for ref in refs:
         if not isinstance(ref["ann_id"], int) or not isinstance(ref["image_id"], int):
             raise DataError(f"ref_id={ref['ref_id']}: ann_id and image_id must be integers")

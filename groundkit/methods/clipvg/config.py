@@ -69,6 +69,9 @@ class ClipVGData:
     color_jitter: float = 0.4  # brightness / contrast / saturation strength
     color_jitter_prob: float = 0.8
     aug_translate: bool = True  # random letterbox offset in training
+    # a COCO-like instances.json (RefCOCO's refer folder has one) listing every annotated object of the images: the
+    # trivial baselines pick among those; "" = among the boxes the split's expressions refer to
+    instances_file: str = ""
     cache_features: bool = True  # cache the frozen encoders' outputs (used only where the pipeline is deterministic)
     cache_dir: str = ""  # "" = $GROUNDKIT_FEATURE_CACHE or ~/.cache/groundkit-features, under clipvg/
 
@@ -121,6 +124,9 @@ class ClipVGLoss:
 @dataclass
 class ClipVGEval:
     iou_threshold: float = 0.5
+    # random / largest / most central referred object of the image (metrics random_object, largest_object,
+    # centre_object), beside every evaluation
+    baselines: bool = True
 
 
 def _optim() -> OptimConfig:

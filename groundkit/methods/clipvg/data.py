@@ -26,6 +26,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
@@ -34,7 +35,8 @@ from ...boxes import xyxy_to_cxcywh
 from ...config import feature_cache_root
 from ...distributed import device_fingerprint, padded_chunks, stored_features
 from ...errors import DataError
-from ...formats import transvg
+from ...formats import refcoco, transvg
+from ...metrics import objects_per_image, refexp_baselines
 from ...transforms import (
     DIRECTION_WORDS,
     ColorJitter,
@@ -147,6 +149,36 @@ class GroundingSet:
             raise FileNotFoundError(f"image not found: {path}")
         with Image.open(path) as im:
             return im.convert("RGB")
+
+    def baselines(self, threshold: float) -> dict[str, float]:
+        """Acc@``threshold`` (percent) of the random / largest / most central referred object of each image
+        (:func:`groundkit.metrics.refexp_baselines`); image sizes read from the files' headers, once."""
+        if getattr(self, "_baselines", None) is None or self._baselines[0] != threshold:
+            if self.image_root is None:
+                raise DataError("data.image_root is empty: point it at the folder holding the images")
+            sizes: dict[str, tuple[int, int]] = {}
+            for s in self.samples:
+                if s.img_file not in sizes:
+                    path = self.image_root / s.img_file
+                    if not path.is_file():
+                        raise FileNotFoundError(f"image not found: {path}")
+                    with Image.open(path) as im:
+                        sizes[s.img_file] = im.size
+            files = [s.img_file for s in self.samples]
+            boxes = np.asarray([s.box for s in self.samples], dtype=np.float64)
+            if self.d.instances_file:
+                known = refcoco.objects_by_file(self.d.instances_file)
+                missing = sorted({f for f in files if f not in known})
+                if missing:
+                    raise DataError(
+                        f"{self.d.instances_file}: no image entry for {len(missing)} image(s) of the"
+                        f" {self.name or 'split'}, e.g. {missing[0]!r} (data.instances_file)"
+                    )
+                objs = [known[f] for f in files]
+            else:
+                objs = objects_per_image(files, boxes)
+            self._baselines = (threshold, refexp_baselines(boxes, objs, [sizes[f] for f in files], threshold))
+        return dict(self._baselines[1])
 
     def raw_item(self, i: int) -> dict[str, Any]:
         """The letterboxed image, mask, text and target box of sample ``i`` (augmented if training)."""

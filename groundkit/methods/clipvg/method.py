@@ -148,17 +148,26 @@ class ClipVGMethod(Method):
         iou = np.asarray(outputs["iou"], dtype=np.float64)
         if not len(iou):
             return {"acc": 0.0, "miou": 0.0, "n": 0.0}
-        return {
+        out = {
             "acc": 100.0 * float((iou >= cfg.eval.iou_threshold).mean()),
             "miou": 100.0 * float(iou.mean()),
             "n": float(len(iou)),
         }
+        if cfg.eval.baselines and isinstance(dataset, GroundingSet) and len(dataset) == len(iou):
+            out.update(dataset.baselines(cfg.eval.iou_threshold))
+        return out
 
     def format_eval(self, metrics: dict[str, float], split: str) -> str:
-        return (
+        line = (
             f"{split}: Acc@0.5 {metrics.get('acc', 0):.2f}  mIoU {metrics.get('miou', 0):.2f}"
             f"  (n={int(metrics.get('n', 0))})"
         )
+        if "largest_object" in metrics:
+            line += (
+                f"  [random object {metrics['random_object']:.2f}, largest {metrics['largest_object']:.2f},"
+                f" centre {metrics['centre_object']:.2f}]"
+            )
+        return line
 
     def sample_ious(
         self, model: nn.Module, dataset: GroundingSet, cfg: ClipVGConfig, device: torch.device | str = "cpu"

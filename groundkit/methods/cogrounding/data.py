@@ -31,6 +31,7 @@ from PIL import Image, UnidentifiedImageError
 from ...distributed import device_fingerprint, padded_chunks, stored_features
 from ...errors import DataError
 from ...formats import refcoco, transvg, vid_sentence
+from ...metrics import objects_per_image
 from ...transforms import LetterboxInfo, hsv_scale, letterbox_info, swap_left_right
 from ...transforms import letterbox as _letterbox
 from .config import CoGroundingConfig
@@ -100,9 +101,12 @@ def load_image_samples(cfg: CoGroundingConfig, split: str) -> list[ImageSample]:
         if not d.split_root:
             raise DataError("data.split_root is empty (the folder holding <key>/<key>_<split>.pth)")
         root = Path(d.image_root)
+        listed = transvg.load_split(d.split_root, d.transvg_key, split)
+        # no object list ships with these files: an image's objects are the boxes its expressions refer to
+        objs = objects_per_image([s.img_file for s in listed], [s.box for s in listed]) if listed else []
         out = [
-            ImageSample(root / s.img_file, s.box, s.phrase, split)
-            for s in transvg.load_split(d.split_root, d.transvg_key, split)
+            ImageSample(root / s.img_file, s.box, s.phrase, split, tuple(map(tuple, o.tolist())))
+            for s, o in zip(listed, objs)
         ]
     else:
         raise DataError(f"data.kind={d.kind!r} has no image samples")

@@ -67,7 +67,15 @@ VIDEO_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         {"model.co_residual": True, "model.motion_attention": True, "loss.motion_candidates": 8},
     ),
 }
-IMAGE_KEYS = ("testA/Acc@0.5", "testB/Acc@0.5", "Acc@0.5", "random_object", "largest_object", "upper_bound")
+IMAGE_KEYS = (
+    "testA/Acc@0.5",
+    "testB/Acc@0.5",
+    "Acc@0.5",
+    "random_object",
+    "largest_object",
+    "centre_object",
+    "upper_bound",
+)
 VIDEO_KEYS = ("Acc@0.5", "Acc@0.5 (post)")
 
 

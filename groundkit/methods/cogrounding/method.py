@@ -20,6 +20,7 @@ from torch import nn
 
 from ...boxes import paired_box_iou
 from ...config import ConfigError
+from ...metrics import refexp_baseline_hits
 from ..base import Figure, Method
 from .backbones import build_backbone
 from .config import CoGroundingConfig
@@ -227,7 +228,7 @@ class CoGroundingMethod(Method):
     ) -> dict[str, np.ndarray]:
         out: dict[str, list] = {"Acc@0.5": [], "upper_bound": []}
         if cfg.eval.baselines and ds.samples and ds.samples[0].objects:
-            out.update({"random_object": [], "largest_object": []})
+            out.update({"random_object": [], "largest_object": [], "centre_object": []})
         bs = cfg.train.eval_batch_size
         for s in range(0, len(ds), bs):
             idx = list(range(s, min(len(ds), s + bs)))
@@ -249,11 +250,15 @@ class CoGroundingMethod(Method):
                 allb = lb.to_original(boxes[j])
                 out["upper_bound"].append(bool(hits(allb, np.repeat(gt[None], len(allb), 0), cfg).any()))
                 if "random_object" in out:
-                    objs = np.asarray(ds.samples[i].objects, dtype=np.float64)
-                    h = hits(objs, np.repeat(gt[None], len(objs), 0), cfg)
-                    out["random_object"].append(float(h.mean()))
-                    area = (objs[:, 2] - objs[:, 0]) * (objs[:, 3] - objs[:, 1])
-                    out["largest_object"].append(bool(h[int(area.argmax())]))
+                    base = refexp_baseline_hits(
+                        gt[None],
+                        [ds.samples[i].objects],
+                        [(lb.orig_w, lb.orig_h)],
+                        cfg.eval.iou_threshold,
+                        cfg.eval.inclusive,
+                    )
+                    for k, v in base.items():
+                        out[k].append(float(v[0]))
         return {k: np.asarray(v, dtype=np.float64) for k, v in out.items()}
 
     @torch.no_grad()
