@@ -9,8 +9,11 @@ their depths.
   (stride 8), the 112-channel stage (stride 16) and the 1280-channel head (stride 32).
 * :class:`Darknet53YOLOv3` — Darknet-53 plus the YOLOv3 neck, built in the order of the layers of
   ``yolov3.cfg`` so that the original ``yolov3.weights`` file loads by path
-  (:func:`load_darknet_weights`). Its outputs are the features just before each YOLO output
-  convolution: 1024, 512 and 256 channels (times ``width``), as the official code uses them.
+  (:func:`load_darknet_weights`). Its outputs (``taps="official"``, the default) are what the official
+  ``darknet.py`` saves as it enters each ``[yoloconvolutional]`` block: the output of the second 3x3
+  convolution of each five-convolution set, ``yolov3.cfg`` layers 78 / 90 / 102 (1024, 512 and 256
+  channels times ``width``). ``taps="head"`` takes the 3x3 convolution just before each YOLO output
+  convolution instead (layers 80 / 92 / 104; groundkit's choice before version 0.2).
 """
 
 from __future__ import annotations
@@ -99,10 +102,10 @@ class EfficientNetLite0(Backbone):
 class DarkConv(nn.Module):
     """Darknet ``[convolutional]`` with batch_normalize=1 and leaky activation (0.1)."""
 
-    def __init__(self, c_in: int, c_out: int, k: int, stride: int = 1):
+    def __init__(self, c_in: int, c_out: int, k: int, stride: int = 1, bn_momentum: float = 0.1):
         super().__init__()
         self.conv = nn.Conv2d(c_in, c_out, k, stride, padding=(k - 1) // 2, bias=False)
-        self.bn = nn.BatchNorm2d(c_out, momentum=0.01, eps=1e-5)
+        self.bn = nn.BatchNorm2d(c_out, momentum=bn_momentum, eps=1e-5)  # official: PyTorch's default 0.1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.leaky_relu(self.bn(self.conv(x)), 0.1)
@@ -130,16 +133,26 @@ class Darknet53YOLOv3(Backbone):
     """Darknet-53 and the YOLOv3 neck in ``yolov3.cfg`` layer order.
 
     ``width`` scales every channel count (1.0 is YOLOv3; small values give tiny test models);
-    ``weights_path`` loads an original Darknet ``.weights`` file of the same width.
+    ``weights_path`` loads an original Darknet ``.weights`` file of the same width; ``taps`` picks the
+    three output maps (module docstring); ``bn_momentum`` is every BatchNorm's (official: 0.1).
     """
 
     mean = (0.485, 0.456, 0.406)  # the onestage/co-grounding loaders normalise with ImageNet statistics
     std = (0.229, 0.224, 0.225)
 
-    def __init__(self, weights_path: str = "", width: float = 1.0, n_classes: int = 80):
+    def __init__(
+        self,
+        weights_path: str = "",
+        width: float = 1.0,
+        n_classes: int = 80,
+        taps: str = "official",
+        bn_momentum: float = 0.1,
+    ):
         super().__init__()
+        if taps not in ("official", "head"):
+            raise GroundkitError(f"Darknet taps {taps!r}: expected 'official' (layers 78/90/102) or 'head' (80/92/104)")
         c = lambda n: max(2, int(round(n * width)))  # noqa: E731
-        self.width = width
+        self.width, self.taps, self.bn_momentum = width, taps, bn_momentum
         self.stem = DarkConv(3, c(32), 3)
         stages, c_in = [], c(32)
         for n_res, c_out in zip((1, 2, 8, 8, 4), (64, 128, 256, 512, 1024)):
@@ -164,6 +177,15 @@ class Darknet53YOLOv3(Backbone):
         self.pre2 = DarkConv(c(128), c(256), 3)
         self.out2 = YoloOutputConv(c(256), n_out)
         self.channels = (c(1024), c(512), c(256))
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = bn_momentum
+        # loaded from the .weights file but outside the computation: no gradient (DDP requires every trainable
+        # parameter to take part)
+        unused = [self.out0, self.out1, self.out2]
+        unused += [self.pre0, self.pre1, self.pre2, self.set2[4]] if taps == "official" else []
+        for m in unused:
+            m.requires_grad_(False)
         if weights_path:
             load_darknet_weights(self, weights_path)
 
@@ -185,15 +207,20 @@ class Darknet53YOLOv3(Backbone):
             x = stage(x)
             feats.append(x)
         c8, c16, c32 = feats[2], feats[3], feats[4]
-        s0 = self.set0(c32)
-        f32 = self.pre0(s0)
+        t0, s0 = self._set(self.set0, c32)
         up = F.interpolate(self.lat1(s0), scale_factor=2, mode="nearest")
-        s1 = self.set1(torch.cat([up, c16], 1))
-        f16 = self.pre1(s1)
+        t1, s1 = self._set(self.set1, torch.cat([up, c16], 1))
         up = F.interpolate(self.lat2(s1), scale_factor=2, mode="nearest")
-        s2 = self.set2(torch.cat([up, c8], 1))
-        f8 = self.pre2(s2)
-        return [f32, f16, f8]
+        x8 = torch.cat([up, c8], 1)
+        if self.taps == "head":
+            return [self.pre0(s0), self.pre1(s1), self.pre2(self.set2(x8))]
+        return [t0, t1, self.set2[:4](x8)]  # the set's last 1x1 feeds no lateral branch at stride 8
+
+    @staticmethod
+    def _set(conv_set: nn.Sequential, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the 4th convolution's output: the official tap, the set's output: the lateral branch's input)."""
+        tap = conv_set[:4](x)
+        return tap, conv_set[4](tap)
 
     def cfg_order(self) -> list[nn.Module]:
         """Every convolution (DarkConv or YoloOutputConv) in the order of ``yolov3.cfg`` (75 layers)."""
@@ -261,10 +288,18 @@ def save_darknet_weights(model: Darknet53YOLOv3, path: str | os.PathLike, seen: 
     return path
 
 
-def build_backbone(name: str, pretrained: bool = True, weights_path: str = "", width: float = 1.0) -> Backbone:
-    """``efficientnet_lite0`` (packaged ImageNet weights when ``pretrained``) or ``darknet53`` (``weights_path``)."""
+def build_backbone(
+    name: str,
+    pretrained: bool = True,
+    weights_path: str = "",
+    width: float = 1.0,
+    taps: str = "official",
+    bn_momentum: float = 0.1,
+) -> Backbone:
+    """``efficientnet_lite0`` (packaged ImageNet weights when ``pretrained``) or ``darknet53`` (``weights_path``,
+    ``taps``, ``bn_momentum``: :class:`Darknet53YOLOv3`)."""
     if name == "efficientnet_lite0":
         return EfficientNetLite0(pretrained=pretrained)
     if name == "darknet53":
-        return Darknet53YOLOv3(weights_path=weights_path, width=width)
+        return Darknet53YOLOv3(weights_path=weights_path, width=width, taps=taps, bn_momentum=bn_momentum)
     raise GroundkitError(f"unknown backbone {name!r}; expected 'efficientnet_lite0' or 'darknet53'")

@@ -71,6 +71,10 @@ class CoGroundingModelConfig:
     pretrained: bool = True  # EfficientNet-Lite0: the packaged ImageNet weights
     darknet_weights: str = ""  # path to an original yolov3.weights file
     darknet_width: float = 1.0
+    # which Darknet maps feed the head: "official" (the input of each [yoloconvolutional] block, yolov3.cfg layers
+    # 78 / 90 / 102, as the official darknet.py) or "head" (the 3x3 convolution before each YOLO output, 80 / 92 / 104)
+    darknet_taps: Literal["official", "head"] = "official"
+    darknet_bn_momentum: float = 0.1  # every Darknet BatchNorm2d (official: PyTorch's default 0.1)
     freeze_backbone: bool = False
     text_encoder: Literal["lstm", "transformer"] = "lstm"
     text_encoder_path: str = "minilm"  # transformer: a local model folder, or "minilm" (the offline package)
@@ -100,7 +104,10 @@ class CoGroundingModelConfig:
     # cell adds the log-likelihood of its Lucas-Kanade motion in the window under it to its score (co-grounding only)
     motion_attention: bool = False
     attention_temperature: float = 10.0
-    bn_momentum_official: bool = False  # reference: BatchNorm momentum 0.999 (running stats ~ the last batch)
+    # reference: momentum 0.999 in the head's ConvBNReLU blocks (running stats ~ the last batch), as the official
+    # ConvBatchNormReLU; the BatchNorm1d layers (language MLP, coordinate and location embeddings) keep PyTorch's
+    # 0.1 in both modes, as the official nn.BatchNorm1d
+    bn_momentum_official: bool = False
     anchors: list[list[float]] = field(
         default_factory=lambda: [
             [10, 13],

@@ -49,7 +49,9 @@ __all__ = ["CoGroundingMethod", "EvalBundle", "build_model", "hits"]
 
 def build_model(cfg: CoGroundingConfig) -> CoGroundingNet:
     m = cfg.model
-    backbone = build_backbone(m.backbone, m.pretrained, m.darknet_weights, m.darknet_width)
+    backbone = build_backbone(
+        m.backbone, m.pretrained, m.darknet_weights, m.darknet_width, m.darknet_taps, m.darknet_bn_momentum
+    )
     if m.text_encoder == "lstm":
         text = LSTMTextEncoder(len(build_tokenizer(m)), m.dim)
     else:

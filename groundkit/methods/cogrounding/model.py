@@ -11,8 +11,8 @@ scale in row-major ``(y, x)`` order and scales concatenated; anchors are ordered
 cell).
 
 ``reference`` switches (see :class:`~groundkit.methods.cogrounding.config.CoGroundingModelConfig`
-and ``...LossConfig``) keep the official behaviour where it is a bug: BatchNorm momentum 0.999 in
-PyTorch semantics, the location loss on min-max normalised scores, rank negatives by batch
+and ``...LossConfig``) keep the official behaviour where it is a bug: BatchNorm momentum 0.999 (PyTorch
+semantics) in the ConvBNReLU blocks, the location loss on min-max normalised scores, rank negatives by batch
 reversal.
 """
 
@@ -296,7 +296,8 @@ class CoGroundingNet(nn.Module):
     Parameters: ``backbone`` (a :class:`~groundkit.methods.cogrounding.backbones.Backbone`),
     ``text_encoder`` (LSTM or transformer, contract of :class:`LSTMTextEncoder`), ``image_size``
     ``S`` (the letterbox side; the relation layer is sized by the cells of that input),
-    ``dim`` ``D``, ``co_attention`` (CG-SL-Att when True), ``bn_momentum`` (0.999 = official),
+    ``dim`` ``D``, ``co_attention`` (CG-SL-Att when True), ``bn_momentum`` (of the ConvBNReLU blocks;
+    0.999 = official; the BatchNorm1d layers keep 0.1 as official),
     ``top_down`` (add each coarser scale's mapped features, upsampled, to the next finer one),
     ``motion`` (a motion term for each centre/neighbour pair, not official: ``motion_mode`` ``corr`` adds the
     local correlation volume :func:`motion_volume` to the co-attention input, ``diff`` adds a 3 x 3
@@ -393,11 +394,11 @@ class CoGroundingNet(nn.Module):
             self.mot_log_sigma = nn.Parameter(torch.zeros(()))
         self.lang_mlp = nn.Sequential(
             nn.Linear(ctx, D),
-            nn.BatchNorm1d(D, momentum=bn_momentum),
+            nn.BatchNorm1d(D),
             nn.ReLU(inplace=True),
             nn.Dropout(lang_dropout),
             nn.Linear(D, D),
-            nn.BatchNorm1d(D, momentum=bn_momentum),
+            nn.BatchNorm1d(D),
             nn.ReLU(inplace=True),
         )
         self.fcn_emb = nn.ModuleList(
@@ -413,12 +414,8 @@ class CoGroundingNet(nn.Module):
         )
         self.sub_attn = PhraseAttention(ctx)
         self.loc_attn = PhraseAttention(ctx)
-        self.coord_embed = nn.Sequential(
-            nn.Linear(8, 8), nn.BatchNorm1d(8, momentum=bn_momentum), nn.ReLU(inplace=True)
-        )
-        self.rel_fc = nn.Sequential(
-            nn.Linear(self.n_cells, D), nn.BatchNorm1d(D, momentum=bn_momentum), nn.ReLU(inplace=True)
-        )
+        self.coord_embed = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.ReLU(inplace=True))
+        self.rel_fc = nn.Sequential(nn.Linear(self.n_cells, D), nn.BatchNorm1d(D), nn.ReLU(inplace=True))
         for g in self.grids:
             self.register_buffer(f"coord_{g}", coord_features(g), persistent=False)
         a = torch.tensor(anchors, dtype=torch.float32).view(3, 3, 2).flip(0)  # scale 0 <- largest anchors

@@ -1,0 +1,69 @@
+"""Reference-mode check of co-grounding's backbone: the official Darknet (``model/darknet.py`` with
+``model/yolov3.cfg``) beside groundkit's ``Darknet53YOLOv3``, both loading one seeded ``.weights`` file that
+groundkit writes, on the same letterboxed input (docs/cogrounding.md, "Reference mode checked against the official
+code"). The official code is imported from a checkout of its repository given on the command line; nothing of it
+is copied here (its ``utils`` package imports OpenCV, which the backbone does not use: a stub stands in when
+OpenCV is missing; and ``collections.Iterable``, gone since Python 3.10: an alias is set).
+
+    python experiments/official_check_cogrounding.py OFFICIAL_CHECKOUT WORK_DIR
+"""
+
+import os
+import sys
+import types
+from pathlib import Path
+
+import torch
+
+official_dir, work = Path(sys.argv[1]).resolve(), Path(sys.argv[2]).resolve()
+work.mkdir(parents=True, exist_ok=True)
+torch.set_num_threads(2)
+try:
+    import cv2  # noqa: F401
+except ImportError:
+    sys.modules["cv2"] = types.ModuleType("cv2")
+import collections  # noqa: E402
+import collections.abc  # noqa: E402
+
+collections.Iterable = collections.abc.Iterable  # the official utils import it from collections (Python < 3.10)
+sys.path.insert(0, str(official_dir))
+os.chdir(official_dir)  # the official Darknet opens ./model/yolov3.cfg
+from model.darknet import Darknet  # noqa: E402
+
+from groundkit.methods.cogrounding.backbones import Darknet53YOLOv3, save_darknet_weights  # noqa: E402
+
+torch.manual_seed(0)
+ours = Darknet53YOLOv3()
+with torch.no_grad():  # random BatchNorm statistics and affine terms, so every layer matters
+    for m in ours.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.normal_(1, 0.1)
+            m.bias.normal_(0, 0.1)
+weights = save_darknet_weights(ours, work / "seeded.weights")
+ours = Darknet53YOLOv3(weights_path=str(weights)).eval()
+head = Darknet53YOLOv3(weights_path=str(weights), taps="head").eval()
+official = Darknet(config_path="./model/yolov3.cfg")
+official.load_weights(str(weights))
+official.eval()
+
+x = torch.rand(2, 3, 256, 256)
+with torch.no_grad():
+    ref = official(ours.normalize(x))  # the official loader normalises before the model
+    mine, old = ours(x), head(x)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+print("map         shape               official taps: rel. diff   max abs   |  head taps (80/92/104): rel. diff")
+for name, r, m, o in zip(("stride 32", "stride 16", "stride 8"), ref, mine, old):
+    print(f"{name:10}  {tuple(r.shape)!s:18}  {rel(m, r):.2e}  {float((m - r).abs().max()):.2e}  |  {rel(o, r):.3f}")
+print(
+    "BatchNorm momenta: official",
+    sorted({b.momentum for b in official.modules() if isinstance(b, torch.nn.BatchNorm2d)}),
+    "groundkit",
+    sorted({b.momentum for b in ours.modules() if isinstance(b, torch.nn.BatchNorm2d)}),
+)
