@@ -67,3 +67,37 @@ print(
     "groundkit",
     sorted({b.momentum for b in ours.modules() if isinstance(b, torch.nn.BatchNorm2d)}),
 )
+
+# the tokenizer: the official Corpus.tokenize beside WordTokenizer(rules="official"), one vocabulary
+from utils.word_utils import Corpus  # noqa: E402
+
+from groundkit.methods.cogrounding.text import WordTokenizer, swap_substrings  # noqa: E402
+
+texts = [
+    "The man, on the LEFT.",
+    "bright red car at the right",
+    "a dog",
+    "the woman's bag on the left side of the table next to the man in a white shirt holding a cup.",
+    "left-most guy ?!",
+    "the man . with a hat",
+]
+corpus_file = work / "corpus.txt"
+corpus_file.write_text("\n".join(texts[:3]) + "\n")
+official_corpus = Corpus()
+official_corpus.load_file(str(corpus_file))
+official_corpus.dictionary.add_word("<eos>")
+ours_tok = WordTokenizer(max_len=20, vocab_file=str(corpus_file), rules="official")
+agree = 0
+for t in texts:
+    off = [official_corpus.dictionary[int(i)] for i in official_corpus.tokenize(t.lower(), 20)]
+    off = [w for w in off if w != "<pad>"]
+    mine_t = [w if w in ours_tok.stoi else "<unk>" for w in ours_tok.tokens(t)]
+    agree += off == mine_t
+    if off != mine_t:
+        print("differs:", t, off, mine_t)
+print(f"tokenizer: {agree} of {len(texts)} texts give the same tokens")
+flips = ["bright left, right?", "the leftmost cup on the right"]
+official_swap = [
+    p.replace("right", "*&^special^&*").replace("left", "right").replace("*&^special^&*", "left") for p in flips
+]
+print("substring swap equal:", [swap_substrings(p) for p in flips] == official_swap)

@@ -49,7 +49,7 @@ def test_letterbox_maps_boxes_both_ways():
     assert np.allclose(lb.to_original(np.array([-10.0, 0.0, 200.0, 127.0])), [0, 0, 200, 100])
 
 
-def test_tokenizer_official_rules():
+def test_tokenizer_groundkit_rules():
     tok = WordTokenizer(max_len=6, vocab_size=3000)
     ids, mask = tok.encode("The man, on the LEFT.")
     words = [tok.itos[i] for i in ids.tolist()]
@@ -60,6 +60,25 @@ def test_tokenizer_official_rules():
         swap_left_right("leftmost car left of the rightmost tree, right?")
         == "rightmost car right of the leftmost tree, left?"
     )
+
+
+def test_tokenizer_official_rules_and_substring_swap(tmp_path):
+    from groundkit.methods.cogrounding.text import swap_substrings  # noqa: PLC0415
+
+    (tmp_path / "corpus.txt").write_text("the man on the left\na dog\n")  # a corpus file: words split on spaces
+    tok = WordTokenizer(max_len=6, vocab_file=str(tmp_path / "corpus.txt"), rules="official")
+    words = lambda text: [tok.itos[i] for i in tok.encode(text)[0].tolist()]  # noqa: E731
+    # separators are tokens (", " one of them, unknown); the final "." goes; 6 tokens = max_len: no <eos>
+    assert words("The man, on the LEFT.") == ["the", "man", "<unk>", "on", "the", "left"]
+    assert tok.tokens("The man, on the LEFT.")[2] == ", "
+    # longer texts are cut with no <eos>; shorter ones get <eos> and padding (id 0, masked)
+    assert words("a dog on the left of the man") == ["a", "dog", "on", "the", "left", "<unk>"]
+    ids, mask = tok.encode("a dog.")
+    assert [tok.itos[i] for i in ids[mask].tolist()] == ["a", "dog", "<eos>"] and not mask[3:].any()
+    assert WordTokenizer(max_len=6, vocab_size=3000).tokens("The man, on the LEFT.")[-1] == "<eos>"  # groundkit
+    assert swap_substrings("bright left, right?") == "bleft right, left?"
+    with pytest.raises(Exception, match="model.tokenizer='x'"):
+        WordTokenizer(max_len=6, vocab_size=30, rules="x")
 
 
 def _scene(tmp_path, name="a.png"):
@@ -193,3 +212,30 @@ def test_transvg_lists_give_each_sample_its_images_referred_objects(tmp_path):
     assert [len(s.objects) for s in samples] == [2, 2, 1, 2]
     assert samples[2].objects == ((5.0, 5.0, 9.0, 9.0),)
     assert samples[0].box in samples[0].objects
+
+
+def test_official_box_pixels_mirror_in_original_pixels_and_truncate():
+    from groundkit.transforms import letterbox_info  # noqa: PLC0415
+
+    cfg = CoGroundingConfig()
+    cfg.data.image_size = 64
+    lb = letterbox_info(100, 50, 64)  # scale 0.64, 16 rows of padding above
+    box = np.array([10.0, 10.0, 30.0, 30.0])
+    ds = RefExpDataset(cfg, [], train=False)
+    np.testing.assert_allclose(ds._canvas_box(box, lb, False), [6.4, 22.4, 19.2, 35.2])
+    np.testing.assert_allclose(ds._canvas_box(box, lb, True), [44.8, 22.4, 57.6, 35.2])
+    cfg.data.truncate_boxes = True  # official: x' = w - x - 1 in original pixels, integers after the letterbox
+    np.testing.assert_array_equal(ds._canvas_box(box, lb, False), [6, 22, 19, 35])
+    np.testing.assert_array_equal(ds._canvas_box(box, lb, True), [44, 22, 56, 35])
+
+
+def test_truncated_boxes_on_reading_refer_and_transvg(tmp_path):
+    from groundkit.formats import transvg  # noqa: PLC0415
+    from groundkit.methods.cogrounding.data import load_image_samples  # noqa: PLC0415
+
+    transvg.save_split([transvg.make_entry("unc", "a.jpg", [1.7, 2.2, 10.9, 8.5], "x")], tmp_path, "unc", "val")
+    cfg = CoGroundingConfig()
+    cfg.data.kind, cfg.data.split_root, cfg.data.image_root = "transvg", str(tmp_path), str(tmp_path)
+    assert load_image_samples(cfg, "val")[0].box == pytest.approx((1.7, 2.2, 10.9, 8.5))
+    cfg.data.truncate_boxes = True  # [x, y, w, h] = [1.7, 2.2, 9.2, 6.3] -> ints [1, 2, 9, 6] -> x2 = 10, y2 = 8
+    assert load_image_samples(cfg, "val")[0].box == (1.0, 2.0, 10.0, 8.0)

@@ -211,6 +211,13 @@ def test_rank_loss_hand_computed():
     # sample 0: pos = 1; neg1 = <e_1, f_0[:, cell 0]> = 0; neg2 = sim[0, cell 1] = 0  -> 0
     # sample 1: pos = 0.6; neg1 = <e_0, f_1[:, cell 1]> = 0.8 -> 0.3; neg2 = sim[1, cell 0] = 0.8 -> 0.3
     assert torch.isclose(loss, torch.tensor(0.6 / 4))
+    # both GT cells 0: the second term of each pair compares the cell with itself; groundkit skips it, the official
+    # code adds the margin (0.1 per sample)
+    T.cell_index = torch.tensor([0, 0])
+    sim0 = sim[:, 0]  # sample 0: pos 1, neg1 0 -> 0; sample 1: pos 0.8, neg1 <e_0, f_1[:, 0]> = 0.6 -> 0
+    assert float(sim0[1]) == pytest.approx(0.8)
+    assert torch.isclose(rank_loss(out, T, partner, valid, 0.1), torch.tensor(0.0))
+    assert torch.isclose(rank_loss(out, T, partner, valid, 0.1, zero_same_cell=False), torch.tensor(0.2 / 4))
 
 
 def test_location_loss_reference_vs_fixed():

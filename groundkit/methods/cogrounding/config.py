@@ -59,6 +59,12 @@ class CoGroundingDataConfig:
     hsv_saturation_bug: bool = False  # reference: only V is scaled (the official S line is missing)
     affine: bool = True  # random affine (rot 5, translate 0.1, scale 0.9-1.1, shear 2)
     shared_clip_geometry: bool = True  # improved: one affine for all frames of a clip; reference: per frame
+    # reference (official pixel rules): boxes cut to integers on reading (np.array(bbox, dtype=int) before
+    # xywh -> xyxy), mirrored in original pixels as x' = w - x - 1, and cut again after the letterbox
+    truncate_boxes: bool = False
+    # the flip's word swap: "words" (whole words, "bright" stays) or "substring" (official: str.replace of
+    # right/left, so "bright" becomes "bleft")
+    flip_swap: Literal["words", "substring"] = "words"
     cache_backbone: bool = False  # with a frozen backbone and no geometric/colour jitter: backbone maps computed once
     # with cache_backbone: a folder where each split's maps are kept on disk (one file per backbone, image size and
     # image list), so that seeds and variants of a sweep compute them once; "" keeps them in memory only
@@ -82,6 +88,10 @@ class CoGroundingModelConfig:
     vocab_size: int = 20000  # LSTM: most frequent GloVe 6B words
     vocab_file: str = ""  # LSTM: own vocabulary, one word per line (overrides vocab_size)
     max_tokens: int = 20  # official --time 20
+    # LSTM tokens: "groundkit" (words only, punctuation dropped, at most max_tokens - 1 words + <eos>) or "official"
+    # (the official Corpus.tokenize: punctuation runs kept as tokens, a final "." dropped, max_tokens words with no
+    # <eos> when the text is that long or longer); vocab_file lines are split on whitespace as the official corpus
+    tokenizer: Literal["groundkit", "official"] = "groundkit"
     dim: int = 512  # official emb_size 512
     co_attention: bool = True  # CG-SL-Att; False = SL-Att (image model / single-frame baseline)
     # not official: top-down path over the mapped scales (coarse -> fine) for backbones without a YOLO neck
@@ -133,6 +143,8 @@ class CoGroundingLossConfig:
     rank_margin: float = 0.1
     loc_weight: float = 1.0
     rank_negatives_reversal: bool = False  # reference: negatives by batch reversal (may pick the same sentence)
+    # reference: a partner whose GT cell is the own cell still gives its second rank term, the constant margin
+    rank_same_cell_margin: bool = False
     loc_on_normalized: bool = False  # reference: location CE on min-max normalised [0,1] scores
     loc_temperature: float = 0.1  # fixed: CE on raw cosines / temperature
     motion_weight: float = 1.0  # CE of the cells' motion log-likelihoods (model.motion_attention only)

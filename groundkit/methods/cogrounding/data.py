@@ -35,7 +35,7 @@ from ...metrics import objects_per_image
 from ...transforms import LetterboxInfo, hsv_scale, letterbox_info, swap_left_right
 from ...transforms import letterbox as _letterbox
 from .config import CoGroundingConfig
-from .text import build_tokenizer
+from .text import build_tokenizer, swap_substrings
 
 __all__ = [
     "ImageSample",
@@ -94,14 +94,20 @@ def load_image_samples(cfg: CoGroundingConfig, split: str) -> list[ImageSample]:
             x, y, w, h = (float(v) for v in a["bbox"])
             objects.setdefault(int(a["image_id"]), []).append((x, y, x + w, y + h))
         out = [
-            ImageSample(s.image_path, s.box_xyxy, s.sentence, split, tuple(objects.get(s.image_id, ())))
+            ImageSample(
+                s.image_path,
+                _int_box(s.box_xywh) if d.truncate_boxes else s.box_xyxy,
+                s.sentence,
+                split,
+                tuple(objects.get(s.image_id, ())),
+            )
             for s in data.samples(split)
         ]
     elif d.kind == "transvg":
         if not d.split_root:
             raise DataError("data.split_root is empty (the folder holding <key>/<key>_<split>.pth)")
         root = Path(d.image_root)
-        listed = transvg.load_split(d.split_root, d.transvg_key, split)
+        listed = transvg.load_split(d.split_root, d.transvg_key, split, truncate=d.truncate_boxes)
         # no object list ships with these files: an image's objects are the boxes its expressions refer to
         objs = objects_per_image([s.img_file for s in listed], [s.box for s in listed]) if listed else []
         out = [
@@ -111,6 +117,12 @@ def load_image_samples(cfg: CoGroundingConfig, split: str) -> list[ImageSample]:
     else:
         raise DataError(f"data.kind={d.kind!r} has no image samples")
     return out[: d.max_samples] if d.max_samples > 0 else out
+
+
+def _int_box(xywh: Sequence[float]) -> tuple[float, float, float, float]:
+    """The official reader's box: ``np.array(bbox, dtype=int)`` on ``[x, y, w, h]``, then ``x2 = x + w``."""
+    x, y, w, h = (float(int(v)) for v in xywh)
+    return (x, y, x + w, y + h)
 
 
 def load_videos(cfg: CoGroundingConfig, split: str) -> list[VideoSample]:
@@ -272,21 +284,34 @@ class _Base:
             if key not in self._sizes:
                 self._sizes[key] = _image_size(path)
             lb = letterbox_info(*self._sizes[key], self.size)
-            b = lb.to_letterbox(np.asarray(box, dtype=np.float64))
-            if flip:
-                b = np.array([self.size - b[2], b[1], self.size - b[0], b[3]])
-            return None, np.clip(b, 0, self.size), lb
+            return None, np.clip(self._canvas_box(box, lb, flip), 0, self.size), lb
         img = read_image(path)
         lb_img, lb = letterbox(img, self.size)
-        b = lb.to_letterbox(np.asarray(box, dtype=np.float64))
+        b = self._canvas_box(box, lb, flip)
         if flip:
             lb_img = lb_img.transpose(Image.FLIP_LEFT_RIGHT)
-            b = np.array([self.size - b[2], b[1], self.size - b[0], b[3]])
         if rng is not None and d.hsv_jitter > 0:
             lb_img = hsv_jitter(lb_img, d.hsv_jitter, rng, d.hsv_saturation_bug)
         if affine is not None:
             lb_img, b = apply_affine(lb_img, b, affine)
         return to_tensor(lb_img), np.clip(b, 0, self.size), lb
+
+    def _canvas_box(self, box: np.ndarray, lb: LetterboxInfo, flip: bool) -> np.ndarray:
+        """``box`` (original pixels) on the letterbox canvas, mirrored when ``flip``; with ``data.truncate_boxes`` the
+        official rules: mirrored in original pixels (``w - x - 1``), cut to integers after the letterbox."""
+        box = np.asarray(box, dtype=np.float64)
+        if self.cfg.data.truncate_boxes:
+            if flip:
+                box = np.array([lb.orig_w - box[2] - 1, box[1], lb.orig_w - box[0] - 1, box[3]])
+            return np.trunc(lb.to_letterbox(box))
+        b = lb.to_letterbox(box)
+        return np.array([self.size - b[2], b[1], self.size - b[0], b[3]]) if flip else b
+
+    def _text(self, text: str, flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and mask of ``text``, its left/right swapped when the sample is mirrored (``data.flip_swap``)."""
+        if flip:
+            text = swap_left_right(text) if self.cfg.data.flip_swap == "words" else swap_substrings(text)
+        return self.tok.encode(text)
 
     def _features(self, keys: list[tuple[str, bool]]) -> list[torch.Tensor]:
         missing = [k for k in dict.fromkeys(keys) if k not in self._cache]
@@ -353,7 +378,7 @@ class RefExpDataset(_Base):
             random_affine_params(rng, self.size) if (rng is not None and d.affine and self._backbone is None) else None
         )
         img, box, lb = self._frame(s.path, np.asarray(s.box), flip, rng, aff)
-        ids, mask = self.tok.encode(swap_left_right(s.text) if flip else s.text)
+        ids, mask = self._text(s.text, flip)
         return {"image": img, "box": box, "ids": ids, "mask": mask, "letterbox": lb, "key": (str(s.path), flip)}
 
     def get_batch(self, indices: list[int]) -> dict[str, Any]:
@@ -390,7 +415,7 @@ class VideoClipDataset(_Base):
         d = self.cfg.data
         use_aff = rng is not None and d.affine and self._backbone is None
         shared = random_affine_params(rng, self.size) if use_aff and d.shared_clip_geometry else None
-        ids, mask = self.tok.encode(swap_left_right(vid.text) if flip else vid.text)
+        ids, mask = self._text(vid.text, flip)
         out = []
         for f in frames:
             aff = shared if shared is not None else (random_affine_params(rng, self.size) if use_aff else None)

@@ -167,7 +167,7 @@ class CoGroundingMethod(Method):
         t = build_targets(net, batch["boxes"])
         reg, cls = yolo_loss(net, out, t, L.coord_weight)
         partner, valid = rank_partners(batch["ids"], clip_len, L.rank_negatives_reversal)
-        rank = rank_loss(out, t, partner, valid, L.rank_margin)
+        rank = rank_loss(out, t, partner, valid, L.rank_margin, zero_same_cell=not L.rank_same_cell_margin)
         loc = location_loss(out, t, L.loc_on_normalized, L.loc_temperature)
         loss = reg + cls + L.rank_weight * rank + L.loc_weight * loc
         logs = {"box": reg.item(), "anchor_ce": cls.item(), "rank": rank.item(), "loc": loc.item()}

@@ -738,12 +738,20 @@ def rank_partners(ids: torch.Tensor, clip_len: int, reference: bool) -> tuple[to
     return partner, valid
 
 
-def rank_loss(out: dict, t: Targets, partner: torch.Tensor, valid: torch.Tensor, margin: float = 0.1) -> torch.Tensor:
+def rank_loss(
+    out: dict,
+    t: Targets,
+    partner: torch.Tensor,
+    valid: torch.Tensor,
+    margin: float = 0.1,
+    zero_same_cell: bool = True,
+) -> torch.Tensor:
     """Subject-attention ranking: the GT cell's cosine with its own subject phrase must beat by ``margin``
 
     (1) the partner's subject phrase at the same cell and (2) its own phrase at the partner's GT
     cell: ``sum_i [max(0, m + neg1 - pos) + max(0, m + neg2 - pos)] / (2 N_valid)``. Pairs whose
-    partner GT cell equals the own cell give no second term.
+    partner GT cell equals the own cell give no second term (``zero_same_cell``); the official code
+    computes it anyway, so it adds the constant ``margin`` there (``zero_same_cell=False``).
     """
     sim, text = out["sim"].float(), out["text"]
     feats = torch.cat([f.flatten(2) for f in out["feats"]], 2).float()  # [N, D, M]
@@ -754,7 +762,8 @@ def rank_loss(out: dict, t: Targets, partner: torch.Tensor, valid: torch.Tensor,
     neg2 = sim[i, t.cell_index[partner]]
     same_cell = t.cell_index[partner] == t.cell_index
     l1 = F.relu(margin + neg1 - pos)
-    l2 = torch.where(same_cell & (partner != i), torch.zeros_like(pos), F.relu(margin + neg2 - pos))
+    zero = same_cell & (partner != i) if zero_same_cell else torch.zeros_like(same_cell)
+    l2 = torch.where(zero, torch.zeros_like(pos), F.relu(margin + neg2 - pos))
     v = valid.float()
     return ((l1 + l2) * v).sum() / (2 * v.sum()).clamp(min=1)
 
