@@ -3,7 +3,8 @@
 groundkit writes, on the same letterboxed input (docs/cogrounding.md, "Reference mode checked against the official
 code"). The official code is imported from a checkout of its repository given on the command line; nothing of it
 is copied here (its ``utils`` package imports OpenCV, which the backbone does not use: a stub stands in when
-OpenCV is missing; and ``collections.Iterable``, gone since Python 3.10: an alias is set).
+OpenCV is missing; ``pytorch_pretrained_bert``, imported for the BERT text model: stubs stand in, the LSTM is
+used; and ``collections.Iterable``, gone since Python 3.10: an alias is set).
 
     python experiments/official_check_cogrounding.py OFFICIAL_CHECKOUT WORK_DIR
 """
@@ -101,3 +102,70 @@ official_swap = [
     p.replace("right", "*&^special^&*").replace("left", "right").replace("*&^special^&*", "left") for p in flips
 ]
 print("substring swap equal:", [swap_substrings(p) for p in flips] == official_swap)
+
+# the whole image model: the official grounding_model (SL-Att, LSTM) with random weights, saved as the official
+# training script saves it, converted by groundkit and run beside it
+torch.Tensor.cuda = lambda self, *a, **k: self  # the official generate_coord moves its grid to CUDA
+for mod in ("pytorch_pretrained_bert", "pytorch_pretrained_bert.tokenization", "pytorch_pretrained_bert.modeling"):
+    sys.modules.setdefault(mod, types.ModuleType(mod))  # imported for the BERT text model, unused with the LSTM
+sys.modules["pytorch_pretrained_bert.tokenization"].BertTokenizer = None
+sys.modules["pytorch_pretrained_bert.modeling"].BertModel = None
+from model.grounding_model_semantic_attn import grounding_model  # noqa: E402
+
+from groundkit.config import load_config  # noqa: E402
+from groundkit.methods.cogrounding.config import CoGroundingConfig  # noqa: E402
+from groundkit.methods.cogrounding.method import build_model  # noqa: E402
+from groundkit.methods.cogrounding.weights import official_to_groundkit, read_corpus, read_official  # noqa: E402
+
+(official_dir / "saved_models").mkdir(exist_ok=True)
+save_darknet_weights(ours, official_dir / "saved_models" / "yolov3.weights")  # the official model loads it by name
+# a corpus whose first word is <pad>: the official LSTM lengths count the ids that are not 0
+(work / "corpus_full.txt").write_text("<pad>\n" + "\n".join(texts) + "\n")
+corpus = Corpus()
+corpus.load_file(str(work / "corpus_full.txt"))
+corpus.dictionary.add_word("<eos>")
+torch.manual_seed(1)
+off_model = grounding_model(corpus=corpus, emb_size=512, coordmap=True, leaky=False)
+with torch.no_grad():
+    for m in off_model.modules():
+        if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.normal_(1, 0.1)
+            m.bias.normal_(0, 0.1)
+torch.save(
+    {"epoch": 1, "state_dict": {f"module.{k}": v for k, v in off_model.state_dict().items()}, "best_loss": 0.5},
+    work / "official_model.pth.tar",
+)
+torch.save(corpus, work / "corpus.pth")
+sd, vocab, overrides = official_to_groundkit(
+    read_official(work / "official_model.pth.tar"), read_corpus(work / "corpus.pth"), "official_model.pth.tar"
+)
+(work / "vocab.txt").write_text("\n".join(vocab) + "\n")
+cfg = load_config(
+    CoGroundingConfig, "reference_refcoco", {**overrides, "model.vocab_file": str(work / "vocab.txt")}, "cogrounding"
+)
+gk = build_model(cfg)
+gk.load_state_dict(sd, strict=True)
+off_model.eval()
+gk.eval()
+x = torch.rand(2, 3, 256, 256)
+phrases = ["The man, on the LEFT.", "bright red car at the right"]
+off_ids = torch.stack([corpus.tokenize(p.lower(), 20) for p in phrases])
+tok = WordTokenizer(max_len=20, vocab_file=str(work / "vocab.txt"), rules="official")
+enc = [tok.encode(p) for p in phrases]
+with torch.no_grad():
+    outbox, sim_score, loc_score, _ = off_model(gk.backbone.normalize(x), off_ids, (off_ids != 0).long())
+    res = gk(x, torch.stack([e[0] for e in enc]), torch.stack([e[1] for e in enc]))
+conf = res["conf"].split([3 * g * g for g in gk.grids], 1)
+worst = {"box": 0.0, "score": 0.0}
+for s, ob in enumerate(outbox):
+    B, _, h, w = ob.shape
+    ob = ob.view(B, 3, 5, h, w)[:, [2, 1, 0]]  # the official anchors come largest first
+    worst["box"] = max(worst["box"], float((ob[:, :, :4] - res["pred"][s][:, :, :4]).abs().max()))
+    worst["score"] = max(worst["score"], float((ob[:, :, 4].reshape(B, -1) - conf[s]).abs().max()))
+best_off = torch.cat([o.view(o.shape[0], 3, 5, -1)[:, [2, 1, 0], 4].reshape(o.shape[0], -1) for o in outbox], 1)
+print(
+    f"converted image model ({len(sd)} tensors): head outputs max |diff| {worst['box']:.2e},"
+    f" final scores max |diff| {worst['score']:.2e}; best anchor equal: {bool((best_off.argmax(1) == res['conf'].argmax(1)).all())}"
+)

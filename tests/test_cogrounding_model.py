@@ -549,34 +549,14 @@ def test_motion_loss_over_candidates_ignores_cells_the_model_does_not_consider()
     assert torch.allclose(motion_loss(out, t, candidates=2), -torch.log_softmax(torch.tensor([0.0, -1.0, -0.5]), 0)[1])
 
 
-def _cfg_layers(m: Darknet53YOLOv3) -> list:
-    """yolov3.cfg's layer list (0-based, the [net] block excluded): each convolution's module, other layers None."""
-    from groundkit.methods.cogrounding.backbones import DarkResidual  # noqa: PLC0415
-
-    layers: list = [m.stem]
-    for stage in m.stages:
-        for block in stage:
-            layers += [block.conv1, block.conv2, None] if isinstance(block, DarkResidual) else [block]
-    assert len(layers) == 75  # Darknet-53: layers 0-74
-    for k, (conv_set, pre, out, lat) in enumerate(
-        [(m.set0, m.pre0, m.out0, m.lat1), (m.set1, m.pre1, m.out1, m.lat2), (m.set2, m.pre2, m.out2, None)]
-    ):
-        if k:
-            layers += [None]  # route -1, 61 / -1, 36
-        layers += list(conv_set) + [pre, out, None]  # ... [yolo]
-        if lat is not None:
-            layers += [None, lat, None]  # route -4, 1x1 lateral, upsample
-    assert len(layers) == 107
-    return layers
-
-
 @pytest.mark.parametrize("taps, layers", [("official", (78, 90, 102)), ("head", (80, 92, 104))])
 def test_darknet_taps_are_the_official_cfg_layers(taps, layers):
     """The official darknet.py saves x on entering each [yoloconvolutional] block: the outputs of yolov3.cfg layers
     78 / 90 / 102. Hooks on those layers (numbered as in the .cfg) see exactly the backbone's maps."""
     torch.manual_seed(0)
     m = Darknet53YOLOv3(width=1 / 16, taps=taps).eval()
-    cfg = _cfg_layers(m)
+    cfg = m.cfg_layers()
+    assert len(cfg) == 107 and sum(c is not None for c in cfg) == len(m.cfg_order()) == 75
     seen = {}
     for i in layers:
         cfg[i].register_forward_hook(lambda mod, inp, out, i=i: seen.__setitem__(i, out))

@@ -224,14 +224,23 @@ class Darknet53YOLOv3(Backbone):
 
     def cfg_order(self) -> list[nn.Module]:
         """Every convolution (DarkConv or YoloOutputConv) in the order of ``yolov3.cfg`` (75 layers)."""
-        convs: list[nn.Module] = [self.stem]
+        return [m for m in self.cfg_layers() if m is not None]
+
+    def cfg_layers(self) -> list[nn.Module | None]:
+        """``yolov3.cfg``'s 107 layers in order (0-based, the ``[net]`` block excluded): each convolution's module,
+        ``None`` for shortcut / route / upsample / yolo layers. Index ``i`` is the official ``module_list[i]``."""
+        layers: list[nn.Module | None] = [self.stem]
         for stage in self.stages:
-            for m in stage:
-                convs.extend([m.conv1, m.conv2] if isinstance(m, DarkResidual) else [m])
-        convs += list(self.set0) + [self.pre0, self.out0, self.lat1]
-        convs += list(self.set1) + [self.pre1, self.out1, self.lat2]
-        convs += list(self.set2) + [self.pre2, self.out2]
-        return convs
+            for block in stage:
+                layers += [block.conv1, block.conv2, None] if isinstance(block, DarkResidual) else [block]
+        heads = [(self.set0, self.pre0, self.out0, self.lat1), (self.set1, self.pre1, self.out1, self.lat2)]
+        for k, (conv_set, pre, out, lat) in enumerate([*heads, (self.set2, self.pre2, self.out2, None)]):
+            if k:
+                layers.append(None)  # route -1, 61 / -1, 36
+            layers += [*conv_set, pre, out, None]  # ..., [yolo]
+            if lat is not None:
+                layers += [None, lat, None]  # route -4, the 1x1 lateral, upsample
+        return layers
 
 
 def _darknet_tensors(m: nn.Module) -> list[torch.Tensor]:

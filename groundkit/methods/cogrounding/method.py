@@ -106,6 +106,7 @@ class CoGroundingMethod(Method):
     commands = {
         "predict": {"refexp": "groundkit.methods.cogrounding.predict:register"},
         "bench": {"cogrounding": "groundkit.methods.cogrounding.bench:register"},
+        "data": {"convert-cogrounding": "groundkit.methods.cogrounding.weights:register_convert"},
     }
 
     # ---------------------------------------------------------------- construction
