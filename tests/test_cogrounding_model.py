@@ -570,3 +570,29 @@ def test_darknet_taps_are_the_official_cfg_layers(taps, layers):
     assert {b.momentum for b in m.modules() if isinstance(b, torch.nn.BatchNorm2d)} == {0.1}
     sum(f.sum() for f in m.train()(torch.rand(2, 3, 64, 64))).backward()
     assert all(p.grad is not None for p in m.parameters() if p.requires_grad)
+
+
+def test_frozen_text_encoder_states_are_computed_once_in_eval_mode():
+    from groundkit.methods.cogrounding.model import TransformerTextEncoder  # noqa: PLC0415
+    from groundkit.methods.cogrounding.text import HFTokenizer, resolve_text_path  # noqa: PLC0415
+
+    path = resolve_text_path("minilm")
+    tok = HFTokenizer(path, 12)
+    enc = [tok.encode(t) for t in ("the cat on the left", "a big dog", "the cat on the left")]
+    ids, mask = torch.stack([e[0] for e in enc]), torch.stack([e[1] for e in enc])
+    frozen = TransformerTextEncoder(path, 16, freeze=True).train()
+    assert not frozen.encoder.training  # no dropout in a frozen encoder
+    emb, ctx, sent = frozen(ids, mask)
+    assert len(frozen._states) == 2  # two distinct texts
+    calls = []
+    frozen.encoder.register_forward_hook(lambda *a: calls.append(1))
+    again = frozen.hidden_states(ids[:1], mask[:1])
+    assert not calls and torch.equal(again[0], frozen.hidden_states(ids, mask)[2])  # from the cache, bit for bit
+    with torch.no_grad():
+        h = frozen.encoder(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+    torch.testing.assert_close(frozen.hidden_states(ids, mask), h, rtol=1e-4, atol=1e-5)
+    sent.sum().backward()  # the projections still train
+    assert frozen.to_ctx.weight.grad is not None
+    trained = TransformerTextEncoder(path, 16, freeze=False).train()
+    trained(ids, mask)
+    assert trained.encoder.training and not trained._states

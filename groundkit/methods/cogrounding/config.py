@@ -189,6 +189,12 @@ class CoGroundingConfig(ExperimentConfig):
     sched: SchedConfig = field(default_factory=lambda: SchedConfig(name="poly", interval="epoch", power=0.9))
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(
-            epochs=100, batch_size=32, eval_batch_size=64, best_metric="Acc@0.5", output_dir="runs/cogrounding"
+            epochs=100,
+            batch_size=32,
+            eval_batch_size=64,
+            best_metric="Acc@0.5",
+            output_dir="runs/cogrounding",
+            # as the official DataLoader: a last batch of one sample would stop the BatchNorm1d layers in training
+            drop_last=True,
         )
     )
