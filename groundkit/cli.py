@@ -21,7 +21,7 @@ from . import __version__
 from .config import ConfigError, load_config, method_of, parse_override
 from .demo import add_demo_args
 from .engine import fit, run_eval
-from .errors import GroundkitError, Interrupted
+from .errors import GroundkitError, Interrupted, RunFolderError
 from .methods import METHODS, Method, available_methods, get_method, run_config, run_method
 from .runlog import format_metrics
 from .world import resolve_world
@@ -284,6 +284,8 @@ def _method_from_yaml(argv: list[str]) -> list[str]:
             run = argv[argv.index("--restore-path") + 1]
         if run and Path(run).exists():
             return [argv[0], run_method(run), *argv[1:]]
+        if run and ("/" in run or "\\" in run or run.startswith(".")):  # a path, not a method name
+            raise RunFolderError(f"{run}: no such run directory (give a run folder or one of {', '.join(METHODS)})")
     return argv
 
 

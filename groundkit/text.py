@@ -13,6 +13,7 @@ import os
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -23,6 +24,7 @@ __all__ = [
     "COCO_CLASSES",
     "GLOVE_PACKAGE",
     "tokenize",
+    "check_expression",
     "glove_package",
     "glove_vectors",
     "WordVectors",
@@ -58,6 +60,15 @@ def tokenize(text: str, lower: bool = True) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- word vectors
+
+
+def check_expression(text: Any, what: str = "expression") -> str:
+    """``text`` if it is a string with a word in it; else a :class:`DataError` in one line (an empty query would
+    still give confident boxes or rankings)."""
+    if not isinstance(text, str) or not text.strip():
+        example = "'the man on the left'" if what == "expression" else "'a dog runs on the beach'"
+        raise DataError(f"the {what} is empty; give one such as {example}")
+    return text
 
 
 def is_glove_package(path: str | Path) -> bool:

@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from groundkit.cli import build_parser, main
 
 
@@ -103,3 +105,36 @@ def test_rerun_from_saved_config(tmp_path, monkeypatch):
     again = tmp_path / "again"
     assert main(["train", str(out / "config.yaml"), "--output-dir", str(again)]) == 0
     assert (again / "metrics.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["eval", "runs/nope"], "runs/nope: no such run directory"),
+        (["eval", "./nope", "--split", "test"], "./nope: no such run directory"),
+        (["data", "convert-cogrounding", "nope.pth.tar", "--corpus", "c.txt", "--out", "x.safetensors"], "not found"),
+        (
+            [
+                "predict",
+                "phrase",
+                "--checkpoint",
+                "nope",
+                "--region-feat-path",
+                "r.h5",
+                "--image-id",
+                "1",
+                "--phrase",
+                "a",
+            ],
+            "nope",
+        ),
+    ],
+)
+def test_wrong_inputs_end_in_one_line(argv, message, capsys, tmp_path, monkeypatch):
+    """A wrong input: exit status 2, one line on stderr naming the problem, nothing on stdout, nothing written."""
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    cap = capsys.readouterr()
+    err = cap.err.strip().splitlines()
+    assert cap.out == "" and len(err) == 1 and message in err[0] and "Traceback" not in cap.err, cap.err
+    assert not list(tmp_path.iterdir())  # nothing left behind

@@ -101,6 +101,21 @@ def test_tiny_training_beats_random_and_predicts_a_photo(world, tmp_path):
     img = draw_boxes(Image.fromarray(photo), out)
     img.save(tmp_path / "boxed.png")
     assert img.size == (640, 427)
+    from groundkit.errors import DataError  # noqa: PLC0415
+
+    with pytest.raises(DataError, match="expression is empty"):
+        pred.ground(photo, ["  "])
+    # the command line: stdout holds only JSON lines (the backbone package's loading line goes to stderr)
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    cmd = [sys.executable, "-m", "groundkit", "predict", "clipvg", str(tmp_path / "boxed.png"), "the red roof"]
+    done = subprocess.run([*cmd, "--checkpoint", str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["text"] == "the red roof"
+    empty = subprocess.run([*cmd[:-1], "", "--checkpoint", str(tmp_path / "run")], capture_output=True, text=True)
+    assert empty.returncode == 2 and empty.stdout == "" and len(empty.stderr.strip().splitlines()) == 1
 
 
 def test_curriculum_resumes_after_a_kill_without_retraining(world, tmp_path):

@@ -125,6 +125,14 @@ def test_bad_input_is_one_clear_line(run, tmp_path):
         load_frames(tmp_path / "empty")
     for e in (DataError("x"),):
         assert "\n" not in str(e)
+    # a run of another method is refused in one line by the other predictors (exit 2 on the command line)
+    from groundkit.cli import main  # noqa: PLC0415
+
+    txt_img = tmp_path / "x.png"
+    img.save(txt_img)
+    assert main(["predict", "clipvg", str(txt_img), "the man", "--checkpoint", str(out)]) == 2
+    with pytest.raises(Exception, match="is a cogrounding run, not a clipvg one"):
+        get_method("clipvg").predictor(out)
     # the training split's dataset is for training: evaluating it says how to score those expressions instead
     method = get_method("cogrounding")
     with pytest.raises(ConfigError, match=r"data.test_splits=\[train\]"):

@@ -126,6 +126,17 @@ def test_predict_cli(trained, capsys):
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     assert len(out["t2v"]["a dog is running"]) == 3 and len(out["v2t"]["video0070"]) == 3
+    # an empty query and k < 1 end in one line (exit 2), not in rankings or a faiss assertion
+    base = ["predict", "retrieval", "--checkpoint", str(run), "--json"]
+    for extra, msg in (
+        (["--query", "  "], "query is empty"),
+        (["--query", "a dog", "-k", "0"], "must be a whole number >= 1"),
+        (["--video-id", "video0070", "-k", "-2"], "must be a whole number >= 1"),
+    ):
+        assert main(base + extra) == 2, extra
+        cap = capsys.readouterr()
+        err = cap.err.strip().splitlines()
+        assert cap.out == "" and len(err) == 1 and msg in err[0], (extra, err)
 
 
 def test_resume_draws_the_same_captions(tmp_path, trained):

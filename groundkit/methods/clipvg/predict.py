@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,8 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 from ...draw import draw_boxes as shared_draw_boxes
+from ...errors import DataError
+from ...text import check_expression
 from ...transforms import letterbox
 from .. import load_run
 from ..base import Predictor
@@ -39,7 +42,7 @@ class ClipVGPredictor(Predictor):
     method = "clipvg"
 
     def __init__(self, run: str | Path, device: str = "cpu", **options: Any):
-        _, self.cfg, self.model = load_run(run, device=device)
+        _, self.cfg, self.model = load_run(run, device=device, method="clipvg")
         self.device = torch.device(device)
 
     @torch.no_grad()
@@ -50,6 +53,9 @@ class ClipVGPredictor(Predictor):
         score then."""
         if isinstance(texts, str):
             texts = [texts]
+        if not texts:
+            raise DataError("no expression given")
+        texts = [check_expression(t) for t in texts]
         if isinstance(image, (str, Path)):
             with Image.open(image) as im:
                 image = im.convert("RGB")
@@ -109,7 +115,7 @@ def register(sub: Any) -> None:
             print(json.dumps(r))
         if a.out:
             draw_boxes(image, results).save(a.out)
-            print(f"wrote {a.out}")
+            print(f"wrote {a.out}", file=sys.stderr)  # stdout holds only the JSON lines
         return 0
 
     p.set_defaults(func=run)

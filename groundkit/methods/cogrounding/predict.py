@@ -19,6 +19,7 @@ from PIL import Image
 
 from ...draw import draw_boxes
 from ...errors import DataError
+from ...text import check_expression
 from .. import load_run
 from ..base import Predictor
 from .data import letterbox, read_image, to_tensor
@@ -40,12 +41,6 @@ def _as_image(image: Any) -> Image.Image:
             raise DataError(f"image array must be [H, W, 3], got shape {list(image.shape)}")
         return Image.fromarray(image.astype(np.uint8), "RGB")
     return read_image(image)
-
-
-def _check_text(text: Any) -> str:
-    if not isinstance(text, str) or not text.strip():
-        raise DataError("the expression is empty; give a referring expression such as 'the man on the left'")
-    return text
 
 
 def load_frames(source: str | Path) -> list[Image.Image]:
@@ -99,7 +94,7 @@ class CoGroundingPredictor(Predictor):
     method = "cogrounding"
 
     def __init__(self, run: str | Path, device: str = "cpu", post_process: bool = True):
-        _, self.cfg, self.model = load_run(run, device=device)
+        _, self.cfg, self.model = load_run(run, device=device, method="cogrounding")
         self.device = torch.device(device)
         self.tok = build_tokenizer(self.cfg.model)
         self.size = self.cfg.data.image_size
@@ -112,7 +107,7 @@ class CoGroundingPredictor(Predictor):
             texts = [texts]
         if not texts:
             raise DataError("no expression given")
-        texts = [_check_text(t) for t in texts]
+        texts = [check_expression(t) for t in texts]
         img = _as_image(image)
         lb_img, lb = letterbox(img, self.size)
         x = to_tensor(lb_img).unsqueeze(0).to(self.device)
@@ -137,7 +132,7 @@ class CoGroundingPredictor(Predictor):
     @torch.no_grad()
     def ground_video(self, frames: list[Any], text: str) -> dict[str, Any]:
         """``{"text", "boxes": [[x1, y1, x2, y2] per frame], "scores": [...]}`` (post-processed when enabled)."""
-        text = _check_text(text)
+        text = check_expression(text)
         if not frames:
             raise DataError("the video has no frames")
         imgs = [_as_image(f) for f in frames]

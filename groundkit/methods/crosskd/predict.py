@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ...formats.collaborative_experts import FeatureError
+from ...text import check_expression
 from .. import find_run_files, load_run
 from ..base import Predictor
 from .data import RetrievalEvalSet, batch_spec, layout_paths, open_store, register_store
@@ -151,7 +152,8 @@ class Retriever(Predictor):
     ) -> list[tuple[str, float]] | list[list[tuple[str, float]]]:
         """Top-``k`` (video_id, score) for a query (or a list of lists for several queries)."""
         single = isinstance(query, str)
-        queries = [query] if single else list(query)
+        queries = [check_expression(q, "query") for q in ([query] if single else list(query))]
+        _check_k(k)
         t, w = self.encode_queries(queries)
         res = self.search_embeddings(t, w, k)
         return res[0] if single else res
@@ -194,6 +196,7 @@ class Retriever(Predictor):
     @torch.no_grad()
     def search_video(self, video_id: str, k: int = 10) -> list[tuple[str, str, float]]:
         """Top-``k`` captions of the indexed videos for a video: (caption text, its video id, score)."""
+        _check_k(k)
         if video_id not in self.video_ids:
             some = ", ".join(self.video_ids[:3])
             raise FeatureError(
@@ -219,6 +222,11 @@ class Retriever(Predictor):
             text = caps[local] if 0 <= local < len(caps) else f"<caption {local} of {vid}>"
             out.append((text, vid, float(sc[i])))
         return out
+
+
+def _check_k(k: Any) -> None:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise FeatureError(f"k (the number of results) must be a whole number >= 1, got {k!r}")
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -87,7 +87,13 @@ def predict_phrases(
 
 def register_predict(sub: Any) -> None:
     p = sub.add_parser("phrase", help="rank an image's proposals for phrases with a trained wang21 checkpoint")
-    p.add_argument("--restore-path", required=True, help="checkpoint directory (e.g. RUN/checkpoints/best)")
+    p.add_argument(
+        "--checkpoint",
+        "--restore-path",  # the official script's name, kept as an alias
+        dest="restore_path",
+        required=True,
+        help="run directory or checkpoint directory (e.g. RUN/checkpoints/best); --restore-path is an alias",
+    )
     p.add_argument("--region-feat-path", required=True, help="region HDF5 holding the image's proposals")
     p.add_argument("--image-id", required=True)
     p.add_argument("--phrase", action="append", required=True, help="phrase text (repeatable)")
