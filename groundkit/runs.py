@@ -585,7 +585,8 @@ def format_table(
     """Markdown table of :func:`summarize` rows: one row per label, a ``mean ± std`` cell per key.
 
     ``header`` is the first column's title (default ``variant``) or the titles of all columns
-    (label column first, then one per key). ``show_n`` adds the number of runs (``+k failed`` if any).
+    (label column first, then one per key). ``show_n`` adds the number of runs (``+k failed`` if any), titled
+    ``n``, or ``runs`` when a key is itself named ``n``.
     """
     if header is None or isinstance(header, str):
         titles = [header or "variant", *keys]
@@ -594,7 +595,7 @@ def format_table(
         if len(titles) != len(keys) + 1:
             raise ValueError(f"header has {len(titles)} titles for {len(keys) + 1} columns")
     if show_n:
-        titles.append("n")
+        titles.append("runs" if "n" in keys else "n")  # a metric named n (samples) keeps its own column
     lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
     for row in summary:
         cells = [str(row["label"]), *(_cell(row["metrics"].get(k, {}), digits) for k in keys)]

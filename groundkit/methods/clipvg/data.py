@@ -59,7 +59,10 @@ def split_file(d: ClipVGData, split: str) -> list[Path]:
     ``train``) unless ``data.train_file`` names a list; ``test`` is ``<ds>_test.pth`` when it exists,
     else ``testA`` + ``testB`` (RefCOCO / RefCOCO+)."""
     if not d.split_root:
-        raise DataError("data.split_root is empty: point it at the folder holding <dataset>/<dataset>_<split>.pth")
+        raise DataError(
+            "data.split_root is empty: point it at the folder holding <dataset>/<dataset>_<split>.pth (--split-root;"
+            " the built-in world: 'groundkit data synth --task pseudo' prints its folder, WORLD/splits)"
+        )
     if split == "train":
         if d.train_file:
             return [Path(d.train_file)]

@@ -166,8 +166,8 @@ class CrossKDMethod(Method):
         lines = [f"{split}: {int(metrics.get('num_videos', 0))} videos, {int(metrics.get('num_queries', 0))} queries"]
         for p in ("t2v", "v2t"):
             lines.append(
-                f"  [{p}] R@1: {metrics[p + '_R1']:.1f}, R@5: {metrics[p + '_R5']:.1f}, R@10: {metrics[p + '_R10']:.1f}, "
-                f"R@50: {metrics[p + '_R50']:.1f}, MdR: {metrics[p + '_MedR']:.1f}, MnR: {metrics[p + '_MeanR']:.1f}, "
+                f"  [{p}] R@1: {metrics[p + '_R1']:.2f}, R@5: {metrics[p + '_R5']:.2f}, R@10: {metrics[p + '_R10']:.2f}, "
+                f"R@50: {metrics[p + '_R50']:.2f}, MdR: {metrics[p + '_MedR']:.2f}, MnR: {metrics[p + '_MeanR']:.2f}, "
                 f"geometric_mean_R1-R5-R10: {metrics[p + '_geometric_mean_R1-R5-R10']:.2f}"
             )
         return "\n".join(lines)

@@ -121,7 +121,8 @@ class Wang21Method(Method):
         if paths is None:
             if split == "train":
                 raise ConfigError(
-                    "no training files: set data.region_feat_path and data.phrase_feat_path (--region-feat-path/--phrase-feat-path)"
+                    "no training files: set data.region_feat_path and data.phrase_feat_path (--region-feat-path/"
+                    "--phrase-feat-path); the built-in world: 'groundkit data synth --task phrase' prints its folder"
                 )
             return None
         ds = Wang21Dataset(cfg, split, *paths)
