@@ -154,6 +154,9 @@ def test_expression_checks(client, html):
     assert r.status_code == 400 and error_of(r) == "9 expressions; at most 8 at a time"
     r = ground(client, text="x" * MAX_TEXT, html=html)  # exactly at the limit is fine
     assert r.status_code == 200
+    if html:  # the page's text fields never cut a pasted text (no maxlength): too long is said, not truncated
+        for page in (client.get("/", params={"run": "salient"}).text, client.get("/", params={"run": "tv"}).text):
+            assert "maxlength" not in page and f'data-max-text="{MAX_TEXT}"' in page
 
 
 def test_search_parameter_checks(client):

@@ -66,6 +66,15 @@ SCRIPT = """
       var input = document.getElementById('image');
       var limit = parseInt(form.getAttribute('data-max-bytes'), 10);
       var msg = document.getElementById('client-error');
+      var text = document.getElementById('text');
+      var maxText = parseInt(text.getAttribute('data-max-text'), 10);
+      if (text.value.length > maxText) {
+        ev.preventDefault();
+        msg.textContent = 'The expression is ' + text.value.length + ' characters long; the limit is ' +
+          maxText + '. Shorten it (nothing was cut).';
+        msg.hidden = false;
+        return;
+      }
       if (input && input.files.length && input.files[0].size > limit) {
         ev.preventDefault();
         msg.textContent = 'The file is ' + (input.files[0].size / 1048576).toFixed(1) +
@@ -121,7 +130,7 @@ def _ground_form(run: ServedRun, limits: Limits, text: str) -> str:
         '<label for="image">Image</label>'
         f'<input id="image" name="image" type="file" accept="{accept}" required>'
         '<label for="text">Expression</label>'
-        f'<input id="text" name="text" type="text" maxlength="{limits.max_text}" required '
+        f'<input id="text" name="text" type="text" data-max-text="{limits.max_text}" required '
         f'placeholder="e.g. the man in the red shirt" value="{_e(text)}">'
         '<button id="submit" type="submit">Ground</button>'
         '<p id="client-error" class="error card" role="alert" hidden></p>'
@@ -136,7 +145,7 @@ def _search_form(run: ServedRun, limits: Limits, text: str, k: int) -> str:
         '<form id="search-form" class="card" method="get" action="/search">'
         f'<input type="hidden" name="run" value="{_e(run.name)}">'
         '<div class="row"><div><label for="text">Text</label>'
-        f'<input id="text" name="text" type="text" maxlength="{limits.max_text}" required '
+        f'<input id="text" name="text" type="text" data-max-text="{limits.max_text}" required '
         f'placeholder="e.g. a dog is running on the beach" value="{_e(text)}"></div>'
         f'<div><label for="k">Videos</label><input id="k" name="k" type="number" min="1" max="{limits.max_k}" '
         f'value="{int(k)}"></div></div>'
