@@ -170,3 +170,16 @@ def test_streamed_oversized_body_is_413(server):
     )
     assert big.status_code == 413
     assert proc.poll() is None and httpx.get(url + "/api/runs").status_code == 200
+
+
+def test_ctrl_c_stops_the_server_in_one_line(tmp_path):
+    import signal  # noqa: PLC0415
+
+    salient = sh.make_salient_run(tmp_path / "salient")
+    with sh.serve_process(["--run", str(salient)]) as (url, proc):
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+        time.sleep(0.2)  # the reader thread drains the last lines
+        log = "".join(proc.log)
+    assert "Traceback" not in log and "continue with" not in log, log
+    assert log.strip().splitlines()[-1] == "groundkit serve: stopped", log

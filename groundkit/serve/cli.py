@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ipaddress
 import socket
 import sys
@@ -103,5 +104,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         say(f"run {r.name!r}: {r.method}, {r.kind} \u2014 {r.note}")
     print(f"groundkit serve: listening on http://{shown}:{port}/ (Ctrl+C stops)", flush=True)
     config = uvicorn.Config(app, log_level=args.log_level, limit_concurrency=64, timeout_keep_alive=5)
-    uvicorn.Server(config).run(sockets=[sock])
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except (KeyboardInterrupt, asyncio.CancelledError):  # uvicorn re-raises the Ctrl+C it handled, after shutdown
+        pass
+    say("stopped")
     return 0
