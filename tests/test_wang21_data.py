@@ -436,3 +436,20 @@ def test_data_cli_commands(tmp_path):
         == 0
     )
     assert set(text.load_word_vectors(tmp_path / "g.hdf5")) == {"young", "man"}
+
+
+def test_inspect_reads_the_region_width_from_the_file(tmp_path):
+    from groundkit.errors import DataError  # noqa: PLC0415
+    from groundkit.formats.inspect import inspect  # noqa: PLC0415
+
+    rows = np.zeros((3, 1280 + 42 + 4), dtype=np.float32)
+    w.write_region_hdf5(tmp_path / "world" / "r.hdf5", {"1": rows})
+    with pytest.raises(DataError, match="give --region-dim"):  # 42 logits: no known class count
+        inspect("region-hdf5", tmp_path / "world" / "r.hdf5")
+    names = ["__background__"] + [f"c{i}" for i in range(41)]  # the built-in world's class list, background first
+    (tmp_path / "world" / "detector_classes.txt").write_text("\n".join(names) + "\n")
+    assert inspect("region-hdf5", tmp_path / "world" / "r.hdf5")["region_dim"] == 1280
+    w.write_region_hdf5(tmp_path / "r2048.hdf5", {"1": np.zeros((2, 2048 + 81 + 4), dtype=np.float32)})
+    got = inspect("region-hdf5", tmp_path / "r2048.hdf5")  # ResNet features, COCO classes + background
+    assert (got["region_dim"], got["logits"]) == (2048, 81)
+    assert inspect("region-hdf5", tmp_path / "r2048.hdf5", region_dim=2048)["logits"] == 81

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import h5py
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
@@ -37,9 +38,36 @@ def read_image(path: str | Path) -> Image.Image:
         raise DataError(f"{path}: not a readable image, truncated or corrupt ({e})") from None
 
 
+#: feature widths tried when --region-dim is not given (ResNet-101 2048, the built-in world's EfficientNet 1280 ...)
+#: with the detector class counts (plus background) they are seen with: COCO 80 / 90, Visual Genome 1600
+REGION_DIMS = (2048, 1280, 1024, 512)
+CLASS_COUNTS = (81, 91, 1601)
+
+
+def region_dim_of(path: str) -> int:
+    """The feature width of a region HDF5 whose rows are ``D + C+1 + 4`` wide: the ``D`` of :data:`REGION_DIMS`
+    that leaves the class count of a ``detector_classes.txt`` beside the file (the built-in world writes one), else
+    a known one (:data:`CLASS_COUNTS`); one line asking for ``--region-dim`` otherwise."""
+    with w21.open_hdf5(path, "region feature") as f:
+        g = w21._region_group(f)
+        first = next((g[k] for k in g if isinstance(g[k], h5py.Dataset)), None)
+        width = int(first.shape[1]) if first is not None and first.ndim == 2 else 0
+    classes = Path(path).parent / "detector_classes.txt"  # beside the built-in world's files: one name per logit
+    counts = CLASS_COUNTS
+    if classes.is_file():
+        names = [line for line in classes.read_text(encoding="utf-8").splitlines() if line.strip()]
+        counts = (len(names) + (0 if names[:1] == ["__background__"] else 1),)
+    for d in REGION_DIMS:
+        if width - d - 4 in counts:
+            return d
+    raise DataError(f"{path}: rows of {width} columns fit no known feature width + class count; give --region-dim")
+
+
 def _region(p: str, a: argparse.Namespace) -> dict[str, Any]:
-    r = w21.read_region_hdf5(p, a.region_dim)
-    return {"images": len(r.image_ids), "proposals": int(r.features.shape[1]), "logits": int(r.logits.shape[-1])}
+    dim = a.region_dim or region_dim_of(p)
+    r = w21.read_region_hdf5(p, dim)
+    out = {"images": len(r.image_ids), "proposals": int(r.features.shape[1]), "logits": int(r.logits.shape[-1])}
+    return {**out, "region_dim": dim}
 
 
 def _phrase(p: str, a: argparse.Namespace) -> dict[str, Any]:
@@ -144,7 +172,7 @@ def inspect(kind: str, path: str | Path, **options: Any) -> dict[str, Any]:
     """Read ``path`` as ``kind`` (see :data:`KINDS`); a summary of what it holds."""
     if kind not in KINDS:
         raise DataError(f"unknown kind {kind!r}; kinds: {', '.join(KINDS)}")
-    a = argparse.Namespace(region_dim=2048, dataset="", split_by="unc", split="val")
+    a = argparse.Namespace(region_dim=0, dataset="", split_by="unc", split="val")
     vars(a).update(options)
     return KINDS[kind][0](str(path), a)
 
@@ -155,7 +183,9 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("kind", choices=list(KINDS), help="; ".join(f"{k}: {v[1]}" for k, v in KINDS.items()))
     p.add_argument("path")
-    p.add_argument("--region-dim", type=int, default=2048, help="region-hdf5: feature width (data.region_dim)")
+    p.add_argument(
+        "--region-dim", type=int, default=0, help="region-hdf5: feature width (data.region_dim; default: from the file)"
+    )
     p.add_argument("--dataset", default="", help="refer: refcoco|refcoco+|refcocog; transvg: unc, gref, flickr ...")
     p.add_argument("--split-by", default="unc", help="refer: unc | google | umd")
     p.add_argument("--split", default="val", help="vid-sentence: train | val | test")
