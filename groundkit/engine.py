@@ -489,6 +489,7 @@ class RunFolder:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.created = False
+        self._made: list[Path] = []
         self._lock: Any = None
         self._fresh = False
 
@@ -496,6 +497,8 @@ class RunFolder:
         """Create and lock the folder; :class:`RunFolderError` if another process holds it."""
         try:
             self.created = not self.path.exists()
+            # the folders this call creates, deepest first (a failed first training removes them again)
+            self._made = [p for p in (self.path, *self.path.parents) if not p.exists()]
             self.path.mkdir(parents=True, exist_ok=True)
             f = open(self.path / LOCK_FILE, "a+")
         except OSError as e:
@@ -560,10 +563,11 @@ class RunFolder:
     def release(self, failed: bool = False) -> None:
         if failed and self._fresh and latest_checkpoint(self.path) is None:
             self.clear()  # nothing worth keeping: leave the folder as it was found
-            if self.created:
-                with contextlib.suppress(OSError):
-                    (self.path / LOCK_FILE).unlink()
-                    self.path.rmdir()
+        if failed and self.created and (self._fresh or not self.artefacts()):
+            with contextlib.suppress(OSError):  # a folder (and parents) this training made and never used
+                (self.path / LOCK_FILE).unlink()
+                for p in self._made:
+                    p.rmdir()
         if self._lock is not None:
             self._lock.close()
             self._lock = None

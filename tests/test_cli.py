@@ -111,6 +111,8 @@ def test_rerun_from_saved_config(tmp_path, monkeypatch):
     "argv, message",
     [
         (["eval", "runs/nope"], "runs/nope: no such run directory"),
+        (["train", "wang21"], "no training files"),  # and no empty runs/wang21 left behind
+        (["train", "clipvg", "world_cpu", "--output-dir", "a/b/run"], "data.split_root is empty"),
         (["eval", "./nope", "--split", "test"], "./nope: no such run directory"),
         (["data", "convert-cogrounding", "nope.pth.tar", "--corpus", "c.txt", "--out", "x.safetensors"], "not found"),
         (
