@@ -7,6 +7,7 @@ text_video: a real crosskd Retriever trained for a few steps on the tiny built-i
 from __future__ import annotations
 
 import base64
+import html
 import io
 import re
 
@@ -132,6 +133,11 @@ def test_search_matches_the_retriever(client):
     assert page.status_code == 200
     assert re.findall(r'<span class="vid">([^<]+)</span>', page.text) == [v for v, _ in expected]
     assert 'id="no-frames"' in page.text and "no frames on disk" in page.text
+    # each hit carries a caption the store holds for its video (the built-in world stores them)
+    caps = [run.predictor.video_captions(v) for v, _ in expected]
+    assert all(caps) and [h["caption"] for h in out["results"]] == [c[0] for c in caps]
+    shown = re.findall(r'<span class="caption">([^<]+)</span>', page.text)
+    assert shown == [html.escape(c[0]) for c in caps]
 
 
 def test_search_shows_frames_from_disk(runs, monkeypatch, tmp_path):

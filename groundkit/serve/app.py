@@ -363,7 +363,10 @@ def create_app(
             if run.frames is not None and run.frames.has(vid):
                 thumbs = await anyio.to_thread.run_sync(run.frames.thumbnails, vid)
                 frames = [frame_url(run.name, vid, i) for i in range(len(thumbs))]
-            results.append({"rank": rank, "video_id": vid, "score": score, "frames": frames})
+            caps = run.predictor.video_captions(vid) if hasattr(run.predictor, "video_captions") else []
+            results.append(
+                {"rank": rank, "video_id": vid, "score": score, "caption": caps[0] if caps else "", "frames": frames}
+            )
         frames_on_disk = run.frames is not None and len(run.frames) > 0
         return run, {
             "run": run.name,

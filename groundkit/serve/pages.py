@@ -47,6 +47,7 @@ ol#videos { padding-left: 1.6em; }
 ol#videos li { padding: 8px 0; border-bottom: 1px solid var(--line); }
 .vid { font-weight: 600; font-family: ui-monospace, monospace; }
 .score { color: var(--muted); margin-left: 8px; font-variant-numeric: tabular-nums; }
+.caption { display: block; margin: 2px 0 4px; }
 .frames { display: flex; gap: 6px; margin-top: 6px; flex-wrap: wrap; }
 .frames img { height: 96px; border-radius: 4px; }
 """
@@ -187,13 +188,14 @@ def _search_result(run: ServedRun, result: dict[str, Any]) -> str:
             frames = '<div class="note">no frames on disk for this video</div>'
         else:
             frames = ""
+        cap = f'<span class="caption">{_e(hit["caption"])}</span>' if hit.get("caption") else ""
         items.append(
-            f'<li><span class="vid">{_e(vid)}</span><span class="score">{hit["score"]:.4f}</span>{frames}</li>'
+            f'<li><span class="vid">{_e(vid)}</span><span class="score">{hit["score"]:.4f}</span>{cap}{frames}</li>'
         )
     if run.frames is None or not len(run.frames):
         note = (
             '<p id="no-frames" class="note">This collection has no frames on disk (the built-in world stores '
-            "features only): ids and scores are shown. Start the server with <code>--videos DIR</code> "
+            "features only): ids, scores and a caption of each video are shown. Start the server with <code>--videos DIR</code> "
             "(<code>ID.mp4</code> files or <code>ID/</code> frame folders) to see frames.</p>"
         )
     else:

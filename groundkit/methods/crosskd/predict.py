@@ -193,6 +193,11 @@ class Retriever(Predictor):
             self._cap_emb = (torch.cat(ts), torch.cat(ws))
         return self._cap_emb
 
+    def video_captions(self, video_id: str) -> list[str]:
+        """The captions the feature store holds for an indexed video (empty when it stores none)."""
+        vi = self.store.index.get(video_id)
+        return [] if vi is None else self.store.captions(vi)
+
     @torch.no_grad()
     def search_video(self, video_id: str, k: int = 10) -> list[tuple[str, str, float]]:
         """Top-``k`` captions of the indexed videos for a video: (caption text, its video id, score)."""
