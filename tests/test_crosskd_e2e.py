@@ -132,11 +132,16 @@ def test_predict_cli(trained, capsys):
         (["--query", "  "], "query is empty"),
         (["--query", "a dog", "-k", "0"], "must be a whole number >= 1"),
         (["--video-id", "video0070", "-k", "-2"], "must be a whole number >= 1"),
+        (["--query", "xyzzyq qwzzrt"], "none of its words is known to the text encoder (xyzzyq, qwzzrt)"),
     ):
         assert main(base + extra) == 2, extra
         cap = capsys.readouterr()
         err = cap.err.strip().splitlines()
         assert cap.out == "" and len(err) == 1 and msg in err[0], (extra, err)
+    # a query with an unknown word: ranked, and the word is named (stderr, and in the JSON)
+    assert main(base + ["--query", "a dog xyzzyq"]) == 0
+    cap = capsys.readouterr()
+    assert json.loads(cap.out)["unknown_words"] == {"a dog xyzzyq": ["xyzzyq"]} and "xyzzyq" in cap.err
 
 
 def test_resume_draws_the_same_captions(tmp_path, trained):

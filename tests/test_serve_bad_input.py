@@ -159,6 +159,11 @@ def test_expression_checks(client, html):
             assert "maxlength" not in page and f'data-max-text="{MAX_TEXT}"' in page
 
 
+def test_a_query_the_model_cannot_read_is_the_clients_to_fix(client):
+    r = client.post("/api/search", json={"run": "tv", "text": "xyzzyq qwzzrt"})
+    assert r.status_code == 400 and "none of its words is known" in error_of(r)
+
+
 def test_search_parameter_checks(client):
     for k, message in [
         (0, "k must be from 1 to 50; got 0"),

@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
+from ..errors import GroundkitError
 from .images import InputError, Limits, decode_upload, draw_boxes, encode_png, size_text
 from .pages import SCRIPT, STYLE, frame_url, render_page
 from .table import ServedRun
@@ -246,6 +247,8 @@ class _State:
             return await anyio.to_thread.run_sync(locked)
         except InputError:
             raise
+        except GroundkitError as e:  # the predictor refused this input (an unknown query ...): the client's to fix
+            raise InputError(400, str(e)) from e
         except Exception as e:
             log.exception("run %s: the model failed", run.name)
             raise InputError(500, f"the model of run {run.name!r} failed on this input: {type(e).__name__}: {e}") from e

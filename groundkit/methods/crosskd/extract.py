@@ -158,6 +158,11 @@ class GloveTokenEncoder:
 
     dim = 50
 
+    def unknown_words(self, text: str) -> list[str]:
+        """The words of ``text`` without a vector (left out of its encoding)."""
+        index, _ = glove_package()
+        return [w for w in tokenize(text) if w not in index]
+
     def encode_tokens(self, text: str) -> np.ndarray:
         index, vectors = glove_package()
         rows = [index[w] for w in tokenize(text) if w in index]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 from ...formats.collaborative_experts import FeatureError
-from ...text import check_expression
+from ...text import check_expression, tokenize
 from .. import find_run_files, load_run
 from ..base import Predictor
 from .data import RetrievalEvalSet, batch_spec, layout_paths, open_store, register_store
@@ -147,13 +148,25 @@ class Retriever(Predictor):
         t, w = self.model.encode_text(torch.from_numpy(x).to(self.device), torch.from_numpy(m).to(self.device))
         return t.float(), w.float()
 
+    def unknown_words(self, query: str) -> list[str]:
+        """Words of ``query`` the text encoder has no vector for (word-vector encoders; sub-word models know all)."""
+        fn = getattr(self.text_encoder, "unknown_words", None)
+        return fn(query) if fn is not None else []
+
     def search(
         self, query: str | Sequence[str], k: int = 10
     ) -> list[tuple[str, float]] | list[list[tuple[str, float]]]:
-        """Top-``k`` (video_id, score) for a query (or a list of lists for several queries)."""
+        """Top-``k`` (video_id, score) for a query (or a list of lists for several queries). A query none of whose
+        words the text encoder knows is refused (its ranking would be arbitrary)."""
         single = isinstance(query, str)
         queries = [check_expression(q, "query") for q in ([query] if single else list(query))]
         _check_k(k)
+        for q in queries:
+            unknown = self.unknown_words(q)
+            if unknown and len(unknown) == len(tokenize(q)):
+                raise FeatureError(
+                    f"query {q!r}: none of its words is known to the text encoder ({', '.join(unknown)})"
+                )
         t, w = self.encode_queries(queries)
         res = self.search_embeddings(t, w, k)
         return res[0] if single else res
@@ -259,6 +272,10 @@ def _run_predict(args: argparse.Namespace) -> int:
     out: dict[str, Any] = {"t2v": {}, "v2t": {}}
     for q in args.query:
         out["t2v"][q] = [{"video_id": v, "score": s} for v, s in r.search(q, k=args.top_k)]
+        unknown = r.unknown_words(q)
+        if unknown:
+            out.setdefault("unknown_words", {})[q] = unknown
+            print(f"groundkit: note: {q!r}: words the model does not know: {', '.join(unknown)}", file=sys.stderr)
     for v in args.video_id:
         out["v2t"][v] = [{"caption": c, "video_id": vid, "score": s} for c, vid, s in r.search_video(v, k=args.top_k)]
     if args.json:
