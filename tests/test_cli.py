@@ -112,7 +112,7 @@ def test_rerun_from_saved_config(tmp_path, monkeypatch):
     [
         (["eval", "runs/nope"], "runs/nope: no such run directory"),
         (["train", "wang21"], "no training files"),  # and no empty runs/wang21 left behind
-        (["train", "clipvg", "world_cpu", "--output-dir", "a/b/run"], "data.split_root is empty"),
+        (["train", "clipvg", "offline", "--output-dir", "a/b/run"], "data.split_root is empty"),
         (["eval", "./nope", "--split", "test"], "./nope: no such run directory"),
         (["data", "convert-cogrounding", "nope.pth.tar", "--corpus", "c.txt", "--out", "x.safetensors"], "not found"),
         (

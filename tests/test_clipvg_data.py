@@ -192,3 +192,27 @@ def test_baselines_from_referred_boxes_or_an_instances_file(tiny_data, tmp_path)
     got = GroundingSet(load_samples(d, "test"), d, name="test").baselines(0.5)
     # a.jpg: 2 objects, the target is neither the largest nor the central one; b.jpg: 1 object (2 samples each)
     assert got == pytest.approx({"random_object": 75.0, "largest_object": 50.0, "centre_object": 50.0})
+
+
+def test_the_built_in_world_fills_the_empty_paths():
+    from groundkit.config import ConfigError  # noqa: PLC0415
+    from groundkit.methods.clipvg.data import world_paths  # noqa: PLC0415
+    from groundkit.methods.clipvg.method import METHOD  # noqa: PLC0415
+
+    d = world_paths(ClipVGData(synth_size="small", root="/w"))
+    assert (d.split_root, d.image_root, d.instances_file, d.synth_size) == (
+        "/w/splits",
+        "/w/images/mscoco/images/train2014",
+        "/w/refcoco/instances.json",
+        "",
+    )
+    assert world_paths(d) == d  # resolved once
+    assert world_paths(ClipVGData(split_root="/mine")).split_root == "/mine"  # no world: untouched
+    with pytest.raises(ConfigError, match="clear one"):
+        world_paths(ClipVGData(synth_size="small", root="/w", split_root="/mine"))
+    # the command line's paths mean the user's data: they clear world_cpu's data.synth_size
+    assert METHOD.cli_overrides({"split_root": "/mine", "supervision": None}, "train") == {
+        "data.split_root": "/mine",
+        "data.synth_size": "",
+    }
+    assert METHOD.cli_overrides({"supervision": "full"}, "train") == {"data.supervision": "full"}

@@ -45,6 +45,12 @@ def scaled_lr(batch_size: int, base_lr: float = OFFICIAL_LR, base_batch: int = O
 class ClipVGData:
     """Where the TransVG-style ``.pth`` lists and the images are, and the image/text pipeline."""
 
+    # the built-in pseudo world: data.synth_size (tiny|small|medium) names it; groundkit train, the demo and
+    # groundkit.runs build it once and set data.root, whose splits / images / instances.json fill the empty paths
+    # below (a path given beside data.synth_size is an error: clear one; --split-root clears data.synth_size)
+    synth_size: str = ""
+    synth_seed: int = 0
+    root: str = ""
     split_root: str = ""  # <split_root>/<dataset>/<dataset>_<split>.pth
     image_root: str = ""  # folder holding the images the lists name
     dataset: Literal["unc", "unc+", "gref", "gref_umd", "referit", "flickr"] = "unc"

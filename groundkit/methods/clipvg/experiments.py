@@ -38,6 +38,7 @@ SOURCES = ("template", "relation", "caption")
 def world_overrides(world: Path) -> dict[str, Any]:
     """The ``data.*`` keys of a built-in ``pseudo`` world: its lists, images and every annotated object."""
     return {
+        "data.synth_size": "",  # the world is given by path (the demo's size and seed, not world_cpu's)
         "data.split_root": str(world / "splits"),
         "data.image_root": str(world / "images/mscoco/images/train2014"),
         "data.instances_file": str(world / "refcoco/instances.json"),

@@ -94,6 +94,7 @@ class ClipVGMethod(Method):
     name = "clipvg"
     config_class = ClipVGConfig
     default_config = "offline"
+    world_task = "pseudo"  # data.synth_size (world_cpu: small) trains on the built-in pseudo world
     summary = "CLIP-VG (Xiao et al., 2023): frozen encoders, [REG] fusion transformer, pseudo labels + curriculum"
     commands = {
         "data": {"convert-clipvg": "groundkit.methods.clipvg.weights:register_convert"},
@@ -202,7 +203,10 @@ class ClipVGMethod(Method):
             "clip_checkpoint": "model.clip_checkpoint",
             "supervision": "data.supervision",
         }
-        return {keys[k]: v for k, v in args.items() if k in keys and v is not None}
+        out = {keys[k]: v for k, v in args.items() if k in keys and v is not None}
+        if "data.split_root" in out or "data.image_root" in out:  # your data, not the built-in world
+            out["data.synth_size"] = ""
+        return out
 
 
 METHOD = ClipVGMethod()
