@@ -107,6 +107,8 @@ def register(sub: Any) -> None:
     p.add_argument("--device", default="cpu")
 
     def run(a: Any) -> int:
+        for t in a.texts:  # before the model loads: a wrong input costs nothing
+            check_expression(t)
         pred = ClipVGPredictor(a.checkpoint, device=a.device)
         with Image.open(a.image) as im:
             image = im.convert("RGB")

@@ -180,6 +180,8 @@ def register(sub: Any) -> None:
     p.add_argument("--no-post-process", action="store_true", help="video: skip the temporal re-scoring")
 
     def run(a: Any) -> int:
+        for t in [a.text] if isinstance(a.text, str) else a.text:  # before the model loads
+            check_expression(t)
         pred = CoGroundingPredictor(a.checkpoint, device=a.device, post_process=not a.no_post_process)
         src = Path(a.source)
         if src.is_dir() or src.suffix.lower() in VIDEO_SUFFIXES:
