@@ -158,18 +158,6 @@ class ClipVGMethod(Method):
             out.update(dataset.baselines(cfg.eval.iou_threshold))
         return out
 
-    def format_eval(self, metrics: dict[str, float], split: str) -> str:
-        line = (
-            f"{split}: Acc@0.5 {metrics.get('acc', 0):.2f}  mIoU {metrics.get('miou', 0):.2f}"
-            f"  (n={int(metrics.get('n', 0))})"
-        )
-        if "largest_object" in metrics:
-            line += (
-                f"  [random object {metrics['random_object']:.2f}, largest {metrics['largest_object']:.2f},"
-                f" centre {metrics['centre_object']:.2f}]"
-            )
-        return line
-
     def sample_ious(
         self, model: nn.Module, dataset: GroundingSet, cfg: ClipVGConfig, device: torch.device | str = "cpu"
     ) -> np.ndarray:
