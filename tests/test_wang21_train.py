@@ -373,3 +373,23 @@ def test_eval_under_ddp_counts_each_pair_once(world, tmp_path):
     assert two["num_phrases"] == one["num_phrases"] and one["num_pairs"] == 24
     for k in ("R@1", "R@5", "R@10", "upper_bound", "random_R@1", "teacher_R@1", "teacher_coverage"):
         assert two[k] == pytest.approx(one[k], abs=1e-9), k
+
+
+def test_world_configs_find_their_world():
+    """``world_*`` configs name the built-in world (data.synth_size): resolve_world builds it and fills every empty
+    path; region files of one's own keep the config on them and build no world."""
+    from pathlib import Path  # noqa: PLC0415
+
+    from groundkit.config import load_config  # noqa: PLC0415
+    from groundkit.methods.wang21.config import Wang21Config  # noqa: PLC0415
+    from groundkit.methods.wang21.method import METHOD  # noqa: PLC0415
+    from groundkit.world import resolve_world  # noqa: PLC0415
+
+    cfg = resolve_world(METHOD, load_config(Wang21Config, "world_reference_nce", {"data.synth_size": "tiny"}, "wang21"))
+    root = Path(cfg.data.root)
+    assert cfg.data.region_feat_path == str(root / "region_features_{split}.hdf5")
+    assert Path(cfg.data.glove_path) == root / "glove.hdf5" and Path(cfg.data.class_names).is_file()
+    assert all(Path(cfg.data.region_feat_path.format(split=s)).is_file() for s in ("train", "val", "test"))
+    own = load_config(Wang21Config, "world_reference_nce", {"data.region_feat_path": "/mine/r.h5"}, "wang21")
+    own = resolve_world(METHOD, own)
+    assert own.data.root == "" and own.data.region_feat_path == "/mine/r.h5"

@@ -109,6 +109,16 @@ class Method:
         """Whether ``split`` exists for this config (the engine skips a final split that does not)."""
         return True
 
+    def own_data(self, cfg: Any) -> bool:
+        """Whether the config names data files of its own, so that the built-in world its ``data.synth_size``
+        names is neither built nor used (:func:`groundkit.world.resolve_world`). The default: never."""
+        return False
+
+    def use_world(self, cfg: Any, root: Path) -> None:
+        """Fill the config's empty data paths from the built-in world built at ``root`` (after
+        :func:`groundkit.world.resolve_world` set ``data.root``). The default: nothing (the method reads
+        ``data.root`` itself)."""
+
     def resolve_config(self, cfg: Any) -> Any:
         """The config as it will really run (e.g. a switch that cannot take effect turned off), so that
         ``config.yaml`` never records what did not happen. Called by the engine on its own copy; must be

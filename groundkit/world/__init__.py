@@ -49,13 +49,15 @@ def resolve_world(method: object, cfg: object, progress: bool = False) -> object
     tasks, e.g. cogrounding on ``refexp`` and ``video``), else ``method.world_task`` (e.g. ``"retrieval"``).
     The method itself never imports the world: the command line, the demo and :mod:`groundkit.runs`
     call this before training. A ``data.root`` that is not the world's folder, given together with
-    ``data.synth_size``, is an error instead of being silently ignored. Returns ``cfg``.
+    ``data.synth_size``, is an error instead of being silently ignored; a config naming its own data files
+    (``method.own_data``) keeps them and no world is built; ``method.use_world`` then fills the empty paths
+    from the world. Returns ``cfg``.
     """
 
     data = getattr(cfg, "data", None)
     size = getattr(data, "synth_size", "")
     task = getattr(data, "world_task", "") or getattr(method, "world_task", "")
-    if not size:
+    if not size or (hasattr(method, "own_data") and method.own_data(cfg)):
         return cfg
     if not task:
         raise ConfigError(
@@ -70,4 +72,6 @@ def resolve_world(method: object, cfg: object, progress: bool = False) -> object
             f"(--set data.synth_size= to train on data.root)"
         )
     data.root = str(root)
+    if hasattr(method, "use_world"):
+        method.use_world(cfg, root)
     return cfg

@@ -18,6 +18,11 @@ __all__ = ["Wang21DataConfig", "Wang21ModelConfig", "Wang21LossConfig", "Wang21E
 class Wang21DataConfig:
     """Inputs. Everything the official code guessed from file-name substrings is a field here."""
 
+    # the built-in phrase world: data.synth_size (tiny|small|medium) names it; groundkit train, the demo and
+    # groundkit.runs build it once and fill every empty file path below from it (unless region files are given)
+    synth_size: str = ""
+    synth_seed: int = 0
+    root: str = ""
     # training files (a path may contain "{split}", filled with train/val/test)
     region_feat_path: str = ""
     phrase_feat_path: str = ""

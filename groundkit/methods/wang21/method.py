@@ -59,6 +59,7 @@ class Wang21Method(Method):
     name = "wang21"
     config_class = Wang21Config
     default_config = "reference_distill"
+    world_task = "phrase"  # data.synth_size (the world_* configs: small) trains on the built-in phrase world
     summary = "weakly supervised phrase grounding by contrastive knowledge distillation (Wang et al., CVPR 2021)"
     commands = {
         "data": {
@@ -91,6 +92,22 @@ class Wang21Method(Method):
             region_mean=mean,
             region_std=std,
         )
+
+    def own_data(self, cfg: Wang21Config) -> bool:
+        d = cfg.data
+        return bool(d.region_feat_path or d.eval_region_feat_path)
+
+    def use_world(self, cfg: Wang21Config, root: Path) -> None:
+        """The built-in phrase world's files for every empty path (its own GloVe subset, detector classes,
+        phrase-to-class map and matching matrix)."""
+        d, root = cfg.data, Path(root)
+        d.region_feat_path = str(root / "region_features_{split}.hdf5")
+        d.phrase_feat_path = str(root / "phrase_features_{split}.hdf5")
+        if d.glove_path in ("", GLOVE_PACKAGE):
+            d.glove_path = str(root / "glove.hdf5")
+        d.class_names = d.class_names or str(root / "detector_classes.txt")
+        d.phrase_to_label_json = d.phrase_to_label_json or str(root / "phrase_to_label.json")
+        d.matching_matrix_path = d.matching_matrix_path or str(root / "matching_matrix.hdf5")
 
     def resolve_config(self, cfg: Wang21Config) -> Wang21Config:
         """Distillation without a teacher source (no phrase -> class map, no soft teacher) trains the NCE
