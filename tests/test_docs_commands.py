@@ -77,3 +77,35 @@ def test_doc_command_parses(where, line, command):
     except SystemExit as e:
         if e.code:
             pytest.fail(f"{where}:{line}: groundkit {command}\n{err.getvalue().strip()}")
+
+
+def test_every_run_folder_the_docs_read_is_one_they_write():
+    """``eval RUN``, ``--checkpoint RUN``, ``serve --run RUN`` under ``runs/`` name a folder that a documented
+    ``train`` writes (its ``--output-dir``, else its config's ``train.output_dir``): a renamed folder breaks this."""
+    from groundkit.config import load_config  # noqa: PLC0415
+    from groundkit.methods import get_method  # noqa: PLC0415
+
+    written, read = set(), []
+    for where, line, command in COMMANDS:
+        argv = _argv(command)
+        if argv is None:
+            continue
+        for flag in ("--output-dir", "--out"):
+            if flag in argv:
+                written.add(argv[argv.index(flag) + 1].rstrip("/"))
+        if argv[0] == "train" and "--output-dir" not in argv:
+            m = get_method(argv[1])
+            name = argv[2] if len(argv) > 2 and not argv[2].startswith("-") else m.default_config
+            written.add(load_config(m.config_class, name, None, argv[1]).train.output_dir.rstrip("/"))
+        if argv[0] == "eval":
+            read.append((where, line, argv[2] if len(argv) > 2 else ""))
+        for flag in ("--checkpoint", "--run", "--restore-path"):
+            if flag in argv:
+                read.append((where, line, argv[argv.index(flag) + 1].split("=")[-1]))
+    assert "runs/crosskd/synth_cecap" in written
+    unwritten = [
+        f"{w}:{n}: {p}"
+        for w, n, p in read
+        if p.startswith("runs/") and not any(p.rstrip("/") == o or p.startswith(o + "/") for o in written)
+    ]
+    assert not unwritten, unwritten
