@@ -195,24 +195,22 @@ def test_baselines_from_referred_boxes_or_an_instances_file(tiny_data, tmp_path)
 
 
 def test_the_built_in_world_fills_the_empty_paths():
-    from groundkit.config import ConfigError  # noqa: PLC0415
-    from groundkit.methods.clipvg.data import world_paths  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    from groundkit.config import load_config  # noqa: PLC0415
     from groundkit.methods.clipvg.method import METHOD  # noqa: PLC0415
 
-    d = world_paths(ClipVGData(synth_size="small", root="/w"))
-    assert (d.split_root, d.image_root, d.instances_file, d.synth_size) == (
+    cfg = load_config(METHOD.config_class, "world_cpu", None, "clipvg")
+    assert cfg.data.synth_size == "small" and not METHOD.own_data(cfg)
+    METHOD.use_world(cfg, Path("/w"))
+    d = cfg.data
+    assert (d.split_root, d.image_root, d.instances_file) == (
         "/w/splits",
         "/w/images/mscoco/images/train2014",
         "/w/refcoco/instances.json",
-        "",
     )
-    assert world_paths(d) == d  # resolved once
-    assert world_paths(ClipVGData(split_root="/mine")).split_root == "/mine"  # no world: untouched
-    with pytest.raises(ConfigError, match="clear one"):
-        world_paths(ClipVGData(synth_size="small", root="/w", split_root="/mine"))
-    # the command line's paths mean the user's data: they clear world_cpu's data.synth_size
-    assert METHOD.cli_overrides({"split_root": "/mine", "supervision": None}, "train") == {
-        "data.split_root": "/mine",
-        "data.synth_size": "",
-    }
-    assert METHOD.cli_overrides({"supervision": "full"}, "train") == {"data.supervision": "full"}
+    # paths of one's own (the command line's --split-root) keep the config on them: no world is built
+    mine = load_config(
+        METHOD.config_class, "world_cpu", METHOD.cli_overrides({"split_root": "/mine"}, "train"), "clipvg"
+    )
+    assert METHOD.own_data(mine) and mine.data.split_root == "/mine"

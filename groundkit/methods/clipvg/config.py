@@ -46,8 +46,8 @@ class ClipVGData:
     """Where the TransVG-style ``.pth`` lists and the images are, and the image/text pipeline."""
 
     # the built-in pseudo world: data.synth_size (tiny|small|medium) names it; groundkit train, the demo and
-    # groundkit.runs build it once and set data.root, whose splits / images / instances.json fill the empty paths
-    # below (a path given beside data.synth_size is an error: clear one; --split-root clears data.synth_size)
+    # groundkit.runs build it once and fill the paths below from it (data.root), unless split_root / image_root
+    # name data of one's own (then no world is built)
     synth_size: str = ""
     synth_seed: int = 0
     root: str = ""

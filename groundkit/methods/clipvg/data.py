@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 from ...boxes import xyxy_to_cxcywh
-from ...config import ConfigError, feature_cache_root
+from ...config import feature_cache_root
 from ...distributed import device_fingerprint, padded_chunks, stored_features
 from ...errors import DataError
 from ...formats import refcoco, transvg
@@ -55,31 +54,10 @@ from .config import ClipVGData
 __all__ = ["GroundingSet", "load_samples", "build_train_transform", "split_file", "prepare_text"]
 
 
-def world_paths(d: ClipVGData) -> ClipVGData:
-    """``d`` with the empty paths filled from the built-in world at ``data.root`` (set by
-    :func:`groundkit.world.resolve_world` from ``data.synth_size``): its splits, images and instances.json."""
-    if not d.root:
-        return d
-    if d.synth_size and (d.split_root or d.image_root):
-        raise ConfigError(
-            f"data.synth_size={d.synth_size!r} names the built-in world and data.split_root / data.image_root name other"
-            " data; clear one (--set data.synth_size= to train on your paths)"
-        )
-    root = Path(d.root)
-    return replace(
-        d,
-        synth_size="",  # resolved: the paths below are the world's
-        split_root=d.split_root or str(root / "splits"),
-        image_root=d.image_root or str(root / "images/mscoco/images/train2014"),
-        instances_file=d.instances_file or str(root / "refcoco/instances.json"),
-    )
-
-
 def split_file(d: ClipVGData, split: str) -> list[Path]:
     """The ``.pth`` file(s) of ``split``: ``train`` follows ``data.supervision`` (``train_pseudo`` or
     ``train``) unless ``data.train_file`` names a list; ``test`` is ``<ds>_test.pth`` when it exists,
     else ``testA`` + ``testB`` (RefCOCO / RefCOCO+)."""
-    d = world_paths(d)
     if not d.split_root:
         raise DataError(
             "data.split_root is empty: point it at the folder holding <dataset>/<dataset>_<split>.pth (--split-root;"
@@ -151,7 +129,6 @@ class GroundingSet:
     ):
         if not samples:
             raise DataError(f"{name or 'dataset'}: no samples")
-        d = world_paths(d)
         self.samples, self.d, self.augment, self.seed, self.name = samples, d, augment, int(seed), name
         self.image_root = Path(d.image_root) if d.image_root else None
         self.texts = [prepare_text(s.phrase, d) for s in samples]

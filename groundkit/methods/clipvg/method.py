@@ -191,10 +191,17 @@ class ClipVGMethod(Method):
             "clip_checkpoint": "model.clip_checkpoint",
             "supervision": "data.supervision",
         }
-        out = {keys[k]: v for k, v in args.items() if k in keys and v is not None}
-        if "data.split_root" in out or "data.image_root" in out:  # your data, not the built-in world
-            out["data.synth_size"] = ""
-        return out
+        return {keys[k]: v for k, v in args.items() if k in keys and v is not None}
+
+    def own_data(self, cfg: ClipVGConfig) -> bool:
+        return bool(cfg.data.split_root or cfg.data.image_root)
+
+    def use_world(self, cfg: ClipVGConfig, root: Path) -> None:
+        """The built-in pseudo world's splits, images and instances.json for the empty paths."""
+        d, root = cfg.data, Path(root)
+        d.split_root = str(root / "splits")
+        d.image_root = str(root / "images/mscoco/images/train2014")
+        d.instances_file = d.instances_file or str(root / "refcoco/instances.json")
 
 
 METHOD = ClipVGMethod()
