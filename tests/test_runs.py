@@ -216,3 +216,12 @@ def test_result_from_record_reads_a_finished_run_folder(tmp_path):
     assert got.final_split == "test" and got.seconds == pytest.approx(done.seconds)
     with pytest.raises(runs.GroundkitError, match="no finished run recorded"):
         runs.result_from_record(tmp_path / "nowhere", "x", 0)
+
+
+def test_a_metric_named_n_keeps_its_column_and_the_run_count_is_runs():
+    rows = [
+        {"label": "a", "n": 2, "metrics": {"acc": {"mean": 50.0, "std": 1.0, "n": 2}, "n": {"mean": 798.0, "n": 2}}}
+    ]
+    head = format_table(rows, ["acc", "n"]).splitlines()[0]
+    assert head == "| variant | acc | n | runs |"
+    assert format_table(rows, ["acc"]).splitlines()[0] == "| variant | acc | n |"
