@@ -239,3 +239,12 @@ def test_truncated_boxes_on_reading_refer_and_transvg(tmp_path):
     assert load_image_samples(cfg, "val")[0].box == pytest.approx((1.7, 2.2, 10.9, 8.5))
     cfg.data.truncate_boxes = True  # [x, y, w, h] = [1.7, 2.2, 9.2, 6.3] -> ints [1, 2, 9, 6] -> x2 = 10, y2 = 8
     assert load_image_samples(cfg, "val")[0].box == (1.0, 2.0, 10.0, 8.0)
+
+
+@pytest.mark.parametrize("name", ["world_image", "refcoco", "vid", "reference_refcoco", "reference_vid"])
+def test_shipped_configs_drop_the_last_incomplete_batch(name):
+    """As the official loader: a training list of 32k + 1 samples would end an epoch on a batch of one, which the
+    BatchNorm1d layers refuse in training."""
+    from groundkit.config import load_config  # noqa: PLC0415
+
+    assert load_config(CoGroundingConfig, name, None, "cogrounding").train.drop_last
