@@ -140,3 +140,13 @@ def test_wrong_inputs_end_in_one_line(argv, message, capsys, tmp_path, monkeypat
     err = cap.err.strip().splitlines()
     assert cap.out == "" and len(err) == 1 and message in err[0] and "Traceback" not in cap.err, cap.err
     assert not list(tmp_path.iterdir())  # nothing left behind
+
+
+def test_eval_lines_use_the_metric_names_and_two_decimals():
+    from groundkit.methods import get_method  # noqa: PLC0415
+
+    line = get_method("clipvg").format_eval({"acc": 85.296, "miou": 72.3, "n": 798.0, "largest_object": 25.06}, "test")
+    assert line == "test: acc=85.30  miou=72.30  n=798.00  largest_object=25.06"  # the names of log.jsonl
+    m = {f"{p}_{k}": 29.65 for p in ("t2v", "v2t") for k in ("R1", "R5", "R10", "R50", "MedR", "MeanR")}
+    m |= {"t2v_geometric_mean_R1-R5-R10": 1.0, "v2t_geometric_mean_R1-R5-R10": 1.0, "num_videos": 3, "num_queries": 3}
+    assert "R@1: 29.65," in get_method("crosskd").format_eval(m, "test")
