@@ -70,13 +70,18 @@ def accuracy_at_iou(
     return float(_iou_hit(iou, threshold, inclusive).double().mean())
 
 
+def _rows(x: Array, name: str, width: int) -> np.ndarray:
+    """``x`` as a float64 numpy array of ``width``-wide rows."""
+    return np.asarray(_to_tensor(x, name).double().cpu(), dtype=np.float64).reshape(-1, width)
+
+
 def objects_per_image(images: Sequence[str], boxes: Array) -> list[np.ndarray]:
     """Per sample, the distinct boxes ``[k, 4]`` referred to in its image (by any sample of the list).
 
     The annotated objects of a referring-expression file where no object list ships with it (TransVG
     ``.pth`` lists): in RefCOCO every split holds all expressions of its images, so these are the
     image's referred objects."""
-    b = np.asarray(_to_tensor(boxes, "boxes").double().cpu(), dtype=np.float64).reshape(-1, 4)
+    b = _rows(boxes, "boxes", 4)
     if len(b) != len(images):
         raise ValueError(f"objects_per_image: {len(images)} images but {len(b)} boxes")
     groups: dict[str, list[tuple[float, ...]]] = {}
@@ -100,17 +105,15 @@ def refexp_baseline_hits(
     among them), ``image_sizes`` [N, 2] as (width, height). ``random_object``: the expected hit of one
     object drawn uniformly (a fraction); ``largest_object``: the object of largest area;
     ``centre_object``: the object whose centre lies nearest the image centre (0 or 1)."""
-    gt = np.asarray(_to_tensor(gt_boxes, "gt_boxes").double().cpu(), dtype=np.float64).reshape(-1, 4)
-    sizes = np.asarray(_to_tensor(image_sizes, "image_sizes").double().cpu(), dtype=np.float64).reshape(-1, 2)
+    gt, sizes = _rows(gt_boxes, "gt_boxes", 4), _rows(image_sizes, "image_sizes", 2)
     if not (len(gt) == len(objects) == len(sizes)):
         raise ValueError(f"refexp_baselines: {len(gt)} boxes, {len(objects)} object lists, {len(sizes)} sizes")
     out: dict[str, list[float]] = {"random_object": [], "largest_object": [], "centre_object": []}
     for g, objs, (w, h) in zip(gt, objects, sizes):
-        o = np.asarray(_to_tensor(objs, "objects").double().cpu(), dtype=np.float64).reshape(-1, 4)
+        o = _rows(objs, "objects", 4)
         if not len(o):
             raise ValueError("refexp_baselines: a sample's image has no objects (its own box must be one)")
-        iou = torch.as_tensor(paired_box_iou(o, np.repeat(g[None], len(o), 0)))
-        hit = _iou_hit(iou, threshold, inclusive).double().numpy()
+        hit = _iou_hit(torch.as_tensor(box_iou(o, g[None])[:, 0]), threshold, inclusive).double().numpy()
         out["random_object"].append(float(hit.mean()))
         out["largest_object"].append(float(hit[int(((o[:, 2] - o[:, 0]) * (o[:, 3] - o[:, 1])).argmax())]))
         d = ((o[:, 0] + o[:, 2]) / 2 - w / 2) ** 2 + ((o[:, 1] + o[:, 3]) / 2 - h / 2) ** 2

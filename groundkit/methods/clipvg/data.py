@@ -54,6 +54,17 @@ from .config import ClipVGData
 __all__ = ["GroundingSet", "load_samples", "build_train_transform", "split_file", "prepare_text"]
 
 
+def world_paths(root: str | os.PathLike) -> dict[str, str]:
+    """The ``data.*`` paths of a built-in pseudo world (``groundkit data synth --task pseudo``): its TransVG
+    lists, its images and the instances.json that lists every object (for the text-blind baselines)."""
+    root = Path(root)
+    return {
+        "split_root": str(root / "splits"),
+        "image_root": str(root / "images/mscoco/images/train2014"),
+        "instances_file": str(root / "refcoco/instances.json"),
+    }
+
+
 def split_file(d: ClipVGData, split: str) -> list[Path]:
     """The ``.pth`` file(s) of ``split``: ``train`` follows ``data.supervision`` (``train_pseudo`` or
     ``train``) unless ``data.train_file`` names a list; ``test`` is ``<ds>_test.pth`` when it exists,
@@ -135,6 +146,7 @@ class GroundingSet:
         self.transform = build_train_transform(d) if augment else None
         self.epoch = 0
         self.cache: dict[str, Any] | None = None
+        self._baselines: tuple[float, dict[str, float]] | None = None  # (threshold, baselines) once computed
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -156,7 +168,7 @@ class GroundingSet:
     def baselines(self, threshold: float) -> dict[str, float]:
         """Acc@``threshold`` (percent) of the random / largest / most central referred object of each image
         (:func:`groundkit.metrics.refexp_baselines`); image sizes read from the files' headers, once."""
-        if getattr(self, "_baselines", None) is None or self._baselines[0] != threshold:
+        if self._baselines is None or self._baselines[0] != threshold:
             if self.image_root is None:
                 raise DataError("data.image_root is empty: point it at the folder holding the images")
             sizes: dict[str, tuple[int, int]] = {}

@@ -29,6 +29,7 @@ from ...runs import RunResult, RunSpec, result_from_record, run_many, summarize
 from ...runs import format_table as runs_table
 from ...world import generate
 from .curriculum import CurriculumConfig, EngineBackend, MSAConfig, SearchConfig, run_msa, run_ssa
+from .data import world_paths
 
 __all__ = ["world_overrides", "baseline_rows", "demo_table", "main"]
 
@@ -36,13 +37,9 @@ SOURCES = ("template", "relation", "caption")
 
 
 def world_overrides(world: Path) -> dict[str, Any]:
-    """The ``data.*`` keys of a built-in ``pseudo`` world: its lists, images and every annotated object."""
-    return {
-        "data.synth_size": "",  # the world is given by path (the demo's size and seed, not world_cpu's)
-        "data.split_root": str(world / "splits"),
-        "data.image_root": str(world / "images/mscoco/images/train2014"),
-        "data.instances_file": str(world / "refcoco/instances.json"),
-    }
+    """The ``data.*`` keys of a built-in ``pseudo`` world: its lists, images and every annotated object (paths of
+    one's own: ``world_cpu``'s ``data.synth_size`` builds no other world)."""
+    return {f"data.{k}": v for k, v in world_paths(world).items()}
 
 
 BASELINES = (

@@ -19,7 +19,7 @@ from ...boxes import cxcywh_to_xyxy, paired_box_iou
 from ...engine import predict
 from ..base import Figure, Method, Predictor
 from .config import ClipVGConfig
-from .data import GroundingSet, load_samples, split_file
+from .data import GroundingSet, load_samples, split_file, world_paths
 from .model import ClipVG, EncoderError, build_encoders, clipvg_loss, token_loss
 from .predict import ClipVGPredictor
 
@@ -198,10 +198,9 @@ class ClipVGMethod(Method):
 
     def use_world(self, cfg: ClipVGConfig, root: Path) -> None:
         """The built-in pseudo world's splits, images and instances.json for the empty paths."""
-        d, root = cfg.data, Path(root)
-        d.split_root = str(root / "splits")
-        d.image_root = str(root / "images/mscoco/images/train2014")
-        d.instances_file = d.instances_file or str(root / "refcoco/instances.json")
+        for key, path in world_paths(root).items():
+            if not getattr(cfg.data, key):
+                setattr(cfg.data, key, path)
 
 
 METHOD = ClipVGMethod()

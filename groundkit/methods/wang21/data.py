@@ -24,6 +24,21 @@ __all__ = ["Wang21Dataset", "resolve_paths", "word_dim", "norm_stats"]
 # ----------------------------------------------------------------------------- data
 
 
+def world_files(root: str | os.PathLike) -> dict[str, str]:
+    """The ``data.*`` files of a built-in phrase world (``groundkit data synth --task phrase``): region and phrase
+    features per split, its GloVe subset, detector classes, phrase-to-class map and the matching matrix that map
+    came from."""
+    root = os.fspath(root)
+    return {
+        "region_feat_path": os.path.join(root, "region_features_{split}.hdf5"),
+        "phrase_feat_path": os.path.join(root, "phrase_features_{split}.hdf5"),
+        "glove_path": os.path.join(root, "glove.hdf5"),
+        "class_names": os.path.join(root, "detector_classes.txt"),
+        "phrase_to_label_json": os.path.join(root, "phrase_to_label.json"),
+        "matching_matrix_path": os.path.join(root, "matching_matrix.hdf5"),
+    }
+
+
 def resolve_paths(d: Wang21DataConfig, split: str) -> tuple[str, str] | None:
     """(region, phrase) files of ``split``, or None when the config names none."""
     if split != "train" and d.eval_region_feat_path:

@@ -16,7 +16,7 @@ from ...config import ConfigError, parse_override
 from ...runs import RunResult, RunSpec, run_many, seed_specs, summarize, write_summary
 from ...runs import format_table as runs_table
 from .. import load_run
-from .data import Wang21Dataset, resolve_paths
+from .data import Wang21Dataset, resolve_paths, world_files
 from .model import distill_neighbourhood
 
 __all__ = [
@@ -64,15 +64,7 @@ def sweep_specs(
     unknown = [n for n in names if n not in SWEEP_VARIANTS]
     if unknown:
         raise ConfigError(f"unknown wang21 sweep variants {unknown}; known: {list(SWEEP_VARIANTS)}")
-    matrix = world / "matching_matrix.hdf5"  # the soft matching the world's own phrase_to_label.json came from
-    common = {
-        "data.region_feat_path": str(world / "region_features_{split}.hdf5"),
-        "data.phrase_feat_path": str(world / "phrase_features_{split}.hdf5"),
-        "data.glove_path": str(world / "glove.hdf5"),
-        "data.class_names": str(world / "detector_classes.txt"),
-        "data.phrase_to_label_json": str(world / "phrase_to_label.json"),
-        "data.matching_matrix_path": str(matrix),
-    }
+    common = {f"data.{k}": v for k, v in world_files(world).items()}
     specs = []
     for name in names:
         base, extra = SWEEP_VARIANTS[name]

@@ -25,7 +25,7 @@ from ...metrics import PhraseRecallAccumulator
 from ...text import GLOVE_PACKAGE
 from ..base import Figure, Method, Predictor
 from .config import Wang21Config
-from .data import Wang21Dataset, norm_stats, resolve_paths, word_dim
+from .data import Wang21Dataset, norm_stats, resolve_paths, word_dim, world_files
 from .model import (
     Wang21Model,
     distill_loss,
@@ -100,14 +100,9 @@ class Wang21Method(Method):
     def use_world(self, cfg: Wang21Config, root: Path) -> None:
         """The built-in phrase world's files for every empty path (its own GloVe subset, detector classes,
         phrase-to-class map and matching matrix)."""
-        d, root = cfg.data, Path(root)
-        d.region_feat_path = str(root / "region_features_{split}.hdf5")
-        d.phrase_feat_path = str(root / "phrase_features_{split}.hdf5")
-        if d.glove_path in ("", GLOVE_PACKAGE):
-            d.glove_path = str(root / "glove.hdf5")
-        d.class_names = d.class_names or str(root / "detector_classes.txt")
-        d.phrase_to_label_json = d.phrase_to_label_json or str(root / "phrase_to_label.json")
-        d.matching_matrix_path = d.matching_matrix_path or str(root / "matching_matrix.hdf5")
+        for key, path in world_files(root).items():
+            if getattr(cfg.data, key) in ("", GLOVE_PACKAGE):  # empty, or the default GloVe package
+                setattr(cfg.data, key, path)
 
     def resolve_config(self, cfg: Wang21Config) -> Wang21Config:
         """Distillation without a teacher source (no phrase -> class map, no soft teacher) trains the NCE
