@@ -150,3 +150,13 @@ def test_eval_lines_use_the_metric_names_and_two_decimals():
     m = {f"{p}_{k}": 29.65 for p in ("t2v", "v2t") for k in ("R1", "R5", "R10", "R50", "MedR", "MeanR")}
     m |= {"t2v_geometric_mean_R1-R5-R10": 1.0, "v2t_geometric_mean_R1-R5-R10": 1.0, "num_videos": 3, "num_queries": 3}
     assert "R@1: 29.65," in get_method("crosskd").format_eval(m, "test")
+
+
+def test_predict_names_a_truncated_image_before_loading_a_model(tmp_path, capsys):
+    from PIL import Image  # noqa: PLC0415
+
+    Image.new("RGB", (64, 48), (200, 10, 10)).save(tmp_path / "ok.jpg")
+    (tmp_path / "cut.jpg").write_bytes((tmp_path / "ok.jpg").read_bytes()[:100])
+    assert main(["predict", "clipvg", str(tmp_path / "cut.jpg"), "the cup", "--checkpoint", "no/such/run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{tmp_path / 'cut.jpg'}: not a readable image, truncated or corrupt" in err[0]

@@ -23,6 +23,7 @@ from PIL import Image
 
 from ...draw import draw_boxes as shared_draw_boxes
 from ...errors import DataError
+from ...formats.inspect import read_image
 from ...text import check_expression
 from ...transforms import letterbox
 from .. import load_run
@@ -57,8 +58,7 @@ class ClipVGPredictor(Predictor):
             raise DataError("no expression given")
         texts = [check_expression(t) for t in texts]
         if isinstance(image, (str, Path)):
-            with Image.open(image) as im:
-                image = im.convert("RGB")
+            image = read_image(image)
         elif isinstance(image, np.ndarray):
             image = Image.fromarray(image).convert("RGB")
         elif isinstance(image, Image.Image):
@@ -109,9 +109,8 @@ def register(sub: Any) -> None:
     def run(a: Any) -> int:
         for t in a.texts:  # before the model loads: a wrong input costs nothing
             check_expression(t)
+        image = read_image(a.image)
         pred = ClipVGPredictor(a.checkpoint, device=a.device)
-        with Image.open(a.image) as im:
-            image = im.convert("RGB")
         results = pred.ground(image, list(a.texts))
         for r in results:
             print(json.dumps(r))
