@@ -32,6 +32,7 @@ torchvision.__version__ = real_version
 
 import open_clip  # noqa: E402
 
+from groundkit.methods.clipvg.config import ClipVGModel  # noqa: E402
 from groundkit.methods.clipvg.model import ClipVG, OpenClipEncoders, clipvg_loss  # noqa: E402
 from groundkit.methods.clipvg.weights import official_to_groundkit  # noqa: E402
 
@@ -59,18 +60,8 @@ torch.save({"model": off.state_dict(), "args": args, "epoch": 0}, ckpt)
 
 # groundkit's model from the official checkpoint: CLIP from its clip.* (QuickGELU chosen), the rest converted
 enc = OpenClipEncoders("ViT-B-16", str(ckpt), levels=(0, 3, 7, 11), trainable_pos_embed=True, image_size=224)
-gk = ClipVG(
-    enc,
-    max_query_len=77,
-    d_model=512,
-    nhead=8,
-    num_layers=6,
-    dim_ff=2048,
-    dropout=0.0,
-    normalize="imagenet",
-    sdpa=False,
-    image_mask="bilinear",
-).eval()
+gk_cfg = ClipVGModel(dropout=0.0, normalize="imagenet", sdpa=False, image_mask="bilinear")
+gk = ClipVG(gk_cfg, enc, 77).eval()
 gk.load_state_dict(official_to_groundkit(ckpt, num_layers=6))
 print("quick_gelu:", enc.quick_gelu)
 

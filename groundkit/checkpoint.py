@@ -27,13 +27,15 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
-from .errors import GroundkitError
+from .distributed import unwrap_model
+from .errors import ConfigMismatchError, GroundkitError
 
 __all__ = [
     "find_run_files",
     "save_checkpoint",
     "load_checkpoint",
     "load_weights",
+    "init_weights",
     "latest_checkpoint",
     "rng_state",
     "set_rng_state",
@@ -125,11 +127,6 @@ def set_rng_state(json_part: dict[str, Any], tensors: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(list(tensors["cuda"]))
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    model = getattr(model, "module", model)  # DDP
-    return getattr(model, "_orig_mod", model)  # torch.compile
-
-
 def save_checkpoint(
     ckpt_dir: str | Path,
     model: torch.nn.Module,
@@ -143,7 +140,7 @@ def save_checkpoint(
     ckpt_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=ckpt_dir.parent, prefix=f".{ckpt_dir.name}.tmp"))
     try:
-        save_model(_unwrap(model), str(tmp / "model.safetensors"))
+        save_model(unwrap_model(model), str(tmp / "model.safetensors"))
         rng = rng_state()
         state = {"rng": rng["tensors"]}
         if optimizer is not None:
@@ -191,12 +188,29 @@ def load_weights(model: torch.nn.Module, path: str | Path, strict: bool = True) 
     differs is an error either way."""
     p = _weights_file(path)
     try:
-        missing, unexpected = load_model(_unwrap(model), str(p), strict=strict)
+        missing, unexpected = load_model(unwrap_model(model), str(p), strict=strict)
         return sorted(missing), sorted(unexpected)
     except SafetensorError as e:
         raise CheckpointError(f"{p}: not a readable safetensors file, truncated or corrupt ({e})") from None
     except RuntimeError as e:
         raise CheckpointError(f"{p}: weights do not match the model built from the config: {e}") from None
+
+
+def init_weights(model: torch.nn.Module, init_from: str | Path, method: str, partial: bool = False) -> str:
+    """``train.init_from``: weights of a run directory, a checkpoint directory or a .safetensors file (a run or
+    checkpoint of another method than ``method`` is refused). ``partial``: the file may lack some of the model's
+    tensors (they keep their initialisation) or hold tensors the model lacks; returns a note naming them."""
+    p = Path(init_from)
+    if p.is_dir():
+        ck, _ = find_run_files(p)
+        name = read_meta(ck).get("method")
+        if name and name != method:
+            raise ConfigMismatchError(f"train.init_from={init_from}: {ck} is a {name} run, not a {method} one")
+        p = ck
+    missing, unexpected = load_weights(model, p, strict=not partial)
+    if not (missing or unexpected):
+        return ""
+    return f" (partial: {len(missing)} tensors kept their initialisation, e.g. {missing[:3]}; {len(unexpected)} unused)"
 
 
 def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:

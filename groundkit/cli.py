@@ -115,12 +115,10 @@ def _set_items(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _explicit_root(method: Method, overrides: dict[str, Any]) -> dict[str, Any]:
+def _explicit_root(overrides: dict[str, Any]) -> dict[str, Any]:
     """A ``data.root`` given on the command line replaces the built-in world a shipped config names."""
-    if overrides.get("data.root") and "data.synth_size" not in overrides:
-        data = getattr(method.config_class(), "data", None)
-        if data is not None and hasattr(data, "synth_size"):
-            return {**overrides, "data.synth_size": ""}
+    if overrides.get("data.root") and not {"world.size", "data.synth_size"} & overrides.keys():
+        return {**overrides, "world.size": ""}
     return overrides
 
 
@@ -136,7 +134,7 @@ def _overrides(method: Method, args: argparse.Namespace, mode: str) -> dict[str,
     if args.device or mode == "eval":  # eval: the training machine's device may not exist here
         overrides["train.device"] = args.device or "auto"
     overrides.update(_set_items(args))
-    return _explicit_root(method, overrides)
+    return _explicit_root(overrides)
 
 
 _RESERVED = {

@@ -28,6 +28,10 @@ __all__ = [
     "SchedConfig",
     "TrainConfig",
     "ExperimentConfig",
+    "DataConfig",
+    "WorldConfig",
+    "RENAMED_KEYS",
+    "migrate_keys",
     "from_dict",
     "to_dict",
     "apply_overrides",
@@ -140,12 +144,48 @@ _TRAIN_MINIMA = {
 
 
 @dataclass
-class ExperimentConfig:
-    """Base class for every method's config: its own sections plus optim/sched/train."""
+class DataConfig:
+    """What every method's ``data`` section has (each method's subclasses it with its own files and options)."""
 
+    root: str = ""  # the folder the data sets live in; the built-in world (``world.size``) sets it
+
+
+@dataclass
+class WorldConfig:
+    """The built-in benchmark world a config trains on (docs/benchmark_world.md). ``size`` empty: the data that
+    the ``data`` section names. Otherwise the application layer (``groundkit train``, the demo, :mod:`groundkit.runs`)
+    calls :func:`groundkit.world.resolve_world`, which builds the world once and sets ``data.root``."""
+
+    size: str = ""  # tiny | small | medium | large
+    seed: int = 0
+    task: str = ""  # "" = the method's world task (``Method.world_task``); co-grounding: refexp or video
+
+
+@dataclass
+class ExperimentConfig:
+    """Base class for every method's config: its own sections (``data`` at least) plus world/optim/sched/train."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    world: WorldConfig = field(default_factory=WorldConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+#: keys renamed since earlier versions (run folders and commands that still use them load with the new names)
+RENAMED_KEYS = {"data.synth_size": "world.size", "data.synth_seed": "world.seed", "data.world_task": "world.task"}
+
+
+def migrate_keys(data: dict[str, Any]) -> dict[str, Any]:
+    """A config dict with the keys of :data:`RENAMED_KEYS` moved to their new place (a copy; ``data`` unchanged)."""
+    out = copy.deepcopy(data)
+    for old, new in RENAMED_KEYS.items():
+        (osec, okey), (nsec, nkey) = old.split("."), new.split(".")
+        section = out.get(osec)
+        if isinstance(section, dict) and okey in section:
+            out.setdefault(nsec, {})
+            out[nsec].setdefault(nkey, section.pop(okey))
+    return out
 
 
 # ----------------------------------------------------------------------------- dict <-> dataclass
@@ -321,11 +361,11 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 def apply_overrides(cls: type[T], data: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
     """Apply ``key.sub=value`` overrides to a copy of a config dict (validated against ``cls``); ``data``
-    and its nested dicts are left unchanged."""
+    and its nested dicts are left unchanged. Renamed keys (:data:`RENAMED_KEYS`) are set under their new name."""
     out = copy.deepcopy(data)
     items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides)
     for k, v in items:
-        _set_key(out, cls, k, v)
+        _set_key(out, cls, RENAMED_KEYS.get(k, k), v)
     return out
 
 
@@ -387,14 +427,15 @@ def load_config(
     """Config of type ``cls`` from a YAML path / shipped name / dict, then ``overrides``.
 
     A YAML file may hold ``base: <name or path>`` to start from another config
-    (one level of reuse, resolved against the same method's shipped configs).
+    (one level of reuse, resolved against the same method's shipped configs). Every value not given keeps the
+    default of ``cls`` (for a method config: the method's own section defaults).
     """
     data: dict[str, Any] = {}
     if isinstance(source, dict):
-        data = copy.deepcopy(source)
+        data = migrate_keys(source)
     elif source is not None:
         path = resolve_config_path(method, source) if method else Path(source)
-        data = load_yaml(path)
+        data = migrate_keys(load_yaml(path))
         named = data.pop("method", None)
         if named is not None and method is not None and named != method:
             raise ConfigError(f"{path}: config is for method {named!r}, not {method!r}")
@@ -403,7 +444,7 @@ def load_config(
             base_path = resolve_config_path(method, base_src) if method else Path(path).parent / base_src
             base_data = load_yaml(base_path)
             base_data.pop("method", None)
-            data = _merge(base_data, data)
+            data = _merge(migrate_keys(base_data), data)
     if overrides:
         try:
             data = apply_overrides(cls, data, overrides)
@@ -411,7 +452,9 @@ def load_config(
             where = f" (in {source})" if isinstance(source, (str, Path)) and "expected a mapping" in str(e) else ""
             raise ConfigError(f"{e}{where}") from None
     try:
-        return from_dict(cls, data)
+        # a section the YAML names starts from the method's defaults for it (its default_factory), not the bare
+        # section class: `train: {epochs: 3}` keeps the method's batch size, best metric, precision, ...
+        return from_dict(cls, _merge(to_dict(cls()), data))
     except ConfigError as e:
         where = f" (in {source})" if isinstance(source, (str, Path)) else ""
         raise ConfigError(f"{e}{where}") from None

@@ -20,8 +20,8 @@ from typing import Any
 from .config import feature_cache_root
 from .methods import available_methods
 from .methods.base import Figure
-from .methods.wang21.experiments import format_table as wang21_table
-from .methods.wang21.experiments import sweep_specs
+from .methods.wang21.sweeps import format_table as wang21_table
+from .methods.wang21.sweeps import sweep_specs
 from .runs import RunResult, default_threads, format_table, run_many, seed_specs, summarize, write_summary
 from .world import default_root, generate
 
@@ -66,7 +66,7 @@ def _crosskd(args: argparse.Namespace, seeds: list[int], out: Path) -> tuple[lis
         ("CE+ + caption KD (reference)", "synth_cecap"),
         ("CE+ + caption KD (detached, tau 0.1)", "synth_cecap_detach"),
     ]
-    o: dict[str, Any] = {"data.synth_size": args.size, "data.synth_seed": args.world_seed, **_budget(args, "crosskd")}
+    o: dict[str, Any] = {"world.size": args.size, "world.seed": args.world_seed, **_budget(args, "crosskd")}
     specs = [
         s for label, name in variants for s in seed_specs(label, "crosskd", name, seeds, out / "crosskd", overrides=o)
     ]
@@ -83,13 +83,13 @@ def _crosskd(args: argparse.Namespace, seeds: list[int], out: Path) -> tuple[lis
 
 
 def _cogrounding(args: argparse.Namespace, seeds: list[int], out: Path) -> tuple[list[RunResult], str]:
-    from .methods.cogrounding.experiments import table_specs as cogrounding_specs  # noqa: PLC0415 (demo only)
+    from .methods.cogrounding.sweeps import table_specs as cogrounding_specs  # noqa: PLC0415 (demo only)
 
     names = ["single-frame (SL-Att)", "co-grounding (CG-SL-Att)", "co-grounding + motion attention"]
     extra = _budget(args, "cogrounding")
     root = Path(generate("video", size=args.size, seed=args.world_seed, progress=True))
     _WORLDS.append(root)
-    extra["data.synth_seed"] = args.world_seed
+    extra["world.seed"] = args.world_seed
     extra["data.feature_cache"] = str(feature_cache_root() / "cogrounding")  # shared by later demos, not in --out
     specs = cogrounding_specs("video", out / "cogrounding", seeds, args.size, extra, names)
     results = run_many(specs, jobs=args.jobs, threads=_threads(args), desc="cogrounding runs")
@@ -105,7 +105,7 @@ def _cogrounding(args: argparse.Namespace, seeds: list[int], out: Path) -> tuple
 
 
 def _clipvg(args: argparse.Namespace, seeds: list[int], out: Path) -> tuple[list[RunResult], str]:
-    from .methods.clipvg.experiments import demo_table as clipvg_table  # noqa: PLC0415 (demo only)
+    from .methods.clipvg.sweeps import demo_table as clipvg_table  # noqa: PLC0415 (demo only)
     from .methods.clipvg.visualize import curriculum_figures  # noqa: PLC0415 (demo only)
 
     world = Path(generate("pseudo", size=args.size, seed=args.world_seed, progress=True))

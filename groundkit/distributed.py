@@ -25,8 +25,8 @@ __all__ = [
     "is_main",
     "barrier",
     "all_gather_object",
-    "all_gather_with_grad",
     "all_reduce_flag",
+    "unwrap_model",
     "cleanup",
     "usable_cores",
     "CoreShare",
@@ -102,19 +102,6 @@ def all_gather_object(obj: Any) -> list[Any]:
     return out
 
 
-def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` [B, ...] from all ranks along dim 0, keeping the gradient of the local part.
-
-    Used by batch-contrastive losses so every rank sees the global batch's negatives.
-    """
-    if not is_distributed():
-        return x
-    parts = [torch.zeros_like(x) for _ in range(world_size())]
-    dist.all_gather(parts, x.contiguous())
-    parts[rank()] = x
-    return torch.cat(parts, dim=0)
-
-
 def all_reduce_flag(flag: bool) -> bool:
     """True on every rank if ``flag`` is true on any rank."""
     if not is_distributed():
@@ -122,6 +109,18 @@ def all_reduce_flag(flag: bool) -> bool:
     t = torch.tensor([1.0 if flag else 0.0])
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside its DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers, nested in
+    either order; an unwrapped model is returned as it is."""
+    while True:
+        if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
 
 
 def cleanup() -> None:

@@ -9,11 +9,8 @@ non-finite loss that keeps the last good checkpoint; tqdm progress, TensorBoard 
 ``train.init_from`` starts from given weights and ``train.subset`` trains on listed samples of the
 training split (what a self-paced curriculum needs); :func:`predict` returns per-sample outputs.
 
-Run folders (:class:`RunFolder`): locked while a training uses them; one that holds a run is refused
-unless ``resume`` or ``overwrite``; a resume with another config is refused (:data:`NEUTRAL_KEYS` may
-differ, :data:`LENGTH_KEYS` may grow) unless ``force``; SIGINT/SIGTERM save a checkpoint at the end of
-the step and raise :class:`~groundkit.errors.Interrupted`; ``run.json`` records the status, steps,
-seconds and metrics; a training that fails before its first checkpoint leaves the folder as it was.
+What a run folder guarantees (locking, resume and config-diff policy, signals, ``run.json``,
+``metrics.json``) lives in :mod:`groundkit.runfolder`; its public names are importable from here too.
 Torch threads come from :class:`~groundkit.distributed.CoreShare` (``train.threads``).
 """
 
@@ -23,12 +20,7 @@ import contextlib
 import copy
 import json
 import math
-import os
 import random
-import shutil
-import signal
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -40,26 +32,29 @@ import torch
 from torch import nn
 
 from . import distributed as dist_utils
-from .checkpoint import (
-    CheckpointError,
-    atomic_write_text,
-    find_run_files,
-    latest_checkpoint,
-    load_checkpoint,
-    load_weights,
-    read_meta,
-    save_checkpoint,
-)
-from .config import ConfigError, save_config, to_dict
+from .checkpoint import CheckpointError, init_weights, latest_checkpoint, load_weights, read_meta
+from .config import ConfigError, save_config
 from .distributed import CoreShare
-from .errors import ConfigMismatchError, GroundkitError, Interrupted, RunFolderError
+from .errors import GroundkitError
 from .optim import build_optimizer, build_scheduler
+from .runfolder import (
+    LENGTH_KEYS,
+    NEUTRAL_KEYS,
+    RUN_ARTEFACTS,
+    RUN_FILE,
+    Checkpointer,
+    RunFolder,
+    RunRecord,
+    Signals,
+    check_resume,
+    config_differences,
+    flatten_config,
+    read_run_record,
+    refuse_training_folder,
+    write_method_metrics,
+    write_metrics,
+)
 from .runlog import RunLogger
-
-try:  # run-folder locks (POSIX); elsewhere folders are not locked
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
 
 __all__ = [
     "evaluate_samples",
@@ -76,6 +71,7 @@ __all__ = [
     "evaluate",
     "fit",
     "run_eval",
+    # the run folder's names (groundkit.runfolder)
     "write_metrics",
     "RunFolder",
     "read_run_record",
@@ -84,6 +80,7 @@ __all__ = [
     "NEUTRAL_KEYS",
     "LENGTH_KEYS",
     "RUN_ARTEFACTS",
+    "RUN_FILE",
 ]
 
 
@@ -136,13 +133,10 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Te
 
 
 def _dataset_batch(dataset: Any, indices: list[int]) -> Any:
-    if hasattr(dataset, "get_batch"):
+    """The batch of samples ``indices`` (the dataset protocol of :class:`groundkit.methods.base.GroundingDataset`)."""
+    if dataset.batched:
         return dataset.get_batch(indices)
-    items = [dataset[i] for i in indices]
-    collate = getattr(dataset, "collate", None)
-    if collate is not None:
-        return collate(items)
-    return torch.utils.data.default_collate(items)
+    return dataset.collate([dataset[i] for i in indices])
 
 
 def move_to_device(batch: Any, device: torch.device) -> Any:
@@ -151,10 +145,15 @@ def move_to_device(batch: Any, device: torch.device) -> Any:
         return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):
         return {k: move_to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)) and not isinstance(batch, str):
+    if isinstance(batch, (list, tuple)):
         moved = [move_to_device(v, device) for v in batch]
-        return type(batch)(moved) if not hasattr(batch, "_fields") else type(batch)(*moved)
+        return type(batch)(*moved) if _is_namedtuple(batch) else type(batch)(moved)
     return batch
+
+
+def _is_namedtuple(x: Any) -> bool:
+    """A NamedTuple is rebuilt from its fields as arguments, other sequences from one iterable."""
+    return isinstance(x, tuple) and isinstance(getattr(type(x), "_fields", None), tuple)
 
 
 def _to_numpy(x: Any) -> Any:
@@ -246,28 +245,32 @@ def predict(
 
 
 class Subset:
-    """The samples ``indices`` of ``dataset``, keeping its vectorised ``get_batch`` / ``collate`` /
-    ``set_epoch`` (a curriculum trains on the reliable part of a split)."""
+    """The samples ``indices`` of ``dataset`` behind the same dataset protocol (vectorised ``get_batch``,
+    ``collate``, ``set_epoch``): a curriculum trains on the reliable part of a split."""
 
     def __init__(self, dataset: Any, indices: Any):
         self.dataset = dataset
         self.indices = [int(i) for i in indices]
+        self.batched = dataset.batched
         n = len(dataset)
         bad = [i for i in self.indices if not 0 <= i < n]
         if bad:
             raise GroundkitError(f"subset index {bad[0]} is outside the split's {n} samples")
-        if hasattr(dataset, "get_batch"):
-            self.get_batch = lambda idx: dataset.get_batch([self.indices[i] for i in idx])
-        if hasattr(dataset, "collate"):
-            self.collate = dataset.collate
-        if hasattr(dataset, "set_epoch"):
-            self.set_epoch = dataset.set_epoch
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i: int) -> Any:
         return self.dataset[self.indices[i]]
+
+    def get_batch(self, indices: list[int]) -> Any:
+        return self.dataset.get_batch([self.indices[i] for i in indices])
+
+    def collate(self, items: list[Any]) -> Any:
+        return self.dataset.collate(items)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
 
 
 def load_subset(path: str | Path) -> list[int]:
@@ -306,8 +309,8 @@ def _rank_batches(
     """(global size, local size, this rank's batch) for each global batch from index ``start`` on.
 
     Each global batch is split round-robin over the ranks; a final batch smaller than the number
-    of ranks is skipped so that every rank takes part in every step (with ``drop_last`` any incomplete one). Datasets with a vectorised
-    ``get_batch`` are gathered in this process; others go through a DataLoader with
+    of ranks is skipped so that every rank takes part in every step (with ``drop_last`` any incomplete one).
+    ``batched`` datasets are gathered in this process (``get_batch``); others go through a DataLoader with
     ``num_workers`` over the same index batches, seeded by ``loader_seed`` so that the global RNG
     (dropout, and what a resumed run restores) is left untouched.
     """
@@ -320,13 +323,13 @@ def _rank_batches(
             continue
         sizes.append(len(g))
         chunks.append(g[r::world])
-    if num_workers > 0 and not hasattr(dataset, "get_batch"):
+    if num_workers > 0 and not dataset.batched:
         batches: Iterator[Any] = iter(
             torch.utils.data.DataLoader(
                 dataset,
                 batch_sampler=chunks,
                 num_workers=num_workers,
-                collate_fn=getattr(dataset, "collate", None) or torch.utils.data.default_collate,
+                collate_fn=dataset.collate,
                 generator=torch.Generator().manual_seed(loader_seed),
             )
         )
@@ -360,8 +363,7 @@ def train_one_epoch(
     if tc.batch_size % world:
         raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by the number of processes ({world})")
     order = epoch_order(len(dataset), tc.seed, state.epoch, shuffle=True)
-    if hasattr(dataset, "set_epoch"):  # per-epoch random choices inside the dataset (resumable)
-        dataset.set_epoch(state.epoch)
+    dataset.set_epoch(state.epoch)  # per-epoch random choices inside the dataset (resumable)
     steps_in_epoch = steps_in(len(dataset), tc.batch_size, tc.drop_last)
     model.train()
     bar = logger.progress(
@@ -382,14 +384,7 @@ def train_one_epoch(
             loss, logs = method.training_step(model, batch, state.step, cfg)
         if world > 1:
             loss = loss * (n_local * world / n_global)
-        bad = not bool(torch.isfinite(loss.detach()).all())
-        if dist_utils.all_reduce_flag(bad):
-            bar.close()
-            last = latest_checkpoint(logger.run_dir)
-            raise NonFiniteLossError(
-                f"non-finite loss ({loss.item()}) at step {state.step} (epoch {state.epoch + 1}); "
-                f"training stopped, weights not updated. Last good checkpoint: {last or 'none yet'}"
-            )
+        _stop_if_not_finite(loss, state, logger, bar)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = None
@@ -401,13 +396,8 @@ def train_one_epoch(
         state.step_in_epoch += 1
         seen += n_global
         if state.step % max(1, tc.log_every) == 0 or state.step_in_epoch == steps_in_epoch:
-            dt = max(time.perf_counter() - t0, 1e-9)
-            rec = {"loss": float(loss.detach()), "lr": optimizer.param_groups[0]["lr"], "samples_per_s": seen / dt}
-            if gnorm is not None:
-                rec["grad_norm"] = gnorm
-            rec.update({k: float(v) for k, v in (logs or {}).items()})
-            logger.log_train(state.step, state.epoch, rec)
-            bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", sps=f"{rec['samples_per_s']:.0f}")
+            rate = seen / max(time.perf_counter() - t0, 1e-9)
+            _log_step(logger, bar, state, loss, logs, optimizer.param_groups[0]["lr"], gnorm, rate)
         bar.update(1)
         if on_step_end is not None and on_step_end(state):
             stop = True
@@ -416,266 +406,31 @@ def train_one_epoch(
     return stop
 
 
-# ----------------------------------------------------------------------------- run folders
-
-#: config keys that do not change what a run computes (where it writes, what it shows, which device it ran
-#: on, where its feature caches live: their contents are a function of the inputs alone); a resumed run may
-#: differ in them, and ``groundkit.runs`` ignores them when it compares a folder's run with a spec. The
-#: thread count may differ on resume too, but ``groundkit.runs`` compares it (float results depend on it).
-NEUTRAL_KEYS: tuple[str, ...] = (
-    "train.output_dir",
-    "train.progress",
-    "train.tensorboard",
-    "train.log_every",
-    "train.device",
-    "train.threads",
-    "train.num_workers",
-    "data.cache_dir",  # clipvg
-    "data.feature_cache",  # cogrounding
-)
-#: keys that set the length of training: a resumed run may train *longer* (the total number of steps
-#: may grow, e.g. more epochs for a finished run), never shorter. A schedule that depends on the total
-#: (cosine, poly) then follows the new length, so such a result is not that of a run trained that long
-#: from the start; the log notes the extension.
-LENGTH_KEYS: tuple[str, ...] = ("train.epochs", "train.max_steps")
-#: what a training writes into its folder (``overwrite`` removes these, nothing else)
-RUN_ARTEFACTS: tuple[str, ...] = ("checkpoints", "tb", "metrics.json", "run.json", "config.yaml", "log.jsonl")
-RUN_FILE = "run.json"
-LOCK_FILE = ".lock"
+def _stop_if_not_finite(loss: torch.Tensor, state: TrainState, logger: RunLogger, bar: Any) -> None:
+    """:class:`NonFiniteLossError` on every process when the loss is NaN or infinite on any, before the update."""
+    bad = not bool(torch.isfinite(loss.detach()).all())
+    if dist_utils.all_reduce_flag(bad):
+        bar.close()
+        last = latest_checkpoint(logger.run_dir)
+        raise NonFiniteLossError(
+            f"non-finite loss ({loss.item()}) at step {state.step} (epoch {state.epoch + 1}); "
+            f"training stopped, weights not updated. Last good checkpoint: {last or 'none yet'}"
+        )
 
 
-def _plain(obj: Any) -> Any:
-    """JSON round trip: tuples become lists, keys strings, so stored and fresh values compare equal."""
-    return json.loads(json.dumps(obj, sort_keys=True, default=str))
-
-
-def flatten_config(d: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"a.b": value}`` of a nested config dict (JSON-normalised values)."""
-    if prefix == "":
-        d = _plain(d)
-    if not isinstance(d, dict):
-        return {prefix.rstrip("."): d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(flatten_config(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
-    return out
-
-
-def config_differences(old: dict[str, Any], new: dict[str, Any], ignore: Any = NEUTRAL_KEYS) -> list[tuple]:
-    """``(key, old value, new value)`` of the keys whose values differ, ``ignore`` left out."""
-    a, b = flatten_config(old), flatten_config(new)
-    keys = sorted(k for k in set(a) | set(b) if k not in ignore and a.get(k, "<absent>") != b.get(k, "<absent>"))
-    return [(k, a.get(k, "<absent>"), b.get(k, "<absent>")) for k in keys]
-
-
-def format_differences(diffs: list[tuple], limit: int = 6) -> str:
-    shown = [f"{k}: {o!r} -> {n!r}" for k, o, n in diffs[:limit]]
-    return "; ".join(shown) + (f"; ... ({len(diffs) - limit} more)" if len(diffs) > limit else "")
-
-
-def read_run_record(run_dir: str | Path) -> dict[str, Any] | None:
-    """The ``run.json`` a training keeps in its folder (status, steps, seconds, metrics), or None."""
-    try:
-        data = json.loads((Path(run_dir) / RUN_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-class RunFolder:
-    """A run directory held by one training: locked while in use, refused when it holds another run,
-    and left as it was found when the training fails before its first checkpoint."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.created = False
-        self._made: list[Path] = []
-        self._lock: Any = None
-        self._fresh = False
-
-    def acquire(self) -> None:
-        """Create and lock the folder; :class:`RunFolderError` if another process holds it."""
-        try:
-            self.created = not self.path.exists()
-            # the folders this call creates, deepest first (a failed first training removes them again)
-            self._made = [p for p in (self.path, *self.path.parents) if not p.exists()]
-            self.path.mkdir(parents=True, exist_ok=True)
-            f = open(self.path / LOCK_FILE, "a+")
-        except OSError as e:
-            raise RunFolderError(
-                f"{self.path}: cannot create the run folder ({e.strerror or e}); choose another --output-dir"
-            ) from None
-        if fcntl is not None:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                f.seek(0)
-                owner = f.read().strip()
-                f.close()
-                raise RunFolderError(
-                    f"{self.path} is in use by another training ({owner or 'another process'}); "
-                    "wait for it to finish or choose another --output-dir"
-                ) from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        f.flush()
-        self._lock = f
-
-    def artefacts(self) -> list[str]:
-        return [n for n in RUN_ARTEFACTS if (self.path / n).exists()]
-
-    def remove_partial_writes(self) -> None:
-        """Temporary files and folders of atomic writes cut short by a kill (held lock: no writer is
-        running). The files they were replacing are intact."""
-        stale = (".tmp", ".old")
-        targets = [p for n in RUN_ARTEFACTS for p in self.path.glob(f".{n}.*")]
-        targets += [p for p in (self.path / "checkpoints").glob(".*") if any(t in p.name for t in stale)]
-        targets += list((self.path / "checkpoints").glob(".latest.*"))
-        for p in targets:
-            if p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                with contextlib.suppress(OSError):
-                    p.unlink()
-
-    def describe(self) -> str:
-        rec = read_run_record(self.path) or {}
-        status = rec.get("status")
-        if status == "done":
-            return f"a finished run ({rec.get('steps')} steps)"
-        if latest_checkpoint(self.path) is not None:
-            return f"an unfinished run (checkpoint {latest_checkpoint(self.path).name})"
-        return f"the files of another run ({', '.join(self.artefacts())})"
-
-    def clear(self) -> None:
-        for name in RUN_ARTEFACTS:
-            p = self.path / name
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
-
-    def mark_fresh(self) -> None:
-        """This training starts the folder's run: a failure before the first checkpoint undoes it."""
-        self._fresh = True
-
-    def release(self, failed: bool = False) -> None:
-        if failed and self._fresh and latest_checkpoint(self.path) is None:
-            self.clear()  # nothing worth keeping: leave the folder as it was found
-        if failed and self.created and (self._fresh or not self.artefacts()):
-            with contextlib.suppress(OSError):  # a folder (and parents) this training made and never used
-                (self.path / LOCK_FILE).unlink()
-                for p in self._made:
-                    p.rmdir()
-        if self._lock is not None:
-            self._lock.close()
-            self._lock = None
-
-
-class _Signals:
-    """SIGINT / SIGTERM during training: remember the first one (the loop saves and stops at the end of
-    the step); a second one interrupts at once."""
-
-    def __init__(self) -> None:
-        self.signum = 0
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> _Signals:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum:
-            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopped without saving")
-        self.signum = signum
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        self._old = {}
+def _log_step(
+    logger: RunLogger, bar: Any, state: TrainState, loss: torch.Tensor, logs: Any, lr: float, gnorm: Any, rate: float
+) -> None:
+    """The training log record of a step: loss, learning rate, samples per second, gradient norm, the method's logs."""
+    rec = {"loss": float(loss.detach()), "lr": lr, "samples_per_s": rate}
+    if gnorm is not None:
+        rec["grad_norm"] = gnorm
+    rec.update({k: float(v) for k, v in (logs or {}).items()})
+    logger.log_train(state.step, state.epoch, rec)
+    bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", sps=f"{rec['samples_per_s']:.0f}")
 
 
 # ----------------------------------------------------------------------------- fit
-
-
-def _improved(value: float, best: float | None, mode: str) -> bool:
-    if best is None:
-        return True
-    return value > best if mode == "max" else value < best
-
-
-def _relative(path: str | Path, base: str | Path) -> str:
-    p, b = Path(path).resolve(), Path(base).resolve()
-    try:
-        return str(p.relative_to(b))
-    except ValueError:
-        return str(p)
-
-
-def write_metrics(
-    path: str | Path,
-    task: str,
-    split: str,
-    metrics: dict[str, float],
-    cfg: Any,
-    units: str = "percent",
-    checkpoint: str | Path | None = None,
-    step: int | None = None,
-    data: dict[str, Any] | None = None,
-) -> None:
-    """``metrics.json``, written atomically: ``{"task", "split", "units", "metrics", "checkpoint", "step",
-    "data", "config"}`` (``units``: rates in percent; ``checkpoint`` relative to the file's folder when
-    inside it; ``step``: the optimisation step of those weights; ``data``: the files evaluated)."""
-    path = Path(path)
-    payload = {
-        "task": task,
-        "split": split,
-        "units": units,
-        "metrics": {k: float(v) for k, v in metrics.items()},
-        "checkpoint": None if checkpoint is None else _relative(checkpoint, path.parent),
-        "step": step,
-        "data": data or {},
-        "config": to_dict(cfg),
-    }
-    atomic_write_text(path, json.dumps(payload, indent=1, default=str))
-
-
-def _total_steps(flat: dict[str, Any], steps_per_epoch: int) -> int:
-    m = int(flat.get("train.max_steps") or 0)
-    return m if m > 0 else int(flat.get("train.epochs") or 0) * steps_per_epoch
-
-
-def _check_resume(method: Any, meta: dict[str, Any], cfg: Any, ckpt: Path, steps_per_epoch: int, force: bool) -> str:
-    """Refuse to continue a checkpoint of another method, or of another config unless ``force``; returns a
-    note for the log when the run only grows longer (or was forced)."""
-    name = meta.get("method")
-    if name and name != method.name:
-        raise ConfigMismatchError(f"{ckpt} is a {name} run, not a {method.name} one")
-    old = meta.get("config")
-    if not isinstance(old, dict):
-        return ""
-    new = to_dict(cfg)
-    diffs = config_differences(old, new, ignore=NEUTRAL_KEYS + LENGTH_KEYS)
-    a, b = flatten_config(old), flatten_config(new)
-    old_total, new_total = _total_steps(a, steps_per_epoch), _total_steps(b, steps_per_epoch)
-    length = [(k, a.get(k), b.get(k)) for k in LENGTH_KEYS if a.get(k) != b.get(k)]
-    if new_total < old_total:
-        diffs += length
-    if diffs and not force:
-        raise ConfigMismatchError(
-            f"{ckpt} was trained with another config ({format_differences(diffs)}); resume it with the same "
-            "config, pass --force to continue it anyway, or --overwrite to start over",
-            diffs,
-        )
-    notes = []
-    if diffs:
-        notes.append(f"resumed despite a changed config ({format_differences(diffs)})")
-    if length and new_total >= old_total:
-        notes.append(f"training extended from {old_total} to {new_total} steps ({format_differences(length)})")
-    return "; ".join(notes)
 
 
 def fit(
@@ -709,6 +464,25 @@ def fit(
         return _fit(method, cfg, device, cores, resume, final_split, overwrite, force, record or {})
 
 
+@dataclass
+class _Training:
+    """What one :func:`fit` works on (built by :func:`_prepare`)."""
+
+    method: Any
+    cfg: Any
+    device: torch.device
+    model: nn.Module
+    train_set: Any
+    val_set: Any
+    steps_per_epoch: int
+    ckpt: Checkpointer  # optimizer, scheduler and TrainState beside the checkpoints
+    last: Path | None  # the checkpoint resumed from
+    resume_at: tuple[int, int] | None  # where the resumed log continues
+    note: str  # why a changed config was accepted on resume
+    init_note: str  # what train.init_from left out
+    logger: Any = None
+
+
 def _fit(
     method: Any,
     cfg: Any,
@@ -722,303 +496,169 @@ def _fit(
 ) -> dict[str, Any]:
     tc = cfg.train
     seed_everything(tc.seed)
-    run_dir = Path(tc.output_dir)
-    main = dist_utils.is_main()
-    folder = RunFolder(run_dir)
-    problem: BaseException | None = None
-    if main:
-        try:
-            folder.acquire()
-            folder.remove_partial_writes()
-            found = folder.artefacts()
-            if found and not resume and not overwrite:
-                raise RunFolderError(
-                    f"{run_dir} already holds {folder.describe()}; pass --resume to continue it "
-                    "or --overwrite to replace it"
-                )
-            if overwrite or (found and latest_checkpoint(run_dir) is None):
-                folder.clear()
-            if latest_checkpoint(run_dir) is None:
-                folder.mark_fresh()
-        except BaseException as e:
-            folder.release()
-            problem = e
-    if dist_utils.all_reduce_flag(problem is not None):
-        if problem is not None:
-            raise problem
-        raise RunFolderError(f"{run_dir}: the main process could not use the run folder")
-
-    logger: RunLogger | None = None
+    run_dir, main = Path(tc.output_dir), dist_utils.is_main()
+    folder = RunFolder.claim(run_dir, resume, overwrite)
+    run = RunRecord(run_dir, method.name, device, cores.threads, record, TrainState())
     status = "failed"
-    state = TrainState()
-    last: Path | None = None
-    started, resumed_from, threads_used = time.time(), None, cores.threads
-
-    def write_record(status_: str, **fields: Any) -> None:
-        if not main:
-            return
-        rec = {
-            **record,
-            "status": status_,
-            "method": method.name,
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "started": started,
-            "updated": time.time(),
-            "resumed_from": resumed_from,
-            "steps": state.step,
-            "epochs_done": state.epoch,
-            "train_seconds": state.train_seconds,
-            "threads": threads_used,
-            "device": str(device),
-            "world_size": dist_utils.world_size(),
-            **fields,
-        }
-        atomic_write_text(run_dir / RUN_FILE, json.dumps(rec, indent=1, default=str))
-
+    job: _Training | None = None
     try:
-        train_set = method.build_dataset(cfg, "train")
-        if tc.subset:
-            train_set = Subset(train_set, load_subset(tc.subset))
-        if train_set is None or len(train_set) == 0:
-            raise GroundkitError(f"{method.name}: the training split is empty")
-        val_set = method.build_dataset(cfg, tc.val_split) if tc.val_split else None
-        steps_per_epoch = steps_in(len(train_set), tc.batch_size, tc.drop_last)
-        if steps_per_epoch == 0:
-            raise GroundkitError(
-                f"{method.name}: {len(train_set)} training samples make no full batch of {tc.batch_size} (train.drop_last)"
-            )
-        last = latest_checkpoint(run_dir) if resume else None
-        note, resume_at = "", None
-        if last is not None:  # refuse another method or config before any work
-            note = _check_resume(method, read_meta(last), cfg, last, steps_per_epoch, force)
-        model = method.build_model(cfg)
-        init_note = ""
-        if tc.init_from and last is None:
-            init_note = _init_weights(method, model, tc.init_from, partial=tc.init_partial)
-        model = model.to(device)
-        method.on_train_start(model, train_set.dataset if isinstance(train_set, Subset) else train_set, cfg, device)
-        optimizer = build_optimizer(model, cfg.optim)
-        total_steps = tc.max_steps if tc.max_steps > 0 else steps_per_epoch * tc.epochs
-        scheduler = build_scheduler(optimizer, cfg.sched, total_steps, steps_per_epoch)
-        if last is not None:  # weights, optimizer, schedule and RNG states, as they were at the checkpoint
-            meta = load_checkpoint(last, model, optimizer, scheduler, map_location=device)
-            state = TrainState(**meta["train_state"])
-            resumed_from = state.step
-            resume_at = (int(meta.get("log_offset", 1 << 62)), state.step)
-
+        job = _prepare(method, cfg, device, resume, force)
+        run.state = job.ckpt.state
+        run.resumed_from = job.ckpt.state.step if job.last is not None else None
         if main:
             save_config(cfg, run_dir / "config.yaml", method=method.name)
-        logger = RunLogger(run_dir, enabled=main, tensorboard=tc.tensorboard, progress=tc.progress, resume_at=resume_at)
-        if last is not None:
-            logger.info(f"resumed from {last} (epoch {state.epoch + 1}, step {state.step})")
-        elif resume:
-            logger.info(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; starting from scratch")
-        if note:
-            logger.warn(note)
-        if tc.init_from and last is None:
-            logger.info(f"weights initialised from {tc.init_from}{init_note}")
-        base_seconds, t_start = state.train_seconds, time.perf_counter()
-        write_record("running")
-        with _Signals() as signals:
-            result = _train_and_test(
-                method,
-                cfg,
-                model,
-                optimizer,
-                scheduler,
-                train_set,
-                val_set,
-                state,
-                device,
-                logger,
-                cores,
-                signals,
-                final_split,
-                steps_per_epoch,
-                lambda: base_seconds + time.perf_counter() - t_start,
-            )
-        result.update(run_dir=str(run_dir), resumed=last is not None)
-        write_record(
-            "done",
-            finished=time.time(),
-            final_split=result.get("final_split"),
-            metrics=result.get("final", {}),
-            best=result.get("best", {}),
-            best_step=result.get("best_step"),
-            units=method.units,
-            train_seconds=result["train_seconds"],
+        job.logger = RunLogger(
+            run_dir, enabled=main, tensorboard=tc.tensorboard, progress=tc.progress, resume_at=job.resume_at
         )
+        _log_start(job, resume)
+        job.ckpt.start(job.logger)
+        run.write("running")
+        with Signals() as signals:
+            result = _train_and_test(job, cores, signals, final_split)
+        result.update(run_dir=str(run_dir), resumed=job.last is not None)
+        run.done(result, units=method.units)
         status = "done"
         return result
     except BaseException as e:
-        status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
-        if main and latest_checkpoint(run_dir) is not None:
-            with contextlib.suppress(Exception):
-                write_record(status, error=f"{type(e).__name__}: {e}")
+        status = run.write_failure(e)
         raise
     finally:
-        if logger is not None:
-            logger.close()
+        if job is not None and job.logger is not None:
+            job.logger.close()
         if main:
             folder.release(failed=status != "done")
 
 
-def _init_weights(method: Any, model: nn.Module, init_from: str, partial: bool = False) -> str:
-    """``train.init_from``: weights of a run directory, a checkpoint directory or a .safetensors file.
-    ``partial``: the file may lack some of the model's tensors (they keep their initialisation) or hold
-    tensors the model lacks; returns a note naming them."""
-    p = Path(init_from)
-    if p.is_dir():
-        ck, _ = find_run_files(p)
-        name = read_meta(ck).get("method")
-        if name and name != method.name:
-            raise ConfigMismatchError(f"train.init_from={init_from}: {ck} is a {name} run, not a {method.name} one")
-        p = ck
-    missing, unexpected = load_weights(model, p, strict=not partial)
-    if not (missing or unexpected):
-        return ""
-    return f" (partial: {len(missing)} tensors kept their initialisation, e.g. {missing[:3]}; {len(unexpected)} unused)"
-
-
-def _train_and_test(
-    method: Any,
-    cfg: Any,
-    model: nn.Module,
-    optimizer: Any,
-    scheduler: Any,
-    train_set: Any,
-    val_set: Any,
-    state: TrainState,
-    device: torch.device,
-    logger: RunLogger,
-    cores: CoreShare,
-    signals: _Signals,
-    final_split: str | None,
-    steps_per_epoch: int,
-    seconds: Any,
-) -> dict[str, Any]:
-    """The training loop, the best-checkpoint selection and the final evaluation of :func:`fit`."""
+def _prepare(method: Any, cfg: Any, device: torch.device, resume: bool, force: bool) -> _Training:
+    """Datasets, model, optimizer and schedule of a training; on ``resume`` all of them (and the RNG states)
+    as they were at the newest checkpoint, once :func:`~groundkit.runfolder.check_resume` accepts it."""
     tc = cfg.train
-    run_dir = Path(tc.output_dir)
-    main = dist_utils.is_main()
-    ckpt_root = run_dir / "checkpoints"
-    train_model: nn.Module = model
-    if dist_utils.is_distributed():
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
+    train_set = method.build_dataset(cfg, "train")
+    if tc.subset:
+        train_set = Subset(train_set, load_subset(tc.subset))
+    if train_set is None or len(train_set) == 0:
+        raise GroundkitError(f"{method.name}: the training split is empty")
+    val_set = method.build_dataset(cfg, tc.val_split) if tc.val_split else None
+    steps_per_epoch = steps_in(len(train_set), tc.batch_size, tc.drop_last)
+    if steps_per_epoch == 0:
+        raise GroundkitError(
+            f"{method.name}: {len(train_set)} training samples make no full batch of {tc.batch_size} (train.drop_last)"
         )
-    if tc.compile:
-        train_model = torch.compile(train_model)
+    last = latest_checkpoint(Path(tc.output_dir)) if resume else None
+    note = ""
+    if last is not None:  # refuse another method or config before any work
+        note = check_resume(method.name, read_meta(last), cfg, last, steps_per_epoch, force)
+    model = method.build_model(cfg)
+    init_note = ""
+    if tc.init_from and last is None:
+        init_note = init_weights(model, tc.init_from, method.name, partial=tc.init_partial)
+    model = model.to(device)
+    method.on_train_start(model, train_set.dataset if isinstance(train_set, Subset) else train_set, cfg, device)
+    optimizer = build_optimizer(model, cfg.optim)
+    total_steps = tc.max_steps if tc.max_steps > 0 else steps_per_epoch * tc.epochs
+    scheduler = build_scheduler(optimizer, cfg.sched, total_steps, steps_per_epoch)
+    ckpt = Checkpointer(method.name, cfg, model, optimizer, scheduler, TrainState())
+    resume_at = ckpt.resume(last, device) if last is not None else None
+    return _Training(
+        method, cfg, device, model, train_set, val_set, steps_per_epoch, ckpt, last, resume_at, note, init_note
+    )
 
-    def meta(**extra: Any) -> dict[str, Any]:
-        state.train_seconds = seconds()
-        return {"method": method.name, "train_state": state.__dict__.copy(), "config": to_dict(cfg), **extra}
 
-    def save(name: str) -> Path:
-        p = save_checkpoint(ckpt_root / name, model, optimizer, scheduler, meta=meta(log_offset=logger.offset()))
-        atomic_write_text(ckpt_root / "latest", name)
-        return p
+def _log_start(job: _Training, resume: bool) -> None:
+    tc, state, logger = job.cfg.train, job.ckpt.state, job.logger
+    if job.last is not None:
+        logger.info(f"resumed from {job.last} (epoch {state.epoch + 1}, step {state.step})")
+    elif resume:
+        logger.info(f"--resume: no checkpoint in {job.ckpt.root}; starting from scratch")
+    if job.note:
+        logger.warn(job.note)
+    if tc.init_from and job.last is None:
+        logger.info(f"weights initialised from {tc.init_from}{job.init_note}")
 
-    def prune(keep: str) -> None:
-        for p in ckpt_root.glob("step-*"):
-            if p.name != keep:
-                shutil.rmtree(p, ignore_errors=True)
 
-    def run_validation() -> None:
-        if val_set is None:
-            return
-        metrics = evaluate(method, model, val_set, cfg, device)
-        logger.log_eval(state.step, state.epoch, tc.val_split, metrics)
-        if main and tc.best_metric:
-            if tc.best_metric not in metrics:
-                raise ConfigError(f"train.best_metric={tc.best_metric!r} is not among the metrics: {sorted(metrics)}")
-            v = float(metrics[tc.best_metric])
-            if _improved(v, state.best_value, tc.best_mode):
-                state.best_value, state.best_step = v, state.step
-                save_checkpoint(ckpt_root / "best", model, meta=meta(metrics=metrics))
-                logger.info(f"new best {tc.best_metric}={v:.4f} at step {state.step}")
+def _training_model(model: nn.Module, device: torch.device, compile_model: bool) -> nn.Module:
+    """``model`` as the loop runs it: wrapped in DDP under torchrun, compiled with ``train.compile``."""
+    if dist_utils.is_distributed():
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if compile_model:
+        model = torch.compile(model)
+    return model
 
-    def checkpoint_now() -> None:
-        if main:
-            name = f"step-{state.step:08d}"
-            save(name)
-            prune(name)
-        dist_utils.barrier()
 
-    def interrupted() -> bool:
-        return dist_utils.all_reduce_flag(bool(signals.signum))
+def _train_and_test(job: _Training, cores: CoreShare, signals: Signals, final_split: str | None) -> dict[str, Any]:
+    """The training loop, the best-checkpoint selection and the final evaluation of :func:`fit`."""
+    elapsed = _train(job, cores, signals)
+    result: dict[str, Any] = {"steps": job.ckpt.state.step, "train_seconds": elapsed}
+    result.update(job.ckpt.use_best())
+    _test(job, final_split, result)
+    return result  # a signal during the final evaluation comes too late to save anything: the run is done
 
-    def stop_if_interrupted() -> None:
-        if interrupted():
-            last = latest_checkpoint(run_dir)
-            raise Interrupted(signals.signum or signal.SIGINT, state.step, str(last) if last else None, str(run_dir))
+
+def _train(job: _Training, cores: CoreShare, signals: Signals) -> float:
+    """Epochs up to ``train.epochs`` / ``train.max_steps`` with the configured validations and checkpoints; a
+    signal saves a checkpoint and raises :class:`~groundkit.errors.Interrupted`. Returns the training seconds."""
+    method, cfg, device, logger = job.method, job.cfg, job.device, job.logger
+    tc, ckpt, state = cfg.train, job.ckpt, job.ckpt.state
+    model = _training_model(job.model, device, tc.compile)
 
     def on_step_end(st: TrainState) -> bool:
         cores.refresh()
         if tc.eval_every_steps > 0 and st.step % tc.eval_every_steps == 0:
-            run_validation()
+            _validate(job)
         if tc.ckpt_every_steps > 0 and st.step % tc.ckpt_every_steps == 0:
-            checkpoint_now()
-        return (tc.max_steps > 0 and st.step >= tc.max_steps) or interrupted()
+            ckpt.save()
+        return (tc.max_steps > 0 and st.step >= tc.max_steps) or signals.pending()
 
-    n_epochs = tc.epochs if tc.max_steps <= 0 else math.ceil(tc.max_steps / steps_per_epoch)
+    n_epochs = tc.epochs if tc.max_steps <= 0 else math.ceil(tc.max_steps / job.steps_per_epoch)
     stopped = tc.max_steps > 0 and state.step >= tc.max_steps  # a resumed run that already reached the end
     while state.epoch < n_epochs and not stopped:
         stopped = train_one_epoch(
-            method, train_model, train_set, optimizer, scheduler, cfg, state, device, logger, on_step_end
+            method, model, job.train_set, ckpt.optimizer, ckpt.scheduler, cfg, state, device, logger, on_step_end
         )
-        if state.step_in_epoch >= steps_per_epoch:
+        if state.step_in_epoch >= job.steps_per_epoch:
             if tc.eval_every > 0 and (state.epoch + 1) % tc.eval_every == 0:
-                run_validation()
+                _validate(job)
             state.epoch += 1
             state.step_in_epoch = 0
-        if stopped or state.epoch >= n_epochs or state.epoch % tc.ckpt_every_epochs == 0 or interrupted():
-            checkpoint_now()
-        stop_if_interrupted()
+        if stopped or state.epoch >= n_epochs or state.epoch % tc.ckpt_every_epochs == 0 or signals.pending():
+            ckpt.save()
+        signals.stop_if_pending(state.step, ckpt.run_dir)
     if tc.eval_every == 0 or (stopped and tc.eval_every_steps == 0):
-        run_validation()
-        checkpoint_now()
-    stop_if_interrupted()
-    elapsed = state.train_seconds = seconds()
+        _validate(job)
+        ckpt.save()
+    signals.stop_if_pending(state.step, ckpt.run_dir)
+    elapsed = state.train_seconds = ckpt.seconds()
     logger.info(f"training done: {state.step} steps in {elapsed:.1f}s")
+    return elapsed
 
-    result: dict[str, Any] = {"steps": state.step, "train_seconds": elapsed}
-    best_dir = ckpt_root / "best"
-    if main and tc.best_metric and best_dir.is_dir():
-        load_weights(model, best_dir)
-        best_meta = read_meta(best_dir)
-        result["best"] = best_meta.get("metrics", {})
-        result["best_step"] = best_meta.get("train_state", {}).get("step")
-    elif main and not best_dir.exists():
-        save_checkpoint(best_dir, model, meta=meta())
-        result["best_step"] = state.step
-    elif main:
-        result["best_step"] = read_meta(best_dir).get("train_state", {}).get("step")
-    dist_utils.barrier()
-    if dist_utils.is_distributed() and not main and best_dir.is_dir():
-        load_weights(model, best_dir)
+
+def _validate(job: _Training) -> None:
+    """Evaluate on the validation split (if any); the main process keeps improved weights as ``best``."""
+    if job.val_set is None:
+        return
+    cfg, state = job.cfg, job.ckpt.state
+    metrics = evaluate(job.method, job.model, job.val_set, cfg, job.device)
+    job.logger.log_eval(state.step, state.epoch, cfg.train.val_split, metrics)
+    if dist_utils.is_main() and cfg.train.best_metric:
+        job.ckpt.best(metrics)
+
+
+def _test(job: _Training, final_split: str | None, result: dict[str, Any]) -> None:
+    """Evaluate the model (the best weights) on ``final_split``, or on the validation split when the method
+    has no such split; adds ``final`` and ``final_split`` to ``result`` and writes ``metrics.json``."""
+    method, cfg, tc, state = job.method, job.cfg, job.cfg.train, job.ckpt.state
     split = final_split if final_split and method.has_split(cfg, final_split) else tc.val_split
-    if split:
-        ds = val_set if split == tc.val_split and val_set is not None else method.build_dataset(cfg, split)
-        metrics = evaluate(method, model, ds, cfg, device)
-        logger.log_eval(state.step, state.epoch, split, metrics)
-        result["final"] = metrics
-        result["final_split"] = split
-        if main:
-            write_metrics(
-                run_dir / "metrics.json",
-                method.name,
-                split,
-                metrics,
-                cfg,
-                units=method.units,
-                checkpoint=best_dir,
-                step=result.get("best_step"),
-                data=method.data_source(cfg, split),
-            )
-            logger.print_metrics(split, metrics)
-    return result  # a signal during the final evaluation comes too late to save anything: the run is done
+    if not split:
+        return
+    ds = job.val_set if split == tc.val_split and job.val_set is not None else method.build_dataset(cfg, split)
+    metrics = evaluate(method, job.model, ds, cfg, job.device)
+    job.logger.log_eval(state.step, state.epoch, split, metrics)
+    result["final"] = metrics
+    result["final_split"] = split
+    if dist_utils.is_main():
+        best, step = job.ckpt.root / "best", result.get("best_step")
+        write_method_metrics(Path(tc.output_dir) / "metrics.json", method, cfg, split, metrics, best, step)
+        job.logger.print_metrics(split, metrics)
 
 
 def run_eval(
@@ -1034,12 +674,7 @@ def run_eval(
     only when ``output_dir`` is given; a folder holding a training run is refused unless ``overwrite``."""
     out = Path(output_dir) if output_dir else None
     if out is not None and dist_utils.is_main():
-        holds = [n for n in ("checkpoints", RUN_FILE, "log.jsonl") if (out / n).exists()]
-        if holds and not overwrite:
-            raise RunFolderError(
-                f"{out} holds a training run; evaluation results go elsewhere (another --output-dir), "
-                "or pass --overwrite to replace its metrics.json and config.yaml"
-            )
+        refuse_training_folder(out, overwrite)
     device = resolve_device(cfg.train.device)
     seed_everything(cfg.train.seed)
     with CoreShare(cfg.train.threads):
@@ -1057,15 +692,5 @@ def run_eval(
             step = read_meta(ck_dir).get("train_state", {}).get("step")
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml", method=method.name)
-        write_metrics(
-            out / "metrics.json",
-            method.name,
-            split,
-            metrics,
-            cfg,
-            units=method.units,
-            checkpoint=ck,
-            step=step,
-            data=method.data_source(cfg, split),
-        )
+        write_method_metrics(out / "metrics.json", method, cfg, split, metrics, ck, step)
     return metrics

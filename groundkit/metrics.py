@@ -43,7 +43,6 @@ __all__ = [
     "t2v_metrics",
     "v2t_metrics",
     "retrieval_metrics",
-    "t2v_ranks",
     "v2t_ranks",
     "cols2metrics",
     "RETRIEVAL_KEYS",
@@ -410,14 +409,6 @@ def _retrieval_ranks(
             col_acc -= _sign_sum(s[padded].to(wd), best[None, :], 0)
         v2t_out = col_acc.add_(n_valid - 1).mul_(0.5).cpu().numpy()
     return t2v_out, v2t_out
-
-
-def t2v_ranks(sims: Array, chunk_bytes: int | None = None) -> np.ndarray:
-    """Tie-averaged 0-based rank of each query's GT video, for all queries (padded ones included):
-    ``#{videos scored strictly higher} + #{other videos tied with the GT} / 2``, the mean position of
-    the GT among its ties in the sorted row as in the Collaborative Experts code. -> float64 [Q].
-    Computed in row chunks (``chunk_bytes``; default: cache-sized on CPU, 256 MB on GPU)."""
-    return _retrieval_ranks(sims, None, True, False, chunk_bytes)[0]
 
 
 def v2t_ranks(sims: Array, query_masks: Array | None = None, chunk_bytes: int | None = None) -> np.ndarray:

@@ -46,6 +46,7 @@ from .config import load_config, to_dict
 from .distributed import usable_cores
 from .errors import ConfigMismatchError, GroundkitError
 from .methods import get_method
+from .runfolder import plain
 from .world import resolve_world
 
 __all__ = [
@@ -314,7 +315,7 @@ def _reused(spec: RunSpec, cfg: Any, identity: dict[str, Any], base: RunResult) 
     rec = engine.read_run_record(out)
     if not rec or rec.get("status") != "done" or not (out / METRICS_FILE).is_file():
         return None
-    if engine._plain(rec.get("identity")) != engine._plain(identity):
+    if plain(rec.get("identity")) != plain(identity):
         return None
     return _finished(base, cfg, "reused", rec.get("metrics"), rec)
 

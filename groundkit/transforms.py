@@ -11,7 +11,8 @@ continuous pixel convention of :mod:`groundkit.boxes` (a box covering the whole 
 Every random transform splits into ``get_params(sample, generator)`` (all random draws, from the explicit
 ``torch.Generator``; ``None`` means torch's global generator) and a deterministic ``apply(sample, params)``, so
 ``transform(sample, generator)`` is reproducible from a seed and :func:`apply_to_clip` can apply one draw to every
-frame of a video clip.
+frame of a video clip. The generator may also be a ``random.Random`` (one ``random()`` per uniform draw, the numbers
+``rng.uniform`` gives), as the one-stage grounding code seeds its augmentation.
 
 The training policies of the reference code map onto these transforms as follows (the differences are noted in
 the docstrings: exact box geometry, whole-word text matching, no crop retry loop):
@@ -21,22 +22,25 @@ the docstrings: exact box geometry, whole-word text matching, no crop retry loop
   first_if_words=DIRECTION_WORDS), ColorJitter(0.4, 0.4, 0.4, p=0.8), Normalize(), Letterbox(size, fill=0.0,
   resize=False)])`` -- no flip (CLIP-VG found it harmful); TransVG adds ``RandomHorizontalFlip()`` after the
   jitter. Evaluation: ``Compose([Normalize(), Letterbox(size, fill=0.0)])``.
-* one-stage grounding (YOLOv3-style): ``Compose([RandomHorizontalFlip(), RandomHSV(0.0, 0.5), Letterbox(size),
-  Normalize()])`` (see :class:`RandomHSV` for the saturation factor; its random affine step is not provided).
+* one-stage grounding (YOLOv3-style, co-grounding): flip (``RandomHorizontalFlip(swap_rule="substring",
+  pixel_index=True)`` for the official rules), ``RandomHSV(0.5, 0.5, saturation_bug=True)``, ``Letterbox(size)``,
+  ``RandomAffine()``; co-grounding draws these in its own order and flips the letterboxed image
+  (``groundkit/methods/cogrounding/data.py``).
 """
 
 from __future__ import annotations
 
 import math
+import random
 import re
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
-from torchvision import tv_tensors
 from torchvision.transforms.v2 import InterpolationMode
 
 from .boxes import clip_boxes, convert_boxes, denormalize_boxes, scale_boxes, translate_boxes
@@ -50,7 +54,10 @@ __all__ = [
     "image_size",
     "hsv_scale",
     "swap_left_right",
+    "swap_substrings",
     "has_direction_word",
+    "flip_boxes",
+    "affine_boxes",
     "SampleTransform",
     "Compose",
     "RandomSelect",
@@ -60,6 +67,7 @@ __all__ = [
     "ColorJitter",
     "RandomHSV",
     "RandomHorizontalFlip",
+    "RandomAffine",
     "Normalize",
     "Letterbox",
     "apply_to_clip",
@@ -67,7 +75,7 @@ __all__ = [
 
 ImageLike = Image.Image | torch.Tensor
 Sample = dict[str, Any]
-Generator = torch.Generator | None
+Generator = torch.Generator | random.Random | None
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -98,6 +106,12 @@ def swap_left_right(text: str) -> str:
     "leftover" stay; "left-hand" becomes "right-hand"), keeping each word's case ("Left" -> "Right",
     "LEFT" -> "RIGHT"). Applying it twice gives ``text`` back."""
     return _SWAP_RE.sub(lambda m: _match_case(m.group(0), _SWAP[m.group(0).lower()]), text)
+
+
+def swap_substrings(text: str) -> str:
+    """The one-stage grounding code's flip swap: every "right" <-> "left" substring, case-sensitive ("bright" ->
+    "bleft", "Left" stays)."""
+    return text.replace("right", "\0").replace("left", "right").replace("\0", "left")
 
 
 def has_direction_word(text: str, words: Collection[str] = DIRECTION_WORDS, whole_words: bool = True) -> bool:
@@ -166,6 +180,26 @@ def hsv_scale(image: ImageLike, saturation: float = 1.0, value: float = 1.0) -> 
     if not image.is_floating_point():
         return (y * 255.0).round_().clamp_(0, 255).to(image.dtype)
     return y.clamp_(0.0, 1.0).to(image.dtype)
+
+
+def flip_boxes(boxes: Any, width: float, pixel_index: bool = False) -> Any:
+    """xyxy boxes [..., 4] mirrored in an image ``width`` wide: ``x -> width - x`` (continuous coordinates), or
+    ``width - x - 1`` with ``pixel_index`` (the one-stage grounding code's pixel-index rule). Same type out."""
+    off = 1 if pixel_index else 0
+    out = boxes.clone() if isinstance(boxes, torch.Tensor) else np.array(boxes, dtype=np.float64)
+    out[..., [0, 2]] = width - out[..., [2, 0]] - off
+    return out
+
+
+def affine_boxes(boxes: Any, matrix: np.ndarray, width: float, height: float) -> np.ndarray:
+    """xyxy boxes [K, 4] -> the hull of each box's four corners mapped by the 3x3 ``matrix``, clipped to the
+    ``width`` x ``height`` image (float64 numpy)."""
+    rows = []
+    for x1, y1, x2, y2 in np.asarray(boxes, dtype=np.float64).reshape(-1, 4):
+        pts = matrix @ np.array([[x1, x2, x1, x2], [y1, y1, y2, y2], [1, 1, 1, 1.0]])
+        hull = np.array([pts[0].min(), pts[1].min(), pts[0].max(), pts[1].max()])
+        rows.append(np.clip(hull, 0, [width, height, width, height]))
+    return np.stack(rows) if rows else np.zeros((0, 4))
 
 
 # ----------------------------------------------------------------------------- letterbox
@@ -277,6 +311,9 @@ def letterbox(
 
 # ----------------------------------------------------------------------------- randomness
 def _rand(generator: Generator) -> float:
+    """Uniform in [0, 1): one ``random()`` of a ``random.Random``, else one ``torch.rand`` draw."""
+    if isinstance(generator, random.Random):
+        return generator.random()
     return float(torch.rand((), generator=generator))
 
 
@@ -286,7 +323,16 @@ def _uniform(lo: float, hi: float, generator: Generator) -> float:
 
 def _randint(lo: int, hi: int, generator: Generator) -> int:
     """Uniform integer in [lo, hi] (inclusive)."""
+    if isinstance(generator, random.Random):
+        return generator.randint(lo, hi)
     return int(torch.randint(lo, hi + 1, (), generator=generator))
+
+
+def _permutation(n: int, generator: Generator) -> list[int]:
+    """A random order of ``range(n)``."""
+    if isinstance(generator, random.Random):
+        return generator.sample(range(n), n)
+    return torch.randperm(n, generator=generator).tolist()
 
 
 def _coin(p: float, generator: Generator) -> bool:
@@ -526,12 +572,17 @@ class OfficialSizeCrop(RandomSizeCrop):
 
 
 class RandomHorizontalFlip(SampleTransform):
-    """Mirror the image and the boxes (``x -> W - x``) with probability ``p`` and, with ``swap_words``, swap
-    "left" / "right" in the text (:func:`swap_left_right`). The one-stage code's pixel-index flip
-    (``W - 1 - x``) and substring swap ("bright" -> "bleft") are deliberately not reproduced."""
+    """Mirror the image and the boxes (:func:`flip_boxes`: ``x -> W - x``; ``pixel_index``: ``W - x - 1``) with
+    probability ``p`` and, with ``swap_words``, swap "left" / "right" in the text: ``swap_rule="words"``
+    (:func:`swap_left_right`, whole words) or ``"substring"`` (:func:`swap_substrings`, the one-stage grounding
+    code's rule). Keys absent from the sample are left out (a text alone can be swapped)."""
 
-    def __init__(self, p: float = 0.5, swap_words: bool = True) -> None:
-        self.p, self.swap_words = float(p), swap_words
+    def __init__(
+        self, p: float = 0.5, swap_words: bool = True, swap_rule: str = "words", pixel_index: bool = False
+    ) -> None:
+        if swap_rule not in ("words", "substring"):
+            raise ValueError(f"swap_rule: expected 'words' or 'substring', got {swap_rule!r}")
+        self.p, self.swap_words, self.swap_rule, self.pixel_index = float(p), swap_words, swap_rule, pixel_index
 
     def get_params(self, sample: Sample, generator: Generator) -> bool:
         return _coin(self.p, generator)
@@ -540,15 +591,14 @@ class RandomHorizontalFlip(SampleTransform):
         out = dict(sample)
         if not params:
             return out
-        w, h = image_size(sample["image"])
-        out["image"] = TF.horizontal_flip(sample["image"])
         boxes = _boxes_of(sample)
         if boxes is not None:
-            out["boxes"] = TF.horizontal_flip_bounding_boxes(
-                boxes, format=tv_tensors.BoundingBoxFormat.XYXY, canvas_size=(h, w)
-            )
+            out["boxes"] = flip_boxes(boxes, image_size(sample["image"])[0], self.pixel_index)
+        if "image" in sample:
+            out["image"] = TF.horizontal_flip(sample["image"])
         if self.swap_words and isinstance(sample.get("text"), str):
-            out["text"] = swap_left_right(sample["text"])
+            swap = swap_left_right if self.swap_rule == "words" else swap_substrings
+            out["text"] = swap(sample["text"])
         return out
 
 
@@ -586,6 +636,60 @@ class Letterbox(SampleTransform):
         return out
 
 
+class RandomAffine(SampleTransform):
+    """The one-stage grounding code's ``random_affine``: rotation by up to ``degrees`` about the centre, scale
+    in ``scale``, translation by up to ``translate`` of each side, shear by up to ``shear`` degrees on each axis.
+    The image (PIL or uint8 tensor) is warped bilinearly over ``fill`` (``None``: the ImageNet mean colour); each
+    box becomes the hull of its warped corners, clipped to the image (:func:`affine_boxes`)."""
+
+    def __init__(
+        self,
+        degrees: float = 5.0,
+        translate: float = 0.1,
+        scale: tuple[float, float] = (0.9, 1.1),
+        shear: float = 2.0,
+        fill: None | float | Sequence[float] = None,
+    ) -> None:
+        self.degrees, self.translate, self.shear = float(degrees), float(translate), float(shear)
+        self.scale, self.fill = (float(scale[0]), float(scale[1])), fill
+
+    def get_params(self, sample: Sample, generator: Generator) -> np.ndarray:
+        """-> the 3x3 matrix ``M`` (output pixel = ``M`` @ input pixel); drawn in the official order: angle,
+        scale, x and y translation, x and y shear."""
+        w, h = image_size(sample["image"])
+        a = math.radians(_uniform(-self.degrees, self.degrees, generator))
+        s = _uniform(*self.scale, generator)
+        tx = _uniform(-self.translate, self.translate, generator) * w
+        ty = _uniform(-self.translate, self.translate, generator) * h
+        shx = math.tan(math.radians(_uniform(-self.shear, self.shear, generator)))
+        shy = math.tan(math.radians(_uniform(-self.shear, self.shear, generator)))
+        R = np.array([[s * math.cos(a), -s * math.sin(a), 0], [s * math.sin(a), s * math.cos(a), 0], [0, 0, 1]])
+        C = np.array([[1, 0, -w / 2], [0, 1, -h / 2], [0, 0, 1.0]])
+        Cb = np.array([[1, 0, w / 2], [0, 1, h / 2], [0, 0, 1.0]])
+        T = np.array([[1, 0, tx], [0, 1, ty], [0, 0, 1.0]])
+        Sh = np.array([[1, shx, 0], [shy, 1, 0], [0, 0, 1.0]])
+        return T @ Sh @ Cb @ R @ C
+
+    def apply(self, sample: Sample, params: np.ndarray | None) -> Sample:
+        out = dict(sample)
+        if params is None:
+            return out
+        image = sample["image"]
+        w, h = image_size(image)
+        if isinstance(image, torch.Tensor) and image.dtype != torch.uint8:
+            raise TypeError(f"RandomAffine: expected a PIL image or a uint8 tensor, got {image.dtype}")
+        pil = image if isinstance(image, Image.Image) else TF.to_pil_image(image)
+        inv = tuple(np.linalg.inv(params)[:2].ravel())
+        warped = pil.transform(
+            (w, h), Image.AFFINE, inv, resample=Image.BILINEAR, fillcolor=_fill_value(pil, self.fill)
+        )
+        out["image"] = warped if isinstance(image, Image.Image) else TF.pil_to_tensor(warped)
+        boxes = _boxes_of(sample)
+        if boxes is not None:
+            out["boxes"] = torch.as_tensor(affine_boxes(boxes, params, w, h), dtype=boxes.dtype)
+        return out
+
+
 # ----------------------------------------------------------------------------- photometric transforms
 class ColorJitter(SampleTransform):
     """With probability ``p``, brightness, contrast and saturation factors drawn from ``[1 - x, 1 + x]`` (and a
@@ -619,7 +723,7 @@ class ColorJitter(SampleTransform):
             )
             if x > 0
         ]
-        order = torch.randperm(len(ops), generator=generator).tolist()
+        order = _permutation(len(ops), generator)
         steps = []
         for i in order:
             name, x = ops[i]
@@ -645,20 +749,21 @@ class ColorJitter(SampleTransform):
 class RandomHSV(SampleTransform):
     """With probability ``p``, scale HSV saturation and value by factors drawn from ``[1 - saturation,
     1 + saturation]`` and ``[1 - value, 1 + value]`` (:func:`hsv_scale`), the YOLOv3-style grounding
-    augmentation (fraction 0.5). Note: the one-stage grounding code draws a saturation factor but never
-    applies it, so ``RandomHSV(saturation=0.0, value=0.5)`` is what it effectively does."""
+    augmentation (fraction 0.5). ``saturation_bug=True`` is the one-stage grounding code: the saturation factor
+    is drawn but never applied (only V changes; the draws stay those of the fixed version)."""
 
-    def __init__(self, saturation: float = 0.5, value: float = 0.5, p: float = 1.0) -> None:
+    def __init__(self, saturation: float = 0.5, value: float = 0.5, p: float = 1.0, saturation_bug: bool = False):
         if not (0.0 <= saturation <= 1.0 and 0.0 <= value <= 1.0):
             raise ValueError(f"saturation, value: expected fractions in [0, 1], got {saturation}, {value}")
         self.saturation, self.value, self.p = float(saturation), float(value), float(p)
+        self.saturation_bug = saturation_bug
 
     def get_params(self, sample: Sample, generator: Generator) -> tuple[float, float] | None:
         if not _coin(self.p, generator):
             return None
         a = _uniform(1.0 - self.saturation, 1.0 + self.saturation, generator) if self.saturation else 1.0
         b = _uniform(1.0 - self.value, 1.0 + self.value, generator) if self.value else 1.0
-        return a, b
+        return (1.0 if self.saturation_bug else a), b
 
     def apply(self, sample: Sample, params: tuple[float, float] | None) -> Sample:
         out = dict(sample)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from groundkit.config import ExperimentConfig
-from groundkit.methods.base import Method
+from groundkit.methods.base import GroundingDataset, Method
 
 
 @dataclass
@@ -33,7 +33,9 @@ class RegConfig(ExperimentConfig):
     dropout: float = 0.1
 
 
-class RegDataset:
+class RegDataset(GroundingDataset):
+    batched = True
+
     def __init__(self, x: torch.Tensor, y: torch.Tensor):
         self.x, self.y = x, y
 
@@ -104,7 +106,7 @@ def ddp_worker(rank: int, world: int, port: int, cfg_dict: dict, out_dir: str) -
         distributed.cleanup()
 
 
-class ItemDataset:
+class ItemDataset(GroundingDataset):
     """The same data served one sample at a time (no ``get_batch``): exercises the DataLoader path."""
 
     def __init__(self, base: RegDataset):

@@ -188,7 +188,7 @@ def crosskd_run(base: Path) -> tuple[Path, Path]:
         str(run),
         "--set",
         f"data.root={world}",
-        "data.synth_size=",
+        "world.size=",
         *TINY_SET,
     ]
     assert main(args) == 0

@@ -17,6 +17,7 @@ PKG = ROOT / "groundkit"
 CORE = {
     "config",
     "engine",
+    "runfolder",
     "checkpoint",
     "optim",
     "distributed",
@@ -27,12 +28,15 @@ CORE = {
     "transforms",
     "text",
     "backbones",
-    "bench",
     "draw",
 }
-APP = {"cli", "demo", "report", "runs", "serve", "__main__"}
-# a method's modules that run many trainings or build test inputs: they may use groundkit.runs and the world
-ORCHESTRATION = {"bench", "experiments", "curriculum"}
+# the application layer may import anything; groundkit.bench holds the benchmarks (each method's too), which the
+# library itself never imports (the command line loads them from their "module:function" strings)
+APP = {"cli", "demo", "report", "runs", "serve", "bench", "__main__"}
+# a method's modules that run many trainings: they may use groundkit.runs and the world
+ORCHESTRATION = {"sweeps", "curriculum"}
+# the repo-level script folders, outside the package: the package never imports them
+SCRIPT_FOLDERS = ("experiments", "benchmarks")
 
 
 def _module(path: Path) -> str:
@@ -41,6 +45,15 @@ def _module(path: Path) -> str:
     if parts[-1] == "__init__":
         parts = parts[:-1]
     return ".".join(parts)
+
+
+def _from_module(node: ast.ImportFrom, package: str) -> str:
+    """The absolute module a ``from ... import`` statement of ``package`` reads from."""
+    if not node.level:
+        return node.module or ""
+    base = package.split(".")
+    base = base[: len(base) - node.level + 1]
+    return ".".join(base + ([node.module] if node.module else []))
 
 
 def _imports(path: Path) -> list[tuple[str, bool]]:
@@ -55,12 +68,7 @@ def _imports(path: Path) -> list[tuple[str, bool]]:
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")
-                base = base[: len(base) - node.level + 1]
-                prefix = ".".join(base + ([node.module] if node.module else []))
-            else:
-                prefix = node.module or ""
+            prefix = _from_module(node, package)
             names = [prefix] + [f"{prefix}.{a.name}" for a in node.names]
         for n in names:
             if n.startswith("groundkit"):
@@ -96,11 +104,7 @@ def test_import_layers():
         src = _layer(mod)
         for dep, _ in deps:
             dst = _layer(dep)
-            if (
-                src == "core"
-                and dst in ("methods", "world", "app", "formats")
-                and not dep.startswith("groundkit.bench")
-            ):
+            if src == "core" and dst in ("methods", "world", "app", "formats"):
                 bad.append(f"{mod} -> {dep} (core imports nothing above it)")
             if src == "formats" and dst in ("methods", "world", "app"):
                 bad.append(f"{mod} -> {dep} (formats are shared by methods and the world)")
@@ -108,6 +112,55 @@ def test_import_layers():
                 bad.append(f"{mod} -> {dep} (the world never imports methods)")
             if src == "methods" and dst in ("world", "app") and mod.rsplit(".", 1)[-1] not in ORCHESTRATION:
                 bad.append(f"{mod} -> {dep} (a method's model/data code never imports the world or the app layer)")
+    assert bad == []
+
+
+def _all_imports(path: Path) -> list[tuple[str, int]]:
+    """(absolute module name, line) of every import statement of one file, relative ones resolved."""
+    mod = _module(path)
+    package = mod if path.name == "__init__.py" else mod.rsplit(".", 1)[0]
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out += [(a.name, node.lineno) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            prefix = _from_module(node, package)
+            out += [(prefix, node.lineno)] + [(f"{prefix}.{a.name}", node.lineno) for a in node.names]
+        elif isinstance(node, ast.Call) and _names_import_call(node.func) and node.args:
+            arg = node.args[0]  # importlib.import_module("x") / __import__("x"): an import too
+            if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+                out.append((arg.value, node.lineno))
+    return out
+
+
+def _names_import_call(func: ast.expr) -> bool:
+    if isinstance(func, ast.Name):
+        return func.id in ("__import__", "import_module")
+    return isinstance(func, ast.Attribute) and func.attr == "import_module"
+
+
+def test_the_package_never_imports_the_repo_scripts():
+    """``experiments/`` and ``benchmarks/`` at the repository root are scripts beside the package, not part of it:
+    no module of groundkit imports them."""
+    bad = [
+        f"{p.relative_to(ROOT)}:{line} imports {name}"
+        for p in PKG.rglob("*.py")
+        for name, line in _all_imports(p)
+        if name.split(".")[0] in SCRIPT_FOLDERS
+    ]
+    assert bad == []
+
+
+def test_only_groundkit_bench_imports_groundkit_bench():
+    """The benchmarks live in groundkit/bench/; the rest of the library never imports them (the command line loads
+    a benchmark lazily from its "groundkit.bench.<name>:register" string, which is not an import)."""
+    bad = []
+    for p in PKG.rglob("*.py"):
+        if _module(p).startswith("groundkit.bench"):
+            continue
+        for name, line in _all_imports(p):
+            if name == "groundkit.bench" or name.startswith("groundkit.bench."):
+                bad.append(f"{p.relative_to(ROOT)}:{line} imports {name}")
     assert bad == []
 
 
@@ -168,3 +221,56 @@ def _imports_of(node: ast.ImportFrom, path: Path) -> list[tuple[str, bool]]:
         base = base[: len(base) - node.level + 1]
         return [(".".join(base + ([node.module] if node.module else [])), False)]
     return [(node.module or "", False)]
+
+
+#: the modules that drive every method (engine, run folder, command line, world resolution, many runs): they call
+#: what methods/base.py declares (the Method hooks, GroundingDataset, the config's data / world sections) and never
+#: probe a config, a dataset or a model with hasattr
+DRIVERS = ("engine.py", "runfolder.py", "cli.py", "config.py", "runs.py", "demo.py", "world/__init__.py")
+#: names under which a config, a dataset or a model travels in the library
+PROBED = {"cfg", "config", "data", "dataset", "ds", "method", "model", "batch"}
+#: the engine stays a training loop (DETR's engine.py is 151 lines; the run folder lives in runfolder.py)
+ENGINE_MAX_LINES = 750
+#: the longest function the library may hold
+FUNCTION_MAX_LINES = 100
+
+
+def _hasattr_calls(path: Path) -> list[tuple[int, str]]:
+    tree = ast.parse(path.read_text())
+    return [
+        (node.lineno, ast.unparse(node))
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "hasattr"
+    ]
+
+
+def _root_name(node: ast.expr) -> str:
+    while isinstance(node, (ast.Attribute, ast.Subscript, ast.Call)):
+        node = node.func if isinstance(node, ast.Call) else node.value
+    return node.id if isinstance(node, ast.Name) else ""
+
+
+def test_no_hasattr_probing_of_configs_datasets_or_models():
+    """The interface is declared, not probed: no hasattr at all in the driving modules, and nowhere in the library
+    on a config, dataset, model or method (open_clip objects and numpy-or-list values may still be asked)."""
+    bad = [f"{f}:{line} {src}" for f in DRIVERS for line, src in _hasattr_calls(PKG / f)]
+    for p in PKG.rglob("*.py"):
+        tree = ast.parse(p.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "hasattr":
+                if node.args and _root_name(node.args[0]).split("_")[0] in PROBED:
+                    bad.append(f"{p.relative_to(ROOT)}:{node.lineno} {ast.unparse(node)}")
+    assert sorted(set(bad)) == []
+
+
+def test_the_engine_is_a_loop_and_no_function_is_long():
+    n = len((PKG / "engine.py").read_text().splitlines())
+    assert n <= ENGINE_MAX_LINES, f"groundkit/engine.py has {n} lines; the run folder belongs in runfolder.py"
+    long = []
+    for p in PKG.rglob("*.py"):
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                size = node.end_lineno - node.lineno + 1
+                if size > FUNCTION_MAX_LINES:
+                    long.append(f"{p.relative_to(ROOT)}:{node.lineno} {node.name} ({size} lines)")
+    assert long == []

@@ -7,7 +7,7 @@ from PIL import Image
 
 from groundkit.errors import DataError
 from groundkit.formats import transvg
-from groundkit.methods.clipvg.config import ClipVGData
+from groundkit.methods.clipvg.config import ClipVGData, ClipVGModel
 from groundkit.methods.clipvg.data import GroundingSet, load_samples, split_file
 from groundkit.methods.clipvg.model import ClipVG, build_encoders
 
@@ -55,12 +55,9 @@ def tiny_model(grid: int) -> ClipVG:
     """A small CLIP-VG on the offline encoders with random weights (seed 0), in eval mode."""
     torch.manual_seed(0)
     return ClipVG(
+        ClipVGModel(d_model=16, nhead=2, num_layers=1, dim_ff=16),
         build_encoders("effnet_minilm", grid=grid, pretrained=False),
-        max_query_len=8,
-        d_model=16,
-        nhead=2,
-        num_layers=1,
-        dim_ff=16,
+        8,
     ).eval()
 
 
@@ -201,7 +198,7 @@ def test_the_built_in_world_fills_the_empty_paths():
     from groundkit.methods.clipvg.method import METHOD  # noqa: PLC0415
 
     cfg = load_config(METHOD.config_class, "world_cpu", None, "clipvg")
-    assert cfg.data.synth_size == "small" and not METHOD.own_data(cfg)
+    assert cfg.world.size == "small" and not METHOD.own_data(cfg)
     METHOD.use_world(cfg, Path("/w"))
     d = cfg.data
     assert (d.split_root, d.image_root, d.instances_file) == (

@@ -13,9 +13,13 @@ from groundkit.methods import get_method
 from groundkit.methods.clipvg.curriculum import CurriculumConfig, EngineBackend, SearchConfig, run_ssa
 from groundkit.world import generate
 
+# the fixes on, as configs/improved.yaml (the defaults are the official code's)
 TINY = {
-    "data": {"max_query_len": 12, "augment": False, "supervision": "full"},
+    "data": {"max_query_len": 12, "augment": False, "supervision": "full", "truncate_boxes": False},
     "model": {
+        "normalize": "encoder",
+        "image_mask": "nearest",
+        "attn_init": "xavier",
         "encoder": "effnet_minilm",
         "grid": 4,
         "d_model": 32,
@@ -28,6 +32,8 @@ TINY = {
     "optim": {"name": "adamw", "lr": 3e-3, "weight_decay": 1e-4},
     "sched": {"name": "cosine", "interval": "step"},
     "train": {
+        "drop_last": False,
+        "precision": "auto",
         "epochs": 1,
         "threads": 1,
         "max_steps": 120,

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from groundkit.methods.clipvg.config import ClipVGModel
 from groundkit.methods.clipvg.model import ClipVG, FusionLayer, build_encoders, clipvg_loss
 
 
@@ -10,7 +11,7 @@ from groundkit.methods.clipvg.model import ClipVG, FusionLayer, build_encoders, 
 def offline_model():
     torch.manual_seed(0)
     enc = build_encoders("effnet_minilm", grid=4, pretrained=False)
-    return ClipVG(enc, max_query_len=12, d_model=32, nhead=4, num_layers=2, dim_ff=64).eval()
+    return ClipVG(ClipVGModel(d_model=32, nhead=4, num_layers=2, dim_ff=64), enc, 12).eval()
 
 
 def batch_for(model, n=2, size=128):
@@ -106,7 +107,7 @@ def test_checkpoints_leave_out_frozen_packaged_encoders(tmp_path, offline_model)
         assert keys and not any(k.startswith("encoders.") for k in keys)
         save_checkpoint(tmp_path / "ck", m)
         torch.manual_seed(5)
-        other = ClipVG(m.encoders, max_query_len=12, d_model=32, nhead=4, num_layers=2, dim_ff=64).eval()
+        other = ClipVG(ClipVGModel(d_model=32, nhead=4, num_layers=2, dim_ff=64), m.encoders, 12).eval()
         load_weights(other, tmp_path / "ck")
         b = batch_for(m)
         torch.testing.assert_close(other(b).boxes, m(b).boxes)
@@ -135,9 +136,10 @@ def test_learning_options_build_and_keep_defaults(offline_model):
     assert not m.feat_norm and m.pos_init == "random" and not m.pos_input and not hasattr(m, "visu_norm")
     torch.manual_seed(0)
     opt = ClipVG(
-        m.encoders, max_query_len=12, d_model=32, nhead=4, num_layers=2, dim_ff=64,
-        feat_norm=True, pos_init="sine", pos_input=True,
-    ).eval()  # fmt: skip
+        ClipVGModel(d_model=32, nhead=4, num_layers=2, dim_ff=64, feat_norm=True, pos_init="sine", pos_input=True),
+        m.encoders,
+        12,
+    ).eval()
     assert len(opt.visu_norm) == len(m.encoders.level_dims) and sum(m.encoders.level_dims) == m.encoders.image_dim
     img_rows = opt.pos_embed.weight[1 + 12 :]
     assert float(img_rows[0].detach().abs().sum()) == 0.0  # the global token's row
@@ -156,7 +158,7 @@ def test_learning_options_build_and_keep_defaults(offline_model):
     )
     torch.testing.assert_close(a.boxes, s.boxes, atol=5e-3, rtol=0)  # up to the norms' eps
     with pytest.raises(ValueError):
-        ClipVG(m.encoders, max_query_len=12, d_model=32, nhead=4, num_layers=2, dim_ff=64, pos_init="fixed")
+        ClipVG(ClipVGModel(d_model=32, nhead=4, num_layers=2, dim_ff=64, pos_init="fixed"), m.encoders, 12)
 
 
 def test_token_targets_cover_the_box_cells_and_the_loss_points_at_them():
@@ -185,7 +187,7 @@ def test_token_head_scores_every_grid_token_and_masks_padding(offline_model):
     m = offline_model
     assert m.token_head is None and m(batch_for(m)).token_logits is None  # off by default
     torch.manual_seed(0)
-    t = ClipVG(m.encoders, max_query_len=12, d_model=32, nhead=4, num_layers=2, dim_ff=64, token_head=True).eval()
+    t = ClipVG(ClipVGModel(d_model=32, nhead=4, num_layers=2, dim_ff=64, token_head=True), m.encoders, 12).eval()
     b = batch_for(t)
     out = t(b)
     assert out.token_logits.shape == (2, 16)
@@ -202,7 +204,7 @@ def test_token_head_scores_every_grid_token_and_masks_padding(offline_model):
 def test_token_centre_puts_the_box_centre_at_the_scored_cells(offline_model):
     m = offline_model
     torch.manual_seed(0)
-    t = ClipVG(m.encoders, max_query_len=12, d_model=32, nhead=4, num_layers=2, dim_ff=64, token_centre=True).eval()
+    t = ClipVG(ClipVGModel(d_model=32, nhead=4, num_layers=2, dim_ff=64, token_centre=True), m.encoders, 12).eval()
     assert t.token_head is not None
     b = batch_for(t)
     img, txt = t.encode(b["image"], b["image_mask"], b["text_ids"], b["text_mask"])
@@ -228,8 +230,8 @@ def test_official_image_mask_is_torchvision_resize_of_the_pixel_mask():
 
     torch.manual_seed(0)
     enc = build_encoders("effnet_minilm", grid=14, pretrained=False)
-    official = ClipVG(enc, max_query_len=4, d_model=16, nhead=2, num_layers=1, dim_ff=16, image_mask="bilinear")
-    nearest = ClipVG(enc, max_query_len=4, d_model=16, nhead=2, num_layers=1, dim_ff=16)
+    official = ClipVG(ClipVGModel(d_model=16, nhead=2, num_layers=1, dim_ff=16, image_mask="bilinear"), enc, 4)
+    nearest = ClipVG(ClipVGModel(d_model=16, nhead=2, num_layers=1, dim_ff=16, image_mask="nearest"), enc, 4)
     masks = []
     for w, h in [(640, 480), (375, 500), (500, 333), (224, 224)]:
         s = 224 / max(w, h)
@@ -249,15 +251,15 @@ def test_official_image_mask_is_torchvision_resize_of_the_pixel_mask():
 def test_official_attention_init_is_one_xavier_over_the_stacked_projection():
     torch.manual_seed(0)
     enc = build_encoders("effnet_minilm", grid=2, pretrained=False)
-    m = ClipVG(enc, max_query_len=4, d_model=64, nhead=4, num_layers=2, dim_ff=32, attn_init="official")
+    m = ClipVG(ClipVGModel(d_model=64, nhead=4, num_layers=2, dim_ff=32, attn_init="official"), enc, 4)
     bound = (6 / (3 * 64 + 64)) ** 0.5  # xavier_uniform_ over in_proj_weight [3D, D]
     for layer in m.layers:
         w = torch.cat([layer.q_proj.weight, layer.k_proj.weight, layer.v_proj.weight])
         assert w.abs().max() <= bound and w.abs().max() > 0.95 * bound
         for b in (layer.q_proj.bias, layer.k_proj.bias, layer.v_proj.bias, layer.out_proj.bias):
             assert not b.any()
-    default = ClipVG(enc, max_query_len=4, d_model=64, nhead=4, num_layers=1, dim_ff=32)
-    assert default.layers[0].q_proj.weight.abs().max() > bound and default.layers[0].q_proj.bias.any()
+    fixed = ClipVG(ClipVGModel(d_model=64, nhead=4, num_layers=1, dim_ff=32, attn_init="xavier"), enc, 4)
+    assert fixed.layers[0].q_proj.weight.abs().max() > bound and fixed.layers[0].q_proj.bias.any()
 
 
 def test_box_score_is_the_token_mass_inside_the_box():
@@ -283,6 +285,6 @@ def test_a_processs_first_model_is_initialised_like_every_later_one():
     for _ in range(2):
         torch.manual_seed(0)
         enc = build_encoders("effnet_minilm", grid=2, pretrained=True)
-        built.append(ClipVG(enc, max_query_len=4, d_model=16, nhead=2, num_layers=1, dim_ff=16))
+        built.append(ClipVG(ClipVGModel(d_model=16, nhead=2, num_layers=1, dim_ff=16), enc, 4))
     for (k, a), (_, b) in zip(built[0].state_dict().items(), built[1].state_dict().items()):
         assert torch.equal(a, b), k

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from groundkit.checkpoint import CheckpointError
+from groundkit.methods.clipvg.config import ClipVGModel
 from groundkit.methods.clipvg.model import ClipVG, EncoderError, OpenClipEncoders
 from groundkit.methods.clipvg.weights import clip_weights, official_to_groundkit, read_torchscript
 
@@ -208,7 +209,7 @@ def test_official_checkpoint_converts_with_every_tensor_once_and_fuses_as_the_of
     assert provenance == "clipvg" and set(clip) == {k for k in sd if k != "attn_mask"}
     enc = OpenClipEncoders(NAME, str(ckpt), levels=(0, 1), image_size=32, trainable_pos_embed=True)
     assert enc.quick_gelu  # CLIP-VG is built on OpenAI's CLIP
-    model = ClipVG(enc, max_query_len=6, d_model=32, nhead=4, num_layers=2, dim_ff=48).eval()
+    model = ClipVG(ClipVGModel(d_model=32, nhead=4, num_layers=2, dim_ff=48), enc, 6).eval()
     model.load_state_dict(official_to_groundkit(ckpt, num_layers=2))
     # the official forward over the same encoder outputs and masks
     B, L = 3, 6
@@ -278,6 +279,6 @@ def test_convert_command_writes_init_weights(tiny_clip, tmp_path, capsys):
         and info["set"]["data.max_query_len"] == 6
     )
     enc = OpenClipEncoders(NAME, info["set"]["model.clip_checkpoint"], levels=(0, 1), image_size=32)
-    model = ClipVG(enc, max_query_len=6, d_model=32, nhead=4, num_layers=2, dim_ff=48)
+    model = ClipVG(ClipVGModel(d_model=32, nhead=4, num_layers=2, dim_ff=48), enc, 6)
     assert load_weights(model, out, strict=True) == ([], [])
     assert main(["data", "convert-clipvg", str(tmp_path / "nope.pth"), "--out", str(out)]) == 2

@@ -1,8 +1,9 @@
-"""Co-grounding data: letterbox mapping, flip with the word swap, clip-shared geometry, tokenizer, post-processing,
-window inference with feature reuse."""
+"""Co-grounding data: letterbox mapping, flip with the word swap, clip-shared geometry, the official augmentation
+through groundkit.transforms (its random draws), tokenizer, post-processing, window inference with feature reuse."""
 
 from __future__ import annotations
 
+import math
 import random
 
 import numpy as np
@@ -16,10 +17,7 @@ from groundkit.methods.cogrounding.data import (
     RefExpDataset,
     VideoClipDataset,
     VideoSample,
-    apply_affine,
-    hsv_jitter,
     letterbox,
-    random_affine_params,
 )
 from groundkit.methods.cogrounding.inference import (
     ground_video,
@@ -28,6 +26,7 @@ from groundkit.methods.cogrounding.inference import (
     window_indices,
 )
 from groundkit.methods.cogrounding.text import WordTokenizer, swap_left_right
+from groundkit.transforms import RandomAffine, RandomHSV
 
 torch.set_num_threads(1)
 
@@ -112,12 +111,41 @@ def test_flip_swaps_words_and_mirrors_box(tmp_path):
     assert flipped > 2 and plain > 2
 
 
+def official_affine(rng: random.Random, size: int) -> np.ndarray:
+    """The official ``random_affine`` matrix, as groundkit computed it before the shared transform."""
+    a, s = math.radians(rng.uniform(-5, 5)), rng.uniform(0.9, 1.1)
+    c = size / 2
+    R = np.array([[s * math.cos(a), -s * math.sin(a), 0], [s * math.sin(a), s * math.cos(a), 0], [0, 0, 1]])
+    C, Cb = np.array([[1, 0, -c], [0, 1, -c], [0, 0, 1.0]]), np.array([[1, 0, c], [0, 1, c], [0, 0, 1.0]])
+    T = np.array([[1, 0, rng.uniform(-0.1, 0.1) * size], [0, 1, rng.uniform(-0.1, 0.1) * size], [0, 0, 1.0]])
+    sh = math.tan(math.radians(rng.uniform(-2, 2)))
+    Sh = np.array([[1, sh, 0], [math.tan(math.radians(rng.uniform(-2, 2))), 1, 0], [0, 0, 1.0]])
+    return T @ Sh @ Cb @ R @ C
+
+
+def test_shared_transforms_draw_the_official_numbers():
+    """Same seed, same draws: the affine matrix bit for bit, the HSV factors as ``rng.uniform`` in that order."""
+    canvas = {"image": Image.new("RGB", (64, 64))}
+    for seed in range(5):
+        assert np.array_equal(
+            RandomAffine().get_params(canvas, random.Random(seed)), official_affine(random.Random(seed), 64)
+        )
+        rng, ref = random.Random(seed), random.Random(seed)
+        a, b = ref.uniform(0.5, 1.5), ref.uniform(0.5, 1.5)
+        assert RandomHSV(0.5, 0.5).get_params(canvas, rng) == (a, b)
+        _, b = ref.uniform(0.5, 1.5), ref.uniform(0.5, 1.5)
+        assert RandomHSV(0.5, 0.5, saturation_bug=True).get_params(canvas, rng) == (1.0, b)
+        assert (rng.random(), rng.random()) == (ref.random(), ref.random())  # the bug draws S too: the sequence holds
+
+
 def test_affine_box_follows_the_object():
     img = Image.new("RGB", (64, 64), (0, 0, 0))
     img.paste((255, 255, 255), (20, 20, 40, 40))
-    M = random_affine_params(random.Random(3), 64)
-    out, box = apply_affine(img, np.array([20.0, 20.0, 39.0, 39.0]), M)
-    a = np.asarray(out)[..., 0] > 128
+    aff = RandomAffine()
+    M = aff.get_params({"image": img}, random.Random(3))
+    out = aff.apply({"image": img, "boxes": np.array([[20.0, 20.0, 39.0, 39.0]])}, M)
+    box = out["boxes"][0].numpy()
+    a = np.asarray(out["image"])[..., 0] > 128
     ys, xs = np.nonzero(a)
     assert abs(xs.min() - box[0]) <= 2 and abs(xs.max() - box[2]) <= 2 and abs(ys.min() - box[1]) <= 2
 
@@ -125,11 +153,28 @@ def test_affine_box_follows_the_object():
 def test_hsv_saturation_bug_leaves_saturation():
     img = Image.new("RGB", (8, 8), (200, 100, 50))
     s0 = np.asarray(img.convert("HSV"))[..., 1].mean()
-    rng = random.Random(0)
-    fixed = [np.asarray(hsv_jitter(img, 0.5, random.Random(k), False).convert("HSV"))[..., 1].mean() for k in range(5)]
-    bug = [np.asarray(hsv_jitter(img, 0.5, random.Random(k), True).convert("HSV"))[..., 1].mean() for k in range(5)]
+
+    def jitter(seed, bug):
+        hsv = RandomHSV(0.5, 0.5, saturation_bug=bug)
+        return np.asarray(hsv({"image": img}, random.Random(seed))["image"].convert("HSV"))[..., 1].mean()
+
+    fixed, bug = [jitter(k, False) for k in range(5)], [jitter(k, True) for k in range(5)]
     assert max(abs(b - s0) for b in bug) <= 2 and max(abs(f - s0) for f in fixed) > 10
-    del rng
+
+
+@pytest.mark.parametrize(("rule", "expected"), [("substring", "bleft Left left"), ("words", "bright Right left")])
+def test_flip_swap_rule_reaches_the_tokens(tmp_path, rule, expected):
+    cfg = CoGroundingConfig()
+    cfg.data.image_size, cfg.data.affine, cfg.data.hsv_jitter, cfg.data.flip_swap = 64, False, 0.0, rule
+    cfg.model.vocab_size, cfg.model.tokenizer = 3000, "groundkit"
+    ds = RefExpDataset(cfg, [ImageSample(_scene(tmp_path), (10.0, 30.0, 50.0, 70.0), "bright Left right")], True)
+    seen = []
+    encode = ds.tok.encode
+    ds.tok.encode = lambda text: (seen.append(text), encode(text))[1]
+    for epoch in range(8):
+        ds.set_epoch(epoch)
+        ds.item(0)
+    assert set(seen) == {"bright Left right", expected}
 
 
 @pytest.mark.parametrize("shared", [True, False])
@@ -189,7 +234,7 @@ def test_feature_reuse_equals_window_by_window(motion):
         with torch.no_grad():
             net.mot_vel.bias.fill_(0.2)  # the motion scores count in the boxes compared below
             net.mot_log_sigma.fill_(-2.0)
-    assert net.box_from_centre == (motion == "box_from_centre")
+    assert bool(net.extended and net.box_from_centre) == (motion == "box_from_centre")
     frames = torch.rand(7, 3, 64, 64)
     ids = torch.tensor([3, 4, 5, 2, 0, 0])
     a = ground_video(net, frames, ids, ids != 0, window=5, batch=4, top_k=3)
@@ -218,7 +263,7 @@ def test_official_box_pixels_mirror_in_original_pixels_and_truncate():
     from groundkit.transforms import letterbox_info  # noqa: PLC0415
 
     cfg = CoGroundingConfig()
-    cfg.data.image_size = 64
+    cfg.data.image_size, cfg.data.truncate_boxes = 64, False  # fixed: float boxes
     lb = letterbox_info(100, 50, 64)  # scale 0.64, 16 rows of padding above
     box = np.array([10.0, 10.0, 30.0, 30.0])
     ds = RefExpDataset(cfg, [], train=False)
@@ -236,12 +281,15 @@ def test_truncated_boxes_on_reading_refer_and_transvg(tmp_path):
     transvg.save_split([transvg.make_entry("unc", "a.jpg", [1.7, 2.2, 10.9, 8.5], "x")], tmp_path, "unc", "val")
     cfg = CoGroundingConfig()
     cfg.data.kind, cfg.data.split_root, cfg.data.image_root = "transvg", str(tmp_path), str(tmp_path)
+    cfg.data.truncate_boxes = False  # fixed: float boxes
     assert load_image_samples(cfg, "val")[0].box == pytest.approx((1.7, 2.2, 10.9, 8.5))
     cfg.data.truncate_boxes = True  # [x, y, w, h] = [1.7, 2.2, 9.2, 6.3] -> ints [1, 2, 9, 6] -> x2 = 10, y2 = 8
     assert load_image_samples(cfg, "val")[0].box == (1.0, 2.0, 10.0, 8.0)
 
 
-@pytest.mark.parametrize("name", ["world_image", "refcoco", "vid", "reference_refcoco", "reference_vid"])
+@pytest.mark.parametrize(
+    "name", ["world_image", "improved_refcoco", "improved_vid", "reference_refcoco", "reference_vid"]
+)
 def test_shipped_configs_drop_the_last_incomplete_batch(name):
     """As the official loader: a training list of 32k + 1 samples would end an epoch on a batch of one, which the
     BatchNorm1d layers refuse in training."""

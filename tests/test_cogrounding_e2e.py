@@ -40,7 +40,7 @@ def run(world, tmp_path_factory):
         method.config_class,
         root / WORLD_IMAGE_YAML,
         {
-            "data.synth_size": "",
+            "world.size": "",
             "data.data_root": str(world),
             "data.image_size": 96,
             "data.val_split": "train",
@@ -140,7 +140,7 @@ def test_bad_input_is_one_clear_line(run, tmp_path):
 
 
 def test_bench_reports_ratio():
-    from groundkit.methods.cogrounding.bench import run_bench
+    from groundkit.bench.cogrounding import run_bench
 
     r = run_bench(size=64, frames=6, dim=16, repeats=1)
     assert r["same_boxes"] and r["ratio"] > 1.0
@@ -151,7 +151,7 @@ def test_bench_reports_ratio():
 def test_a_test_split_is_refused_for_model_selection(world, key):
     method = get_method("cogrounding")
     cfg = load_config(
-        method.config_class, WORLD_IMAGE_YAML, {"data.synth_size": "", "data.data_root": str(world), key: "testB"}
+        method.config_class, WORLD_IMAGE_YAML, {"world.size": "", "data.data_root": str(world), key: "testB"}
     )
     with pytest.raises(ConfigError, match=rf"{key}='testB' is a test split"):
         method.build_dataset(cfg, "val")

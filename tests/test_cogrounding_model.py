@@ -17,6 +17,7 @@ from groundkit.methods.cogrounding.backbones import (
     load_darknet_weights,
     save_darknet_weights,
 )
+from groundkit.methods.cogrounding.config import CoGroundingModelConfig
 from groundkit.methods.cogrounding.model import (
     CoGroundingNet,
     LSTMTextEncoder,
@@ -26,7 +27,6 @@ from groundkit.methods.cogrounding.model import (
     co_attend,
     coord_features,
     decode_boxes,
-    feature_flow,
     location_loss,
     motion_loss,
     rank_loss,
@@ -34,6 +34,7 @@ from groundkit.methods.cogrounding.model import (
     temporal_offset_loss,
     yolo_loss,
 )
+from groundkit.methods.cogrounding.variants import ExtendedCoGroundingNet, feature_flow
 
 torch.set_num_threads(1)
 
@@ -59,10 +60,7 @@ def tiny_net(
     co_attention=True, size=64, dim=16, motion=False, motion_mode="corr", box_from_centre=False, motion_attention=False
 ):
     torch.manual_seed(0)
-    return CoGroundingNet(
-        TinyBackbone(),
-        LSTMTextEncoder(50, dim),
-        image_size=size,
+    cfg = CoGroundingModelConfig(
         dim=dim,
         co_attention=co_attention,
         motion=motion,
@@ -70,6 +68,8 @@ def tiny_net(
         box_from_centre=box_from_centre,
         motion_attention=motion_attention,
     )
+    cls = ExtendedCoGroundingNet if cfg.variant_switches() else CoGroundingNet
+    return cls(cfg, TinyBackbone(), LSTMTextEncoder(50, dim), size)
 
 
 def text_batch(n, lengths):
@@ -328,7 +328,7 @@ def test_transformer_text_encoder_from_local_minilm():
     emb, ctx, sent = enc(ids, mask)
     assert emb.shape == (2, 8, 16) and ctx.shape == (2, 8, 32) and sent.shape == (2, 32)
     assert not any(p.requires_grad for p in enc.encoder.parameters())
-    net = CoGroundingNet(TinyBackbone(), enc, image_size=64, dim=16).eval()
+    net = CoGroundingNet(CoGroundingModelConfig(dim=16), TinyBackbone(), enc, 64).eval()
     out = net(torch.rand(2, 3, 64, 64), ids, mask)
     assert out["conf"].shape == (2, 3 * 84)
 
@@ -359,7 +359,7 @@ def _blob_maps(x0: int, D: int = 8, G: int = 9) -> torch.Tensor:
 
 
 def test_motion_volume_is_oriented_forward_in_time():
-    from groundkit.methods.cogrounding.model import motion_volume
+    from groundkit.methods.cogrounding.variants import motion_volume
 
     # the blob is at column 4 at time t and at column 5 at t + 1 (moving right): centre t, neighbour t + 1
     vc, v_next, v_prev = _blob_maps(4), _blob_maps(5), _blob_maps(3)
@@ -376,7 +376,7 @@ def test_motion_volume_is_oriented_forward_in_time():
 
 
 def test_motion_difference_is_linear_in_a_sub_cell_shift_and_forward_in_time():
-    from groundkit.methods.cogrounding.model import motion_difference
+    from groundkit.methods.cogrounding.variants import motion_difference
 
     # a smooth ramp along x shifted by a fraction of a cell: the derivative is the shift times the slope
     x = torch.arange(8.0).view(1, 1, 1, 8).expand(1, 1, 8, 8)
@@ -419,7 +419,9 @@ def test_residual_co_features_start_at_the_single_frame_model():
     x = torch.rand(4, 3, 64, 64)
     single = tiny_net(co_attention=False).eval()
     torch.manual_seed(0)
-    net = CoGroundingNet(TinyBackbone(), LSTMTextEncoder(50, 16), image_size=64, dim=16, co_residual=True).eval()
+    net = ExtendedCoGroundingNet(
+        CoGroundingModelConfig(dim=16, co_residual=True), TinyBackbone(), LSTMTextEncoder(50, 16), 64
+    ).eval()
     net.load_state_dict(single.state_dict(), strict=False)  # the co-attention layers keep their initialisation
     a = single(x, ids, mask, clip_len=1)
     b = net(x, ids, mask, clip_len=2)
@@ -433,7 +435,9 @@ def test_residual_co_features_start_at_the_single_frame_model():
 
 def test_box_from_centre_regresses_on_the_frames_own_maps():
     torch.manual_seed(0)
-    net = CoGroundingNet(TinyBackbone(), LSTMTextEncoder(50, 16), image_size=64, dim=16, box_from_centre=True).eval()
+    net = ExtendedCoGroundingNet(
+        CoGroundingModelConfig(dim=16, box_from_centre=True), TinyBackbone(), LSTMTextEncoder(50, 16), 64
+    ).eval()
     ids, mask = text_batch(2, [3, 3])
     x = torch.rand(2, 3, 64, 64)
     out = net(x, ids, mask, clip_len=2, frame_index=torch.tensor([4, 5]))
@@ -508,7 +512,7 @@ def test_motion_attention_scores_cells_by_the_velocity_of_the_motion_phrase():
     # a single frame has no motion: no scores, no loss; the image model has no branch at all
     alone = net(x, ids, mask, clip_len=1)
     assert "mot_raw" not in alone and motion_loss(alone, t).item() == 0.0
-    assert not tiny_net(co_attention=False, motion_attention=True).motion_attention
+    assert type(tiny_net(co_attention=False, motion_attention=True)) is CoGroundingNet  # no effect without co-attention
 
 
 def _window(net, x):
@@ -596,3 +600,25 @@ def test_frozen_text_encoder_states_are_computed_once_in_eval_mode():
     trained = TransformerTextEncoder(path, 16, freeze=False).train()
     trained(ids, mask)
     assert trained.encoder.training and not trained._states
+
+
+def test_the_variants_live_outside_the_official_network():
+    """The not-official switches need ExtendedCoGroundingNet; with them off it is the official network, parameter
+    for parameter and output for output (so official checkpoints load into either)."""
+    cfg = CoGroundingModelConfig(dim=16)
+    nets = []
+    for cls in (CoGroundingNet, ExtendedCoGroundingNet):
+        torch.manual_seed(0)
+        nets.append(cls(cfg, TinyBackbone(), LSTMTextEncoder(50, 16), 64).eval())
+    base, ext = nets
+    assert list(base.state_dict()) == list(ext.state_dict())
+    for (k, a), b in zip(base.state_dict().items(), ext.state_dict().values()):
+        assert torch.equal(a, b), k
+    ids, mask = text_batch(4, [3, 5, 2, 6])
+    x = torch.rand(4, 3, 64, 64)
+    assert torch.equal(base(x, ids, mask, clip_len=2)["conf"], ext(x, ids, mask, clip_len=2)["conf"])
+    for switch in ("motion", "co_residual", "box_from_centre", "motion_attention"):
+        with pytest.raises(ValueError, match=f"model.{switch} needs ExtendedCoGroundingNet"):
+            CoGroundingNet(
+                CoGroundingModelConfig(dim=16, **{switch: True}), TinyBackbone(), LSTMTextEncoder(50, 16), 64
+            )

@@ -12,6 +12,7 @@ from PIL import Image
 
 from groundkit.config import ConfigError, load_config
 from groundkit.methods import get_method
+from groundkit.methods.base import Method
 from groundkit.methods.cogrounding.config import CoGroundingConfig
 from groundkit.methods.cogrounding.data import ImageSample, RefExpDataset
 from groundkit.runs import slug
@@ -26,8 +27,8 @@ CONFIGS = Path(__file__).resolve().parents[1] / "groundkit/methods/cogrounding/c
 def test_world_task_per_config(config, task, n_train, tmp_path, monkeypatch):
     monkeypatch.setenv("GROUNDKIT_DATA", str(tmp_path / "worlds"))
     method = get_method("cogrounding")
-    cfg = load_config(method.config_class, CONFIGS / f"{config}.yaml", {"data.synth_size": "tiny"})
-    assert cfg.data.world_task == task
+    cfg = load_config(method.config_class, CONFIGS / f"{config}.yaml", {"world.size": "tiny"})
+    assert cfg.world.task == task
     with pytest.raises(ConfigError, match="resolve_world"):
         method.build_dataset(cfg, "train")  # the method never builds the world itself
     resolve_world(method, cfg)
@@ -36,19 +37,19 @@ def test_world_task_per_config(config, task, n_train, tmp_path, monkeypatch):
     assert len(ds) >= n_train
     # a world task that does not fit the data kind is refused
     bad = load_config(
-        method.config_class, CONFIGS / f"{config}.yaml", {"data.world_task": "video" if task == "refexp" else "refexp"}
+        method.config_class, CONFIGS / f"{config}.yaml", {"world.task": "video" if task == "refexp" else "refexp"}
     )
     bad.data.root = cfg.data.root
     with pytest.raises(ConfigError, match="does not fit"):
         method.build_dataset(bad, "train")
 
 
-def test_synth_size_without_a_task_is_an_error():
-    class NoTask:
+def test_world_size_without_a_task_is_an_error():
+    class NoTask(Method):
         world_task = ""
 
     cfg = CoGroundingConfig()
-    cfg.data.synth_size = "tiny"
+    cfg.world.size = "tiny"
     with pytest.raises(ConfigError, match="no world task"):
         resolve_world(NoTask(), cfg)
 
@@ -147,7 +148,10 @@ def test_video_table_with_motion_attention_and_heldout_world(tmp_path, monkeypat
     them on another draw of the world, pairing each variant with the single-frame run of its seed."""
     import json
 
-    from groundkit.methods.cogrounding.experiments import heldout_table, run_table
+    from experiment_scripts import load_experiment
+
+    tables = load_experiment("cogrounding_tables")
+    heldout_table, run_table = tables.heldout_table, tables.run_table
 
     monkeypatch.setenv("GROUNDKIT_DATA", str(tmp_path / "worlds"))
     names = ["single-frame (SL-Att)", "co-grounding, residual + motion attention, candidate loss"]

@@ -70,3 +70,22 @@ def test_from_dict_rejects_non_mapping_section():
     with pytest.raises(ConfigError, match="model"):
         from_dict(Cfg, {"model": 3})
     assert apply_overrides(Cfg, {}, {"model.dim": 2}) == {"model": {"dim": 2}}
+
+
+def test_the_world_section_and_its_earlier_names():
+    """Every config has one world section; the earlier data.synth_* / data.world_task keys (old run folders,
+    old command lines) load under their new names, and a YAML naming a section keeps the method's other defaults."""
+    from groundkit.methods import get_method  # noqa: PLC0415
+
+    cls = get_method("cogrounding").config_class
+    old_run = {"data": {"kind": "vid", "synth_size": "small", "synth_seed": 2, "world_task": "video"}}
+    cfg = load_config(cls, old_run)
+    assert (cfg.world.size, cfg.world.seed, cfg.world.task, cfg.data.kind) == ("small", 2, "video", "vid")
+    cfg = load_config(cls, "world_image", ["data.synth_size=tiny", "world.seed=4"], method="cogrounding")
+    assert (cfg.world.size, cfg.world.seed, cfg.world.task) == ("tiny", 4, "refexp")
+    assert not hasattr(cfg.data, "synth_size")
+    # `train: {epochs: 3}` starts from the method's train defaults (best metric, drop_last), not TrainConfig's
+    cfg = load_config(cls, {"train": {"epochs": 3}})
+    assert (cfg.train.epochs, cfg.train.best_metric, cfg.train.drop_last) == (3, "Acc@0.5", True)
+    for name in ("wang21", "crosskd", "cogrounding", "clipvg"):
+        assert get_method(name).config_class().world.size == ""

@@ -40,7 +40,7 @@ def trained(tmp_path_factory):
             str(run),
             "--set",
             f"data.root={world}",
-            "data.synth_size=",
+            "world.size=",
             *TINY_SET,
         ]
     )
@@ -151,7 +151,7 @@ def test_resume_draws_the_same_captions(tmp_path, trained):
     common = [
         "--set",
         f"data.root={world}",
-        "data.synth_size=",
+        "world.size=",
         *TINY_SET,
         "train.epochs=3",
         "train.eval_every=0",
@@ -183,7 +183,7 @@ def test_caption_picks_depend_on_epoch_only(trained):
     cfg = load_config(
         CrossKDConfig,
         "synth_cecap",
-        {"data.root": str(world), "data.synth_size": "", "train.seed": 3},
+        {"data.root": str(world), "world.size": "", "train.seed": 3},
         method="crosskd",
     )
     a, b = METHOD.build_dataset(cfg, "train"), METHOD.build_dataset(cfg, "train")

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from groundkit.bench.crosskd_official_like import OfficialLikeRAdam, official_like_forward, official_like_step
 from groundkit.methods.crosskd import METHOD, CrossKDConfig
 from groundkit.methods.crosskd.model import (
     CENet,
@@ -18,7 +19,6 @@ from groundkit.methods.crosskd.model import (
     moe_weights,
     training_similarities,
 )
-from groundkit.methods.crosskd.official_like import OfficialLikeRAdam, official_like_forward, official_like_step
 from groundkit.optim import RAdam, build_optimizer
 
 

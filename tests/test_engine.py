@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 from groundkit.checkpoint import CheckpointError, latest_checkpoint, load_weights
 from groundkit.config import load_config
-from groundkit.engine import NonFiniteLossError, epoch_order, fit, run_eval
+from groundkit.distributed import unwrap_model
+from groundkit.engine import NonFiniteLossError, epoch_order, fit, move_to_device, run_eval
 
 BASE = {
     "train": {
@@ -131,7 +132,8 @@ def test_ddp_two_processes_match_single_process(tmp_path):
 
 
 def test_item_datasets_with_loader_workers_match_vectorised_batches(tmp_path):
-    """A dataset without get_batch, through a DataLoader with workers, trains exactly like get_batch."""
+    """An unbatched dataset (``__getitem__`` + ``collate``), through a DataLoader with workers, trains exactly
+    like a batched one (``get_batch``)."""
     fit(rm.METHOD, cfg_for(tmp_path / "vec"), final_split="test")
     fit(rm.ITEM_METHOD, cfg_for(tmp_path / "items", **{"train.num_workers": 1}), final_split="test")
     a, b = weights(tmp_path / "vec"), weights(tmp_path / "items")
@@ -168,3 +170,22 @@ def test_drop_last_leaves_out_each_epochs_incomplete_batch(tmp_path):
     assert full["steps"] == 6 and dropped["steps"] == 4
     with pytest.raises(Exception, match="make no full batch of 128"):
         fit(rm.METHOD, cfg_for(tmp_path / "c", **{"train.batch_size": 128, "train.drop_last": True}), final_split=None)
+
+
+def test_unwrap_model_strips_wrappers_in_either_order():
+    """DDP-style ``.module`` (DataParallel here: no process group needed) and torch.compile's ``_orig_mod``."""
+    net = torch.nn.Linear(2, 1)
+    assert unwrap_model(net) is net
+    assert unwrap_model(torch.nn.DataParallel(torch.compile(net))) is net
+    assert unwrap_model(torch.compile(torch.nn.DataParallel(net))) is net
+
+
+def test_move_to_device_keeps_the_batch_structure():
+    from typing import NamedTuple  # noqa: PLC0415
+
+    class Pair(NamedTuple):
+        x: torch.Tensor
+        y: list
+
+    out = move_to_device({"p": Pair(torch.ones(1), [torch.zeros(1), "s"]), "t": (torch.ones(2),)}, torch.device("cpu"))
+    assert isinstance(out["p"], Pair) and out["p"].y[1] == "s" and isinstance(out["t"], tuple)

@@ -69,7 +69,7 @@ def _cogrounding_run(tmp_path, config, over):
         method.config_class,
         root / f"groundkit/methods/cogrounding/configs/{config}.yaml",
         {
-            "data.synth_size": "",
+            "world.size": "",
             "data.image_size": 64,
             "data.val_split": "train",
             "model.dim": 16,

@@ -47,7 +47,7 @@ RUNS: dict[str, tuple[str, str, dict]] = {
             "loss.student_scale": 10.0,
         },
     ),
-    "crosskd_caption_kd": ("crosskd", "synth_cecap_detach", {"train.epochs": 30, "data.synth_size": "small"}),
+    "crosskd_caption_kd": ("crosskd", "synth_cecap_detach", {"train.epochs": 30, "world.size": "small"}),
 }
 
 #: how many logged training losses are compared (the first ones, before float noise grows)

@@ -198,7 +198,7 @@ def test_issue6_explicit_data_root_replaces_the_built_in_world(monkeypatch):
     monkeypatch.setitem(cli.METHODS, "crosskd", "groundkit.methods.crosskd")
     args = cli.build_parser().parse_args(["train", "crosskd", "synth_ce", "--set", "data.root=/data/MSRVTT"])
     cfg = cli._build_cfg(get_method("crosskd"), args, "train")
-    assert (cfg.data.root, cfg.data.synth_size) == ("/data/MSRVTT", "")  # what config.yaml will say
+    assert (cfg.data.root, cfg.world.size) == ("/data/MSRVTT", "")  # what config.yaml will say
 
 
 def test_issue6_unclosed_flickr_phrase_is_an_error():

@@ -336,11 +336,13 @@ def test_error_breakdown_causes(world):
     """The world's diagnosis: a score that picks a GT-hitting box is all hits; one that picks clutter
     is all clutter; a part box of the target is a part error; counts always sum to the phrases."""
     import torch
+    from experiment_scripts import load_experiment
 
     from groundkit.config import load_config
     from groundkit.methods.wang21 import Wang21Config, Wang21Dataset, resolve_paths
-    from groundkit.methods.wang21.experiments import error_breakdown
     from groundkit.metrics import box_iou
+
+    error_breakdown = load_experiment("wang21_tables").error_breakdown
 
     over = {
         "data.region_feat_path": str(world / "region_features_{split}.hdf5"),
@@ -382,11 +384,13 @@ def test_breakdown_of_a_trained_checkpoint(world, tmp_path):
     """From a run's checkpoint: the causes cover every test phrase and the hits are the run's R@1
     (up to the tie rule at IoU = 0.5 exactly)."""
     import torch
+    from experiment_scripts import load_experiment
 
     from groundkit.config import load_config
     from groundkit.engine import fit
     from groundkit.methods.wang21 import METHOD, Wang21Config
-    from groundkit.methods.wang21.experiments import breakdown_of_checkpoint
+
+    breakdown_of_checkpoint = load_experiment("wang21_tables").breakdown_of_checkpoint
 
     torch.set_num_threads(1)
     over = {

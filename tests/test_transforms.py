@@ -151,6 +151,65 @@ def test_flip_mirrors_boxes_and_text_and_is_an_involution():
     assert torch.equal(TF.pil_to_tensor(pil["image"]), image.flip(-1))
 
 
+def test_flip_options_of_the_one_stage_code():
+    boxes = torch.tensor([[2.0, 1.0, 5.0, 9.0]], dtype=torch.float64)
+    assert T.flip_boxes(boxes, 20).tolist() == [[15.0, 1.0, 18.0, 9.0]]
+    assert T.flip_boxes(boxes, 20, pixel_index=True).tolist() == [[14.0, 1.0, 17.0, 9.0]]  # w - x - 1
+    assert T.flip_boxes(np.array([2.0, 1.0, 5.0, 9.0]), 20).tolist() == [15.0, 1.0, 18.0, 9.0]  # numpy, one box
+    assert T.flip_boxes(torch.zeros(0, 4), 20).shape == (0, 4)
+    sample = {"image": random_uint8(20, 10), "boxes": boxes, "text": "bright Left, right"}
+    official = T.RandomHorizontalFlip(p=1.0, swap_rule="substring", pixel_index=True)(sample)
+    assert official["boxes"].tolist() == [[14.0, 1.0, 17.0, 9.0]] and official["text"] == "bleft Left, left"
+    assert T.RandomHorizontalFlip(p=1.0)(sample)["text"] == "bright Right, left"
+    assert T.swap_substrings("bright left, right?") == "bleft right, left?"
+    assert T.RandomHorizontalFlip(p=1.0).apply({"text": "the left one"}, True) == {"text": "the right one"}
+    with pytest.raises(ValueError, match="swap_rule"):
+        T.RandomHorizontalFlip(swap_rule="x")
+
+
+def test_python_random_generator_draws_like_rng_uniform():
+    import random  # noqa: PLC0415
+
+    image = random_uint8(16, 8)
+    rng, ref = random.Random(4), random.Random(4)
+    assert T.RandomHorizontalFlip(p=0.5).get_params({}, rng) == (ref.random() < 0.5)
+    assert T.RandomHSV(0.5, 0.3).get_params({"image": image}, rng) == (ref.uniform(0.5, 1.5), ref.uniform(0.7, 1.3))
+    steps = T.ColorJitter(0.4, 0.4, 0.4).get_params({"image": image}, rng)
+    assert sorted(n for n, _ in steps) == ["brightness", "contrast", "saturation"]
+    assert T.RandomResize([10, 20, 30]).get_params({"image": image}, random.Random(0))[0] in (10, 20, 30)
+    pipe = train_pipeline()
+    sample = {"image": random_uint8(80, 50), "boxes": torch.tensor([[10.0, 5.0, 40.0, 45.0]]), "text": "left dog"}
+    a, b = pipe(sample, random.Random(9)), pipe(sample, random.Random(9))
+    assert torch.equal(a["image"], b["image"]) and torch.equal(a["boxes"], b["boxes"])
+
+
+def test_random_affine_moves_boxes_with_the_pixels():
+    image = torch.zeros(3, 64, 80, dtype=torch.uint8)
+    image[:, 20:40, 30:50] = 255  # a white box x 30..49, y 20..39
+    box = torch.tensor([[30.0, 20.0, 50.0, 40.0]])
+    aff = T.RandomAffine(degrees=5, translate=0.1, scale=(0.9, 1.1), shear=2)
+    for seed in range(5):
+        M = aff.get_params({"image": image}, gen(seed))
+        assert M.shape == (3, 3) and not np.allclose(M, np.eye(3))
+        out = aff.apply({"image": image, "boxes": box, "text": "x"}, M)
+        assert out["image"].dtype == torch.uint8 and out["image"].shape == image.shape and out["text"] == "x"
+        ys, xs = torch.nonzero(out["image"][0] > 128, as_tuple=True)
+        b = out["boxes"][0]
+        assert out["boxes"].dtype == box.dtype
+        assert abs(xs.min() - b[0]) <= 2 and abs(xs.max() + 1 - b[2]) <= 2 and abs(ys.min() - b[1]) <= 2
+        pil = aff.apply({"image": TF.to_pil_image(image)}, M)["image"]  # PIL and uint8 tensors warp alike
+        assert torch.equal(TF.pil_to_tensor(pil), out["image"])
+    # far out of the image: the box is clipped to it; the uncovered pixels take the fill colour
+    M = np.array([[1.0, 0, 70], [0, 1, 0], [0, 0, 1]])
+    out = aff.apply({"image": image, "boxes": box}, M)
+    assert out["boxes"].tolist() == [[80.0, 20.0, 80.0, 40.0]]
+    assert out["image"][:, 0, 0].tolist() == [124, 116, 104]  # the ImageNet mean, as the letterbox pads
+    assert T.RandomAffine(fill=0).apply({"image": image}, M)["image"][:, 0, 0].tolist() == [0, 0, 0]
+    assert T.affine_boxes(np.zeros((0, 4)), M, 80, 64).shape == (0, 4)
+    with pytest.raises(TypeError, match="uint8"):
+        aff.apply({"image": image.float()}, M)
+
+
 def test_crop_keeps_boxes_inside_and_pixels_match():
     w, h = 80, 60
     image = coord_image(w, h)
@@ -240,6 +299,8 @@ def test_color_jitter_and_hsv_params():
     a, b = T.RandomHSV(0.5, 0.5).get_params(sample, gen(1))
     assert 0.5 <= a <= 1.5 and 0.5 <= b <= 1.5
     assert T.RandomHSV(0.0, 0.5).get_params(sample, gen(1))[0] == 1.0
+    # the one-stage code's bug: S drawn (so the later draws do not move) but not applied
+    assert T.RandomHSV(0.5, 0.5, saturation_bug=True).get_params(sample, gen(1)) == (1.0, b)
     with pytest.raises(ValueError, match="brightness"):
         T.ColorJitter(brightness=1.5)
 

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from groundkit.methods.wang21.config import Wang21Config, Wang21DataConfig, Wang21ModelConfig
 from groundkit.methods.wang21.model import (
     PhraseEncoder,
     Wang21Model,
@@ -21,11 +22,16 @@ from groundkit.methods.wang21.model import (
 )
 
 
+def _cfg(region_dim: int, lstm_hidden: int, mlp_hidden: int, embed_dim: int) -> Wang21Config:
+    return Wang21Config(
+        data=Wang21DataConfig(region_dim=region_dim),
+        model=Wang21ModelConfig(lstm_hidden=lstm_hidden, mlp_hidden=mlp_hidden, embed_dim=embed_dim),
+    )
+
+
 def test_shapes_and_unit_norm():
     torch.manual_seed(0)
-    m = Wang21Model(
-        word_dim=12, region_dim=20, lstm_hidden=16, mlp_hidden=32, embed_dim=8, region_mean=0.5, region_std=2.0
-    )
+    m = Wang21Model(_cfg(20, 16, 32, 8), word_dim=12, region_mean=0.5, region_std=2.0)
     r, q = m(torch.randn(3, 7, 20), torch.randn(3, 4, 5, 12), torch.ones(3, 4, 5, dtype=torch.bool))
     assert r.shape == (3, 7, 8) and q.shape == (3, 4, 8)
     assert torch.allclose(r.norm(dim=-1), torch.ones(3, 7), atol=1e-5)
@@ -173,7 +179,7 @@ def test_neighbourhood_vectorised_equals_loop():
 
 def test_training_gradients_flow_through_both_losses():
     torch.manual_seed(0)
-    m = Wang21Model(word_dim=6, region_dim=10, lstm_hidden=8, mlp_hidden=16, embed_dim=8)
+    m = Wang21Model(_cfg(10, 8, 16, 8), word_dim=6)
     r, q = m(torch.randn(4, 9, 10), torch.randn(4, 3, 4, 6), torch.ones(4, 3, 4, dtype=torch.bool))
     pm, rm = torch.ones(4, 3, dtype=torch.bool), torch.ones(4, 9, dtype=torch.bool)
     S, own = image_sentence_scores(r, q, pm, rm, m.scale())

@@ -376,7 +376,7 @@ def test_eval_under_ddp_counts_each_pair_once(world, tmp_path):
 
 
 def test_world_configs_find_their_world():
-    """``world_*`` configs name the built-in world (data.synth_size): resolve_world builds it and fills every empty
+    """``world_*`` configs name the built-in world (world.size): resolve_world builds it and fills every empty
     path; region files of one's own keep the config on them and build no world."""
     from pathlib import Path  # noqa: PLC0415
 
@@ -385,7 +385,7 @@ def test_world_configs_find_their_world():
     from groundkit.methods.wang21.method import METHOD  # noqa: PLC0415
     from groundkit.world import resolve_world  # noqa: PLC0415
 
-    cfg = resolve_world(METHOD, load_config(Wang21Config, "world_reference_nce", {"data.synth_size": "tiny"}, "wang21"))
+    cfg = resolve_world(METHOD, load_config(Wang21Config, "world_reference_nce", {"world.size": "tiny"}, "wang21"))
     root = Path(cfg.data.root)
     assert cfg.data.region_feat_path == str(root / "region_features_{split}.hdf5")
     assert Path(cfg.data.glove_path) == root / "glove.hdf5" and Path(cfg.data.class_names).is_file()

@@ -79,7 +79,7 @@ def train_command(method: str, size: str, steps: int, threads: int, out: Path) -
         return _groundkit("train", "wang21", "world_reference_nce", *files, *common)
     if method == "crosskd":
         _world("retrieval", size)
-        return _groundkit("train", "crosskd", "synth_cecap", *common, f"data.synth_size={size}")
+        return _groundkit("train", "crosskd", "synth_cecap", *common, f"world.size={size}")
     raise SystemExit(f"groundkit bench concurrency: --method must be wang21 or crosskd, not {method!r}")
 
 

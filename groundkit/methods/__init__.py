@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint import CheckpointError, find_run_files, load_weights, read_meta
-from ..config import apply_overrides, from_dict, load_yaml
+from ..config import apply_overrides, from_dict, load_yaml, migrate_keys
 from ..errors import GroundkitError
 from .base import Method, Predictor
 
@@ -109,6 +109,7 @@ def run_config(
     if method is not None and name != method:
         raise CheckpointError(f"{path} is a {name} run, not a {method} one")
     m = get_method(name)
+    cfg_dict = migrate_keys(cfg_dict)  # a run of an earlier version names the built-in world in data.synth_*
     if overrides:
         cfg_dict = apply_overrides(m.config_class, cfg_dict, overrides)
     return m, from_dict(m.config_class, cfg_dict), ck

@@ -7,12 +7,14 @@ so nothing is probed with ``hasattr``.
 
 Required: ``name``, ``config_class``, :meth:`Method.build_model`, :meth:`Method.build_dataset`,
 :meth:`Method.training_step`, and either :meth:`Method.evaluate` or the pair
-:meth:`Method.eval_step` / :meth:`Method.compute_metrics`.
+:meth:`Method.eval_step` / :meth:`Method.compute_metrics`. A method's datasets are
+:class:`GroundingDataset` subclasses: the engine reads batches through that protocol, never by probing.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -24,7 +26,27 @@ from ..config import ExperimentConfig, to_dict
 from ..engine import evaluate_samples
 from ..runlog import format_metrics
 
-__all__ = ["Method", "Predictor", "Figure"]
+__all__ = ["Method", "Predictor", "Figure", "GroundingDataset"]
+
+
+class GroundingDataset(torch.utils.data.Dataset):
+    """The samples of one split, as the engine reads them: ``__len__``, and either a vectorised
+    :meth:`get_batch` (``batched = True``) or ``__getitem__`` plus :meth:`collate` (DataLoader workers
+    with ``train.num_workers``); :meth:`set_epoch` before each training epoch."""
+
+    #: whether the engine gathers batches with :meth:`get_batch` (else ``__getitem__`` and :meth:`collate`)
+    batched: ClassVar[bool] = False
+
+    def get_batch(self, indices: Sequence[int]) -> Any:
+        """The batch of the samples ``indices``, gathered at once (datasets with ``batched = True``)."""
+        raise NotImplementedError(f"{type(self).__name__} is not batched: it serves samples through __getitem__")
+
+    def collate(self, items: list[Any]) -> Any:
+        """One batch from ``__getitem__`` items; the default is torch's ``default_collate``."""
+        return torch.utils.data.default_collate(items)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Per-epoch random choices (a function of ``epoch``, so a resume repeats them); the default: none."""
 
 
 class Predictor:
@@ -62,6 +84,10 @@ class Predictor:
         (``<id>/*.jpg``), when it knows one; the web page shows frames from it. None: unknown."""
         return None
 
+    def video_captions(self, video_id: str) -> list[str]:
+        """The captions a ``text_video`` predictor holds for an indexed video; the default: none."""
+        return []
+
 
 @dataclass
 class Figure:
@@ -82,7 +108,7 @@ class Method:
     default_config: ClassVar[str] = ""
     #: one line for ``groundkit --help`` and the web page
     summary: ClassVar[str] = ""
-    #: the built-in world task this method trains on when its config sets ``data.synth_size``
+    #: the built-in world task this method trains on when its config sets ``world.size``
     #: (see :func:`groundkit.world.resolve_world`); "" if none
     world_task: ClassVar[str] = ""
     #: units of the rates :meth:`evaluate` returns (recall, accuracy ...): groundkit's convention is
@@ -100,8 +126,8 @@ class Method:
         raise NotImplementedError
 
     def build_dataset(self, cfg: Any, split: str) -> Any:
-        """A dataset with ``__len__`` and ``get_batch(indices)`` (vectorised) or ``__getitem__``
-        (plus optional ``collate``); optional ``set_epoch(epoch)`` for per-epoch random choices.
+        """A :class:`GroundingDataset` (``__len__`` and ``get_batch(indices)`` when ``batched``, else
+        ``__getitem__`` and ``collate``; ``set_epoch(epoch)`` for per-epoch random choices).
         None when the config names no data for ``split``."""
         raise NotImplementedError
 
@@ -110,7 +136,7 @@ class Method:
         return True
 
     def own_data(self, cfg: Any) -> bool:
-        """Whether the config names data files of its own, so that the built-in world its ``data.synth_size``
+        """Whether the config names data files of its own, so that the built-in world its ``world.size``
         names is neither built nor used (:func:`groundkit.world.resolve_world`). The default: never."""
         return False
 
@@ -128,8 +154,7 @@ class Method:
     def data_source(self, cfg: Any, split: str) -> dict[str, Any]:
         """What ``split``'s metrics were computed from (files, folders), recorded in ``metrics.json``.
         The default: the split name and the config's ``data`` section."""
-        data = getattr(cfg, "data", None)
-        return {"split": split, **(to_dict(data) if data is not None else {})}
+        return {"split": split, **to_dict(cfg.data)}
 
     # ------------------------------------------------------------------ training
 

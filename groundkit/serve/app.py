@@ -285,64 +285,62 @@ def _check_search(run: ServedRun, out: Any) -> list[tuple[str, float]]:
     return hits
 
 
-def create_app(
-    runs: Sequence[ServedRun], limits: Limits | None = None, allowed_hosts: Sequence[str] | None = None
-) -> FastAPI:
-    """The application for ``runs`` (already loaded). ``allowed_hosts``: Host header names accepted
-    (None: any; ``groundkit serve`` on a loopback address passes the loopback names, so a web page on
-    another site cannot reach the server through DNS rebinding: :class:`HostCheck`)."""
-    limits = limits or Limits()
-    state = _State(runs, limits)
-    app = FastAPI(title="groundkit", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.groundkit = state
+class _Routes:
+    """The route handlers of one application, bound to its runs and limits (:class:`_State`)."""
+
+    def __init__(self, state: _State):
+        self.state, self.limits = state, state.limits
 
     # ------------------------------------------------------------------ errors
-    def error_response(request: Request, status: int, message: str) -> Response:
+    def error_response(self, request: Request, status: int, message: str) -> Response:
+        """A refusal: JSON on the API, the page with the message (and the user's input) on HTML routes."""
         if _wants_json(request.url.path):
             return JSONResponse({"error": message, "status": status}, status_code=status)
         current = getattr(request.state, "run", None)
         form = getattr(request.state, "form_values", {})
-        html = render_page(state.runs, limits, current, error=message, **form)
+        html = render_page(self.state.runs, self.limits, current, error=message, **form)
         return HTMLResponse(html, status_code=status)
 
-    @app.exception_handler(InputError)
-    async def _input_error(request: Request, exc: InputError) -> Response:
-        return error_response(request, exc.status, exc.message)
+    async def input_error(self, request: Request, exc: InputError) -> Response:
+        """Bad input (or a failed model call) with its own status and message."""
+        return self.error_response(request, exc.status, exc.message)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    async def http_error(self, request: Request, exc: StarletteHTTPException) -> Response:
+        """Starlette's refusals (unknown route, wrong method, unparsable form) in the same shape as ours."""
         message = {404: "no such page", 405: "method not allowed here"}.get(exc.status_code, str(exc.detail))
         if exc.status_code == 400 and exc.detail:
             message = f"malformed request: {exc.detail}"
-        return error_response(request, exc.status_code, message)
+        return self.error_response(request, exc.status_code, message)
 
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
-        return error_response(request, 400, "malformed request")
+    async def validation_error(self, request: Request, exc: RequestValidationError) -> Response:
+        """A parameter FastAPI could not convert: a plain 400."""
+        return self.error_response(request, 400, "malformed request")
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> Response:
+    async def unexpected(self, request: Request, exc: Exception) -> Response:
+        """Any other exception: logged, answered 500, and the server goes on."""
         log.exception("unexpected error on %s", request.url.path)
-        return error_response(request, 500, f"internal error: {type(exc).__name__}")
+        return self.error_response(request, 500, f"internal error: {type(exc).__name__}")
 
     # ------------------------------------------------------------------ shared steps
-    async def read_form(request: Request) -> Any:
-        return await request.form(max_files=1, max_fields=2 * limits.max_texts + 8)
+    async def read_form(self, request: Request) -> Any:
+        """The multipart form (one file at most, fields bounded by the number of expressions allowed)."""
+        return await request.form(max_files=1, max_fields=2 * self.limits.max_texts + 8)
 
-    async def ground(request: Request) -> tuple[ServedRun, dict[str, Any], Any]:
-        form = await read_form(request)
-        run = state.run(form.get("run"), "image_text")
+    async def ground(self, request: Request) -> tuple[ServedRun, dict[str, Any], Any]:
+        """Check a grounding form, run the model on it: ``(run, JSON result, decoded image)``."""
+        form = await self.read_form(request)
+        run = self.state.run(form.get("run"), "image_text")
         request.state.run = run
         texts = form.getlist("text")
         request.state.form_values = {"text": texts[0] if texts and isinstance(texts[0], str) else ""}
-        texts = state.texts(texts)
+        texts = self.state.texts(texts)
         upload = form.get("image")
         if not isinstance(upload, UploadFile):
             raise InputError(400, "no image was uploaded: choose an image file (the 'image' field)")
-        data = await upload.read(limits.max_upload_bytes + 1)
+        data = await upload.read(self.limits.max_upload_bytes + 1)
         await upload.close()
-        img = await anyio.to_thread.run_sync(decode_upload, data, limits)
-        out = await state.call(run, run.predictor.ground, img, texts)
+        img = await anyio.to_thread.run_sync(decode_upload, data, self.limits)
+        out = await self.state.call(run, run.predictor.ground, img, texts)
         result = {
             "run": run.name,
             "method": run.method,
@@ -352,21 +350,28 @@ def create_app(
         }
         return run, result, img
 
-    async def search(run_name: Any, text: Any, k: Any, request: Request) -> tuple[ServedRun, dict[str, Any]]:
-        run = state.run(run_name, "text_video")
+    async def drawn_png(self, img: Any, result: dict[str, Any]) -> bytes:
+        """The image with the result's boxes drawn, as PNG (in a worker thread)."""
+        return await anyio.to_thread.run_sync(
+            lambda: encode_png(draw_boxes(img, result["results"], self.limits.display_side))
+        )
+
+    async def search(self, run_name: Any, text: Any, k: Any, request: Request) -> tuple[ServedRun, dict[str, Any]]:
+        """Check a search query, run the model on it: ``(run, JSON result)`` with captions and frame links."""
+        run = self.state.run(run_name, "text_video")
         request.state.run = run
         request.state.form_values = {"text": text if isinstance(text, str) else ""}
-        k = state.k(k)
+        k = self.state.k(k)
         request.state.form_values["k"] = k
-        (text,) = state.texts([text])
-        hits = _check_search(run, await state.call(run, run.predictor.search, text, k))
+        (text,) = self.state.texts([text])
+        hits = _check_search(run, await self.state.call(run, run.predictor.search, text, k))
         results = []
         for rank, (vid, score) in enumerate(hits, 1):
             frames: list[str] = []
             if run.frames is not None and run.frames.has(vid):
                 thumbs = await anyio.to_thread.run_sync(run.frames.thumbnails, vid)
                 frames = [frame_url(run.name, vid, i) for i in range(len(thumbs))]
-            caps = run.predictor.video_captions(vid) if hasattr(run.predictor, "video_captions") else []
+            caps = run.predictor.video_captions(vid)
             results.append(
                 {"rank": rank, "video_id": vid, "score": score, "caption": caps[0] if caps else "", "frames": frames}
             )
@@ -381,38 +386,28 @@ def create_app(
         }
 
     # ------------------------------------------------------------------ HTML
-    @app.get("/", response_class=HTMLResponse)
-    async def index(request: Request, run: str | None = None) -> Response:
-        current = state.run(run) if run else None
-        return HTMLResponse(render_page(state.runs, limits, current))
+    async def index(self, request: Request, run: str | None = None) -> Response:
+        """The page, with ``?run=NAME`` chosen."""
+        current = self.state.run(run) if run else None
+        return HTMLResponse(render_page(self.state.runs, self.limits, current))
 
-    @app.post("/ground", response_class=HTMLResponse)
-    async def ground_page(request: Request) -> Response:
-        run, result, img = await ground(request)
-        png = await anyio.to_thread.run_sync(
-            lambda: encode_png(draw_boxes(img, result["results"], limits.display_side))
-        )
-        return HTMLResponse(
-            render_page(state.runs, limits, run, text=result["results"][0]["text"], ground=(result, png))
-        )
+    async def ground_page(self, request: Request) -> Response:
+        """The page with the uploaded image and its boxes."""
+        run, result, img = await self.ground(request)
+        png = await self.drawn_png(img, result)
+        text = result["results"][0]["text"]
+        return HTMLResponse(render_page(self.state.runs, self.limits, run, text=text, ground=(result, png)))
 
-    @app.get("/search", response_class=HTMLResponse)
-    async def search_page(request: Request) -> Response:
+    async def search_page(self, request: Request) -> Response:
+        """The page with the ranked videos of a query."""
         q = request.query_params
-        run, result = await search(q.get("run"), q.get("text"), q.get("k"), request)
-        return HTMLResponse(render_page(state.runs, limits, run, text=result["text"], k=result["k"], search=result))
+        run, result = await self.search(q.get("run"), q.get("text"), q.get("k"), request)
+        page = render_page(self.state.runs, self.limits, run, text=result["text"], k=result["k"], search=result)
+        return HTMLResponse(page)
 
-    @app.get("/style.css")
-    async def style() -> Response:
-        return Response(STYLE, media_type="text/css")
-
-    @app.get("/app.js")
-    async def script() -> Response:
-        return Response(SCRIPT, media_type="text/javascript")
-
-    @app.get("/frames/{run_name}/{video_id}/{index}")
-    async def frame(run_name: str, video_id: str, index: str) -> Response:
-        run = state.run(run_name, "text_video")
+    async def frame(self, run_name: str, video_id: str, index: str) -> Response:
+        """One JPEG thumbnail of a video the run's frame table knows (nothing else is read)."""
+        run = self.state.run(run_name, "text_video")
         if run.frames is None or not run.frames.has(video_id):
             raise InputError(404, f"no frames for video {video_id[:80]!r} in run {run.name!r}")
         thumbs = await anyio.to_thread.run_sync(run.frames.thumbnails, video_id)
@@ -421,45 +416,84 @@ def create_app(
         return Response(thumbs[int(index)], media_type="image/jpeg")
 
     # ------------------------------------------------------------------ JSON API
-    @app.get("/healthz")
-    async def healthz() -> dict[str, Any]:
-        return {"status": "ok", "runs": len(state.runs), "version": __version__}
+    async def healthz(self) -> dict[str, Any]:
+        """Liveness: the number of loaded runs and the version."""
+        return {"status": "ok", "runs": len(self.state.runs), "version": __version__}
 
-    @app.get("/api/runs")
-    async def api_runs() -> dict[str, Any]:
+    async def api_runs(self) -> dict[str, Any]:
+        """The loaded runs and the limits a client must respect."""
+        lim = self.limits
         return {
-            "runs": [r.describe() for r in state.runs],
+            "runs": [r.describe() for r in self.state.runs],
             "limits": {
-                "max_upload_bytes": limits.max_upload_bytes,
-                "max_pixels": limits.max_pixels,
-                "max_text": limits.max_text,
-                "max_texts": limits.max_texts,
-                "max_k": limits.max_k,
+                "max_upload_bytes": lim.max_upload_bytes,
+                "max_pixels": lim.max_pixels,
+                "max_text": lim.max_text,
+                "max_texts": lim.max_texts,
+                "max_k": lim.max_k,
             },
         }
 
-    @app.post("/api/ground")
-    async def api_ground(request: Request) -> Response:
-        run, result, img = await ground(request)
-        form = await read_form(request)  # parsed once, cached by the request
+    async def api_ground(self, request: Request) -> Response:
+        """Grounding as JSON; ``draw`` adds the drawn image as base64 PNG."""
+        run, result, img = await self.ground(request)
+        form = await self.read_form(request)  # parsed once, cached by the request
         if str(form.get("draw", "")).lower() in ("1", "true", "yes", "on"):
-            png = await anyio.to_thread.run_sync(
-                lambda: encode_png(draw_boxes(img, result["results"], limits.display_side))
-            )
+            png = await self.drawn_png(img, result)
             result["image_png"] = base64.b64encode(png).decode("ascii")
         return JSONResponse(result)
 
-    @app.post("/api/search")
-    async def api_search(request: Request) -> Response:
+    async def api_search(self, request: Request) -> Response:
+        """Search as JSON, from a JSON body ``{"run", "text", "k"}``."""
         try:
             body = await request.json()
         except Exception:
             raise InputError(400, 'the body must be JSON: {"run": NAME, "text": TEXT, "k": 10}') from None
         if not isinstance(body, dict):
             raise InputError(400, 'the body must be a JSON object: {"run": NAME, "text": TEXT, "k": 10}')
-        _, result = await search(body.get("run"), body.get("text"), body.get("k"), request)
+        _, result = await self.search(body.get("run"), body.get("text"), body.get("k"), request)
         return JSONResponse(result)
 
+
+async def style() -> Response:
+    """The page's stylesheet (served from here: the CSP allows no inline style)."""
+    return Response(STYLE, media_type="text/css")
+
+
+async def script() -> Response:
+    """The page's script (served from here: the CSP allows no inline script)."""
+    return Response(SCRIPT, media_type="text/javascript")
+
+
+def _add_routes(app: FastAPI, routes: _Routes) -> None:
+    """Register the error handlers and the routes listed in the module docstring."""
+    app.exception_handler(InputError)(routes.input_error)
+    app.exception_handler(StarletteHTTPException)(routes.http_error)
+    app.exception_handler(RequestValidationError)(routes.validation_error)
+    app.exception_handler(Exception)(routes.unexpected)
+    app.add_api_route("/", routes.index, methods=["GET"], response_class=HTMLResponse)
+    app.add_api_route("/ground", routes.ground_page, methods=["POST"], response_class=HTMLResponse)
+    app.add_api_route("/search", routes.search_page, methods=["GET"], response_class=HTMLResponse)
+    app.add_api_route("/style.css", style, methods=["GET"])
+    app.add_api_route("/app.js", script, methods=["GET"])
+    app.add_api_route("/frames/{run_name}/{video_id}/{index}", routes.frame, methods=["GET"])
+    app.add_api_route("/healthz", routes.healthz, methods=["GET"])
+    app.add_api_route("/api/runs", routes.api_runs, methods=["GET"])
+    app.add_api_route("/api/ground", routes.api_ground, methods=["POST"])
+    app.add_api_route("/api/search", routes.api_search, methods=["POST"])
+
+
+def create_app(
+    runs: Sequence[ServedRun], limits: Limits | None = None, allowed_hosts: Sequence[str] | None = None
+) -> FastAPI:
+    """The application for ``runs`` (already loaded). ``allowed_hosts``: Host header names accepted
+    (None: any; ``groundkit serve`` on a loopback address passes the loopback names, so a web page on
+    another site cannot reach the server through DNS rebinding: :class:`HostCheck`)."""
+    limits = limits or Limits()
+    state = _State(runs, limits)
+    app = FastAPI(title="groundkit", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.groundkit = state
+    _add_routes(app, _Routes(state))
     # outermost first: the body limit (and security headers) wraps the host check
     if allowed_hosts is not None:
         app.add_middleware(HostCheck, allowed=list(allowed_hosts))

@@ -8,6 +8,7 @@ Flickr30K Entities), ``refexp`` (RefCOCO / TransVG), ``video`` (VID-Sentence), `
 """
 
 from pathlib import Path
+from typing import Any
 
 from ..config import ConfigError
 from .core import (
@@ -42,36 +43,33 @@ __all__ = [
 ]
 
 
-def resolve_world(method: object, cfg: object, progress: bool = False) -> object:
-    """Point ``cfg.data.root`` at the built-in world that ``cfg.data.synth_size`` names (building it once).
+def resolve_world(method: Any, cfg: Any, progress: bool = False) -> Any:
+    """Point ``cfg.data.root`` at the built-in world that ``cfg.world`` names (building it once).
 
-    The task is ``cfg.data.world_task`` when the config names one (a method that trains on several
-    tasks, e.g. cogrounding on ``refexp`` and ``video``), else ``method.world_task`` (e.g. ``"retrieval"``).
-    The method itself never imports the world: the command line, the demo and :mod:`groundkit.runs`
-    call this before training. A ``data.root`` that is not the world's folder, given together with
-    ``data.synth_size``, is an error instead of being silently ignored; a config naming its own data files
-    (``method.own_data``) keeps them and no world is built; ``method.use_world`` then fills the empty paths
-    from the world. Returns ``cfg``.
+    ``method`` is a :class:`~groundkit.methods.base.Method` and ``cfg`` its config (an
+    :class:`~groundkit.config.ExperimentConfig`). The task is ``cfg.world.task`` when the config names one (a method
+    that trains on several tasks, e.g. cogrounding on ``refexp`` and ``video``), else ``method.world_task``. The method
+    itself never imports the world: the command line, the demo and :mod:`groundkit.runs` call this before training.
+    A ``data.root`` that is not the world's folder, given together with ``world.size``, is an error instead of being
+    silently ignored; a config naming its own data files (``method.own_data``) keeps them and no world is built;
+    ``method.use_world`` then fills the empty paths from the world. Returns ``cfg``.
     """
-
-    data = getattr(cfg, "data", None)
-    size = getattr(data, "synth_size", "")
-    task = getattr(data, "world_task", "") or getattr(method, "world_task", "")
-    if not size or (hasattr(method, "own_data") and method.own_data(cfg)):
+    world = cfg.world
+    if not world.size or method.own_data(cfg):
         return cfg
+    task = world.task or method.world_task
     if not task:
         raise ConfigError(
-            f"data.synth_size={size!r} but no world task: set data.world_task "
-            f"(one of {', '.join(available_tasks())}) or clear data.synth_size"
+            f"world.size={world.size!r} but no world task: set world.task "
+            f"(one of {', '.join(available_tasks())}) or clear world.size"
         )
-    root = Path(generate(task, size=size, seed=int(getattr(data, "synth_seed", 0)), progress=progress))
-    given = getattr(data, "root", "")
+    root = Path(generate(task, size=world.size, seed=world.seed, progress=progress))
+    given = cfg.data.root
     if given and Path(given).expanduser().resolve() != root.resolve():
         raise ConfigError(
-            f"data.root={given!r} and data.synth_size={size!r} both name the data; clear one "
-            f"(--set data.synth_size= to train on data.root)"
+            f"data.root={given!r} and world.size={world.size!r} both name the data; clear one "
+            f"(--set world.size= to train on data.root)"
         )
-    data.root = str(root)
-    if hasattr(method, "use_world"):
-        method.use_world(cfg, root)
+    cfg.data.root = str(root)
+    method.use_world(cfg, root)
     return cfg

@@ -622,8 +622,22 @@ def _split_sizes(size: str, n_images: int) -> tuple[int, int, int]:
     return n_images - 2 * v, v, v
 
 
-def build(out: Path, size: str = "small", seed: int = 0, progress: bool = True, **knobs: Any) -> dict[str, Any]:
-    """Write the phrase task under ``out``; returns counts, knobs and teacher/oracle figures."""
+_RATE_KNOBS = (
+    "cooccurrence",
+    "part_rate",
+    "clutter",
+    "miss_rate",
+    "group_rate",
+    "confusion",
+    "synonym_rate",
+    "plural_rate",
+    "nobox_rate",
+    "same_category",
+)
+
+
+def _phrase_knobs(knobs: dict[str, Any], size: str) -> tuple[dict[str, Any], bool]:
+    """The checked knobs with ``features`` resolved, and whether to write the JPEGs (all errors before any file)."""
     k = check_knobs("phrase", knobs, DEFAULTS)
     if k["features"] == "auto":
         k["features"] = "prototype" if size == "large" else "backbone"
@@ -634,107 +648,124 @@ def build(out: Path, size: str = "small", seed: int = 0, progress: bool = True, 
     write_images = (size != "large") if k["images"] is None else bool(k["images"])
     if not 1 <= int(k["n_proposals"]) <= 1000:
         raise ValueError(f"phrase: n_proposals must be in [1, 1000], got {k['n_proposals']}")
-    for name in (
-        "cooccurrence",
-        "part_rate",
-        "clutter",
-        "miss_rate",
-        "group_rate",
-        "confusion",
-        "synonym_rate",
-        "plural_rate",
-        "nobox_rate",
-        "same_category",
-    ):
+    for name in _RATE_KNOBS:
         if not 0.0 <= float(k[name]) <= 1.0:
             raise ValueError(f"phrase: knob {name} must be in [0, 1], got {k[name]}")
-    classes = S.detector_vocabulary(k["detector"])
-    sizes = _split_sizes(size, int(k["n_images"]))
-    timings: dict[str, float] = {}
-    out = Path(out)
-    flickr = out / "flickr30k_entities"
-    (flickr / "Sentences").mkdir(parents=True)
-    (flickr / "Annotations").mkdir()
-    if write_images:
-        (flickr / "flickr30k-images").mkdir()
-    (out / "meta").mkdir()
+    return k, write_images
 
-    pool = std = None
-    if k["features"] == "prototype":
-        t0 = time.perf_counter()
-        pool = _reference_pool(seed, k, classes, progress)
-        allf = np.concatenate(list(pool.values()))
-        std = allf.std(0).astype(np.float32)
-        timings["reference_features_s"] = round(time.perf_counter() - t0, 2)
 
-    records: dict[str, list[ImageRecord]] = {s: [] for s in SPLITS}
-    all_phrases: set[str] = set()
-    scenes_meta = []
-    index = 0
-    t_gen = t_feat = t_write = 0.0
-    for split, count in zip(SPLITS, sizes):
-        ids = [str(1_000_000 + index + i) for i in range(count)]
-        (flickr / f"{split}.txt").write_text("".join(i + "\n" for i in ids))
-        P = MIN_PHRASES
-        with (
-            h5py.File(out / f"region_features_{split}.hdf5", "w") as fr,
-            h5py.File(out / f"phrase_features_{split}.hdf5", "w") as fp,
-        ):
-            bs = 32
-            for s in progress_bar(
-                range(0, count, bs), total=math.ceil(count / bs), desc=f"phrase {split}", enabled=progress
-            ):
-                t0 = time.perf_counter()
-                chunk = [make_image(index + j, ids[j], split, seed, k, classes) for j in range(s, min(s + bs, count))]
-                need_px = write_images or k["features"] == "backbone"
-                ims = [_render(r, seed, index + s + j) for j, r in enumerate(chunk)] if need_px else []
-                t1 = time.perf_counter()
-                if k["features"] == "backbone":
-                    feats = region_features(ims, [r.boxes for r in chunk], input_size=tuple(k["backbone_input"]))
-                else:
-                    feats = [
-                        _prototype_features(r, pool, rng_for(seed, "phrase", "proto", index + s + j), std)
-                        for j, r in enumerate(chunk)
-                    ]
-                t2 = time.perf_counter()
-                for j, rec in enumerate(chunk):
-                    f = feats[j]
-                    if f.shape != (len(rec.boxes), FEATURE_DIM):
-                        raise RuntimeError(
-                            f"features of image {rec.id}: shape {f.shape}, expected {(len(rec.boxes), FEATURE_DIM)}"
-                        )
-                    _h5(fr, rec.id, np.concatenate([f, rec.logits, rec.boxes], axis=1).astype(np.float32))
-                    toks, gt = _phrase_arrays(rec, max(P, max(len(x) for x in rec.phrases())))
-                    _h5(fp, rec.id, toks)
-                    _h5(fp, rec.id + "_gt", gt)
-                    for sent in rec.phrases():
-                        all_phrases.update(" ".join(t[:MAX_TOKENS]) for t, _ in sent)
-                    (flickr / "Sentences" / f"{rec.id}.txt").write_text(
-                        "".join(_sentence_markup(rec, sn) + "\n" for sn in rec.sentences)
-                    )
-                    (flickr / "Annotations" / f"{rec.id}.xml").write_text(_annotation_xml(rec))
-                    if write_images:
-                        ims[j].save(flickr / "flickr30k-images" / f"{rec.id}.jpg", quality=int(k["jpeg_quality"]))
-                    scenes_meta.append(
-                        {
-                            "id": rec.id,
-                            "split": split,
-                            "scene": rec.scene.to_dict(),
-                            "proposal_source": rec.source.tolist(),
-                            "proposal_kind": rec.kind.tolist(),
-                            "confused": {str(a): b for a, b in sorted(rec.confused.items())},
-                        }
-                    )
-                records[split].extend(chunk)
-                t3 = time.perf_counter()
-                t_gen += t1 - t0
-                t_feat += t2 - t1
-                t_write += t3 - t2
-        index += count
-    timings.update({"generate_render_s": round(t_gen, 2), "features_s": round(t_feat, 2), "write_s": round(t_write, 2)})
+@dataclass
+class _Build:
+    """What the split writers share: the settings, the prototype pool and what the label files are made from."""
 
+    out: Path
+    seed: int
+    k: dict[str, Any]
+    classes: list[str]
+    write_images: bool
+    progress: bool
+    pool: dict[tuple[str, int], np.ndarray] | None = None
+    std: np.ndarray | None = None
+    all_phrases: set[str] = field(default_factory=set)
+    scenes_meta: list[dict[str, Any]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    spent: dict[str, float] = field(
+        default_factory=lambda: {"generate_render_s": 0.0, "features_s": 0.0, "write_s": 0.0}
+    )
+
+    @property
+    def flickr(self) -> Path:
+        return self.out / "flickr30k_entities"
+
+
+def _make_dirs(b: _Build) -> None:
+    """Create the Flickr30K Entities folders (images only when written) and ``meta/``."""
+    (b.flickr / "Sentences").mkdir(parents=True)
+    (b.flickr / "Annotations").mkdir()
+    if b.write_images:
+        (b.flickr / "flickr30k-images").mkdir()
+    (b.out / "meta").mkdir()
+
+
+def _load_reference_pool(b: _Build) -> None:
+    """Fill ``b.pool`` and ``b.std`` from the rendered reference set, for prototype features."""
     t0 = time.perf_counter()
-    phrases = sorted(all_phrases)
+    b.pool = _reference_pool(b.seed, b.k, b.classes, b.progress)
+    allf = np.concatenate(list(b.pool.values()))
+    b.std = allf.std(0).astype(np.float32)
+    b.timings["reference_features_s"] = round(time.perf_counter() - t0, 2)
+
+
+def _chunk_features(b: _Build, chunk: list[ImageRecord], ims: list, start: int) -> list[np.ndarray]:
+    """Region features of consecutive images from index ``start``: backbone on pixels, or reference prototypes."""
+    if b.k["features"] == "backbone":
+        return region_features(ims, [r.boxes for r in chunk], input_size=tuple(b.k["backbone_input"]))
+    return [
+        _prototype_features(r, b.pool, rng_for(b.seed, "phrase", "proto", start + j), b.std)
+        for j, r in enumerate(chunk)
+    ]
+
+
+def _write_record(
+    b: _Build, rec: ImageRecord, f: np.ndarray, im: Image.Image | None, fr: h5py.File, fp: h5py.File
+) -> dict[str, Any]:
+    """Write one image's HDF5 entries, Flickr30K Entities files and JPEG; returns its ``scenes.jsonl`` record."""
+    if f.shape != (len(rec.boxes), FEATURE_DIM):
+        raise RuntimeError(f"features of image {rec.id}: shape {f.shape}, expected {(len(rec.boxes), FEATURE_DIM)}")
+    _h5(fr, rec.id, np.concatenate([f, rec.logits, rec.boxes], axis=1).astype(np.float32))
+    toks, gt = _phrase_arrays(rec, max(MIN_PHRASES, max(len(x) for x in rec.phrases())))
+    _h5(fp, rec.id, toks)
+    _h5(fp, rec.id + "_gt", gt)
+    (b.flickr / "Sentences" / f"{rec.id}.txt").write_text(
+        "".join(_sentence_markup(rec, sn) + "\n" for sn in rec.sentences)
+    )
+    (b.flickr / "Annotations" / f"{rec.id}.xml").write_text(_annotation_xml(rec))
+    if im is not None:
+        im.save(b.flickr / "flickr30k-images" / f"{rec.id}.jpg", quality=int(b.k["jpeg_quality"]))
+    return {
+        "id": rec.id,
+        "split": rec.split,
+        "scene": rec.scene.to_dict(),
+        "proposal_source": rec.source.tolist(),
+        "proposal_kind": rec.kind.tolist(),
+        "confused": {str(oid): name for oid, name in sorted(rec.confused.items())},
+    }
+
+
+def _write_split(b: _Build, split: str, count: int, index: int) -> list[ImageRecord]:
+    """Generate, featurise and write one split's images (global indices from ``index``), in chunks of 32."""
+    ids = [str(1_000_000 + index + i) for i in range(count)]
+    (b.flickr / f"{split}.txt").write_text("".join(i + "\n" for i in ids))
+    records: list[ImageRecord] = []
+    with (
+        h5py.File(b.out / f"region_features_{split}.hdf5", "w") as fr,
+        h5py.File(b.out / f"phrase_features_{split}.hdf5", "w") as fp,
+    ):
+        bs = 32
+        for s in progress_bar(
+            range(0, count, bs), total=math.ceil(count / bs), desc=f"phrase {split}", enabled=b.progress
+        ):
+            t0 = time.perf_counter()
+            chunk = [make_image(index + j, ids[j], split, b.seed, b.k, b.classes) for j in range(s, min(s + bs, count))]
+            need_px = b.write_images or b.k["features"] == "backbone"
+            ims = [_render(r, b.seed, index + s + j) for j, r in enumerate(chunk)] if need_px else []
+            t1 = time.perf_counter()
+            feats = _chunk_features(b, chunk, ims, index + s)
+            t2 = time.perf_counter()
+            for j, rec in enumerate(chunk):
+                b.scenes_meta.append(_write_record(b, rec, feats[j], ims[j] if b.write_images else None, fr, fp))
+                for sent in rec.phrases():
+                    b.all_phrases.update(" ".join(t[:MAX_TOKENS]) for t, _ in sent)
+            records.extend(chunk)
+            t3 = time.perf_counter()
+            b.spent["generate_render_s"] += t1 - t0
+            b.spent["features_s"] += t2 - t1
+            b.spent["write_s"] += t3 - t2
+    return records
+
+
+def _write_labels(out: Path, phrases: list[str], classes: list[str]) -> tuple[dict[str, str], dict[str, np.ndarray]]:
+    """Write the phrase -> class map, its matching matrix, the class list and GloVe; returns the map and vectors."""
     p2l, match = phrase_matching(phrases, classes)
     write_json(out / "phrase_to_label.json", p2l)
     write_matching_matrix(out / "matching_matrix.hdf5", phrases, classes, match)  # the soft matching behind the map
@@ -746,27 +777,27 @@ def build(out: Path, size: str = "small", seed: int = 0, progress: bool = True, 
         for w in vocab:
             if w in vecs:
                 _h5(fg, w, vecs[w])
-    with open(out / "meta" / "scenes.jsonl", "w", encoding="utf-8") as fm:
-        for m in scenes_meta:
-            fm.write(json.dumps(m, sort_keys=True) + "\n")
-    stats = {s: teacher_stats(records[s], p2l, classes) for s in SPLITS}
-    timings["labels_stats_s"] = round(time.perf_counter() - t0, 2)
-    write_json(out / "meta" / "stats.json", stats)
+    return p2l, vecs
 
+
+def _build_info(
+    b: _Build, sizes: tuple[int, int, int], phrases: list[str], n_glove: int, stats: dict[str, dict[str, float]]
+) -> dict[str, Any]:
+    """The manifest's ``info`` of a phrase build: counts, figures, timings and file names."""
     n_phr = sum(st["phrases_with_box"] for st in stats.values())
     info = {
-        "knobs": k,
+        "knobs": b.k,
         "images": dict(zip(SPLITS, sizes)),
         "captions_per_image": N_SENTENCES,
         "feature_dim": FEATURE_DIM,
-        "detector_classes": len(classes),
-        "logit_columns": len(classes) + 1,
-        "n_proposals": int(k["n_proposals"]),
+        "detector_classes": len(b.classes),
+        "logit_columns": len(b.classes) + 1,
+        "n_proposals": int(b.k["n_proposals"]),
         "phrases_with_box": n_phr,
         "distinct_phrases": len(phrases),
-        "glove_words": len(vecs),
+        "glove_words": n_glove,
         "stats": stats,
-        "timings": timings,
+        "timings": b.timings,
         "files": {
             "region_features": {s: f"region_features_{s}.hdf5" for s in SPLITS},
             "phrase_features": {s: f"phrase_features_{s}.hdf5" for s in SPLITS},
@@ -777,9 +808,38 @@ def build(out: Path, size: str = "small", seed: int = 0, progress: bool = True, 
             "flickr30k_entities": "flickr30k_entities",
         },
     }
-    if k["features"] == "backbone":  # the region features went through torch's float kernels
+    if b.k["features"] == "backbone":  # the region features went through torch's float kernels
         info["float_fingerprint"] = float_fingerprint()
     return info
+
+
+def build(out: Path, size: str = "small", seed: int = 0, progress: bool = True, **knobs: Any) -> dict[str, Any]:
+    """Write the phrase task under ``out``; returns counts, knobs and teacher/oracle figures."""
+    k, write_images = _phrase_knobs(knobs, size)
+    classes = S.detector_vocabulary(k["detector"])
+    sizes = _split_sizes(size, int(k["n_images"]))
+    b = _Build(Path(out), seed, k, classes, write_images, progress)
+    _make_dirs(b)
+    if k["features"] == "prototype":
+        _load_reference_pool(b)
+
+    records: dict[str, list[ImageRecord]] = {}
+    index = 0
+    for split, count in zip(SPLITS, sizes):
+        records[split] = _write_split(b, split, count, index)
+        index += count
+    b.timings.update({name: round(v, 2) for name, v in b.spent.items()})
+
+    t0 = time.perf_counter()
+    phrases = sorted(b.all_phrases)
+    p2l, vecs = _write_labels(b.out, phrases, classes)
+    with open(b.out / "meta" / "scenes.jsonl", "w", encoding="utf-8") as fm:
+        for m in b.scenes_meta:
+            fm.write(json.dumps(m, sort_keys=True) + "\n")
+    stats = {s: teacher_stats(records[s], p2l, classes) for s in SPLITS}
+    b.timings["labels_stats_s"] = round(time.perf_counter() - t0, 2)
+    write_json(b.out / "meta" / "stats.json", stats)
+    return _build_info(b, sizes, phrases, len(vecs), stats)
 
 
 # ----------------------------------------------------------------------------------------------

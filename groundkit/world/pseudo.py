@@ -352,6 +352,105 @@ def load_label_flags(out: str | Path) -> dict[str, list[dict[str, Any]]]:
     return json.loads(path.read_text(encoding="utf-8"))["sources"]
 
 
+def _detections_entry(image_id: int, img: str, ds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One image's record in ``pseudo/detections_train.json``: the detections the labels were built from."""
+    return {
+        "image_id": image_id,
+        "file_name": img,
+        "detections": [
+            {
+                "box": d["box"],
+                "class": CATEGORIES[d["category"]].detector,
+                "category": d["category"],
+                "attribute": d["colour"],
+                "score": d["score"],
+            }
+            for d in ds
+            if d["error"] != "miss"
+        ],
+    }
+
+
+def _source_labels(
+    source: str,
+    scene: Scene,
+    ds: list[dict[str, Any]],
+    conds: dict[int, dict[str, Any]],
+    mean_w: float,
+    k: dict[str, Any],
+    rng: np.random.Generator,
+) -> list[dict[str, Any]]:
+    """One source's labels for one image, at most ``each_image_query`` of them (a random subset, in order)."""
+    if source == "template":
+        cands = _template_labels(scene, ds, k, rng)
+    elif source == "relation":
+        cands = _relation_labels(scene, ds, conds, mean_w, k, rng)
+    else:
+        cands = _caption_labels(scene, ds, k, rng)
+    if len(cands) > k["each_image_query"]:
+        keep = sorted(rng.choice(len(cands), size=k["each_image_query"], replace=False).tolist())
+        cands = [cands[i] for i in keep]
+    return cands
+
+
+def _label_flags(
+    lab: dict[str, Any], image_id: int, scene: Scene, conds: dict[int, dict[str, Any]], ann_of: list[int]
+) -> dict[str, Any]:
+    """The analysis record of one label: its correctness against the ground truth and its conditions."""
+    c = conds[lab["det"]["gt"]]
+    j = _judge(lab, scene)
+    return {
+        "image_id": image_id,
+        "text": lab["text"],
+        "template": lab["template"],
+        **j,
+        "referent_ann_ids": [ann_of[i] for i in j["referents"]],
+        "box_best_ann_id": ann_of[j["box_best_gt"]],
+        "detection_error": lab["det"]["error"],
+        "predicate_flipped": lab.get("predicate_flipped", False),
+        "small": c["small"],
+        "crowded": c["crowded"],
+        "n_same_class": c["n_same"],
+    }
+
+
+def _write_pseudo_files(
+    out: Path, entries: dict[str, list], flags: dict[str, list], det_json: list[dict[str, Any]]
+) -> None:
+    """Write the per-source and merged label files, the detections and the analysis flags."""
+    root = out / "splits" / "unc"
+    (root / "train_separate").mkdir(parents=True, exist_ok=True)
+    for s in SOURCES:
+        transvg.save_list(entries[s], root / "train_separate" / f"{_FILES[s]}.pth", "unc")
+    transvg.save_split([e for s in SOURCES for e in entries[s]], out / "splits", "unc", "train_pseudo")
+    (out / "pseudo").mkdir(exist_ok=True)
+    write_json(out / "pseudo" / "detections_train.json", {"version": 1, "images": det_json})
+    (out / "analysis").mkdir(exist_ok=True)
+    write_json(
+        out / "analysis" / "pseudo_labels.json",
+        {"version": 1, "files": {s: f"splits/unc/train_separate/{_FILES[s]}.pth" for s in SOURCES}, "sources": flags},
+    )
+
+
+def _source_stats(flags: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Per source: label count and error rates overall and by condition (small, crowded, same-class count)."""
+    per_source = {}
+    for s in SOURCES:
+        f = flags[s]
+        err = lambda sel: round(1.0 - float(np.mean([x["correct"] for x in sel])), 4) if sel else None  # noqa: E731
+        per_source[s] = {
+            "labels": len(f),
+            "error_rate": err(f),
+            "error_rate_small": err([x for x in f if x["small"]]),
+            "error_rate_not_small": err([x for x in f if not x["small"]]),
+            "error_rate_crowded": err([x for x in f if x["crowded"]]),
+            "error_rate_not_crowded": err([x for x in f if not x["crowded"]]),
+            "error_rate_3plus_same_class": err([x for x in f if x["n_same_class"] >= 3]),
+            "error_rate_unique_class": err([x for x in f if x["n_same_class"] == 1]),
+        }
+    return per_source
+
+
 def build(out: Path, size: str, seed: int, progress: bool = False, **knobs: Any) -> dict[str, Any]:
     """Write the refexp world (crowded) plus pseudo labels; returns counts, error rates and knobs."""
     k = check_knobs(TASK, knobs, _defaults(size))
@@ -370,92 +469,24 @@ def build(out: Path, size: str, seed: int, progress: bool = False, **knobs: Any)
     for m, scene, ds, conds in zip(train, scenes, dets, conds_all):
         image_id = m["image_id"]
         img = refcoco.coco_file_name(image_id)
-        ann_of = m["ann_ids"]
-        det_json.append(
-            {
-                "image_id": image_id,
-                "file_name": img,
-                "detections": [
-                    {
-                        "box": d["box"],
-                        "class": CATEGORIES[d["category"]].detector,
-                        "category": d["category"],
-                        "attribute": d["colour"],
-                        "score": d["score"],
-                    }
-                    for d in ds
-                    if d["error"] != "miss"
-                ],
-            }
-        )
+        det_json.append(_detections_entry(image_id, img, ds))
         for source in SOURCES:
             rng = rng_for(seed, TASK, source, image_id)
-            if source == "template":
-                cands = _template_labels(scene, ds, k, rng)
-            elif source == "relation":
-                cands = _relation_labels(scene, ds, conds, mean_w, k, rng)
-            else:
-                cands = _caption_labels(scene, ds, k, rng)
-            if len(cands) > k["each_image_query"]:
-                keep = sorted(rng.choice(len(cands), size=k["each_image_query"], replace=False).tolist())
-                cands = [cands[i] for i in keep]
-            for lab in cands:
+            for lab in _source_labels(source, scene, ds, conds, mean_w, k, rng):
                 x1, y1, x2, y2 = lab["det"]["box"]
                 entries[source].append(transvg.make_entry("unc", img, (x1, y1, x2, y2), lab["text"]))
-                c = conds[lab["det"]["gt"]]
-                j = _judge(lab, scene)
-                flags[source].append(
-                    {
-                        "image_id": image_id,
-                        "text": lab["text"],
-                        "template": lab["template"],
-                        **j,
-                        "referent_ann_ids": [ann_of[i] for i in j["referents"]],
-                        "box_best_ann_id": ann_of[j["box_best_gt"]],
-                        "detection_error": lab["det"]["error"],
-                        "predicate_flipped": lab.get("predicate_flipped", False),
-                        "small": c["small"],
-                        "crowded": c["crowded"],
-                        "n_same_class": c["n_same"],
-                    }
-                )
-    root = out / "splits" / "unc"
-    (root / "train_separate").mkdir(parents=True, exist_ok=True)
-    for s in SOURCES:
-        transvg.save_list(entries[s], root / "train_separate" / f"{_FILES[s]}.pth", "unc")
-    transvg.save_split([e for s in SOURCES for e in entries[s]], out / "splits", "unc", "train_pseudo")
-    (out / "pseudo").mkdir(exist_ok=True)
-    write_json(out / "pseudo" / "detections_train.json", {"version": 1, "images": det_json})
-    (out / "analysis").mkdir(exist_ok=True)
-    write_json(
-        out / "analysis" / "pseudo_labels.json",
-        {"version": 1, "files": {s: f"splits/unc/train_separate/{_FILES[s]}.pth" for s in SOURCES}, "sources": flags},
-    )
+                flags[source].append(_label_flags(lab, image_id, scene, conds, m["ann_ids"]))
+    _write_pseudo_files(out, entries, flags, det_json)
     all_dets = [d for ds in dets for d in ds]
-    stats = refexp._stats(world)
-    per_source = {}
-    for s in SOURCES:
-        f = flags[s]
-        err = lambda sel: round(1.0 - float(np.mean([x["correct"] for x in sel])), 4) if sel else None  # noqa: E731
-        per_source[s] = {
-            "labels": len(f),
-            "error_rate": err(f),
-            "error_rate_small": err([x for x in f if x["small"]]),
-            "error_rate_not_small": err([x for x in f if not x["small"]]),
-            "error_rate_crowded": err([x for x in f if x["crowded"]]),
-            "error_rate_not_crowded": err([x for x in f if not x["crowded"]]),
-            "error_rate_3plus_same_class": err([x for x in f if x["n_same_class"] >= 3]),
-            "error_rate_unique_class": err([x for x in f if x["n_same_class"] == 1]),
-        }
     return {
-        **stats,
+        **refexp._stats(world),
         "pseudo": {
             "train_images": len(train),
             "detections": len(all_dets),
             "detection_error_rate": round(float(np.mean([d["error"] is not None for d in all_dets])), 4)
             if all_dets
             else None,
-            "sources": per_source,
+            "sources": _source_stats(flags),
         },
         "knobs": k,
     }

@@ -319,6 +319,116 @@ def _split_of(n: int, fractions: list[float], seed: int) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 
 
+def _image_entry(image_id: int, fname: str, scene: Scene) -> dict[str, Any]:
+    """The COCO ``images`` entry of one image."""
+    return {
+        "id": image_id,
+        "file_name": fname,
+        "height": scene.height,
+        "width": scene.width,
+        "license": 0,
+        "coco_url": "",
+        "flickr_url": "",
+        "date_captured": "",
+    }
+
+
+def _object_annotations(
+    scene: Scene, image_id: int, first_ann_id: int, cat_ids: dict[str, int]
+) -> list[dict[str, Any]]:
+    """The COCO ``annotations`` of one image's objects, in object order, with ids from ``first_ann_id``."""
+    anns = []
+    for n, o in enumerate(scene.objects):
+        x1, y1, x2, y2 = o.box
+        w, h = round(x2 - x1, 2), round(y2 - y1, 2)
+        anns.append(
+            {
+                "id": first_ann_id + n,
+                "image_id": image_id,
+                "category_id": cat_ids[o.category],
+                "bbox": [round(x1, 2), round(y1, 2), w, h],
+                "area": round(w * h, 2),
+                "iscrowd": 0,
+                "segmentation": [[x1, y1, x2, y1, x2, y2, x1, y2]],
+            }
+        )
+    return anns
+
+
+def _ref_sentences(
+    scene: Scene,
+    target: SceneObject,
+    cands: list[dict[str, Any]],
+    ref_id: int,
+    first_sent_id: int,
+    rng: np.random.Generator,
+    k: dict[str, Any],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Up to ``max_sents_per_ref`` distinct expressions of one ref, drawn from its candidate programs;
+    returns the refer-API sentences and their metadata (program, TransVG attribute slots)."""
+    n_s = int(rng.integers(1, k["max_sents_per_ref"] + 1))
+    order = rng.permutation(len(cands))
+    sentences, sent_meta, seen = [], [], set()
+    for j in order:
+        if len(sentences) >= n_s:
+            break
+        prog = dict(cands[int(j)])
+        text = _render_text(scene, target, prog, rng, k)
+        if text in seen:
+            continue
+        seen.add(text)
+        sent_id = first_sent_id + len(sentences)
+        raw = text[0].upper() + text[1:] if rng.random() < 0.3 else text
+        sentences.append({"tokens": text.split(), "raw": raw, "sent_id": sent_id, "sent": text})
+        sent_meta.append(
+            {
+                "sent_id": sent_id,
+                "ref_id": ref_id,
+                "target": target.id,
+                "program": prog,
+                "r_attrs": _r_attributes(target, prog, text),
+            }
+        )
+    return sentences, sent_meta
+
+
+def _image_refs(
+    scene: Scene,
+    split: str,
+    image_id: int,
+    obj_ann: dict[int, int],
+    first_ids: tuple[int, int],
+    rng: np.random.Generator,
+    k: dict[str, Any],
+    cat_ids: dict[str, int],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The refs of one image (targets chosen for its split), numbered from ``first_ids`` = (ref id, sentence id);
+    returns the refer-API refs and their sentences' metadata."""
+    ref_id, sent_id = first_ids
+    refs, sent_meta = [], []
+    for t in _choose_targets(scene, split, rng, k):
+        cands = expression_candidates(scene, t)
+        if not cands:
+            continue
+        sentences, meta = _ref_sentences(scene, t, cands, ref_id, sent_id, rng, k)
+        sent_meta += meta
+        sent_id += len(sentences)
+        refs.append(
+            {
+                "sent_ids": [s["sent_id"] for s in sentences],
+                "file_name": f"COCO_train2014_{image_id:012d}_{obj_ann[t.id]}.jpg",
+                "ann_id": obj_ann[t.id],
+                "ref_id": ref_id,
+                "image_id": image_id,
+                "split": split,
+                "sentences": sentences,
+                "category_id": cat_ids[t.category],
+            }
+        )
+        ref_id += 1
+    return refs, sent_meta
+
+
 def write_world(
     out: Path,
     seed: int,
@@ -337,7 +447,7 @@ def write_world(
     splits = _split_of(k["n_images"], list(k["split_fractions"]), seed)
     cat_ids = {name: i + 1 for i, name in enumerate(CATEGORY_NAMES)}
     images, anns, refs, scenes_meta = [], [], [], []
-    ann_id = ref_id = sent_id = 0
+    n_sents = 0
     for i in progress_bar(range(k["n_images"]), total=k["n_images"], desc=f"{task} images", enabled=progress):
         rng = rng_for(seed, task, "image", i)
         split = splits[i]
@@ -347,76 +457,13 @@ def write_world(
         if k["write_images"]:
             img = render_scene(scene, rng, noise=k["render_noise"])
             img.save(img_dir / fname, format="JPEG", quality=k["jpeg_quality"])
-        images.append(
-            {
-                "id": image_id,
-                "file_name": fname,
-                "height": scene.height,
-                "width": scene.width,
-                "license": 0,
-                "coco_url": "",
-                "flickr_url": "",
-                "date_captured": "",
-            }
-        )
-        obj_ann: dict[int, int] = {}
-        for o in scene.objects:
-            ann_id += 1
-            obj_ann[o.id] = ann_id
-            x1, y1, x2, y2 = o.box
-            w, h = round(x2 - x1, 2), round(y2 - y1, 2)
-            anns.append(
-                {
-                    "id": ann_id,
-                    "image_id": image_id,
-                    "category_id": cat_ids[o.category],
-                    "bbox": [round(x1, 2), round(y1, 2), w, h],
-                    "area": round(w * h, 2),
-                    "iscrowd": 0,
-                    "segmentation": [[x1, y1, x2, y1, x2, y2, x1, y2]],
-                }
-            )
-        sent_meta = []
-        for t in _choose_targets(scene, split, rng, k):
-            cands = expression_candidates(scene, t)
-            if not cands:
-                continue
-            n_s = int(rng.integers(1, k["max_sents_per_ref"] + 1))
-            order = rng.permutation(len(cands))
-            sentences, seen = [], set()
-            for j in order:
-                if len(sentences) >= n_s:
-                    break
-                prog = dict(cands[int(j)])
-                text = _render_text(scene, t, prog, rng, k)
-                if text in seen:
-                    continue
-                seen.add(text)
-                raw = text[0].upper() + text[1:] if rng.random() < 0.3 else text
-                sentences.append({"tokens": text.split(), "raw": raw, "sent_id": sent_id, "sent": text})
-                sent_meta.append(
-                    {
-                        "sent_id": sent_id,
-                        "ref_id": ref_id,
-                        "target": t.id,
-                        "program": prog,
-                        "r_attrs": _r_attributes(t, prog, text),
-                    }
-                )
-                sent_id += 1
-            refs.append(
-                {
-                    "sent_ids": [s["sent_id"] for s in sentences],
-                    "file_name": f"COCO_train2014_{image_id:012d}_{obj_ann[t.id]}.jpg",
-                    "ann_id": obj_ann[t.id],
-                    "ref_id": ref_id,
-                    "image_id": image_id,
-                    "split": split,
-                    "sentences": sentences,
-                    "category_id": cat_ids[t.category],
-                }
-            )
-            ref_id += 1
+        images.append(_image_entry(image_id, fname, scene))
+        obj_anns = _object_annotations(scene, image_id, len(anns) + 1, cat_ids)
+        anns += obj_anns
+        obj_ann = {o.id: a["id"] for o, a in zip(scene.objects, obj_anns)}
+        img_refs, sent_meta = _image_refs(scene, split, image_id, obj_ann, (len(refs), n_sents), rng, k, cat_ids)
+        refs += img_refs
+        n_sents += len(sent_meta)
         scenes_meta.append(
             {
                 "image_id": image_id,
@@ -426,6 +473,20 @@ def write_world(
                 "sentences": sent_meta,
             }
         )
+    _write_annotations(out, task, images, anns, refs, scenes_meta, cat_ids)
+    return {"images": images, "refs": refs, "scenes": scenes_meta, "cat_ids": cat_ids, "anns": anns}
+
+
+def _write_annotations(
+    out: Path,
+    task: str,
+    images: list[dict],
+    anns: list[dict],
+    refs: list[dict],
+    scenes_meta: list[dict],
+    cat_ids: dict[str, int],
+) -> None:
+    """Write the refer-API refs and instances, the scene metadata and the TransVG / Flickr-style splits."""
     instances = {
         "images": images,
         "annotations": anns,
@@ -438,7 +499,6 @@ def write_world(
     (out / "meta").mkdir(exist_ok=True)
     write_json(out / "meta" / f"{task}_scenes.json", {"version": 1, "images": scenes_meta})
     _write_transvg(out, refs, anns, scenes_meta)
-    return {"images": images, "refs": refs, "scenes": scenes_meta, "cat_ids": cat_ids, "anns": anns}
 
 
 def _write_transvg(out: Path, refs: list[dict], anns: list[dict], scenes_meta: list[dict]) -> None:

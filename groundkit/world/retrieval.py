@@ -201,27 +201,39 @@ def _dump(path: Path, obj: Any) -> None:
         pickle.dump(obj, f, protocol=PROTOCOL)
 
 
-def build(out: Path, size: str = "small", seed: int = 0, progress: bool = False, **knobs: Any) -> dict:
-    """Write the retrieval world into ``out``; returns {"knobs", counts...} for the manifest."""
-    k = check_knobs("retrieval", knobs, DEFAULTS)
-    if size not in SIZE_SPLITS:
-        raise ValueError(f"retrieval: unknown size {size!r}; sizes: {', '.join(SIZE_SPLITS)}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    n_tr, n_va, n_te = SIZE_SPLITS[size]
-    rng = rng_for(seed, "retrieval", "videos")
-    # split by cluster: cluster mates stay in one split, so test has graded non-matches too
-    atts = _videos(rng, n_tr, k) + _videos(rng, n_va, k) + _videos(rng, n_te, k)
-    n = len(atts)
-    width = max(4, len(str(n - 1)))
-    ids = [f"video{i:0{width}d}" for i in range(n)]
+# caption words besides the attribute synonyms (see _caption)
+_CAPTION_WORDS = {
+    "a",
+    "is",
+    "in",
+    "on",
+    "near",
+    "the",
+    "there",
+    "keeps",
+    "video",
+    "of",
+    "someone",
+    "films",
+    "that",
+    "outside",
+    "quickly",
+    "slowly",
+    "today",
+}
+
+
+def _write_experts(
+    out: Path, seed: int, ids: list[str], aidx: list[dict[str, int]], k: dict[str, Any], progress: bool
+) -> np.ndarray:
+    """Write the four expert pickles (attribute prototypes + noise); returns which videos lack the audio expert."""
+    n = len(ids)
     # attribute prototypes, per expert (each expert has its own random view of an attribute)
     prng = rng_for(seed, "retrieval", "prototypes")
     protos = {
         e: {a: prng.standard_normal((len(ATTRS[a]), EXPERT_DIMS[e])).astype(np.float32) for a in EXPERT_ATTRS[e]}
         for e in EXPERT_FILES
     }
-    aidx = [{a: ATTRS[a].index(v[a]) for a in ATTRS} for v in atts]
     frng = rng_for(seed, "retrieval", "features")
     missing = frng.random(n) < k["missing_fraction"]
     feats: dict[str, dict[str, Any]] = {e: {} for e in EXPERT_FILES}
@@ -239,31 +251,14 @@ def build(out: Path, size: str = "small", seed: int = 0, progress: bool = False,
             feats[e][vid] = x.astype(np.float32)
     for e, rel in EXPERT_FILES.items():
         _dump(out / rel, feats[e])
-    del feats
-    # captions and GloVe token features
+    return missing
 
-    vocab = sorted(
-        {w for d in SYN.values() for syns in d.values() for s in syns for w in [s]}
-        | {
-            "a",
-            "is",
-            "in",
-            "on",
-            "near",
-            "the",
-            "there",
-            "keeps",
-            "video",
-            "of",
-            "someone",
-            "films",
-            "that",
-            "outside",
-            "quickly",
-            "slowly",
-            "today",
-        }
-    )
+
+def _write_captions(
+    out: Path, seed: int, ids: list[str], atts: list[dict[str, str]], k: dict[str, Any]
+) -> dict[str, list[list[str]]]:
+    """Write the raw captions and their per-token GloVe features; returns the captions."""
+    vocab = sorted({w for d in SYN.values() for syns in d.values() for s in syns for w in [s]} | _CAPTION_WORDS)
     glove = load_word_vectors(GLOVE_PACKAGE, vocab)
     lacking = [w for w in vocab if w not in glove]
     if lacking:
@@ -277,9 +272,19 @@ def build(out: Path, size: str = "small", seed: int = 0, progress: bool = False,
         text[vid] = [np.stack([glove[w] for w in c]).astype(np.float32) for c in caps]
     _dump(out / "raw-captions.pkl", raw)
     _dump(out / TEXT_FILE, text)
-    del text
-    # TeachText-style teachers: per expert, noisy embeddings of the attributes that expert sees;
-    # the text side only knows the attributes the caption mentions.
+    return raw
+
+
+def _write_teachers(
+    out: Path,
+    seed: int,
+    ids: list[str],
+    atts: list[dict[str, str]],
+    aidx: list[dict[str, int]],
+    raw: dict[str, list[list[str]]],
+) -> None:
+    """Write the TeachText-style teachers: per expert, noisy embeddings of the attributes that expert sees;
+    the text side only knows the attributes the caption mentions."""
     trng = rng_for(seed, "retrieval", "teachers")
     experts = sorted(EXPERT_FILES)
     tproj = {
@@ -312,6 +317,26 @@ def build(out: Path, size: str = "small", seed: int = 0, progress: bool = False,
             for i, vid in enumerate(ids)
         }
         _dump(out / rel, data)
+
+
+def build(out: Path, size: str = "small", seed: int = 0, progress: bool = False, **knobs: Any) -> dict:
+    """Write the retrieval world into ``out``; returns {"knobs", counts...} for the manifest."""
+    k = check_knobs("retrieval", knobs, DEFAULTS)
+    if size not in SIZE_SPLITS:
+        raise ValueError(f"retrieval: unknown size {size!r}; sizes: {', '.join(SIZE_SPLITS)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    n_tr, n_va, n_te = SIZE_SPLITS[size]
+    rng = rng_for(seed, "retrieval", "videos")
+    # split by cluster: cluster mates stay in one split, so test has graded non-matches too
+    atts = _videos(rng, n_tr, k) + _videos(rng, n_va, k) + _videos(rng, n_te, k)
+    n = len(atts)
+    width = max(4, len(str(n - 1)))
+    ids = [f"video{i:0{width}d}" for i in range(n)]
+    aidx = [{a: ATTRS[a].index(v[a]) for a in ATTRS} for v in atts]
+    missing = _write_experts(out, seed, ids, aidx, k, progress)
+    raw = _write_captions(out, seed, ids, atts, k)
+    _write_teachers(out, seed, ids, atts, aidx, raw)
     for name, sl in (("train", slice(0, n_tr)), ("val", slice(n_tr, n_tr + n_va)), ("test", slice(n_tr + n_va, n))):
         (out / f"{name}_list_full.txt").write_text("\n".join(ids[sl]) + "\n")
     (out / "attributes.json").write_text(json.dumps({vid: atts[i] for i, vid in enumerate(ids)}, indent=0))

@@ -31,7 +31,7 @@ from PIL import Image, ImageDraw
 
 from ..formats import vid_sentence
 from .core import check_knobs, progress_bar, rng_for, write_json
-from .scene import CATEGORY_NAMES, SceneKnobs, SceneObject, box_iou_np, render_scene, sample_scene
+from .scene import CATEGORY_NAMES, Scene, SceneKnobs, SceneObject, box_iou_np, render_scene, sample_scene
 
 __all__ = ["build", "DEFAULTS", "MOTION_WORDS", "SPLITS", "visibility"]
 
@@ -97,22 +97,11 @@ def _clip(b: tuple, w: int, h: int) -> tuple[float, float, float, float]:
     return (max(0.0, x1), max(0.0, y1), min(float(w - 1), x2), min(float(h - 1), y2))
 
 
-def _plan_video(rng: np.random.Generator, k: dict[str, Any]) -> dict[str, Any]:
-    """Sample objects, the target, its distractor, velocities and the difficulty events of one video."""
-    W, H, T = k["width"], k["height"], k["n_frames"]
-    scene = sample_scene(
-        rng,
-        SceneKnobs(
-            width=W,
-            height=H,
-            min_objects=k["min_objects"],
-            max_objects=k["max_objects"],
-            cooccurrence=0.0,
-            same_category=0.3,
-        ),
-    )
-    objs = [o for o in scene.objects if o.cat.zone == "ground"] or scene.objects
-    target = objs[int(rng.integers(len(objs)))]
+def _add_distractor(
+    scene: Scene, target: SceneObject, rng: np.random.Generator, k: dict[str, Any]
+) -> tuple[list[SceneObject], bool]:
+    """Give the target its same-category distractor (at ``distractor_rate``), made identical or not, and recolour
+    the other same-category objects; returns those objects (distractor first) and whether it looks the same."""
     same = [o for o in scene.objects if o.category == target.category and o.id != target.id]
     identical = False
     if rng.random() < k["distractor_rate"]:
@@ -122,27 +111,7 @@ def _plan_video(rng: np.random.Generator, k: dict[str, Any]) -> dict[str, Any]:
             if identical:
                 scene.objects[d.id] = d = replace(d, colour=target.colour, pattern=target.pattern, size=target.size)
         else:  # add one near the target's row, so that the two cross
-            tx1, ty1, tx2, ty2 = target.box
-            cat = target.cat
-            colour, pattern = target.colour, target.pattern
-            if not identical:
-                alt = [c for c in cat.palette if c != target.colour]
-                colour = str(rng.choice(alt)) if alt else colour
-                if colour == target.colour:
-                    identical = True
-            # a row slightly above or below the target's: when they cross, one hides part of the other
-            dy = float(rng.choice([-1.0, 1.0])) * rng.uniform(0.55, 0.8) * (ty2 - ty1)
-            if ty1 + dy < 0 or ty2 + dy > k["height"] - 1:
-                dy = -dy
-            d = SceneObject(
-                id=len(scene.objects),
-                category=target.category,
-                colour=colour,
-                pattern=pattern,
-                box=(tx1, ty1 + dy, tx2, ty2 + dy),
-                depth=round(target.depth + 0.001 * (1 if dy > 0 else -1), 4),
-                size=target.size,
-            )
+            d, identical = _new_distractor(scene, target, identical, rng, k)
             scene.objects.append(d)
         same = [d] + [o for o in same if o.id != d.id]
     # every other same-category object gets another colour, so that at most the first distractor
@@ -151,9 +120,40 @@ def _plan_video(rng: np.random.Generator, k: dict[str, Any]) -> dict[str, Any]:
     for n, o in enumerate(same):
         if (n > 0 or not identical) and o.colour == target.colour:
             scene.objects[o.id] = replace(o, colour=str(rng.choice(alt)))
-    same = [scene.objects[o.id] for o in same]
-    scale = W / 160.0
-    # motions: target and its first distractor never share a direction
+    return [scene.objects[o.id] for o in same], identical
+
+
+def _new_distractor(
+    scene: Scene, target: SceneObject, identical: bool, rng: np.random.Generator, k: dict[str, Any]
+) -> tuple[SceneObject, bool]:
+    """A new object of the target's category in a row just above or below it; returns it and whether it is
+    identical (also when the palette has no other colour)."""
+    tx1, ty1, tx2, ty2 = target.box
+    cat = target.cat
+    colour, pattern = target.colour, target.pattern
+    if not identical:
+        alt = [c for c in cat.palette if c != target.colour]
+        colour = str(rng.choice(alt)) if alt else colour
+        if colour == target.colour:
+            identical = True
+    # a row slightly above or below the target's: when they cross, one hides part of the other
+    dy = float(rng.choice([-1.0, 1.0])) * rng.uniform(0.55, 0.8) * (ty2 - ty1)
+    if ty1 + dy < 0 or ty2 + dy > k["height"] - 1:
+        dy = -dy
+    d = SceneObject(
+        id=len(scene.objects),
+        category=target.category,
+        colour=colour,
+        pattern=pattern,
+        box=(tx1, ty1 + dy, tx2, ty2 + dy),
+        depth=round(target.depth + 0.001 * (1 if dy > 0 else -1), 4),
+        size=target.size,
+    )
+    return d, identical
+
+
+def _directions(scene: Scene, target: SceneObject, same: list[SceneObject], rng: np.random.Generator) -> dict[int, str]:
+    """Each object's motion (left, right or still); the target and its first distractor never share one."""
     dirs: dict[int, str] = {}
     dirs[target.id] = str(rng.choice(["left", "right", "still"], p=[0.4, 0.4, 0.2]))
     if same:
@@ -161,6 +161,21 @@ def _plan_video(rng: np.random.Generator, k: dict[str, Any]) -> dict[str, Any]:
         dirs[same[0].id] = str(rng.choice(choices))
     for o in scene.objects:
         dirs.setdefault(o.id, str(rng.choice(["left", "right", "still"])))
+    return dirs
+
+
+def _place_moving(
+    scene: Scene,
+    target: SceneObject,
+    same: list[SceneObject],
+    dirs: dict[int, str],
+    rng: np.random.Generator,
+    k: dict[str, Any],
+) -> tuple[list[SceneObject], dict[int, float]]:
+    """Speeds and start positions that keep every object in view; the target and its distractor start on
+    opposite sides so that they cross. Returns the objects at frame 0 and their velocities (px per frame)."""
+    W, T = k["width"], k["n_frames"]
+    scale = W / 160.0
     vel: dict[int, float] = {}
     objects = []
     for o in scene.objects:
@@ -185,17 +200,33 @@ def _plan_video(rng: np.random.Generator, k: dict[str, Any]) -> dict[str, Any]:
         objects.append(replace(o, box=(nx1, y1, nx1 + bw, y2)))
         vel[o.id] = v
     if same:  # the distractor meets the target in a middle frame (they cross or pass each other)
-        d0, t0 = objects[same[0].id], objects[target.id]
-        tc = rng.uniform(0.3, 0.7) * (T - 1)
-        dw = d0.box[2] - d0.box[0]
-        vd, vt = vel[d0.id], vel[t0.id]
-        lo = 1.0 + max(0.0, -vd * (T - 1))
-        hi = W - dw - 1.0 - max(0.0, vd * (T - 1))
-        nx1 = min(max(t0.box[0] + (vt - vd) * tc, lo), max(lo, hi))
-        objects[d0.id] = replace(d0, box=(nx1, d0.box[1], nx1 + dw, d0.box[3]))
-    scene = replace(scene, objects=objects)
-    target = scene.objects[target.id]
-    # difficulty events on the target
+        _meet_target(objects, vel, target.id, same[0].id, rng, k)
+    return objects, vel
+
+
+def _meet_target(
+    objects: list[SceneObject],
+    vel: dict[int, float],
+    target_id: int,
+    distractor_id: int,
+    rng: np.random.Generator,
+    k: dict[str, Any],
+) -> None:
+    """Move the distractor's start (in ``objects``) so that it is level with the target in a middle frame."""
+    W, T = k["width"], k["n_frames"]
+    d0, t0 = objects[distractor_id], objects[target_id]
+    tc = rng.uniform(0.3, 0.7) * (T - 1)
+    dw = d0.box[2] - d0.box[0]
+    vd, vt = vel[d0.id], vel[t0.id]
+    lo = 1.0 + max(0.0, -vd * (T - 1))
+    hi = W - dw - 1.0 - max(0.0, vd * (T - 1))
+    nx1 = min(max(t0.box[0] + (vt - vd) * tc, lo), max(lo, hi))
+    objects[d0.id] = replace(d0, box=(nx1, d0.box[1], nx1 + dw, d0.box[3]))
+
+
+def _difficulty_events(rng: np.random.Generator, k: dict[str, Any]) -> tuple[list[dict[str, Any]], list[bool]]:
+    """The target's occlusion events (isolated, sustained) and the per-frame motion-blur flags."""
+    T = k["n_frames"]
     events: list[dict[str, Any]] = []
     if rng.random() < k["isolated_occlusion_rate"] and T >= 3:
         f = int(rng.integers(1, T - 1))
@@ -214,6 +245,30 @@ def _plan_video(rng: np.random.Generator, k: dict[str, Any]) -> dict[str, Any]:
             }
         )
     blur = [bool(rng.random() < k["blur_rate"]) for _ in range(T)]
+    return events, blur
+
+
+def _plan_video(rng: np.random.Generator, k: dict[str, Any]) -> dict[str, Any]:
+    """Sample objects, the target, its distractor, velocities and the difficulty events of one video."""
+    scene = sample_scene(
+        rng,
+        SceneKnobs(
+            width=k["width"],
+            height=k["height"],
+            min_objects=k["min_objects"],
+            max_objects=k["max_objects"],
+            cooccurrence=0.0,
+            same_category=0.3,
+        ),
+    )
+    objs = [o for o in scene.objects if o.cat.zone == "ground"] or scene.objects
+    target = objs[int(rng.integers(len(objs)))]
+    same, identical = _add_distractor(scene, target, rng, k)
+    dirs = _directions(scene, target, same, rng)
+    objects, vel = _place_moving(scene, target, same, dirs, rng, k)
+    scene = replace(scene, objects=objects)
+    target = scene.objects[target.id]
+    events, blur = _difficulty_events(rng, k)
     return {
         "scene": scene,
         "target": target.id,

@@ -4,8 +4,7 @@ Files: ``config.py`` (typed config, the LR / batch-size rule) -> ``data.py`` (Tr
 letterbox, augmentation, cached encoder outputs) -> ``model.py`` (frozen encoders, [REG] fusion
 transformer, box head, L1 + GIoU) -> ``method.py`` (training step, Acc@0.5, curriculum backend);
 ``pseudo.py`` (pseudo-label generation, reliability histograms), ``curriculum.py`` (SSA / MSA,
-``groundkit curriculum``), ``predict.py`` (inference), ``bench.py`` (speed), ``experiments.py``
-(the documented results table).
+``groundkit curriculum``), ``predict.py`` (inference), ``sweeps.py`` (the demo's table).
 """
 
 from .config import ClipVGConfig, ClipVGData, ClipVGEval, ClipVGLoss, ClipVGModel, scaled_lr

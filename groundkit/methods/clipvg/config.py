@@ -1,8 +1,10 @@
 """Typed config of CLIP-VG: data / model / loss / eval sections plus the shared optim, sched, train.
 
-Defaults are the official ones (ViT-B/16, 224 letterbox, 6 fusion layers of width 512, AdamW
-2.5e-4, weight decay 1e-4, cosine per epoch, batch 64 per GPU) except where a flag says
-``reference``: the official quirks are off by default and switched on by ``configs/reference.yaml``.
+Defaults are the official code's (the rule of every method, docs/architecture.md): ViT-B/16, 224 letterbox, 6
+fusion layers of width 512, AdamW, weight decay 1e-4, cosine per epoch, batch 64 per GPU, and every official quirk;
+each groundkit fix or extension is a switch whose default is the official side (``configs/improved.yaml`` and
+``world_cpu.yaml`` turn the fixes on). Speed switches (SDPA, feature caching) change nothing beyond float rounding
+and are on.
 
 Learning rate and batch size (one GPU / CPU): the official runs use a global batch of 384
 (6 GPUs x 64) at lr 2.5e-4; with another global batch ``B`` use ``lr = 2.5e-4 * sqrt(B / 384)``
@@ -16,7 +18,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ...config import ExperimentConfig, OptimConfig, SchedConfig, TrainConfig
+from ...config import DataConfig, ExperimentConfig, OptimConfig, SchedConfig, TrainConfig
 
 __all__ = [
     "ClipVGData",
@@ -42,15 +44,11 @@ def scaled_lr(batch_size: int, base_lr: float = OFFICIAL_LR, base_batch: int = O
 
 
 @dataclass
-class ClipVGData:
+class ClipVGData(DataConfig):
     """Where the TransVG-style ``.pth`` lists and the images are, and the image/text pipeline."""
 
-    # the built-in pseudo world: data.synth_size (tiny|small|medium) names it; groundkit train, the demo and
-    # groundkit.runs build it once and fill the paths below from it (data.root), unless split_root / image_root
-    # name data of one's own (then no world is built)
-    synth_size: str = ""
-    synth_seed: int = 0
-    root: str = ""
+    # the built-in pseudo world (world.size: tiny|small|medium) fills the paths below (groundkit.world.resolve_world),
+    # unless split_root / image_root name data of one's own (then no world is built)
     split_root: str = ""  # <split_root>/<dataset>/<dataset>_<split>.pth
     image_root: str = ""  # folder holding the images the lists name
     dataset: Literal["unc", "unc+", "gref", "gref_umd", "referit", "flickr"] = "unc"
@@ -61,17 +59,17 @@ class ClipVGData:
     max_query_len: int = 77  # text tokens (CLIP: 77 with start/end tokens)
     prompt: str = "{pseudo_query}"  # e.g. "find the region that corresponds to the description {pseudo_query}"
     lowercase: bool = True
-    truncate_boxes: bool = False  # reference: np.array(bbox, dtype=int) before xywh -> xyxy
+    truncate_boxes: bool = True  # official: np.array(bbox, dtype=int) before xywh -> xyxy; false = float boxes
     allow_pickle: bool = False  # .pth lists holding numpy objects (trusted files only)
     augment: bool = True  # official training augmentation (no flip; no crop with direction words)
     aug_scales: list[int] = field(default_factory=lambda: [224 - 32 * i for i in range(7)])
     aug_crop_prob: float = 0.5  # chance of the resize-crop branch (never with direction words)
     aug_crop_resize: list[int] = field(default_factory=lambda: [400, 500, 600])  # short side before cropping
     aug_crop_size: tuple[int, int] = (384, 600)  # min / max crop side
-    # "keep_box": the crop always holds the box, direction words matched as whole words; "official": the official
-    # crop (20 tries, accepted when cx > top and cy > left, the box cut to the crop) and substring matching of
-    # left/right/top/bottom/middle ("bright" and "laptop" then block the crop)
-    aug_crop_rule: Literal["keep_box", "official"] = "keep_box"
+    # "official": the official crop (20 tries, accepted when cx > top and cy > left, the box cut to the crop) and
+    # substring matching of left/right/top/bottom/middle ("bright" and "laptop" then block the crop); "keep_box"
+    # (fixed): the crop always holds the box, direction words matched as whole words
+    aug_crop_rule: Literal["keep_box", "official"] = "official"
     color_jitter: float = 0.4  # brightness / contrast / saturation strength
     color_jitter_prob: float = 0.8
     aug_translate: bool = True  # random letterbox offset in training
@@ -100,17 +98,20 @@ class ClipVGModel:
     num_layers: int = 6
     dim_ff: int = 2048
     dropout: float = 0.1
+    head_layers: int = 3  # layers of the [REG] box MLP
     sdpa: bool = True  # fused scaled-dot-product attention (False: the explicit softmax of the official code)
     # auto: bf16 on CUDA, fp32 on CPU; official: fp16 on CUDA (clip.load's conversion), fp32 on CPU
-    encoder_precision: Literal["auto", "official", "fp32", "bf16", "fp16"] = "auto"
-    normalize: Literal["encoder", "imagenet"] = "encoder"  # reference: "imagenet" mean/std in front of CLIP
-    trainable_pos_embed: bool = False  # reference: CLIP's visual positional embedding keeps training
-    # which image tokens are padding: "nearest" (each patch's top-left pixel) or "bilinear" (official: the pixel
-    # mask resized bilinearly to the grid and rounded, about each patch's centre)
-    image_mask: Literal["nearest", "bilinear"] = "nearest"
-    # fusion attention init: "xavier" (per q/k/v projection, default biases) or "official" (nn.MultiheadAttention
-    # in the official encoder: one Xavier over the stacked [3D, D] in_proj, zero in_proj and out_proj biases)
-    attn_init: Literal["xavier", "official"] = "xavier"
+    encoder_precision: Literal["auto", "official", "fp32", "bf16", "fp16"] = "official"
+    normalize: Literal["encoder", "imagenet"] = "imagenet"  # official: ImageNet mean/std in front of CLIP (fixed: the
+    # encoder's own)
+    # official: CLIP's visual positional embedding keeps training (so its image features cannot be cached)
+    trainable_pos_embed: bool = True
+    # which image tokens are padding: "bilinear" (official: the pixel mask resized bilinearly to the grid and
+    # rounded, about each patch's centre) or "nearest" (each patch's top-left pixel)
+    image_mask: Literal["nearest", "bilinear"] = "bilinear"
+    # fusion attention init: "official" (nn.MultiheadAttention in the official encoder: one Xavier over the stacked
+    # [3D, D] in_proj, zero in_proj and out_proj biases) or "xavier" (per q/k/v projection, default biases)
+    attn_init: Literal["xavier", "official"] = "official"
     # beyond the official model (off by default; see docs/clipvg.md, Model)
     feat_norm: bool = False  # LayerNorm on each image level and on the text tokens before the projections
     pos_init: Literal["random", "sine"] = "random"  # sine: image rows of the position embedding start as 2-D sine
@@ -153,6 +154,8 @@ def _train() -> TrainConfig:
         best_mode="max",
         output_dir="runs/clipvg",
         log_every=20,
+        precision="fp32",  # official: the fusion in fp32 (the encoders: model.encoder_precision)
+        drop_last=True,  # as the official loader
     )
 
 

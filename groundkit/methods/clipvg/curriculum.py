@@ -453,77 +453,83 @@ def run_ssa(cfg: CurriculumConfig, backend: Backend, echo: Callable[[str], None]
     )
 
 
-def run_msa(cfg: CurriculumConfig, backend: Backend, echo: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Multi-source curriculum over ``cfg.sources``; returns (and writes) the result."""
-    if len(cfg.sources) < 1:
-        raise ConfigError("MSA needs `sources:` (name -> pseudo-label .pth list)")
-    cur = Curriculum(cfg, backend, "msa", echo)
-    m = cfg.msa
-    src = {name: cur.source_entries(name, p) for name, p in cfg.sources.items()}
-    cur.log({"event": "start", "config": to_dict(cfg)})
-    merged = [e for name in src for e in src[name]]
-    allres = cur.train([("all sources merged", merged)] + [(f"measurer {n}", src[n]) for n in src])
-    v_merged = cur.value(allres[0])
-    measurers = {n: res for n, res in zip(src, allres[1:])}
-    cur.progress(
-        f"all sources merged ({len(merged)} labels) -> val {cfg.metric} {v_merged:.4f}; measurers: "
-        + ", ".join(f"{n} {cur.value(r):.4f}" for n, r in measurers.items())
-    )
-    cur.log({"event": "all", "val": v_merged, "test": allres[0].get("test", {}), "run": allres[0]["run"]})
-    for n, res in measurers.items():
-        cur.log(
-            {"event": "measurer", "source": n, "val": cur.value(res), "test": res.get("test", {}), "run": res["run"]}
+class _MultiSource:
+    """One MSA run: the sources, their measurers and reliabilities, and the selection built step by step."""
+
+    def __init__(self, cur: Curriculum, cfg: CurriculumConfig):
+        self.cur, self.cfg, self.m = cur, cfg, cfg.msa
+        self.src = {name: cur.source_entries(name, p) for name, p in cfg.sources.items()}
+        self.measurers: dict[str, dict[str, Any]] = {}
+        self.rel: dict[tuple[str, str], np.ndarray] = {}
+        self.selected: list = []
+        self.used: list[dict[str, Any]] = []
+        self.best_so_far = -math.inf
+        self.best_rec: dict[str, Any] | None = None
+
+    def train_measurers(self) -> dict[str, Any]:
+        """Train on all sources merged (the baseline) and one measurer per full source; returns the baseline."""
+        cur = self.cur
+        merged = [e for name in self.src for e in self.src[name]]
+        allres = cur.train([("all sources merged", merged)] + [(f"measurer {n}", self.src[n]) for n in self.src])
+        v_merged = cur.value(allres[0])
+        self.measurers = {n: res for n, res in zip(self.src, allres[1:])}
+        cur.progress(
+            f"all sources merged ({len(merged)} labels) -> val {self.cfg.metric} {v_merged:.4f}; measurers: "
+            + ", ".join(f"{n} {cur.value(r):.4f}" for n, r in self.measurers.items())
         )
-    rel: dict[tuple[str, str], np.ndarray] = {}
-
-    def r_of(source: str, measurer: str) -> np.ndarray:
-        if (source, measurer) not in rel:
-            rel[(source, measurer)] = cur.reliability(
-                source, cfg.sources[source], measurer, measurers[measurer]["run_dir"]
+        cur.log({"event": "all", "val": v_merged, "test": allres[0].get("test", {}), "run": allres[0]["run"]})
+        for n, res in self.measurers.items():
+            cur.log(
+                {
+                    "event": "measurer",
+                    "source": n,
+                    "val": cur.value(res),
+                    "test": res.get("test", {}),
+                    "run": res["run"],
+                }
             )
-        return rel[(source, measurer)]
+        return allres[0]
 
-    selected: list = []
-    used: list[dict[str, Any]] = []
-    best_so_far = -math.inf
-    best_rec: dict[str, Any] | None = None
-    stop_reason = "all sources used"
-    n_steps = m.max_steps or len(src)
-    if n_steps < len(src):
-        stop_reason = f"msa.max_steps={n_steps} steps done"
-    for k in range(1, n_steps + 1):
-        remaining = [n for n in src if n not in {u["source"] for u in used}]
-        if not remaining:
-            stop_reason = "all sources used"
-            break
-        # 1. source selection at h0 with the same-source measurer
-        cands = [
-            (f"step {k} + {n} (SR, h0={m.h0})", selected + [src[n][i] for i in pseudo.select(src[n], r_of(n, n), m.h0)])
-            for n in remaining
+    def r_of(self, source: str, measurer: str) -> np.ndarray:
+        """Reliabilities of ``source`` under ``measurer``'s model (computed once)."""
+        if (source, measurer) not in self.rel:
+            self.rel[(source, measurer)] = self.cur.reliability(
+                source, self.cfg.sources[source], measurer, self.measurers[measurer]["run_dir"]
+            )
+        return self.rel[(source, measurer)]
+
+    def kept(self, source: str, measurer: str, h: float) -> list:
+        """The selection so far plus the labels of ``source`` that ``measurer`` scores above ``h``."""
+        return self.selected + [
+            self.src[source][i] for i in pseudo.select(self.src[source], self.r_of(source, measurer), h)
         ]
-        res = cur.train(cands)
+
+    def remaining(self) -> list[str]:
+        """The sources not added yet, in config order."""
+        return [n for n in self.src if n not in {u["source"] for u in self.used}]
+
+    def pick_source(self, k: int, remaining: list[str]) -> tuple[str, float]:
+        """Source selection at h0 with the same-source measurer: ``(best source, its val)``."""
+        cur, h0 = self.cur, self.m.h0
+        res = cur.train([(f"step {k} + {n} (SR, h0={h0})", self.kept(n, n, h0)) for n in remaining])
         vals = {n: cur.value(r) for n, r in zip(remaining, res)}
         for n, r in zip(remaining, res):
             cur.log({"event": "source_candidate", "step": k, "source": n, "val": vals[n], "run": r["run"]})
         pick = max(remaining, key=lambda n: vals[n])
         cur.progress(
-            f"step {k} source selection at h0={m.h0}: "
+            f"step {k} source selection at h0={h0}: "
             + ", ".join(f"{n} {v:.4f}" for n, v in vals.items())
             + f" -> {pick}"
         )
-        # 2. measurer selection (SR vs CR) at h0
-        meas_vals = {pick: vals[pick]}
-        if m.measurer_selection and len(src) > 1:
-            others = [j for j in src if j != pick]
-            res = cur.train(
-                [
-                    (
-                        f"step {k} {pick} by {j} (CR, h0={m.h0})",
-                        selected + [src[pick][i] for i in pseudo.select(src[pick], r_of(pick, j), m.h0)],
-                    )
-                    for j in others
-                ]
-            )
+        return pick, vals[pick]
+
+    def pick_measurer(self, k: int, pick: str, v_pick: float) -> str:
+        """Measurer selection for ``pick`` at h0: the same-source one (SR) against each other (CR)."""
+        cur, h0 = self.cur, self.m.h0
+        meas_vals = {pick: v_pick}
+        if self.m.measurer_selection and len(self.src) > 1:
+            others = [j for j in self.src if j != pick]
+            res = cur.train([(f"step {k} {pick} by {j} (CR, h0={h0})", self.kept(pick, j, h0)) for j in others])
             for j, r in zip(others, res):
                 meas_vals[j] = cur.value(r)
                 cur.log(
@@ -543,11 +549,16 @@ def run_msa(cfg: CurriculumConfig, backend: Backend, echo: Callable[[str], None]
             + ", ".join(f"{j} ({'SR' if j == pick else 'CR'}) {v:.4f}" for j, v in meas_vals.items())
             + f" -> {meas}"
         )
-        # 3. threshold for (source, measurer) on top of the selection so far
-        r = r_of(pick, meas)
-        result, records = cur.search(f"step {k} {pick} by {meas}", selected, src[pick], r)
+        return meas
+
+    def add(self, k: int, pick: str, meas: str) -> str | None:
+        """Search the threshold for ``(pick, meas)`` on top of the selection and add what it keeps;
+        returns the stop reason instead when the gain is not above ``min_gain``."""
+        cur, metric = self.cur, self.cfg.metric
+        r = self.r_of(pick, meas)
+        result, records = cur.search(f"step {k} {pick} by {meas}", self.selected, self.src[pick], r)
         rec = records[result.best]
-        gain = result.value - best_so_far
+        gain = result.value - self.best_so_far
         cur.log(
             {
                 "event": "step",
@@ -560,41 +571,69 @@ def run_msa(cfg: CurriculumConfig, backend: Backend, echo: Callable[[str], None]
                 "record": rec,
             }
         )
-        if math.isfinite(best_so_far) and gain <= m.min_gain:
-            stop_reason = (
-                f"step {k} ({pick}) reached val {cfg.metric} {result.value:.4f}, not above "
-                f"{best_so_far:.4f} + min_gain {m.min_gain}"
+        if math.isfinite(self.best_so_far) and gain <= self.m.min_gain:
+            stop = (
+                f"step {k} ({pick}) reached val {metric} {result.value:.4f}, not above "
+                f"{self.best_so_far:.4f} + min_gain {self.m.min_gain}"
             )
-            cur.progress(f"stop: {stop_reason}")
-            break
-        idx = pseudo.select(src[pick], r, result.best)
-        selected = selected + [src[pick][i] for i in idx]
-        used.append(
+            cur.progress(f"stop: {stop}")
+            return stop
+        idx = pseudo.select(self.src[pick], r, result.best)
+        self.selected = self.selected + [self.src[pick][i] for i in idx]
+        n = len(self.src[pick])
+        self.used.append(
             {
                 "source": pick,
                 "measurer": meas,
                 "threshold": result.best,
                 "kept": len(idx),
-                "of": len(src[pick]),
+                "of": n,
                 "val": result.value,
                 "run": rec["run"],
             }
         )
-        best_so_far, best_rec = result.value, rec
+        self.best_so_far, self.best_rec = result.value, rec
         cur.progress(
-            f"step {k} adds {pick} (measurer {meas}, h*={result.best:.2f}, {len(idx)}/{len(src[pick])} labels)"
-            f" -> val {cfg.metric} {result.value:.4f}, {len(selected)} labels selected"
+            f"step {k} adds {pick} (measurer {meas}, h*={result.best:.2f}, {len(idx)}/{n} labels)"
+            f" -> val {metric} {result.value:.4f}, {len(self.selected)} labels selected"
         )
+        return None
+
+    def steps(self) -> str:
+        """Add sources step by step until the stop rule; returns why it stopped."""
+        n_steps = self.m.max_steps or len(self.src)
+        stop_reason = "all sources used" if n_steps >= len(self.src) else f"msa.max_steps={n_steps} steps done"
+        for k in range(1, n_steps + 1):
+            remaining = self.remaining()
+            if not remaining:
+                return "all sources used"
+            pick, v_pick = self.pick_source(k, remaining)
+            meas = self.pick_measurer(k, pick, v_pick)
+            stop = self.add(k, pick, meas)
+            if stop is not None:
+                return stop
+        return stop_reason
+
+
+def run_msa(cfg: CurriculumConfig, backend: Backend, echo: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Multi-source curriculum over ``cfg.sources``; returns (and writes) the result."""
+    if len(cfg.sources) < 1:
+        raise ConfigError("MSA needs `sources:` (name -> pseudo-label .pth list)")
+    cur = Curriculum(cfg, backend, "msa", echo)
+    msa = _MultiSource(cur, cfg)
+    cur.log({"event": "start", "config": to_dict(cfg)})
+    merged = msa.train_measurers()
+    stop_reason = msa.steps()
     return cur.finish(
         {
-            "all_merged": {"val": v_merged, "test": allres[0].get("test", {}), "run": allres[0]["run"]},
+            "all_merged": {"val": cur.value(merged), "test": merged.get("test", {}), "run": merged["run"]},
             "measurers": {
-                n: {"val": cur.value(r), "test": r.get("test", {}), "run": r["run"]} for n, r in measurers.items()
+                n: {"val": cur.value(r), "test": r.get("test", {}), "run": r["run"]} for n, r in msa.measurers.items()
             },
-            "steps": used,
+            "steps": msa.used,
             "stop": stop_reason,
-            "final": best_rec,
-            "selected": len(selected),
+            "final": msa.best_rec,
+            "selected": len(msa.selected),
         }
     )
 

@@ -49,6 +49,7 @@ from ...transforms import (
     RandomSizeCrop,
     letterbox,
 )
+from ..base import GroundingDataset
 from .config import ClipVGData
 
 __all__ = ["GroundingSet", "load_samples", "build_train_transform", "split_file", "prepare_text"]
@@ -123,7 +124,7 @@ def _to_unit_tensor(image: Any) -> torch.Tensor:
     return TF.to_dtype(image, torch.float32, scale=True)
 
 
-class GroundingSet:
+class GroundingSet(GroundingDataset):
     """Samples of one split; ``__getitem__`` + ``collate`` (so the engine can use DataLoader workers).
 
     ``augment``: apply the training augmentation (seeded by ``(seed, epoch, index)``, see

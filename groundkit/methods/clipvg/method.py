@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ...boxes import cxcywh_to_xyxy, paired_box_iou
+from ...distributed import unwrap_model
 from ...engine import predict
 from ..base import Figure, Method, Predictor
 from .config import ClipVGConfig
@@ -47,7 +48,7 @@ def build_clipvg(cfg: ClipVGConfig) -> ClipVG:
         clip_name=m.clip_name,
         clip_checkpoint=m.clip_checkpoint,
         levels=m.clip_levels,
-        trainable_pos_embed=m.trainable_pos_embed,
+        trainable_pos_embed=m.trainable_pos_embed and m.encoder == "clip",  # the EfficientNet pair has none
         image_size=cfg.data.imsize,
         activation=m.clip_activation,
         grid=m.grid,
@@ -55,25 +56,7 @@ def build_clipvg(cfg: ClipVGConfig) -> ClipVG:
         text_model=m.text_model,
         stages=m.effnet_stages,
     )
-    return ClipVG(
-        enc,
-        max_query_len=cfg.data.max_query_len,
-        d_model=m.d_model,
-        nhead=m.nhead,
-        num_layers=m.num_layers,
-        dim_ff=m.dim_ff,
-        dropout=m.dropout,
-        normalize=m.normalize,
-        sdpa=m.sdpa,
-        encoder_dtype=encoder_dtype(cfg),
-        feat_norm=m.feat_norm,
-        pos_init=m.pos_init,
-        pos_input=m.pos_input,
-        token_head=m.token_head,
-        token_centre=m.token_centre,
-        image_mask=m.image_mask,
-        attn_init=m.attn_init,
-    )
+    return ClipVG(m, enc, cfg.data.max_query_len, encoder_dtype(cfg))
 
 
 def _inputs(model: ClipVG, batch: dict[str, Any]) -> dict[str, Any]:
@@ -85,20 +68,15 @@ def _inputs(model: ClipVG, batch: dict[str, Any]) -> dict[str, Any]:
     return batch
 
 
-def _unwrap(model: nn.Module) -> ClipVG:
-    m = getattr(model, "_orig_mod", model)  # torch.compile
-    return getattr(m, "module", m)  # DDP
-
-
 class ClipVGMethod(Method):
     name = "clipvg"
     config_class = ClipVGConfig
     default_config = "offline"
-    world_task = "pseudo"  # data.synth_size (world_cpu: small) trains on the built-in pseudo world
+    world_task = "pseudo"  # world.size (world_cpu: small) trains on the built-in pseudo world
     summary = "CLIP-VG (Xiao et al., 2023): frozen encoders, [REG] fusion transformer, pseudo labels + curriculum"
     commands = {
         "data": {"convert-clipvg": "groundkit.methods.clipvg.weights:register_convert"},
-        "bench": {"clipvg": "groundkit.methods.clipvg.bench:register"},
+        "bench": {"clipvg": "groundkit.bench.clipvg:register"},
         "predict": {"clipvg": "groundkit.methods.clipvg.predict:register"},
         "top": {"curriculum": "groundkit.methods.clipvg.curriculum:register_curriculum"},
     }
@@ -119,10 +97,10 @@ class ClipVGMethod(Method):
         return GroundingSet(load_samples(cfg.data, split), cfg.data, augment=augment, seed=cfg.train.seed, name=split)
 
     def on_train_start(self, model: nn.Module, dataset: GroundingSet, cfg: ClipVGConfig, device: torch.device) -> None:
-        dataset.attach_cache(_unwrap(model), device)
+        dataset.attach_cache(unwrap_model(model), device)
 
     def training_step(self, model: nn.Module, batch: Any, step: int, cfg: ClipVGConfig) -> tuple[torch.Tensor, dict]:
-        out = model(_inputs(_unwrap(model), batch))
+        out = model(_inputs(unwrap_model(model), batch))
         loss, logs = clipvg_loss(out.boxes, batch["box"], cfg.loss.l1_weight, cfg.loss.giou_weight)
         if out.token_logits is not None and cfg.loss.token_weight > 0:
             lt = token_loss(out.token_logits, batch["box"])
@@ -135,11 +113,11 @@ class ClipVGMethod(Method):
     def evaluate(self, model: nn.Module, dataset: Any, cfg: ClipVGConfig, device: torch.device) -> dict[str, float]:
         if dataset is None:
             return {}
-        dataset.attach_cache(_unwrap(model), device)
+        dataset.attach_cache(unwrap_model(model), device)
         return super().evaluate(model, dataset, cfg, device)
 
     def eval_step(self, model: nn.Module, batch: Any, cfg: ClipVGConfig) -> dict[str, Any]:
-        out = model(_inputs(_unwrap(model), batch))
+        out = model(_inputs(unwrap_model(model), batch))
         pred = cxcywh_to_xyxy(out.boxes.float()).clamp(0.0, 1.0)
         target = cxcywh_to_xyxy(batch["box"].float())
         return {"iou": paired_box_iou(pred, target), "pred": out.boxes.float()}
@@ -162,7 +140,7 @@ class ClipVGMethod(Method):
         self, model: nn.Module, dataset: GroundingSet, cfg: ClipVGConfig, device: torch.device | str = "cpu"
     ) -> np.ndarray:
         """IoU of the model's box with each sample's box (the reliability of pseudo labels)."""
-        dataset.attach_cache(_unwrap(model), torch.device(device))
+        dataset.attach_cache(unwrap_model(model), torch.device(device))
         return np.asarray([float(r["iou"]) for r in predict(self, model, dataset, cfg, device)], dtype=np.float32)
 
     # ---------------------------------------------------------------- inference and command line

@@ -23,7 +23,7 @@ Read top to bottom:
 3. :func:`clipvg_loss` — L1 (summed over the 4 coordinates) + (1 − GIoU), both averaged over
    the batch, 1:1, as the official ``trans_vg_loss``.
 
-Reference flags reproduce the official quirks: ``trainable_pos_embed`` (CLIP's visual positional
+The official quirks are the config defaults (docs/architecture.md): ``trainable_pos_embed`` (CLIP's visual positional
 embedding stays trainable after the freeze) and ``normalize="imagenet"`` (ImageNet mean/std in
 front of CLIP). The encoders' outputs can be computed once and cached (see ``data.py``) when
 neither the augmentation nor a trainable encoder parameter changes them.
@@ -47,6 +47,7 @@ from torch import nn
 from ...backbones import load_backbone, minilm_path
 from ...boxes import cxcywh_to_xyxy, paired_generalized_box_iou
 from ...errors import GroundkitError
+from .config import ClipVGModel
 from .weights import OPENAI_EXTRAS, clip_weights, needs_quick_gelu
 
 __all__ = [
@@ -190,7 +191,7 @@ class OpenClipEncoders(FrozenEncoders):
         self.name, self.checkpoint, self.levels = name, checkpoint, tuple(int(i) for i in levels)
         self.from_source = bool(checkpoint)
         self.visual = visual
-        tower = model.text if hasattr(model, "text") else model  # CustomTextCLIP or CLIP
+        tower = model.text if isinstance(model, open_clip.CustomTextCLIP) else model  # a text tower of its own, or CLIP
         self.token_embedding = tower.token_embedding
         self.text_pos = tower.positional_embedding
         self.text_transformer = tower.transformer
@@ -488,45 +489,27 @@ class ClipVG(nn.Module):
     """
 
     def __init__(
-        self,
-        encoders: FrozenEncoders,
-        max_query_len: int = 77,
-        d_model: int = 512,
-        nhead: int = 8,
-        num_layers: int = 6,
-        dim_ff: int = 2048,
-        dropout: float = 0.1,
-        normalize: str = "encoder",
-        sdpa: bool = True,
-        encoder_dtype: torch.dtype = torch.float32,
-        head_layers: int = 3,
-        feat_norm: bool = False,
-        pos_init: str = "random",
-        pos_input: bool = False,
-        token_head: bool = False,
-        token_centre: bool = False,
-        image_mask: str = "nearest",
-        attn_init: str = "xavier",
+        self, cfg: ClipVGModel, encoders: FrozenEncoders, max_query_len: int, encoder_dtype: torch.dtype = torch.float32
     ):
         super().__init__()
-        if image_mask not in ("nearest", "bilinear"):
-            raise ValueError(f"image_mask must be 'nearest' or 'bilinear', got {image_mask!r}")
-        if attn_init not in ("xavier", "official"):
-            raise ValueError(f"attn_init must be 'xavier' or 'official', got {attn_init!r}")
-        self.image_mask = image_mask
+        for key, allowed in (("image_mask", ("nearest", "bilinear")), ("attn_init", ("xavier", "official")),
+                             ("normalize", ("imagenet", "encoder")), ("pos_init", ("random", "sine"))):  # fmt: skip
+            if getattr(cfg, key) not in allowed:
+                raise ValueError(f"model.{key} must be one of {allowed}, got {getattr(cfg, key)!r}")
+        D = cfg.d_model
+        self.image_mask = cfg.image_mask
         self.encoders = encoders
-        self.max_query_len, self.d_model = int(max_query_len), int(d_model)
+        self.max_query_len, self.d_model = int(max_query_len), int(D)
         self.n_image_tokens = 1 + encoders.grid**2
-        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if normalize == "imagenet" else (encoders.mean, encoders.std)
-        if normalize not in ("imagenet", "encoder"):
-            raise ValueError(f"normalize must be 'imagenet' or 'encoder', got {normalize!r}")
+        imagenet = cfg.normalize == "imagenet"
+        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if imagenet else (encoders.mean, encoders.std)
         self.register_buffer("pix_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pix_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.encoder_dtype = encoder_dtype
-        self.visu_proj = nn.Linear(encoders.image_dim, d_model)
-        self.text_proj = nn.Linear(encoders.text_dim, d_model)
-        self.reg_token = nn.Embedding(1, d_model)
-        self.pos_embed = nn.Embedding(1 + self.max_query_len + self.n_image_tokens, d_model)
+        self.visu_proj = nn.Linear(encoders.image_dim, D)
+        self.text_proj = nn.Linear(encoders.text_dim, D)
+        self.reg_token = nn.Embedding(1, D)
+        self.pos_embed = nn.Embedding(1 + self.max_query_len + self.n_image_tokens, D)
         # Options beyond the official model (all off by default):
         # feat_norm: a LayerNorm on each concatenated level of the image tokens and on the text tokens before the
         # projections (raw encoder levels come at very different scales);
@@ -534,32 +517,32 @@ class ClipVG(nn.Module):
         # (still learnable), the global token's row at 0;
         # pos_input: the position embedding is also added to the fusion input once, so that the values (and
         # the [REG] output) carry the image tokens' positions, not only the queries and keys.
-        if pos_init not in ("random", "sine"):
-            raise ValueError(f"pos_init must be 'random' or 'sine', got {pos_init!r}")
-        self.feat_norm, self.pos_init, self.pos_input = bool(feat_norm), pos_init, bool(pos_input)
+        self.feat_norm, self.pos_init, self.pos_input = bool(cfg.feat_norm), cfg.pos_init, bool(cfg.pos_input)
         if self.feat_norm:
             self.visu_norm = nn.ModuleList(nn.LayerNorm(c) for c in encoders.level_dims)
             self.text_norm = nn.LayerNorm(encoders.text_dim)
-        if pos_init == "sine":
+        if cfg.pos_init == "sine":
             g = int(math.isqrt(self.n_image_tokens - 1))
             with torch.no_grad():
                 rows = self.pos_embed.weight[1 + self.max_query_len :]
                 rows[0].zero_()
-                rows[1:].copy_(sine_position_embedding(g, d_model))
-        self.layers = nn.ModuleList(FusionLayer(d_model, nhead, dim_ff, dropout, sdpa) for _ in range(num_layers))
-        self.head = BoxHead(d_model, d_model, head_layers)
+                rows[1:].copy_(sine_position_embedding(g, D))
+        self.layers = nn.ModuleList(
+            FusionLayer(D, cfg.nhead, cfg.dim_ff, cfg.dropout, cfg.sdpa) for _ in range(cfg.num_layers)
+        )
+        self.head = BoxHead(D, D, cfg.head_layers)
         # token_head (not official): a linear score per fused grid token, trained to point at the referred object
         # (token_loss): dense supervision of the fusion layers, where the box loss reaches them only through [REG]
-        self.token_head = nn.Linear(d_model, 1) if (token_head or token_centre) else None
+        self.token_head = nn.Linear(D, 1) if (cfg.token_head or cfg.token_centre) else None
         # token_centre (not official, implies token_head): the box centre is the tokens' softmax-weighted mean cell
         # centre plus an offset of at most one cell from the [REG] head; width and height stay the [REG] head's
-        self.token_centre = bool(token_centre)
+        self.token_centre = bool(cfg.token_centre)
         for layer in self.layers:  # DETR's xavier init of the encoder
             for p in layer.parameters():
                 if p.dim() > 1:
                     nn.init.xavier_uniform_(p)
-            if attn_init == "official":  # one Xavier over the stacked in_proj [3D, D], zero attention biases
-                w = nn.init.xavier_uniform_(torch.empty(3 * d_model, d_model))
+            if cfg.attn_init == "official":  # one Xavier over the stacked in_proj [3D, D], zero attention biases
+                w = nn.init.xavier_uniform_(torch.empty(3 * D, D))
                 with torch.no_grad():
                     for proj, chunk in zip((layer.q_proj, layer.k_proj, layer.v_proj), w.chunk(3)):
                         proj.weight.copy_(chunk)

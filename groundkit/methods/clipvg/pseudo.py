@@ -52,7 +52,6 @@ __all__ = [
     "reliability_histogram",
     "save_histogram",
     "plot_histogram",
-    "load_json_images",
 ]
 
 PEOPLE = (
@@ -115,17 +114,6 @@ class TemplateOptions:
     seed: int = 20211024
     people: tuple[str, ...] = PEOPLE
     clothes: tuple[str, ...] = CLOTHES
-
-
-def load_json_images(path: str | Path) -> list[dict[str, Any]]:
-    """The ``images`` list of a detections / relations / captions JSON file."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"pseudo-label input not found: {p}")
-    data = json.loads(p.read_text(encoding="utf-8"))
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise DataError(f"{p}: expected {{'images': [...]}}")
-    return data["images"]
 
 
 def _iou(a: Sequence[float], b: Sequence[float]) -> float:

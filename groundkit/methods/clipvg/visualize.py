@@ -104,7 +104,7 @@ def reliability_figure(hist_json_or_npz: str | Path, threshold: float, out_path:
 
 
 def curriculum_figures(cur: dict[str, Any], folder: Path) -> list[Figure]:
-    """The reliability histograms the curricula of :func:`~groundkit.methods.clipvg.experiments.demo_table`
+    """The reliability histograms the curricula of :func:`~groundkit.methods.clipvg.sweeps.demo_table`
     chose thresholds on (``cur``: its ``{"ssa", "msa", "msa_reliability"}``), each with its chosen threshold,
     as ``reliability_<k>.png`` in ``folder``; :class:`Figure` records with absolute paths."""
     ssa, msa = cur["ssa"], cur["msa"]

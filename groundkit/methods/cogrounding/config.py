@@ -1,7 +1,8 @@
 """Typed config of co-grounding: data, model, loss, eval and post-processing sections.
 
-Defaults are the fixed ("improved") behaviour; every official quirk has a ``reference``-style
-switch, listed in docs/cogrounding.md. The shipped ``configs/reference_*.yaml`` turn them all on.
+Defaults are the official code's behaviour (the rule of every method, docs/architecture.md): each groundkit fix
+or extension is a switch whose default is the official side, listed in docs/cogrounding.md. The shipped
+``configs/improved_*.yaml`` and ``world_*.yaml`` turn the fixes on.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ...config import ExperimentConfig, OptimConfig, ParamGroup, SchedConfig, TrainConfig
+from ...config import DataConfig, ExperimentConfig, OptimConfig, ParamGroup, SchedConfig, TrainConfig
 
 __all__ = [
     "CoGroundingDataConfig",
@@ -22,18 +23,13 @@ __all__ = [
 
 
 @dataclass
-class CoGroundingDataConfig:
+class CoGroundingDataConfig(DataConfig):
     """Where the samples come from. ``kind``: ``refcoco`` (refer-API files), ``transvg`` (``.pth``
     lists) or ``vid`` (the co-grounding ``VID_video_level_<split>.pth`` index or VID-Sentence files)."""
 
     kind: Literal["refcoco", "transvg", "vid"] = "refcoco"
-    # the built-in world: data.synth_size (tiny|small|medium|large) names it, data.world_task picks the task
-    # (refexp for images, video for clips); the application layer (groundkit.world.resolve_world) builds it
-    # and sets data.root, which stands for data_root (refcoco) or index_root=<root>/VID + image_root (vid)
-    root: str = ""
-    synth_size: str = ""
-    synth_seed: int = 0
-    world_task: Literal["", "refexp", "video"] = ""
+    # the built-in world (world.size; world.task: refexp for images, video for clips) sets data.root, which stands
+    # for data_root (refcoco) or index_root=<root>/VID + image_root (vid)
     # refcoco (refer API): <data_root>/<dataset>/refs(<split_by>).p + instances.json; images in image_root
     data_root: str = ""
     dataset: str = "refcoco"
@@ -56,15 +52,15 @@ class CoGroundingDataConfig:
     augment: bool = True
     flip: bool = True  # horizontal flip p=0.5 with left/right word swap (shared by the frames of a clip)
     hsv_jitter: float = 0.5  # fraction for S and V jitter (official 0.5); 0 disables
-    hsv_saturation_bug: bool = False  # reference: only V is scaled (the official S line is missing)
+    hsv_saturation_bug: bool = True  # official: only V is scaled (the S line is missing); false = fixed
     affine: bool = True  # random affine (rot 5, translate 0.1, scale 0.9-1.1, shear 2)
-    shared_clip_geometry: bool = True  # improved: one affine for all frames of a clip; reference: per frame
-    # reference (official pixel rules): boxes cut to integers on reading (np.array(bbox, dtype=int) before
-    # xywh -> xyxy), mirrored in original pixels as x' = w - x - 1, and cut again after the letterbox
-    truncate_boxes: bool = False
-    # the flip's word swap: "words" (whole words, "bright" stays) or "substring" (official: str.replace of
-    # right/left, so "bright" becomes "bleft")
-    flip_swap: Literal["words", "substring"] = "words"
+    shared_clip_geometry: bool = False  # official: an affine per frame; true (fixed): one for all frames of a clip
+    # official pixel rules: boxes cut to integers on reading (np.array(bbox, dtype=int) before xywh -> xyxy),
+    # mirrored in original pixels as x' = w - x - 1, and cut again after the letterbox; false = float boxes
+    truncate_boxes: bool = True
+    # the flip's word swap: "substring" (official: str.replace of right/left, so "bright" becomes "bleft") or
+    # "words" (fixed: whole words, "bright" stays)
+    flip_swap: Literal["words", "substring"] = "substring"
     cache_backbone: bool = False  # with a frozen backbone and no geometric/colour jitter: backbone maps computed once
     # with cache_backbone: a folder where each split's maps are kept on disk (one file per backbone, image size and
     # image list), so that seeds and variants of a sweep compute them once; "" keeps them in memory only
@@ -73,7 +69,8 @@ class CoGroundingDataConfig:
 
 @dataclass
 class CoGroundingModelConfig:
-    backbone: Literal["efficientnet_lite0", "darknet53"] = "efficientnet_lite0"
+    # official: Darknet-53 + YOLOv3 neck (weights from model.darknet_weights); not official: the packaged EfficientNet
+    backbone: Literal["efficientnet_lite0", "darknet53"] = "darknet53"
     pretrained: bool = True  # EfficientNet-Lite0: the packaged ImageNet weights
     darknet_weights: str = ""  # path to an original yolov3.weights file
     darknet_width: float = 1.0
@@ -88,11 +85,12 @@ class CoGroundingModelConfig:
     vocab_size: int = 20000  # LSTM: most frequent GloVe 6B words
     vocab_file: str = ""  # LSTM: own vocabulary, one word per line (overrides vocab_size)
     max_tokens: int = 20  # official --time 20
-    # LSTM tokens: "groundkit" (words only, punctuation dropped, at most max_tokens - 1 words + <eos>) or "official"
-    # (the official Corpus.tokenize: punctuation runs kept as tokens, a final "." dropped, max_tokens words with no
-    # <eos> when the text is that long or longer); vocab_file lines are split on whitespace as the official corpus
-    tokenizer: Literal["groundkit", "official"] = "groundkit"
+    # LSTM tokens: "official" (the official Corpus.tokenize: punctuation runs kept as tokens, a final "." dropped,
+    # max_tokens words with no <eos> when the text is that long or longer; vocab_file lines split on whitespace as
+    # the official corpus) or "groundkit" (words only, punctuation dropped, at most max_tokens - 1 words + <eos>)
+    tokenizer: Literal["groundkit", "official"] = "official"
     dim: int = 512  # official emb_size 512
+    lang_dropout: float = 0.1  # dropout of the language MLP (official 0.1)
     co_attention: bool = True  # CG-SL-Att; False = SL-Att (image model / single-frame baseline)
     # not official: top-down path over the mapped scales (coarse -> fine) for backbones without a YOLO neck
     # (EfficientNet-Lite0); the Darknet-53 backbone already ends in the YOLOv3 neck
@@ -114,10 +112,10 @@ class CoGroundingModelConfig:
     # cell adds the log-likelihood of its Lucas-Kanade motion in the window under it to its score (co-grounding only)
     motion_attention: bool = False
     attention_temperature: float = 10.0
-    # reference: momentum 0.999 in the head's ConvBNReLU blocks (running stats ~ the last batch), as the official
-    # ConvBatchNormReLU; the BatchNorm1d layers (language MLP, coordinate and location embeddings) keep PyTorch's
-    # 0.1 in both modes, as the official nn.BatchNorm1d
-    bn_momentum_official: bool = False
+    # official: momentum 0.999 in the head's ConvBNReLU blocks (running stats ~ the last batch), as the official
+    # ConvBatchNormReLU; false (fixed): 0.1. The BatchNorm1d layers (language MLP, coordinate and location
+    # embeddings) keep PyTorch's 0.1 in both modes, as the official nn.BatchNorm1d
+    bn_momentum_official: bool = True
     anchors: list[list[float]] = field(
         default_factory=lambda: [
             [10, 13],
@@ -133,6 +131,12 @@ class CoGroundingModelConfig:
     )
     anchor_reference: float = 416.0  # anchors are given for this input side and scaled to image_size
 
+    def variant_switches(self) -> list[str]:
+        """The not-official switches that are on and take effect (each needs co-attention): they select the
+        :class:`~groundkit.methods.cogrounding.variants.ExtendedCoGroundingNet`."""
+        names = ("motion", "co_residual", "box_from_centre", "motion_attention")
+        return [n for n in names if getattr(self, n)] if self.co_attention else []
+
 
 @dataclass
 class CoGroundingLossConfig:
@@ -142,11 +146,11 @@ class CoGroundingLossConfig:
     rank_weight: float = 100.0
     rank_margin: float = 0.1
     loc_weight: float = 1.0
-    rank_negatives_reversal: bool = False  # reference: negatives by batch reversal (may pick the same sentence)
-    # reference: a partner whose GT cell is the own cell still gives its second rank term, the constant margin
-    rank_same_cell_margin: bool = False
-    loc_on_normalized: bool = False  # reference: location CE on min-max normalised [0,1] scores
-    loc_temperature: float = 0.1  # fixed: CE on raw cosines / temperature
+    rank_negatives_reversal: bool = True  # official: negatives by batch reversal (may pick the same sentence)
+    # official: a partner whose GT cell is the own cell still gives its second rank term, the constant margin
+    rank_same_cell_margin: bool = True
+    loc_on_normalized: bool = True  # official: location CE on min-max normalised [0,1] scores
+    loc_temperature: float = 0.1  # fixed (loc_on_normalized false): CE on raw cosines / temperature
     motion_weight: float = 1.0  # CE of the cells' motion log-likelihoods (model.motion_attention only)
     motion_candidates: int = 8  # that CE over the GT cell and the model's k best cells (0: over all cells)
     temporal_weight: float = 0.0  # temporal consistency (official offset_loss weight 5; never run there)
@@ -161,13 +165,13 @@ class PostProcessConfig:
     enabled: bool = True  # also report Acc@0.5 after post-processing on video
     top_k: int = 5
     window: int = 5  # frames t-2..t+2
-    renormalize: bool = True  # fixed: softmax over the frames that exist; reference: zero weight, no renormalisation
+    renormalize: bool = False  # official: zero weight, no renormalisation; fixed: softmax over the frames that exist
 
 
 @dataclass
 class CoGroundingEvalConfig:
     iou_threshold: float = 0.5
-    inclusive: bool = True  # IoU >= 0.5; reference (official): strictly > 0.5
+    inclusive: bool = False  # official: IoU strictly > 0.5; true: IoU >= 0.5
     window: int = 5  # test window (official 5, centred, clipped at the video ends)
     reuse_features: bool = True  # each frame's backbone/text features once per video (False: window by window)
     baselines: bool = True  # random-box, largest-box (and the anchor upper bound) on images
@@ -196,5 +200,6 @@ class CoGroundingConfig(ExperimentConfig):
             output_dir="runs/cogrounding",
             # as the official DataLoader: a last batch of one sample would stop the BatchNorm1d layers in training
             drop_last=True,
+            precision="fp32",  # the official code runs fp32 (no autocast)
         )
     )

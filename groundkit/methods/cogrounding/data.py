@@ -3,8 +3,9 @@
 Sample lists come from the readers (RefCOCO refer-API files, TransVG ``.pth`` lists, the
 co-grounding ``VID_video_level_<split>.pth`` index or VID-Sentence files). Images are letterboxed
 to ``data.image_size`` (the record maps boxes back to original pixels for the metric); training
-augmentation is the official one (flip p=0.5 with the left/right word swap, HSV jitter, random
-affine), with the flip always shared by a clip's frames and, in the improved mode, the affine too.
+augmentation is the official one, built from :mod:`groundkit.transforms` (flip p=0.5 with the left/right
+word swap, HSV jitter, random affine), with the flip always shared by a clip's frames and, with
+``data.shared_clip_geometry``, the affine too; the random numbers are drawn in the official order.
 
 Batches (``collate``): ``images [N,3,S,S]`` in [0,1], ``ids``/``mask`` ``[N,T]``, ``boxes [N,4]``
 (letterbox pixels), ``clip_len``; frames of a clip are adjacent. With ``data.cache_backbone``
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import random
 from collections.abc import Sequence
@@ -26,23 +26,24 @@ from typing import Any
 
 import numpy as np
 import torch
+import torchvision.transforms.v2.functional as TF
 from PIL import Image, UnidentifiedImageError
 
 from ...distributed import device_fingerprint, padded_chunks, stored_features
 from ...errors import DataError
 from ...formats import refcoco, transvg, vid_sentence
 from ...metrics import objects_per_image
-from ...transforms import LetterboxInfo, hsv_scale, letterbox_info, swap_left_right
+from ...transforms import LetterboxInfo, RandomAffine, RandomHorizontalFlip, RandomHSV, flip_boxes, letterbox_info
 from ...transforms import letterbox as _letterbox
+from ..base import GroundingDataset
 from .config import CoGroundingConfig
-from .text import build_tokenizer, swap_substrings
+from .text import build_tokenizer
 
 __all__ = [
     "ImageSample",
     "VideoSample",
     "load_image_samples",
     "load_videos",
-    "Letterbox",
     "letterbox",
     "read_image",
     "RefExpDataset",
@@ -50,9 +51,6 @@ __all__ = [
     "VideoEvalSet",
     "image_splits",
 ]
-
-PAD_COLOUR = (124, 116, 104)  # the official letterbox padding (123.7, 116.3, 103.5), rounded (affine fill)
-
 
 # ----------------------------------------------------------------------------- sample lists
 
@@ -174,9 +172,6 @@ def _image_size(path: str | Path) -> tuple[int, int]:
         return read_image(path).size
 
 
-Letterbox = LetterboxInfo  # maps boxes to the canvas (to_letterbox) and back to original pixels (to_original)
-
-
 def letterbox(img: Image.Image, size: int) -> tuple[Image.Image, LetterboxInfo]:
     """Long side to ``size``, padded to a square with the official colour (the ImageNet mean), centred."""
     return _letterbox(img, size)
@@ -186,38 +181,13 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
 
 
-def hsv_jitter(img: Image.Image, fraction: float, rng: random.Random, saturation_bug: bool) -> Image.Image:
-    """Scale S and V by factors in ``[1 - fraction, 1 + fraction]``; with ``saturation_bug`` only V (official)."""
-    a, b = rng.uniform(1 - fraction, 1 + fraction), rng.uniform(1 - fraction, 1 + fraction)
-    return hsv_scale(img, 1.0 if saturation_bug else a, b)
-
-
-def random_affine_params(rng: random.Random, size: int) -> np.ndarray:
-    """3x3 matrix of the official ``random_affine`` (rotation 5, translation 0.1, scale 0.9-1.1, shear 2)."""
-    a, s = math.radians(rng.uniform(-5, 5)), rng.uniform(0.9, 1.1)
-    c = size / 2
-    R = np.array([[s * math.cos(a), -s * math.sin(a), 0], [s * math.sin(a), s * math.cos(a), 0], [0, 0, 1]])
-    C, Cb = np.array([[1, 0, -c], [0, 1, -c], [0, 0, 1.0]]), np.array([[1, 0, c], [0, 1, c], [0, 0, 1.0]])
-    T = np.array([[1, 0, rng.uniform(-0.1, 0.1) * size], [0, 1, rng.uniform(-0.1, 0.1) * size], [0, 0, 1.0]])
-    sh = math.tan(math.radians(rng.uniform(-2, 2)))
-    Sh = np.array([[1, sh, 0], [math.tan(math.radians(rng.uniform(-2, 2))), 1, 0], [0, 0, 1.0]])
-    return T @ Sh @ Cb @ R @ C
-
-
-def apply_affine(img: Image.Image, box: np.ndarray, M: np.ndarray) -> tuple[Image.Image, np.ndarray]:
-    """Warp ``img`` by ``M`` (output = M @ input) and take the box as the hull of its warped corners."""
-    inv = np.linalg.inv(M)
-    out = img.transform(img.size, Image.AFFINE, tuple(inv[:2].ravel()), resample=Image.BILINEAR, fillcolor=PAD_COLOUR)
-    x1, y1, x2, y2 = box
-    pts = M @ np.array([[x1, x2, x1, x2], [y1, y1, y2, y2], [1, 1, 1, 1.0]])
-    nb = np.array([pts[0].min(), pts[1].min(), pts[0].max(), pts[1].max()])
-    return out, np.clip(nb, 0, img.size[0])
+_Policy = tuple[RandomHorizontalFlip, RandomHSV | None, RandomAffine | None]
 
 
 # ----------------------------------------------------------------------------- datasets
 
 
-class _Base:
+class _Base(GroundingDataset):
     """Shared: tokenizer, letterbox, augmentation, optional frozen-backbone feature cache."""
 
     def __init__(self, cfg: CoGroundingConfig, train: bool):
@@ -275,43 +245,61 @@ class _Base:
         torch.save({"keys": [[p, f] for p, f in keys], "maps": maps}, tmp)
         os.replace(tmp, path)  # atomic: parallel runs of a sweep never read a half-written file
 
-    def _frame(
-        self, path: Path, box: np.ndarray, flip: bool, rng: random.Random | None, affine: np.ndarray | None
-    ) -> tuple[torch.Tensor | None, np.ndarray, Letterbox]:
+    def _policy(self) -> _Policy:
+        """The official augmentation as shared transforms (flip, HSV jitter, random affine), from the config."""
         d = self.cfg.data
+        flip = RandomHorizontalFlip(0.5 if d.flip else 0.0, swap_rule=d.flip_swap)
+        hsv = RandomHSV(d.hsv_jitter, d.hsv_jitter, saturation_bug=d.hsv_saturation_bug) if d.hsv_jitter > 0 else None
+        return flip, hsv, (RandomAffine() if d.affine and self._backbone is None else None)
+
+    def _frame(self, path: Path, box: np.ndarray, flip: bool) -> dict[str, Any]:
+        """A frame letterboxed, then mirrored when ``flip`` (image None with cached maps), its box by _canvas_box."""
         if self._backbone is not None:  # cached maps: only the letterbox record is needed, not the pixels
             key = str(path)
             if key not in self._sizes:
                 self._sizes[key] = _image_size(path)
             lb = letterbox_info(*self._sizes[key], self.size)
-            return None, np.clip(self._canvas_box(box, lb, flip), 0, self.size), lb
-        img = read_image(path)
-        lb_img, lb = letterbox(img, self.size)
-        b = self._canvas_box(box, lb, flip)
-        if flip:
-            lb_img = lb_img.transpose(Image.FLIP_LEFT_RIGHT)
-        if rng is not None and d.hsv_jitter > 0:
-            lb_img = hsv_jitter(lb_img, d.hsv_jitter, rng, d.hsv_saturation_bug)
-        if affine is not None:
-            lb_img, b = apply_affine(lb_img, b, affine)
-        return to_tensor(lb_img), np.clip(b, 0, self.size), lb
+            return {"image": None, "boxes": self._canvas_box(box, lb, flip)[None], "letterbox": lb}
+        img, lb = letterbox(read_image(path), self.size)
+        return {
+            "image": TF.horizontal_flip(img) if flip else img,
+            "boxes": self._canvas_box(box, lb, flip)[None],
+            "letterbox": lb,
+        }
+
+    def _jitter(self, frames: list[dict[str, Any]], rng: random.Random | None) -> list[dict[str, Any]]:
+        """HSV jitter and affine, drawn in the official order: a shared affine first, else each frame's before its HSV."""
+        if rng is None or self._backbone is not None:
+            return frames
+        _, hsv, affine = self._policy()
+        shared = (
+            affine.get_params(frames[0], rng) if affine is not None and self.cfg.data.shared_clip_geometry else None
+        )
+        out = []
+        for s in frames:
+            params = shared if shared is not None or affine is None else affine.get_params(s, rng)
+            s = hsv(s, rng) if hsv is not None else s
+            out.append(affine.apply(s, params) if affine is not None else s)
+        return out
+
+    def _pixels(self, frame: dict[str, Any]) -> tuple[torch.Tensor | None, np.ndarray, LetterboxInfo]:
+        """(image tensor or None, box clipped to the canvas, letterbox record) of a frame."""
+        box = np.clip(np.asarray(frame["boxes"], dtype=np.float64)[0], 0, self.size)
+        return (to_tensor(frame["image"]) if frame["image"] is not None else None), box, frame["letterbox"]
 
     def _canvas_box(self, box: np.ndarray, lb: LetterboxInfo, flip: bool) -> np.ndarray:
         """``box`` (original pixels) on the letterbox canvas, mirrored when ``flip``; with ``data.truncate_boxes`` the
         official rules: mirrored in original pixels (``w - x - 1``), cut to integers after the letterbox."""
         box = np.asarray(box, dtype=np.float64)
         if self.cfg.data.truncate_boxes:
-            if flip:
-                box = np.array([lb.orig_w - box[2] - 1, box[1], lb.orig_w - box[0] - 1, box[3]])
+            box = flip_boxes(box, lb.orig_w, pixel_index=True) if flip else box
             return np.trunc(lb.to_letterbox(box))
         b = lb.to_letterbox(box)
-        return np.array([self.size - b[2], b[1], self.size - b[0], b[3]]) if flip else b
+        return flip_boxes(b, self.size) if flip else b
 
     def _text(self, text: str, flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and mask of ``text``, its left/right swapped when the sample is mirrored (``data.flip_swap``)."""
-        if flip:
-            text = swap_left_right(text) if self.cfg.data.flip_swap == "words" else swap_substrings(text)
-        return self.tok.encode(text)
+        return self.tok.encode(self._policy()[0].apply({"text": text}, flip)["text"])
 
     def _features(self, keys: list[tuple[str, bool]]) -> list[torch.Tensor]:
         missing = [k for k in dict.fromkeys(keys) if k not in self._cache]
@@ -320,7 +308,7 @@ class _Base:
             imgs = []
             for p, flip in chunk:
                 im, _ = letterbox(read_image(p), self.size)
-                imgs.append(to_tensor(im.transpose(Image.FLIP_LEFT_RIGHT) if flip else im))
+                imgs.append(to_tensor(TF.horizontal_flip(im) if flip else im))
             dev = next(self._backbone.parameters()).device
             mode = self._backbone.training
             self._backbone.eval()  # frozen: running statistics, never the batch's (nor updating them)
@@ -338,7 +326,7 @@ class _Base:
         if not (self.train and d.augment):
             return False, None
         rng = self._rng(index)
-        return bool(d.flip and rng.random() < 0.5), rng
+        return self._policy()[0].get_params({}, rng), rng
 
     def _finish(self, items: list[dict]) -> dict[str, Any]:
         batch: dict[str, Any] = {
@@ -359,6 +347,8 @@ class _Base:
 class RefExpDataset(_Base):
     """Referring expressions in images; one sample per (image, expression)."""
 
+    batched = True
+
     def __init__(self, cfg: CoGroundingConfig, samples: Sequence[ImageSample], train: bool):
         super().__init__(cfg, train)
         self.samples = list(samples)
@@ -373,11 +363,7 @@ class RefExpDataset(_Base):
     def item(self, index: int) -> dict:
         s = self.samples[index]
         flip, rng = self._augment_plan(index)
-        d = self.cfg.data
-        aff = (
-            random_affine_params(rng, self.size) if (rng is not None and d.affine and self._backbone is None) else None
-        )
-        img, box, lb = self._frame(s.path, np.asarray(s.box), flip, rng, aff)
+        img, box, lb = self._pixels(self._jitter([self._frame(s.path, np.asarray(s.box), flip)], rng)[0])
         ids, mask = self._text(s.text, flip)
         return {"image": img, "box": box, "ids": ids, "mask": mask, "letterbox": lb, "key": (str(s.path), flip)}
 
@@ -392,6 +378,8 @@ class RefExpDataset(_Base):
 class VideoClipDataset(_Base):
     """Training clips: one sample per (video, centre frame ``t``), frames ``t - clip_len + 1 .. t`` clipped
     at the start (official ``getChunk`` with k = 2 gives the pair ``(t-1, t)``)."""
+
+    batched = True
 
     def __init__(self, cfg: CoGroundingConfig, videos: Sequence[VideoSample], train: bool = True):
         super().__init__(cfg, train)
@@ -412,14 +400,11 @@ class VideoClipDataset(_Base):
         vid = self.videos[v]
         frames = [max(0, t - self.clip_len + 1 + k) for k in range(self.clip_len)]
         flip, rng = self._augment_plan(index)
-        d = self.cfg.data
-        use_aff = rng is not None and d.affine and self._backbone is None
-        shared = random_affine_params(rng, self.size) if use_aff and d.shared_clip_geometry else None
         ids, mask = self._text(vid.text, flip)
         out = []
-        for f in frames:
-            aff = shared if shared is not None else (random_affine_params(rng, self.size) if use_aff else None)
-            img, box, lb = self._frame(vid.paths[f], vid.boxes[f], flip, rng, aff)
+        jittered = self._jitter([self._frame(vid.paths[f], vid.boxes[f], flip) for f in frames], rng)
+        for f, frame in zip(frames, jittered):
+            img, box, lb = self._pixels(frame)
             out.append(
                 {
                     "image": img,
@@ -455,7 +440,7 @@ class VideoEvalSet(_Base):
 
     def video(self, i: int) -> dict[str, Any]:
         vid = self.videos[i]
-        items = [self._frame(p, b, False, None, None) for p, b in zip(vid.paths, vid.boxes)]
+        items = [self._pixels(self._frame(p, b, False)) for p, b in zip(vid.paths, vid.boxes)]
         ids, mask = self.tok.encode(vid.text)
         out = {
             "ids": ids,

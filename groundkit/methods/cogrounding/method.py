@@ -20,6 +20,7 @@ from torch import nn
 
 from ...boxes import paired_box_iou
 from ...config import ConfigError
+from ...distributed import unwrap_model
 from ...metrics import refexp_baseline_hits
 from ..base import Figure, Method
 from .backbones import build_backbone
@@ -41,6 +42,7 @@ from .model import (
     yolo_loss,
 )
 from .text import build_tokenizer, resolve_text_path
+from .variants import ExtendedCoGroundingNet
 
 log = logging.getLogger("groundkit.cogrounding")
 
@@ -56,25 +58,8 @@ def build_model(cfg: CoGroundingConfig) -> CoGroundingNet:
         text = LSTMTextEncoder(len(build_tokenizer(m)), m.dim)
     else:
         text = TransformerTextEncoder(resolve_text_path(m.text_encoder_path), m.dim, freeze=m.freeze_text_encoder)
-    return CoGroundingNet(
-        backbone,
-        text,
-        image_size=cfg.data.image_size,
-        dim=m.dim,
-        co_attention=m.co_attention,
-        bn_momentum=0.999 if m.bn_momentum_official else 0.1,
-        attention_temperature=m.attention_temperature,
-        anchors=m.anchors,
-        anchor_reference=m.anchor_reference,
-        freeze_backbone=m.freeze_backbone,
-        top_down=m.top_down,
-        motion=m.motion,
-        motion_radius=m.motion_radius,
-        co_residual=m.co_residual,
-        motion_mode=m.motion_mode,
-        box_from_centre=m.box_from_centre,
-        motion_attention=m.motion_attention,
-    )
+    cls = ExtendedCoGroundingNet if m.variant_switches() else CoGroundingNet
+    return cls(m, backbone, text, cfg.data.image_size)
 
 
 def hits(pred: np.ndarray, gt: np.ndarray, cfg: CoGroundingConfig) -> np.ndarray:
@@ -105,7 +90,7 @@ class CoGroundingMethod(Method):
     )
     commands = {
         "predict": {"refexp": "groundkit.methods.cogrounding.predict:register"},
-        "bench": {"cogrounding": "groundkit.methods.cogrounding.bench:register"},
+        "bench": {"cogrounding": "groundkit.bench.cogrounding:register"},
         "data": {"convert-cogrounding": "groundkit.methods.cogrounding.weights:register_convert"},
     }
 
@@ -116,17 +101,22 @@ class CoGroundingMethod(Method):
 
     def _check(self, cfg: CoGroundingConfig) -> None:
         d = cfg.data
-        if d.world_task and (d.world_task == "video") != (d.kind == "vid"):
-            raise ConfigError(f"data.world_task={d.world_task!r} does not fit data.kind={d.kind!r}")
-        if d.synth_size and not d.root:
+        w = cfg.world
+        if w.task and w.task not in ("refexp", "video"):
+            raise ConfigError(f"world.task={w.task!r}: co-grounding trains on the refexp or the video world")
+        if w.task and (w.task == "video") != (d.kind == "vid"):
+            raise ConfigError(f"world.task={w.task!r} does not fit data.kind={d.kind!r}")
+        if w.size and not d.root:
             raise ConfigError(
-                "data.synth_size names the built-in world but data.root is empty: build it with "
+                "world.size names the built-in world but data.root is empty: build it with "
                 "groundkit.world.resolve_world (groundkit train and groundkit.runs do)"
             )
         if d.cache_backbone and not cfg.model.freeze_backbone:
             raise ConfigError("data.cache_backbone needs model.freeze_backbone=true")
         if d.image_size % 32:
             raise ConfigError(f"data.image_size must be a multiple of 32, got {d.image_size}")
+        if not 0 <= d.hsv_jitter <= 1:
+            raise ConfigError(f"data.hsv_jitter={d.hsv_jitter}: a fraction in [0, 1] (official 0.5)")
         for key, value in (("train.val_split", cfg.train.val_split), ("data.val_split", d.val_split)):
             if value in d.test_splits or value.startswith("test"):
                 raise ConfigError(f"{key}={value!r} is a test split; select models on a validation split")
@@ -156,7 +146,7 @@ class CoGroundingMethod(Method):
     ) -> tuple[torch.Tensor, dict]:
         L = cfg.loss
         clip_len = int(batch["clip_len"])
-        net: CoGroundingNet = getattr(model, "module", model)
+        net: CoGroundingNet = unwrap_model(model)
         out = model(
             batch.get("images"),
             batch["ids"],
@@ -199,7 +189,7 @@ class CoGroundingMethod(Method):
                 "cogrounding evaluates the val and test splits; to score the training expressions use "
                 "--split test --set data.test_splits=[train]"
             )
-        net: CoGroundingNet = getattr(model, "module", model)
+        net: CoGroundingNet = unwrap_model(model)
         was = net.training
         net.eval()
         try:

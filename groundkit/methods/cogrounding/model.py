@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,7 @@ from torch import nn
 
 from ...distributed import padded_chunks, stored_features
 from .backbones import Backbone
+from .config import CoGroundingModelConfig
 
 __all__ = [
     "YOLOV3_ANCHORS",
@@ -37,11 +39,6 @@ __all__ = [
     "CoGroundingNet",
     "coord_features",
     "co_attend",
-    "motion_volume",
-    "motion_difference",
-    "feature_flow",
-    "flow_moments",
-    "solve_flow",
     "Targets",
     "build_targets",
     "decode_boxes",
@@ -213,79 +210,6 @@ def co_attend(query: torch.Tensor, key: torch.Tensor, temperature: float = 10.0)
     return torch.bmm(k, att.transpose(1, 2)).view(B, D, H, W)
 
 
-def motion_volume(query: torch.Tensor, key: torch.Tensor, dt: torch.Tensor, radius: int = 1) -> torch.Tensor:
-    """Local correlation of two frames' maps, oriented forward in time (not official).
-
-    ``query``, ``key``: ``[B, D, H, W]`` L2-normalised over D; ``dt [B]``: the key frame's offset from the
-    query frame in frames. Channel ``(dy, dx)`` of the ``[B, (2r+1)^2, H, W]`` result is
-    ``<query(p), key(p + sign(dt) * (dy, dx))>``, so a right-moving object peaks at ``dx > 0`` whether
-    the key frame is before or after; pairs with ``dt == 0`` (a window clipped at the video's end
-    repeats the centre frame) give zeros, carrying no motion.
-    """
-    B, D, H, W = query.shape
-    r = radius
-    kp = F.pad(key, (r, r, r, r))
-    vol = torch.stack(
-        [
-            (query * kp[:, :, r + dy : r + dy + H, r + dx : r + dx + W]).sum(1)
-            for dy in range(-r, r + 1)
-            for dx in range(-r, r + 1)
-        ],
-        1,
-    )  # [B, (2r+1)^2, H, W], displacements in row-major order: reversing the channels negates them
-    dt = dt.to(vol.dtype).view(B, 1, 1, 1)
-    return torch.where(dt > 0, vol, vol.flip(1)) * (dt != 0).to(vol.dtype)
-
-
-def motion_difference(query: torch.Tensor, key: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
-    """Temporal derivative of the maps, ``(key - query) / dt`` (not official; ``model.motion_mode: diff``).
-
-    ``query``, ``key``: ``[B, D, H, W]``; ``dt [B]``: the key frame's offset in frames. Unlike a correlation
-    over whole-cell displacements it is linear in a sub-cell shift, so an object that moves a fraction of a
-    stride-8 cell per frame still leaves a signal; compared with the spatial gradient (a 3 x 3 convolution
-    over ``cat[query, derivative]``) its sign gives the direction, forward in time whichever side the key
-    frame is on. Pairs with ``dt == 0`` (a clipped window repeating the centre frame) give zeros.
-    """
-    dt = dt.to(query.dtype).view(-1, 1, 1, 1)
-    safe = torch.where(dt == 0, torch.ones_like(dt), dt)
-    return (key - query) / safe * (dt != 0).to(query.dtype)
-
-
-def flow_moments(query: torch.Tensor, key: torch.Tensor, dt: torch.Tensor, window: int = 3) -> torch.Tensor:
-    """Lucas-Kanade moments ``[B, 5, H, W]``: ``<I_x I_x>, <I_x I_y>, <I_y I_y>, <I_x I_t>, <I_y I_t>`` summed over
-    the channels and averaged over a ``window`` x ``window`` neighbourhood (``I_x``, ``I_y`` central differences
-    of ``query``, ``I_t = (key - query) / dt``; the last two are 0 where ``dt == 0``). Moments add up, so
-    several neighbours and larger cells are pooled before :func:`solve_flow`."""
-    qx = F.pad(query, (1, 1, 0, 0), mode="replicate")
-    qy = F.pad(query, (0, 0, 1, 1), mode="replicate")
-    ix, iy = (qx[..., 2:] - qx[..., :-2]) / 2, (qy[..., 2:, :] - qy[..., :-2, :]) / 2
-    it = motion_difference(query, key, dt)
-    m = torch.stack([(ix * ix).sum(1), (ix * iy).sum(1), (iy * iy).sum(1), (ix * it).sum(1), (iy * it).sum(1)], 1)
-    return F.avg_pool2d(m, window, 1, window // 2, count_include_pad=False)
-
-
-def solve_flow(moments: torch.Tensor, ridge: float = 1e-3) -> torch.Tensor:
-    """``[B, 2, H, W]`` motion (x, y) from :func:`flow_moments`: the 2 x 2 least-squares solution of
-    ``I_x u + I_y v + I_t = 0``, with a ridge relative to each frame's mean gradient energy so that flat
-    regions stay at 0."""
-    a, b, c, p, q = moments.unbind(1)
-    eps = ridge * (a + c).flatten(1).mean(1).view(-1, 1, 1) + 1e-8
-    a, c = a + eps, c + eps
-    det = a * c - b * b
-    return torch.stack([-(c * p - b * q) / det, -(a * q - b * p) / det], 1)
-
-
-def feature_flow(query: torch.Tensor, key: torch.Tensor, dt: torch.Tensor, window: int = 3) -> torch.Tensor:
-    """Lucas-Kanade motion of the maps from ``query`` to ``key``, ``[B, 2, H, W]`` (x, y) in cells per frame (not official).
-
-    ``query``, ``key``: ``[B, D, H, W]``; ``dt [B]``: the key frame's offset in frames. Per cell, the least-squares
-    solution of ``I_x u + I_y v + I_t = 0`` over the channels and a ``window`` x ``window`` neighbourhood,
-    forward in time whichever side the key frame is on. Valid for motions below about one cell per frame
-    (objects here move a quarter of a stride-8 cell); ``dt == 0`` pairs give zeros.
-    """
-    return solve_flow(flow_moments(query, key, dt, window))
-
-
 def _pairs(centre: torch.Tensor, neighbours: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``centre [B,D,G,G]`` and ``neighbours [B,K,D,G,G]`` as ``B*K`` (centre, neighbour) pairs ``[B*K,D,G,G]``."""
     B, K = neighbours.shape[:2]
@@ -319,124 +243,71 @@ class TextFeatures:
 class CoGroundingNet(nn.Module):
     """SL-Att (images) and CG-SL-Att (video windows): YOLOv3-style grounding with semantic attention.
 
-    Parameters: ``backbone`` (a :class:`~groundkit.methods.cogrounding.backbones.Backbone`),
-    ``text_encoder`` (LSTM or transformer, contract of :class:`LSTMTextEncoder`), ``image_size``
-    ``S`` (the letterbox side; the relation layer is sized by the cells of that input),
-    ``dim`` ``D``, ``co_attention`` (CG-SL-Att when True), ``bn_momentum`` (of the ConvBNReLU blocks;
-    0.999 = official; the BatchNorm1d layers keep 0.1 as official),
-    ``top_down`` (add each coarser scale's mapped features, upsampled, to the next finer one),
-    ``motion`` (a motion term for each centre/neighbour pair, not official: ``motion_mode`` ``corr`` adds the
-    local correlation volume :func:`motion_volume` to the co-attention input, ``diff`` adds a 3 x 3
-    convolution over the centre map and the temporal derivative :func:`motion_difference`),
-    ``box_from_centre`` (box offsets from the centre frame's own maps, scores from the co-features; not
-    official), ``co_residual`` (co-features ``L2norm(v_c + g * corr)`` with a zero-initialised gate ``g``;
-    not official), ``motion_attention`` (a third semantic attention, for the motion phrase, which predicts a
-    velocity; each cell adds the log-likelihood of its Lucas-Kanade motion in the window (:meth:`motion_maps`)
-    under it to its score; not official, co-grounding only).
+    Built from its :class:`~groundkit.methods.cogrounding.config.CoGroundingModelConfig` (every switch is
+    documented there), the two encoders (``backbone``, a :class:`~groundkit.methods.cogrounding.backbones.Backbone`;
+    ``text_encoder``, the contract of :class:`LSTMTextEncoder`) and the letterbox side ``image_size`` ``S`` (the
+    relation layer is sized by the cells of that input). ``co_attention`` gives CG-SL-Att; ``motion``,
+    ``motion_attention``, ``co_residual`` and ``box_from_centre`` are not official (docs/cogrounding.md).
 
     The three stages are separate methods so that a video's frames are encoded once and reused by
     every window (:meth:`encode_frames`, :meth:`encode_text`, :meth:`ground`); :meth:`forward`
     chains them for a batch of clips.
     """
 
-    def __init__(
-        self,
-        backbone: Backbone,
-        text_encoder: nn.Module,
-        image_size: int = 256,
-        dim: int = 512,
-        co_attention: bool = True,
-        bn_momentum: float = 0.1,
-        attention_temperature: float = 10.0,
-        anchors: Sequence[Sequence[float]] = YOLOV3_ANCHORS,
-        anchor_reference: float = 416.0,
-        freeze_backbone: bool = False,
-        lang_dropout: float = 0.1,
-        top_down: bool = False,
-        motion: bool = False,
-        motion_radius: int = 1,
-        co_residual: bool = False,
-        motion_mode: str = "corr",
-        box_from_centre: bool = False,
-        motion_attention: bool = False,
-    ):
+    #: whether the class has the not-official switches (:class:`~groundkit.methods.cogrounding.variants.ExtendedCoGroundingNet`)
+    extended: ClassVar[bool] = False
+
+    def __init__(self, cfg: CoGroundingModelConfig, backbone: Backbone, text_encoder: nn.Module, image_size: int):
         super().__init__()
         if image_size % 32:
             raise ValueError(f"image_size must be a multiple of 32, got {image_size}")
+        if cfg.motion_mode not in ("corr", "diff"):
+            raise ValueError(f"motion_mode must be 'corr' or 'diff', got {cfg.motion_mode!r}")
+        if cfg.variant_switches() and not self.extended:
+            raise ValueError(f"model.{cfg.variant_switches()[0]} needs ExtendedCoGroundingNet (build_model picks it)")
         self.backbone, self.text_encoder = backbone, text_encoder
-        self.image_size, self.dim, self.co_attention = image_size, dim, co_attention
-        self.attention_temperature = attention_temperature
-        self.freeze_backbone = freeze_backbone
-        if freeze_backbone:
+        self.image_size, self.dim, self.co_attention = image_size, cfg.dim, cfg.co_attention
+        self.attention_temperature = cfg.attention_temperature
+        self.freeze_backbone = cfg.freeze_backbone
+        if cfg.freeze_backbone:
             self.backbone.requires_grad_(False)
             self.backbone.eval()  # frozen BN statistics from the start (a new module is in training mode)
         self.grids = [image_size // s for s in (32, 16, 8)]
         self.n_cells = sum(g * g for g in self.grids)
-        D = dim
-        self.visu_map = nn.ModuleList(ConvBNReLU(c, D, 1, bn_momentum) for c in backbone.channels)
+        bn = 0.999 if cfg.bn_momentum_official else 0.1  # of the ConvBNReLU blocks (BatchNorm1d: 0.1 in both modes)
+        self.visu_map = nn.ModuleList(ConvBNReLU(c, cfg.dim, 1, bn) for c in backbone.channels)
         # top-down path (not official): a backbone without a detection neck (EfficientNet-Lite0 taps) gives the
         # fine scales only low-level features; v_s += upsample(v_{s-1}) carries the coarse scale's semantics
         # down, as the YOLOv3 neck inside the official Darknet backbone does
-        self.top_down = top_down
-        # motion term (not official): the co-attention pools a neighbour's features without their position,
-        # so objects that differ only in motion look the same to it; the local correlation volume of the
-        # centre and neighbour maps (FlowNet-style, oriented forward in time) is added to its input
-        if motion_mode not in ("corr", "diff"):
-            raise ValueError(f"motion_mode must be 'corr' or 'diff', got {motion_mode!r}")
-        self.motion, self.motion_radius = bool(motion and co_attention), motion_radius
-        self.motion_mode = motion_mode
-        m_ch = (2 * motion_radius + 1) ** 2 if (self.motion and motion_mode == "corr") else 0
-        # diff: the temporal derivative has a signal for sub-cell motion; a 3 x 3 convolution compares it with the
-        # centre map's spatial structure (the sign of d/dt against d/dx is the direction)
-        self.motion_conv = (
-            nn.ModuleList(
-                nn.Sequential(ConvBNReLU(2 * D, D, 3, bn_momentum), ConvBNReLU(D, D, 1, bn_momentum))
-                for _ in self.grids
-            )
-            if (self.motion and motion_mode == "diff")
-            else None
-        )
-        self.corr_conv = (
-            nn.ModuleList(ConvBNReLU(2 * D + m_ch, D, 1, bn_momentum) for _ in self.grids) if co_attention else None
-        )
-        # residual co-features (not official): L2norm(v_c + g_s * corr) with a zero-initialised gate per scale, so
-        # a co-grounding model started from a single-frame (image) model begins exactly where that model is
-        self.co_gate = nn.Parameter(torch.zeros(len(self.grids))) if (co_attention and co_residual) else None
-        # box from the centre (not official): the co-features choose the anchor (confidence, similarity, location),
-        # the centre frame's own maps regress its box, so the other frames cannot blur a clear frame's box
-        self.box_from_centre = bool(box_from_centre and co_attention)
-        ctx = text_encoder.out_dim
-        # motion attention (not official): a third phrase attention picks the motion words ("moving left"), a linear
-        # layer turns them into an expected velocity, and each cell scores the Gaussian log-likelihood of its
-        # Lucas-Kanade motion (:func:`feature_flow`, parameter-free) under it; the scores are added to the final
-        # scores and trained by their own cross-entropy (the motion loss). Velocity 0 and sigma 1 cell/frame at the
-        # start: sub-cell motions change the scores by a few hundredths
-        self.motion_attention = bool(motion_attention and co_attention)
-        if self.motion_attention:
-            self.mot_attn = PhraseAttention(ctx)
-            self.mot_vel = nn.Linear(D, 2)
-            nn.init.zeros_(self.mot_vel.weight)
-            nn.init.zeros_(self.mot_vel.bias)
-            self.mot_log_sigma = nn.Parameter(torch.zeros(()))
+        self.top_down = cfg.top_down
+        self._build_cofeatures(cfg, bn)
+        self._build_head(cfg, bn, text_encoder.out_dim)
+        a = torch.tensor(cfg.anchors, dtype=torch.float32).view(3, 3, 2).flip(0)  # scale 0 <- largest anchors
+        self.register_buffer("anchors_px", a * (image_size / cfg.anchor_reference), persistent=False)  # [3, 3, 2]
+
+    def _build_cofeatures(self, cfg: CoGroundingModelConfig, bn: float) -> None:
+        """The co-attention layer of each scale (CG-SL-Att; none for the image model)."""
+        D = cfg.dim
+        self.corr_conv = nn.ModuleList(ConvBNReLU(2 * D, D, 1, bn) for _ in self.grids) if cfg.co_attention else None
+
+    def _build_head(self, cfg: CoGroundingModelConfig, bn: float, ctx: int) -> None:
+        """Language MLP, fusion and YOLO head per scale, the semantic attentions and the relation layer."""
+        D = cfg.dim
         self.lang_mlp = nn.Sequential(
             nn.Linear(ctx, D),
             nn.BatchNorm1d(D),
             nn.ReLU(inplace=True),
-            nn.Dropout(lang_dropout),
+            nn.Dropout(cfg.lang_dropout),
             nn.Linear(D, D),
             nn.BatchNorm1d(D),
             nn.ReLU(inplace=True),
         )
         self.fcn_emb = nn.ModuleList(
-            nn.Sequential(
-                ConvBNReLU(2 * D + 8, D, 1, bn_momentum),
-                ConvBNReLU(D, D, 3, bn_momentum),
-                ConvBNReLU(D, D, 1, bn_momentum),
-            )
+            nn.Sequential(ConvBNReLU(2 * D + 8, D, 1, bn), ConvBNReLU(D, D, 3, bn), ConvBNReLU(D, D, 1, bn))
             for _ in self.grids
         )
         self.fcn_out = nn.ModuleList(
-            nn.Sequential(ConvBNReLU(D, D // 2, 1, bn_momentum), nn.Conv2d(D // 2, 3 * 5, 1)) for _ in self.grids
+            nn.Sequential(ConvBNReLU(D, D // 2, 1, bn), nn.Conv2d(D // 2, 3 * 5, 1)) for _ in self.grids
         )
         self.sub_attn = PhraseAttention(ctx)
         self.loc_attn = PhraseAttention(ctx)
@@ -444,8 +315,6 @@ class CoGroundingNet(nn.Module):
         self.rel_fc = nn.Sequential(nn.Linear(self.n_cells, D), nn.BatchNorm1d(D), nn.ReLU(inplace=True))
         for g in self.grids:
             self.register_buffer(f"coord_{g}", coord_features(g), persistent=False)
-        a = torch.tensor(anchors, dtype=torch.float32).view(3, 3, 2).flip(0)  # scale 0 <- largest anchors
-        self.register_buffer("anchors_px", a * (image_size / anchor_reference), persistent=False)  # [3 scales, 3, 2]
 
     def train(self, mode: bool = True) -> CoGroundingNet:
         super().train(mode)
@@ -476,13 +345,16 @@ class CoGroundingNet(nn.Module):
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> TextFeatures:
         """``ids [B,T]``, ``mask [B,T]`` -> :class:`TextFeatures` (sentence feature and both semantic attentions)."""
         emb, ctx, sent = self.text_encoder(ids, mask)
+        return self.text_features(emb, ctx, sent, mask)
+
+    def text_features(
+        self, emb: torch.Tensor, ctx: torch.Tensor, sent: torch.Tensor, mask: torch.Tensor
+    ) -> TextFeatures:
+        """The text encoder's outputs (``emb``, ``ctx [B,T,*]``, ``sent [B,*]``) -> :class:`TextFeatures`."""
         flang = l2n(self.lang_mlp(sent), dim=1)
         a_sub, e_sub = self.sub_attn(ctx, emb, mask)
         a_loc, e_loc = self.loc_attn(ctx, emb, mask)
-        if not self.motion_attention:
-            return TextFeatures(mask, flang, a_sub, e_sub, a_loc, e_loc)
-        a_mot, e_mot = self.mot_attn(ctx, emb, mask)
-        return TextFeatures(mask, flang, a_sub, e_sub, a_loc, e_loc, a_mot, e_mot)
+        return TextFeatures(mask, flang, a_sub, e_sub, a_loc, e_loc)
 
     # ---------------------------------------------------------------- stage 3: grounding
 
@@ -492,53 +364,30 @@ class CoGroundingNet(nn.Module):
         """Co-grounding features of the centre frames.
 
         ``centre``: per scale ``[B,D,G,G]``; ``neighbours``: per scale ``[B,K,D,G,G]`` (the other frames
-        of each window); ``dt [B,K]``: each neighbour's frame offset from the centre (needed by the motion
-        term only). Per neighbour ``j``: ``L2norm(corr_conv(cat[v_c, co_attend(v_c, v_j)]))`` (with the
-        motion term ``cat[v_c, co_attend(v_c, v_j), motion_volume(v_c, v_j, dt_j)]``), averaged over
+        of each window); ``dt [B,K]``: each neighbour's frame offset from the centre (used by the motion
+        variants only). Per neighbour ``j``: ``L2norm(corr_conv(cat[v_c, co_attend(v_c, v_j)]))``, averaged over
         ``j`` (not re-normalised, as the official test model). Without co-attention (image model) the
         features are ``centre`` itself.
         """
         if self.corr_conv is None or neighbours is None:
             return centre
-        if self.motion and dt is None:
-            raise ValueError("the motion term needs the neighbours' frame offsets dt [B, K]")
         out = []
         for s, (vc, vn) in enumerate(zip(centre, neighbours)):
             B, K = vn.shape[:2]
             vc_k, vn_k = _pairs(vc, vn)
-            parts = [vc_k, co_attend(vc_k, vn_k, self.attention_temperature)]
-            if self.motion and self.motion_conv is None:
-                parts.append(motion_volume(vc_k, vn_k, dt.reshape(B * K), self.motion_radius))
-            x = self.corr_conv[s](torch.cat(parts, 1))
-            if self.motion_conv is not None:
-                x = x + self.motion_conv[s](torch.cat([vc_k, motion_difference(vc_k, vn_k, dt.reshape(B * K))], 1))
-            corr = l2n(x, dim=1)
-            if self.co_gate is not None:
-                corr = l2n(vc_k + self.co_gate[s] * corr, dim=1)
+            corr = self.pair_features(s, vc_k, vn_k, None if dt is None else dt.reshape(B * K))
             out.append(corr.view(B, K, *corr.shape[1:]).mean(1))
         return out
+
+    def pair_features(self, s: int, vc: torch.Tensor, vn: torch.Tensor, dt: torch.Tensor | None) -> torch.Tensor:
+        """Co-features ``[P,D,G,G]`` of ``P`` (centre ``vc``, neighbour ``vn``) pairs at scale ``s``."""
+        return l2n(self.corr_conv[s](torch.cat([vc, co_attend(vc, vn, self.attention_temperature)], 1)), dim=1)
 
     def motion_maps(
         self, centre: list[torch.Tensor], neighbours: list[torch.Tensor] | None, dt: torch.Tensor | None
     ) -> list[torch.Tensor] | None:
-        """Per scale ``[B,2,G,G]``: each cell's motion (x, y) in finest-scale cells per frame (``motion_attention``).
-
-        The Lucas-Kanade moments (:func:`flow_moments`) of the finest maps, averaged over the neighbours with
-        ``dt != 0`` and over each coarser cell's area, then solved (:func:`solve_flow`): a coarse cell's
-        motion is that of its textured part (the object), not diluted by flat background. No gradient (a
-        measurement, not a layer). None without the branch or without neighbours.
-        """
-        if not self.motion_attention or neighbours is None:
-            return None
-        if dt is None:
-            raise ValueError("the motion attention needs the neighbours' frame offsets dt [B, K]")
-        with torch.no_grad():
-            vc, vn = centre[-1].float(), neighbours[-1].float()
-            B, K = vn.shape[:2]
-            m = flow_moments(*_pairs(vc, vn), dt.reshape(B * K)).view(B, K, 5, *vc.shape[2:])
-            valid = (dt != 0).to(m.dtype).view(B, K, 1, 1, 1)
-            m = (m * valid).sum(1) / valid.sum(1).clamp(min=1)  # dt == 0 pairs carry no motion: left out
-            return [solve_flow(F.adaptive_avg_pool2d(m, g)).to(centre[0].dtype) for g in self.grids]
+        """None: the official model measures no motion (the motion attention variant does)."""
+        return None
 
     def ground(
         self,
@@ -549,11 +398,8 @@ class CoGroundingNet(nn.Module):
     ) -> dict[str, torch.Tensor | list[torch.Tensor]]:
         """Head on (co-)features ``feats`` (per scale ``[B,D,G,G]``) and ``text`` (B rows).
 
-        ``centre``: the centre frames' own maps (same shapes); with ``box_from_centre`` the box offsets
-        (tx, ty, tw, th) come from the head on ``centre`` and everything else from ``feats``. ``motion``: the
-        :meth:`motion_maps` of the window; with them ``mot_raw [B,M]``, the log-likelihood
-        ``-|flow - u(phrase)|^2 / (2 sigma^2)`` of each cell's motion under the velocity the motion phrase
-        expects, is returned and added to every anchor's score.
+        ``centre``: the centre frames' own maps (same shapes) and ``motion``: the window's :meth:`motion_maps`,
+        both used by the not-official variants only (:mod:`groundkit.methods.cogrounding.variants`).
 
         Returns ``pred``: per scale ``[B,3,5,G,G]`` raw (tx, ty, tw, th, conf); ``conf_raw`` ``[B,A]``;
         ``sim`` ``[B,M]`` subject cosine per cell; ``loc_raw`` ``[B,M]`` and ``loc`` ``[B,M]`` (min-max
@@ -565,12 +411,7 @@ class CoGroundingNet(nn.Module):
         for s, (v, g) in enumerate(zip(feats, self.grids)):
             coord = getattr(self, f"coord_{g}").unsqueeze(0).expand(B, -1, -1, -1).to(v.dtype)
             lang = text.flang.view(B, -1, 1, 1).expand(-1, -1, g, g).to(v.dtype)
-            x = self.fcn_emb[s](torch.cat([v, lang, coord], 1))
-            p = self.fcn_out[s](x).view(B, 3, 5, g, g)
-            if self.box_from_centre and centre is not None and centre[s] is not v:
-                xb = self.fcn_emb[s](torch.cat([centre[s], lang, coord], 1))
-                p = torch.cat([self.fcn_out[s](xb).view(B, 3, 5, g, g)[:, :, :4], p[:, :, 4:]], 2)
-            preds.append(p)
+            preds.append(self.scale_pred(s, v, lang, coord, None if centre is None else centre[s]))
             sims.append(torch.einsum("bd,bdyx->byx", text.e_sub.to(v.dtype), v).flatten(1))
         sim = torch.cat(sims, 1)  # [B, M]
         conf_raw = torch.cat([p[:, :, 4].flatten(1) for p in preds], 1)  # [B, A] (scale, anchor, cell)
@@ -584,31 +425,34 @@ class CoGroundingNet(nn.Module):
         loc_raw = torch.einsum("bmd,bd->bm", G, text.e_loc.to(G.dtype))
         lo, hi = loc_raw.min(1, keepdim=True).values, loc_raw.max(1, keepdim=True).values
         loc = (loc_raw - lo) / (hi - lo + 1e-6)
-        per_anchor = lambda t: torch.cat(
+        conf = conf_raw * self.per_anchor(sim) * self.per_anchor(loc)
+        return {
+            "pred": preds,
+            "conf_raw": conf_raw,
+            "sim": sim,
+            "loc_raw": loc_raw,
+            "loc": loc,
+            "feats": feats,
+            "conf": conf,
+        }
+
+    def scale_pred(
+        self, s: int, v: torch.Tensor, lang: torch.Tensor, coord: torch.Tensor, centre: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Head output ``[B,3,5,G,G]`` of scale ``s`` from the (co-)features ``v``, the tiled sentence feature
+        ``lang`` and the coordinate maps ``coord`` (``centre``: the box-from-centre variant's input)."""
+        B, g = v.shape[0], v.shape[-1]
+        return self.fcn_out[s](self.fcn_emb[s](torch.cat([v, lang, coord], 1))).view(B, 3, 5, g, g)
+
+    def per_anchor(self, t: torch.Tensor) -> torch.Tensor:
+        """A value per cell ``[B,M]`` repeated for the cell's three anchors: ``[B,A]`` in (scale, anchor, cell) order."""
+        return torch.cat(
             [
-                t[:, o : o + g * g].unsqueeze(1).expand(-1, 3, -1).flatten(1)  # noqa: E731
+                t[:, o : o + g * g].unsqueeze(1).expand(-1, 3, -1).flatten(1)
                 for o, g in zip(self.cell_offsets(), self.grids)
             ],
             1,
         )
-        conf = conf_raw * per_anchor(sim) * per_anchor(loc)
-        res = {"pred": preds, "conf_raw": conf_raw, "sim": sim, "loc_raw": loc_raw, "loc": loc, "feats": feats}
-        if motion is not None and text.e_mot is not None:
-            vel = self.mot_vel(text.e_mot).view(B, 2, 1)  # [B, 2] expected motion, cells per frame
-            flow = torch.cat([m.flatten(2) for m in motion], 2).to(vel.dtype)  # [B, 2, M]
-            mot = -((flow - vel) ** 2).sum(1) / (2 * torch.exp(2 * self.mot_log_sigma))
-            res["mot_raw"] = mot  # [B, M]
-            # each cell's best score without the motion term: the motion loss's candidates
-            res["cell_score"] = torch.cat(
-                [
-                    c.view(B, 3, g * g).amax(1)
-                    for c, g in zip(conf.split([3 * g * g for g in self.grids], 1), self.grids)
-                ],
-                1,
-            )
-            conf = conf + per_anchor(mot.to(conf.dtype))
-        res["conf"] = conf
-        return res
 
     def forward(
         self,

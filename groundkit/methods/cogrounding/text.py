@@ -23,7 +23,7 @@ import torch
 from ...backbones import minilm_path
 from ...errors import GroundkitError
 from ...text import tokenize
-from ...transforms import swap_left_right
+from ...transforms import swap_left_right, swap_substrings
 
 __all__ = [
     "PAD",
@@ -65,11 +65,6 @@ def official_words(text: str) -> list[str]:
     a final ``"."`` dropped."""
     toks = [w.lower() for w in _SPLIT_RE.split(text.strip()) if w and w != " "]
     return toks[:-1] if toks and toks[-1] == "." else toks
-
-
-def swap_substrings(text: str) -> str:
-    """The official flip's swap: every "right" <-> "left" substring ("bright" -> "bleft")."""
-    return text.replace("right", "\0").replace("left", "right").replace("\0", "left")
 
 
 class WordTokenizer:

@@ -3,7 +3,7 @@
 Files: ``config.py`` -> ``store.py`` (released archives -> memory-mapped fp16 store) -> ``data.py``
 (batches, store resolution) -> ``model.py`` (CENet, losses) -> ``method.py`` (training step,
 evaluation); ``predict.py`` (Retriever: free-text search), ``extract.py`` (features from raw
-videos), ``bench.py``.
+videos).
 """
 
 from .config import CrossKDConfig, CrossKDData, CrossKDLoss, CrossKDModel

@@ -5,19 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ...config import ExperimentConfig, OptimConfig, SchedConfig, TrainConfig
+from ...config import DataConfig, ExperimentConfig, OptimConfig, SchedConfig, TrainConfig
 
 __all__ = ["CrossKDData", "CrossKDModel", "CrossKDLoss", "CrossKDOptim", "CrossKDConfig"]
 
 
 @dataclass
-class CrossKDData:
+class CrossKDData(DataConfig):
     """Where the features are and how queries are built."""
 
     dataset: Literal["msrvtt", "msvd", "didemo", "activity-net"] = "msrvtt"  # released layout (paths, split lists)
     root: str = ""  # released-layout directory (e.g. data/MSRVTT/high-quality/structured-symlinks)
-    synth_size: str = ""  # tiny|small|medium|large: use the built-in world (generated/cached) as root
-    synth_seed: int = 0
     store: str = ""  # converted store directory ("" = <root>.store beside the root)
     split_set: str = "full"  # split family of the layout (msrvtt: full | 1k-A | 1k-B)
     experts: dict[str, str] = field(default_factory=dict)  # name -> path under root ({} = the layout's CrossKD experts)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ...formats.collaborative_experts import DATASET_LAYOUTS, FeatureError
+from ..base import GroundingDataset
 from .config import CrossKDConfig
 from .store import ExpertStore, convert_released
 
@@ -57,7 +58,7 @@ def _expert_tensors(store: ExpertStore, spec: BatchSpec, idx: np.ndarray) -> dic
     return {"experts": feats, "expert_masks": masks, "avail": torch.from_numpy(np.stack(avail, 1).astype(np.float32))}
 
 
-class RetrievalTrainSet:
+class RetrievalTrainSet(GroundingDataset):
     """Training split: one randomly picked caption per video each time it is drawn.
 
     The pick is a pure function of (seed, epoch, video), set through :meth:`set_epoch` by the
@@ -66,6 +67,8 @@ class RetrievalTrainSet:
     With ``fuse_captions`` (DiDeMo, ActivityNet) the query is all captions of the video stacked
     and truncated to ``max_tokens["text"]``.
     """
+
+    batched = True
 
     def __init__(self, store: ExpertStore, ids: Sequence[str], spec: BatchSpec, seed: int = 0):
         self.store, self.spec = store, spec
@@ -107,7 +110,7 @@ class RetrievalTrainSet:
         return batch
 
 
-class RetrievalEvalSet:
+class RetrievalEvalSet(GroundingDataset):
     """Evaluation split: all videos, ``num_test_captions`` queries per video (padded + masked), or one
     fused paragraph per video. Queries are video-major, as the metric expects."""
 
@@ -158,14 +161,14 @@ class RetrievalEvalSet:
 
 def _root(cfg: CrossKDConfig) -> Path:
     d = cfg.data
-    if d.synth_size and not d.root:
+    if cfg.world.size and not d.root:
         raise FeatureError(
-            f"data.synth_size={d.synth_size!r} names the built-in world but data.root is not set: build it with "
+            f"world.size={cfg.world.size!r} names the built-in world but data.root is not set: build it with "
             "groundkit.world.resolve_world(method, cfg) (groundkit train, the demo and groundkit.runs do this), "
             "or point data.root at the output of 'groundkit data synth --task retrieval'"
         )
     if not d.root:
-        raise FeatureError("data.root is empty: point it at the released feature directory (or set data.synth_size)")
+        raise FeatureError("data.root is empty: point it at the released feature directory (or set world.size)")
     root = Path(d.root).expanduser()
     if not root.is_dir():
         raise FeatureError(f"data.root {root} is not a directory")

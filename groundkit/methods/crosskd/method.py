@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ...distributed import unwrap_model
 from ...formats.collaborative_experts import FeatureError, load_pickle
 from ...metrics import t2v_metrics, v2t_metrics
 from ..base import Figure, Method
@@ -31,9 +32,6 @@ from .model import (
 __all__ = ["CrossKDMethod", "METHOD", "encode_all", "similarity_matrix"]
 
 
-# ----------------------------------------------------------------------------- encode + similarity
-
-
 # ----------------------------------------------------------------------------- the method
 
 
@@ -50,7 +48,7 @@ class CrossKDMethod(Method):
             "extract-experts": "groundkit.methods.crosskd.extract:register_extract",
             "convert-experts": "groundkit.methods.crosskd.extract:register_convert",
         },
-        "bench": {"crosskd": "groundkit.methods.crosskd.bench:register"},
+        "bench": {"crosskd": "groundkit.bench.crosskd:register"},
         "predict": {"retrieval": "groundkit.methods.crosskd.predict:register_predict"},
     }
 
@@ -99,7 +97,7 @@ class CrossKDMethod(Method):
     def data_source(self, cfg: CrossKDConfig, split: str) -> dict[str, Any]:
         d = cfg.data
         split_list = layout_paths(cfg)["splits"].get(split)
-        return {"split": split, "split_list": split_list, "root": d.root, "store": d.store, "synth_size": d.synth_size}
+        return {"split": split, "split_list": split_list, "root": d.root, "store": d.store, "world": cfg.world.size}
 
     def build_dataset(self, cfg: CrossKDConfig, split: str) -> RetrievalTrainSet | RetrievalEvalSet:
         store = open_store(cfg)
@@ -151,7 +149,7 @@ class CrossKDMethod(Method):
     def evaluate(
         self, model: torch.nn.Module, dataset: RetrievalEvalSet, cfg: CrossKDConfig, device: torch.device
     ) -> dict[str, float]:
-        model = getattr(model, "module", model)
+        model = unwrap_model(model)
         sims = similarity_matrix(model, dataset, device, cfg.train.eval_batch_size)
         qm = dataset.query_masks
         out = {}

@@ -2,7 +2,7 @@
 
 Files: ``config.py`` (typed config) -> ``data.py`` (features as tensors) -> ``model.py`` (encoders,
 NCE and distillation losses) -> ``method.py`` (training step, evaluation) ; ``prepare.py`` (data
-tools), ``predict.py`` (inference), ``experiments.py`` (seed sweeps, error breakdown), ``bench.py``.
+tools), ``predict.py`` (inference), ``sweeps.py`` (the demo's seed sweeps).
 """
 
 from .config import Wang21Config, Wang21DataConfig, Wang21EvalConfig, Wang21LossConfig, Wang21ModelConfig

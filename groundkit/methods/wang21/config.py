@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ...config import ExperimentConfig, OptimConfig, TrainConfig
+from ...config import DataConfig, ExperimentConfig, OptimConfig, TrainConfig
 
 __all__ = ["Wang21DataConfig", "Wang21ModelConfig", "Wang21LossConfig", "Wang21EvalConfig", "Wang21Config"]
 
@@ -15,14 +15,11 @@ __all__ = ["Wang21DataConfig", "Wang21ModelConfig", "Wang21LossConfig", "Wang21E
 
 
 @dataclass
-class Wang21DataConfig:
+class Wang21DataConfig(DataConfig):
     """Inputs. Everything the official code guessed from file-name substrings is a field here."""
 
-    # the built-in phrase world: data.synth_size (tiny|small|medium) names it; groundkit train, the demo and
-    # groundkit.runs build it once and fill every empty file path below from it (unless region files are given)
-    synth_size: str = ""
-    synth_seed: int = 0
-    root: str = ""
+    # the built-in phrase world (world.size: tiny|small|medium) fills every empty file path below
+    # (groundkit.world.resolve_world; not when region files are given)
     # training files (a path may contain "{split}", filled with train/val/test)
     region_feat_path: str = ""
     phrase_feat_path: str = ""

@@ -13,6 +13,7 @@ import torch
 from ...config import ConfigError
 from ...formats import wang21_hdf5 as wfmt
 from ...text import GLOVE_PACKAGE, is_glove_package, load_word_vectors
+from ..base import GroundingDataset
 from .config import Wang21Config, Wang21DataConfig
 from .prepare import REGION_NORM_PRESETS, phrase_class_weights
 
@@ -89,97 +90,103 @@ def norm_stats(d: Wang21DataConfig) -> tuple[float, float]:
     return REGION_NORM_PRESETS[d.norm_preset]
 
 
-class Wang21Dataset:
+def _read_split(
+    d: Wang21DataConfig, region_path: str, phrase_path: str
+) -> tuple[wfmt.RegionFile, wfmt.PhraseFile, int]:
+    """Region and phrase features of one split, and ``S``: the sentences per image used
+    (``data.captions_per_image``; 0: all that the file stores)."""
+    dtype = np.float16 if d.feature_dtype == "float16" else np.float32
+    reg = wfmt.read_region_hdf5(region_path, d.region_dim, d.n_proposals, dtype=dtype)
+    phr = wfmt.read_phrase_hdf5(phrase_path, reg.image_ids, max_tokens=d.max_tokens)
+    S_file = phr.tokens.shape[1]
+    S = d.captions_per_image if d.captions_per_image > 0 else S_file
+    if S > S_file:
+        raise wfmt.Wang21DataError(
+            f"{phrase_path}: data.captions_per_image={S} but the file stores {S_file} sentences per image ([S, P, T] with S={S_file})"
+        )
+    return reg, phr, S
+
+
+def _word_ids(
+    d: Wang21DataConfig, toks: np.ndarray, tmask: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """The split's vocabulary as rows of a word-vector table (row 0: padding / no vector): token ids into the
+    table, the table [V + 1, E], and the vocabulary's counts (distinct words, those without a vector)."""
+    vocab = sorted(set(toks[tmask].tolist()))
+    vecs = load_word_vectors(d.glove_path, vocab)
+    wd = word_dim(d)
+    known = [w for w in vocab if w in vecs]
+    for w in known:
+        if vecs[w].shape[0] != wd:
+            raise wfmt.Wang21DataError(
+                f"{d.glove_path}: key {w!r} has {vecs[w].shape[0]} values; expected [{wd}] (data.word_dim)"
+            )
+    table = np.zeros((len(known) + 1, wd), dtype=np.float32)
+    index = {w: i + 1 for i, w in enumerate(known)}
+    for w, i in index.items():
+        table[i] = vecs[w]
+    ids = (
+        np.vectorize(lambda w: index.get(w, 0), otypes=[np.int64])(toks)
+        if toks.size
+        else np.zeros(toks.shape, np.int64)
+    )
+    counts = {"vocab": len(vocab), "vocab_without_vector": len(vocab) - len(known)}
+    return np.where(tmask, ids, 0), table, counts
+
+
+def _text_stats(ids: np.ndarray, tmask: np.ndarray, exists: np.ndarray, vocab_stats: dict[str, int]) -> dict[str, int]:
+    """Token, vocabulary and phrase counts of a split, with those that have no word vector."""
+    in_vocab = tmask & (ids > 0)
+    return {
+        "tokens": int(tmask.sum()),
+        "tokens_without_vector": int((tmask & (ids == 0)).sum()),
+        **vocab_stats,
+        "phrases": int(exists.sum()),
+        "phrases_without_any_vector": int((exists & ~in_vocab.any(-1)).sum()),
+    }
+
+
+def _warn_missing_vectors(stats: dict[str, int], phrase_path: str, glove_path: str) -> None:
+    if stats["tokens_without_vector"]:
+        log.warning(
+            "%s: %d of %d tokens (%d distinct words) have no vector in %s (zero vector, excluded from max-pool, as the official code)",
+            phrase_path,
+            stats["tokens_without_vector"],
+            stats["tokens"],
+            stats["vocab_without_vector"],
+            glove_path,
+        )
+    if stats["phrases_without_any_vector"]:
+        log.warning(
+            "%s: %d phrases have no word with a vector (skipped in training)",
+            phrase_path,
+            stats["phrases_without_any_vector"],
+        )
+
+
+class Wang21Dataset(GroundingDataset):
     """(image, sentence) pairs of one split, every array a tensor; ``get_batch`` gathers by index.
 
     Pair ``i`` is image ``i // S``, sentence ``i % S`` with ``S = captions_per_image`` (the
     official ``ind // 5, ind % 5`` order).
     """
 
+    batched = True
+
     def __init__(self, cfg: Wang21Config, split: str, region_path: str, phrase_path: str):
         d = cfg.data
         self.split, self.cfg = split, cfg
-        dtype = np.float16 if d.feature_dtype == "float16" else np.float32
-        reg = wfmt.read_region_hdf5(region_path, d.region_dim, d.n_proposals, dtype=dtype)
-        phr = wfmt.read_phrase_hdf5(phrase_path, reg.image_ids, max_tokens=d.max_tokens)
-        S_file = phr.tokens.shape[1]
-        S = d.captions_per_image if d.captions_per_image > 0 else S_file
-        if S > S_file:
-            raise wfmt.Wang21DataError(
-                f"{phrase_path}: data.captions_per_image={S} but the file stores {S_file} sentences per image ([S, P, T] with S={S_file})"
-            )
+        reg, phr, S = _read_split(d, region_path, phrase_path)
         self.image_ids, self.S = reg.image_ids, S
         self.n_logits = reg.logits.shape[-1]
-        # vocabulary of this split -> word vectors (row 0: padding / no vector)
-        toks = phr.tokens[:, :S]
         tmask = phr.token_mask[:, :S]
-        vocab = sorted(set(toks[tmask].tolist()))
-        vecs = load_word_vectors(d.glove_path, vocab)
-        wd = word_dim(d)
-        known = [w for w in vocab if w in vecs]
-        for w in known:
-            if vecs[w].shape[0] != wd:
-                raise wfmt.Wang21DataError(
-                    f"{d.glove_path}: key {w!r} has {vecs[w].shape[0]} values; expected [{wd}] (data.word_dim)"
-                )
-        table = np.zeros((len(known) + 1, wd), dtype=np.float32)
-        index = {w: i + 1 for i, w in enumerate(known)}
-        for w, i in index.items():
-            table[i] = vecs[w]
-        ids = (
-            np.vectorize(lambda w: index.get(w, 0), otypes=[np.int64])(toks)
-            if toks.size
-            else np.zeros(toks.shape, np.int64)
-        )
-        ids = np.where(tmask, ids, 0)
-        in_vocab = tmask & (ids > 0)
-        n_oov = int((tmask & (ids == 0)).sum())
-        self.stats = {
-            "images": len(self.image_ids),
-            "pairs": len(self.image_ids) * S,
-            "tokens": int(tmask.sum()),
-            "tokens_without_vector": n_oov,
-            "vocab": len(vocab),
-            "vocab_without_vector": len(vocab) - len(known),
-        }
+        ids, table, vocab_stats = _word_ids(d, phr.tokens[:, :S], tmask)
         exists = phr.phrase_exists[:, :S]
-        train_valid = exists & in_vocab.any(-1)  # official: >= 1 in-vocabulary token
-        self.stats["phrases"] = int(exists.sum())
-        self.stats["phrases_without_any_vector"] = int((exists & ~in_vocab.any(-1)).sum())
-        if n_oov:
-            log.warning(
-                "%s: %d of %d tokens (%d distinct words) have no vector in %s (zero vector, excluded from max-pool, as the official code)",
-                phrase_path,
-                n_oov,
-                self.stats["tokens"],
-                self.stats["vocab_without_vector"],
-                d.glove_path,
-            )
-        if self.stats["phrases_without_any_vector"]:
-            log.warning(
-                "%s: %d phrases have no word with a vector (skipped in training)",
-                phrase_path,
-                self.stats["phrases_without_any_vector"],
-            )
-        # teacher weights per distinct phrase string
-        strings = phr.phrase_strings()[:, :S]
-        uniq, inv = np.unique(strings.reshape(-1), return_inverse=True)
-        phrase_ids = inv.reshape(strings.shape).astype(np.int64)
-        self.teacher_w: torch.Tensor | None = None
-        source = self._teacher_source(cfg)
-        if source is not None:
-            w, tstats = self._teacher_weights(cfg, list(uniq), source)
-            w[uniq == ""] = 0
-            self.teacher_w = torch.from_numpy(w)
-            self.stats.update({f"teacher_{k}": v for k, v in tstats.items()})
-            log.info(
-                "%s: teacher covers %d of %d distinct phrases (%d class ids beyond the %d logits skipped)",
-                phrase_path,
-                tstats["mapped"],
-                tstats["phrases"],
-                tstats["class_out_of_range"],
-                self.n_logits,
-            )
+        train_valid = exists & (tmask & (ids > 0)).any(-1)  # official: >= 1 in-vocabulary token
+        self.stats = {"images": len(self.image_ids), "pairs": len(self.image_ids) * S}
+        self.stats.update(_text_stats(ids, tmask, exists, vocab_stats))
+        _warn_missing_vectors(self.stats, phrase_path, d.glove_path)
+        phrase_ids = self._attach_teacher(cfg, phr.phrase_strings()[:, :S], phrase_path)
         T = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
         self.t: dict[str, torch.Tensor] = {
             "region_feats": T(reg.features),
@@ -197,6 +204,28 @@ class Wang21Dataset:
         if self.teacher_w is not None:
             self.t["teacher_w"] = self.teacher_w
         self.device = torch.device("cpu")
+
+    def _attach_teacher(self, cfg: Wang21Config, strings: np.ndarray, phrase_path: str) -> np.ndarray:
+        """Ids of the distinct phrase strings [I, S, P]; sets ``teacher_w`` (class weights per distinct phrase)
+        when a teacher source is configured, else None."""
+        uniq, inv = np.unique(strings.reshape(-1), return_inverse=True)
+        phrase_ids = inv.reshape(strings.shape).astype(np.int64)
+        self.teacher_w: torch.Tensor | None = None
+        source = self._teacher_source(cfg)
+        if source is not None:
+            w, tstats = self._teacher_weights(cfg, list(uniq), source)
+            w[uniq == ""] = 0
+            self.teacher_w = torch.from_numpy(w)
+            self.stats.update({f"teacher_{k}": v for k, v in tstats.items()})
+            log.info(
+                "%s: teacher covers %d of %d distinct phrases (%d class ids beyond the %d logits skipped)",
+                phrase_path,
+                tstats["mapped"],
+                tstats["phrases"],
+                tstats["class_out_of_range"],
+                self.n_logits,
+            )
+        return phrase_ids
 
     @classmethod
     def from_tensors(

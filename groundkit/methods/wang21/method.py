@@ -59,7 +59,7 @@ class Wang21Method(Method):
     name = "wang21"
     config_class = Wang21Config
     default_config = "reference_distill"
-    world_task = "phrase"  # data.synth_size (the world_* configs: small) trains on the built-in phrase world
+    world_task = "phrase"  # world.size (the world_* configs: small) trains on the built-in phrase world
     summary = "weakly supervised phrase grounding by contrastive knowledge distillation (Wang et al., CVPR 2021)"
     commands = {
         "data": {
@@ -68,30 +68,14 @@ class Wang21Method(Method):
             "detections-to-hdf5": "groundkit.methods.wang21.prepare:register_detections_to_hdf5",
             "phrase-to-label": "groundkit.methods.wang21.prepare:register_phrase_to_label",
         },
-        "bench": {"wang21": "groundkit.methods.wang21.bench:register"},
+        "bench": {"wang21": "groundkit.bench.wang21:register"},
         "predict": {"phrase": "groundkit.methods.wang21.predict:register_predict"},
     }
-
-    def __init__(self, neighbourhood: Any = distill_neighbourhood) -> None:
-        # the distillation neighbourhood function (the benchmark swaps in the per-phrase loop)
-        self.neighbourhood = neighbourhood
 
     # -- construction
     def build_model(self, cfg: Wang21Config) -> nn.Module:
         mean, std = norm_stats(cfg.data)
-        return Wang21Model(
-            word_dim(cfg.data),
-            cfg.data.region_dim,
-            cfg.model.lstm_hidden,
-            cfg.model.mlp_hidden,
-            cfg.model.embed_dim,
-            phrase_scale=cfg.loss.phrase_scale,
-            learn_scale=cfg.loss.learn_scale,
-            distill_scale=cfg.loss.student_scale,
-            learn_distill_scale=cfg.loss.learn_student_scale,
-            region_mean=mean,
-            region_std=std,
-        )
+        return Wang21Model(cfg, word_dim(cfg.data), mean, std)
 
     def own_data(self, cfg: Wang21Config) -> bool:
         d = cfg.data
@@ -160,7 +144,7 @@ class Wang21Method(Method):
     def training_step(
         self, model: nn.Module, batch: dict[str, torch.Tensor], step: int, cfg: Wang21Config
     ) -> tuple[torch.Tensor, dict]:
-        m = model.module if hasattr(model, "module") else model
+        m = dist_utils.unwrap_model(model)
         lc = cfg.loss
         r, q = model(batch["region_feats"], batch["words"], batch["token_mask"])
         pmask, rmask = batch["train_valid"], batch["region_valid"]
@@ -176,7 +160,7 @@ class Wang21Method(Method):
             "scale": float(m.scale().detach()),
         }
         if lc.distill and "teacher_w" in batch:
-            idx = self.neighbourhood(own, batch["region_boxes"], rmask, lc.k)
+            idx = distill_neighbourhood(own, batch["region_boxes"], rmask, lc.k)
             valid_k = torch.gather(rmask[:, None, :].expand(-1, idx.shape[1], -1), 2, idx)
             t = teacher_scores(batch["region_logits"], batch["teacher_w"], idx)
             y = teacher_targets(
@@ -198,7 +182,7 @@ class Wang21Method(Method):
         (``eval.baselines``) the expected R@k of a random ranking and the teacher's own R@k."""
         if dataset is None:
             return {}
-        m = model.module if hasattr(model, "module") else model
+        m = dist_utils.unwrap_model(model)
         dataset.place(device)
         ec = cfg.eval
         mk = lambda: PhraseRecallAccumulator(ec.ks, ec.iou_threshold, ec.inclusive, ec.pixel_offset)  # noqa: E731

@@ -6,7 +6,7 @@ region-phrase score  s = <r, q> (cosine);  image-sentence score  S = sum_p 2 * m
 L = NCE over the batch's images  +  ramp(step) * distillation over the K regions overlapping the best one
 
 ``reference`` settings reproduce the official TF code's numbers-affecting behaviour; every
-``improved`` change is a separate argument of the loss functions (see groundkit/methods/wang21.py).
+``improved`` change is a separate argument of the loss functions (switched by Wang21LossConfig, config.py).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from torch import nn
 from torchvision.ops import box_iou
 
 from ...boxes import batched_box_iou
+from .config import Wang21Config
 
 __all__ = [
     "PhraseEncoder",
@@ -106,27 +107,19 @@ class Wang21Model(nn.Module):
     so a checkpoint works with any vocabulary of the same word dimension.
     """
 
-    def __init__(
-        self,
-        word_dim: int,
-        region_dim: int,
-        lstm_hidden: int = 300,
-        mlp_hidden: int = 1024,
-        embed_dim: int = 512,
-        phrase_scale: float = 2.0,
-        learn_scale: bool = False,
-        distill_scale: float = 1.0,
-        learn_distill_scale: bool = False,
-        region_mean: float = 0.0,
-        region_std: float = 1.0,
-    ):
+    def __init__(self, cfg: Wang21Config, word_dim: int, region_mean: float = 0.0, region_std: float = 1.0):
+        """``cfg``: the model sizes (``cfg.model``), the region width (``cfg.data.region_dim``) and the logit scales
+        (``cfg.loss``); ``word_dim`` and the region normalisation come from the data files."""
         super().__init__()
-        self.phrase = PhraseEncoder(word_dim, lstm_hidden, mlp_hidden, embed_dim)
-        self.region = RegionEncoder(region_dim, mlp_hidden, embed_dim, region_mean, region_std)
+        m, loss = cfg.model, cfg.loss
+        self.phrase = PhraseEncoder(word_dim, m.lstm_hidden, m.mlp_hidden, m.embed_dim)
+        self.region = RegionEncoder(cfg.data.region_dim, m.mlp_hidden, m.embed_dim, region_mean, region_std)
         # log of the per-phrase factor of the image-sentence score (official: 2.0, fixed)
-        self.log_scale = nn.Parameter(torch.tensor(math.log(phrase_scale)), requires_grad=learn_scale)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(loss.phrase_scale)), requires_grad=loss.learn_scale)
         # log of the student's distillation logit scale (official: 1.0, i.e. raw cosines)
-        self.log_distill_scale = nn.Parameter(torch.tensor(math.log(distill_scale)), requires_grad=learn_distill_scale)
+        self.log_distill_scale = nn.Parameter(
+            torch.tensor(math.log(loss.student_scale)), requires_grad=loss.learn_student_scale
+        )
 
     def scale(self) -> torch.Tensor:
         return self.log_scale.clamp(max=math.log(100.0)).exp()

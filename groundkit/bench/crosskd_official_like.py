@@ -9,9 +9,9 @@ weight tensor, the three similarity matrices built expert by expert with their h
 :func:`official_like_loss` the max-margin ranking loss with its index bookkeeping plus the caption
 distillation term, and :class:`OfficialLikeRAdam` the per-parameter RAdam of the official
 ``utils/radam.py`` (decoupled weight decay, one parameter at a time). It uses the modules of a
-groundkit :class:`~.model.CENet`, so both run on the same weights; on the same batch it gives the
-same outputs as the reference mode (``gating="sequential"``, ``pair_bn="per_pair"``) up to float
-rounding (tested).
+groundkit :class:`~groundkit.methods.crosskd.model.CENet`, so both run on the same weights; on the same
+batch it gives the same outputs as the reference mode (``gating="sequential"``, ``pair_bn="per_pair"``)
+up to float rounding (tested).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import CENet, _key
+from ..methods.crosskd.model import CENet, _key
 
 __all__ = ["official_like_forward", "official_like_loss", "OfficialLikeRAdam", "official_like_step"]
 

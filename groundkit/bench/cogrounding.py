@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from .config import CoGroundingConfig
-from .inference import ground_video, ground_video_windowed
-from .method import build_model
+from ..methods.cogrounding.config import CoGroundingConfig
+from ..methods.cogrounding.inference import ground_video, ground_video_windowed
+from ..methods.cogrounding.method import build_model
 
 __all__ = ["run_bench", "register"]
 

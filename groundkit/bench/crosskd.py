@@ -3,7 +3,7 @@
 Training: samples/s of three implementations of the training step at the MSR-VTT CE+ shapes with
 the 300-d word2vec text feature (66.7 M parameters at 28 text clusters and a 768-d shared space),
 batch 64, ranking loss + caption distillation, RAdam: the official-like step
-(:mod:`.official_like`: the official per-pair loop, losses and per-parameter RAdam, re-written),
+(:mod:`.crosskd_official_like`: the official per-pair loop, losses and per-parameter RAdam, re-written),
 groundkit's reference mode (what the official code computes) and the fast path (paper-formula
 gating, pooled BatchNorm statistics). All three in one process from the same initial weights,
 timed in rounds of one step each with a rotating order, medians of wall and CPU time per step.
@@ -45,16 +45,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...bench.common import Measurement, measure, print_table
-from ...bench.metrics import run_baseline as baseline_metrics
-from ...metrics import t2v_metrics, v2t_metrics
-from ...optim import build_optimizer
-from .config import CrossKDConfig
-from .data import BatchSpec, RetrievalEvalSet
-from .method import METHOD, similarity_matrix
-from .model import CENet, CENetConfig
-from .official_like import OfficialLikeRAdam, official_like_forward, official_like_step
-from .store import ExpertStore, StoreWriter
+from ..methods.crosskd.config import CrossKDConfig
+from ..methods.crosskd.data import BatchSpec, RetrievalEvalSet
+from ..methods.crosskd.method import METHOD, similarity_matrix
+from ..methods.crosskd.model import CENet, CENetConfig
+from ..methods.crosskd.store import ExpertStore, StoreWriter
+from ..metrics import t2v_metrics, v2t_metrics
+from ..optim import build_optimizer
+from .common import Measurement, measure, print_table
+from .crosskd_official_like import OfficialLikeRAdam, official_like_forward, official_like_step
+from .metrics import run_baseline as baseline_metrics
 
 MSRVTT_VIDEOS, MSRVTT_CAPTIONS = 2990, 20
 EXPERT_DIMS = {

@@ -25,7 +25,8 @@ from typing import Any
 
 import torch
 
-from .model import ClipVG, build_encoders, clipvg_loss
+from ..methods.clipvg.config import ClipVGModel
+from ..methods.clipvg.model import ClipVG, build_encoders, clipvg_loss
 
 __all__ = ["run_bench", "register"]
 
@@ -64,15 +65,8 @@ def _model(
         pretrained=False,
         trainable_pos_embed=quirk and a.encoder == "clip",
     )
-    return ClipVG(
-        enc,
-        max_query_len=a.max_query_len,
-        d_model=a.d_model,
-        num_layers=a.layers,
-        dim_ff=4 * a.d_model,
-        sdpa=sdpa,
-        encoder_dtype=enc_dtype,
-    ).to(device)
+    cfg = ClipVGModel(d_model=a.d_model, num_layers=a.layers, dim_ff=4 * a.d_model, sdpa=sdpa)
+    return ClipVG(cfg, enc, a.max_query_len, enc_dtype).to(device)
 
 
 def run_bench(a: argparse.Namespace) -> dict[str, Any]:

@@ -1,120 +1,40 @@
-"""wang21 experiments on the built-in world: the seed-sweep variants of docs/wang21.md and the
-error breakdown by cause (reads the world's scene records; never imports the world generator)."""
+"""wang21 on the built-in phrase world: the seed sweeps of docs/wang21.md and the error breakdown by cause.
+
+    python experiments/wang21_tables.py sweep WORLD OUT [--seeds 0 1 2] [--jobs 4] [--variants NAME ...] \\
+        [--set KEY=VALUE ...]
+    python experiments/wang21_tables.py breakdown RUN WORLD [--split test] [--k 8]
+
+``sweep`` trains and tests each variant of :data:`groundkit.methods.wang21.sweeps.SWEEP_VARIANTS` (default: all)
+over the seeds through :func:`groundkit.runs.run_many` (finished runs are reused, so a killed sweep is simply
+started again), writes ``OUT/sweep.json`` and ``OUT/table.md`` and prints the table (R@k in percent, mean ± std).
+``WORLD`` is the folder of ``groundkit data synth --task phrase``.
+
+``breakdown`` says where the top-1 proposal of each phrase goes, for a trained run (or checkpoint) on a split of
+the world it was trained on (reads the world's scene records; never imports the world generator) and prints the
+result as JSON.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
-from collections.abc import Callable, Sequence
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ...boxes import box_iou
-from ...config import ConfigError, parse_override
-from ...runs import RunResult, RunSpec, run_many, seed_specs, summarize, write_summary
-from ...runs import format_table as runs_table
-from .. import load_run
-from .data import Wang21Dataset, resolve_paths, world_files
-from .model import distill_neighbourhood
+from groundkit.boxes import box_iou
+from groundkit.config import ConfigError, parse_override
+from groundkit.methods import load_run
+from groundkit.methods.wang21.data import Wang21Dataset, resolve_paths
+from groundkit.methods.wang21.model import distill_neighbourhood
+from groundkit.methods.wang21.sweeps import SWEEP_KEYS, SWEEP_VARIANTS, format_table, sweep_specs
+from groundkit.runs import run_many, write_summary
 
-__all__ = [
-    "SWEEP_VARIANTS",
-    "sweep_specs",
-    "run_sweep",
-    "format_table",
-    "error_breakdown",
-    "model_scores",
-    "breakdown_of_checkpoint",
-]
-
-
-# ----------------------------------------------------------------------------- seed sweep
-
-
-# name -> (shipped config, overrides). Distillation variants get the world's phrase_to_label.json;
-# the soft teacher gets the phrase x class matrix built by `groundkit data phrase-to-label`.
-SWEEP_VARIANTS: dict[str, tuple[str, list[str]]] = {
-    "NCE (reference)": ("world_reference_nce", []),
-    "NCE+Distill (reference)": ("world_reference_distill", []),
-    "+ both NCE directions": ("world_reference_distill", ["loss.both_directions=true"]),
-    "+ mask same image": ("world_reference_distill", ["loss.mask_same_image=true"]),
-    "+ learned temperature": ("world_reference_distill", ["loss.learn_scale=true"]),
-    "+ soft teacher (matrix)": ("world_reference_distill", ["loss.soft_teacher=true"]),
-    "+ log-prob teacher, tempered student": (
-        "world_reference_distill",
-        ["loss.teacher_form=log_prob", "loss.teacher_temperature=0.5", "loss.student_scale=10.0"],
-    ),
-    "improved (all flags)": ("world_improved", []),
-}
-
-
-def sweep_specs(
-    world_dir: str | Path,
-    out_dir: str | Path,
-    seeds: Sequence[int] = (0, 1, 2),
-    variants: Sequence[str] | None = None,
-    overrides: dict[str, Any] | None = None,
-) -> list[RunSpec]:
-    """:class:`~groundkit.runs.RunSpec` of each variant of :data:`SWEEP_VARIANTS` x seed on a built-in phrase
-    world (the files of ``groundkit data synth --task phrase``); builds the soft teacher's matrix when needed."""
-    world, out = Path(world_dir), Path(out_dir)
-    names = list(variants or SWEEP_VARIANTS)
-    unknown = [n for n in names if n not in SWEEP_VARIANTS]
-    if unknown:
-        raise ConfigError(f"unknown wang21 sweep variants {unknown}; known: {list(SWEEP_VARIANTS)}")
-    common = {f"data.{k}": v for k, v in world_files(world).items()}
-    specs = []
-    for name in names:
-        base, extra = SWEEP_VARIANTS[name]
-        o = dict(common)
-        o.update(parse_override(e) for e in extra)
-        o.update(overrides or {})
-        specs += seed_specs(name, "wang21", base, seeds, out, overrides=o)
-    return specs
-
-
-def run_sweep(
-    world_dir: str | Path,
-    out_dir: str | Path = "runs/wang21_sweep",
-    seeds: Sequence[int] = (0, 1, 2),
-    variants: Sequence[str] | None = None,
-    overrides: dict[str, Any] | None = None,
-    jobs: int = 1,
-    desc: str = "wang21 runs",
-) -> list[RunResult]:
-    """Train + test each variant over ``seeds`` (``jobs`` at a time; finished runs are reused); writes
-    ``<out_dir>/sweep.json`` and ``table.md`` and prints the table (R@k in percent, mean ± std)."""
-    out = Path(out_dir)
-    results = run_many(sweep_specs(world_dir, out, seeds, variants, overrides), jobs=jobs, desc=desc)
-    write_summary(out / "sweep.json", results, SWEEP_KEYS)
-    table = format_table(results)
-    (out / "table.md").write_text(table + "\n")
-    print(table)
-    return results
-
-
-SWEEP_KEYS = ("R@1", "R@5", "R@10")
-
-
-def format_table(results: Sequence[RunResult]) -> str:
-    """Markdown table of R@1/5/10 (percent, mean ± std over seeds) plus the baselines the runs report."""
-    table = runs_table(summarize(results, SWEEP_KEYS), SWEEP_KEYS, header="variant", show_n=True)
-    done = [r for r in results if r.ok]
-    if not done:
-        return table
-    x = done[0].metrics
-    cells = " | ".join(f"{x.get(f'random_R@{k}', float('nan')):.2f}" for k in (1, 5, 10))
-    lines = [table, f"| random ranking (expected) | {cells} | |"]
-    if "teacher_R@1" in x:
-        cov = x.get("teacher_coverage", float("nan"))
-        lines.append(f"| detector teacher alone (mapped phrases, {cov:.0f}%) | {x['teacher_R@1']:.2f} | | | |")
-    lines.append(f"| proposal upper bound | {x['upper_bound']:.2f} | | | |")
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- diagnosis on the built-in world
+__all__ = ["ERROR_CAUSES", "error_breakdown", "model_scores", "breakdown_of_checkpoint", "main"]
 
 ERROR_CAUSES = (
     "hit",
@@ -215,3 +135,44 @@ def breakdown_of_checkpoint(
     if paths is None:
         raise ConfigError(f"{checkpoint}: its config names no {split} files")
     return error_breakdown(model_scores(model), Wang21Dataset(cfg, split, *paths), world_dir, k=k)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python experiments/wang21_tables.py", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("sweep", help="train + test the variants over seeds; write OUT/sweep.json and OUT/table.md")
+    s.add_argument("world", help="a built-in phrase world (groundkit data synth --task phrase --out WORLD)")
+    s.add_argument("out", help="results folder (one run folder per variant and seed)")
+    s.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    s.add_argument(
+        "--variants", nargs="+", default=None, metavar="NAME", help=f"default: all of {list(SWEEP_VARIANTS)}"
+    )
+    s.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides of every run")
+    s.add_argument("--jobs", type=int, default=1, help="trainings at a time")
+    s.add_argument("--threads", type=int, default=None, help="torch threads per run (default: the cores shared)")
+    b = sub.add_parser("breakdown", help="error breakdown by cause of a trained run on its built-in world")
+    b.add_argument("run", help="run folder or checkpoint")
+    b.add_argument("world", help="the built-in phrase world the run was trained on")
+    b.add_argument("--split", default="test")
+    b.add_argument("--k", type=int, default=8, help="distillation neighbourhood size")
+    a = p.parse_args(argv)
+    try:
+        if a.command == "breakdown":
+            print(json.dumps(breakdown_of_checkpoint(a.run, a.world, a.split, a.k), indent=1))
+            return 0
+        out = Path(a.out)
+        overrides = dict(parse_override(x) for x in a.set)
+        specs = sweep_specs(a.world, out, a.seeds, a.variants, overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    results = run_many(specs, jobs=a.jobs, threads=a.threads, desc="wang21 runs")
+    write_summary(out / "sweep.json", results, SWEEP_KEYS)
+    table = format_table(results)
+    (out / "table.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

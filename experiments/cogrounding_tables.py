@@ -1,6 +1,6 @@
 """The seed tables of docs/cogrounding.md, built as :class:`groundkit.runs.RunSpec` lists on the built-in world.
 
-``python -m groundkit.methods.cogrounding.experiments image OUT [--size medium] [--seeds 0 1 2] [--jobs 2]
+``python experiments/cogrounding_tables.py image OUT [--size medium] [--seeds 0 1 2] [--jobs 2]
 [--set k=v ...]`` (refexp world, SL-Att and its baselines) or ``video OUT [--size small]`` (video world: single
 frame, co-grounding, + temporal loss, and the residual co-features / motion variants; ``--variants``
 picks some). Every run is a normal run folder ``OUT/<variant>/seed<k>/``
@@ -8,7 +8,7 @@ trained through :func:`groundkit.runs.run_many`, so a rerun reuses finished runs
 the frozen backbone's maps are computed once per split into ``OUT/features`` and shared by every run.
 
 ``heldout OUT [--world-seed 1]`` evaluates every finished run of a video table on another draw of its world
-(``data.synth_seed``): its train and test videos (2,676 frames for ``small``) were seen by no run, eight times the
+(``world.seed``): its train and test videos (2,676 frames for ``small``) were seen by no run, eight times the
 test split, so the variants' differences are measured with less noise. Results go to
 ``OUT/<variant>/seed<k>/heldout-world<seed>/metrics.json`` (reused when present).
 """
@@ -16,57 +16,23 @@ test split, so the variants' differences are measured with less noise. Results g
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
-from ...config import ConfigError
-from ...runs import RunResult, RunSpec, format_table, run_many, seed_specs, slug, summarize, write_summary
+from groundkit.config import ConfigError
+from groundkit.engine import read_run_record, run_eval
+from groundkit.methods import run_config
+from groundkit.methods.cogrounding.sweeps import VIDEO_VARIANTS, table_specs
+from groundkit.runs import RunResult, format_table, run_many, slug, summarize, write_summary
+from groundkit.world import resolve_world
 
-__all__ = [
-    "IMAGE_VARIANTS",
-    "VIDEO_VARIANTS",
-    "IMAGE_KEYS",
-    "VIDEO_KEYS",
-    "table_specs",
-    "run_table",
-    "heldout_table",
-    "tables",
-    "main",
-]
+__all__ = ["IMAGE_KEYS", "VIDEO_KEYS", "tables", "run_table", "heldout_table", "main"]
 
-#: variant -> (shipped config, overrides)
-IMAGE_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "SL-Att (image model)": ("world_image", {}),
-}
-VIDEO_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "single-frame (SL-Att)": ("world_video", {"model.co_attention": False, "loss.train_clip_len": 1}),
-    "co-grounding (CG-SL-Att)": ("world_video", {}),
-    "co-grounding + temporal loss": ("world_video", {"loss.temporal_weight": 5.0}),
-    "co-grounding + motion term": ("world_video", {"model.motion": True}),
-    "co-grounding, residual": ("world_video", {"model.co_residual": True}),
-    "co-grounding, residual + motion term": ("world_video", {"model.co_residual": True, "model.motion": True}),
-    "co-grounding, residual + motion difference": (
-        "world_video",
-        {"model.co_residual": True, "model.motion": True, "model.motion_mode": "diff"},
-    ),
-    "co-grounding, residual + motion difference, box from centre": (
-        "world_video",
-        {"model.co_residual": True, "model.motion": True, "model.motion_mode": "diff", "model.box_from_centre": True},
-    ),
-    "co-grounding, residual + temporal loss": ("world_video", {"model.co_residual": True, "loss.temporal_weight": 5.0}),
-    "co-grounding, residual + motion attention, loss over all cells": (
-        "world_video",
-        {"model.co_residual": True, "model.motion_attention": True, "loss.motion_candidates": 0},
-    ),
-    "co-grounding + motion attention": ("world_video", {"model.motion_attention": True}),
-    "co-grounding, residual + motion attention, candidate loss": (
-        "world_video",
-        {"model.co_residual": True, "model.motion_attention": True, "loss.motion_candidates": 8},
-    ),
-}
 IMAGE_KEYS = (
     "testA/Acc@0.5",
     "testB/Acc@0.5",
@@ -77,30 +43,6 @@ IMAGE_KEYS = (
     "upper_bound",
 )
 VIDEO_KEYS = ("Acc@0.5", "Acc@0.5 (post)")
-
-
-def table_specs(
-    kind: str,
-    out: str | Path,
-    seeds: list[int],
-    size: str = "",
-    extra: dict[str, Any] | None = None,
-    names: list[str] | None = None,
-) -> list[RunSpec]:
-    """One :func:`~groundkit.runs.seed_specs` group per variant of the ``image`` or ``video`` table.
-
-    ``size`` picks the world (default: the config's ``data.synth_size``); ``extra`` overrides every run.
-    """
-    variants = IMAGE_VARIANTS if kind == "image" else VIDEO_VARIANTS
-    out = Path(out)
-    common: dict[str, Any] = {"data.feature_cache": str(out / "features")}
-    if size:
-        common["data.synth_size"] = size
-    specs: list[RunSpec] = []
-    for name in names or list(variants):
-        cfg_name, ov = variants[name]
-        specs += seed_specs(name, "cogrounding", cfg_name, seeds, out, overrides={**common, **ov, **(extra or {})})
-    return specs
 
 
 def tables(kind: str, results: list[RunResult]) -> str:
@@ -136,18 +78,10 @@ def heldout_table(
     """Evaluate the finished runs under ``out`` (a video table) on the train and test videos of world draw
     ``world_seed``; returns ``{variant: {seed: metrics}}`` and a table (mean ± std over seeds, and each variant
     paired by seed with the single-frame runs)."""
-    import json  # noqa: PLC0415
-
-    import torch  # noqa: PLC0415
-
-    from ...engine import read_run_record, run_eval  # noqa: PLC0415
-    from ...world import resolve_world  # noqa: PLC0415
-    from .. import run_config  # noqa: PLC0415
-
     if threads:
         torch.set_num_threads(threads)
     out = Path(out)
-    overrides = {"data.root": "", "data.synth_seed": world_seed, "data.test_splits": ["train", "test"]}
+    overrides = {"data.root": "", "world.seed": world_seed, "data.test_splits": ["train", "test"]}
     results: dict[str, dict[int, dict[str, float]]] = {}
     for name in names or list(VIDEO_VARIANTS):
         for run in sorted((out / slug(name)).glob("seed*")):
@@ -158,7 +92,7 @@ def heldout_table(
             if (dest / "metrics.json").is_file():
                 metrics = json.loads((dest / "metrics.json").read_text())["metrics"]
             else:
-                if rec.get("identity", {}).get("config", {}).get("data.synth_seed") == world_seed:
+                if rec.get("identity", {}).get("config", {}).get("world.seed") == world_seed:
                     raise ConfigError(f"{run} was trained on world seed {world_seed}: pick another --world-seed")
                 method, cfg, ck = run_config(run, "cogrounding", overrides)
                 metrics = run_eval(method, resolve_world(method, cfg), ck, split="test", output_dir=dest)
@@ -185,10 +119,10 @@ def heldout_table(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m groundkit.methods.cogrounding.experiments")
+    p = argparse.ArgumentParser(prog="python experiments/cogrounding_tables.py")
     p.add_argument("kind", choices=["image", "video", "heldout"])
     p.add_argument("out", help="results folder (one run folder per variant and seed)")
-    p.add_argument("--size", default="", help="world size (default: the config's data.synth_size)")
+    p.add_argument("--size", default="", help="world size (default: the config's world.size)")
     p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     p.add_argument("--variants", nargs="*", default=None)
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
