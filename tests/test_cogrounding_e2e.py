@@ -46,6 +46,7 @@ def run(world, tmp_path_factory):
             "data.val_split": "train",
             "model.dim": 64,
             "model.vocab_size": 2000,
+            "model.text_encoder": "lstm",
             "train.epochs": 25,
             "train.batch_size": 16,
             "train.output_dir": str(out),

@@ -74,6 +74,7 @@ def _cogrounding_run(tmp_path, config, over):
             "data.val_split": "train",
             "model.dim": 16,
             "model.vocab_size": 500,
+            "model.text_encoder": "lstm",
             "train.epochs": 1,
             "train.output_dir": str(tmp_path / "run"),
             **QUIET,
