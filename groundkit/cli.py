@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import ConfigError, load_config, method_of, parse_override
+from .config import RENAMED_KEYS, ConfigError, load_config, method_of, parse_override
 from .demo import add_demo_args
 from .engine import fit, run_eval
 from .errors import GroundkitError, Interrupted, RunFolderError
@@ -117,7 +117,7 @@ def _set_items(args: argparse.Namespace) -> dict[str, Any]:
 
 def _explicit_root(overrides: dict[str, Any]) -> dict[str, Any]:
     """A ``data.root`` given on the command line replaces the built-in world a shipped config names."""
-    if overrides.get("data.root") and not {"world.size", "data.synth_size"} & overrides.keys():
+    if overrides.get("data.root") and "world.size" not in {RENAMED_KEYS.get(k, k) for k in overrides}:
         return {**overrides, "world.size": ""}
     return overrides
 
