@@ -80,6 +80,39 @@ def test_cached_batches_equal_raw_batches(tiny_data):
     assert not GroundingSet(load_samples(tiny_data, "val"), tiny_data, augment=True).attach_cache(model, "cpu")
 
 
+def test_flip_mirrors_canvas_box_and_words_alike_on_the_pixel_and_the_cached_path(tiny_data):
+    model = tiny_model(grid=2)
+    samples = load_samples(tiny_data, "train")
+    plain = GroundingSet(samples, tiny_data)
+    raw = GroundingSet(samples, tiny_data, flip=1.0)  # every sample mirrored
+    it, ref = raw.raw_item(0), plain.raw_item(0)
+    assert it["text"] == "the red box on the right" and raw.raw_item(1)["text"] == "green thing"
+    assert torch.equal(it["image"], ref["image"].flip(-1)) and torch.equal(it["image_mask"], ref["image_mask"].flip(-1))
+    torch.testing.assert_close(it["box"], torch.tensor([0.8, 0.45, 0.2, 0.2]))
+    cached = GroundingSet(samples, tiny_data, flip=1.0)
+    assert cached.attach_cache(model, torch.device("cpu"))
+    cb, rb = cached.collate([cached[i] for i in range(2)]), raw.collate([raw[i] for i in range(2)])
+    torch.testing.assert_close(cb["box"], rb["box"])
+    assert torch.equal(cb["image_mask"], rb["image_mask"])
+    ids, mask = model.encoders.tokenize(rb["texts"], 8)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(cb).boxes, model({**rb, "text_ids": ids, "text_mask": mask}).boxes, atol=2e-3, rtol=0
+        )
+    # half the samples: one draw per sample and epoch, repeatable, and other draws in other epochs
+    half = GroundingSet(samples * 50, tiny_data, flip=0.5, seed=1)
+    idx = torch.arange(100)
+    draws = [half.flipped(idx)]
+    half.set_epoch(1)
+    draws.append(half.flipped(idx))
+    assert 30 < int(draws[0].sum()) < 70 and not torch.equal(draws[0], draws[1])
+    half.set_epoch(0)
+    assert torch.equal(half.flipped(idx), draws[0])
+    assert not GroundingSet(samples, tiny_data).flipped(idx[:2]).any()
+    with pytest.raises(DataError, match="data.flip"):
+        GroundingSet(samples, tiny_data, flip=1.5)
+
+
 def test_direction_words_are_never_cropped(tiny_data):
     tiny_data.aug_crop_prob = 1.0
     tiny_data.aug_crop_resize = [60]

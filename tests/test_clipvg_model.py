@@ -212,8 +212,8 @@ def test_token_centre_puts_the_box_centre_at_the_scored_cells(offline_model):
     with torch.no_grad():  # a token head that scores every cell alike
         t.token_head.weight.zero_()
         t.token_head.bias.zero_()
-    boxes, tokens = t.fuse(img, pad, txt, b["text_mask"], return_tokens=True)
-    assert torch.isinf(tokens[:, 12:]).all()  # padded bottom row
+    boxes, tokens, token_boxes = t.fuse(img, pad, txt, b["text_mask"], return_tokens=True)
+    assert token_boxes is None and torch.isinf(tokens[:, 12:]).all()  # padded bottom row
     # flat scores over the 12 unpadded cells: the centre is their mean, (0.5, 0.375), up to one cell of offset
     assert ((boxes[:, 0] - 0.5).abs() <= 0.25 + 1e-6).all() and ((boxes[:, 1] - 0.375).abs() <= 0.25 + 1e-6).all()
     with torch.no_grad():
@@ -221,6 +221,34 @@ def test_token_centre_puts_the_box_centre_at_the_scored_cells(offline_model):
         t.head.layers[-1].bias.zero_()  # [REG] offsets sigmoid(0) = 0.5: no offset
     boxes = t.fuse(img, pad, txt, b["text_mask"])
     torch.testing.assert_close(boxes[:, :2], torch.tensor([[0.5, 0.375]] * 2))
+
+
+def test_token_box_regresses_a_box_per_cell_and_reads_the_best_tokens_neighbourhood(offline_model):
+    from groundkit.methods.clipvg.model import neighbourhood_box, token_box_loss
+
+    m = offline_model
+    torch.manual_seed(0)
+    t = ClipVG(ClipVGModel(d_model=32, nhead=4, num_layers=2, dim_ff=64, token_box=True), m.encoders, 12).eval()
+    assert t.head is None and t.token_head is not None and not t.token_centre
+    b = batch_for(t)
+    out = t(b)
+    assert out.token_boxes.shape == (2, 16, 4) and out.boxes.shape == (2, 4)
+    # a token's box stays within one cell of its own cell centre (a 4 x 4 grid: cells 0.25 wide)
+    centres = torch.tensor([[(c + 0.5) / 4, (r + 0.5) / 4] for r in range(4) for c in range(4)])
+    assert ((out.token_boxes[..., :2] - centres).abs() <= 0.25 + 1e-6).all()
+    # the box is the neighbourhood of the best token: scores split between two far cells pick one object's box
+    logits = torch.full((1, 16), -10.0)
+    logits[0, 0], logits[0, 15] = 2.0, 1.9
+    tb = torch.zeros(1, 16, 4)
+    tb[0, 0], tb[0, 15] = torch.tensor([0.1, 0.1, 0.2, 0.2]), torch.tensor([0.9, 0.9, 0.1, 0.1])
+    torch.testing.assert_close(neighbourhood_box(logits, tb), torch.tensor([[0.1, 0.1, 0.2, 0.2]]), atol=1e-3, rtol=0)
+    # the dense loss reads the tokens inside the target box only, and trains the fusion layers
+    target = torch.tensor([[0.125, 0.125, 0.25, 0.25]])  # cell 0 alone
+    assert token_box_loss(tb, logits, target) == pytest.approx(0.15, abs=1e-6)  # |0.025| * 2 + |0.05| * 2
+    t.train()
+    o = t(b)
+    token_box_loss(o.token_boxes, o.token_logits, torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.4, 0.3, 0.3]])).backward()
+    assert t.layers[0].linear1.weight.grad.abs().sum() > 0 and t.token_box.layers[0].weight.grad.abs().sum() > 0
 
 
 def test_official_image_mask_is_torchvision_resize_of_the_pixel_mask():

@@ -73,6 +73,9 @@ class ClipVGData(DataConfig):
     color_jitter: float = 0.4  # brightness / contrast / saturation strength
     color_jitter_prob: float = 0.8
     aug_translate: bool = True  # random letterbox offset in training
+    # not official (its training never flips): mirror a training sample with this probability, "left" / "right"
+    # swapped in its text; works with cached features (the mirrored canvas is encoded once more)
+    flip: float = 0.0
     # a COCO-like instances.json (RefCOCO's refer folder has one) listing every annotated object of the images: the
     # trivial baselines pick among those; "" = among the boxes the split's expressions refer to
     instances_file: str = ""
@@ -119,6 +122,9 @@ class ClipVGModel:
     token_head: bool = False  # a score per fused grid token, trained to point at the object (loss.token_weight)
     # box centre = the tokens' softmax-weighted cell centre + a [REG] offset (implies token_head)
     token_centre: bool = False
+    # every grid token regresses its object's box; the box is the best token's neighbourhood's (implies token_head,
+    # replaces token_centre and the [REG] head; loss.token_weight also weighs the tokens' box L1)
+    token_box: bool = False
 
 
 @dataclass

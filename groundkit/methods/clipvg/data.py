@@ -48,6 +48,7 @@ from ...transforms import (
     RandomSelect,
     RandomSizeCrop,
     letterbox,
+    swap_left_right,
 )
 from ..base import GroundingDataset
 from .config import ClipVGData
@@ -138,10 +139,14 @@ class GroundingSet(GroundingDataset):
         augment: bool = False,
         seed: int = 0,
         name: str = "",
+        flip: float = 0.0,
     ):
         if not samples:
             raise DataError(f"{name or 'dataset'}: no samples")
+        if not 0.0 <= flip <= 1.0:
+            raise DataError(f"data.flip must be a probability in [0, 1], got {flip}")
         self.samples, self.d, self.augment, self.seed, self.name = samples, d, augment, int(seed), name
+        self.flip = float(flip)
         self.image_root = Path(d.image_root) if d.image_root else None
         self.texts = [prepare_text(s.phrase, d) for s in samples]
         self.transform = build_train_transform(d) if augment else None
@@ -154,6 +159,14 @@ class GroundingSet(GroundingDataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+
+    def flipped(self, idx: torch.Tensor) -> torch.Tensor:
+        """``[len(idx)]`` bool: which samples are mirrored this epoch (``flip``: one draw per sample and epoch from
+        ``(seed, epoch)``, the same for the pixel and the cached path, so that a resumed run repeats them)."""
+        if self.flip <= 0:
+            return torch.zeros(len(idx), dtype=torch.bool)
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) & 0x7FFFFFFF)
+        return (torch.rand(len(self.samples), generator=g) < self.flip)[idx]
 
     # ---------------------------------------------------------------- raw pipeline
 
@@ -196,8 +209,9 @@ class GroundingSet(GroundingDataset):
             self._baselines = (threshold, refexp_baselines(boxes, objs, [sizes[f] for f in files], threshold))
         return dict(self._baselines[1])
 
-    def raw_item(self, i: int) -> dict[str, Any]:
-        """The letterboxed image, mask, text and target box of sample ``i`` (augmented if training)."""
+    def raw_item(self, i: int, flip: bool | None = None) -> dict[str, Any]:
+        """The letterboxed image, mask, text and target box of sample ``i`` (augmented if training), mirrored when
+        ``flip`` (None: as :meth:`flipped` draws it)."""
         s = self.samples[i]
         img = self.open_image(i)
         box = torch.tensor([s.box], dtype=torch.float32)
@@ -209,7 +223,7 @@ class GroundingSet(GroundingDataset):
             image, info = letterbox(img, self.d.imsize, fill=0.0)
             canvas_box, mask = info.to_letterbox(box), info.padding_mask()
         target = xyxy_to_cxcywh(torch.as_tensor(canvas_box, dtype=torch.float32)[0] / self.d.imsize)
-        return {
+        item = {
             "image": _to_unit_tensor(image),
             "image_mask": mask,
             "text": self.texts[i],
@@ -217,6 +231,9 @@ class GroundingSet(GroundingDataset):
             "index": i,
             "letterbox": info,
         }
+        if flip is None:
+            flip = bool(self.flipped(torch.tensor([i]))[0])
+        return mirror(item) if flip else item
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         if self.cache is not None:
@@ -236,6 +253,14 @@ class GroundingSet(GroundingDataset):
         }
 
     # ---------------------------------------------------------------- cached encoder outputs
+
+    def _image_keys(self) -> list[str]:
+        files = sorted({s.img_file for s in self.samples})
+        return files + [f + FLIP_KEY for f in files] if self.flip > 0 else files
+
+    def _text_keys(self) -> list[str]:
+        texts = set(self.texts)
+        return sorted(texts | {swap_left_right(t) for t in texts} if self.flip > 0 else texts)
 
     def cache_allowed(self, model: Any) -> bool:
         return self.d.cache_features and not self.augment and not model.encoders.image_features_trainable
@@ -259,7 +284,7 @@ class GroundingSet(GroundingDataset):
         img_tag = f"{tag}|root={self.image_root.resolve() if self.image_root else ''}"
         key = hashlib.sha1(img_tag.encode()).hexdigest()[:16]
         root = self._cache_dir()
-        files = sorted({s.img_file for s in self.samples})
+        files = self._image_keys()
         img_path = root / f"images-{key}.v3.pt"
         img_store = _load_store(img_path)
         pos = {f: i for i, f in enumerate(img_store["keys"])}
@@ -268,7 +293,7 @@ class GroundingSet(GroundingDataset):
             first = {s.img_file: i for i, s in reversed(list(enumerate(self.samples)))}
             cols: list[list[torch.Tensor]] = [[], [], []]
             for chunk, real in padded_chunks(missing, batch_size):
-                items = [self.raw_item(first[f]) for f in chunk]
+                items = [self.raw_item(first[f.removesuffix(FLIP_KEY)], f.endswith(FLIP_KEY)) for f in chunk]
                 imgs = torch.stack([it["image"] for it in items]).to(device)
                 masks = torch.stack([it["image_mask"] for it in items]).to(device)
                 with stored_features(device):
@@ -288,7 +313,7 @@ class GroundingSet(GroundingDataset):
         txt_key = hashlib.sha1(txt_tag.encode()).hexdigest()[:16]
         txt_path = root / f"texts-{txt_key}.v3.pt"
         txt_store = _load_store(txt_path)
-        uniq = sorted(set(self.texts))
+        uniq = self._text_keys()
         tpos = {t: i for i, t in enumerate(txt_store["keys"])}
         todo = [t for t in uniq if t not in tpos]
         if todo:
@@ -305,7 +330,7 @@ class GroundingSet(GroundingDataset):
         txt_feats, txt_masks = (c[torch.tensor([tpos[t] for t in uniq])] for c in txt_store["cols"])
         img_pos = {f: i for i, f in enumerate(files)}
         txt_pos = {t: i for i, t in enumerate(uniq)}
-        targets = [self._target(i, geos[img_pos[self.samples[i].img_file]]) for i in range(len(self.samples))]
+        targets = torch.stack([self._target(i, geos[img_pos[s.img_file]]) for i, s in enumerate(self.samples)])
         self.cache = {
             "image_feats": img_feats,
             "image_mask": img_masks,
@@ -313,8 +338,12 @@ class GroundingSet(GroundingDataset):
             "text_mask": txt_masks,
             "img_of": torch.tensor([img_pos[s.img_file] for s in self.samples]),
             "txt_of": torch.tensor([txt_pos[t] for t in self.texts]),
-            "box": torch.stack(targets),
+            "box": targets,
         }
+        if self.flip > 0:  # the mirrored canvas, the swapped text and the mirrored box of every sample
+            self.cache["img_of_flip"] = torch.tensor([img_pos[s.img_file + FLIP_KEY] for s in self.samples])
+            self.cache["txt_of_flip"] = torch.tensor([txt_pos[swap_left_right(t)] for t in self.texts])
+            self.cache["box_flip"] = torch.cat([1.0 - targets[:, :1], targets[:, 1:]], dim=1)
         return True
 
     def _target(self, i: int, geo: torch.Tensor) -> torch.Tensor:
@@ -327,18 +356,40 @@ class GroundingSet(GroundingDataset):
     def cached_batch(self, idx: torch.Tensor) -> dict[str, Any]:
         c = self.cache
         assert c is not None
-        im, tx = c["img_of"][idx], c["txt_of"][idx]
+        im, tx, box = c["img_of"][idx], c["txt_of"][idx], c["box"][idx]
+        if self.flip > 0:
+            f = self.flipped(idx)
+            im = torch.where(f, c["img_of_flip"][idx], im)
+            tx = torch.where(f, c["txt_of_flip"][idx], tx)
+            box = torch.where(f[:, None], c["box_flip"][idx], box)
         return {
             "image_feats": c["image_feats"][im],
             "image_mask": c["image_mask"][im],
             "text_feats": c["text_feats"][tx],
             "text_mask": c["text_mask"][tx],
-            "box": c["box"][idx],
+            "box": box,
             "index": idx,
         }
 
     def detach_cache(self) -> None:
         self.cache = None
+
+
+#: the feature-cache key of an image's mirrored canvas is its file name with this suffix
+FLIP_KEY = "\x00flip"
+
+
+def mirror(item: dict[str, Any]) -> dict[str, Any]:
+    """A letterboxed sample mirrored left to right: canvas, padding mask, box (``cx -> 1 - cx``) and "left" /
+    "right" swapped in the text (whole words); the letterbox geometry is left as it was (targets only)."""
+    box = item["box"]
+    return {
+        **item,
+        "image": item["image"].flip(-1),
+        "image_mask": item["image_mask"].flip(-1),
+        "text": swap_left_right(item["text"]),
+        "box": torch.cat([1.0 - box[:1], box[1:]]),
+    }
 
 
 def _load_store(path: Path) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from ...engine import predict
 from ..base import Figure, Method, Predictor
 from .config import ClipVGConfig
 from .data import GroundingSet, load_samples, split_file, world_paths
-from .model import ClipVG, EncoderError, build_encoders, clipvg_loss, token_loss
+from .model import ClipVG, EncoderError, build_encoders, clipvg_loss, token_box_loss, token_loss
 from .predict import ClipVGPredictor
 
 __all__ = ["ClipVGMethod", "METHOD", "build_clipvg", "encoder_dtype"]
@@ -93,8 +93,15 @@ class ClipVGMethod(Method):
     def build_dataset(self, cfg: ClipVGConfig, split: str) -> GroundingSet | None:
         if split != "train" and not self.has_split(cfg, split):
             return None
-        augment = split == "train" and cfg.data.augment
-        return GroundingSet(load_samples(cfg.data, split), cfg.data, augment=augment, seed=cfg.train.seed, name=split)
+        train = split == "train"
+        return GroundingSet(
+            load_samples(cfg.data, split),
+            cfg.data,
+            augment=train and cfg.data.augment,
+            seed=cfg.train.seed,
+            name=split,
+            flip=cfg.data.flip if train else 0.0,
+        )
 
     def on_train_start(self, model: nn.Module, dataset: GroundingSet, cfg: ClipVGConfig, device: torch.device) -> None:
         dataset.attach_cache(unwrap_model(model), device)
@@ -106,6 +113,10 @@ class ClipVGMethod(Method):
             lt = token_loss(out.token_logits, batch["box"])
             loss = loss + cfg.loss.token_weight * lt
             logs["token"] = float(lt.detach())
+            if out.token_boxes is not None:
+                lb = token_box_loss(out.token_boxes, out.token_logits, batch["box"])
+                loss = loss + cfg.loss.token_weight * lb
+                logs["token_box"] = float(lb.detach())
         return loss, logs
 
     # ---------------------------------------------------------------- evaluation

@@ -477,6 +477,7 @@ class BoxHead(nn.Module):
 class ClipVGOutput:
     boxes: torch.Tensor  # [B, 4] normalised cxcywh on the square canvas
     token_logits: torch.Tensor | None = None  # [B, g*g] per grid token: "is this the referred object" (token_head)
+    token_boxes: torch.Tensor | None = None  # [B, g*g, 4] each grid token's own box, cxcywh (token_box)
 
 
 class ClipVG(nn.Module):
@@ -530,13 +531,17 @@ class ClipVG(nn.Module):
         self.layers = nn.ModuleList(
             FusionLayer(D, cfg.nhead, cfg.dim_ff, cfg.dropout, cfg.sdpa) for _ in range(cfg.num_layers)
         )
-        self.head = BoxHead(D, D, cfg.head_layers)
+        # token_box (not official, implies token_head): every fused grid token regresses the box of the object at
+        # its cell (an offset of at most one cell and the size); the box is the token-score-weighted mean of the
+        # boxes of the best token's 3 x 3 neighbourhood, and the [REG] head is not built
+        self.token_box = BoxHead(D, D, 2) if cfg.token_box else None
+        self.head = None if cfg.token_box else BoxHead(D, D, cfg.head_layers)
         # token_head (not official): a linear score per fused grid token, trained to point at the referred object
         # (token_loss): dense supervision of the fusion layers, where the box loss reaches them only through [REG]
-        self.token_head = nn.Linear(D, 1) if (cfg.token_head or cfg.token_centre) else None
+        self.token_head = nn.Linear(D, 1) if (cfg.token_head or cfg.token_centre or cfg.token_box) else None
         # token_centre (not official, implies token_head): the box centre is the tokens' softmax-weighted mean cell
         # centre plus an offset of at most one cell from the [REG] head; width and height stay the [REG] head's
-        self.token_centre = bool(cfg.token_centre)
+        self.token_centre = bool(cfg.token_centre) and not cfg.token_box
         for layer in self.layers:  # DETR's xavier init of the encoder
             for p in layer.parameters():
                 if p.dim() > 1:
@@ -618,10 +623,14 @@ class ClipVG(nn.Module):
             x = x + pos
         for layer in self.layers:
             x = layer(x, pos, keep)
-        boxes = self.head(x[:, 0])
         tokens = None
-        if self.token_head is not None and (return_tokens or self.token_centre):
+        if self.token_head is not None and (return_tokens or self.token_centre or self.token_box is not None):
             tokens = self.token_head(x[:, 2 + L :]).squeeze(-1).float().masked_fill(image_pad[:, 1:], float("-inf"))
+        if self.token_box is not None:
+            token_boxes = self.grid_boxes(self.token_box(x[:, 2 + L :]).float())
+            boxes = neighbourhood_box(tokens, token_boxes)
+            return (boxes, tokens, token_boxes) if return_tokens else boxes
+        boxes = self.head(x[:, 0])
         if self.token_centre:
             g = math.isqrt(tokens.shape[1])
             c = cell_centres(g, x.device)
@@ -629,7 +638,17 @@ class ClipVG(nn.Module):
             centre = torch.stack([(p.sum(1) * c).sum(1), (p.sum(2) * c).sum(1)], 1)  # (cx, cy)
             xy = (centre + (boxes[:, :2].float() - 0.5) * (2.0 / g)).clamp(1e-4, 1 - 1e-4)
             boxes = torch.cat([xy.to(boxes.dtype), boxes[:, 2:]], 1)
-        return (boxes, tokens) if return_tokens else boxes
+        return (boxes, tokens, None) if return_tokens else boxes
+
+    @staticmethod
+    def grid_boxes(raw: torch.Tensor) -> torch.Tensor:
+        """``[B, g*g, 4]`` sigmoid outputs of the token box head -> boxes (cxcywh on the canvas): the centre is the
+        token's cell centre plus an offset of at most one cell, the size is the output itself."""
+        g = math.isqrt(raw.shape[1])
+        c = cell_centres(g, raw.device)
+        centres = torch.stack([c.repeat(g), c.repeat_interleave(g)], 1)  # row-major (cx, cy) of each cell
+        xy = (centres[None] + (raw[..., :2] - 0.5) * (2.0 / g)).clamp(1e-4, 1 - 1e-4)
+        return torch.cat([xy, raw[..., 2:]], -1)
 
     def forward(self, batch: dict[str, Any]) -> ClipVGOutput:
         image_mask = batch["image_mask"]
@@ -637,8 +656,10 @@ class ClipVG(nn.Module):
             img, txt = batch["image_feats"], batch["text_feats"]
         else:
             img, txt = self.encode(batch["image"], image_mask, batch["text_ids"], batch["text_mask"])
-        boxes, tokens = self.fuse(img, self.image_token_mask(image_mask), txt, batch["text_mask"], return_tokens=True)
-        return ClipVGOutput(boxes, tokens)
+        boxes, tokens, token_boxes = self.fuse(
+            img, self.image_token_mask(image_mask), txt, batch["text_mask"], return_tokens=True
+        )
+        return ClipVGOutput(boxes, tokens, token_boxes)
 
     # ---------------------------------------------------------------- checkpoints without the frozen encoders
 
@@ -714,6 +735,34 @@ def cells_inside(boxes: torch.Tensor, grid: int) -> torch.Tensor:
     inside_x = (c[None] >= x1[:, None]) & (c[None] <= x2[:, None])  # [B, g]
     inside_y = (c[None] >= y1[:, None]) & (c[None] <= y2[:, None])
     return (inside_y[:, :, None] & inside_x[:, None, :]).flatten(1)
+
+
+def neighbourhood_box(logits: torch.Tensor, token_boxes: torch.Tensor) -> torch.Tensor:
+    """``[B, 4]``: the mean of the token boxes ``[B, g*g, 4]`` over the 3 x 3 cells around the best-scoring token,
+    weighted by the tokens' softmax (``logits [B, g*g]``, padding at -inf): one object's box even where the scores
+    are split between two objects, which a mean over the whole grid would average."""
+    B, n = logits.shape
+    g = math.isqrt(n)
+    best = logits.argmax(dim=1)
+    rows = torch.arange(g, device=logits.device)
+    near_r = (rows[None] - (best // g)[:, None]).abs() <= 1  # [B, g]
+    near_c = (rows[None] - (best % g)[:, None]).abs() <= 1
+    near = (near_r[:, :, None] & near_c[:, None, :]).flatten(1) & torch.isfinite(logits)
+    w = logits.softmax(dim=1) * near
+    w = w / w.sum(dim=1, keepdim=True).clamp_min(1e-12)
+    return (w[..., None] * token_boxes).sum(dim=1)
+
+
+def token_box_loss(token_boxes: torch.Tensor, logits: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """L1 (summed over cxcywh) of the boxes of the tokens that :func:`token_targets` puts mass on (the cells inside
+    the target box, else its centre's cell; padding tokens left out) against the target box, averaged over those
+    tokens: every token of the object learns the object's box."""
+    grid = math.isqrt(logits.shape[1])
+    on = (token_targets(boxes, grid) > 0) & torch.isfinite(logits)
+    if not on.any():
+        return token_boxes.new_zeros(()).float()
+    err = (token_boxes.float() - boxes.float()[:, None]).abs().sum(-1)  # [B, g*g]
+    return err[on].mean()
 
 
 def token_targets(boxes: torch.Tensor, grid: int) -> torch.Tensor:
