@@ -49,7 +49,7 @@ _FILES = {s: f"{i + 1}_unc_train_pseudo_{s}" for i, s in enumerate(SOURCES)}
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "tiny": dict(n_images=40, width=160, height=120, split_fractions=[0.7, 0.1, 0.1, 0.1]),
-    "small": dict(n_images=400, width=256, height=192, split_fractions=[0.7, 0.1, 0.1, 0.1]),
+    "small": dict(n_images=1200, width=256, height=192, split_fractions=[0.7, 0.1, 0.1, 0.1]),
     "medium": dict(n_images=4000, width=320, height=240, split_fractions=[0.85, 0.075, 0.0375, 0.0375]),
     "large": dict(n_images=20000, width=224, height=168, split_fractions=[0.85, 0.075, 0.0375, 0.0375]),
 }
