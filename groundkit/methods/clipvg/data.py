@@ -147,6 +147,7 @@ class GroundingSet(GroundingDataset):
             raise DataError(f"data.flip must be a probability in [0, 1], got {flip}")
         self.samples, self.d, self.augment, self.seed, self.name = samples, d, augment, int(seed), name
         self.flip = float(flip)
+        self._flips: tuple[int, torch.Tensor] | None = None  # (epoch, the epoch's draws), see flipped()
         self.image_root = Path(d.image_root) if d.image_root else None
         self.texts = [prepare_text(s.phrase, d) for s in samples]
         self.transform = build_train_transform(d) if augment else None
@@ -165,8 +166,10 @@ class GroundingSet(GroundingDataset):
         ``(seed, epoch)``, the same for the pixel and the cached path, so that a resumed run repeats them)."""
         if self.flip <= 0:
             return torch.zeros(len(idx), dtype=torch.bool)
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) & 0x7FFFFFFF)
-        return (torch.rand(len(self.samples), generator=g) < self.flip)[idx]
+        if self._flips is None or self._flips[0] != self.epoch:  # drawn once per epoch, not once per batch or item
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) & 0x7FFFFFFF)
+            self._flips = (self.epoch, torch.rand(len(self.samples), generator=g) < self.flip)
+        return self._flips[1][idx]
 
     # ---------------------------------------------------------------- raw pipeline
 
@@ -343,7 +346,7 @@ class GroundingSet(GroundingDataset):
         if self.flip > 0:  # the mirrored canvas, the swapped text and the mirrored box of every sample
             self.cache["img_of_flip"] = torch.tensor([img_pos[s.img_file + FLIP_KEY] for s in self.samples])
             self.cache["txt_of_flip"] = torch.tensor([txt_pos[swap_left_right(t)] for t in self.texts])
-            self.cache["box_flip"] = torch.cat([1.0 - targets[:, :1], targets[:, 1:]], dim=1)
+            self.cache["box_flip"] = mirror_boxes(targets)
         return True
 
     def _target(self, i: int, geo: torch.Tensor) -> torch.Tensor:
@@ -382,14 +385,18 @@ FLIP_KEY = "\x00flip"
 def mirror(item: dict[str, Any]) -> dict[str, Any]:
     """A letterboxed sample mirrored left to right: canvas, padding mask, box (``cx -> 1 - cx``) and "left" /
     "right" swapped in the text (whole words); the letterbox geometry is left as it was (targets only)."""
-    box = item["box"]
     return {
         **item,
         "image": item["image"].flip(-1),
         "image_mask": item["image_mask"].flip(-1),
         "text": swap_left_right(item["text"]),
-        "box": torch.cat([1.0 - box[:1], box[1:]]),
+        "box": mirror_boxes(item["box"]),
     }
+
+
+def mirror_boxes(boxes: torch.Tensor) -> torch.Tensor:
+    """Normalised ``(cx, cy, w, h)`` boxes ``[..., 4]`` of a canvas mirrored left to right: ``cx -> 1 - cx``."""
+    return torch.cat([1.0 - boxes[..., :1], boxes[..., 1:]], dim=-1)
 
 
 def _load_store(path: Path) -> dict[str, Any]:
