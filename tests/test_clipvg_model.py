@@ -316,3 +316,17 @@ def test_a_processs_first_model_is_initialised_like_every_later_one():
         built.append(ClipVG(ClipVGModel(d_model=16, nhead=2, num_layers=1, dim_ff=16), enc, 4))
     for (k, a), (_, b) in zip(built[0].state_dict().items(), built[1].state_dict().items()):
         assert torch.equal(a, b), k
+
+
+def test_effnet_stages_pick_the_concatenated_levels():
+    """model.effnet_stages: each named stage's channels in order (stride 4: 24, 8: 40, 16: 112), after a global token;
+    an unknown stage ends in one error naming the choices."""
+    from groundkit.methods.clipvg.model import EncoderError
+
+    torch.manual_seed(0)
+    enc = build_encoders("effnet_minilm", grid=4, pretrained=False, stages=["s4", "s8", "s16"])
+    assert enc.level_dims == (24, 40, 112) and enc.image_dim == 176
+    out = enc.encode_image(torch.zeros(1, 3, 64, 64))
+    assert out.shape == (1, 1 + 16, 176)
+    with pytest.raises(EncoderError, match="choose from"):
+        build_encoders("effnet_minilm", grid=4, pretrained=False, stages=["s2"])
