@@ -66,6 +66,7 @@ __all__ = [
     "seed_everything",
     "resolve_device",
     "epoch_order",
+    "epoch_seed",
     "move_to_device",
     "train_one_epoch",
     "evaluate",
@@ -120,7 +121,8 @@ def autocast_context(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
-def _epoch_seed(seed: int, epoch: int) -> int:
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The generator seed of one epoch's draws (sample order, loader workers, a dataset's per-epoch draws)."""
     return int(seed) * 1_000_003 + int(epoch)
 
 
@@ -128,7 +130,7 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Te
     """Sample order of one epoch; a pure function of (seed, epoch) so resume reproduces it."""
     if not shuffle:
         return torch.arange(n)
-    g = torch.Generator().manual_seed(_epoch_seed(seed, epoch))
+    g = torch.Generator().manual_seed(epoch_seed(seed, epoch))
     return torch.randperm(n, generator=g)
 
 
@@ -376,7 +378,7 @@ def train_one_epoch(
         tc.batch_size,
         state.step_in_epoch,
         tc.num_workers,
-        loader_seed=_epoch_seed(tc.seed, state.epoch),
+        loader_seed=epoch_seed(tc.seed, state.epoch),
         drop_last=tc.drop_last,
     ):
         batch = move_to_device(batch, device)

@@ -34,6 +34,7 @@ from PIL import Image
 from ...boxes import xyxy_to_cxcywh
 from ...config import feature_cache_root
 from ...distributed import device_fingerprint, padded_chunks, stored_features
+from ...engine import epoch_seed
 from ...errors import DataError
 from ...formats import refcoco, transvg
 from ...metrics import objects_per_image, refexp_baselines
@@ -167,7 +168,7 @@ class GroundingSet(GroundingDataset):
         if self.flip <= 0:
             return torch.zeros(len(idx), dtype=torch.bool)
         if self._flips is None or self._flips[0] != self.epoch:  # drawn once per epoch, not once per batch or item
-            g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) & 0x7FFFFFFF)
+            g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch) & 0x7FFFFFFF)
             self._flips = (self.epoch, torch.rand(len(self.samples), generator=g) < self.flip)
         return self._flips[1][idx]
 
